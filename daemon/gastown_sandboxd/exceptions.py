@@ -1,0 +1,108 @@
+"""Every error the daemon raises on purpose.
+
+GastownError
+├── SettingsError          a missing or bad setting: exit 2, one line naming it
+├── TokenError             a token that is not acceptable (carries every reason)
+├── RefreshError           the cloud did not give an acceptable token
+├── ConfigError            a PATCH /config or a settings file that cannot be used
+│   ├── PatchInvalid           422, one detail per problem
+│   ├── SettingsFileUnreadable 409, a file that is not gt's JSON or is too new
+│   ├── PreconditionFailed     412, If-Match does not equal the revision
+│   └── StorageUnavailable     503, the disk refused a write (ENOSPC, EROFS, EACCES…)
+└── AtomicWriteError(OSError)  an atomic replace that failed; the old file is intact
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class GastownError(Exception):
+    """Base class of every error raised on purpose by gastown_sandboxd."""
+
+
+class SettingsError(GastownError):
+    """A setting is missing or bad; `str()` is the one line printed before exit 2."""
+
+    def __init__(self, setting: str, problem: str, fix: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"setting {setting}: {problem}; {fix}")
+
+
+class TokenError(GastownError):
+    """A token that is not acceptable to the sandbox (never carries the token itself)."""
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        self.reasons = tuple(reasons)
+        super().__init__("token not acceptable: " + ", ".join(self.reasons))
+
+
+class RefreshError(GastownError):
+    """A refresh that produced no acceptable token.
+
+    `kind` is one of: "outage", "busy", "broken", "unauthorized", "inactive".
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(f"refresh failed ({kind}): {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem of a request body, located by a JSON pointer."""
+
+    path: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+class ConfigError(GastownError):
+    """Base of the errors of the model configuration; `status` and `code` map to HTTP."""
+
+    status = 500
+    code = "config_error"
+
+    def __init__(self, message: str, details: Sequence[Problem] = ()) -> None:
+        self.message = message
+        self.details = tuple(details)
+        super().__init__(message)
+
+
+class PatchInvalid(ConfigError):
+    status = 422
+    code = "invalid_patch"
+
+
+class SettingsFileUnreadable(ConfigError):
+    status = 409
+    code = "settings_file_unreadable"
+
+
+class PreconditionFailed(ConfigError):
+    status = 412
+    code = "precondition_failed"
+
+
+class StorageUnavailable(ConfigError):
+    status = 503
+    code = "storage_unavailable"
+
+
+class AtomicWriteError(OSError, GastownError):
+    """An atomic replace failed; the file at `path` is still its old version."""
