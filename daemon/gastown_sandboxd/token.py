@@ -1,0 +1,187 @@
+"""The gateway token: its claims and the rules that make it acceptable to the sandbox.
+
+Pure: no I/O, no clock (callers pass `now`). The sandbox holds no signing secret, so it
+checks structure and claims only; the cloud checks the signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import jwt
+
+from .exceptions import TokenError
+
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+MAX_TOKEN_BYTES = 8 * 1024
+TOKEN_TYPE = "gastown_sandbox"  # noqa: S105 - a claim value, not a secret
+ALGORITHM = "HS256"
+MIN_LIFETIME = 10
+MAX_LIFETIME = 7 * 24 * 3600
+MAX_IAT_AHEAD = 300
+MAX_EXPIRY_MARGIN = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The claims the sandbox reads; `organization_id` is None unless a string."""
+
+    sub: str
+    type: str
+    town_id: str
+    organization_id: str | None
+    iat: int
+    exp: int
+
+    @property
+    def lifetime(self) -> int:
+        return self.exp - self.iat
+
+
+@dataclass(frozen=True, slots=True)
+class TokenView:
+    """What may be shown of a token: its claims and fingerprint, never the token."""
+
+    sub: str
+    organization_id: str | None
+    iat: int
+    exp: int
+    fingerprint: str
+
+    @classmethod
+    def of(cls, token: str, claims: Claims) -> TokenView:
+        return cls(
+            sub=claims.sub,
+            organization_id=claims.organization_id,
+            iat=claims.iat,
+            exp=claims.exp,
+            fingerprint=fingerprint(token),
+        )
+
+    def expires_in(self, now: float) -> int:
+        """Whole seconds until `exp`, 0 once it has passed."""
+        return max(0, int(self.exp - now))
+
+    def as_json(self, now: float) -> dict[str, Any]:
+        return {
+            "sub": self.sub,
+            "organization_id": self.organization_id,
+            "iat": self.iat,
+            "exp": self.exp,
+            "expires_in": self.expires_in(now),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def fingerprint(token: str) -> str:
+    """The last 8 hex characters of the token's SHA-256: how logs and APIs name a token."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[-8:]
+
+
+def decode_unverified(token: str) -> Claims:
+    """The token's claims without checking the signature or the time.
+
+    Raises `TokenError` when the token is not a JWT or a claim has the wrong type.
+    """
+    _header, payload = _decode(token)
+    reasons = _type_reasons(payload)
+    if reasons:
+        raise TokenError(reasons)
+    return _claims(payload)
+
+
+def acceptability_reasons(token: str, *, town_id: str, now: float) -> list[str]:
+    """Every reason the sandbox refuses `token` at `now`; an empty list means acceptable."""
+    reasons: list[str] = []
+    if len(token.encode("utf-8", "surrogateescape")) > MAX_TOKEN_BYTES:
+        reasons.append("too_long")
+    try:
+        header, payload = _decode(token)
+    except TokenError:
+        return [*reasons, "malformed"]
+    if header.get("alg") != ALGORITHM:
+        reasons.append("bad_alg")
+    if payload.get("type") != TOKEN_TYPE:
+        reasons.append("wrong_type")
+    if payload.get("town_id") != town_id:
+        reasons.append("wrong_town")
+    sub = payload.get("sub")
+    if not isinstance(sub, str) or not sub:
+        reasons.append("bad_sub")
+    iat, exp = payload.get("iat"), payload.get("exp")
+    if not _is_int(iat):
+        reasons.append("bad_iat")
+    if not _is_int(exp):
+        reasons.append("bad_exp")
+    if _is_int(iat) and _is_int(exp):
+        reasons.extend(time_reasons(iat, exp, now=now))
+    return reasons
+
+
+def time_reasons(iat: int, exp: int, *, now: float) -> list[str]:
+    """The reasons about time alone: expiry margin, issue time, lifetime."""
+    reasons: list[str] = []
+    lifetime = exp - iat
+    if exp - now <= min(MAX_EXPIRY_MARGIN, max(lifetime, 0) / 10):
+        reasons.append("expired")
+    if iat - now > MAX_IAT_AHEAD:
+        reasons.append("issued_in_future")
+    if not MIN_LIFETIME <= lifetime <= MAX_LIFETIME:
+        reasons.append("bad_lifetime")
+    return reasons
+
+
+def acceptable_claims(token: str, *, town_id: str, now: float) -> Claims:
+    """The claims of an acceptable token; raises `TokenError` with every reason otherwise."""
+    reasons = acceptability_reasons(token, town_id=town_id, now=now)
+    if reasons:
+        raise TokenError(reasons)
+    return decode_unverified(token)
+
+
+def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not isinstance(token, str) or TOKEN_PATTERN.fullmatch(token) is None:
+        raise TokenError(["malformed"])
+    try:
+        header = jwt.get_unverified_header(token)
+        payload = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise TokenError(["malformed"]) from exc
+    if not isinstance(payload, dict):
+        raise TokenError(["malformed"])
+    return header, payload
+
+
+def _type_reasons(payload: dict[str, Any]) -> list[str]:
+    reasons: list[str] = []
+    if not isinstance(payload.get("type"), str):
+        reasons.append("wrong_type")
+    if not isinstance(payload.get("town_id"), str):
+        reasons.append("wrong_town")
+    if not isinstance(payload.get("sub"), str):
+        reasons.append("bad_sub")
+    if not _is_int(payload.get("iat")):
+        reasons.append("bad_iat")
+    if not _is_int(payload.get("exp")):
+        reasons.append("bad_exp")
+    return reasons
+
+
+def _claims(payload: dict[str, Any]) -> Claims:
+    org = payload.get("organization_id")
+    return Claims(
+        sub=payload["sub"],
+        type=payload["type"],
+        town_id=payload["town_id"],
+        organization_id=org if isinstance(org, str) else None,
+        iat=payload["iat"],
+        exp=payload["exp"],
+    )
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # JSON true/false arrive as bool, a subclass of int: not a timestamp.
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,234 @@
+"""The refresh schedule: every branch of next_attempt_at, sleep_for and parse_retry_after."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+
+import pytest
+
+from gastown_sandboxd.schedule import (
+    Outcome,
+    SchedulePolicy,
+    backoff_delay,
+    draw_jitter,
+    is_urgent,
+    next_attempt_at,
+    parse_retry_after,
+    refresh_point,
+    sleep_for,
+)
+from gastown_sandboxd.token import Claims
+
+T0 = 1_800_000_000
+DAY = 86400
+POLICY = SchedulePolicy()
+
+
+def claims(iat: int = T0, lifetime: int = DAY) -> Claims:
+    return Claims("user-1", "gastown_sandbox", "town-1", None, iat, iat + lifetime)
+
+
+def plan(
+    held: Claims | None,
+    now: float,
+    *,
+    failures: int = 0,
+    outcome: Outcome = Outcome.OK,
+    jitter: float = 0.0,
+    retry_after: float | None = None,
+    seed: int = 1,
+) -> float:
+    return next_attempt_at(
+        held,
+        now,
+        failures=failures,
+        outcome=outcome,
+        jitter=jitter,
+        rng=random.Random(seed),
+        retry_after=retry_after,
+        policy=POLICY,
+    )
+
+
+def test_defaults_match_the_contract() -> None:
+    """The default policy is the contract's: 0.5, 0.1, 1 s to 300 s, 30 s urgent and sleep."""
+    assert POLICY.refresh_fraction == 0.5
+    assert POLICY.jitter_fraction == 0.1
+    assert (POLICY.backoff_initial, POLICY.backoff_max) == (1.0, 300.0)
+    assert (POLICY.urgent_backoff_max, POLICY.max_sleep) == (30.0, 30.0)
+    assert (POLICY.inactive_probe, POLICY.retry_after_cap) == (3600.0, 300.0)
+
+
+def test_refresh_at_half_lifetime_without_jitter() -> None:
+    """With jitter 0 the refresh is at iat + lifetime/2."""
+    assert plan(claims(), T0 + 60) == T0 + DAY / 2
+
+
+def test_jitter_moves_the_refresh_earlier_by_up_to_a_tenth() -> None:
+    """Jitter u moves the point u·10 % of the lifetime earlier, never later."""
+    assert plan(claims(), T0, jitter=0.5) == T0 + DAY / 2 - 0.05 * DAY
+    assert plan(claims(), T0, jitter=0.999) > T0 + 0.4 * DAY
+
+
+def test_refresh_point_is_stable_for_one_draw() -> None:
+    """Planning again with the same per-token draw gives the same time."""
+    u = draw_jitter(random.Random(7))
+    assert 0.0 <= u < 1.0
+    assert refresh_point(claims(), u, POLICY) == refresh_point(claims(), u, POLICY)
+    assert plan(claims(), T0 + 100, jitter=u) == plan(claims(), T0 + 5000, jitter=u)
+
+
+def test_no_token_means_now() -> None:
+    """Without a token (missing, unacceptable, another town) refresh at once."""
+    assert plan(None, T0) == T0
+
+
+def test_past_half_lifetime_means_now() -> None:
+    """A token with less than half its lifetime left is refreshed at once."""
+    assert plan(claims(), T0 + DAY / 2 + 1) == T0 + DAY / 2 + 1
+
+
+def test_expired_token_means_now() -> None:
+    """An expired token is refreshed at once."""
+    assert plan(claims(), T0 + 2 * DAY) == T0 + 2 * DAY
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3, 5, 9, 20, 1000])
+def test_backoff_is_full_jitter_within_the_doubling_ceiling(failures: int) -> None:
+    """After n failures the delay is within [2 s floor, min(300, 2^(n-1))]."""
+    now = T0 + DAY / 2
+    ceiling = min(300.0, 2.0 ** (failures - 1))
+    delays = [
+        plan(claims(), now, failures=failures, outcome=Outcome.OUTAGE, seed=s) - now
+        for s in range(200)
+    ]
+    assert all(2.0 <= d <= max(2.0, ceiling) for d in delays)
+    if ceiling > 10:
+        assert max(delays) > ceiling * 0.8  # the jitter uses the whole range
+
+
+def test_backoff_floor_keeps_calls_two_seconds_apart() -> None:
+    """Even a draw of 0 waits at least min_retry_gap."""
+
+    class Zero(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return 0.0
+
+    assert backoff_delay(3, urgent=False, rng=Zero(), policy=POLICY) == 2.0
+
+
+def test_backoff_is_capped_at_30_s_under_a_tenth_of_lifetime() -> None:
+    """With less than 10 % of the lifetime left the delay is at most 30 s."""
+    now = T0 + 0.91 * DAY
+    assert is_urgent(claims(), now, POLICY)
+    delays = [
+        plan(claims(), now, failures=30, outcome=Outcome.OUTAGE, seed=s) - now for s in range(200)
+    ]
+    assert max(delays) <= 30.0
+    assert max(delays) > 20.0
+
+
+def test_backoff_is_capped_at_30_s_without_a_token() -> None:
+    """With no token at all, retries come at most 30 s apart."""
+    assert is_urgent(None, T0, POLICY)
+    delays = [plan(None, T0, failures=30, outcome=Outcome.BROKEN, seed=s) - T0 for s in range(50)]
+    assert max(delays) <= 30.0
+
+
+def test_not_urgent_with_more_than_a_tenth_left() -> None:
+    """At 89 % of the lifetime the token is not urgent yet."""
+    assert not is_urgent(claims(), T0 + 0.89 * DAY, POLICY)
+
+
+def test_unauthorized_backs_off_at_the_maximum() -> None:
+    """401/403 waits the maximum backoff at once, even after one failure."""
+    now = T0 + DAY / 2
+    assert plan(claims(), now, failures=1, outcome=Outcome.UNAUTHORIZED) == now + 300.0
+
+
+def test_unauthorized_close_to_expiry_waits_30_s() -> None:
+    """401/403 with under 10 % of the lifetime left waits the urgent maximum."""
+    now = T0 + 0.95 * DAY
+    assert plan(claims(), now, failures=1, outcome=Outcome.UNAUTHORIZED) == now + 30.0
+
+
+def test_retry_after_is_honoured_over_a_shorter_backoff() -> None:
+    """The delay is at least Retry-After."""
+    now = T0 + DAY / 2
+    assert plan(claims(), now, failures=1, outcome=Outcome.BUSY, retry_after=120) == now + 120
+
+
+def test_retry_after_is_honoured_even_when_urgent() -> None:
+    """Retry-After beats the 30 s urgent cap (the cloud asked)."""
+    now = T0 + 0.95 * DAY
+    assert plan(claims(), now, failures=1, outcome=Outcome.BUSY, retry_after=100) == now + 100
+
+
+def test_retry_after_is_capped_at_300_s() -> None:
+    """A Retry-After of an hour is read as 300 s."""
+    now = T0 + DAY / 2
+    assert plan(claims(), now, failures=1, outcome=Outcome.BUSY, retry_after=3600) == now + 300
+
+
+def test_short_retry_after_keeps_the_backoff() -> None:
+    """A Retry-After shorter than the backoff does not shorten it."""
+    now = T0 + DAY / 2
+    got = plan(claims(), now, failures=9, outcome=Outcome.BUSY, retry_after=0.5, seed=3)
+    assert got >= now + 2.0
+    assert got == plan(claims(), now, failures=9, outcome=Outcome.BUSY, seed=3)
+
+
+def test_inactive_town_is_probed_hourly() -> None:
+    """A town_inactive town is probed again after an hour, whatever the token."""
+    assert plan(claims(), T0, failures=4, outcome=Outcome.INACTIVE) == T0 + 3600
+    assert plan(None, T0, failures=1, outcome=Outcome.INACTIVE) == T0 + 3600
+
+
+def test_stale_token_from_the_cloud_waits_the_maximum() -> None:
+    """A new token already past its refresh point is not refreshed again at once."""
+    now = T0 + 0.6 * DAY
+    assert plan(claims(), now, outcome=Outcome.STALE) == now + 300.0
+    assert plan(claims(), T0 + 0.95 * DAY, outcome=Outcome.STALE) == T0 + 0.95 * DAY + 30.0
+
+
+def test_short_demo_tokens_scale() -> None:
+    """A 20 s token is refreshed between 8 s and 10 s after iat."""
+    assert plan(claims(lifetime=20), T0, jitter=0.0) == T0 + 10
+    assert plan(claims(lifetime=20), T0, jitter=0.99) == pytest.approx(T0 + 8.02)
+
+
+def test_sleep_for_is_capped_at_max_sleep() -> None:
+    """The loop looks at the wall clock again at least every 30 s."""
+    assert sleep_for(T0 + 3600, T0) == 30.0
+    assert sleep_for(T0 + 5, T0) == 5.0
+    assert sleep_for(T0 - 5, T0) == 0.0
+    assert sleep_for(T0 + 100, T0, SchedulePolicy(max_sleep=7)) == 7.0
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("120", 120.0), (" 0 ", 0.0), ("7", 7.0)])
+def test_retry_after_seconds(value: str, seconds: float) -> None:
+    """Retry-After as delay-seconds."""
+    assert parse_retry_after(value, T0) == seconds
+
+
+def test_retry_after_http_date() -> None:
+    """Retry-After as an HTTP date is the time from now to it."""
+    assert parse_retry_after(email.utils.formatdate(T0 + 90, usegmt=True), T0) == 90.0
+
+
+def test_retry_after_date_in_the_past_is_zero() -> None:
+    """An HTTP date in the past means no wait."""
+    assert parse_retry_after(email.utils.formatdate(T0 - 90, usegmt=True), T0) == 0.0
+
+
+def test_retry_after_date_without_zone_is_utc() -> None:
+    """An HTTP date with -0000 (unknown zone) is read as UTC."""
+    value = email.utils.formatdate(T0 + 30).replace("+0000", "-0000")
+    assert parse_retry_after(value, T0) == 30.0
+
+
+@pytest.mark.parametrize("value", ["", "soon", "-5", "1.5", "١٢", "Mon, 99 Foo 2026"])
+def test_bad_retry_after_is_none(value: str) -> None:
+    """A Retry-After that is neither form is ignored."""
+    assert parse_retry_after(value, T0) is None
