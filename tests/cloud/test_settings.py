@@ -1,0 +1,71 @@
+"""Cloud settings: secrets from the environment, checked, and hidden from `repr`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gastown_cloud.errors import SettingsError
+from gastown_cloud.settings import CloudSettings
+
+SECRET = "n" * 32
+KEY = "k" * 16
+
+
+def _settings(env: dict[str, str], **flags: int) -> CloudSettings:
+    return CloudSettings.from_env(env, db=Path("cloud.db"), **flags)  # type: ignore[arg-type]
+
+
+def test_valid_environment_gives_settings() -> None:
+    """A 32-byte secret and a 16-character key are enough; flags fill the rest."""
+    settings = _settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}, port=0)
+    assert settings.nextauth_secret == SECRET
+    assert settings.internal_api_key == KEY
+    assert settings.port == 0
+    assert settings.token_lifetime == 86400
+
+
+def test_repr_hides_secrets() -> None:
+    """Neither the secret nor the key appear in the settings' repr."""
+    text = repr(_settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}))
+    assert SECRET not in text
+    assert KEY not in text
+    assert "cloud.db" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
+        ({"NEXTAUTH_SECRET": "", "INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
+        ({"NEXTAUTH_SECRET": "n" * 31, "INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
+        ({"NEXTAUTH_SECRET": SECRET}, "INTERNAL_API_KEY"),
+        ({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": "short"}, "INTERNAL_API_KEY"),
+    ],
+)
+def test_bad_secrets_name_the_setting(env: dict[str, str], setting: str) -> None:
+    """A missing or short secret or key raises an error naming it and never echoing it."""
+    with pytest.raises(SettingsError) as caught:
+        _settings(env)
+    assert caught.value.setting == setting
+    assert str(caught.value).startswith(f"setting {setting}: ")
+    assert "n" * 31 not in str(caught.value)
+
+
+def test_secret_length_counts_bytes() -> None:
+    """Sixteen two-byte characters make a 32-byte secret."""
+    settings = _settings({"NEXTAUTH_SECRET": "é" * 16, "INTERNAL_API_KEY": KEY})
+    assert len(settings.nextauth_secret.encode()) == 32
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [({"port": 70000}, "--port"), ({"token_lifetime": 0}, "--token-lifetime"),
+     ({"token_lifetime": 8 * 86400}, "--token-lifetime")],
+)  # fmt: skip
+def test_bad_flags_name_the_flag(flags: dict[str, int], setting: str) -> None:
+    """An impossible port or token lifetime is refused, naming the flag."""
+    with pytest.raises(SettingsError) as caught:
+        _settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}, **flags)
+    assert caught.value.setting == setting
