@@ -1,0 +1,7 @@
+"""`python -m gastown_cloud serve …`."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())

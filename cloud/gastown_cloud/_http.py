@@ -1,0 +1,123 @@
+"""HTTP plumbing shared by the routes: the key check, bounded bodies, strict JSON models."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import pydantic
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .errors import ApiError
+from .settings import CloudSettings
+from .store import Store, Town
+
+_M = TypeVar("_M", bound=pydantic.BaseModel)
+_DRAIN_BYTES = 4 * 1024 * 1024
+_DRAIN_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppContext:
+    """What every route reads: settings, the store and the clock (Unix seconds)."""
+
+    settings: CloudSettings
+    store: Store
+    clock: Callable[[], float]
+
+    def require_key(self, request: Request) -> None:
+        """401 unless `x-internal-api-key` equals the key (constant time, no detail why)."""
+        given = request.headers.get("x-internal-api-key", "").encode()
+        if not hmac.compare_digest(given, self.settings.internal_api_key.encode()):
+            raise ApiError(401, "unauthorized", "A valid x-internal-api-key header is required.")
+
+    async def town(self, town_id: str) -> Town:
+        town = await self.store.get_town(town_id)
+        if town is None:
+            raise ApiError(404, "town_not_found", "No town has this id.")
+        return town
+
+    async def read_model(self, request: Request, model: type[_M]) -> _M:
+        return validate(model, await self.read_json(request))
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        return parse_object(await read_body(request, self.settings.max_body_bytes))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 once it is declared or found to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", "The Content-Length header is not a number.")
+        if int(declared) > limit:
+            if int(declared) <= _DRAIN_BYTES:
+                await _drain(request)
+            raise _too_large(limit)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ApiError(400, "client_disconnected", "The client left mid-request.")
+        chunk, more = message.get("body", b""), message.get("more_body", False)
+        size += len(chunk)
+        if size > limit:
+            if more:
+                await _drain(request)
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop what the client still sends (bounded), so it reads our 413, not a reset."""
+    budget = _DRAIN_BYTES
+    with anyio.move_on_after(_DRAIN_SECONDS):
+        while budget > 0:
+            message = await request.receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            budget -= len(message.get("body", b""))
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or 400."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "malformed_json", "The request body must be a JSON object.")
+    return data
+
+
+def validate(model: type[_M], data: dict[str, Any]) -> _M:
+    """`data` as `model`, or 400 with one `{"path", "message"}` detail per problem."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        details = [
+            {"path": "/" + "/".join(str(part) for part in err["loc"]), "message": err["msg"]}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        first = details[0]
+        message = f"Field {first['path']}: {first['message']}."
+        raise ApiError(400, "invalid_request", message, details) from exc
+
+
+def error_json(exc: ApiError) -> JSONResponse:
+    body: dict[str, Any] = {"error": exc.code, "message": exc.message}
+    if exc.details:
+        body["details"] = list(exc.details)
+    return JSONResponse(body, status_code=exc.status, headers=dict(exc.headers))
+
+
+def _too_large(limit: int) -> ApiError:
+    message = f"The request body exceeds {limit // 1024} KiB."
+    # The connection is closed after a 413: what is left of the body is not worth reading.
+    return ApiError(413, "body_too_large", message, headers={"connection": "close"})

@@ -1,0 +1,111 @@
+"""Refresh routes: `POST /api/gastown/refresh-token` and tRPC's `gastown.refreshToken`.
+
+The town must exist (404), a Bearer token, when sent, must be well signed (expired is fine)
+and name the town and its owner (403), and the town must be active (stopped 409, destroyed
+410). The answer is the bare JWT as text/plain, `{"token", "expiresAt"}` for
+`Accept: application/json`, or `{"result": {"data": jwt}}` on the tRPC route.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ._http import AppContext, validate
+from ._time import rfc3339
+from .errors import ApiError, TokenInvalid
+from .models import RefreshInput
+from .store import Town
+from .tokens import fingerprint, mint_gastown_token, verify_gastown_token
+
+log = structlog.get_logger(__name__)
+_NO_STORE = {"cache-control": "no-store"}
+
+
+def refresh_routes(ctx: AppContext) -> list[Route]:
+    async def refresh(request: Request) -> Response:
+        return await _refresh(ctx, request, trpc=False)
+
+    async def refresh_trpc(request: Request) -> Response:
+        return await _refresh(ctx, request, trpc=True)
+
+    return [
+        Route("/api/gastown/refresh-token", refresh, methods=["POST"]),
+        Route("/api/trpc/gastown.refreshToken", refresh_trpc, methods=["POST"]),
+    ]
+
+
+async def _refresh(ctx: AppContext, request: Request, *, trpc: bool) -> Response:
+    ctx.require_key(request)
+    data = await ctx.read_json(request)
+    wrapped = data.get("json")
+    town_id = validate(RefreshInput, wrapped if isinstance(wrapped, dict) else data).town_id
+    town = await ctx.town(town_id)
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        _check_binding(ctx, town, authorization)
+    if town.status == "stopped":
+        raise ApiError(409, "town_stopped", "The town is stopped; start it to refresh its token.")
+    if town.status == "destroyed":
+        raise ApiError(410, "town_destroyed", "The town is destroyed; its token is not renewed.")
+    now = int(ctx.clock())
+    lifetime = ctx.settings.token_lifetime
+    token = mint_gastown_token(
+        town.user_id,
+        town.id,
+        town.organization_id,
+        secret=ctx.settings.nextauth_secret,
+        lifetime=lifetime,
+        now=now,
+    )
+    log.info("token_refreshed", town_id=town.id, user_id=town.user_id, token=fingerprint(token))
+    if trpc:
+        return JSONResponse({"result": {"data": token}}, headers=_NO_STORE)
+    if wants_json(request.headers.get("accept", "")):
+        body = {"token": token, "expiresAt": rfc3339(now + lifetime)}
+        return JSONResponse(body, headers=_NO_STORE)
+    return PlainTextResponse(token, headers=_NO_STORE)
+
+
+def _check_binding(ctx: AppContext, town: Town, authorization: str) -> None:
+    """403 unless the Bearer token is well signed for this town and its owner."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        _refuse(town, "not_bearer", "The Authorization header is not a Bearer token.")
+    try:
+        claims = verify_gastown_token(
+            token.strip(), secret=ctx.settings.nextauth_secret, verify_exp=False
+        )
+    except TokenInvalid as exc:
+        _refuse(town, exc.reason, f"The Bearer token is refused: {exc.message}.")
+    if claims.town_id != town.id or claims.sub != town.user_id:
+        _refuse(town, "other_town", "The Bearer token belongs to another town or user.")
+
+
+def _refuse(town: Town, reason: str, message: str) -> NoReturn:
+    log.warning("refresh_refused", town_id=town.id, reason=reason)
+    raise ApiError(403, "token_binding", message)
+
+
+def wants_json(accept: str) -> bool:
+    """True when the Accept header prefers application/json to text/plain."""
+    json_q = text_q = 0.0
+    for entry in accept.split(","):
+        media, *params = (part.strip() for part in entry.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media.lower() == "application/json":
+            json_q = max(json_q, q)
+        elif media.lower() in ("text/plain", "text/*"):
+            text_q = max(text_q, q)
+    return json_q > 0 and json_q >= text_q

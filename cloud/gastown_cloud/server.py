@@ -1,0 +1,79 @@
+"""The cloud server: the app on hypercorn, over a socket bound before serving (so port 0 works)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.abc
+import structlog
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from starlette.types import ASGIApp
+
+from .app import create_app
+from .settings import CloudSettings
+from .store import Store
+
+log = structlog.get_logger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    """`http://HOST:PORT` of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_app(
+    app: ASGIApp, sock: socket.socket, *, shutdown_trigger: Callable[[], Awaitable[object]]
+) -> None:
+    """Serve `app` with hypercorn on `sock` (hypercorn takes the socket over) until the trigger."""
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.graceful_timeout = 5.0
+    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+class Server:
+    """Binds, opens the store, then serves until `stop()` (graceful) or cancellation."""
+
+    def __init__(self, settings: CloudSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.url: str | None = None
+        self._clock = clock
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock = bind_socket(self.settings.host, self.settings.port)
+        try:
+            self.url = socket_url(sock)
+            async with Store(self.settings.db) as store:
+                app = create_app(self.settings, store, clock=self._clock)
+                log.info("cloud_listening", url=self.url, db=str(self.settings.db))
+                task_status.started()
+                await serve_app(app, sock, shutdown_trigger=self._stop.wait)
+                log.info("cloud_stopped")
+        finally:
+            sock.close()

@@ -1,0 +1,46 @@
+"""The server in-process with an injected clock: fresh tokens follow the clock; clean stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import httpx
+
+from gastown_cloud.server import Server
+from gastown_cloud.settings import CloudSettings
+from gastown_cloud.tokens import verify_gastown_token
+
+SECRET = "c" * 40
+KEY = "k" * 20
+
+
+async def test_refresh_follows_the_clock_and_stop_is_clean(tmp_path: Path) -> None:
+    """A refresh an hour later gives a new token issued then; `stop()` ends `run` cleanly."""
+    now = [1_700_000_000.0]
+    settings = CloudSettings(
+        nextauth_secret=SECRET, internal_api_key=KEY, db=tmp_path / "c.db", port=0,
+        token_lifetime=30,
+    )  # fmt: skip
+    server = Server(settings, clock=lambda: now[0])
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.run)
+        assert server.url is not None
+        headers = {"x-internal-api-key": KEY}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=10) as client:
+            created = await client.post("/api/gastown/towns", json={"userId": "u", "name": "t"})
+            first = created.json()["token"]
+            now[0] += 3600
+            bearer = {"authorization": f"Bearer {first}"}
+            town_id = created.json()["town"]["id"]
+            refreshed = await client.post(
+                "/api/gastown/refresh-token", json={"townId": town_id}, headers=bearer
+            )
+        server.stop()
+    assert refreshed.status_code == 200, refreshed.text
+    assert refreshed.text != first
+    old = verify_gastown_token(first, secret=SECRET, verify_exp=False)
+    new = verify_gastown_token(refreshed.text, secret=SECRET, now=int(now[0]))
+    assert (old.iat, old.exp) == (1_700_000_000, 1_700_000_030)
+    assert (new.iat, new.exp) == (1_700_003_600, 1_700_003_630)
+    assert (tmp_path / "c.db").exists()
