@@ -29,7 +29,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m bench.demo
+	$(BIN)/python -m gastown_cloud.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,0 +1,5 @@
+"""gastown-sandboxd: keeps a Gas Town sandbox's gateway token alive and gt's model config applied."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

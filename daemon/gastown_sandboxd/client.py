@@ -1,0 +1,80 @@
+"""A small client of the daemon's local socket, for the commands and for agents' tools."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
+
+from .exceptions import GastownError
+
+
+class DaemonUnavailable(GastownError):
+    """The daemon's socket does not answer, or answered with an error."""
+
+
+class DaemonClient:
+    """`with DaemonClient(socket) as c: c.get("/status")`."""
+
+    def __init__(self, socket: Path, *, timeout: float | None = 10.0) -> None:
+        self._socket = socket
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket)),
+            base_url="http://gastown-sandboxd",
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._http.close()
+
+    def get(self, path: str) -> dict[str, Any]:
+        return self._request("GET", path, ok=(200,))
+
+    def post(self, path: str, *, ok: Collection[int] = (200,)) -> dict[str, Any]:
+        return self._request("POST", path, ok=ok)
+
+    def events(self, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every event from the stream as a dict; ends when the daemon closes it."""
+        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        try:
+            with connect_sse(self._http, "GET", "/events", headers=headers) as source:
+                for sse in source.iter_sse():
+                    if sse.event == "lagged":
+                        raise DaemonUnavailable(
+                            "fell behind the event stream; reconnect with --last-event-id"
+                        )
+                    yield json.loads(sse.data)
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from None
+
+    def _request(self, method: str, path: str, *, ok: Collection[int]) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path)
+        except httpx.TimeoutException:
+            raise
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code not in ok or not isinstance(body, dict):
+            message = body.get("message") if isinstance(body, dict) else response.text[:200]
+            raise DaemonUnavailable(f"the daemon answered {response.status_code}: {message}")
+        return body
+
+    def _unavailable(self, exc: Exception) -> DaemonUnavailable:
+        return DaemonUnavailable(f"cannot reach the daemon at {self._socket}: {exc}")

@@ -1,0 +1,348 @@
+"""The OpenAPI 3.1 document of the internal API, served at /openapi.json.
+
+`config/openapi.json` is this document written out; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from . import __version__
+
+ROLES = ("mayor", "deacon", "boot", "dog", "witness", "refinery", "polecat", "crew")
+EFFORTS = ("low", "medium", "high", "max")
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_STRING_LIST = {"type": "array", "items": {"type": "string"}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_AGENT = {
+    "type": ["object", "null"],
+    "description": "An agent runtime; null deletes it.",
+    "properties": {
+        "provider": _NULLABLE_STRING,
+        "command": _NULLABLE_STRING,
+        "args": {"type": ["array", "null"], "items": {"type": "string"}},
+        "env": {
+            "type": ["object", "null"],
+            "propertyNames": {"pattern": "^[A-Z_][A-Z0-9_]*$"},
+            "additionalProperties": {"type": ["string", "null"]},
+        },
+        "initial_prompt": _NULLABLE_STRING,
+        "prompt_mode": _NULLABLE_STRING,
+        "exec_wrapper": {"type": ["array", "null"], "items": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+_NAME_MAP = {"type": ["object", "null"], "additionalProperties": _NULLABLE_STRING}
+_ROLE_MAP = {
+    "type": ["object", "null"],
+    "propertyNames": {"enum": list(ROLES)},
+    "additionalProperties": _NULLABLE_STRING,
+}
+_EFFORT_MAP = {
+    "type": ["object", "null"],
+    "propertyNames": {"enum": list(ROLES)},
+    "additionalProperties": {"enum": [*EFFORTS, None]},
+}
+_AGENTS = {"type": ["object", "null"], "additionalProperties": _AGENT}
+
+TOWN_PATCH = {
+    "type": "object",
+    "properties": {
+        "default_agent": _NULLABLE_STRING,
+        "agents": _AGENTS,
+        "role_agents": _ROLE_MAP,
+        "role_effort": _EFFORT_MAP,
+        "crew_agents": _NAME_MAP,
+    },
+    "additionalProperties": False,
+}
+RIG_PATCH = {
+    "type": "object",
+    "properties": {
+        "agent": _NULLABLE_STRING,
+        "agents": _AGENTS,
+        "role_agents": _ROLE_MAP,
+        "worker_agents": _NAME_MAP,
+        "role_effort": _EFFORT_MAP,
+    },
+    "additionalProperties": False,
+}
+CONFIG_PATCH = {
+    "type": "object",
+    "description": "JSON Merge Patch (RFC 7396) of the managed keys of gt's settings files.",
+    "properties": {
+        "town": TOWN_PATCH,
+        "rigs": {"type": "object", "additionalProperties": RIG_PATCH},
+    },
+    "additionalProperties": False,
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {
+            "error": {"type": "string"},
+            "message": {"type": "string"},
+            "details": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "TokenView": {
+        "type": "object",
+        "required": ["sub", "organization_id", "iat", "exp", "expires_in", "fingerprint"],
+        "properties": {
+            "sub": {"type": "string"},
+            "organization_id": _NULLABLE_STRING,
+            "iat": {"type": "integer"},
+            "exp": {"type": "integer"},
+            "expires_in": {"type": "number"},
+            "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{8}$"},
+        },
+    },
+    "TokenAnswer": {
+        "type": "object",
+        "required": ["token"],
+        "properties": {"token": _ref("TokenView")},
+    },
+    "Status": {
+        "type": "object",
+        "required": [
+            "town_id",
+            "state",
+            "token",
+            "next_refresh_at",
+            "last_refresh_at",
+            "consecutive_failures",
+            "config_revision",
+            "watcher",
+            "subscribers",
+        ],
+        "properties": {
+            "town_id": {"type": "string"},
+            "state": {
+                "enum": ["fresh", "refreshing", "degraded", "expired", "missing", "town_inactive"]
+            },
+            "token": {"oneOf": [_ref("TokenView"), {"type": "null"}]},
+            "next_refresh_at": {"type": ["string", "null"], "format": "date-time"},
+            "last_refresh_at": {"type": ["string", "null"], "format": "date-time"},
+            "consecutive_failures": {"type": "integer", "minimum": 0},
+            "config_revision": {"type": "string"},
+            "watcher": {"type": "object"},
+            "subscribers": {"type": "integer", "minimum": 0},
+        },
+    },
+    "ConfigView": {
+        "type": "object",
+        "required": ["town", "rigs", "revision"],
+        "properties": {
+            "town": {"type": "object"},
+            "rigs": {"type": "object", "additionalProperties": {"type": "object"}},
+            "revision": {"type": "string"},
+        },
+    },
+    "PatchResult": {
+        "type": "object",
+        "required": ["changed", "revision", "files", "town", "rigs"],
+        "properties": {
+            "changed": {"type": "boolean"},
+            "revision": {"type": "string"},
+            "files": _STRING_LIST,
+            "town": {"type": "object"},
+            "rigs": {"type": "object", "additionalProperties": {"type": "object"}},
+        },
+    },
+    "ConfigPatch": CONFIG_PATCH,
+}
+
+_KEY_HEADERS = {"401": _error("Missing or wrong x-internal-api-key.")}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document; a fresh dict each call."""
+    etag = {"ETag": {"schema": {"type": "string"}, "description": "The revision, quoted."}}
+    paths: dict[str, Any] = {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: 200 while the event loop runs.",
+                "security": [],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "ok"}},
+                        },
+                        "Alive.",
+                    )
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: an acceptable unexpired token on disk, town root writable.",
+                "security": [],
+                "responses": {
+                    code: _json(
+                        {
+                            "type": "object",
+                            "required": ["ready", "reasons"],
+                            "properties": {"ready": {"type": "boolean"}, "reasons": _STRING_LIST},
+                        },
+                        text,
+                    )
+                    for code, text in (("200", "Ready."), ("503", "Not ready, with reasons."))
+                },
+            }
+        },
+        "/status": {
+            "get": {
+                "summary": "The token's state and metadata (never the token), config, watcher.",
+                "responses": {"200": _json(_ref("Status"), "Current status."), **_KEY_HEADERS},
+            }
+        },
+        "/config": {
+            "get": {
+                "summary": "The managed settings of the town and every rig, and the revision.",
+                "responses": {
+                    "200": {**_json(_ref("ConfigView"), "Managed view."), "headers": etag},
+                    "409": _error("A settings file is not gt's JSON or is of a newer version."),
+                    **_KEY_HEADERS,
+                },
+            },
+            "patch": {
+                "summary": "Change the model configuration (JSON Merge Patch).",
+                "parameters": [
+                    {
+                        "name": "If-Match",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("ConfigPatch")},
+                        "application/merge-patch+json": {"schema": _ref("ConfigPatch")},
+                    },
+                },
+                "responses": {
+                    "200": {**_json(_ref("PatchResult"), "Applied."), "headers": etag},
+                    "400": _error("The body is not a JSON object."),
+                    "409": _error("A settings file cannot be read as gt's JSON."),
+                    "412": _error("If-Match does not equal the current revision."),
+                    "413": _error("The body is larger than 64 KiB."),
+                    "415": _error("Wrong content type."),
+                    "422": _error("Invalid patch; one detail per problem."),
+                    "503": _error("The disk refused the write; nothing changed."),
+                    **_KEY_HEADERS,
+                },
+            },
+        },
+        "/token/refresh": {
+            "post": {
+                "summary": "Refresh the token now; overlapping calls share one cloud call.",
+                "responses": {
+                    "200": _json(_ref("TokenAnswer"), "The new token's metadata."),
+                    "409": _error("The town is not active in the cloud."),
+                    "502": _error("The cloud gave no acceptable token."),
+                    **_KEY_HEADERS,
+                },
+            }
+        },
+        "/token": {
+            "put": {
+                "summary": "Accept a token pushed by the cloud; it passes the same checks.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {"token": {"type": "string"}},
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("TokenAnswer"), "Accepted and written."),
+                    "400": _error("The body is not a JSON object."),
+                    "413": _error("The body is too large."),
+                    "422": _error("The token is not acceptable; one detail per reason."),
+                    "503": _error("The env file could not be written."),
+                    **_KEY_HEADERS,
+                },
+            }
+        },
+        "/events": {
+            "get": {
+                "summary": "Server-Sent Events; replay after Last-Event-ID.",
+                "parameters": [
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An endless event stream.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_KEY_HEADERS,
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text format.",
+                "responses": {
+                    "200": {
+                        "description": "Metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_KEY_HEADERS,
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document.",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1."), **_KEY_HEADERS},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gastown-sandboxd internal API",
+            "version": __version__,
+            "description": "Served on the listen address (key) and the local socket (mode 0660).",
+        },
+        "components": {
+            "schemas": copy.deepcopy(_SCHEMAS),
+            "securitySchemes": {
+                "internalKey": {"type": "apiKey", "in": "header", "name": "x-internal-api-key"}
+            },
+        },
+        "security": [{"internalKey": []}],
+        "paths": paths,
+    }

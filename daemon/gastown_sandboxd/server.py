@@ -1,0 +1,98 @@
+"""HTTP serving: hypercorn on the TCP listen address and on the local Unix socket.
+
+Sockets are bound here (so port 0 works and the socket gets mode 0660 before anyone can
+connect) and handed to hypercorn as file descriptors. Hypercorn stops through
+`shutdown_trigger`, which is how the daemon's task group ends it; it never touches signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+
+import anyio
+import structlog
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from starlette.types import ASGIApp
+
+from .settings import Listen
+
+log = structlog.get_logger(__name__)
+
+SOCKET_MODE = 0o660
+
+
+def bind_tcp(listen: Listen) -> socket.socket:
+    """A bound, listening-ready TCP socket; port 0 picks a free port."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path: Path, mode: int = SOCKET_MODE) -> socket.socket:
+    """A Unix socket at `path` with `mode`, replacing a stale socket but nothing else."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes the socket 0660 from its first moment; chmod below makes it exact.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    return sock
+
+
+def hypercorn_config(fd: int, *, graceful_timeout: float = 1.0) -> Config:
+    """Limits chosen for a daemon that only talks to a few local peers."""
+    config = Config()
+    config.bind = [f"fd://{fd}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = 5.0
+    config.read_timeout = 10  # a peer that sends headers slowly is cut off
+    config.h11_max_incomplete_size = 16 * 1024  # header block limit
+    config.backlog = 128
+    config.include_server_header = False
+    return config
+
+
+async def serve_socket(
+    app: ASGIApp,
+    sock: socket.socket,
+    shutdown: anyio.Event,
+    *,
+    graceful_timeout: float = 1.0,
+) -> None:
+    """Serve `app` on `sock` until `shutdown` is set; hypercorn takes ownership of `sock`."""
+    config = hypercorn_config(sock.detach(), graceful_timeout=graceful_timeout)
+    # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
+    await serve(app, config, shutdown_trigger=shutdown.wait, mode="asgi")  # type: ignore[arg-type]
+
+
+def describe(sock: socket.socket) -> str:
+    """A URL-ish name of a bound socket, for logs."""
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
