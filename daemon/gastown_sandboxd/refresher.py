@@ -1,0 +1,441 @@
+"""The token component: keeps an acceptable, unexpired token in the env file.
+
+It reads the env file at start, refreshes from the cloud on the schedule of `schedule.py`,
+checks every token before writing it, and reports what it does through `emit`. Forced
+refreshes that overlap (and a regular one that is in flight) share one cloud call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import structlog
+
+from ._types import Clock, Emit, SystemClock
+from .envfile import read_token, write_token
+from .exceptions import AtomicWriteError, RefreshError, TokenError
+from .metrics import TokenMetrics
+from .schedule import Outcome, SchedulePolicy, draw_jitter, next_attempt_at, sleep_for
+from .token import (
+    Claims,
+    TokenView,
+    acceptability_reasons,
+    decode_unverified,
+    fingerprint,
+    time_reasons,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class TokenSource(Protocol):
+    """Where new tokens come from: `CloudClient` or a test double."""
+
+    async def refresh(self, current_token: str | None) -> str: ...
+
+
+class State(enum.StrEnum):
+    FRESH = "fresh"
+    REFRESHING = "refreshing"
+    DEGRADED = "degraded"
+    EXPIRED = "expired"
+    MISSING = "missing"
+    TOWN_INACTIVE = "town_inactive"
+
+
+@dataclass(frozen=True, slots=True)
+class RefresherStatus:
+    """A snapshot for /status and /readyz; times are Unix seconds."""
+
+    state: State
+    token: TokenView | None
+    next_refresh_at: float | None
+    last_refresh_at: float | None
+    consecutive_failures: int
+    token_on_disk_ok: bool
+    last_failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    token: str = field(repr=False)
+    claims: Claims
+    view: TokenView
+    jitter: float
+
+
+class _Flight:
+    """One cloud call that several waiters share."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.view: TokenView | None = None
+        self.error: Exception | None = None
+
+    async def result(self) -> TokenView:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.view is not None
+        return self.view
+
+
+class TokenRefresher:
+    """Keeps the town's token fresh in `env_file`."""
+
+    def __init__(
+        self,
+        *,
+        town_id: str,
+        env_file: Path,
+        client: TokenSource,
+        emit: Emit,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        policy: SchedulePolicy | None = None,
+        metrics: TokenMetrics | None = None,
+    ) -> None:
+        self._town_id = town_id
+        self._env_file = Path(env_file)
+        self._client = client
+        self._emit = emit
+        self._clock: Clock = clock or SystemClock()
+        # Jitter spreads a fleet's refreshes; it is not a secret.
+        self._rng = rng or random.Random()  # noqa: S311
+        self._policy = policy or SchedulePolicy()
+        self._metrics = metrics
+        self._held: _Held | None = None
+        self._disk_ok = False
+        self._failures = 0
+        self._outcome = Outcome.OK
+        self._retry_after: float | None = None
+        self._inactive = False
+        self._last_failure: str | None = None
+        self._last_refresh_at: float | None = None
+        self._next_at: float | None = None
+        self._expired_reported = False
+        self._flight: _Flight | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._nap: anyio.CancelScope | None = None
+        self._file_lock = anyio.Lock()
+
+    # --- the component -------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read the env file, report started, then refresh on schedule until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                async with self._file_lock:
+                    self._load(await self._read_file_token(), self._clock.time())
+                task_status.started()
+                await self._loop()
+            finally:
+                self._tg = None
+
+    async def refresh_now(self) -> TokenView:
+        """Refresh now (also probing an inactive town); raises `RefreshError` on failure.
+
+        A token the cloud sends that is not acceptable is a `RefreshError` of kind "broken"
+        whose cause is the `TokenError`; a failed write raises `AtomicWriteError`.
+        """
+        flight = self._flight
+        if flight is None:
+            flight = self._flight = _Flight()
+            if self._tg is not None:
+                self._tg.start_soon(self._fly, flight)
+            else:
+                await self._fly(flight)
+        return await flight.result()
+
+    async def accept(self, token: str) -> TokenView:
+        """Adopt a token pushed by the cloud; raises `TokenError` with every reason."""
+        now = self._clock.time()
+        reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
+        if reasons:
+            log.warning("pushed_token_refused", reasons=reasons)
+            raise TokenError(reasons)
+        if self._held is not None and self._held.token == token:
+            return self._held.view
+        view = await self._store(token, decode_unverified(token), source="push")
+        self._succeeded(now, source="push")
+        return view
+
+    async def reload_env_file(self) -> bool:
+        """Re-read the env file after an outside edit; True when the held token changed.
+
+        The daemon's own writes leave the file's token equal to the held one: no change.
+        """
+        async with self._file_lock:
+            token = await self._read_file_token()
+            held = self._held
+            if held is not None and token == held.token:
+                self._disk_ok = True
+                return False
+            if held is None and token is None:
+                return False
+            now = self._clock.time()
+            if token is not None and not acceptability_reasons(
+                token, town_id=self._town_id, now=now
+            ):
+                self._held = self._hold(token, decode_unverified(token))
+                self._disk_ok = True
+                log.info("env_file_token_adopted", fingerprint=fingerprint(token))
+                self._emit_refreshed(self._held, "file")
+                self._succeeded(now, source="file")
+                return True
+            log.warning("env_file_token_lost", had=held is not None)
+            self._load(token, now)
+            return True
+
+    def status(self) -> RefresherStatus:
+        now = self._clock.time()
+        held = self._held
+        return RefresherStatus(
+            state=self._state(now),
+            token=held.view if held else None,
+            next_refresh_at=self._next_at,
+            last_refresh_at=self._last_refresh_at,
+            consecutive_failures=self._failures,
+            token_on_disk_ok=(
+                held is not None
+                and self._disk_ok
+                and not time_reasons(held.claims.iat, held.claims.exp, now=now)
+            ),
+            last_failure=self._last_failure,
+        )
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            now = self._clock.time()
+            self._note_expiry(now)
+            due = self._next_at if self._next_at is not None else now
+            if now >= due:
+                # A failure is recorded, reported and rescheduled by the attempt itself.
+                with contextlib.suppress(RefreshError, AtomicWriteError):
+                    await self.refresh_now()
+                continue
+            wake_at = due
+            if self._held is not None and not self._expired_reported:
+                wake_at = min(wake_at, self._held.claims.exp)
+            await self._sleep(sleep_for(wake_at, now, self._policy))
+
+    async def _sleep(self, seconds: float) -> None:
+        # Replanning cancels this nap so that a new plan takes effect at once.
+        with anyio.CancelScope() as scope:
+            self._nap = scope
+            try:
+                await self._clock.sleep(seconds)
+            finally:
+                self._nap = None
+
+    async def _fly(self, flight: _Flight) -> None:
+        try:
+            flight.view = await self._attempt()
+        except Exception as exc:
+            flight.error = exc
+        finally:
+            if flight.view is None and flight.error is None:
+                flight.error = RefreshError("outage", "cancelled")
+            self._flight = None
+            self._publish()
+            flight.done.set()
+
+    async def _attempt(self) -> TokenView:
+        self._publish()
+        held = self._held
+        started = self._clock.time()
+        try:
+            token = await self._client.refresh(held.token if held else None)
+        except RefreshError as exc:
+            self._failed(exc, self._clock.time() - started)
+            raise
+        now = self._clock.time()
+        elapsed = now - started
+        reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
+        if reasons:
+            error = RefreshError("broken", "unacceptable_token")
+            self._failed(error, elapsed, problems=reasons)
+            raise error from TokenError(reasons)
+        claims = decode_unverified(token)
+        if held is not None and held.token == token:
+            view = held.view
+        else:
+            try:
+                view = await self._store(token, claims, source="cloud")
+            except AtomicWriteError as exc:
+                self._disk_ok = False
+                self._failed(RefreshError("outage", "write_failed"), elapsed, errno=exc.errno)
+                raise
+        self._record("ok", elapsed)
+        self._succeeded(now, source="cloud")
+        return view
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    async def _read_file_token(self) -> str | None:
+        try:
+            return await anyio.to_thread.run_sync(read_token, self._env_file)
+        except OSError as exc:
+            log.warning("env_file_unreadable", path=str(self._env_file), error=exc.strerror)
+            return None
+
+    def _load(self, token: str | None, now: float) -> None:
+        """Take the file's token as at start-up: held if acceptable or merely expired."""
+        self._held = None
+        self._disk_ok = False
+        self._failures = 0
+        self._outcome = Outcome.OK
+        self._retry_after = None
+        self._expired_reported = False
+        if token is not None:
+            reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
+            if set(reasons) <= {"expired"}:
+                # An expired token still proves who we are to the cloud (Bearer).
+                self._held = self._hold(token, decode_unverified(token))
+                self._disk_ok = True
+                log.info(
+                    "env_file_token_loaded", fingerprint=fingerprint(token), usable=not reasons
+                )
+            else:
+                log.warning(
+                    "env_file_token_refused", fingerprint=fingerprint(token), reasons=reasons
+                )
+        else:
+            log.info("env_file_token_missing", path=str(self._env_file))
+        self._replan(now)
+
+    def _hold(self, token: str, claims: Claims) -> _Held:
+        return _Held(token, claims, TokenView.of(token, claims), draw_jitter(self._rng))
+
+    async def _store(self, token: str, claims: Claims, *, source: str) -> TokenView:
+        async with self._file_lock:
+            wrote = await write_token(self._env_file, token)
+            held = self._held = self._hold(token, claims)
+            self._disk_ok = True
+        log.info(
+            "token_refreshed",
+            source=source,
+            fingerprint=held.view.fingerprint,
+            exp=claims.exp,
+            written=wrote,
+        )
+        self._emit_refreshed(held, source)
+        return held.view
+
+    def _emit_refreshed(self, held: _Held, source: str) -> None:
+        self._expired_reported = False
+        self._emit(
+            "token.refreshed",
+            {"exp": held.claims.exp, "iat": held.claims.iat, "source": source},
+        )
+
+    def _succeeded(self, now: float, *, source: str) -> None:
+        self._failures = 0
+        self._retry_after = None
+        self._last_failure = None
+        self._last_refresh_at = now
+        if source != "file":
+            self._inactive = False
+        held = self._held
+        # A token already past its refresh point would be refreshed again at once: back off.
+        stale = held is not None and now >= held.claims.iat + held.claims.lifetime / 2
+        if stale and source == "cloud":
+            log.warning("cloud_token_stale", exp=held.claims.exp if held else None)
+        self._outcome = Outcome.STALE if stale and source == "cloud" else Outcome.OK
+        self._replan(now)
+
+    def _failed(self, error: RefreshError, elapsed: float, **extra: Any) -> None:
+        now = self._clock.time()
+        self._failures += 1
+        self._outcome = Outcome(error.kind)
+        self._retry_after = error.retry_after
+        self._last_failure = error.reason
+        became_inactive = error.kind == "inactive" and not self._inactive
+        if error.kind == "inactive":
+            self._inactive = True
+        self._record("write_failed" if error.reason == "write_failed" else error.kind, elapsed)
+        self._replan(now)
+        log.warning(
+            "token_refresh_failed",
+            kind=error.kind,
+            reason=error.reason,
+            status=error.status,
+            consecutive_failures=self._failures,
+            retry_in=round((self._next_at or now) - now, 3),
+            **extra,
+        )
+        if became_inactive:
+            self._emit("town.inactive", {"status": error.status, "reason": error.reason})
+        if error.kind == "inactive":
+            return
+        held = self._held
+        fields: dict[str, Any] = {"reason": error.reason, "consecutive_failures": self._failures}
+        if error.status is not None:
+            fields["status"] = error.status
+        if "problems" in extra:
+            fields["problems"] = extra["problems"]
+        if held is not None:
+            fields.update(exp=held.claims.exp, iat=held.claims.iat)
+        self._emit("token.refresh_failed", fields)
+
+    def _replan(self, now: float) -> None:
+        held = self._held
+        self._next_at = next_attempt_at(
+            held.claims if held else None,
+            now,
+            failures=self._failures,
+            outcome=Outcome.INACTIVE if self._inactive else self._outcome,
+            jitter=held.jitter if held else 0.0,
+            rng=self._rng,
+            retry_after=self._retry_after,
+            policy=self._policy,
+        )
+        self._publish()
+        if self._nap is not None:
+            self._nap.cancel()
+
+    def _note_expiry(self, now: float) -> None:
+        held = self._held
+        if held is None or self._expired_reported or now < held.claims.exp:
+            return
+        self._expired_reported = True
+        log.warning("token_expired", fingerprint=held.view.fingerprint, exp=held.claims.exp)
+        self._emit("token.expired", {"exp": held.claims.exp, "iat": held.claims.iat})
+        self._publish()
+
+    def _state(self, now: float) -> State:
+        held = self._held
+        if self._inactive:
+            return State.TOWN_INACTIVE
+        if held is None:
+            return State.MISSING
+        if now >= held.claims.exp:
+            return State.EXPIRED
+        if self._failures > 0:
+            return State.DEGRADED
+        if self._flight is not None:
+            return State.REFRESHING
+        return State.FRESH
+
+    def _publish(self) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.set_token(self._held.claims.exp if self._held else None)
+        self._metrics.set_state(self._state(self._clock.time()))
+
+    def _record(self, result: str, elapsed: float) -> None:
+        if self._metrics is not None:
+            self._metrics.record_attempt(result, elapsed)

@@ -1,0 +1,732 @@
+"""The token component: start-up, scheduled and forced refreshes, pushes, reloads, failures."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import subprocess
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import jwt
+import pytest
+import structlog.testing
+from prometheus_client import CollectorRegistry
+
+from gastown_sandboxd import envfile
+from gastown_sandboxd.cloud_client import CloudClient
+from gastown_sandboxd.exceptions import AtomicWriteError, RefreshError, TokenError
+from gastown_sandboxd.metrics import TokenMetrics
+from gastown_sandboxd.refresher import State, TokenRefresher
+from gastown_sandboxd.token import fingerprint
+from tests.fixtures.cloud import CloudServer
+
+from .minting import DAY, TOWN, forge, mint
+from .simclock import SimulatedClock
+
+T0 = 1_800_000_000.0
+Action = str | Exception | Callable[[], Awaitable[str]] | None
+
+
+class ScriptedCloud:
+    """A token source that plays a script of answers, then mints fresh 24 h tokens."""
+
+    def __init__(self, clock: SimulatedClock, lifetime: int = DAY) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.script: deque[Action] = deque()
+        self.calls: list[tuple[float, str | None]] = []
+        self.minted: list[str] = []
+
+    async def refresh(self, current_token: str | None) -> str:
+        self.calls.append((self.clock.time(), current_token))
+        action = self.script.popleft() if self.script else None
+        if isinstance(action, Exception):
+            raise action
+        if isinstance(action, str):
+            return action
+        if action is not None:
+            return await action()
+        token = mint(self.clock.time(), lifetime=self.lifetime)
+        self.minted.append(token)
+        return token
+
+
+class Rig:
+    """A refresher wired to a simulated clock, a scripted cloud and an event list."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        autojump: bool = False,
+        env_text: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.clock = SimulatedClock(T0, autojump=autojump)
+        self.cloud = ScriptedCloud(self.clock)
+        self.env = tmp_path / ".env.gateway"
+        if env_text is not None:
+            self.env.write_text(env_text)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.registry = CollectorRegistry()
+        self.refresher = TokenRefresher(
+            town_id=TOWN,
+            env_file=self.env,
+            client=client or self.cloud,
+            emit=self.emit,
+            clock=self.clock,
+            rng=random.Random(4),
+            metrics=TokenMetrics(self.registry, clock=self.clock),
+        )
+
+    def emit(self, type: str, fields: Mapping[str, Any]) -> None:
+        self.events.append((type, dict(fields)))
+
+    def types(self) -> list[str]:
+        return [t for t, _ in self.events]
+
+    def disk_token(self) -> str | None:
+        return envfile.read_token(self.env)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        value = self.registry.get_sample_value(name, labels)
+        return None if value is None else float(value)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[TokenRefresher]:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.refresher.run)
+            yield self.refresher
+            tg.cancel_scope.cancel()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.001)
+
+
+def cloud_answer(status: int = 200, **kwargs: Any) -> CloudClient:
+    return CloudClient(
+        base_url="https://cloud.test",
+        internal_key="internal-key-0123456789",
+        town_id=TOWN,
+        transport=httpx.MockTransport(lambda request: httpx.Response(status, **kwargs)),
+    )
+
+
+# --- start-up ---------------------------------------------------------------------------
+
+
+async def test_missing_env_file_refreshes_at_once(tmp_path: Path) -> None:
+    """With no env file the first thing the loop does is a refresh; the file is 0600."""
+    rig = Rig(tmp_path)
+    async with rig.running() as refresher:
+        await eventually(lambda: refresher.status().state is State.FRESH)
+        (token,) = rig.cloud.minted
+        assert rig.cloud.calls == [(T0, None)]
+        assert rig.env.read_text() == f"KILO_JWT={token}\n"
+        assert os.stat(rig.env).st_mode & 0o777 == 0o600
+        status = refresher.status()
+        assert status.state is State.FRESH
+        assert status.token is not None
+        assert status.token.fingerprint == fingerprint(token)
+        assert status.token_on_disk_ok
+        assert status.last_refresh_at == T0
+        assert status.next_refresh_at is not None
+        assert T0 + 0.4 * DAY <= status.next_refresh_at <= T0 + 0.5 * DAY
+        assert rig.events == [
+            ("token.refreshed", {"exp": int(T0) + DAY, "iat": int(T0), "source": "cloud"})
+        ]
+
+
+async def test_started_is_reported_before_the_first_refresh(tmp_path: Path) -> None:
+    """run() reports started right after reading the file, while the cloud is still busy."""
+    rig = Rig(tmp_path)
+    gate = anyio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return mint(rig.clock.time())
+
+    rig.cloud.script.append(slow)
+    async with rig.running() as refresher:
+        assert refresher.status().state is State.MISSING
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        assert not refresher.status().token_on_disk_ok
+        gate.set()
+        await eventually(lambda: refresher.status().state is State.FRESH)
+
+
+async def test_fresh_token_on_disk_is_kept_until_its_refresh_point(tmp_path: Path) -> None:
+    """A fresh token is not refreshed at start; the refresh comes at its jittered half-life."""
+    token = mint(T0 - 3600)
+    rig = Rig(tmp_path, env_text=f"A=1\nKILO_JWT={token}\n")
+    async with rig.running() as refresher:
+        status = refresher.status()
+        assert status.state is State.FRESH
+        assert status.token_on_disk_ok
+        assert status.next_refresh_at is not None
+        assert T0 - 3600 + 0.4 * DAY <= status.next_refresh_at <= T0 - 3600 + 0.5 * DAY
+        rig.clock.advance(status.next_refresh_at - T0 - 1)
+        await anyio.sleep(0.01)
+        assert rig.cloud.calls == []
+        rig.clock.advance(1)
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        assert rig.cloud.calls[0][1] == token
+        await eventually(lambda: rig.disk_token() == rig.cloud.minted[0])
+        assert rig.env.read_text().startswith("A=1\n")
+
+
+async def test_token_past_half_life_is_refreshed_at_once_with_bearer(tmp_path: Path) -> None:
+    """A token with less than half its lifetime left is refreshed at start, sent as Bearer."""
+    token = mint(T0 - 0.6 * DAY)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={token}\n")
+    async with rig.running():
+        await eventually(lambda: len(rig.cloud.minted) == 1)
+        assert rig.cloud.calls == [(T0, token)]
+
+
+async def test_token_of_another_town_is_replaced_at_once(tmp_path: Path) -> None:
+    """Another town's token is neither trusted nor sent; other lines stay."""
+    other = mint(T0, town_id="town-2")
+    rig = Rig(tmp_path, env_text=f"# mine\nKILO_JWT={other}\nB=2\n")
+    async with rig.running() as refresher:
+        assert refresher.status().state is State.MISSING
+        await eventually(lambda: refresher.status().state is State.FRESH)
+        assert rig.cloud.calls == [(T0, None)]
+        assert rig.env.read_text() == f"# mine\nKILO_JWT={rig.cloud.minted[0]}\nB=2\n"
+
+
+async def test_expired_token_is_sent_as_bearer_and_reported(tmp_path: Path) -> None:
+    """An expired token still identifies the town to the cloud, and token.expired is emitted."""
+    old = mint(T0 - 2 * DAY)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={old}\n")
+    rig.cloud.script.append(RefreshError("outage", "http_502", status=502))
+    async with rig.running() as refresher:
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        assert rig.cloud.calls[0][1] == old
+        await eventually(lambda: "token.expired" in rig.types())
+        status = refresher.status()
+        assert status.state is State.EXPIRED
+        assert not status.token_on_disk_ok
+        assert rig.types().count("token.expired") == 1
+
+
+async def test_unreadable_env_file_counts_as_missing(tmp_path: Path) -> None:
+    """An env file that cannot be read is logged and treated as holding no token."""
+    rig = Rig(tmp_path)
+    rig.env.mkdir()  # reading a folder fails with IsADirectoryError
+    with structlog.testing.capture_logs() as logs:
+        async with rig.running() as refresher:
+            assert refresher.status().state is State.MISSING
+    assert "env_file_unreadable" in [e["event"] for e in logs]
+
+
+# --- forced refresh ---------------------------------------------------------------------
+
+
+async def test_overlapping_forced_refreshes_share_one_call(tmp_path: Path) -> None:
+    """Five refresh_now calls at once make one cloud call and get the same token."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    gate = anyio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return mint(rig.clock.time() + 5)
+
+    rig.cloud.script.append(slow)
+    views: list[Any] = []
+
+    async def force() -> None:
+        views.append(await rig.refresher.refresh_now())
+
+    async with rig.running() as refresher, anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(force)
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        assert refresher.status().state is State.REFRESHING
+        gate.set()
+    assert len(rig.cloud.calls) == 1
+    assert len(views) == 5
+    assert len({v.fingerprint for v in views}) == 1
+    assert rig.types() == ["token.refreshed"]
+
+
+async def test_forced_refresh_joins_a_scheduled_one_in_flight(tmp_path: Path) -> None:
+    """A forced refresh during the loop's own call shares that call."""
+    rig = Rig(tmp_path)
+    gate = anyio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return mint(rig.clock.time())
+
+    rig.cloud.script.append(slow)
+    async with rig.running() as refresher:
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresher.refresh_now)
+            await anyio.sleep(0.01)
+            gate.set()
+    assert len(rig.cloud.calls) == 1
+
+
+async def test_forced_refresh_failure_raises_and_degrades(tmp_path: Path) -> None:
+    """A failed forced refresh raises RefreshError; the old token stays, state degraded."""
+    token = mint(T0)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={token}\n")
+    rig.cloud.script.append(RefreshError("outage", "connect_error"))
+    async with rig.running() as refresher:
+        with pytest.raises(RefreshError) as caught:
+            await refresher.refresh_now()
+        assert caught.value.kind == "outage"
+        status = refresher.status()
+        assert status.state is State.DEGRADED
+        assert status.consecutive_failures == 1
+        assert status.last_failure == "connect_error"
+        assert status.next_refresh_at is not None
+        assert T0 + 2 <= status.next_refresh_at <= T0 + 2.5
+        assert rig.disk_token() == token
+        assert rig.events == [
+            (
+                "token.refresh_failed",
+                {
+                    "reason": "connect_error",
+                    "consecutive_failures": 1,
+                    "exp": int(T0) + DAY,
+                    "iat": int(T0),
+                },
+            )
+        ]
+        # The retry comes from the loop after the backoff and clears the degradation.
+        rig.clock.advance(3)
+        await eventually(lambda: refresher.status().state is State.FRESH)
+        assert refresher.status().consecutive_failures == 0
+
+
+async def test_refresh_now_without_run_calls_inline(tmp_path: Path) -> None:
+    """Before run() starts, a forced refresh still works (inline)."""
+    rig = Rig(tmp_path)
+    view = await rig.refresher.refresh_now()
+    assert view.fingerprint == fingerprint(rig.cloud.minted[0])
+    assert rig.disk_token() == rig.cloud.minted[0]
+
+
+async def test_same_token_again_is_not_rewritten(tmp_path: Path) -> None:
+    """A cloud that answers with the held token causes no write and no event."""
+    token = mint(T0)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={token}\n")
+    rig.cloud.script.append(token)
+    async with rig.running() as refresher:
+        before = rig.env.stat().st_mtime_ns
+        view = await refresher.refresh_now()
+        assert view.fingerprint == fingerprint(token)
+        assert rig.env.stat().st_mtime_ns == before
+        assert rig.events == []
+
+
+async def test_stale_token_from_the_cloud_is_not_refreshed_again_at_once(
+    tmp_path: Path,
+) -> None:
+    """A new token already past half-life is used, and the next call waits 300 s."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    stale = mint(T0 - 0.6 * DAY)
+    rig.cloud.script.append(stale)
+    async with rig.running() as refresher:
+        await refresher.refresh_now()
+        assert rig.disk_token() == stale
+        assert refresher.status().next_refresh_at == T0 + 300
+
+
+# --- hostile answers --------------------------------------------------------------------
+
+HOSTILE: list[tuple[str, dict[str, Any], str]] = [
+    ("shell", {"text": "$(touch x)"}, "unacceptable_token"),
+    ("shell_json", {"json": {"token": "`touch x`;$(touch x)"}}, "unacceptable_token"),
+    ("other_town", {"text": mint(T0, town_id="town-2")}, "unacceptable_token"),
+    ("expired", {"text": mint(T0 - 2 * DAY)}, "unacceptable_token"),
+    ("alg_none", {"text": jwt.encode({"a": 1}, None, algorithm="none")}, "unacceptable_token"),
+    (
+        "alg_none_signed",
+        {
+            "text": forge(
+                {"alg": "none"},
+                {"sub": "u", "type": "gastown_sandbox", "town_id": TOWN, "iat": 1, "exp": 2},
+            )
+        },
+        "unacceptable_token",
+    ),
+    ("one_mb", {"text": "A" * (1024 * 1024)}, "body_too_large"),
+    (
+        "html",
+        {"text": "<html><h1>502</h1></html>", "headers": {"content-type": "text/html"}},
+        "bad_content_type",
+    ),
+    ("empty", {"text": ""}, "empty_body"),
+    ("newline_inside", {"text": mint(T0) + "\nEVIL=$(touch x)"}, "unacceptable_token"),
+]
+
+
+@pytest.mark.parametrize(("name", "response", "reason"), HOSTILE, ids=[h[0] for h in HOSTILE])
+async def test_hostile_answers_never_reach_the_env_file(
+    tmp_path: Path, name: str, response: dict[str, Any], reason: str
+) -> None:
+    """A hostile 200 is a failure with a reason; the old token stays; no log holds a token."""
+    token = mint(T0)
+    original = f"A=1\nKILO_JWT={token}\n"
+    async with cloud_answer(**response) as client:
+        rig = Rig(tmp_path, env_text=original, client=client)
+        with structlog.testing.capture_logs() as logs:
+            async with rig.running() as refresher:
+                with pytest.raises(RefreshError) as caught:
+                    await refresher.refresh_now()
+                status = refresher.status()
+    assert (caught.value.kind, caught.value.reason) == ("broken", reason)
+    assert rig.env.read_text() == original
+    assert status.state is State.DEGRADED
+    assert status.consecutive_failures == 1
+    assert status.token is not None
+    assert status.token.fingerprint == fingerprint(token)
+    failed = [e for e in logs if e["event"] == "token_refresh_failed"]
+    assert [e["reason"] for e in failed] == [reason]
+    everything = repr(logs) + repr(rig.events) + str(caught.value)
+    assert token not in everything
+    assert "touch" not in everything
+    for value in response.values():
+        if isinstance(value, str) and value.count(".") >= 2:
+            assert value not in everything
+    assert rig.types() == ["token.refresh_failed"]
+    assert rig.metric("gastown_sandboxd_token_refresh_attempts_total", result="broken") == 1
+    # Sourcing the env file runs nothing.
+    subprocess.run(["bash", "-c", f'set -a; . "{rig.env}"'], cwd=tmp_path, check=True, env={})
+    assert not (tmp_path / "x").exists()
+
+
+async def test_unacceptable_token_lists_its_problems(tmp_path: Path) -> None:
+    """The failure event of an unacceptable token names its problems, not the token."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    rig.cloud.script.append(mint(T0, town_id="town-2", lifetime=5))
+    async with rig.running() as refresher:
+        with pytest.raises(RefreshError) as caught:
+            await refresher.refresh_now()
+    assert isinstance(caught.value.__cause__, TokenError)
+    assert rig.events[0][1]["problems"] == ["wrong_town", "bad_lifetime"]
+
+
+# --- failure kinds ----------------------------------------------------------------------
+
+
+async def test_retry_after_is_honoured(tmp_path: Path) -> None:
+    """After 429 with Retry-After 120 the next call waits at least 120 s."""
+    rig = Rig(tmp_path, autojump=True)
+    rig.cloud.script.extend([RefreshError("busy", "http_429", status=429, retry_after=120.0), None])
+    async with rig.running():
+        await eventually(lambda: len(rig.cloud.calls) == 2)
+        rig.clock.autojump = False
+    (first, _), (second, _) = rig.cloud.calls
+    assert second - first >= 120
+    assert rig.events[0] == (
+        "token.refresh_failed",
+        {"reason": "http_429", "consecutive_failures": 1, "status": 429},
+    )
+
+
+async def test_unauthorized_backs_off_at_the_maximum(tmp_path: Path) -> None:
+    """After 401 the next call waits the full 300 s."""
+    rig = Rig(tmp_path, autojump=True, env_text=f"KILO_JWT={mint(T0 - 0.5 * DAY)}\n")
+    rig.cloud.script.extend([RefreshError("unauthorized", "unauthorized", status=401)] * 3 + [None])
+    async with rig.running():
+        await eventually(lambda: len(rig.cloud.calls) == 4)
+        rig.clock.autojump = False
+    times = [t for t, _ in rig.cloud.calls]
+    assert [b - a for a, b in itertools.pairwise(times)] == [300.0] * 3
+    assert {f["reason"] for t, f in rig.events if t == "token.refresh_failed"} == {"unauthorized"}
+
+
+async def test_outage_backs_off_and_tightens_near_expiry(tmp_path: Path) -> None:
+    """Calls during an outage are at least 2 s apart, and at most 30 s apart near expiry."""
+    rig = Rig(tmp_path, autojump=True, env_text=f"KILO_JWT={mint(T0 - 0.5 * DAY)}\n")
+    rig.cloud.script.extend([RefreshError("outage", "connect_error")] * 400)
+    async with rig.running():
+        await eventually(lambda: len(rig.cloud.calls) >= 400)
+        rig.clock.autojump = False
+    times = [t for t, _ in rig.cloud.calls[:400]]
+    pairs = list(itertools.pairwise(times))
+    assert min(b - a for a, b in pairs) >= 2.0
+    assert max(b - a for a, b in pairs) <= 300.0
+    # The token (24 h) was issued 12 h before T0: under 10 % is left from T0 + 9.6 h.
+    late = [b - a for a, b in pairs if a > T0 + 0.4 * DAY]
+    assert len(late) > 10
+    assert max(late) <= 30.0
+
+
+async def test_write_failure_is_a_failure_and_keeps_the_old_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that refuses the write raises AtomicWriteError; the held token is the old one."""
+    token = mint(T0)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={token}\n")
+
+    def full(*args: Any, **kwargs: Any) -> bool:
+        raise AtomicWriteError(28, "No space left on device")
+
+    monkeypatch.setattr(envfile, "write_atomic", full)
+    rig.cloud.script.append(mint(T0 + 5))
+    async with rig.running() as refresher:
+        with pytest.raises(AtomicWriteError):
+            await refresher.refresh_now()
+        status = refresher.status()
+    assert status.state is State.DEGRADED
+    assert status.last_failure == "write_failed"
+    assert not status.token_on_disk_ok
+    assert status.token is not None
+    assert status.token.fingerprint == fingerprint(token)
+    assert rig.metric("gastown_sandboxd_token_refresh_attempts_total", result="write_failed") == 1
+    assert rig.types() == ["token.refresh_failed"]
+
+
+@pytest.mark.parametrize("status", [404, 409, 410, 423])
+async def test_inactive_town_is_probed_hourly_and_recovers_on_force(
+    tmp_path: Path, status: int
+) -> None:
+    """404/409/410/423: town_inactive, one call an hour at most; a forced refresh recovers."""
+    rig = Rig(tmp_path, autojump=True, env_text=f"KILO_JWT={mint(T0 - 0.5 * DAY)}\n")
+    rig.cloud.script.extend([RefreshError("inactive", f"http_{status}", status=status)] * 10)
+    async with rig.running() as refresher:
+        await rig.clock.alarm(T0 + 5 * 3600 + 60).wait()
+        rig.clock.autojump = False
+        assert refresher.status().state is State.TOWN_INACTIVE
+        times = [t for t, _ in rig.cloud.calls]
+        assert len(times) == 6
+        assert all(b - a >= 3600 for a, b in itertools.pairwise(times))
+        assert rig.types() == ["town.inactive"]
+        assert rig.events[0][1] == {"status": status, "reason": f"http_{status}"}
+        rig.cloud.script.clear()
+        await refresher.refresh_now()
+        assert refresher.status().state is State.FRESH
+        assert rig.types()[-1] == "token.refreshed"
+
+
+async def test_forced_probe_of_an_inactive_town_that_is_still_inactive(tmp_path: Path) -> None:
+    """A forced refresh of an inactive town raises kind inactive and keeps the state."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    rig.cloud.script.extend([RefreshError("inactive", "http_410", status=410)] * 2)
+    async with rig.running() as refresher:
+        for _ in range(2):
+            with pytest.raises(RefreshError) as caught:
+                await refresher.refresh_now()
+            assert caught.value.kind == "inactive"
+        assert refresher.status().state is State.TOWN_INACTIVE
+        assert refresher.status().next_refresh_at == T0 + 3600
+    assert rig.types() == ["town.inactive"]
+
+
+# --- pushes and reloads -----------------------------------------------------------------
+
+
+async def test_pushed_token_is_written(tmp_path: Path) -> None:
+    """accept() writes an acceptable token, emits source push and reschedules."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0 - 3600)}\n")
+    pushed = mint(T0)
+    async with rig.running() as refresher:
+        view = await refresher.accept(pushed)
+        assert view.fingerprint == fingerprint(pushed)
+        assert rig.disk_token() == pushed
+        assert rig.events[-1] == (
+            "token.refreshed",
+            {"exp": int(T0) + DAY, "iat": int(T0), "source": "push"},
+        )
+        status = refresher.status()
+        assert status.next_refresh_at is not None
+        assert status.next_refresh_at >= T0 + 0.4 * DAY
+        assert await refresher.accept(pushed) == view
+        assert len(rig.events) == 1
+
+
+async def test_pushed_token_leaves_inactive(tmp_path: Path) -> None:
+    """A token pushed by the cloud ends the town_inactive state."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    rig.cloud.script.append(RefreshError("inactive", "http_409", status=409))
+    async with rig.running() as refresher:
+        with pytest.raises(RefreshError):
+            await refresher.refresh_now()
+        await refresher.accept(mint(T0 + 1))
+        assert refresher.status().state is State.FRESH
+
+
+async def test_pushed_bad_token_is_refused_with_every_reason(tmp_path: Path) -> None:
+    """accept() of a bad token raises TokenError with all reasons and writes nothing."""
+    original = f"KILO_JWT={mint(T0)}\n"
+    rig = Rig(tmp_path, env_text=original)
+    async with rig.running() as refresher:
+        with pytest.raises(TokenError) as caught:
+            await refresher.accept(mint(T0, town_id="town-2", lifetime=7))
+    assert caught.value.reasons == ("wrong_town", "bad_lifetime")
+    assert rig.env.read_text() == original
+    assert rig.events == []
+
+
+async def test_own_writes_are_not_changes(tmp_path: Path) -> None:
+    """After the refresher writes, a reload finds nothing new."""
+    rig = Rig(tmp_path)
+    async with rig.running() as refresher:
+        await eventually(lambda: refresher.status().state is State.FRESH)
+        assert await refresher.reload_env_file() is False
+        assert rig.types() == ["token.refreshed"]
+
+
+async def test_missing_file_that_stays_missing_is_no_change(tmp_path: Path) -> None:
+    """A reload with no token before and after changes nothing."""
+    rig = Rig(tmp_path)
+    assert await rig.refresher.reload_env_file() is False
+
+
+async def test_outside_edit_with_a_new_token_is_adopted(tmp_path: Path) -> None:
+    """Another acceptable token written by someone else is adopted and rescheduled."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0 - 3600)}\n")
+    newer = mint(T0)
+    async with rig.running() as refresher:
+        before = refresher.status().next_refresh_at
+        rig.env.write_text(f"KILO_JWT={newer}\n")
+        assert await refresher.reload_env_file() is True
+        status = refresher.status()
+        assert status.token is not None
+        assert status.token.fingerprint == fingerprint(newer)
+        assert status.next_refresh_at != before
+        assert rig.events == [
+            ("token.refreshed", {"exp": int(T0) + DAY, "iat": int(T0), "source": "file"})
+        ]
+    assert rig.cloud.calls == []
+
+
+async def test_outside_edit_that_removes_the_token_refreshes_at_once(tmp_path: Path) -> None:
+    """A file edited to hold no acceptable token is treated like start-up."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    async with rig.running() as refresher:
+        rig.env.write_text("KILO_JWT=$(touch x)\nOTHER=1\n")
+        assert await refresher.reload_env_file() is True
+        await eventually(lambda: len(rig.cloud.minted) == 1)
+        assert rig.cloud.calls == [(T0, None)]
+        await eventually(lambda: rig.disk_token() == rig.cloud.minted[0])
+        assert rig.env.read_text() == f"KILO_JWT={rig.cloud.minted[0]}\nOTHER=1\n"
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+async def test_metrics_follow_the_token(tmp_path: Path) -> None:
+    """Expiry, seconds to expiry, attempts by result, latency and state are exported."""
+    rig = Rig(tmp_path)
+    assert rig.metric("gastown_sandboxd_token_state", gastown_sandboxd_token_state="missing") == 1
+    assert rig.metric("gastown_sandboxd_token_seconds_to_expiry") == 0
+    slow_token = mint(T0)
+
+    async def slow() -> str:
+        await rig.clock.sleep(2.0)
+        return slow_token
+
+    rig.cloud.script.extend([RefreshError("outage", "http_500", status=500), slow])
+    async with rig.running() as refresher:
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        rig.clock.advance(3)
+        await eventually(lambda: len(rig.cloud.calls) == 2)
+        assert refresher.status().state is State.MISSING
+        assert refresher.status().consecutive_failures == 1
+        rig.clock.advance(2)
+        await eventually(lambda: refresher.status().state is State.FRESH)
+        attempts = "gastown_sandboxd_token_refresh_attempts_total"
+        assert rig.metric(attempts, result="outage") == 1
+        assert rig.metric(attempts, result="ok") == 1
+        assert rig.metric(attempts, result="busy") == 0
+        assert rig.metric("gastown_sandboxd_token_refresh_duration_seconds_count") == 2
+        assert rig.metric("gastown_sandboxd_token_refresh_duration_seconds_sum") == 2.0
+        assert rig.metric("gastown_sandboxd_token_expiry_timestamp_seconds") == T0 + DAY
+        now = rig.clock.time()
+        assert rig.metric("gastown_sandboxd_token_seconds_to_expiry") == T0 + DAY - now
+        assert rig.metric("gastown_sandboxd_token_state", gastown_sandboxd_token_state="fresh") == 1
+
+
+async def test_cancelled_run_releases_waiters(tmp_path: Path) -> None:
+    """Stopping the component while a forced refresh waits fails that refresh, no hang."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+    never = anyio.Event()
+
+    async def hang() -> str:
+        await never.wait()
+        return ""
+
+    rig.cloud.script.append(hang)
+    errors: list[BaseException] = []
+
+    async def force() -> None:
+        try:
+            await rig.refresher.refresh_now()
+        except RefreshError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as outer:
+        async with rig.running():
+            outer.start_soon(force)
+            await eventually(lambda: len(rig.cloud.calls) == 1)
+        await eventually(lambda: len(errors) == 1)
+    assert isinstance(errors[0], RefreshError)
+    assert errors[0].reason == "cancelled"
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+async def test_against_the_real_cloud(
+    tmp_path: Path, cloud_factory: Callable[..., CloudServer]
+) -> None:
+    """A forced refresh through CloudClient gets a real token; stop, start and destroy map."""
+    server = cloud_factory(token_lifetime=60)
+    town, _ = server.create_town(user_id="user-7", organization_id="org-7")
+    older = server.mint("user-7", town["id"], "org-7", lifetime=60, now=int(time.time()) - 5)
+    env = tmp_path / ".env.gateway"
+    env.write_text(f"OTHER=1\nKILO_JWT={older}\n")
+    events: list[str] = []
+    client = CloudClient(base_url=server.url, internal_key=server.internal_key, town_id=town["id"])
+    refresher = TokenRefresher(
+        town_id=town["id"],
+        env_file=env,
+        client=client,
+        emit=lambda type, fields: events.append(type),
+    )
+    async with client, anyio.create_task_group() as tg:
+        await tg.start(refresher.run)
+        assert refresher.status().state is State.FRESH
+        view = await refresher.refresh_now()
+        token = envfile.read_token(env)
+        assert token is not None
+        assert token != older
+        assert view.fingerprint == fingerprint(token)
+        assert (view.sub, view.organization_id, view.exp - view.iat) == ("user-7", "org-7", 60)
+        assert env.read_text() == f"OTHER=1\nKILO_JWT={token}\n"
+
+        server.set_status(town["id"], "stop")
+        with pytest.raises(RefreshError) as caught:
+            await refresher.refresh_now()
+        assert (caught.value.kind, caught.value.status) == ("inactive", 409)
+        assert refresher.status().state is State.TOWN_INACTIVE
+        assert envfile.read_token(env) == token
+
+        server.set_status(town["id"], "start")
+        await refresher.refresh_now()
+        assert refresher.status().state is State.FRESH
+
+        server.set_status(town["id"], "destroy")
+        with pytest.raises(RefreshError) as caught:
+            await refresher.refresh_now()
+        assert (caught.value.kind, caught.value.status) == ("inactive", 410)
+        tg.cancel_scope.cancel()
+    assert events.count("town.inactive") == 2
