@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from tests.fixtures.cloud import CloudServer
+from tests.fixtures.cloud import CloudServer, launch_cloud
 
 from .conftest import StandInCloud, closed_port
 
@@ -724,6 +724,14 @@ async def test_bind_mounted_env_file_is_written_in_place(
 # --- the real cloud (gastown_cloud) ----------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def shared_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
+    """One real cloud for the refusal cases: each makes its own town, so they cannot collide."""
+    server = launch_cloud(tmp_path_factory.mktemp("cloud"))
+    yield server
+    server.stop()
+
+
 def cloud_sandbox(tmp_path: Path, cloud: CloudServer, town_id: str) -> Sandbox:
     return make_sandbox(tmp_path, cloud.url, town=town_id, key=cloud.internal_key)
 
@@ -777,9 +785,10 @@ async def test_real_cloud_short_lifetime(
     ],
 )
 async def test_real_cloud_refusals(
-    tmp_path: Path, cloud: CloudServer, case: str, status: int
+    tmp_path: Path, shared_cloud: CloudServer, case: str, status: int
 ) -> None:
     """Each refusal of gastown_cloud leaves the env file byte-identical, with one line."""
+    cloud = shared_cloud
     town, initial = cloud.create_town()
     town_id, key = town["id"], cloud.internal_key
     current = initial
