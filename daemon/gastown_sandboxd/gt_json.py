@@ -1,0 +1,143 @@
+"""Reading and writing gt's settings JSON, keeping every untouched top-level value byte-exact.
+
+gt writes two-space indented JSON (Go's `MarshalIndent`, which escapes `<`, `>` and `&`).
+`render` writes a changed value as `json.dumps(indent=2, ensure_ascii=False)` does, and an
+unchanged top-level value as the very text it had in the file, so a PATCH never rewrites
+what it did not change.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .exceptions import SettingsFileUnreadable
+from .gt_schema import FILE_TYPES, SCHEMA_VERSION, Doc, Scope
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def parse_document(raw: bytes, scope: Scope, *, file: str) -> Doc:
+    """The document in `raw`, or `SettingsFileUnreadable` naming `file` and the reason.
+
+    Readable means: UTF-8 JSON (no NaN or Infinity) holding an object whose `type`, when
+    present, is this scope's type and whose `version`, when present, is an integer <= 1.
+    """
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        _unreadable(file, "is not UTF-8 text")
+    except (ValueError, RecursionError) as exc:
+        _unreadable(file, f"is not valid JSON ({_reason(exc)})")
+    if not isinstance(doc, dict):
+        _unreadable(file, "does not hold a JSON object")
+    expected = FILE_TYPES[scope]
+    kind = doc.get("type", expected)
+    if kind != expected:
+        _unreadable(file, f"has type {_short(kind)}, expected {expected!r}")
+    version = doc.get("version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        _unreadable(file, f"has a version that is not an integer: {_short(version)}")
+    if version > SCHEMA_VERSION:
+        _unreadable(file, f"has version {version}; this daemon understands version 1")
+    return doc
+
+
+def render(doc: Doc, *, original: bytes | None = None) -> bytes:
+    """`doc` as gt writes it: two-space indent, a trailing newline.
+
+    With `original` (the file's bytes before the change), each top-level key whose value
+    did not change is written with the key and value text it had there.
+    """
+    kept = _top_level_texts(original) if original is not None else {}
+    lines = []
+    for key, value in doc.items():
+        old = kept.get(key)
+        if old is not None and same(old.value, value):
+            lines.append(f"  {old.key_text}: {old.value_text}")
+        else:
+            lines.append(f"  {_dumps(key)}: {_dumps(value)}")
+    if not lines:
+        return b"{}\n"
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
+
+
+def same(left: Any, right: Any) -> bool:
+    """Equal as JSON texts: unlike `==`, tells 1 from 1.0 and true, and key order counts."""
+    return json.dumps(left) == json.dumps(right)
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    key_text: str
+    value_text: str
+    value: Any
+
+
+def _top_level_texts(original: bytes) -> dict[str, _Member]:
+    # The exact text of each top-level member; nothing when the text is not a JSON object.
+    try:
+        return _scan_members(original.decode("utf-8"))
+    except (ValueError, IndexError, RecursionError):
+        return {}
+
+
+def _scan_members(text: str) -> dict[str, _Member]:
+    decoder = json.JSONDecoder()
+    members: dict[str, _Member] = {}
+    index = _skip(text, 0)
+    if text[index] != "{":
+        return {}
+    index = _skip(text, index + 1)
+    if text[index] == "}":
+        return {}
+    while True:
+        key, key_end = decoder.raw_decode(text, index)
+        if not isinstance(key, str):
+            return {}
+        key_text = text[index:key_end]
+        index = _skip(text, key_end)
+        if text[index] != ":":
+            return {}
+        index = _skip(text, index + 1)
+        value, value_end = decoder.raw_decode(text, index)
+        members[key] = _Member(key_text, text[index:value_end], value)
+        index = _skip(text, value_end)
+        if text[index] == "}":
+            return members
+        if text[index] != ",":
+            return {}
+        index = _skip(text, index + 1)
+
+
+def _skip(text: str, index: int) -> int:
+    match = _WS.match(text, index)
+    return match.end() if match else index
+
+
+def _dumps(value: Any) -> str:
+    # Nested lines move two spaces right: the value sits one level inside the document.
+    return json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unreadable(file: str, reason: str) -> NoReturn:
+    raise SettingsFileUnreadable(f"{file} {reason}; it was left untouched")

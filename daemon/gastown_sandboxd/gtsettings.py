@@ -1,0 +1,144 @@
+"""gt's settings files as the daemon manages them: validate, merge, render, compare. No I/O.
+
+A PATCH /config body is `{"town": {...}, "rigs": {"<rig>": {...}}}`, a JSON Merge Patch on
+the managed keys of each file (`MANAGED_KEYS`); every other key stays as it was, in value
+and in order. An agent that the PATCH creates gets `DEFAULT_EXEC_WRAPPER` unless the body
+sets `exec_wrapper` (to a list, or to null for none); an agent that already stands keeps
+its `exec_wrapper` unless the body sets it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .gt_json import parse_document, render, same
+from .gt_schema import (
+    AGENT_FIELDS,
+    DEFAULT_EXEC_WRAPPER,
+    EFFORTS,
+    FILE_TYPES,
+    MANAGED_KEYS,
+    PRESETS,
+    RIG_KEYS,
+    ROLES,
+    SCHEMA_VERSION,
+    SECRET_ENV_NAMES,
+    TOWN_KEYS,
+    Doc,
+    Scope,
+    TownFiles,
+    relative_path,
+    rig_name_problem,
+)
+from .gt_validation import contains_jwt, validate_patch
+from .merge_patch import merge_patch
+
+__all__ = [
+    "AGENT_FIELDS",
+    "DEFAULT_EXEC_WRAPPER",
+    "EFFORTS",
+    "MANAGED_KEYS",
+    "PRESETS",
+    "RIG_KEYS",
+    "ROLES",
+    "SECRET_ENV_NAMES",
+    "TOWN_KEYS",
+    "Doc",
+    "Scope",
+    "TownFiles",
+    "apply_patch",
+    "changed_keys",
+    "contains_jwt",
+    "managed_view",
+    "parse_document",
+    "relative_path",
+    "render",
+    "revision",
+    "rig_name_problem",
+    "same",
+    "validate_patch",
+]
+
+
+def apply_patch(current: TownFiles, body: Mapping[str, Any]) -> TownFiles:
+    """The files after `body` (already validated) is applied to `current`.
+
+    Only the files the body names change. A file that did not exist becomes
+    `{"type", "version", ...managed keys}`, unless the patch leaves it with nothing to
+    hold: then it stays None (not created).
+    """
+    town = current.town
+    town_patch = body.get("town")
+    if isinstance(town_patch, Mapping):
+        town = _apply_file(current.town, town_patch, "town")
+    rigs = dict(current.rigs)
+    rig_patches = body.get("rigs")
+    if isinstance(rig_patches, Mapping):
+        for name, rig_patch in rig_patches.items():
+            if isinstance(rig_patch, Mapping):
+                rigs[name] = _apply_file(current.rigs.get(name), rig_patch, "rig")
+    return TownFiles(town=town, rigs=rigs, unreadable=current.unreadable)
+
+
+def managed_view(doc: Mapping[str, Any] | None, scope: Scope) -> Doc:
+    """The managed keys of `doc`, in the file's order (a copy); {} for no file."""
+    if doc is None:
+        return {}
+    keys = MANAGED_KEYS[scope]
+    return {key: copy.deepcopy(value) for key, value in doc.items() if key in keys}
+
+
+def revision(files: TownFiles) -> str:
+    """A digest of the managed content of every file: the same settings give the same value.
+
+    Canonical JSON (sorted keys) of the town's and each rig's managed view, rigs sorted;
+    rigs without a settings file do not count; unreadable files count by their bytes.
+    """
+    payload = {
+        "town": managed_view(files.town, "town"),
+        "rigs": {
+            name: managed_view(doc, "rig")
+            for name, doc in sorted(files.rigs.items())
+            if doc is not None
+        },
+        "unreadable": dict(sorted(files.unreadable.items())),
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def changed_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
+    """Top-level keys whose values differ, managed or not: new order first, then removed."""
+    before = old or {}
+    after = new or {}
+    keys = [key for key in after if key not in before or not same(before[key], after[key])]
+    return keys + [key for key in before if key not in after]
+
+
+def _apply_file(doc: Doc | None, patch: Mapping[str, Any], scope: Scope) -> Doc | None:
+    managed = {key: value for key, value in patch.items() if key in MANAGED_KEYS[scope]}
+    base = doc if doc is not None else {}
+    merged: Doc = merge_patch(base, managed)
+    _wrap_new_agents(base, managed, merged)
+    if doc is not None:
+        return merged
+    if not merged:
+        return None
+    return {"type": FILE_TYPES[scope], "version": SCHEMA_VERSION, **merged}
+
+
+def _wrap_new_agents(base: Doc, patch: Mapping[str, Any], merged: Doc) -> None:
+    # Agents gt starts through the API must start with the current token.
+    new_agents = patch.get("agents")
+    old_agents = base.get("agents")
+    merged_agents = merged.get("agents")
+    if not isinstance(new_agents, Mapping) or not isinstance(merged_agents, dict):
+        return
+    for name, agent in new_agents.items():
+        existed = isinstance(old_agents, Mapping) and isinstance(old_agents.get(name), Mapping)
+        if isinstance(agent, Mapping) and not existed and "exec_wrapper" not in agent:
+            merged_agents[name]["exec_wrapper"] = list(DEFAULT_EXEC_WRAPPER)
