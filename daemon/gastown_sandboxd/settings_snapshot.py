@@ -1,0 +1,77 @@
+"""The town's settings files as read at one moment: bytes, documents, or why unreadable."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .exceptions import SettingsFileUnreadable
+from .gt_schema import TOWN_FILE, Doc, Scope, TownFiles, relative_path
+from .gtsettings import managed_view, parse_document
+from .rig_folders import rig_names, rig_settings_file, town_settings_file
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """A settings file as read: bytes (None when absent), document, or why it is unreadable."""
+
+    raw: bytes | None = None
+    doc: Doc | None = None
+    error: str | None = None
+
+    @property
+    def digest(self) -> str | None:
+        """SHA-256 of the bytes: how the store tells its own content from others'."""
+        return None if self.raw is None else hashlib.sha256(self.raw).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every settings file of the town, keyed by rig (None for the town)."""
+
+    files: dict[str | None, FileState] = field(default_factory=dict)
+
+    def town_files(self) -> TownFiles:
+        """The parsed files, unreadable ones by the digest of their bytes."""
+        town = self.files[None]
+        rigs = {rig: s.doc for rig, s in self.files.items() if rig is not None and not s.error}
+        unreadable = {
+            relative_path(rig): s.digest or ""
+            for rig, s in self.files.items()
+            if s.error is not None
+        }
+        return TownFiles(town=town.doc, rigs=rigs, unreadable=unreadable)
+
+    def view(self) -> tuple[Doc, dict[str, Doc]]:
+        """The managed view of the town and of each rig with a readable file, rigs sorted."""
+        rigs = {
+            rig: managed_view(s.doc, "rig")
+            for rig, s in sorted(self.files.items(), key=lambda item: item[0] or "")
+            if rig is not None and s.doc is not None
+        }
+        return managed_view(self.files[None].doc, "town"), rigs
+
+
+def read_snapshot(town_root: Path) -> Snapshot:
+    """Read the town's file and the file of every rig folder (absent ones included)."""
+    files: dict[str | None, FileState] = {
+        None: read_file(town_settings_file(town_root), "town", TOWN_FILE)
+    }
+    for rig in rig_names(town_root):
+        files[rig] = read_file(rig_settings_file(town_root, rig), "rig", relative_path(rig))
+    return Snapshot(files)
+
+
+def read_file(path: Path, scope: Scope, name: str) -> FileState:
+    """One file: absent, parsed, or unreadable with the reason (named by `name`)."""
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return FileState()
+    except OSError as exc:
+        return FileState(error=f"{name} cannot be read: {exc.strerror or exc}")
+    try:
+        return FileState(raw=raw, doc=parse_document(raw, scope, file=name))
+    except SettingsFileUnreadable as exc:
+        return FileState(raw=raw, error=exc.message)

@@ -1,0 +1,365 @@
+"""gt's settings files on disk: the managed view, PATCHes as one transaction, others' edits.
+
+Every operation reads the files afresh (a town has a handful), in a worker thread. PATCHes
+are serialised; a PATCH reads every file, checks `If-Match` against the revision, refuses
+to touch a file it cannot read (409), validates the whole body (422), builds every new file,
+then writes them all or none (503). One `config.changed` event (`source: "api"`) follows per
+file written.
+
+For the watcher the store remembers the content it last knew of each file and records a
+file's new content before writing it, so its own writes never come back as external edits;
+an edit by someone else that a PATCH writes over is reported (as external) before the
+PATCH's own event. The answer's `town` and `rigs` leave out files that cannot be read.
+`reconcile_external` reports every file whose content differs from what the store knew:
+a rig folder that arrives with a settings file, or a file that is deleted (its event lists
+every key it had), counts as external. Unreadable files are logged and skipped until they
+can be read again; a change of layout or whitespace only, with no top-level value changed,
+is recorded without an event.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from ._types import Emit
+from .atomic import write_atomic
+from .exceptions import (
+    PatchInvalid,
+    PreconditionFailed,
+    Problem,
+    SettingsFileUnreadable,
+)
+from .file_batch import FileWrite, write_all
+from .gt_schema import NOT_RIGS, Doc, pointer, relative_path
+from .gtsettings import (
+    TownFiles,
+    apply_patch,
+    changed_keys,
+    render,
+    revision,
+    rig_name_problem,
+    same,
+    validate_patch,
+)
+from .rig_folders import SETTINGS, rig_names, rig_settings_file, town_settings_file
+from .settings_snapshot import FileState, Snapshot, read_snapshot
+
+log = structlog.get_logger(__name__)
+
+EVENT = "config.changed"
+
+
+def _write_keeping_mode(path: Path, data: bytes) -> object:
+    return write_atomic(path, data)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigView:
+    """What GET /config answers."""
+
+    town: Doc
+    rigs: dict[str, Doc]
+    revision: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"town": self.town, "rigs": self.rigs, "revision": self.revision}
+
+
+@dataclass(frozen=True, slots=True)
+class PatchResult:
+    """What PATCH /config answers: the managed view after the change."""
+
+    changed: bool
+    revision: str
+    files: list[str]
+    town: Doc
+    rigs: dict[str, Doc]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "changed": self.changed,
+            "revision": self.revision,
+            "files": list(self.files),
+            "town": self.town,
+            "rigs": self.rigs,
+        }
+
+
+class SettingsStore:
+    """The town's and the rigs' settings files; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        town_root: Path,
+        emit: Emit,
+        extra_presets: Sequence[str] = (),
+        write: Callable[[Path, bytes], object] = _write_keeping_mode,
+    ) -> None:
+        self._root = Path(os.path.abspath(town_root))
+        self._emit = emit
+        self._extra_presets = tuple(extra_presets)
+        self._write = write
+        self._lock = anyio.Lock()
+        self._known: dict[str | None, FileState] = {}
+        self._loaded = False
+        self._revision = revision(TownFiles())
+
+    @property
+    def revision(self) -> str:
+        """The revision as last read (by load, view, patch or reconcile_external)."""
+        return self._revision
+
+    def rig_names(self) -> list[str]:
+        """Every rig folder of the town, sorted, with or without a settings file."""
+        return rig_names(self._root)
+
+    def watched_folders(self) -> list[Path]:
+        """The town settings folder, each rig folder and each rig settings folder that exist."""
+        folders = [self._root / SETTINGS]
+        for rig in self.rig_names():
+            folders += [self._root / rig, self._root / rig / SETTINGS]
+        return [folder for folder in folders if folder.is_dir()]
+
+    async def load(self) -> None:
+        """Record the files as they are at start, so later edits can be told apart."""
+        async with self._lock:
+            snapshot = await anyio.to_thread.run_sync(self._read_snapshot)
+            self._known = dict(snapshot.files)
+            self._loaded = True
+            self._revision = revision(snapshot.town_files())
+            for rig, state in snapshot.files.items():
+                if state.error is not None:
+                    log.warning(
+                        "settings_file_unreadable", file=relative_path(rig), reason=state.error
+                    )
+
+    async def view(self) -> ConfigView:
+        """The managed settings of the town and every rig with a settings file.
+
+        Raises `SettingsFileUnreadable` (one detail per file) when a file cannot be read.
+        """
+        async with self._lock:  # never a view of a PATCH half-written
+            snapshot = await anyio.to_thread.run_sync(self._read_snapshot)
+        unreadable = [
+            Problem(_body_path(rig), state.error)
+            for rig, state in snapshot.files.items()
+            if state.error is not None
+        ]
+        if unreadable:
+            raise SettingsFileUnreadable(_unreadable_message(unreadable), unreadable)
+        self._revision = revision(snapshot.town_files())
+        town, rigs = snapshot.view()
+        return ConfigView(town=town, rigs=rigs, revision=self._revision)
+
+    async def patch(self, body: Mapping[str, Any], *, if_match: str | None = None) -> PatchResult:
+        """Apply a PATCH /config body; see the module docstring for the order of checks.
+
+        Raises `PreconditionFailed`, `SettingsFileUnreadable`, `PatchInvalid` or
+        `StorageUnavailable`; nothing is written then.
+        """
+        async with self._lock:
+            result, events = await anyio.to_thread.run_sync(self._patch_sync, body, if_match)
+            for event in events:
+                self._emit(EVENT, event)
+            return result
+
+    async def reconcile_external(self, paths: Iterable[Path] | None = None) -> list[dict[str, Any]]:
+        """Report edits by others of the files at `paths` (settings files or folders; None: all).
+
+        Emits one `config.changed` with `source: "external"` per file whose content differs
+        from what the store knew, and returns the fields of the events emitted.
+        """
+        async with self._lock:
+            events = await anyio.to_thread.run_sync(self._reconcile_sync, paths)
+            for event in events:
+                self._emit(EVENT, event)
+            return events
+
+    # The rest runs in a worker thread, one call at a time (under the lock).
+
+    def _read_snapshot(self) -> Snapshot:
+        return read_snapshot(self._root)
+
+    def _patch_sync(
+        self, body: Mapping[str, Any], if_match: str | None
+    ) -> tuple[PatchResult, list[dict[str, Any]]]:
+        snapshot = self._read_snapshot()
+        self._baseline(snapshot)
+        known_before = dict(self._known)
+        current = snapshot.town_files()
+        before = revision(current)
+        self._revision = before
+        if if_match is not None and not _matches(if_match, before):
+            raise PreconditionFailed(
+                f"If-Match {if_match.strip()[:80]} does not equal the current revision "
+                f'"{before}"; read GET /config again and retry'
+            )
+        touched = _touched(body, snapshot)
+        _refuse_unreadable(snapshot, touched)
+        problems = validate_patch(body, current=current, extra_presets=self._extra_presets)
+        if problems:
+            count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+            raise PatchInvalid(f"the PATCH was not applied: {count}", problems)
+        after = apply_patch(current, body)
+        writes, docs = self._plan(snapshot, after, touched)
+        if writes:
+            self._commit(writes, docs)
+        written = {**snapshot.files, **docs}
+        final = Snapshot(written)
+        self._revision = revision(final.town_files())
+        town, rigs = final.view()
+        events = []
+        for rig, state in docs.items():
+            events += _unreported(rig, snapshot.files[rig], known_before, before)
+            events.append(_event(rig, snapshot.files[rig].doc, state.doc, self._revision, "api"))
+        names = [write.name for write in writes]
+        result = PatchResult(bool(writes), self._revision, names, town, rigs)
+        return result, events
+
+    def _plan(
+        self, snapshot: Snapshot, after: TownFiles, touched: list[str | None]
+    ) -> tuple[list[FileWrite], dict[str | None, FileState]]:
+        writes: list[FileWrite] = []
+        docs: dict[str | None, FileState] = {}
+        for rig in touched:
+            old = snapshot.files[rig]
+            new = after.town if rig is None else after.rigs.get(rig)
+            if new is None or (old.doc is not None and same(old.doc, new)):
+                continue
+            data = render(new, original=old.raw)
+            path = self._file_path(rig)
+            writes.append(FileWrite(path=path, name=relative_path(rig), data=data, old=old.raw))
+            docs[rig] = FileState(raw=data, doc=new)
+        return writes, docs
+
+    def _commit(self, writes: list[FileWrite], docs: dict[str | None, FileState]) -> None:
+        known = dict(self._known)
+        # Known before the write lands, so a watcher racing it sees no external edit.
+        self._known.update(docs)
+        try:
+            write_all(writes, self._write)
+        except BaseException:
+            self._known = known
+            raise
+
+    def _baseline(self, snapshot: Snapshot) -> None:
+        # Without load(), the first files read are what the store knows.
+        if not self._loaded:
+            self._known = dict(snapshot.files)
+            self._loaded = True
+
+    def _reconcile_sync(self, paths: Iterable[Path] | None) -> list[dict[str, Any]]:
+        snapshot = self._read_snapshot()
+        self._baseline(snapshot)
+        self._revision = revision(snapshot.town_files())
+        if paths is None:
+            targets = set(snapshot.files) | set(self._known)
+        else:
+            targets = {rig for path in paths for rig in self._targets(Path(path), snapshot)}
+        events = []
+        for rig in sorted(targets, key=lambda name: "" if name is None else "/" + name):
+            state = snapshot.files.get(rig, FileState())
+            known = self._known.get(rig, FileState())
+            if state.error is not None:
+                log.warning("settings_file_unreadable", file=relative_path(rig), reason=state.error)
+                continue
+            if state.digest == known.digest:
+                continue
+            self._known[rig] = state
+            if changed_keys(known.doc, state.doc):
+                events.append(_event(rig, known.doc, state.doc, self._revision, "external"))
+        return events
+
+    def _targets(self, path: Path, snapshot: Snapshot) -> set[str | None]:
+        # The settings files a changed path may concern: a file or folder of the town or a rig.
+        parts = _parts_under(self._root, path)
+        if parts is None:
+            return set()
+        if not parts:
+            return set(snapshot.files) | set(self._known)
+        if parts[0] == SETTINGS:
+            return {None}
+        if rig_name_problem(parts[0]) is None and parts[0] not in NOT_RIGS:
+            return {parts[0]}
+        return set()
+
+    def _file_path(self, rig: str | None) -> Path:
+        if rig is None:
+            return town_settings_file(self._root)
+        return rig_settings_file(self._root, rig)
+
+
+def _touched(body: Mapping[str, Any], snapshot: Snapshot) -> list[str | None]:
+    # The files a PATCH reads: the town's whenever it names anything (rigs resolve agents
+    # through it), and each named rig that is a rig of this town.
+    rigs = body.get("rigs")
+    named = [rig for rig in rigs if rig in snapshot.files] if isinstance(rigs, Mapping) else []
+    if "town" in body or named:
+        return [None, *named]
+    return []
+
+
+def _refuse_unreadable(snapshot: Snapshot, touched: list[str | None]) -> None:
+    problems = [
+        Problem(_body_path(rig), error)
+        for rig in touched
+        if (error := snapshot.files[rig].error) is not None
+    ]
+    if problems:
+        raise SettingsFileUnreadable(_unreadable_message(problems), problems)
+
+
+def _unreadable_message(problems: list[Problem]) -> str:
+    return "; ".join(problem.message for problem in problems)
+
+
+def _body_path(rig: str | None) -> str:
+    return "/town" if rig is None else pointer("rigs", rig)
+
+
+def _matches(if_match: str, current: str) -> bool:
+    # RFC 9110 If-Match: "*" or a list of strong entity tags; a bare revision is accepted too.
+    for tag in (part.strip() for part in if_match.split(",")):
+        if tag == "*" or (tag.strip('"') == current and not tag.startswith("W/")):
+            return True
+    return False
+
+
+def _unreported(
+    rig: str | None, state: FileState, known: dict[str | None, FileState], rev: str
+) -> list[dict[str, Any]]:
+    # An edit by someone else that a PATCH is about to write over is reported first.
+    old = known.get(rig, FileState())
+    if state.digest == old.digest or not changed_keys(old.doc, state.doc):
+        return []
+    return [_event(rig, old.doc, state.doc, rev, "external")]
+
+
+def _event(
+    rig: str | None, old: Doc | None, new: Doc | None, rev: str, source: str
+) -> dict[str, Any]:
+    return {
+        "scope": "town" if rig is None else "rig",
+        "rig": rig,
+        "file": relative_path(rig),
+        "keys": changed_keys(old, new),
+        "revision": rev,
+        "source": source,
+    }
+
+
+def _parts_under(root: Path, path: Path) -> tuple[str, ...] | None:
+    absolute = Path(os.path.abspath(path))
+    for base in (root, Path(os.path.realpath(root))):
+        if absolute.is_relative_to(base):
+            return absolute.relative_to(base).parts
+    return None

@@ -1,0 +1,831 @@
+"""The settings store on real files: views, PATCH transactions, confinement and external edits."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.exceptions import (
+    PatchInvalid,
+    PreconditionFailed,
+    SettingsFileUnreadable,
+    StorageUnavailable,
+)
+from gastown_sandboxd.gt_schema import pointer
+from gastown_sandboxd.gtsettings import managed_view
+from gastown_sandboxd.settings_store import SettingsStore
+from tests.daemon.gt_samples import (
+    RIG_SETTINGS,
+    RIGS,
+    TOWN_SETTINGS,
+    build_town,
+    members,
+    rig_doc,
+    town_doc,
+)
+
+TOWN_FILE = Path("settings/config.json")
+
+
+class Events:
+    """An `emit` that records what it is given."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, type: str, fields: Mapping[str, Any], /) -> None:
+        self.seen.append((type, dict(fields)))
+
+    @property
+    def fields(self) -> list[dict[str, Any]]:
+        return [fields for _, fields in self.seen]
+
+
+class FailingWrite:
+    """The atomic writer, except that writing `fail_on` raises `error`."""
+
+    def __init__(self, fail_on: Path, error: BaseException) -> None:
+        self.fail_on = fail_on
+        self.error = error
+        self.calls: list[Path] = []
+
+    def __call__(self, path: Path, data: bytes) -> object:
+        self.calls.append(path)
+        if path == self.fail_on:
+            raise self.error
+        return write_atomic(path, data)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return build_town(tmp_path / "town")
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+async def store(root: Path, events: Events) -> SettingsStore:
+    settings_store = SettingsStore(town_root=root, emit=events)
+    await settings_store.load()
+    return settings_store
+
+
+def _tree(base: Path) -> dict[str, bytes | str]:
+    # Every entry under `base`: file bytes, "dir" or the target of a symlink.
+    found: dict[str, bytes | str] = {}
+    for folder, dirs, files in os.walk(base):
+        for name in dirs + files:
+            path = Path(folder) / name
+            key = str(path.relative_to(base))
+            if path.is_symlink():
+                found[key] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                found[key] = "dir"
+            else:
+                found[key] = path.read_bytes()
+    return found
+
+
+# --- views --------------------------------------------------------------------------------
+
+
+async def test_view_lists_the_town_and_every_rig_with_a_settings_file(
+    root: Path, store: SettingsStore, tmp_path: Path
+) -> None:
+    """Rigs with settings are listed; folders without, the town's own and escapes are not."""
+    (root / "empty").mkdir()
+    (root / "mayor" / "settings").mkdir()
+    (root / "mayor" / "settings" / "config.json").write_bytes(RIG_SETTINGS)
+    (root / "my-rig" / "settings").mkdir(parents=True)
+    (root / "my-rig" / "settings" / "config.json").write_bytes(RIG_SETTINGS)
+    outside = tmp_path / "outside"
+    (outside / "settings").mkdir(parents=True)
+    (outside / "settings" / "config.json").write_bytes(RIG_SETTINGS)
+    (root / "escape").symlink_to(outside)
+    view = await store.view()
+    assert view.town == managed_view(town_doc(), "town")
+    assert list(view.rigs) == sorted(RIGS)
+    assert view.rigs["frontend"] == {"agent": "claude", "role_agents": {"polecat": "codex"}}
+    assert view.revision == store.revision
+    assert view.as_json() == {"town": view.town, "rigs": view.rigs, "revision": view.revision}
+    assert json.loads(json.dumps(view.as_json())) == view.as_json()
+
+
+async def test_view_of_an_empty_or_missing_town(tmp_path: Path, events: Events) -> None:
+    """A town root without settings, or not there at all, has an empty view."""
+    for root in (tmp_path, tmp_path / "missing"):
+        store = SettingsStore(town_root=root, emit=events)
+        await store.load()
+        view = await store.view()
+        assert (view.town, view.rigs) == ({}, {})
+        assert view.revision == store.revision
+
+
+async def test_view_refuses_unreadable_files_naming_each(root: Path, store: SettingsStore) -> None:
+    """GET /config cannot describe a file it cannot read: one detail per such file."""
+    (root / "docs" / "settings" / "config.json").write_bytes(b"{oops")
+    (root / "frontend" / "settings" / "config.json").write_bytes(b'{"version": 9}')
+    with pytest.raises(SettingsFileUnreadable) as caught:
+        await store.view()
+    assert [d.path for d in caught.value.details] == ["/rigs/docs", "/rigs/frontend"]
+    assert "docs/settings/config.json is not valid JSON" in caught.value.message
+
+
+async def test_rig_names_and_watched_folders(root: Path, store: SettingsStore) -> None:
+    """The watcher gets every rig and the settings folders that exist, never the town's own."""
+    (root / "newrig").mkdir()
+    (root / "notes.txt").write_text("x")
+    assert store.rig_names() == ["backend", "docs", "frontend", "newrig"]
+    expected = [root / "settings"]
+    for rig in RIGS:
+        expected += [root / rig, root / rig / "settings"]
+    expected.append(root / "newrig")
+    assert store.watched_folders() == expected
+
+
+# --- PATCH: round trips and results -------------------------------------------------------
+
+
+async def test_patch_round_trip_keeps_every_other_key_byte_exact(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """Managed keys change; every other key keeps its value, its place and its exact text."""
+    body = {
+        "town": {
+            "agents": {
+                "kilo-sonnet": {
+                    "provider": "claude",
+                    "command": "claude",
+                    "args": ["--model", "anthropic/claude-sonnet-4.5"],
+                    "env": {"ANTHROPIC_BASE_URL": "https://api.kilo.ai/api/gateway"},
+                }
+            },
+            "role_agents": {"mayor": "kilo-sonnet", "polecat": None},
+            "role_effort": {"mayor": "max"},
+        },
+        "rigs": {"frontend": {"role_agents": {"polecat": "kilo-sonnet"}, "agent": None}},
+    }
+    result = await store.patch(body)
+    assert result.changed is True
+    assert result.files == ["settings/config.json", "frontend/settings/config.json"]
+    town_bytes = (root / TOWN_FILE).read_bytes()
+    town = json.loads(town_bytes)
+    assert list(town) == list(town_doc())
+    before, after = members(TOWN_SETTINGS), members(town_bytes)
+    assert {k for k in before if before[k] != after[k]} == {"agents", "role_agents", "role_effort"}
+    assert town["agents"]["kilo-sonnet"]["exec_wrapper"] == ["gastown-sandboxd", "exec", "--"]
+    assert town["agents"]["codex-default"]["args"] is None
+    assert town["agents"]["opencode-bare"]["args"] == []
+    assert town["role_agents"] == {"mayor": "kilo-sonnet", "witness": "claude-haiku"}
+    rig_bytes = (root / "frontend" / TOWN_FILE).read_bytes()
+    rig = json.loads(rig_bytes)
+    assert list(rig) == ["type", "version", "merge_queue", "namepool", "role_agents", "theme"]
+    rig_before, rig_after = members(RIG_SETTINGS), members(rig_bytes)
+    assert {k for k in rig_after if rig_before.get(k) != rig_after[k]} == {"role_agents"}
+    assert (root / "backend" / TOWN_FILE).read_bytes() == RIG_SETTINGS
+    assert rig_bytes.endswith(b"}\n")
+    assert result.town == managed_view(town, "town")
+    assert result.rigs["frontend"] == {"role_agents": {"polecat": "kilo-sonnet"}}
+    assert sorted(result.rigs) == sorted(RIGS)
+    assert result.revision == store.revision == (await store.view()).revision
+    assert result.as_json()["files"] == result.files
+
+
+async def test_patch_emits_one_event_per_written_file(store: SettingsStore, events: Events) -> None:
+    """Each written file gives one config.changed with scope, rig, file, keys and revision."""
+    body = {
+        "town": {"role_effort": {"crew": "low"}},
+        "rigs": {"docs": {"worker_agents": {"denali": "codex"}}, "backend": {"agent": "claude"}},
+    }
+    result = await store.patch(body)
+    assert [t for t, _ in events.seen] == ["config.changed"] * 2
+    assert events.fields == [
+        {
+            "scope": "town",
+            "rig": None,
+            "file": "settings/config.json",
+            "keys": ["role_effort"],
+            "revision": result.revision,
+            "source": "api",
+        },
+        {
+            "scope": "rig",
+            "rig": "docs",
+            "file": "docs/settings/config.json",
+            "keys": ["worker_agents"],
+            "revision": result.revision,
+            "source": "api",
+        },
+    ]
+
+
+async def test_a_patch_that_changes_nothing_writes_and_emits_nothing(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """Setting values they already have, deleting absent ones or {}: no write, no event."""
+    before = {p: os.stat(root / p) for p in (TOWN_FILE, Path("frontend") / TOWN_FILE)}
+    (root / "empty_rig").mkdir()
+    revision = store.revision
+    bodies: list[dict[str, Any]] = [
+        {},
+        {"town": {"role_effort": {"mayor": "high"}, "default_agent": "claude"}},
+        {"town": {"agents": {"claude-haiku": {"command": "claude"}}}},
+        {"rigs": {"frontend": {"agent": "claude", "role_agents": {"polecat": "codex"}}}},
+        {"rigs": {"empty_rig": {}}},
+    ]
+    for body in bodies:
+        result = await store.patch(body)
+        assert (result.changed, result.files, result.revision) == (False, [], revision)
+    assert events.seen == []
+    assert not (root / "empty_rig" / "settings").exists()
+    for path, stat_before in before.items():
+        after = os.stat(root / path)
+        assert (after.st_ino, after.st_mtime_ns) == (stat_before.st_ino, stat_before.st_mtime_ns)
+
+
+async def test_patch_creates_missing_files_and_folders(tmp_path: Path, events: Events) -> None:
+    """A rig without settings, and a town without them, get files with type and version first."""
+    root = build_town(tmp_path / "town", with_files=False)
+    (root / TOWN_FILE).unlink()
+    (root / "settings").rmdir()
+    store = SettingsStore(town_root=root, emit=events)
+    await store.load()
+    body = {
+        "town": {"default_agent": "codex"},
+        "rigs": {"docs": {"role_agents": {"crew": "codex"}}},
+    }
+    result = await store.patch(body)
+    assert result.files == ["settings/config.json", "docs/settings/config.json"]
+    town = (root / TOWN_FILE).read_bytes()
+    assert (
+        town == b'{\n  "type": "town-settings",\n  "version": 1,\n  "default_agent": "codex"\n}\n'
+    )
+    rig = json.loads((root / "docs" / TOWN_FILE).read_bytes())
+    assert list(rig) == ["type", "version", "role_agents"]
+    assert stat.S_IMODE(os.stat(root / "docs" / TOWN_FILE).st_mode) == 0o644
+    assert [e["keys"] for e in events.fields] == [
+        ["type", "version", "default_agent"],
+        ["type", "version", "role_agents"],
+    ]
+
+
+async def test_patch_keeps_the_mode_of_existing_files(root: Path, store: SettingsStore) -> None:
+    """A file an operator made 0600 stays 0600 after a PATCH."""
+    os.chmod(root / TOWN_FILE, 0o600)
+    await store.patch({"town": {"role_effort": {"dog": "low"}}})
+    assert stat.S_IMODE(os.stat(root / TOWN_FILE).st_mode) == 0o600
+
+
+async def test_extra_presets_of_the_daemon_resolve(root: Path, events: Events) -> None:
+    """Agent names from the daemon's extra presets are accepted."""
+    store = SettingsStore(town_root=root, emit=events, extra_presets=["kilo-house"])
+    await store.load()
+    await store.patch({"town": {"role_agents": {"dog": "kilo-house"}}})
+    assert json.loads((root / TOWN_FILE).read_bytes())["role_agents"]["dog"] == "kilo-house"
+
+
+# --- serialisation and If-Match -------------------------------------------------------------
+
+
+async def test_one_hundred_concurrent_patches_all_land(root: Path, store: SettingsStore) -> None:
+    """100 PATCHes of different keys from 10 tasks: every change is there at the end."""
+    roles = ["mayor", "deacon", "boot", "dog", "witness", "refinery", "polecat", "crew"]
+
+    async def worker(task: int) -> None:
+        for step in range(10):
+            n = task * 10 + step
+            if n < len(roles):
+                body: dict[str, Any] = {"town": {"role_effort": {roles[n]: "max"}}}
+            elif n % 2:
+                body = {"town": {"crew_agents": {f"w{n}": "codex"}}}
+            else:
+                body = {"rigs": {RIGS[n % 3]: {"worker_agents": {f"w{n}": "gemini"}}}}
+            await store.patch(body)
+
+    async with anyio.create_task_group() as tg:
+        for task in range(10):
+            tg.start_soon(worker, task)
+    town = json.loads((root / TOWN_FILE).read_bytes())
+    assert all(town["role_effort"][role] == "max" for role in roles)
+    rigs = {rig: json.loads((root / rig / TOWN_FILE).read_bytes()) for rig in RIGS}
+    for n in range(len(roles), 100):
+        if n % 2:
+            assert town["crew_agents"][f"w{n}"] == "codex"
+        else:
+            assert rigs[RIGS[n % 3]]["worker_agents"][f"w{n}"] == "gemini"
+    assert town["scheduler"] == town_doc()["scheduler"]
+
+
+async def test_if_match_lets_only_the_first_of_two_writers_in(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """Writers that read the same revision race: one wins, the stale one writes nothing."""
+    seen = (await store.view()).revision
+    first = await store.patch({"town": {"role_effort": {"dog": "low"}}}, if_match=f'"{seen}"')
+    after_first = (root / TOWN_FILE).read_bytes()
+    with pytest.raises(PreconditionFailed) as caught:
+        await store.patch({"town": {"role_effort": {"dog": "high"}}}, if_match=f'"{seen}"')
+    assert caught.value.status == 412
+    assert (root / TOWN_FILE).read_bytes() == after_first
+    assert len(events.seen) == 1
+    await store.patch({"town": {"role_effort": {"boot": "low"}}}, if_match=first.revision)
+    await store.patch({"town": {"role_effort": {"boot": "high"}}}, if_match="*")
+    await store.patch(
+        {"town": {"role_effort": {"boot": "max"}}}, if_match=f'"x", "{store.revision}"'
+    )
+    with pytest.raises(PreconditionFailed):
+        await store.patch(
+            {"town": {"role_effort": {"boot": "low"}}}, if_match=f'W/"{store.revision}"'
+        )
+
+
+async def test_concurrent_writers_with_if_match_lose_cleanly(
+    root: Path, store: SettingsStore
+) -> None:
+    """Ten writers with one If-Match: exactly one lands, the nine others write nothing."""
+    seen = (await store.view()).revision
+    outcomes: list[str] = []
+
+    async def writer(n: int) -> None:
+        try:
+            await store.patch({"town": {"crew_agents": {f"w{n}": "codex"}}}, if_match=seen)
+            outcomes.append(f"w{n}")
+        except PreconditionFailed:
+            outcomes.append("stale")
+
+    async with anyio.create_task_group() as tg:
+        for n in range(10):
+            tg.start_soon(writer, n)
+    winners = [o for o in outcomes if o != "stale"]
+    assert len(winners) == 1
+    assert json.loads((root / TOWN_FILE).read_bytes())["crew_agents"] == {winners[0]: "codex"}
+
+
+# --- all or nothing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (errno.ENOSPC, "no space left on the device (ENOSPC)"),
+        (errno.EROFS, "read-only (EROFS)"),
+        (errno.EACCES, "permission denied (EACCES)"),
+        (errno.EIO, "(EIO)"),
+    ],
+)
+async def test_a_failed_write_restores_every_file(
+    root: Path, events: Events, code: int, words: str
+) -> None:
+    """The town and two rigs written, the third rig fails: all four files are as before."""
+    writer = FailingWrite(root / "frontend" / TOWN_FILE, OSError(code, os.strerror(code)))
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    before = _tree(root)
+    revision = store.revision
+    body = {
+        "town": {"role_effort": {"crew": "max"}},
+        "rigs": {rig: {"role_agents": {"crew": "codex"}} for rig in RIGS},
+    }
+    with pytest.raises(StorageUnavailable) as caught:
+        await store.patch(body)
+    assert caught.value.status == 503
+    assert words in caught.value.message
+    assert "frontend/settings/config.json" in caught.value.message
+    assert "left as it was" in caught.value.message
+    assert writer.calls[:4] == [root / TOWN_FILE] + [root / rig / TOWN_FILE for rig in RIGS]
+    assert _tree(root) == before
+    assert events.seen == []
+    assert store.revision == revision
+    assert await store.reconcile_external() == []
+
+
+async def test_a_failed_write_removes_files_and_folders_it_created(
+    tmp_path: Path, events: Events
+) -> None:
+    """New rig files (and their settings folders) written before a failure are removed."""
+    root = build_town(tmp_path / "town", with_files=False)
+    writer = FailingWrite(root / "frontend" / TOWN_FILE, OSError(errno.ENOSPC, "full"))
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    before = _tree(root)
+    body = {"rigs": {rig: {"agent": "codex"} for rig in RIGS}}
+    with pytest.raises(StorageUnavailable):
+        await store.patch(body)
+    assert _tree(root) == before
+
+
+async def test_restore_writes_old_bytes_when_links_are_refused(
+    root: Path, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where hard links are impossible, the old bytes are written back instead."""
+
+    def no_link(src: Any, dst: Any) -> None:
+        raise OSError(errno.EPERM, "links not supported")
+
+    monkeypatch.setattr(os, "link", no_link)
+    writer = FailingWrite(root / "frontend" / TOWN_FILE, OSError(errno.EROFS, "ro"))
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    before = _tree(root)
+    with pytest.raises(StorageUnavailable):
+        await store.patch(
+            {"town": {"default_agent": "codex"}, "rigs": {"frontend": {"agent": "codex"}}}
+        )
+    assert _tree(root) == before
+    assert writer.calls == [root / TOWN_FILE, root / "frontend" / TOWN_FILE, root / TOWN_FILE]
+
+
+async def test_restore_after_an_in_place_write_uses_the_old_bytes(
+    root: Path, events: Events
+) -> None:
+    """A bind-mounted file rewritten in place is restored from the old bytes, not the link."""
+
+    def in_place(path: Path, data: bytes) -> object:
+        if path == root / "docs" / TOWN_FILE:
+            raise OSError(errno.ENOSPC, "full")
+        with open(path, "r+b") as handle:
+            handle.truncate(0)
+            handle.write(data)
+        return True
+
+    store = SettingsStore(town_root=root, emit=events, write=in_place)
+    await store.load()
+    before = _tree(root)
+    with pytest.raises(StorageUnavailable, match="ENOSPC"):
+        await store.patch(
+            {"town": {"default_agent": "codex"}, "rigs": {"docs": {"agent": "codex"}}}
+        )
+    assert _tree(root) == before
+
+
+async def test_a_restore_that_fails_is_named(
+    root: Path, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a file cannot be put back either, the error names it."""
+
+    class Broken(FailingWrite):
+        def __call__(self, path: Path, data: bytes) -> object:
+            if path == root / TOWN_FILE and len(self.calls) > 1:
+                raise OSError(errno.EIO, "gone")
+            return super().__call__(path, data)
+
+    def no_link(src: Any, dst: Any) -> None:
+        raise OSError(errno.EPERM, "links not supported")
+
+    monkeypatch.setattr(os, "link", no_link)
+    writer = Broken(root / "frontend" / TOWN_FILE, OSError(errno.ENOSPC, "full"))
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    body = {"town": {"default_agent": "codex"}, "rigs": {"frontend": {"agent": "codex"}}}
+    with capture_logs() as logs, pytest.raises(StorageUnavailable) as caught:
+        await store.patch(body)
+    assert "could not restore settings/config.json" in caught.value.message
+    assert [log["event"] for log in logs] == ["settings_restore_failed"]
+    assert events.seen == []
+
+
+async def test_an_unexpected_writer_error_still_restores_and_propagates(
+    root: Path, events: Events
+) -> None:
+    """A bug in the writer (not an OSError) is raised as is, after the files are restored."""
+    writer = FailingWrite(root / "docs" / TOWN_FILE, RuntimeError("bug"))
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    before = _tree(root)
+    with pytest.raises(RuntimeError, match="bug"):
+        await store.patch(
+            {"town": {"default_agent": "codex"}, "rigs": {"docs": {"agent": "codex"}}}
+        )
+    assert _tree(root) == before
+
+
+async def test_a_missing_town_root_is_storage_unavailable(tmp_path: Path, events: Events) -> None:
+    """Writing into a town root that does not exist fails with ENOENT, nothing created."""
+    store = SettingsStore(town_root=tmp_path / "gone", emit=events)
+    with pytest.raises(StorageUnavailable, match="ENOENT"):
+        await store.patch({"town": {"default_agent": "codex"}})
+    assert not (tmp_path / "gone").exists()
+
+
+# --- confinement --------------------------------------------------------------------------
+
+
+ESCAPES = [
+    "..",
+    "../outside",
+    "../../etc",
+    "/etc",
+    "/tmp",
+    "%2e%2e",
+    "%2e%2e%2fetc",
+    "．．",
+    "..／outside",
+    "a∕b",
+    "front end",
+    "front-end",
+    "hq",
+    ".git",
+    ".beads",
+    "mayor",
+    "settings",
+    "",
+    "escape",
+    "nosuch",
+    "afile",
+    "settings_link",
+    "config_link",
+]
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+async def test_traversal_and_escapes_are_refused(tmp_path: Path, events: Events, name: str) -> None:
+    """Rig names that leave the town or are no plain rig folder: 422, nothing written anywhere."""
+    root = build_town(tmp_path / "town")
+    outside = tmp_path / "outside"
+    (outside / "settings").mkdir(parents=True)
+    (outside / "settings" / "config.json").write_bytes(RIG_SETTINGS)
+    (root / "escape").symlink_to(outside)
+    (root / "afile").write_text("not a folder")
+    (root / "settings_link").mkdir()
+    (root / "settings_link" / "settings").symlink_to(outside / "settings")
+    (root / "config_link" / "settings").mkdir(parents=True)
+    (root / "config_link" / "settings" / "config.json").symlink_to(
+        outside / "settings" / "config.json"
+    )
+    store = SettingsStore(town_root=root, emit=events)
+    await store.load()
+    before = _tree(tmp_path)
+    with pytest.raises(PatchInvalid) as caught:
+        await store.patch({"rigs": {name: {"role_agents": {"polecat": "codex"}}}})
+    assert [d.path for d in caught.value.details] == [pointer("rigs", name)]
+    assert caught.value.status == 422
+    assert _tree(tmp_path) == before
+    assert events.seen == []
+
+
+# --- unreadable files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"type": "rig-settings", "version": 2, "agent": "claude"}',
+        b'{"type": "town-settings", "version": 1}',
+        b"[]",
+        b"\xff\xfe",
+    ],
+)
+async def test_unreadable_files_are_never_overwritten(
+    root: Path, store: SettingsStore, events: Events, content: bytes
+) -> None:
+    """A rig file that is not gt's JSON, too new or of another type: 409, left untouched."""
+    path = root / "frontend" / TOWN_FILE
+    path.write_bytes(content)
+    before = _tree(root)
+    with pytest.raises(SettingsFileUnreadable) as caught:
+        await store.patch(
+            {"town": {"default_agent": "codex"}, "rigs": {"frontend": {"agent": "codex"}}}
+        )
+    assert caught.value.status == 409
+    assert [d.path for d in caught.value.details] == ["/rigs/frontend"]
+    assert "frontend/settings/config.json" in caught.value.message
+    assert _tree(root) == before
+    assert events.seen == []
+    result = await store.patch({"rigs": {"docs": {"agent": "codex"}}})
+    assert result.files == ["docs/settings/config.json"]
+    assert "frontend" not in result.rigs
+    assert path.read_bytes() == content
+
+
+async def test_a_settings_path_that_cannot_be_read_is_unreadable(
+    root: Path, store: SettingsStore
+) -> None:
+    """A config.json that is a folder cannot be read: 409 for the PATCH and the view."""
+    path = root / "docs" / TOWN_FILE
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(SettingsFileUnreadable, match=r"docs/settings/config\.json cannot be read"):
+        await store.patch({"rigs": {"docs": {"agent": "codex"}}})
+    with pytest.raises(SettingsFileUnreadable):
+        await store.view()
+    assert path.is_dir()
+
+
+async def test_an_unreadable_town_file_blocks_every_patch_that_needs_it(
+    root: Path, store: SettingsStore
+) -> None:
+    """Rigs resolve agents through the town file: a rig PATCH needs it readable too."""
+    (root / TOWN_FILE).write_bytes(b'{"type": "town-settings", "version": 3}')
+    bodies: list[dict[str, Any]] = [{"town": {}}, {"rigs": {"docs": {"agent": "codex"}}}]
+    for body in bodies:
+        with pytest.raises(SettingsFileUnreadable) as caught:
+            await store.patch(body)
+        assert [d.path for d in caught.value.details] == ["/town"]
+    assert (await store.patch({})).changed is False
+
+
+async def test_validation_reports_every_problem_and_writes_nothing(
+    root: Path, store: SettingsStore
+) -> None:
+    """A body with several problems is refused whole, with each problem in details."""
+    before = _tree(root)
+    body = {
+        "town": {"role_agents": {"majer": "claude"}, "role_effort": {"mayor": "huge"}},
+        "rigs": {"frontend": {"agent": "nobody"}, "..": {}},
+        "extra": True,
+    }
+    with pytest.raises(PatchInvalid) as caught:
+        await store.patch(body)
+    assert sorted(d.path for d in caught.value.details) == [
+        "/extra",
+        "/rigs/..",
+        "/rigs/frontend/agent",
+        "/town/role_agents/majer",
+        "/town/role_effort/mayor",
+    ]
+    assert "5 problems" in caught.value.message
+    assert _tree(root) == before
+
+
+# --- external edits -----------------------------------------------------------------------
+
+
+async def test_an_edit_by_another_writer_is_one_external_event(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """Someone else changes a rig file: exactly one config.changed with source external."""
+    doc = rig_doc()
+    doc["role_agents"]["crew"] = "gemini"
+    doc["namepool"]["style"] = "minerals"
+    write_atomic(root / "frontend" / TOWN_FILE, json.dumps(doc, indent=2).encode())
+    fields = await store.reconcile_external([root / "frontend" / TOWN_FILE])
+    assert fields == [
+        {
+            "scope": "rig",
+            "rig": "frontend",
+            "file": "frontend/settings/config.json",
+            "keys": ["namepool", "role_agents"],
+            "revision": store.revision,
+            "source": "external",
+        }
+    ]
+    assert events.fields == fields
+    assert await store.reconcile_external() == []
+    assert len(events.seen) == 1
+
+
+async def test_the_stores_own_writes_never_come_back_as_external(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """After a PATCH, reconciling the written files (or all) reports nothing."""
+    result = await store.patch(
+        {"town": {"default_agent": "codex"}, "rigs": {"docs": {"agent": "gemini"}}}
+    )
+    written = [root / name for name in result.files]
+    assert await store.reconcile_external(written) == []
+    assert await store.reconcile_external() == []
+    assert [e["source"] for e in events.fields] == ["api", "api"]
+
+
+async def test_a_reconcile_racing_a_patch_sees_nothing_external(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """Reconciles running while PATCHes write never report the daemon's own writes."""
+
+    async def patcher() -> None:
+        for n in range(20):
+            await store.patch({"town": {"crew_agents": {f"w{n}": "codex"}}})
+
+    async def watcher() -> None:
+        for _ in range(40):
+            await store.reconcile_external([root / TOWN_FILE])
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(patcher)
+        tg.start_soon(watcher)
+    assert {e["source"] for e in events.fields} == {"api"}
+    assert len(events.fields) == 20
+
+
+async def test_an_edit_a_patch_writes_over_is_reported_before_it(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """An external edit not yet reconciled is reported (external) before the PATCH's event."""
+    doc = rig_doc()
+    doc["namepool"]["style"] = "minerals"
+    (root / "frontend" / TOWN_FILE).write_bytes(json.dumps(doc, indent=2).encode())
+    before = store.revision
+    result = await store.patch({"rigs": {"frontend": {"agent": "codex"}}})
+    assert [(e["source"], e["keys"], e["revision"]) for e in events.fields] == [
+        ("external", ["namepool"], before),
+        ("api", ["agent"], result.revision),
+    ]
+    assert json.loads((root / "frontend" / TOWN_FILE).read_bytes())["namepool"]["style"] == (
+        "minerals"
+    )
+    assert await store.reconcile_external() == []
+
+
+async def test_without_load_the_first_read_is_the_baseline(root: Path, events: Events) -> None:
+    """A store used before load() treats the files it first reads as known."""
+    store = SettingsStore(town_root=root, emit=events)
+    await store.patch({"town": {"default_agent": "codex"}})
+    assert [e["source"] for e in events.fields] == ["api"]
+    other = SettingsStore(town_root=root, emit=events)
+    assert await other.reconcile_external() == []
+
+
+async def test_a_new_rig_with_settings_and_a_deleted_file_are_external(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """A rig that arrives with a settings file, and a file removed, each give one event."""
+    (root / "newrig" / "settings").mkdir(parents=True)
+    (root / "newrig" / TOWN_FILE).write_bytes(RIG_SETTINGS)
+    (root / "docs" / TOWN_FILE).unlink()
+    fields = await store.reconcile_external([root / "newrig" / TOWN_FILE, root / "docs"])
+    all_keys = list(rig_doc())
+    assert [(f["rig"], f["keys"], f["source"]) for f in fields] == [
+        ("docs", all_keys, "external"),
+        ("newrig", all_keys, "external"),
+    ]
+    assert sorted((await store.view()).rigs) == ["backend", "frontend", "newrig"]
+
+
+async def test_unreadable_external_edits_are_logged_and_skipped(
+    root: Path, store: SettingsStore
+) -> None:
+    """A broken file gives a warning and no event until it can be read again."""
+    path = root / "frontend" / TOWN_FILE
+    path.write_bytes(b'{"agent": ')
+    with capture_logs() as logs:
+        assert await store.reconcile_external([path]) == []
+    assert [log["event"] for log in logs] == ["settings_file_unreadable"]
+    assert logs[0]["file"] == "frontend/settings/config.json"
+    doc = rig_doc()
+    doc["agent"] = "codex"
+    path.write_bytes(json.dumps(doc).encode())
+    fields = await store.reconcile_external([path])
+    assert [f["keys"] for f in fields] == [["agent"]]
+
+
+async def test_layout_only_changes_and_unrelated_paths_give_no_event(
+    root: Path, store: SettingsStore, tmp_path: Path
+) -> None:
+    """Re-indenting a file changes no value; paths outside the settings files are ignored."""
+    (root / TOWN_FILE).write_bytes(json.dumps(town_doc(), indent=4).encode())
+    assert await store.reconcile_external([root / TOWN_FILE]) == []
+    (root / "frontend" / TOWN_FILE).write_bytes(b'{"agent": "gemini"}')
+    unrelated = [
+        tmp_path / "elsewhere.json",
+        root / ".beads" / "x",
+        root / "notes.md",
+        root / "mayor",
+    ]
+    assert await store.reconcile_external(unrelated) == []
+    fields = await store.reconcile_external([root])
+    assert [f["rig"] for f in fields] == ["frontend"]
+
+
+async def test_paths_through_a_symlinked_town_root_are_recognised(
+    tmp_path: Path, events: Events
+) -> None:
+    """A town root reached through a symlink accepts both the linked and the real paths."""
+    real = build_town(tmp_path / "real")
+    link = tmp_path / "gt"
+    link.symlink_to(real)
+    store = SettingsStore(town_root=link, emit=events)
+    await store.load()
+    (real / "docs" / TOWN_FILE).write_bytes(b'{"agent": "gemini"}')
+    (real / "backend" / TOWN_FILE).write_bytes(b'{"agent": "gemini"}')
+    by_real = await store.reconcile_external([real / "docs" / TOWN_FILE])
+    by_link = await store.reconcile_external([link / "backend" / TOWN_FILE])
+    assert [f["rig"] for f in by_real + by_link] == ["docs", "backend"]
+
+
+async def test_load_logs_unreadable_files(root: Path, events: Events) -> None:
+    """Files unreadable at start are logged, and reported once they can be read."""
+    (root / "docs" / TOWN_FILE).write_bytes(b"nope")
+    store = SettingsStore(town_root=root, emit=events)
+    with capture_logs() as logs:
+        await store.load()
+    assert [(log["event"], log["file"]) for log in logs] == [
+        ("settings_file_unreadable", "docs/settings/config.json")
+    ]
+    (root / "docs" / TOWN_FILE).write_bytes(RIG_SETTINGS)
+    fields = await store.reconcile_external([root / "docs" / TOWN_FILE])
+    assert [f["keys"] for f in fields] == [list(rig_doc())]
