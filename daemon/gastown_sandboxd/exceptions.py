@@ -9,6 +9,7 @@ GastownError
 │   ├── SettingsFileUnreadable 409, a file that is not gt's JSON or is too new
 │   ├── PreconditionFailed     412, If-Match does not equal the revision
 │   └── StorageUnavailable     503, the disk refused a write (ENOSPC, EROFS, EACCES…)
+├── SubscriberLagged       an event subscriber fell behind and was dropped by the bus
 └── AtomicWriteError(OSError)  an atomic replace that failed; the old file is intact
 """
 
@@ -102,6 +103,14 @@ class PreconditionFailed(ConfigError):
 class StorageUnavailable(ConfigError):
     status = 503
     code = "storage_unavailable"
+
+
+class SubscriberLagged(GastownError):
+    """The bus dropped a subscriber that fell behind; resume after `last_event_id`."""
+
+    def __init__(self, last_event_id: int) -> None:
+        self.last_event_id = last_event_id
+        super().__init__(f"subscriber fell behind after event {last_event_id}")
 
 
 class AtomicWriteError(OSError, GastownError):

@@ -1,0 +1,261 @@
+"""The event bus: numbered events, a replay ring, and bounded per-subscriber buffers.
+
+`emit` is synchronous and never waits: it numbers the event (1, 2, 3…), keeps it in a ring of
+the last `history` events and appends it to every subscriber's buffer. Call it from the event
+loop's thread. A subscriber whose buffer already holds `subscriber_buffer` undelivered events
+is dropped at once, so a slow reader never holds back `emit` or the other readers.
+
+A subscription first replays the ring's events after `last_event_id`, then delivers live ones,
+each exactly once and in order. Its iterator ends in one of three ways:
+
+- dropped: it delivers what its buffer holds, then raises `SubscriberLagged(last_event_id)`
+  naming the last event delivered; resubscribing with that id loses nothing while the ring
+  still holds the rest;
+- the bus closed (`EventBus.close()`, at shutdown): `StopAsyncIteration` after the buffer;
+- never otherwise.
+
+Gap: when the events right after `last_event_id` have already left the ring, or the id is
+ahead of the newest event (it came from an earlier run of the daemon, whose ids restarted),
+the subscription replays the whole ring and reports what was lost in `Subscription.gap`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from itertools import islice
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .exceptions import SubscriberLagged
+
+EVENT_TYPES = frozenset(
+    {
+        "token.refreshed",
+        "token.refresh_failed",
+        "token.expired",
+        "town.inactive",
+        "config.changed",
+    }
+)
+
+_RESERVED_FIELDS = frozenset({"id", "type", "time"})
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event; `fields` holds its type-specific keys (`exp`, `iat`, `scope`, …)."""
+
+    id: int
+    type: str
+    time: str
+    fields: Mapping[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        """The wire form: `{"id", "type", "time", **fields}`."""
+        return {"id": self.id, "type": self.type, "time": self.time, **self.fields}
+
+    @cached_property
+    def data(self) -> str:
+        """`as_json()` as one line of JSON (what SSE frames and hooks receive)."""
+        return json.dumps(self.as_json(), separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events `after_id + 1 … first_id - 1` could not be replayed; `first_id` is the oldest kept."""
+
+    after_id: int
+    first_id: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"last_event_id": self.after_id, "first_available_id": self.first_id}
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix seconds as an RFC 3339 UTC time with milliseconds: `2025-01-02T03:04:05.678Z`."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Subscriber:
+    """A subscriber's mailbox, written by `emit` and read by its `Subscription`."""
+
+    __slots__ = ("buffer", "closed", "lagged", "wakeup")
+
+    def __init__(self) -> None:
+        self.buffer: deque[Event] = deque()
+        self.lagged = False
+        self.closed = False
+        self.wakeup: anyio.Event | None = None
+
+    def wake(self) -> None:
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+
+class EventBus:
+    """Numbers, keeps and fans out events; satisfies the `Emit` protocol through `emit`."""
+
+    def __init__(
+        self,
+        *,
+        history: int = 1000,
+        subscriber_buffer: int = 256,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if history < 1 or subscriber_buffer < 1:
+            raise ValueError("history and subscriber_buffer must be at least 1")
+        self._ring: deque[Event] = deque(maxlen=history)
+        self._buffer_size = subscriber_buffer
+        self._now = now
+        self._last_id = 0
+        self._subscribers: set[_Subscriber] = set()
+        self._closed = False
+        self.dropped_subscribers = 0
+
+    @property
+    def last_id(self) -> int:
+        """The id of the newest event, 0 before the first."""
+        return self._last_id
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def emit(self, type: str, fields: Mapping[str, Any]) -> Event:
+        """Record and fan out one event; never waits. Raises ValueError/TypeError on misuse."""
+        if type not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {type!r}")
+        clash = _RESERVED_FIELDS.intersection(fields)
+        if clash:
+            raise ValueError(f"event fields may not set {sorted(clash)}")
+        # A JSON round trip both checks the fields and detaches them from the caller's objects.
+        frozen = MappingProxyType(json.loads(json.dumps(dict(fields))))
+        self._last_id += 1
+        event = Event(self._last_id, type, rfc3339(self._now()), frozen)
+        self._ring.append(event)
+        for subscriber in tuple(self._subscribers):
+            if len(subscriber.buffer) >= self._buffer_size:
+                subscriber.lagged = True
+                self._subscribers.discard(subscriber)
+                self.dropped_subscribers += 1
+            else:
+                subscriber.buffer.append(event)
+            subscriber.wake()
+        return event
+
+    def subscribe(self, *, last_event_id: int | None = None) -> Subscription:
+        """Async context manager and iterator of the events after `last_event_id` (None: new)."""
+        return Subscription(self, last_event_id)
+
+    def close(self) -> None:
+        """End every subscription (after its buffer) and refuse live delivery from now on."""
+        self._closed = True
+        for subscriber in self._subscribers:
+            subscriber.closed = True
+            subscriber.wake()
+        self._subscribers.clear()
+
+    async def wait_for(
+        self,
+        type: str,
+        *,
+        after: int = 0,
+        match: Callable[[Event], bool] | None = None,
+    ) -> Event:
+        """The first event of `type` with an id above `after` that `match` accepts (for tests)."""
+        async with self.subscribe(last_event_id=after) as subscription:
+            async for event in subscription:
+                if event.type == type and (match is None or match(event)):
+                    return event
+        raise anyio.EndOfStream
+
+    def _attach(self, last_event_id: int | None) -> tuple[_Subscriber, list[Event], Gap | None]:
+        # Replay snapshot and registration happen without a checkpoint: nothing slips between.
+        replay, gap = self._replay_after(last_event_id)
+        subscriber = _Subscriber()
+        if self._closed:
+            subscriber.closed = True
+        else:
+            self._subscribers.add(subscriber)
+        return subscriber, replay, gap
+
+    def _detach(self, subscriber: _Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    def _replay_after(self, last_event_id: int | None) -> tuple[list[Event], Gap | None]:
+        if last_event_id is None:
+            return [], None
+        last_event_id = max(0, last_event_id)
+        first_id = self._ring[0].id if self._ring else self._last_id + 1
+        if last_event_id > self._last_id or last_event_id + 1 < first_id:
+            return list(self._ring), Gap(last_event_id, first_id)
+        return list(islice(self._ring, last_event_id + 1 - first_id, None)), None
+
+
+class Subscription:
+    """One reader of the bus; use as `async with bus.subscribe(...) as sub: async for e in sub`."""
+
+    def __init__(self, bus: EventBus, last_event_id: int | None) -> None:
+        self._bus = bus
+        self._requested = last_event_id
+        self._subscriber: _Subscriber | None = None
+        self._replay: deque[Event] = deque()
+        self.gap: Gap | None = None
+        self.last_delivered_id = 0
+
+    async def __aenter__(self) -> Subscription:
+        subscriber, replay, gap = self._bus._attach(self._requested)
+        self._subscriber = subscriber
+        self._replay = deque(replay)
+        self.gap = gap
+        if gap is not None:
+            self.last_delivered_id = gap.first_id - 1
+        elif self._requested is not None:
+            self.last_delivered_id = self._requested
+        else:
+            self.last_delivered_id = self._bus.last_id
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._subscriber is not None:
+            self._bus._detach(self._subscriber)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        subscriber = self._subscriber
+        if subscriber is None:
+            raise RuntimeError("use the subscription inside `async with`")
+        # Cancel-safe: a cancellation lands here or in wait(), never after an event is taken.
+        await anyio.lowlevel.checkpoint()
+        while True:
+            if self._replay:
+                return self._deliver(self._replay.popleft())
+            if subscriber.buffer:
+                return self._deliver(subscriber.buffer.popleft())
+            if subscriber.lagged:
+                raise SubscriberLagged(self.last_delivered_id)
+            if subscriber.closed:
+                raise StopAsyncIteration
+            subscriber.wakeup = anyio.Event()
+            await subscriber.wakeup.wait()
+
+    def _deliver(self, event: Event) -> Event:
+        self.last_delivered_id = event.id
+        return event

@@ -1,0 +1,285 @@
+"""The event bus: numbering, replay, fan-out, slow readers and shutdown."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from gastown_sandboxd._types import Emit
+from gastown_sandboxd.events import EVENT_TYPES, Event, EventBus, Gap, Subscription, rfc3339
+from gastown_sandboxd.exceptions import SubscriberLagged
+
+
+async def _take(subscription: Subscription, count: int) -> list[int]:
+    ids = []
+    with anyio.fail_after(5):
+        for _ in range(count):
+            ids.append((await anext(subscription)).id)
+    return ids
+
+
+def test_emit_numbers_and_shapes_events() -> None:
+    """Events get ids from 1, an RFC 3339 UTC time from the injected clock and their fields."""
+    bus = EventBus(now=lambda: 1_700_000_000.25)
+    first = bus.emit("token.refreshed", {"exp": 10, "iat": 5})
+    second = bus.emit("config.changed", {"scope": "town", "keys": ["agents"]})
+    assert (first.id, second.id, bus.last_id) == (1, 2, 2)
+    assert first.time == "2023-11-14T22:13:20.250Z"
+    assert first.as_json() == {
+        "id": 1,
+        "type": "token.refreshed",
+        "time": "2023-11-14T22:13:20.250Z",
+        "exp": 10,
+        "iat": 5,
+    }
+    assert list(first.as_json())[:3] == ["id", "type", "time"]
+    assert json.loads(second.data) == second.as_json()
+    assert "\n" not in second.data
+
+
+def test_emit_detaches_fields_from_the_caller() -> None:
+    """Changing the caller's dict after emit does not change the recorded event."""
+    bus = EventBus()
+    fields = {"keys": ["a"]}
+    event = bus.emit("config.changed", fields)
+    fields["keys"].append("b")
+    assert event.fields == {"keys": ["a"]}
+    with pytest.raises(TypeError):
+        event.fields["keys"] = []  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("type_", "fields", "error"),
+    [
+        ("token.renewed", {}, ValueError),
+        ("config.changed", {"id": 3}, ValueError),
+        ("config.changed", {"time": "now"}, ValueError),
+        ("config.changed", {"when": object()}, TypeError),
+    ],
+)
+def test_emit_rejects_misuse(type_: str, fields: dict[str, object], error: type[Exception]) -> None:
+    """Unknown types, reserved field names and non-JSON values are refused and not numbered."""
+    bus = EventBus()
+    with pytest.raises(error):
+        bus.emit(type_, fields)
+    assert bus.last_id == 0
+
+
+def test_bus_satisfies_the_emit_protocol() -> None:
+    """`bus.emit` is what components take as their event sink."""
+    bus = EventBus()
+    sink: Emit = bus.emit
+    sink("town.inactive", {})
+    assert bus.last_id == 1
+    assert "town.inactive" in EVENT_TYPES
+
+
+def test_bus_refuses_empty_sizes() -> None:
+    """A ring or a buffer of zero events is a configuration mistake."""
+    with pytest.raises(ValueError, match="at least 1"):
+        EventBus(history=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        EventBus(subscriber_buffer=0)
+
+
+def test_rfc3339_is_utc_with_milliseconds() -> None:
+    """Times are written in UTC with a Z suffix."""
+    assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
+
+
+async def test_hundred_subscribers_each_get_every_event_once_in_order() -> None:
+    """100 subscribers and 1,000 events: each subscriber receives ids 1..1000 exactly once."""
+    bus = EventBus()
+    received: list[list[int]] = [[] for _ in range(100)]
+
+    async def reader(index: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with bus.subscribe() as subscription:
+            task_status.started()
+            async for event in subscription:
+                received[index].append(event.id)
+                if event.id == 1000:
+                    return
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for index in range(100):
+                await tg.start(reader, index)
+            assert bus.subscriber_count == 100
+            for burst in range(20):
+                for _ in range(50):
+                    bus.emit("token.refreshed", {"exp": burst})
+                # Readers keep up between bursts, as a live daemon's do.
+                while min(len(ids) for ids in received) < bus.last_id:
+                    await anyio.sleep(0)
+    assert all(ids == list(range(1, 1001)) for ids in received)
+    assert bus.dropped_subscribers == 0
+    assert bus.subscriber_count == 0
+
+
+async def test_replay_after_last_event_id_then_live() -> None:
+    """A subscriber with Last-Event-ID 4 gets 5..10 from the ring, then live events."""
+    bus = EventBus()
+    for _ in range(10):
+        bus.emit("token.refreshed", {})
+    async with bus.subscribe(last_event_id=4) as subscription:
+        assert subscription.gap is None
+        bus.emit("token.expired", {})
+        assert await _take(subscription, 7) == [5, 6, 7, 8, 9, 10, 11]
+
+
+async def test_new_subscriber_gets_only_live_events() -> None:
+    """Without Last-Event-ID nothing is replayed."""
+    bus = EventBus()
+    bus.emit("token.refreshed", {})
+    async with bus.subscribe() as subscription:
+        bus.emit("token.expired", {})
+        assert await _take(subscription, 1) == [2]
+
+
+async def test_up_to_date_subscriber_has_no_replay_and_no_gap() -> None:
+    """Last-Event-ID equal to the newest id replays nothing; 0 on an empty bus neither."""
+    bus = EventBus()
+    async with bus.subscribe(last_event_id=0) as subscription:
+        assert subscription.gap is None
+        bus.emit("token.refreshed", {})
+        assert await _take(subscription, 1) == [1]
+    async with bus.subscribe(last_event_id=1) as subscription:
+        assert subscription.gap is None
+        bus.emit("token.refreshed", {})
+        assert await _take(subscription, 1) == [2]
+
+
+async def test_gap_when_the_ring_no_longer_holds_the_next_event() -> None:
+    """An id older than the ring replays the whole ring and reports the gap."""
+    bus = EventBus(history=5)
+    for _ in range(10):
+        bus.emit("token.refreshed", {})
+    async with bus.subscribe(last_event_id=2) as subscription:
+        assert subscription.gap == Gap(after_id=2, first_id=6)
+        assert subscription.gap.as_json() == {"last_event_id": 2, "first_available_id": 6}
+        assert await _take(subscription, 5) == [6, 7, 8, 9, 10]
+
+
+async def test_gap_when_the_id_comes_from_an_earlier_run() -> None:
+    """An id ahead of the newest event (ids restarted) replays everything and reports a gap."""
+    bus = EventBus()
+    bus.emit("token.refreshed", {})
+    bus.emit("token.refreshed", {})
+    async with bus.subscribe(last_event_id=500) as subscription:
+        assert subscription.gap == Gap(after_id=500, first_id=1)
+        assert await _take(subscription, 2) == [1, 2]
+    async with EventBus().subscribe(last_event_id=7) as empty:
+        assert empty.gap == Gap(after_id=7, first_id=1)
+
+
+async def test_slow_subscriber_is_dropped_and_can_resume() -> None:
+    """A reader that never reads is dropped with SubscriberLagged; emit and others go on."""
+    bus = EventBus(subscriber_buffer=8)
+    fast_ids: list[int] = []
+    async with bus.subscribe() as slow, bus.subscribe() as fast:
+        for _ in range(20):
+            bus.emit("token.refreshed", {})
+            fast_ids.extend(await _take(fast, 1))
+        assert bus.subscriber_count == 1
+        assert bus.dropped_subscribers == 1
+        assert await _take(slow, 8) == list(range(1, 9))
+        with pytest.raises(SubscriberLagged) as lagged:
+            await anext(slow)
+        assert lagged.value.last_event_id == 8
+    assert fast_ids == list(range(1, 21))
+    async with bus.subscribe(last_event_id=lagged.value.last_event_id) as resumed:
+        assert await _take(resumed, 12) == list(range(9, 21))
+
+
+async def test_dropped_subscriber_that_read_nothing_names_its_start() -> None:
+    """A subscriber that joined after event 3 and got nothing lags at id 3."""
+    bus = EventBus(subscriber_buffer=1)
+    for _ in range(3):
+        bus.emit("token.refreshed", {})
+    async with bus.subscribe() as subscription:
+        assert subscription.last_delivered_id == 3
+        bus.emit("token.refreshed", {})
+        bus.emit("token.refreshed", {})
+        assert await _take(subscription, 1) == [4]
+        with pytest.raises(SubscriberLagged, match="after event 4"):
+            await anext(subscription)
+
+
+async def test_close_ends_subscriptions_after_their_buffer() -> None:
+    """close() lets readers drain what they hold, then their iteration stops."""
+    bus = EventBus()
+    async with bus.subscribe() as subscription:
+        bus.emit("token.refreshed", {})
+        bus.close()
+        assert [event.id async for event in subscription] == [1]
+    assert bus.subscriber_count == 0
+    async with bus.subscribe(last_event_id=0) as late:
+        assert [event.id async for event in late] == [1]
+
+
+async def test_close_wakes_a_waiting_reader() -> None:
+    """A reader blocked on an empty buffer ends when the bus closes."""
+    bus = EventBus()
+    ended = anyio.Event()
+
+    async def reader() -> None:
+        async with bus.subscribe() as subscription:
+            async for _ in subscription:
+                pass
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        while bus.subscriber_count == 0:
+            await anyio.sleep(0)
+        bus.close()
+        with anyio.fail_after(5):
+            await ended.wait()
+
+
+async def test_cancelled_wait_loses_no_event() -> None:
+    """A read cancelled by a timeout leaves the next event for the following read."""
+    bus = EventBus()
+    async with bus.subscribe() as subscription:
+        with anyio.move_on_after(0.01):
+            await anext(subscription)
+        bus.emit("token.refreshed", {})
+        assert await _take(subscription, 1) == [1]
+
+
+async def test_subscription_outside_its_context_is_refused() -> None:
+    """Iterating a subscription that was never entered is a programming error."""
+    with pytest.raises(RuntimeError, match="async with"):
+        await anext(EventBus().subscribe())
+
+
+async def test_wait_for_finds_a_matching_event() -> None:
+    """wait_for returns the first matching event after `after`, from the ring or live."""
+    bus = EventBus()
+    bus.emit("token.refreshed", {"exp": 1})
+    found = await bus.wait_for("token.refreshed")
+    assert found.id == 1
+
+    async def later() -> None:
+        await anyio.sleep(0)
+        bus.emit("config.changed", {"rig": "a"})
+        bus.emit("config.changed", {"rig": "b"})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(later)
+        with anyio.fail_after(5):
+            event = await bus.wait_for(
+                "config.changed", after=1, match=lambda e: e.fields["rig"] == "b"
+            )
+    assert isinstance(event, Event)
+    assert event.id == 3
+
+
+async def test_wait_for_ends_when_the_bus_closes() -> None:
+    """wait_for on a closed bus with no match raises EndOfStream instead of hanging."""
+    bus = EventBus()
+    bus.close()
+    with pytest.raises(anyio.EndOfStream):
+        await bus.wait_for("token.refreshed")
