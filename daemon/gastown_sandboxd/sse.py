@@ -1,0 +1,74 @@
+"""The Server-Sent Events encoding of the bus, for `GET /events`.
+
+Frames, in order:
+
+- `: connected` once the subscription is registered (it also flushes the response
+  headers, which the server holds back until the first body bytes);
+- `event: gap` with `{"last_event_id", "first_available_id"}` when the replay after
+  `Last-Event-ID` is incomplete (see `events.Gap`);
+- `id: N` / `event: TYPE` / `data: <one-line JSON>` per event;
+- `: heartbeat` after `heartbeat` seconds without an event;
+- a last `event: lagged` with `{"last_event_id": N}` when the bus dropped this slow
+  reader; the stream then ends and the client reconnects with `Last-Event-ID: N`.
+
+The gap and lagged frames carry no `id:`, so a client's last event id stays that of the
+last real event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+
+import anyio
+
+from .events import Event, EventBus
+from .exceptions import SubscriberLagged
+
+CONNECTED = b": connected\n\n"
+HEARTBEAT = b": heartbeat\n\n"
+
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
+def parse_last_event_id(header: str | None) -> int | None:
+    """The `Last-Event-ID` header as an id, or None when absent or not a decimal number."""
+    if header is None:
+        return None
+    text = header.strip()
+    if not _EVENT_ID.fullmatch(text):
+        return None
+    return int(text)
+
+
+def event_frame(event: Event) -> bytes:
+    """One event as an SSE frame."""
+    return f"id: {event.id}\nevent: {event.type}\ndata: {event.data}\n\n".encode()
+
+
+def control_frame(name: str, data: object) -> bytes:
+    """A frame without an id (gap, lagged): it does not move the client's last event id."""
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def sse_stream(
+    bus: EventBus, *, last_event_id: int | None, heartbeat: float = 15.0
+) -> AsyncIterator[bytes]:
+    """Yield the SSE frames of the events after `last_event_id`, then live ones, until dropped."""
+    async with bus.subscribe(last_event_id=last_event_id) as subscription:
+        yield CONNECTED
+        if subscription.gap is not None:
+            yield control_frame("gap", subscription.gap.as_json())
+        while True:
+            event: Event | None = None
+            try:
+                # Cancelling the wait is safe: the bus keeps the event until it is taken.
+                with anyio.move_on_after(heartbeat):
+                    event = await anext(subscription)
+            except StopAsyncIteration:
+                return
+            except SubscriberLagged as lagged:
+                yield control_frame("lagged", {"last_event_id": lagged.last_event_id})
+                return
+            yield HEARTBEAT if event is None else event_frame(event)
