@@ -1,0 +1,348 @@
+"""Hooks and signals: tell local programs about events.
+
+`Notifier.run` subscribes to the bus and dispatches each event without ever waiting on a hook:
+
+- a hook (`[[hooks]] events, command, timeout`) runs in its own task, one run at a time; the
+  events that arrive while it runs (or backs off) fold into ONE more run with the newest event.
+  The event's JSON goes to stdin, `GASTOWN_EVENT=<type>` and `GASTOWN_EVENT_ID=<id>` are added to
+  the daemon's environment. It starts in a new session, so at its timeout its whole process
+  group is killed. A failed, unstartable or killed run is logged and counted, and the hook then
+  backs off (1 s doubling to 60 s by default) before its next run: a broken hook never storms.
+- a signal (`[[signals]] pid_file, signal, events`) is sent at once; the pid file is read
+  anew each time. A missing or bad pid file, a gone process or a refusal is logged and counted.
+
+Hook output is not captured: it goes to the daemon's own stdout/stderr (the journal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import signal as signals_module
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from ._types import Clock, SystemClock
+from .events import EVENT_TYPES, Event, EventBus
+from .exceptions import SubscriberLagged
+
+log = structlog.get_logger(__name__)
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_PID_FILE_LIMIT = 64
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from `"30s"`, `"500ms"`, `"2m"`, `"1h"`, `"1.5"` or a number; else ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(value)
+        if match is None:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 500ms, 2m)")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {value!r}")
+    return seconds
+
+
+def parse_signal(value: str | int) -> signals_module.Signals:
+    """A signal from `"SIGHUP"`, `"hup"` or a number; ValueError for an unknown one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return signals_module.Signals(value)
+        except ValueError:
+            raise ValueError(f"unknown signal number {value}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"not a signal: {value!r}")
+    name = value.strip().upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return signals_module.Signals[name]
+    except KeyError:
+        raise ValueError(f"unknown signal {value!r} (use e.g. SIGHUP)") from None
+
+
+def _check_events(events: frozenset[str]) -> None:
+    if not events:
+        raise ValueError("events must name at least one event type")
+    unknown = sorted(events - EVENT_TYPES)
+    if unknown:
+        raise ValueError(f"unknown event types {unknown}; known: {sorted(EVENT_TYPES)}")
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A command run on each of `events`, killed after `timeout` seconds."""
+
+    events: frozenset[str]
+    command: tuple[str, ...]
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_events(self.events)
+        if not self.command or not all(isinstance(a, str) and a for a in self.command):
+            raise ValueError("command must be a non-empty list of non-empty strings")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError("timeout must be a positive duration")
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """`signal` sent on each of `events` to the process named in `pid_file`."""
+
+    pid_file: Path
+    signal: signals_module.Signals
+    events: frozenset[str]
+
+    def __post_init__(self) -> None:
+        _check_events(self.events)
+
+
+@dataclass
+class NotifyStats:
+    """Counters for /status and metrics; plain integers, only ever increased."""
+
+    events_dispatched: int = 0
+    last_event_id: int = 0
+    resubscribes: int = 0
+    hook_runs: int = 0
+    hook_failures: int = 0
+    hook_timeouts: int = 0
+    hook_events_coalesced: int = 0
+    signals_sent: int = 0
+    signal_failures: int = 0
+
+
+def hook_backoff(failures: int, *, base: float, cap: float) -> float:
+    """Seconds to wait after `failures` failed runs in a row: base doubling, capped."""
+    if failures <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(failures - 1, 60))
+
+
+def read_pid(pid_file: Path) -> int:
+    """The pid on the first line of `pid_file`; OSError if unreadable, ValueError if not a pid."""
+    with pid_file.open("rb") as handle:
+        head = handle.read(_PID_FILE_LIMIT)
+    text = head.decode("ascii", errors="replace").strip().splitlines()
+    if not text or not text[0].strip().isdecimal():
+        raise ValueError("no pid on the first line")
+    pid = int(text[0].strip())
+    # 0 and negative numbers would signal whole process groups, or every process.
+    if pid <= 0:
+        raise ValueError(f"pid {pid} is not a single process")
+    return pid
+
+
+def send_signal(spec: SignalSpec) -> bool:
+    """Send `spec.signal` to the pid in `spec.pid_file` now; log and return False on any problem."""
+    where = {"pid_file": str(spec.pid_file), "signal": spec.signal.name}
+    try:
+        pid = read_pid(spec.pid_file)
+    except FileNotFoundError:
+        log.warning("signal_pid_file_missing", **where)
+        return False
+    except OSError as exc:
+        log.warning("signal_pid_file_unreadable", error=exc.strerror, **where)
+        return False
+    except ValueError as exc:
+        log.warning("signal_pid_file_invalid", problem=str(exc), **where)
+        return False
+    if pid == os.getpid():
+        # The default action of most signals would stop the daemon itself.
+        log.warning("signal_refused_own_pid", pid=pid, **where)
+        return False
+    try:
+        os.kill(pid, spec.signal)
+    except ProcessLookupError:
+        log.warning("signal_process_gone", pid=pid, **where)
+        return False
+    except OSError as exc:
+        log.warning("signal_refused", pid=pid, error=exc.strerror, **where)
+        return False
+    log.info("signal_sent", pid=pid, **where)
+    return True
+
+
+async def run_hook(spec: HookSpec, event: Event) -> str:
+    """Run `spec` once for `event`; the outcome is "ok", "failed", "timeout" or "unstartable"."""
+    program = spec.command[0]
+    env = {**os.environ, "GASTOWN_EVENT": event.type, "GASTOWN_EVENT_ID": str(event.id)}
+    try:
+        process = await anyio.open_process(
+            spec.command,
+            stdin=subprocess.PIPE,
+            stdout=None,
+            stderr=None,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log.warning("hook_start_failed", program=program, error=exc.strerror or str(exc))
+        return "unstartable"
+    async with process:
+        try:
+            with anyio.move_on_after(spec.timeout) as deadline:
+                await _feed(process, (event.data + "\n").encode())
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                # Timed out or the daemon is stopping: take the hook's children down too.
+                _kill_group(process.pid)
+    if deadline.cancelled_caught:
+        log.warning("hook_timed_out", program=program, timeout=spec.timeout, event_id=event.id)
+        return "timeout"
+    if process.returncode != 0:
+        log.warning("hook_failed", program=program, returncode=process.returncode)
+        return "failed"
+    log.debug("hook_succeeded", program=program, event_id=event.id)
+    return "ok"
+
+
+async def _feed(process: anyio.abc.Process, data: bytes) -> None:
+    stdin = process.stdin
+    if stdin is None:
+        return
+    # A hook may exit without reading its input; that is its business.
+    try:
+        await stdin.send(data)
+        await stdin.aclose()
+    except (anyio.BrokenResourceError, OSError):
+        pass
+
+
+def _kill_group(pid: int) -> None:
+    # The child is not reaped yet, so its pid (= its group id) cannot have been reused.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signals_module.SIGKILL)
+
+
+class _HookRunner:
+    """One hook's task: runs it for the newest pending event, one run at a time."""
+
+    def __init__(self, spec: HookSpec, notifier: Notifier) -> None:
+        self.spec = spec
+        self._notifier = notifier
+        self._pending: Event | None = None
+        self._wakeup: anyio.Event | None = None
+        self.consecutive_failures = 0
+        self.busy = False
+
+    def offer(self, event: Event) -> None:
+        if self._pending is not None:
+            self._notifier.stats.hook_events_coalesced += 1
+        self._pending = event
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        stats = self._notifier.stats
+        while True:
+            while self._pending is None:
+                self.busy = False
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+            self.busy = True
+            event, self._pending = self._pending, None
+            stats.hook_runs += 1
+            outcome = await run_hook(self.spec, event)
+            if outcome == "ok":
+                self.consecutive_failures = 0
+                continue
+            stats.hook_failures += 1
+            if outcome == "timeout":
+                stats.hook_timeouts += 1
+            self.consecutive_failures += 1
+            delay = self._notifier.backoff(self.consecutive_failures)
+            log.info(
+                "hook_backing_off",
+                program=self.spec.command[0],
+                failures=self.consecutive_failures,
+                seconds=delay,
+            )
+            await self._notifier.clock.sleep(delay)
+
+
+class Notifier:
+    """Dispatches bus events to hooks and signals; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bus: EventBus,
+        hooks: Sequence[HookSpec],
+        signals: Sequence[SignalSpec],
+        clock: Clock | None = None,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> None:
+        self._bus = bus
+        self._signals = tuple(signals)
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self.stats = NotifyStats()
+        self._runners = tuple(_HookRunner(spec, self) for spec in hooks)
+
+    def backoff(self, failures: int) -> float:
+        return hook_backoff(failures, base=self._backoff_base, cap=self._backoff_max)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "hooks": len(self._runners),
+            "signals": len(self._signals),
+            "busy_hooks": sum(1 for r in self._runners if r.busy),
+            "failing_hooks": sum(1 for r in self._runners if r.consecutive_failures),
+            **vars(self.stats),
+        }
+
+    def dispatch(self, event: Event) -> None:
+        """Hand `event` to the matching hooks and send the matching signals; never waits."""
+        self.stats.events_dispatched += 1
+        self.stats.last_event_id = event.id
+        for runner in self._runners:
+            if event.type in runner.spec.events:
+                runner.offer(event)
+        for spec in self._signals:
+            if event.type in spec.events:
+                if send_signal(spec):
+                    self.stats.signals_sent += 1
+                else:
+                    self.stats.signal_failures += 1
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Dispatch until cancelled or until the bus closes."""
+        async with anyio.create_task_group() as tg:
+            for runner in self._runners:
+                tg.start_soon(runner.run)
+            resume_after: int | None = None
+            while True:
+                try:
+                    async with self._bus.subscribe(last_event_id=resume_after) as subscription:
+                        if resume_after is None:
+                            task_status.started()
+                        async for event in subscription:
+                            self.dispatch(event)
+                    break
+                except SubscriberLagged as lagged:
+                    # The ring still holds what a burst pushed past our buffer.
+                    resume_after = lagged.last_event_id
+                    self.stats.resubscribes += 1
+                    log.info("notifier_resubscribed", after_event_id=resume_after)
+            tg.cancel_scope.cancel()
