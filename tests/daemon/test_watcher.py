@@ -1,0 +1,331 @@
+"""The settings watcher against real files edited by other processes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+from watchfiles import awatch as real_awatch
+
+from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.watcher import SettingsWatcher, is_temporary
+
+ATOMIC_WRITE = """
+import os, sys
+path, data = sys.argv[1:3]
+tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".x1y2.tmp")
+with open(tmp, "w") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+os.replace(tmp, path)
+"""
+
+IN_PLACE_WRITE = """
+import sys
+with open(sys.argv[1], "w") as f:
+    f.write(sys.argv[2])
+"""
+
+
+def store_folders(town: Path) -> Iterator[Path]:
+    """What the settings store hands the watcher: town settings, each rig and its settings."""
+    yield town / "settings"
+    for entry in sorted(town.iterdir()):
+        if entry.is_dir() and entry.name not in {"settings", "mayor"} and entry.name[0] != ".":
+            yield entry
+            yield entry / "settings"
+
+
+@dataclass
+class Calls:
+    settings: list[set[Path]] = field(default_factory=list)
+    env: int = 0
+
+    @property
+    def settings_paths(self) -> set[Path]:
+        return set().union(*self.settings)
+
+    async def on_settings_change(self, paths: set[Path]) -> None:
+        self.settings.append(paths)
+
+    async def on_env_change(self) -> None:
+        self.env += 1
+
+
+@dataclass
+class Town:
+    root: Path
+    env_file: Path
+    calls: Calls
+    watcher: SettingsWatcher
+
+    def rig_file(self, rig: str) -> Path:
+        return self.root / rig / "settings" / "config.json"
+
+    async def fence(self) -> None:
+        """Edit the env file and wait for its callback: every earlier edit is routed by then."""
+        before = self.calls.env
+        write_atomic(self.env_file, f"KILO_JWT=fence{before}\n".encode())
+        await eventually(lambda: self.calls.env > before)
+
+    def watches(self, folder: Path) -> bool:
+        return str(folder) in self.watcher.status()["folders"]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `predicate` under a deadline."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+def run_writer(script: str, path: Path, data: str) -> None:
+    subprocess.run([sys.executable, "-c", script, str(path), data], check=True, timeout=30)
+
+
+@pytest.fixture
+def town_tree(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "gt"
+    (root / "settings").mkdir(parents=True)
+    (root / "settings" / "config.json").write_text("{}")
+    (root / "alpha" / "settings").mkdir(parents=True)
+    (root / "alpha" / "settings" / "config.json").write_text("{}")
+    home = tmp_path / "home"
+    home.mkdir()
+    env_file = home / ".env.gateway"
+    env_file.write_text("KILO_JWT=a\n")
+    return root, env_file
+
+
+@asynccontextmanager
+async def watching(
+    town_tree: tuple[Path, Path],
+    folders: Callable[[], Iterator[Path]] | None = None,
+    calls: Calls | None = None,
+    **kwargs: object,
+) -> AsyncIterator[Town]:
+    root, env_file = town_tree
+    calls = calls or Calls()
+    watcher = SettingsWatcher(
+        town_root=root,
+        env_file=env_file,
+        folders=folders or (lambda: store_folders(root)),
+        on_settings_change=calls.on_settings_change,
+        on_env_change=calls.on_env_change,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher.run)
+        yield Town(root, env_file, calls, watcher)
+        tg.cancel_scope.cancel()
+    assert watcher.status()["running"] is False
+
+
+def test_is_temporary() -> None:
+    """Temporary files of atomic writes are recognised by their dot and .tmp suffix."""
+    assert is_temporary("/gt/settings/.config.json.k2j4.tmp")
+    assert not is_temporary("/gt/settings/config.json")
+    assert not is_temporary("/home/u/.env.gateway")
+    assert not is_temporary("/gt/settings/config.tmp")
+
+
+async def test_atomic_rename_by_another_process_is_seen_once(town_tree: tuple[Path, Path]) -> None:
+    """A rig file replaced by rename from another process gives one callback with its path."""
+    async with watching(town_tree) as town:
+        rig_file = town.rig_file("alpha")
+        run_writer(ATOMIC_WRITE, rig_file, '{"agent": "codex"}')
+        await eventually(lambda: town.calls.settings == [{rig_file}])
+        await town.fence()
+        assert town.calls.settings == [{rig_file}]
+
+
+async def test_in_place_write_by_another_process_is_seen_once(town_tree: tuple[Path, Path]) -> None:
+    """A rig file rewritten in place gives one callback with its path."""
+    async with watching(town_tree) as town:
+        town_file = town.root / "settings" / "config.json"
+        run_writer(IN_PLACE_WRITE, town_file, '{"default_agent": "x"}')
+        await eventually(lambda: town.calls.settings == [{town_file}])
+        await town.fence()
+        assert town.calls.settings == [{town_file}]
+
+
+async def test_env_file_edits_call_on_env_change(town_tree: tuple[Path, Path]) -> None:
+    """Atomic and in-place edits of the env file each reach on_env_change."""
+    async with watching(town_tree) as town:
+        run_writer(ATOMIC_WRITE, town.env_file, "KILO_JWT=b\n")
+        await eventually(lambda: town.calls.env == 1)
+        run_writer(IN_PLACE_WRITE, town.env_file, "KILO_JWT=c\n")
+        await eventually(lambda: town.calls.env == 2)
+        assert town.calls.settings == []
+        assert town.watcher.status()["env_changes"] == 2
+
+
+async def test_deleting_a_settings_file_is_reported(town_tree: tuple[Path, Path]) -> None:
+    """A removed settings file is a change too; the store decides what it means."""
+    async with watching(town_tree) as town:
+        rig_file = town.rig_file("alpha")
+        rig_file.unlink()
+        await eventually(lambda: town.calls.settings == [{rig_file}])
+
+
+async def test_rig_created_after_start_is_watched(town_tree: tuple[Path, Path]) -> None:
+    """A rig folder, then its settings folder, then its file: the later edit is seen."""
+    async with watching(town_tree) as town:
+        rig = town.root / "beta"
+        rig.mkdir()
+        await eventually(lambda: town.watches(rig))
+        (rig / "settings").mkdir()
+        await eventually(lambda: town.watches(rig / "settings"))
+        rig_file = town.rig_file("beta")
+        run_writer(ATOMIC_WRITE, rig_file, "{}")
+        await eventually(lambda: town.calls.settings == [{rig_file}])
+        run_writer(IN_PLACE_WRITE, rig_file, '{"agent": "codex"}')
+        await eventually(lambda: town.calls.settings == [{rig_file}, {rig_file}])
+        assert town.watcher.status()["restarts"] == 2
+
+
+async def test_rig_arriving_with_its_settings_is_reported(
+    town_tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A rig moved in whole, settings file included, is reported as a settings change."""
+    staged = tmp_path / "staging" / "gamma"
+    (staged / "settings").mkdir(parents=True)
+    (staged / "settings" / "config.json").write_text('{"type": "rig-settings"}')
+    async with watching(town_tree) as town:
+        staged.rename(town.root / "gamma")
+        await eventually(lambda: town.rig_file("gamma") in town.calls.settings_paths)
+        run_writer(IN_PLACE_WRITE, town.rig_file("gamma"), "{}")
+        await eventually(lambda: len(town.calls.settings) == 2)
+
+
+async def test_rig_made_in_one_go_is_not_missed(town_tree: tuple[Path, Path]) -> None:
+    """Folder, settings folder and file created back to back still reach the callback."""
+    async with watching(town_tree) as town:
+        rig_file = town.rig_file("delta")
+        rig_file.parent.mkdir(parents=True)
+        rig_file.write_text("{}")
+        await eventually(lambda: rig_file in town.calls.settings_paths)
+
+
+async def test_temporary_and_foreign_files_are_ignored(town_tree: tuple[Path, Path]) -> None:
+    """Temp files of atomic writes and config.json outside a settings folder call nothing."""
+    async with watching(town_tree) as town:
+        settings = town.root / "alpha" / "settings"
+        (settings / ".config.json.abcd.tmp").write_text("{}")
+        (settings / "notes.txt").write_text("x")
+        (town.root / "alpha" / "config.json").write_text("{}")
+        (town.env_file.parent / ".env.gateway.q1w2.tmp").write_text("KILO_JWT=x\n")
+        await town.fence()
+        assert town.calls.settings == []
+        assert town.calls.env == 1
+        assert town.watcher.status()["changes_seen"] >= 3
+
+
+async def test_removed_rig_is_dropped_from_the_watch(town_tree: tuple[Path, Path]) -> None:
+    """Deleting a rig shrinks the watched set and the watcher goes on."""
+    async with watching(town_tree) as town:
+        assert town.watches(town.root / "alpha" / "settings")
+        shutil.rmtree(town.root / "alpha")
+        await eventually(lambda: not town.watches(town.root / "alpha"))
+        await town.fence()
+        status = town.watcher.status()
+        assert status["running"] is True
+        assert status["errors"] == 0
+
+
+async def test_status_lists_the_watched_folders(town_tree: tuple[Path, Path]) -> None:
+    """status() shows the town root, the env folder and the store's existing folders."""
+    root, env_file = town_tree
+    async with watching(town_tree) as town:
+        status = town.watcher.status()
+    assert status["folders"] == sorted(
+        str(p)
+        for p in (
+            root,
+            root / "settings",
+            root / "alpha",
+            root / "alpha" / "settings",
+            env_file.parent,
+        )
+    )
+    assert status["restarts"] == 0
+
+
+async def test_failing_callback_is_logged_and_watching_goes_on(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """A callback that raises does not stop the watcher."""
+
+    class Flaky(Calls):
+        async def on_settings_change(self, paths: set[Path]) -> None:
+            await super().on_settings_change(paths)
+            if len(self.settings) == 1:
+                raise RuntimeError("store hiccup")
+
+    with capture_logs() as logs:
+        async with watching(town_tree, calls=Flaky()) as town:
+            rig_file = town.rig_file("alpha")
+            run_writer(IN_PLACE_WRITE, rig_file, '{"a": 1}')
+            await eventually(lambda: len(town.calls.settings) == 1)
+            run_writer(IN_PLACE_WRITE, rig_file, '{"a": 2}')
+            await eventually(lambda: len(town.calls.settings) == 2)
+    failures = [log for log in logs if log["event"] == "watcher_callback_failed"]
+    assert [log["callback"] for log in failures] == ["on_settings_change"]
+
+
+async def test_failing_folder_listing_keeps_the_current_watch(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """When the store cannot list its folders, the watcher keeps what it watches."""
+    root, _ = town_tree
+    broken = False
+
+    def folders() -> Iterator[Path]:
+        if broken:
+            raise OSError("listing failed")
+        return store_folders(root)
+
+    with capture_logs() as logs:
+        async with watching(town_tree, folders=folders) as town:
+            broken = True
+            rig_file = town.rig_file("alpha")
+            run_writer(IN_PLACE_WRITE, rig_file, "{}")
+            await eventually(lambda: town.calls.settings == [{rig_file}])
+            assert town.watches(root / "alpha" / "settings")
+    assert any(log["event"] == "watcher_folders_failed" for log in logs)
+
+
+async def test_watch_set_up_failure_is_retried(
+    town_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure to set up the watch (a folder gone meanwhile) is logged, counted and retried."""
+    attempts = 0
+
+    def flaky_awatch(*paths: Path, **kwargs: object) -> object:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            return real_awatch(paths[0] / "vanished", **kwargs)  # type: ignore[arg-type]
+        return real_awatch(*paths, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("gastown_sandboxd.watcher.awatch", flaky_awatch)
+    with capture_logs() as logs:
+        async with watching(town_tree, retry_delay=0.01) as town:
+            await eventually(lambda: attempts >= 2)
+            rig_file = town.rig_file("alpha")
+            await eventually(lambda: town.watches(rig_file.parent))
+            run_writer(IN_PLACE_WRITE, rig_file, "{}")
+            await eventually(lambda: town.calls.settings == [{rig_file}])
+            status = town.watcher.status()
+    assert status["errors"] == 1
+    assert "FileNotFoundError" in str(status["last_error"])
+    assert any(log["event"] == "watcher_failed" for log in logs)
