@@ -265,17 +265,17 @@ if [[ $curl_rc -ne 0 ]]; then
 			if [[ $line =~ ^[Rr]etry-[Aa]fter:\ *([0-9A-Za-z,: ]{1,40})$ ]]; then retry_after=${BASH_REMATCH[1]}; fi
 		done <"$answer_headers"
 	fi
+	reason=$(head -n 1 -- "$curl_err" | tr -d '[:cntrl:]')
+	reason=${reason#curl: }
 	case $curl_rc:$status in
 	22:401 | 22:403) fail 1 "the cloud refused the key or the token binding (HTTP $status)" ;;
 	22:404 | 22:410) fail 1 "town $town_id is unknown or destroyed (HTTP $status)" ;;
 	22:409 | 22:423) fail 1 "town $town_id is stopped (HTTP $status)" ;;
 	22:429 | 22:503) fail 1 "the cloud is busy (HTTP $status${retry_after:+, Retry-After $retry_after})" ;;
 	22:*) fail 1 "the cloud answered HTTP ${status:-error}" ;;
-	28:*) fail 1 "no answer from the cloud at $url within ${max_time} s" ;;
-	*) ;; # connection and protocol errors: curl's own words, below
+	28:*) fail 1 "no answer in time from the cloud at $url: $reason" ;;
+	*) fail 1 "cannot reach the cloud at $url: $reason" ;;
 	esac
-	reason=$(head -n 1 -- "$curl_err" | tr -d '[:cntrl:]')
-	fail 1 "cannot reach the cloud at $url: ${reason#curl: }"
 fi
 
 # --- check the answer before anything is written ---------------------------------------------

@@ -549,7 +549,7 @@ async def test_hung_cloud_times_out(sandbox: Sandbox, standin_cloud: StandInClou
     standin_cloud.answer = answer
     before = sandbox.write_env(ENV_TEXT)
     line = assert_failed(await sandbox.run({"REFRESH_TOKEN_MAX_TIME": "0.5"}), sandbox, before)
-    assert "no answer from the cloud" in line
+    assert f"no answer in time from the cloud at {standin_cloud.url}" in line
 
 
 # --- failures: the cloud answers 200 with something unacceptable ------------------------------
