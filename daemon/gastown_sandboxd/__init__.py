@@ -1,4 +1,4 @@
-"""gastown-sandboxd: keeps a Gas Town sandbox's gateway token alive and gt's model config applied."""
+"""gastown-sandboxd: keeps a sandbox's gateway token alive and gt's model config applied."""
 
 __version__ = "0.1.0"
 

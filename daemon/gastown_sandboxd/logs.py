@@ -88,3 +88,5 @@ def configure_logging(
     # httpx logs every request URL at INFO; keep it to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # watchfiles logs every batch at INFO; a log file in a watched folder would feed itself.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ._types import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from .events import EventBus
+    from .notify import Notifier
+    from .watcher import SettingsWatcher
 
 TOKEN_STATES = ("fresh", "refreshing", "degraded", "expired", "missing", "town_inactive")
 REFRESH_RESULTS = ("ok", "outage", "busy", "broken", "unauthorized", "inactive", "write_failed")
@@ -66,3 +76,75 @@ class TokenMetrics:
         if self._exp is None:
             return 0.0
         return max(0.0, self._exp - self._clock.time())
+
+
+class DaemonMetrics:
+    """Events, subscribers, hooks, signals, the watcher and config PATCHes.
+
+    Most values are read from the components at scrape time, so nothing on a hot path pays
+    for them; PATCH results are counted by the API as they happen.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        bus: EventBus,
+        notifier: Notifier,
+        watcher: SettingsWatcher,
+    ) -> None:
+        self.config_patches = Counter(
+            "gastown_sandboxd_config_patches",
+            "PATCH /config requests by HTTP status.",
+            ["status"],
+            registry=registry,
+        )
+        registry.register(_ComponentCollector(bus, notifier, watcher))
+
+
+class _ComponentCollector(Collector):
+    def __init__(self, bus: EventBus, notifier: Notifier, watcher: SettingsWatcher) -> None:
+        self._bus = bus
+        self._notifier = notifier
+        self._watcher = watcher
+
+    def collect(self) -> Iterable[Metric]:
+        prefix = "gastown_sandboxd_"
+        yield GaugeMetricFamily(
+            prefix + "event_subscribers",
+            "Open event subscriptions (SSE, hooks).",
+            value=self._bus.subscriber_count,
+        )
+        yield CounterMetricFamily(
+            prefix + "events", "Events emitted since start.", value=self._bus.last_id
+        )
+        yield CounterMetricFamily(
+            prefix + "event_subscribers_dropped",
+            "Subscribers dropped for falling behind.",
+            value=self._bus.dropped_subscribers,
+        )
+        stats = self._notifier.stats
+        for name, text, value in (
+            ("hook_runs", "Hook runs started.", stats.hook_runs),
+            ("hook_failures", "Hook runs that failed or timed out.", stats.hook_failures),
+            ("hook_timeouts", "Hook runs killed at their timeout.", stats.hook_timeouts),
+            ("signals_sent", "Signals delivered through pid files.", stats.signals_sent),
+            ("signal_failures", "Signals that could not be sent.", stats.signal_failures),
+        ):
+            yield CounterMetricFamily(prefix + name, text, value=value)
+        watcher = self._watcher.status()
+        yield GaugeMetricFamily(
+            prefix + "watcher_running",
+            "1 while the settings watcher runs.",
+            value=1 if watcher.get("running") else 0,
+        )
+        yield GaugeMetricFamily(
+            prefix + "watcher_folders",
+            "Folders the watcher watches.",
+            value=len(watcher.get("folders", ())),
+        )
+        yield CounterMetricFamily(
+            prefix + "watcher_restarts",
+            "Watcher restarts (folder set changes, errors).",
+            value=watcher.get("restarts", 0),
+        )

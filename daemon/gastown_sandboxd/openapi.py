@@ -261,6 +261,7 @@ def openapi_document() -> dict[str, Any]:
                     "200": _json(_ref("TokenAnswer"), "The new token's metadata."),
                     "409": _error("The town is not active in the cloud."),
                     "502": _error("The cloud gave no acceptable token."),
+                    "503": _error("The env file could not be written; the old token is kept."),
                     **_KEY_HEADERS,
                 },
             }

@@ -50,10 +50,6 @@ def _is_settings_file(path: Path) -> bool:
     return path.name == SETTINGS_FILE and path.parent.name == SETTINGS_FOLDER
 
 
-def _keep(change: Change, path: str) -> bool:
-    return not is_temporary(path)
-
-
 class SettingsWatcher:
     """Calls back on external edits of settings files and the env file; see the module doc."""
 
@@ -144,7 +140,7 @@ class SettingsWatcher:
             tg.start_soon(_set_when_cancelled, stop)
             changes_iter = awatch(
                 *folders,
-                watch_filter=_keep,
+                watch_filter=self._relevant,
                 debounce=self._debounce_ms,
                 step=self._step_ms,
                 stop_event=stop,
@@ -165,6 +161,21 @@ class SettingsWatcher:
                 outcome.failed = True
                 log.warning("watcher_failed", error=self._last_error)
             tg.cancel_scope.cancel()
+
+    def _relevant(self, change: Change, raw: str) -> bool:
+        """Only the env file, settings files and folder changes under the town root wake us.
+
+        The env file's folder is often a busy home folder (shell history, logs): without this
+        filter every write there would wake the loop, and a log file there would feed itself.
+        """
+        if is_temporary(raw):
+            return False
+        path = Path(raw)
+        return (
+            path == self._env_file
+            or path.name in (SETTINGS_FILE, SETTINGS_FOLDER)
+            or path.parent == self._town_root
+        )
 
     async def _route(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> None:
         self.changes_seen += len(changes)

@@ -227,7 +227,8 @@ async def test_temporary_and_foreign_files_are_ignored(town_tree: tuple[Path, Pa
         await town.fence()
         assert town.calls.settings == []
         assert town.calls.env == 1
-        assert town.watcher.status()["changes_seen"] >= 3
+        # notes.txt is filtered before it can wake the loop; config.json and the fence are seen.
+        assert town.watcher.status()["changes_seen"] == 2
 
 
 async def test_removed_rig_is_dropped_from_the_watch(town_tree: tuple[Path, Path]) -> None:

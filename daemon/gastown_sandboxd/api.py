@@ -1,0 +1,307 @@
+"""The internal API (CONTRACT §4): routes, the key check, and error bodies.
+
+One Starlette app per listener: the TCP one demands `x-internal-api-key`, the Unix-socket one
+trusts the socket's file mode instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._types import Clock
+from .events import EventBus
+from .exceptions import AtomicWriteError, ConfigError, Problem, RefreshError, TokenError
+from .openapi import openapi_document
+from .refresher import TokenRefresher
+from .settings_store import SettingsStore
+from .sse import parse_last_event_id, sse_stream
+
+MAX_PATCH_BYTES = 64 * 1024
+MAX_TOKEN_BODY_BYTES = 16 * 1024
+_PATCH_TYPES = frozenset({"application/json", "application/merge-patch+json"})
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+@dataclass
+class SseClients:
+    """How many SSE streams are open, across both listeners."""
+
+    count: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiContext:
+    """What the routes read and drive."""
+
+    town_id: str
+    town_root: Path
+    refresher: TokenRefresher
+    store: SettingsStore
+    bus: EventBus
+    registry: CollectorRegistry
+    clock: Clock
+    watcher_status: Callable[[], Mapping[str, Any]]
+    patch_counter: Counter | None = None
+    heartbeat: float = 15.0
+    sse_clients: SseClients = field(default_factory=SseClients)
+
+
+class HTTPError(Exception):
+    """An error answer: `{"error": code, "message": …, "details": […]}`."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = list(details)
+        super().__init__(message)
+
+    def response(self) -> JSONResponse:
+        body = {"error": self.code, "message": self.message, "details": self.details}
+        return JSONResponse(body, status_code=self.status)
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    """Unix seconds as an RFC 3339 UTC string (None stays None)."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+class KeyRequired:
+    """ASGI middleware: every path but /healthz and /readyz needs the internal key."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self._key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
+            given = b""
+            for name, value in scope["headers"]:
+                if name == b"x-internal-api-key":
+                    given = value
+                    break
+            # compare_digest takes constant time for equal-length inputs and never short-cuts.
+            if not hmac.compare_digest(given, self._key):
+                error = HTTPError(401, "unauthorized", "missing or wrong x-internal-api-key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
+    """The API; `key` None serves without the key check (the Unix socket)."""
+    api = _Routes(ctx)
+    app = Starlette(
+        routes=[
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/status", api.status, methods=["GET"]),
+            Route("/config", api.get_config, methods=["GET"]),
+            Route("/config", api.patch_config, methods=["PATCH"]),
+            Route("/token/refresh", api.refresh_token, methods=["POST"]),
+            Route("/token", api.put_token, methods=["PUT"]),
+            Route("/events", api.events, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
+            Route("/openapi.json", api.openapi, methods=["GET"]),
+        ],
+        exception_handlers={
+            HTTPError: _http_error,
+            404: _not_found,
+            405: _method_not_allowed,
+        },
+    )
+    return app if key is None else KeyRequired(app, key)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    return exc.response()
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return HTTPError(404, "not_found", f"no route {request.url.path}").response()
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return HTTPError(405, "method_not_allowed", f"{request.method} is not allowed here").response()
+
+
+class _Routes:
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        reasons = []
+        status = self.ctx.refresher.status()
+        if not status.token_on_disk_ok:
+            reasons.append(f"no unexpired acceptable token on disk (state {status.state})")
+        if not await anyio.to_thread.run_sync(_writable_folder, self.ctx.town_root):
+            reasons.append("town root is not a writable folder")
+        if reasons:
+            return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
+        return JSONResponse({"ready": True, "reasons": []})
+
+    async def status(self, request: Request) -> Response:
+        now = self.ctx.clock.time()
+        status = self.ctx.refresher.status()
+        body = {
+            "town_id": self.ctx.town_id,
+            "state": status.state,
+            "token": status.token.as_json(now) if status.token is not None else None,
+            "next_refresh_at": rfc3339(status.next_refresh_at),
+            "last_refresh_at": rfc3339(status.last_refresh_at),
+            "consecutive_failures": status.consecutive_failures,
+            "config_revision": self.ctx.store.revision,
+            "watcher": dict(self.ctx.watcher_status()),
+            "subscribers": self.ctx.sse_clients.count,
+        }
+        return JSONResponse(body)
+
+    async def get_config(self, request: Request) -> Response:
+        try:
+            view = await self.ctx.store.view()
+        except ConfigError as exc:
+            raise _config_error(exc) from None
+        return JSONResponse(view.as_json(), headers={"ETag": f'"{view.revision}"'})
+
+    async def patch_config(self, request: Request) -> Response:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in _PATCH_TYPES:
+            raise HTTPError(
+                415,
+                "unsupported_media_type",
+                "send application/json or application/merge-patch+json",
+            )
+        try:
+            body = await _read_json_object(request, MAX_PATCH_BYTES)
+            result = await self.ctx.store.patch(body, if_match=request.headers.get("if-match"))
+        except ConfigError as exc:
+            self._count_patch(exc.status)
+            raise _config_error(exc) from None
+        except HTTPError as exc:
+            self._count_patch(exc.status)
+            raise
+        self._count_patch(200)
+        return JSONResponse(result.as_json(), headers={"ETag": f'"{result.revision}"'})
+
+    def _count_patch(self, status: int) -> None:
+        if self.ctx.patch_counter is not None:
+            self.ctx.patch_counter.labels(status=str(status)).inc()
+
+    async def refresh_token(self, request: Request) -> Response:
+        try:
+            view = await self.ctx.refresher.refresh_now()
+        except RefreshError as exc:
+            status = 409 if exc.kind == "inactive" else 502
+            code = "town_inactive" if exc.kind == "inactive" else "refresh_failed"
+            detail = {"kind": exc.kind, "reason": exc.reason, "status": exc.status}
+            message = f"the cloud gave no new token ({exc.kind})"
+            raise HTTPError(status, code, message, [detail]) from None
+        except AtomicWriteError as exc:
+            raise _disk_error(exc) from None
+        return JSONResponse({"token": view.as_json(self.ctx.clock.time())})
+
+    async def put_token(self, request: Request) -> Response:
+        body = await _read_json_object(request, MAX_TOKEN_BODY_BYTES)
+        token = body.get("token")
+        if set(body) != {"token"} or not isinstance(token, str):
+            raise HTTPError(
+                422,
+                "invalid_body",
+                'send {"token": "<jwt>"} and nothing else',
+                [{"path": "/token", "message": "must be a string"}],
+            )
+        try:
+            view = await self.ctx.refresher.accept(token)
+        except TokenError as exc:
+            details = [{"path": "/token", "message": reason} for reason in exc.reasons]
+            message = "the token is not acceptable"
+            raise HTTPError(422, "token_not_acceptable", message, details) from None
+        except AtomicWriteError as exc:
+            raise _disk_error(exc) from None
+        return JSONResponse({"token": view.as_json(self.ctx.clock.time())})
+
+    async def events(self, request: Request) -> Response:
+        last = parse_last_event_id(
+            request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        )
+        stream = sse_stream(self.ctx.bus, last_event_id=last, heartbeat=self.ctx.heartbeat)
+        return StreamingResponse(
+            self._counted(stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _counted(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Count SSE clients (the bus also serves the hook dispatcher, which is not one)."""
+        self.ctx.sse_clients.count += 1
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.ctx.sse_clients.count -= 1
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.ctx.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+
+def _disk_error(exc: AtomicWriteError) -> HTTPError:
+    reason = errno.errorcode.get(exc.errno or 0, "an I/O error")
+    message = f"the env file could not be written ({reason}); the old token is kept"
+    return HTTPError(503, "storage_unavailable", message)
+
+
+def _config_error(exc: ConfigError) -> HTTPError:
+    return HTTPError(exc.status, exc.code, exc.message, [p.as_json() for p in exc.details])
+
+
+async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, or 400/413 with a clear message."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = Problem("", f"not JSON: {exc}")
+        raise HTTPError(400, "invalid_json", "the body is not JSON", [problem.as_json()]) from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "invalid_json", "the body must be a JSON object")
+    return body
+
+
+def _writable_folder(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)

@@ -1,0 +1,155 @@
+"""Assembly: every component in one task group, started in order, stopped on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import structlog
+from prometheus_client import CollectorRegistry
+
+from ._types import Clock, SystemClock
+from .api import ApiContext, create_app
+from .cloud_client import CloudClient
+from .events import EventBus
+from .exceptions import SettingsError
+from .metrics import DaemonMetrics, TokenMetrics
+from .notify import Notifier
+from .refresher import TokenRefresher
+from .server import bind_tcp, bind_unix, describe, serve_socket
+from .settings import Settings
+from .settings_store import SettingsStore
+from .systemd import SystemdNotifier
+from .watcher import SettingsWatcher
+
+log = structlog.get_logger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def check_town_root(path: Path) -> None:
+    """The town root must be a folder the daemon can read and enter; else exit 2."""
+    if not path.is_dir():
+        raise SettingsError(
+            "town root (GT_TOWN_ROOT)", f"{path} is not a folder", "create it or set GT_TOWN_ROOT"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise SettingsError(
+            "town root (GT_TOWN_ROOT)",
+            f"{path} cannot be read",
+            "give the daemon's user read access",
+        )
+
+
+async def run_daemon(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until SIGTERM or SIGINT (or cancellation); raises SettingsError before serving."""
+    check_town_root(settings.town_root)
+    clock = clock or SystemClock()
+    systemd = SystemdNotifier()
+    registry = CollectorRegistry()
+    bus = EventBus()
+    store = SettingsStore(
+        town_root=settings.town_root, emit=bus.emit, extra_presets=settings.extra_presets
+    )
+    client = CloudClient(
+        base_url=settings.cloud_url,
+        internal_key=settings.internal_key.reveal(),
+        town_id=settings.town_id,
+        timeout=settings.refresh_timeout,
+    )
+    refresher = TokenRefresher(
+        town_id=settings.town_id,
+        env_file=settings.env_file,
+        client=client,
+        emit=bus.emit,
+        clock=clock,
+        policy=settings.schedule,
+        metrics=TokenMetrics(registry),
+    )
+    watcher = SettingsWatcher(
+        town_root=settings.town_root,
+        env_file=settings.env_file,
+        folders=store.watched_folders,
+        on_settings_change=store.reconcile_external,
+        on_env_change=refresher.reload_env_file,
+        debounce_ms=settings.watch_debounce_ms,
+        step_ms=settings.watch_step_ms,
+    )
+    notifier = Notifier(bus=bus, hooks=settings.hooks, signals=settings.signals)
+    metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
+    ctx = ApiContext(
+        town_id=settings.town_id,
+        town_root=settings.town_root,
+        refresher=refresher,
+        store=store,
+        bus=bus,
+        registry=registry,
+        clock=clock,
+        watcher_status=watcher.status,
+        patch_counter=metrics.config_patches,
+    )
+    tcp = bind_tcp(settings.listen)
+    try:
+        unix = bind_unix(settings.socket)
+    except OSError:
+        tcp.close()
+        raise
+    shutdown = anyio.Event()
+
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, shutdown)
+        await store.load()
+        await tg.start(refresher.run)
+        await tg.start(notifier.run)
+        await tg.start(watcher.run)
+        await tg.start(systemd.run_watchdog)
+        tg.start_soon(_report_state, systemd, refresher)
+        async with anyio.create_task_group() as servers:
+            for app, sock in (
+                (create_app(ctx, key=settings.internal_key.reveal()), tcp),
+                (create_app(ctx, key=None), unix),
+            ):
+                log.info("api_listening", address=describe(sock))
+                servers.start_soon(serve_socket, app, sock, shutdown)
+            systemd.notify("READY=1", f"STATUS=serving; token {refresher.status().state}")
+            log.info("daemon_ready", town_id=settings.town_id, state=refresher.status().state)
+            task_status.started()
+        # The servers return once `shutdown` is set and their connections closed.
+        tg.cancel_scope.cancel()
+    _remove_socket(settings.socket)
+    log.info("daemon_stopped")
+
+
+async def _stop_on_signal(shutdown: anyio.Event) -> None:
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("daemon_stopping", signal=signal.Signals(signum).name)
+            SystemdNotifier().notify("STOPPING=1")
+            shutdown.set()
+            return
+
+
+async def _report_state(systemd: SystemdNotifier, refresher: TokenRefresher) -> None:
+    """Keep systemd's STATUS= line current for `systemctl status`."""
+    if not systemd.enabled:
+        return
+    last = ""
+    while True:
+        state = refresher.status().state
+        if state != last:
+            systemd.notify(f"STATUS=token {state}")
+            last = state
+        await anyio.sleep(1)
+
+
+def _remove_socket(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

@@ -1,0 +1,209 @@
+"""Settings: precedence, defaults, and one clear line for every missing or bad value."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gastown_sandboxd.exceptions import SettingsError
+from gastown_sandboxd.settings import (
+    Listen,
+    Secret,
+    load_client_settings,
+    load_settings,
+    parse_duration,
+    parse_listen,
+)
+
+KEY = "k" * 24
+BASE_ENV = {
+    "TOWN_ID": "town-1",
+    "CLOUD_API_URL": "https://cloud.example",
+    "INTERNAL_API_KEY": KEY,
+    "HOME": "/home/gt",
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_contract() -> None:
+    """With only the required variables, every default is the contract's."""
+    settings = load_settings({}, dict(BASE_ENV), None)
+    assert settings.town_root == Path("/home/gt/gt")
+    assert settings.env_file == Path("/home/gt/.env.gateway")
+    assert settings.listen == Listen("127.0.0.1", 8080)
+    assert settings.socket == Path("/home/gt/.gastown-sandboxd.sock")
+    assert settings.schedule.refresh_fraction == 0.5
+    assert settings.schedule.jitter_fraction == 0.1
+    assert settings.schedule.backoff_initial == 1.0
+    assert settings.schedule.backoff_max == 300.0
+    assert settings.schedule.max_sleep == 30.0
+    assert settings.refresh_timeout == 10.0
+
+
+def test_socket_defaults_to_the_runtime_dir() -> None:
+    """XDG_RUNTIME_DIR, when set, holds the socket."""
+    settings = load_settings({}, {**BASE_ENV, "XDG_RUNTIME_DIR": "/run/user/1000"}, None)
+    assert settings.socket == Path("/run/user/1000/gastown-sandboxd.sock")
+
+
+def test_flag_beats_environment_beats_toml(tmp_path: Path) -> None:
+    """A flag wins over the environment, which wins over the TOML file."""
+    config = write(
+        tmp_path, 'town_root = "/from/toml"\nenv_file = "/toml/env"\nlisten = "0.0.0.0:1"\n'
+    )
+    env = {**BASE_ENV, "GT_TOWN_ROOT": "/from/env", "GASTOWN_SANDBOXD_LISTEN": "127.0.0.1:9"}
+    settings = load_settings({"town_root": "/from/flag"}, env, config)
+    assert settings.town_root == Path("/from/flag")
+    assert settings.listen == Listen("127.0.0.1", 9)
+    assert settings.env_file == Path("/toml/env")
+    assert settings.config_file == config
+
+
+def test_fallback_environment_names() -> None:
+    """KILO_API_URL and GT_ROOT serve when CLOUD_API_URL and GT_TOWN_ROOT are unset."""
+    env = {k: v for k, v in BASE_ENV.items() if k != "CLOUD_API_URL"}
+    env |= {"KILO_API_URL": "https://kilo.example/", "GT_ROOT": "/srv/town"}
+    settings = load_settings({}, env, None)
+    assert settings.cloud_url == "https://kilo.example"
+    assert settings.town_root == Path("/srv/town")
+
+
+@pytest.mark.parametrize(
+    ("env_change", "named"),
+    [
+        ({"TOWN_ID": ""}, "TOWN_ID"),
+        ({"TOWN_ID": "town 1; rm -rf"}, "TOWN_ID"),
+        ({"CLOUD_API_URL": ""}, "CLOUD_API_URL"),
+        ({"CLOUD_API_URL": "ftp://x"}, "CLOUD_API_URL"),
+        ({"INTERNAL_API_KEY": ""}, "INTERNAL_API_KEY"),
+        ({"INTERNAL_API_KEY": "short"}, "INTERNAL_API_KEY"),
+        ({"GASTOWN_SANDBOXD_LISTEN": "nonsense"}, "GASTOWN_SANDBOXD_LISTEN"),
+        ({"GASTOWN_SANDBOXD_LISTEN": "127.0.0.1:70000"}, "GASTOWN_SANDBOXD_LISTEN"),
+        ({"GASTOWN_SANDBOXD_LOG_FORMAT": "xml"}, "log_format"),
+    ],
+)
+def test_bad_or_missing_values_name_the_setting(env_change: dict[str, str], named: str) -> None:
+    """Each bad value raises SettingsError whose one line names the setting."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, {**BASE_ENV, **env_change}, None)
+    line = str(caught.value)
+    assert named in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("nonsense = 1\n", "nonsense"),
+        ("[refresh]\nfraction = 1.5\n", "refresh.fraction"),
+        ('[refresh]\nbackoff_max = "soon"\n', "refresh.backoff_max"),
+        ('[watcher]\ndebounce = "-5ms"\n', "watcher.debounce"),
+        ('[[hooks]]\nevents = ["token.refreshed"]\ncommand = []\n', "hooks[0].command"),
+        ('[[hooks]]\nevents = ["token.nope"]\ncommand = ["true"]\n', "hooks[0].events"),
+        (
+            '[[signals]]\npid_file = "/x"\nsignal = "SIGNOPE"\nevents = ["config.changed"]\n',
+            "signals[0].signal",
+        ),
+        ('[[signals]]\nsignal = "SIGHUP"\nevents = ["config.changed"]\n', "signals[0].pid_file"),
+        ("this is not toml", "--config"),
+        ("town_root = 5\n", "town_root"),
+    ],
+)
+def test_bad_toml_names_the_setting(tmp_path: Path, toml: str, named: str) -> None:
+    """A bad TOML value is reported by its key."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, dict(BASE_ENV), write(tmp_path, toml))
+    assert named in str(caught.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    """--config naming a file that does not exist is a settings error."""
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings({}, dict(BASE_ENV), tmp_path / "absent.toml")
+
+
+def test_hooks_and_signals_from_toml(tmp_path: Path) -> None:
+    """[[hooks]] and [[signals]] become specs with parsed durations and signals."""
+    config = write(
+        tmp_path,
+        """
+[[hooks]]
+events = ["token.refreshed", "config.changed"]
+command = ["/bin/echo", "hi"]
+timeout = "500ms"
+
+[[signals]]
+pid_file = "~/gt/daemon.pid"
+signal = "USR1"
+events = ["config.changed"]
+
+[config]
+extra_presets = ["house-model"]
+""",
+    )
+    settings = load_settings({}, dict(BASE_ENV), config)
+    (hook,) = settings.hooks
+    assert hook.command == ("/bin/echo", "hi")
+    assert hook.timeout == 0.5
+    assert hook.events == frozenset({"token.refreshed", "config.changed"})
+    (spec,) = settings.signals
+    assert spec.pid_file == Path("/home/gt/gt/daemon.pid")
+    assert spec.signal == signal.SIGUSR1
+    assert settings.extra_presets == ("house-model",)
+
+
+def test_secret_never_shows() -> None:
+    """The key is hidden in repr and str of the settings."""
+    settings = load_settings({}, dict(BASE_ENV), None)
+    assert KEY not in repr(settings)
+    assert KEY not in str(settings.internal_key)
+    assert settings.internal_key.reveal() == KEY
+    assert Secret("a") == Secret("a")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0), (7, 7.0)]
+)
+def test_parse_duration(text: str | int, seconds: float) -> None:
+    """Durations accept ms, s, m, h and bare numbers."""
+    assert parse_duration(text, setting="x") == seconds
+
+
+def test_parse_listen_ipv6() -> None:
+    """A bracketed IPv6 host parses and prints back."""
+    listen = parse_listen("[::1]:8080")
+    assert listen == Listen("::1", 8080)
+    assert str(listen) == "[::1]:8080"
+
+
+def test_client_settings_need_nothing() -> None:
+    """The client commands work with no required setting present."""
+    settings = load_client_settings({}, {"HOME": "/home/gt"}, None)
+    assert settings.town_id is None
+    assert settings.internal_key is None
+    assert settings.socket == Path("/home/gt/.gastown-sandboxd.sock")
+
+
+def test_run_exits_2_with_one_line_for_a_missing_setting(tmp_path: Path) -> None:
+    """`gastown-sandboxd run` without TOWN_ID exits 2 and prints one line naming it."""
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gastown_sandboxd", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "TOWN_ID" in lines[0]
