@@ -34,6 +34,7 @@ from .sse import parse_last_event_id, sse_stream
 
 MAX_PATCH_BYTES = 64 * 1024
 MAX_TOKEN_BODY_BYTES = 16 * 1024
+BODY_TIMEOUT = 10.0  # a peer that dribbles its body cannot hold a PATCH slot forever
 _PATCH_TYPES = frozenset({"application/json", "application/merge-patch+json"})
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -288,11 +289,15 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(BODY_TIMEOUT) as deadline:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        message = f"the body did not arrive within {BODY_TIMEOUT:.0f} s"
+        raise HTTPError(408, "body_timeout", message)
     try:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -246,6 +246,7 @@ def openapi_document() -> dict[str, Any]:
                     "400": _error("The body is not a JSON object."),
                     "409": _error("A settings file cannot be read as gt's JSON."),
                     "412": _error("If-Match does not equal the current revision."),
+                    "408": _error("The body did not arrive in time."),
                     "413": _error("The body is larger than 64 KiB."),
                     "415": _error("Wrong content type."),
                     "422": _error("Invalid patch; one detail per problem."),
@@ -285,6 +286,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref("TokenAnswer"), "Accepted and written."),
                     "400": _error("The body is not a JSON object."),
+                    "408": _error("The body did not arrive in time."),
                     "413": _error("The body is too large."),
                     "422": _error("The token is not acceptable; one detail per reason."),
                     "503": _error("The env file could not be written."),

@@ -25,6 +25,7 @@ from .settings import Listen
 log = structlog.get_logger(__name__)
 
 SOCKET_MODE = 0o660
+HEADER_TIMEOUT = 5.0
 
 
 def bind_tcp(listen: Listen) -> socket.socket:
@@ -69,7 +70,10 @@ def hypercorn_config(fd: int, *, graceful_timeout: float = 1.0) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 5.0
-    config.read_timeout = 10  # a peer that sends headers slowly is cut off
+    # No read timeout: hypercorn applies it to every read, so it would cut SSE clients that only
+    # listen. A peer that sends headers slowly is cut off by the keep-alive timer, which runs
+    # until a request's headers are complete.
+    config.read_timeout = None
     config.h11_max_incomplete_size = 16 * 1024  # header block limit
     config.backlog = 128
     config.include_server_header = False
