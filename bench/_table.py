@@ -1,0 +1,41 @@
+"""Plain-text output shared by the benches: a padded table and a proportional bar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[col]) for row in cells) for col in range(len(headers))]
+    numeric = [all(_is_number(row[col]) for row in cells[1:]) for col in range(len(headers))]
+    lines = []
+    for index, row in enumerate(cells):
+        padded = [
+            cell.rjust(width) if numeric[col] else cell.ljust(width)
+            for col, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(padded).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def bar(value: float, full: float, width: int = 50) -> str:
+    """`value` as a run of '#' out of `width` for `full` (at least one mark when above 0)."""
+    if full <= 0 or value <= 0:
+        return ""
+    return "#" * max(1, round(width * min(value, full) / full))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _is_number(text: str) -> bool:
+    return text.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()

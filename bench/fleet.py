@@ -1,0 +1,488 @@
+"""Fleet-scale simulation: N sandboxes booted in the same second, refreshing on the real schedule.
+
+Every sandbox boots within the first second holding a 24 h token minted at t = 0. Each call
+to the cloud is planned by the daemon's own `gastown_sandboxd.schedule.next_attempt_at`, with
+a jitter drawn by `draw_jitter` for every new token, as `TokenRefresher` does. The cloud answers
+with a new token whose `iat` is the whole second of the call, or, during an outage, with a
+connection error (`Outcome.OUTAGE`). The daemon's 30 s wake-ups never move a call (it happens
+once its planned time is reached, and the wall clock does not jump here), so calls are
+simulated at their planned times with one heap of (time, sandbox).
+
+`expected_load` solves the renewal equation for the same schedule: the noise-free refreshes
+per minute of an infinite fleet, to see how many days the boot storm takes to even out.
+
+`python -m bench.fleet` prints every scenario; `simulate()` runs one (tests run small ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import heapq
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gastown_sandboxd.schedule import (
+    Outcome,
+    SchedulePolicy,
+    draw_jitter,
+    next_attempt_at,
+    refresh_point,
+)
+from gastown_sandboxd.token import Claims
+
+from ._table import bar, table
+
+HOUR = 3600.0
+DAY = 86400
+FirstRefresh = Literal["schedule", "stationary"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """The cloud refuses every connection from `start` for `duration` seconds after boot."""
+
+    start: float
+    duration: float
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Calls per minute over a window: the mean, and the peak of `bucket`-minute averages."""
+
+    mean: float
+    peak: float
+    bucket: int
+
+    @property
+    def ratio(self) -> float:
+        return self.peak / self.mean if self.mean else math.inf
+
+
+@dataclass
+class FleetResult:
+    """What the cloud saw, minute by minute, and what the sandboxes went through."""
+
+    n: int
+    seconds: float
+    outage: Outage | None
+    first_refresh: FirstRefresh
+    policy: SchedulePolicy
+    lifetime: int
+    calls: list[int]  # calls to the cloud per minute, failed or not
+    refreshes: list[int]  # successful calls per minute
+    failing: list[int]  # the most sandboxes in backoff at once during each minute
+    min_call_gap: float = math.inf  # shortest time between two calls of one sandbox
+    min_left_at_refresh: float = math.inf  # least token life left at a successful call
+    expired: int = 0  # tokens that expired before their sandbox replaced them
+    outage_calls: int = 0
+    outage_calls_expected: float = 0.0  # calls expected from the mean backoffs, summed
+    most_calls_one_sandbox: int = 0  # during the outage
+    failing_at_recovery: int = 0
+    recovery_time: float | None = None  # from the outage's end to the last sandbox refreshed
+    first_call: float = math.inf
+    first_failures: list[float] = field(default_factory=list, repr=False)  # sorted
+
+    def load(self, start: float, end: float, *, bucket: int = 1, series: str = "calls") -> Load:
+        """The load over [start, end) seconds after boot, in whole `bucket`-minute buckets."""
+        counts = self.calls if series == "calls" else self.refreshes
+        first, last = int(start // 60), min(int(end // 60), len(counts))
+        last -= (last - first) % bucket
+        window = counts[first:last]
+        if not window:
+            return Load(0.0, 0.0, bucket)
+        sums = [sum(window[k : k + bucket]) for k in range(0, len(window), bucket)]
+        return Load(sum(window) / len(window), max(sums) / bucket, bucket)
+
+    def expected_retry_calls(self, start: float, end: float) -> float:
+        """The calls in [start, end) that the backoff's mean delays predict for the outage.
+
+        Counts, for every sandbox that failed, the offsets of `expected_retry_offsets` from its
+        first failure that fall in the window and in the outage (sandboxes far from expiry).
+        """
+        if self.outage is None:
+            return 0.0
+        offsets = expected_retry_offsets(self.outage.duration, self.policy)
+        low, high = max(start, self.outage.start), min(end, self.outage.end)
+        if low >= high:
+            return 0.0
+        total = 0
+        for first in self.first_failures:
+            if first >= high:
+                break
+            total += bisect.bisect_left(offsets, high - first)
+            total -= bisect.bisect_left(offsets, low - first)
+        return float(total)
+
+
+def simulate(
+    n: int = 100_000,
+    days: float = 3.0,
+    *,
+    outage: Outage | None = None,
+    seed: int = 1,
+    policy: SchedulePolicy | None = None,
+    lifetime: int = DAY,
+    first_refresh: FirstRefresh = "schedule",
+) -> FleetResult:
+    """Run `n` sandboxes for `days`; `first_refresh="stationary"` is the proposed start rule."""
+    policy = policy or SchedulePolicy()
+    rng = random.Random(seed)
+    end = days * DAY
+    minutes = math.ceil(end / 60)
+    result = FleetResult(
+        n=n,
+        seconds=end,
+        outage=outage,
+        first_refresh=first_refresh,
+        policy=policy,
+        lifetime=lifetime,
+        calls=[0] * minutes,
+        refreshes=[0] * minutes,
+        failing=[0] * minutes,
+    )
+    boot_token = _claims(0, lifetime)
+    held = [boot_token] * n
+    jitter = [0.0] * n
+    failures = [0] * n
+    last_call = [-math.inf] * n
+    heap: list[tuple[float, int]] = []
+    for i in range(n):
+        booted = rng.random()  # all within the same second
+        jitter[i] = draw_jitter(rng)
+        if first_refresh == "stationary":
+            at = max(booted, stationary_first_refresh(boot_token, rng, policy))
+        else:
+            at = next_attempt_at(
+                boot_token,
+                booted,
+                failures=0,
+                outcome=Outcome.OK,
+                jitter=jitter[i],
+                rng=rng,
+                policy=policy,
+            )
+        heap.append((at, i))
+    heapq.heapify(heap)
+    down_from, down_until = (outage.start, outage.end) if outage else (math.inf, math.inf)
+    outage_calls_of: dict[int, int] = {}
+    first_fail: dict[int, float] = {}
+    failing = 0
+    recovered_at: float | None = None
+    calls, refreshes, failing_peak = result.calls, result.refreshes, result.failing
+    while heap and heap[0][0] < end:
+        now, i = heap[0]
+        minute = int(now // 60)
+        calls[minute] += 1
+        result.first_call = min(result.first_call, now)
+        result.min_call_gap = min(result.min_call_gap, now - last_call[i])
+        last_call[i] = now
+        token = held[i]
+        if now >= down_until and recovered_at is None:
+            recovered_at = now
+            result.failing_at_recovery = failing
+        if down_from <= now < down_until:
+            failures[i] += 1
+            if failures[i] == 1:
+                failing += 1
+                first_fail[i] = now
+            outage_calls_of[i] = outage_calls_of.get(i, 0) + 1
+            wake = next_attempt_at(
+                token,
+                now,
+                failures=failures[i],
+                outcome=Outcome.OUTAGE,
+                jitter=jitter[i],
+                rng=rng,
+                policy=policy,
+            )
+        else:
+            left = token.exp - now
+            result.min_left_at_refresh = min(result.min_left_at_refresh, left)
+            if left <= 0:
+                result.expired += 1
+            if failures[i]:
+                failing -= 1
+                failures[i] = 0
+                result.recovery_time = max(result.recovery_time or 0.0, now - down_until)
+            refreshes[minute] += 1
+            iat = int(now)  # the cloud mints in whole seconds
+            token = held[i] = _claims(iat, lifetime)
+            jitter[i] = draw_jitter(rng)
+            wake = next_attempt_at(
+                token,
+                now,
+                failures=0,
+                outcome=Outcome.OK,
+                jitter=jitter[i],
+                rng=rng,
+                policy=policy,
+            )
+        failing_peak[minute] = max(failing_peak[minute], failing)
+        heapq.heapreplace(heap, (wake, i))
+    result.expired += sum(1 for token in held if token.exp <= end)
+    if outage is not None:
+        result.outage_calls = sum(outage_calls_of.values())
+        result.most_calls_one_sandbox = max(outage_calls_of.values(), default=0)
+        result.first_failures = sorted(first_fail.values())
+        result.outage_calls_expected = result.expected_retry_calls(outage.start, outage.end)
+    return result
+
+
+def stationary_first_refresh(token: Claims, rng: random.Random, policy: SchedulePolicy) -> float:
+    """PROPOSAL, not the daemon's rule: a boot token's first refresh, drawn so the fleet is even.
+
+    Regular refreshes come every U(a, b), a = (refresh - jitter)·lifetime, b = refresh·lifetime.
+    Drawing the first one from that interval's stationary residual (V·T, with T size-biased on
+    [a, b] and V uniform) makes a fleet that booted together refresh at a constant rate at once.
+    """
+    lifetime = token.lifetime
+    a = (policy.refresh_fraction - policy.jitter_fraction) * lifetime
+    b = policy.refresh_fraction * lifetime
+    size_biased = math.sqrt(a * a + rng.random() * (b * b - a * a))
+    return token.iat + rng.random() * size_biased
+
+
+def expected_backoff(failures: int, policy: SchedulePolicy, *, urgent: bool = False) -> float:
+    """The mean of `backoff_delay`: E[max(gap, U(0, ceiling))] = (ceiling² + gap²) / 2·ceiling."""
+    cap = policy.urgent_backoff_max if urgent else policy.backoff_max
+    ceiling = min(cap, policy.backoff_initial * 2.0 ** min(max(failures, 1) - 1, 64))
+    gap = policy.min_retry_gap
+    if ceiling <= gap:
+        return gap
+    return (ceiling * ceiling + gap * gap) / (2 * ceiling)
+
+
+def expected_retry_offsets(horizon: float, policy: SchedulePolicy) -> list[float]:
+    """When a failing sandbox calls, counted from its first failure, if every backoff is its mean.
+
+    The count of offsets below W is the backoff's bound on one sandbox's calls in W seconds.
+    """
+    offsets = [0.0]
+    failures = 1
+    while offsets[-1] <= horizon:
+        offsets.append(offsets[-1] + expected_backoff(failures, policy))
+        failures += 1
+    return offsets
+
+
+def expected_load(
+    days: float, *, policy: SchedulePolicy | None = None, lifetime: int = DAY, step: int = 60
+) -> list[float]:
+    """Expected refreshes per `step` seconds per sandbox, for a fleet whose tokens share iat 0.
+
+    Solves the renewal equation h = f + (h convolved with f), where f is the law of the refresh
+    interval, read off the real `refresh_point` over a fine grid of jitter draws (the first
+    refresh, from iat 0, has the same law).
+    """
+    policy = policy or SchedulePolicy()
+    token = _claims(0, lifetime)
+    grid = 20_000
+    interval: dict[int, float] = {}
+    for k in range(grid):
+        at = refresh_point(token, (k + 0.5) / grid, policy)
+        slot = round(at / step)
+        interval[slot] = interval.get(slot, 0.0) + 1.0 / grid
+    steps = math.ceil(days * DAY / step)
+    density = [0.0] * steps
+    terms = sorted(interval.items())
+    for t in range(steps):
+        value = interval.get(t, 0.0)
+        for lag, p in terms:
+            if lag > t:
+                break
+            value += density[t - lag] * p
+        density[t] = value
+    return density
+
+
+def _claims(iat: int, lifetime: int) -> Claims:
+    return Claims("user", "gastown_sandbox", "town", None, iat, iat + lifetime)
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _hours(seconds: float) -> str:
+    whole = int(seconds // 60)
+    return f"{whole // 60}h{whole % 60:02d}"
+
+
+def overview(result: FleetResult, *, hours: range | None = None, width: int = 50) -> str:
+    """Calls per minute, hour by hour: the hour's mean and its busiest minute."""
+    rows = []
+    for hour in hours or range(math.ceil(result.seconds / HOUR)):
+        load = result.load(hour * HOUR, (hour + 1) * HOUR)
+        rows.append((hour, load.mean, load.peak))
+    top = max((peak for _, _, peak in rows), default=0.0)
+    lines = ["hour   mean/min   peak/min"]
+    for hour, mean, peak in rows:
+        lines.append(f"{hour:4d}  {mean:9.1f}  {peak:9.0f}  |{bar(mean, top, width)}")
+    return "\n".join(lines)
+
+
+def outage_histogram(result: FleetResult, *, bucket: int = 5, width: int = 50) -> str:
+    """Calls per minute in `bucket`-minute steps from 30 min before the outage to 60 min after."""
+    assert result.outage is not None
+    start = result.outage.start - 30 * 60
+    stop = result.outage.end + 60 * 60
+    rows = []
+    for minute in range(int(start // 60), int(stop // 60), bucket):
+        at = minute * 60.0
+        counts = result.calls[minute : minute + bucket]
+        failing = max(result.failing[minute : minute + bucket], default=0)
+        expected = result.expected_retry_calls(at, at + bucket * 60) / bucket
+        rows.append((at, sum(counts) / bucket, max(counts, default=0), expected, failing))
+    top = max((row[2] for row in rows), default=0)
+    lines = [
+        f"({bucket}-minute buckets; * = cloud down; backoff = retries the mean backoff predicts)",
+        "  time  mean/min  peak/min   backoff   failing",
+    ]
+    for at, mean, peak, expected, most in rows:
+        down = "*" if result.outage.start <= at < result.outage.end else " "
+        lines.append(
+            f"{_hours(at):>6}{down} {mean:8.0f}  {peak:8d}  {expected:8.0f}  {most:8d}"
+            f"  |{bar(peak, top, width)}"
+        )
+    return "\n".join(lines)
+
+
+def load_table(results: Sequence[tuple[str, FleetResult]]) -> str:
+    """Peak over mean calls per minute after the first hour and day by day, per bucket size."""
+    rows = []
+    for name, result in results:
+        days = math.ceil(result.seconds / DAY)
+        windows = [("after 1st hour", HOUR, result.seconds)]
+        windows += [(f"day {d + 1}", max(d * DAY, HOUR), (d + 1) * DAY) for d in range(days)]
+        for label, start, end in windows:
+            by = [result.load(start, end, bucket=b) for b in (1, 10, 60)]
+            rows.append(
+                (name, label, by[0].mean, by[0].peak, by[0].ratio, by[1].ratio, by[2].ratio)
+            )
+    headers = ("scenario", "window", "mean/min", "peak/min", "1-min", "10-min", "60-min")
+    return table(headers, rows)
+
+
+def expected_load_table(density: Sequence[float], n: int, *, step: int = 60) -> str:
+    """Day by day, the noise-free peak and mean refreshes per minute of an n-sandbox fleet."""
+    per_day = DAY // step
+    rows = []
+    for day in range(len(density) // per_day):
+        values = density[day * per_day : (day + 1) * per_day]
+        mean = sum(values) / len(values) * n * 60 / step
+        peak = max(values) * n * 60 / step
+        rows.append((day + 1, mean, peak, peak / mean if mean else math.inf))
+    return table(("day", "mean/min", "peak/min", "peak/mean"), rows)
+
+
+def noise_peak(mean: float, buckets: int) -> float:
+    """The likely largest of `buckets` Poisson counts of this mean (an even fleet's noise)."""
+    return mean + math.sqrt(2 * math.log(max(buckets, 2)) * mean)
+
+
+def first_day_within(density: Sequence[float], ratio: float, *, step: int = 60) -> int | None:
+    """The first day from which every day's noise-free peak/mean stays at or under `ratio`."""
+    per_day = DAY // step
+    days = len(density) // per_day
+    ratios = []
+    for day in range(days):
+        values = density[day * per_day : (day + 1) * per_day]
+        mean = sum(values) / len(values)
+        ratios.append(max(values) / mean if mean else math.inf)
+    for day in range(days):
+        if all(r <= ratio for r in ratios[day:]):
+            return day + 1
+    return None
+
+
+def outage_table(result: FleetResult) -> str:
+    """The outage in numbers: who failed, how often they called, how fast they recovered."""
+    assert result.outage is not None
+    outage = result.outage
+    before = result.load(outage.start - HOUR, outage.start)
+    during = result.load(outage.start, outage.end)
+    tail = result.load(outage.end - 10 * 60, outage.end)
+    after = result.load(outage.end, outage.end + 10 * 60)
+    steady = 60.0 / expected_backoff(64, result.policy)
+    rows = [
+        ("calls/min in the hour before (mean / peak)", f"{before.mean:.0f} / {before.peak:.0f}"),
+        ("calls/min during the outage (mean / peak)", f"{during.mean:.0f} / {during.peak:.0f}"),
+        ("calls/min, its last 10 minutes (peak)", f"{tail.peak:.0f}"),
+        ("calls/min, 10 minutes after recovery (peak)", f"{after.peak:.0f}"),
+        ("sandboxes failing when the cloud came back", f"{result.failing_at_recovery:,}"),
+        ("calls per failing sandbox at the 300 s cap", f"{steady:.2f}/min"),
+        ("calls during the outage", f"{result.outage_calls:,}"),
+        ("  expected from the mean backoff", f"{result.outage_calls_expected:,.0f}"),
+        ("most calls by one sandbox", f"{result.most_calls_one_sandbox}"),
+        ("shortest gap between two calls of one sandbox", f"{result.min_call_gap:.2f} s"),
+        ("every failing sandbox refreshed within", f"{result.recovery_time or 0:.0f} s"),
+        ("least token life left at a refresh", f"{result.min_left_at_refresh / HOUR:.2f} h"),
+        ("tokens that expired", f"{result.expired}"),
+    ]
+    return table(("outage of " + _hours(outage.duration) + " at " + _hours(outage.start), ""), rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
+    parser.add_argument("--sandboxes", type=int, default=100_000)
+    parser.add_argument("--days", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--outage-at", type=float, default=54.0, help="hours after boot")
+    parser.add_argument("--outage-hours", type=float, default=2.0)
+    parser.add_argument("--horizon-days", type=int, default=30, help="for the expected load")
+    args = parser.parse_args(argv)
+    n = args.sandboxes
+    began = time.perf_counter()
+
+    storm = simulate(n, args.days, seed=args.seed)
+    print(f"== {n:,} sandboxes booted in the same second, 24 h tokens minted at t=0 ==")
+    print(f"first call to the cloud at {_hours(storm.first_call)} after boot\n")
+    print(overview(storm))
+
+    density = expected_load(args.horizon_days)
+    print(f"\n== expected (noise-free) refreshes per minute, {n:,} sandboxes ==")
+    print(expected_load_table(density, n))
+    for ratio in (1.25, 1.1):
+        day = first_day_within(density, ratio)
+        since = f"day {day}" if day else f"no day up to {args.horizon_days}"
+        print(f"noise-free peak/mean stays <= {ratio} from {since}")
+
+    outage = Outage(args.outage_at * HOUR, args.outage_hours * HOUR)
+    hit = simulate(n, args.days, outage=outage, seed=args.seed)
+    print(f"\n== a {args.outage_hours:g} h outage at {args.outage_at:g} h: every call fails ==")
+    print(outage_histogram(hit))
+    print()
+    print(outage_table(hit))
+    last = math.ceil(hit.seconds / HOUR)
+    print("\nthe fleet after the outage: the recovered sandboxes' next wave is jittered as usual")
+    print(overview(hit, hours=range(int(outage.start // HOUR) - 2, last)))
+
+    proposal = simulate(n, args.days, seed=args.seed, first_refresh="stationary")
+    print("\n== proposal: first refresh of a boot token from the stationary residual ==")
+    print(overview(proposal))
+
+    print("\n== calls per minute: peak over mean, by bucket size ==")
+    print(load_table([("schedule", storm), ("proposal", proposal)]))
+    mean = proposal.load(HOUR, proposal.seconds).mean
+    minutes = int((proposal.seconds - HOUR) // 60)
+    print(
+        "\npeak/mean = the busiest bucket's calls per minute over the mean calls per minute of"
+        " the same window.\nAn even fleet still shows Poisson noise: at"
+        f" {mean:.0f} calls/min its likely peak/mean is {noise_peak(mean, minutes) / mean:.2f}"
+        f" in 1-minute buckets, {noise_peak(10 * mean, minutes // 10) / (10 * mean):.2f} in"
+        " 10-minute buckets."
+    )
+    print(f"\nran in {time.perf_counter() - began:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
