@@ -119,7 +119,7 @@ class EventTail:
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            argv, env=env, stdout=subprocess.PIPE
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._pump, daemon=True)

@@ -232,11 +232,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _token_line(token: dict[str, Any]) -> str:
     if not token:
         return "none"
-    minutes = int(token["expires_in"]) // 60
     return (
         f"…{token['fingerprint']} sub={token['sub']} org={token['organization_id'] or '-'} "
-        f"expires in {minutes // 60}h{minutes % 60:02d}m"
+        f"expires in {_duration(int(token['expires_in']))}"
     )
+
+
+def _duration(seconds: int) -> str:
+    hours, rest = divmod(max(0, seconds), 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
