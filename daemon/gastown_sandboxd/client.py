@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,17 @@ class DaemonClient:
     ) -> None:
         self._http.close()
 
+    def _check_socket(self) -> None:
+        """Fail with a clear message before httpx tries (httpcore leaks a refused socket)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(5.0)
+            try:
+                probe.connect(str(self._socket))
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                message = f"cannot reach the daemon at {self._socket}: {reason}"
+                raise DaemonUnavailable(message) from None
+
     def get(self, path: str) -> dict[str, Any]:
         return self._request("GET", path, ok=(200,))
 
@@ -49,6 +61,7 @@ class DaemonClient:
     def events(self, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """Every event from the stream as a dict; ends when the daemon closes it."""
         headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        self._check_socket()
         try:
             with connect_sse(self._http, "GET", "/events", headers=headers) as source:
                 for sse in source.iter_sse():
@@ -61,6 +74,7 @@ class DaemonClient:
             raise self._unavailable(exc) from None
 
     def _request(self, method: str, path: str, *, ok: Collection[int]) -> dict[str, Any]:
+        self._check_socket()
         try:
             response = self._http.request(method, path)
         except httpx.TimeoutException:

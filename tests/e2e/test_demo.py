@@ -1,0 +1,47 @@
+"""`make demo` runs to the end by itself and leaves nothing running or behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_to_the_end_and_cleans_up(tmp_path: Path) -> None:
+    """The demo exits 0 after showing every step, removes its folder and kills its children."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "gastown_cloud.demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    for step in (
+        "createTown minted the initial token",
+        "next refresh",
+        "refresh 1:",
+        "refresh 2:",
+        "the cloud forwarded it to the sandbox: HTTP 200",
+        "subscriber got event #3 config.changed",
+        "the agent's answer",
+        '"userId": "user-ada"',
+        "done: nothing left running",
+    ):
+        assert step in out
+    # The demo never prints a token: only claims and fingerprints.
+    assert "eyJ" not in out
+    assert list(tmp_path.iterdir()) == []
+    assert tempfile.gettempdir()  # the demo's own folder lived under TMPDIR, now empty
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert leftovers.stdout.strip() == ""
