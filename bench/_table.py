@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -39,3 +40,32 @@ def _cell(value: object) -> str:
 
 def _is_number(text: str) -> bool:
     return text.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured figure, with the baseline measured in the same run where there is one."""
+
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    note: str = ""
+
+
+def print_table(rows: Sequence[Row], title: str | None = None) -> None:
+    """Print `rows` as one table: figure, value, unit, baseline, ratio, note."""
+    if title:
+        print(f"\n== {title} ==")
+    body = [
+        (
+            row.name,
+            row.value,
+            row.unit,
+            "" if row.baseline is None else row.baseline,
+            "" if not row.baseline else f"{row.value / row.baseline:.2f}x",
+            row.note,
+        )
+        for row in rows
+    ]
+    print(table(("figure", "value", "unit", "baseline", "ratio", "note"), body), flush=True)
