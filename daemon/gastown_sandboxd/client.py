@@ -65,6 +65,9 @@ class DaemonClient:
         try:
             with connect_sse(self._http, "GET", "/events", headers=headers) as source:
                 for sse in source.iter_sse():
+                    if not sse.data:
+                        # httpx-sse turns a heartbeat comment after an `id:` into an empty event.
+                        continue
                     if sse.event == "lagged":
                         raise DaemonUnavailable(
                             "fell behind the event stream; reconnect with --last-event-id"

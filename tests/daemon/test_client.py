@@ -1,0 +1,59 @@
+"""The socket client's event stream against a real Unix socket serving the daemon's SSE frames."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gastown_sandboxd.client import DaemonClient
+from gastown_sandboxd.events import EventBus
+from gastown_sandboxd.sse import CONNECTED, HEARTBEAT, event_frame
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.fixture
+def sse_socket(short_tmp: Path) -> Iterator[tuple[Path, list[bytes]]]:
+    """A Unix socket that answers the first request with the frames the test puts in the list."""
+    path = short_tmp / "sse.sock"
+    frames: list[bytes] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer() -> None:
+        while True:  # the client probes the socket before it sends its request
+            peer = server.accept()[0]
+            if peer.recv(65536):
+                break
+            peer.close()
+        with peer:
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            peer.sendall(head + b"transfer-encoding: chunked\r\n\r\n")
+            for frame in frames:
+                peer.sendall(_chunk(frame))
+            peer.sendall(b"0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield path, frames
+    thread.join(5)
+    server.close()
+
+
+def test_events_skip_heartbeats_after_an_event(sse_socket: tuple[Path, list[bytes]]) -> None:
+    """A heartbeat after an event is not an event: the client yields only the real ones."""
+    path, frames = sse_socket
+    bus = EventBus()
+    first = bus.emit("token.expired", {"exp": 2, "iat": 1})
+    second = bus.emit("town.inactive", {"status": 410, "reason": "destroyed"})
+    frames += [CONNECTED, event_frame(first), HEARTBEAT, HEARTBEAT, event_frame(second), HEARTBEAT]
+    with DaemonClient(path) as client:
+        events = list(client.events())
+    assert events == [first.as_json(), second.as_json()]
