@@ -105,7 +105,7 @@ async def run_daemon(
     shutdown = anyio.Event()
 
     async with client, anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, shutdown)
+        tg.start_soon(_stop_on_signal, shutdown, bus)
         await store.load()
         await tg.start(refresher.run)
         await tg.start(notifier.run)
@@ -128,11 +128,13 @@ async def run_daemon(
     log.info("daemon_stopped")
 
 
-async def _stop_on_signal(shutdown: anyio.Event) -> None:
+async def _stop_on_signal(shutdown: anyio.Event, bus: EventBus) -> None:
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("daemon_stopping", signal=signal.Signals(signum).name)
             SystemdNotifier().notify("STOPPING=1")
+            # Ending the event streams lets hypercorn close SSE connections at once.
+            bus.close()
             shutdown.set()
             return
 
