@@ -1,11 +1,17 @@
 """The OpenAPI 3.1 document of the internal API, served at /openapi.json.
 
-`config/openapi.json` is this document written out; a test keeps the two equal.
+`config/openapi.json` is this document written out, and `config/schemas/*.json` the
+request bodies as standalone JSON Schemas; `python -m gastown_sandboxd.openapi [FOLDER]`
+writes them (FOLDER defaults to `config`), and a test keeps them equal.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -349,3 +355,52 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"internalKey": []}],
         "paths": paths,
     }
+
+
+def config_patch_schema() -> dict[str, Any]:
+    """The PATCH /config body as a standalone JSON Schema (draft 2020-12)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "config-patch.schema.json",
+        "title": "PATCH /config body of gastown-sandboxd",
+        **copy.deepcopy(CONFIG_PATCH),
+    }
+
+
+GENERATED: dict[str, Callable[[], dict[str, Any]]] = {
+    "openapi.json": openapi_document,
+    "schemas/config-patch.schema.json": config_patch_schema,
+}
+
+
+def render_document(document: dict[str, Any]) -> str:
+    """A generated file's text: two-space JSON, UTF-8 as is, one final newline."""
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_documents(folder: Path) -> list[Path]:
+    """Write every generated file under `folder`; returns their paths."""
+    written = []
+    for name, build in GENERATED.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_document(build()), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m gastown_sandboxd.openapi [FOLDER]`: regenerate the files."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gastown_sandboxd.openapi",
+        description="Write the OpenAPI document and the request JSON Schemas.",
+    )
+    parser.add_argument("folder", nargs="?", type=Path, default=Path("config"))
+    args = parser.parse_args(argv)
+    for path in write_documents(args.folder):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
