@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._types import Clock
@@ -75,9 +75,9 @@ class HTTPError(Exception):
         self.details = list(details)
         super().__init__(message)
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
         body = {"error": self.code, "message": self.message, "details": self.details}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def rfc3339(timestamp: float | None) -> str | None:
@@ -144,7 +144,15 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    return HTTPError(405, "method_not_allowed", f"{request.method} is not allowed here").response()
+    # RFC 9110 wants `Allow`; several routes may share the path (GET and PATCH /config).
+    allowed = {
+        method
+        for route in request.app.routes
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+        for method in route.methods or ()
+    }
+    response = HTTPError(405, "method_not_allowed", f"{request.method} is not allowed here")
+    return response.response(headers={"Allow": ", ".join(sorted(allowed))})
 
 
 class _Routes:
