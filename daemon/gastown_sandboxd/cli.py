@@ -187,13 +187,15 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run_daemon
+    from .daemon import check_town_root, run_daemon
     from .logs import configure_logging
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     flags["log_format"] = args.log_format
     flags["log_level"] = args.log_level
     settings = load_settings(flags, config_file=args.config)
+    # Before logging starts: a bad town root must end start-up with its one line alone.
+    check_town_root(settings.town_root)
     configure_logging(
         format=settings.log_format,
         level=settings.log_level,
