@@ -19,10 +19,11 @@ from typing import Any
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._types import Clock
 from .events import EventBus
@@ -104,9 +105,55 @@ class KeyRequired:
             # compare_digest takes constant time for equal-length inputs and never short-cuts.
             if not hmac.compare_digest(given, self._key):
                 error = HTTPError(401, "unauthorized", "missing or wrong x-internal-api-key")
-                await error.response()(scope, receive, send)
+                response = error.response()
+                if _has_body(scope):
+                    # The body stays unread: see CloseUnreadBody.
+                    response.headers["connection"] = "close"
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class CloseUnreadBody:
+    """ASGI middleware: an answer sent before the request body was read closes the connection.
+
+    The server cannot reuse a connection whose request body is unread (a 401, 413 or 415
+    answered early) and drops it; `Connection: close` tells the client not to send its next
+    request into it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def tracked_receive() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                read = True
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not read:
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, tracked_receive, tracked_send)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"", b"0")
+    return False
 
 
 def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
@@ -130,6 +177,7 @@ def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
             404: _not_found,
             405: _method_not_allowed,
         },
+        middleware=[Middleware(CloseUnreadBody)],
     )
     return app if key is None else KeyRequired(app, key)
 
