@@ -1,0 +1,322 @@
+"""Events of the real daemon: API change → SSE delivery, external edit → event, idle CPU.
+
+One `gastown-sandboxd run` subprocess (info logs, a fresh 24 h token, so it never calls the
+cloud) and, in this process, the SSE readers and the sender, all timed with `time.perf_counter`.
+
+- API → SSE: `PATCH /config` over the socket, one at a time (the next once every reader has
+  the event); latency from just before the request to each reader's receipt of the event,
+  p50/p99 over every (PATCH, reader) pair, with 1 and with 100 readers (half on the socket,
+  half on TCP with the key). Baselines: the PATCH's own answer time; the 1-reader figure.
+  With 100 readers the figure includes this process parsing the 99 others' copies.
+- external edit → event: the bench renames a new town settings file into place (temporary
+  file, fsync, rename) and times until one reader has the `config.changed`; the watcher's
+  batching (debounce 50 ms, step 10 ms) is most of it.
+- idle CPU: utime + stime of the daemon from /proc/PID/stat over a window (60 s, 10 s with
+  `--quick`) with 100 idle readers, beside the same window with none, in the same run.
+
+`python -m bench.events_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+from httpx_sse import aconnect_sse
+from tests.fixtures.daemon import daemon_env, make_town
+
+from gastown_cloud.tokens import mint_gastown_token
+
+from ._table import Row, print_table
+
+KEY = "bench-events-key-0123456789abcdef"
+TOWN_ID = "town-events-bench"
+# Never called: the daemon holds a fresh token. A port nothing listens on.
+CLOUD_URL = "http://127.0.0.1:9"
+READERS = 100
+WAIT = 30.0
+
+
+@dataclass
+class Daemon:
+    """A running daemon: its process, TCP URL, socket and town root."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    socket: Path
+    town_root: Path
+
+    def cpu_seconds(self) -> float:
+        # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def uds(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
+        transport = httpx.AsyncHTTPTransport(uds=str(self.socket), limits=limits)
+        return httpx.AsyncClient(transport=transport, base_url="http://sandboxd", timeout=WAIT)
+
+    def tcp(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
+        headers = {"x-internal-api-key": KEY}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits, timeout=WAIT)
+
+
+@contextmanager
+def running_daemon() -> Iterator[Daemon]:
+    """Start a daemon for a town with empty settings; stop it and remove its files after."""
+    workdir = Path(tempfile.mkdtemp(prefix="gsd-events-bench-"))
+    try:
+        town_root = make_town(workdir / "town")
+        env_file = workdir / ".env.gateway"
+        secret = "bench-secret-of-at-least-thirty-two-bytes"
+        token = mint_gastown_token("user-bench", TOWN_ID, None, secret=secret, lifetime=86400)
+        env_file.write_text(f"KILO_JWT={token}\n")
+        env_file.chmod(0o600)
+        env = daemon_env(
+            town_id=TOWN_ID,
+            cloud_url=CLOUD_URL,
+            town_root=town_root,
+            env_file=env_file,
+            socket=workdir / "d.sock",
+            key=KEY,
+            extra={"GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
+        )
+        log = workdir / "daemon.log"
+        argv = [sys.executable, "-m", "gastown_sandboxd", "run"]
+        with log.open("wb") as sink:
+            process = subprocess.Popen(argv, env=env, stdout=sink, stderr=sink)
+        try:
+            url = _await_ready(process, log)
+            yield Daemon(process, url, workdir / "d.sock", town_root)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _await_ready(process: subprocess.Popen[bytes], log: Path) -> str:
+    """The TCP URL from the `api_listening` line, once `daemon_ready` is logged."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and process.poll() is None:
+        records = []
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        if any(record.get("event") == "daemon_ready" for record in records):
+            for record in records:
+                address = str(record.get("address", ""))
+                if record.get("event") == "api_listening" and address.startswith("http"):
+                    return address
+        time.sleep(0.02)
+    raise RuntimeError(f"the daemon did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@dataclass
+class Receipts:
+    """When each reader received each event id; `all_in(id)` fires once every reader has it."""
+
+    readers: int
+    times: dict[int, list[float]] = field(default_factory=dict)
+    events: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _complete: dict[int, anyio.Event] = field(default_factory=dict)
+
+    def got(self, event: dict[str, Any], at: float) -> None:
+        times = self.times.setdefault(event["id"], [])
+        times.append(at)
+        self.events.setdefault(event["id"], event)
+        if len(times) == self.readers:
+            self.all_in(event["id"]).set()
+
+    def all_in(self, event_id: int) -> anyio.Event:
+        return self._complete.setdefault(event_id, anyio.Event())
+
+
+async def _read(
+    client: httpx.AsyncClient,
+    receipts: Receipts,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    async with aconnect_sse(client, "GET", "/events") as source:
+        # The daemon sends the headers with its first frame, after registering the reader.
+        task_status.started()
+        async for sse in source.aiter_sse():
+            at = time.perf_counter()
+            if sse.data and sse.event not in ("gap", "lagged"):
+                receipts.got(json.loads(sse.data), at)
+
+
+@asynccontextmanager
+async def readers(daemon: Daemon, count: int) -> AsyncIterator[Receipts]:
+    """`count` SSE readers, alternately on the socket and on TCP, all registered on entry."""
+    receipts = Receipts(count)
+    async with daemon.uds() as uds, daemon.tcp() as tcp, anyio.create_task_group() as tg:
+        for index in range(count):
+            await tg.start(_read, uds if index % 2 == 0 else tcp, receipts)
+        yield receipts
+        tg.cancel_scope.cancel()
+
+
+async def _last_event_id(api: httpx.AsyncClient) -> int:
+    for line in (await api.get("/metrics")).text.splitlines():
+        if line.startswith("gastown_sandboxd_events_total "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("no gastown_sandboxd_events_total in /metrics")
+
+
+async def api_to_sse(
+    daemon: Daemon, reader_count: int, patches: int
+) -> tuple[list[float], list[float]]:
+    """Milliseconds from sending each PATCH to each reader's receipt, and to the PATCH's answer."""
+    delivery: list[float] = []
+    answers: list[float] = []
+    async with daemon.uds() as api, readers(daemon, reader_count) as receipts:
+        event_id = await _last_event_id(api)
+        for n in range(patches):
+            # A new crew name each time: every PATCH changes the town file, one event.
+            body = {"town": {"crew_agents": {f"r{reader_count}-{n}": "claude"}}}
+            sent = time.perf_counter()
+            answer = await api.patch("/config", json=body)
+            answers.append((time.perf_counter() - sent) * 1000)
+            answer.raise_for_status()
+            event_id += 1
+            with anyio.fail_after(WAIT):
+                await receipts.all_in(event_id).wait()
+            if receipts.events[event_id]["revision"] != answer.json()["revision"]:
+                raise RuntimeError(f"event {event_id} is not the PATCH's")
+            delivery += [(at - sent) * 1000 for at in receipts.times[event_id]]
+    return delivery, answers
+
+
+async def edit_to_event(daemon: Daemon, edits: int) -> list[float]:
+    """Milliseconds from renaming a new town settings file into place to its event."""
+    path = daemon.town_root / "settings" / "config.json"
+    latencies: list[float] = []
+    async with daemon.uds() as api, readers(daemon, 1) as receipts:
+        event_id = await _last_event_id(api)
+        for n in range(edits):
+            data = json.dumps({"type": "town-settings", "version": 1, "bench": n}, indent=2)
+            temporary = path.parent / f".config.json.bench{n}.tmp"
+            temporary.write_text(data + "\n")
+            with temporary.open("rb") as handle:
+                os.fsync(handle.fileno())
+            started = time.perf_counter()
+            os.replace(temporary, path)
+            event_id += 1
+            with anyio.fail_after(WAIT):
+                await receipts.all_in(event_id).wait()
+            event = receipts.events[event_id]
+            if event["source"] != "external":
+                raise RuntimeError(f"event {event_id} is not the edit: {event}")
+            latencies.append((receipts.times[event_id][0] - started) * 1000)
+    return latencies
+
+
+async def idle_cpu(daemon: Daemon, reader_count: int, window: float) -> float:
+    """The daemon's CPU use, in percent of one core, over `window` seconds with idle readers."""
+    async with daemon.uds() as api, readers(daemon, reader_count):
+        status = (await api.get("/status")).json()
+        if status["subscribers"] != reader_count:
+            raise RuntimeError(f"{status['subscribers']} subscribers, not {reader_count}")
+        before = daemon.cpu_seconds()
+        started = time.perf_counter()
+        await anyio.sleep(window)
+        used = daemon.cpu_seconds() - before
+        return 100 * used / (time.perf_counter() - started)
+
+
+def _p(samples: list[float], percent: int) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
+
+
+async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
+    patches = 50 if quick else 200
+    edits = 30 if quick else 100
+    window = 10.0 if quick else 60.0
+    rows: list[Row] = []
+    one, answers = await api_to_sse(daemon, 1, patches)
+    many, _ = await api_to_sse(daemon, READERS, patches)
+    for percent in (50, 99):
+        rows.append(
+            Row(
+                f"PATCH → SSE p{percent}, 1 reader",
+                _p(one, percent),
+                "ms",
+                _p(answers, percent),
+                f"baseline: the PATCH's own answer; {patches} PATCHes",
+            )
+        )
+    for percent in (50, 99):
+        rows.append(
+            Row(
+                f"PATCH → SSE p{percent}, {READERS} readers",
+                _p(many, percent),
+                "ms",
+                _p(one, percent),
+                f"baseline: 1 reader; {patches} × {READERS} receipts",
+            )
+        )
+    external = await edit_to_event(daemon, edits)
+    for percent in (50, 99):
+        rows.append(
+            Row(
+                f"external rename → event p{percent}",
+                _p(external, percent),
+                "ms",
+                note=f"{edits} edits; watcher debounce 50 ms, step 10 ms",
+            )
+        )
+    idle = await idle_cpu(daemon, 0, window)
+    busy = await idle_cpu(daemon, READERS, window)
+    rows.append(
+        Row(
+            f"daemon CPU, {READERS} idle SSE readers",
+            busy,
+            "% of a core",
+            idle,
+            f"baseline: no reader; {window:.0f} s windows",
+        )
+    )
+    return rows
+
+
+def run(quick: bool) -> list[Row]:
+    """Measure everything once with one daemon; the rows are printed by the caller."""
+    with running_daemon() as daemon:
+        return anyio.run(_measure, daemon, quick)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.events_bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (CPU windows 10 s)")
+    args = parser.parse_args()
+    print_table(run(args.quick), title="events_bench")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
