@@ -32,7 +32,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def check_town_root(path: Path) -> None:
     """The town root must be a folder the daemon can read and enter; else exit 2."""
-    if not path.is_dir():
+    try:
+        is_folder = path.is_dir()
+    except OSError as exc:  # a folder above it that the daemon may not enter (EACCES)
+        raise SettingsError(
+            "town root (GT_TOWN_ROOT)",
+            f"{path} cannot be reached ({exc.strerror})",
+            "give the daemon's user access to the folders above it",
+        ) from None
+    if not is_folder:
         raise SettingsError(
             "town root (GT_TOWN_ROOT)", f"{path} is not a folder", "create it or set GT_TOWN_ROOT"
         )
