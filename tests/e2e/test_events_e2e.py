@@ -150,21 +150,20 @@ async def patch(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, An
 
 @asynccontextmanager
 async def event_stream(
-    client: httpx.AsyncClient, *, last_event_id: int | None = None
+    client: httpx.AsyncClient,
 ) -> AsyncIterator[MemoryObjectReceiveStream[dict[str, Any]]]:
     """An SSE subscription read in the background; yields once the daemon has registered it."""
     send, receive = anyio.create_memory_object_stream[dict[str, Any]](10_000)
-    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
 
     async def read(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with send, aconnect_sse(client, "GET", "/events", headers=headers) as source:
+        async with send, aconnect_sse(client, "GET", "/events") as source:
             # The daemon sends its headers with the first frame, after registering us.
             task_status.started()
             async for sse in source.aiter_sse():
                 if not sse.data:
                     continue  # httpx-sse turns a heartbeat after an id into an empty event
                 event = json.loads(sse.data)
-                event["_sse"] = {"id": sse.id, "event": sse.event}
+                assert (sse.id, sse.event) == (str(event["id"]), event["type"])
                 await send.send(event)
 
     async with anyio.create_task_group() as tg, receive:
@@ -344,7 +343,7 @@ async def _status_with(
 
 def config_fields(event: dict[str, Any]) -> dict[str, Any]:
     """A config.changed event without what varies from run to run (id, time, revision)."""
-    return {k: v for k, v in event.items() if k not in ("id", "time", "revision", "_sse")}
+    return {k: v for k, v in event.items() if k not in ("id", "time", "revision")}
 
 
 def external(rig: str | None, keys: list[str]) -> dict[str, Any]:
