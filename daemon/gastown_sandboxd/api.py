@@ -20,7 +20,7 @@ import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -346,11 +346,18 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
     chunks: list[bytes] = []
     size = 0
     with anyio.move_on_after(BODY_TIMEOUT) as deadline:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    message = f"the body is larger than {limit} bytes"
+                    raise HTTPError(413, "body_too_large", message)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # The peer closed before the whole body came (a 500 otherwise): nothing applies.
+            raise HTTPError(
+                400, "incomplete_body", "the body ended before it was complete"
+            ) from None
     if deadline.cancelled_caught:
         message = f"the body did not arrive within {BODY_TIMEOUT:.0f} s"
         raise HTTPError(408, "body_timeout", message)

@@ -3,6 +3,9 @@
 Sockets are bound here (so port 0 works and the socket gets mode 0660 before anyone can
 connect) and handed to hypercorn as file descriptors. Hypercorn stops through
 `shutdown_trigger`, which is how the daemon's task group ends it; it never touches signals.
+`HttpLimits` refuses what h11 lets through: a header block over `MAX_HEADER_BYTES` that
+arrives in one read (h11 bounds only a block still incomplete), and a request framed by both
+`Content-Length` and `Transfer-Encoding` (400, connection closed: RFC 9112 §6.1).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import anyio
 import structlog
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from starlette.types import ASGIApp
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .settings import Listen
 
@@ -26,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 SOCKET_MODE = 0o660
 HEADER_TIMEOUT = 5.0
+MAX_HEADER_BYTES = 16 * 1024
 
 
 def bind_tcp(listen: Listen) -> socket.socket:
@@ -74,7 +79,7 @@ def hypercorn_config(fd: int, *, graceful_timeout: float = 1.0) -> Config:
     # listen. A peer that sends headers slowly is cut off by the keep-alive timer, which runs
     # until a request's headers are complete.
     config.read_timeout = None
-    config.h11_max_incomplete_size = 16 * 1024  # header block limit
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES  # header block limit
     config.backlog = 128
     config.include_server_header = False
     return config
@@ -89,8 +94,39 @@ async def serve_socket(
 ) -> None:
     """Serve `app` on `sock` until `shutdown` is set; hypercorn takes ownership of `sock`."""
     config = hypercorn_config(sock.detach(), graceful_timeout=graceful_timeout)
+    limited = HttpLimits(app)
     # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
-    await serve(app, config, shutdown_trigger=shutdown.wait, mode="asgi")  # type: ignore[arg-type]
+    await serve(limited, config, shutdown_trigger=shutdown.wait, mode="asgi")  # type: ignore[arg-type]
+
+
+class HttpLimits:
+    """ASGI middleware: 431 for a header block over `max_header_bytes`, 400 for a request
+    framed by both Content-Length and Transfer-Encoding; both close the connection."""
+
+    def __init__(self, app: ASGIApp, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            # Each header line is "name: value\r\n".
+            size = sum(len(name) + len(value) + 4 for name, value in headers)
+            names = {name for name, _ in headers}
+            if size > self.max_header_bytes:
+                message = f"the header block is larger than {self.max_header_bytes} bytes"
+                await _refusal(431, "headers_too_large", message)(scope, receive, send)
+                return
+            if b"content-length" in names and b"transfer-encoding" in names:
+                message = "send Content-Length or Transfer-Encoding, not both"
+                await _refusal(400, "ambiguous_framing", message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _refusal(status: int, code: str, message: str) -> JSONResponse:
+    body = {"error": code, "message": message, "details": []}
+    return JSONResponse(body, status_code=status, headers={"connection": "close"})
 
 
 def describe(sock: socket.socket) -> str:
