@@ -29,7 +29,7 @@ from .settings import Listen
 log = structlog.get_logger(__name__)
 
 SOCKET_MODE = 0o660
-HEADER_TIMEOUT = 5.0
+HEADER_TIMEOUT = 5.0  # keep-alive timer: also how long a request head may take to arrive
 MAX_HEADER_BYTES = 16 * 1024
 
 
@@ -74,7 +74,7 @@ def hypercorn_config(fd: int, *, graceful_timeout: float = 1.0) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = graceful_timeout
-    config.keep_alive_timeout = 5.0
+    config.keep_alive_timeout = HEADER_TIMEOUT
     # No read timeout: hypercorn applies it to every read, so it would cut SSE clients that only
     # listen. A peer that sends headers slowly is cut off by the keep-alive timer, which runs
     # until a request's headers are complete.
