@@ -1,17 +1,22 @@
 """The gateway token: its claims and the rules that make it acceptable to the sandbox.
 
 Pure: no I/O, no clock (callers pass `now`). The sandbox holds no signing secret, so it
-checks structure and claims only; the cloud checks the signature.
+checks structure and claims only; the cloud checks the signature. Structure includes the
+signature's length: an HS256 signature is 32 bytes, 43 unpadded base64url characters, so a
+token cut short inside its signature (a close-delimited body that lost its tail still matches
+the three-segment pattern) is refused as `bad_signature`. Every segment must be canonical
+base64url: no padding, length mod 4 != 1, unused trailing bits zero.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
-
-import jwt
 
 from .exceptions import TokenError
 
@@ -19,6 +24,7 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 MAX_TOKEN_BYTES = 8 * 1024
 TOKEN_TYPE = "gastown_sandbox"  # noqa: S105 - a claim value, not a secret
 ALGORITHM = "HS256"
+SIGNATURE_BYTES = 32  # HMAC-SHA256
 MIN_LIFETIME = 10
 MAX_LIFETIME = 7 * 24 * 3600
 MAX_IAT_AHEAD = 300
@@ -86,7 +92,7 @@ def decode_unverified(token: str) -> Claims:
 
     Raises `TokenError` when the token is not a JWT or a claim has the wrong type.
     """
-    _header, payload = _decode(token)
+    _header, payload, _signature = _decode(token)
     reasons = _type_reasons(payload)
     if reasons:
         raise TokenError(reasons)
@@ -99,11 +105,13 @@ def acceptability_reasons(token: str, *, town_id: str, now: float) -> list[str]:
     if len(token.encode("utf-8", "surrogateescape")) > MAX_TOKEN_BYTES:
         reasons.append("too_long")
     try:
-        header, payload = _decode(token)
+        header, payload, signature = _decode(token)
     except TokenError:
         return [*reasons, "malformed"]
     if header.get("alg") != ALGORITHM:
         reasons.append("bad_alg")
+    elif signature is None or len(signature) != SIGNATURE_BYTES:
+        reasons.append("bad_signature")
     if payload.get("type") != TOKEN_TYPE:
         reasons.append("wrong_type")
     if payload.get("town_id") != town_id:
@@ -142,17 +150,44 @@ def acceptable_claims(token: str, *, town_id: str, now: float) -> Claims:
     return decode_unverified(token)
 
 
-def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes | None]:
+    """Header and payload (JSON objects), and the signature's bytes (None if not base64url)."""
     if not isinstance(token, str) or TOKEN_PATTERN.fullmatch(token) is None:
         raise TokenError(["malformed"])
-    try:
-        header = jwt.get_unverified_header(token)
-        payload = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
-        raise TokenError(["malformed"]) from exc
-    if not isinstance(payload, dict):
+    header_text, payload_text, signature_text = token.split(".")
+    return _object(header_text), _object(payload_text), _segment_bytes(signature_text)
+
+
+def _object(segment: str) -> dict[str, Any]:
+    raw = _segment_bytes(segment)
+    if raw is None:
         raise TokenError(["malformed"])
-    return header, payload
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise TokenError(["malformed"]) from exc
+    if not isinstance(value, dict):
+        raise TokenError(["malformed"])
+    return value
+
+
+def _segment_bytes(segment: str) -> bytes | None:
+    """The bytes of a canonical unpadded base64url segment, None if it is not one.
+
+    Decoded here rather than by pyjwt: a bad signature segment must not hide the claims
+    (the reason is `bad_signature`, not `malformed`), and older pyjwt releases decode laxly.
+    """
+    # TOKEN_PATTERN has already limited the alphabet; 4k+1 characters cannot encode bytes.
+    if len(segment) % 4 == 1:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except binascii.Error:
+        return None
+    # Canonical: the unused low bits of the last character are zero, as every encoder writes.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
+        return None
+    return raw
 
 
 def _type_reasons(payload: dict[str, Any]) -> list[str]:

@@ -36,7 +36,11 @@ def mint(
     return jwt.encode(payload, SECRET, algorithm="HS256")
 
 
-def forge(header: Any, payload: Any, signature: str = "c2lnbmF0dXJl") -> str:
+# 43 base64url characters: the length of a real HS256 signature (32 bytes).
+SIGNATURE = base64.urlsafe_b64encode(b"not-a-real-hmac-sha256-signature").rstrip(b"=").decode()
+
+
+def forge(header: Any, payload: Any, signature: str = SIGNATURE) -> str:
     """A JWT-shaped string with any header and payload (JSON-encoded), for hostile cases."""
 
     def segment(value: Any) -> str:

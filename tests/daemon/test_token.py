@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from typing import Any
 
 import jwt
@@ -18,7 +20,7 @@ from gastown_sandboxd.token import (
     fingerprint,
 )
 
-from .minting import DAY, SECRET, TOWN, forge, mint
+from .minting import DAY, SECRET, SIGNATURE, TOWN, forge, mint
 
 NOW = 1_800_000_000.0
 HEADER = {"alg": "HS256", "typ": "JWT"}
@@ -244,6 +246,90 @@ def test_acceptable_claims_raises_with_every_reason() -> None:
 def test_acceptable_claims_returns_claims() -> None:
     """acceptable_claims returns the decoded claims of a good token."""
     assert acceptable_claims(mint(NOW), town_id=TOWN, now=NOW).lifetime == DAY
+
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def payload_segment(length_mod: int) -> str:
+    """The base64url of good claims whose length is `length_mod` modulo 4 (0, 2 or 3)."""
+    for pad in range(3):
+        segment = b64(json.dumps(claims(pad="x" * pad)).encode())
+        if len(segment) % 4 == length_mod:
+            return segment
+    raise AssertionError(length_mod)
+
+
+def with_low_bit_set(segment: str) -> str:
+    """The same bytes spelled with a non-zero unused bit in the last character."""
+    last = ALPHABET.index(segment[-1])
+    assert last & 1 == 0
+    return segment[:-1] + ALPHABET[last | 1]
+
+
+@pytest.mark.parametrize("cut", range(1, 11))
+def test_token_cut_inside_its_signature_is_refused(cut: int) -> None:
+    """A real token cut 1 to 10 characters short still matches the pattern, yet is refused."""
+    token = mint(NOW)
+    assert len(token.rsplit(".", 1)[1]) == 43
+    assert reasons(token) == []
+    assert reasons(token[:-cut]) == ["bad_signature"]
+
+
+@pytest.mark.parametrize("extra", ["A", "AA", "AAAA", "AAAAAAAA"])
+def test_signature_longer_than_32_bytes_is_refused(extra: str) -> None:
+    """An HS256 signature longer than 43 characters is not a signature the cloud made."""
+    assert reasons(mint(NOW) + extra) == ["bad_signature"]
+
+
+def test_signature_with_non_canonical_trailing_bits_is_refused() -> None:
+    """43 characters whose last one has non-zero unused bits are not a canonical signature."""
+    token = forge(HEADER, claims())
+    assert reasons(token) == []
+    assert reasons(with_low_bit_set(token)) == ["bad_signature"]
+
+
+def test_signature_length_is_judged_for_hs256_only() -> None:
+    """Another algorithm is refused for its alg alone, whatever its signature looks like."""
+    assert reasons(forge({"alg": "none"}, claims(), "c2ln")) == ["bad_alg"]
+    assert reasons(forge({"alg": "HS512"}, claims(), "A")) == ["bad_alg"]
+    assert reasons(forge(HEADER, claims(), "c2ln")) == ["bad_signature"]
+
+
+def test_bad_signature_comes_with_the_other_reasons() -> None:
+    """A cut token of another town gets both reasons, and its claims still decode."""
+    token = mint(NOW, town_id="town-2")[:-3]
+    assert reasons(token) == ["bad_signature", "wrong_town"]
+    assert decode_unverified(token).town_id == "town-2"
+
+
+@pytest.mark.parametrize("length_mod", [2, 3])
+def test_non_canonical_header_or_payload_is_malformed(length_mod: int) -> None:
+    """Header and payload must be canonical base64url: no stray bits in the last character."""
+    header = b64(json.dumps(HEADER).encode())
+    payload = payload_segment(length_mod)
+    assert reasons(f"{header}.{payload}.{SIGNATURE}") == []
+    assert reasons(f"{header}.{with_low_bit_set(payload)}.{SIGNATURE}") == ["malformed"]
+    short_header = b64(b'{"alg": "HS256"}')
+    assert len(short_header) % 4 == 2
+    assert reasons(f"{short_header}.{payload}.{SIGNATURE}") == []
+    assert reasons(f"{with_low_bit_set(short_header)}.{payload}.{SIGNATURE}") == ["malformed"]
+
+
+def test_segment_of_4k_plus_1_characters_is_malformed() -> None:
+    """A header or payload whose length is 1 modulo 4 encodes no bytes at all."""
+    header = b64(json.dumps(HEADER).encode())
+    payload = payload_segment(0)
+    assert reasons(f"{header}.{payload}.{SIGNATURE}") == []
+    assert reasons(f"{header}.{payload}A.{SIGNATURE}") == ["malformed"]
+    assert len(header) % 4 == 0
+    assert reasons(f"{header}A.{payload}.{SIGNATURE}") == ["malformed"]
+    with pytest.raises(TokenError):
+        decode_unverified(f"{header}.{payload}A.{SIGNATURE}")
 
 
 def test_signature_is_not_checked() -> None:

@@ -214,6 +214,26 @@ async def test_fault_keeps_the_last_good_token(
     assert [hit.mode for hit in proxy.hits] == [fault.mode, Mode.PASS]
 
 
+async def test_token_cut_inside_its_signature_is_refused(
+    chaos_cloud: CloudServer, make_sandbox: MakeSandbox, proxy: ChaosProxy
+) -> None:
+    """A 200 whose close-delimited text/plain body lost the signature's tail is not written."""
+    sandbox = await make_sandbox()
+    cut = chaos_cloud.mint("user-0", sandbox.town_id)[:-3]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    proxy.set(Fault(Mode.GARBAGE, garbage=head + cut.encode()))
+    before = sandbox.env.read_bytes()
+    async with sandbox.running() as refresher:
+        with pytest.raises(RefreshError) as caught:
+            await refresher.refresh_now()
+    assert (caught.value.kind, caught.value.reason) == ("broken", "unacceptable_token")
+    assert envfile.read_token(sandbox.env) != cut
+    sandbox.assert_untouched(before)
+    ((event, fields),) = sandbox.events
+    assert event == "token.refresh_failed"
+    assert (fields["status"], fields["problems"]) == (200, ["bad_signature"])
+
+
 async def test_dribbled_answer_within_the_deadline_is_read_whole(
     make_sandbox: MakeSandbox, proxy: ChaosProxy
 ) -> None:
