@@ -266,7 +266,8 @@ class TokenRefresher:
         elapsed = now - started
         reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
         if reasons:
-            error = RefreshError("broken", "unacceptable_token")
+            # Only a 200 carries a token (CloudClient raises for every other status).
+            error = RefreshError("broken", "unacceptable_token", status=200)
             self._failed(error, elapsed, problems=reasons)
             raise error from TokenError(reasons)
         claims = decode_unverified(token)

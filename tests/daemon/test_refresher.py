@@ -419,7 +419,34 @@ async def test_unacceptable_token_lists_its_problems(tmp_path: Path) -> None:
         with pytest.raises(RefreshError) as caught:
             await refresher.refresh_now()
     assert isinstance(caught.value.__cause__, TokenError)
-    assert rig.events[0][1]["problems"] == ["wrong_town", "bad_lifetime"]
+    assert caught.value.status == 200
+    assert rig.events == [
+        (
+            "token.refresh_failed",
+            {
+                "reason": "unacceptable_token",
+                "consecutive_failures": 1,
+                "status": 200,
+                "problems": ["wrong_town", "bad_lifetime"],
+                "exp": int(T0) + DAY,
+                "iat": int(T0),
+            },
+        )
+    ]
+
+
+async def test_token_cut_inside_its_signature_is_refused(tmp_path: Path) -> None:
+    """A 200 text/plain body that lost the signature's tail is a failure, not a new token."""
+    original = f"KILO_JWT={mint(T0)}\n"
+    cut = mint(T0 + 5)[:-3]
+    async with cloud_answer(text=cut) as client:
+        rig = Rig(tmp_path, env_text=original, client=client)
+        async with rig.running() as refresher:
+            with pytest.raises(RefreshError) as caught:
+                await refresher.refresh_now()
+    assert (caught.value.reason, caught.value.status) == ("unacceptable_token", 200)
+    assert rig.env.read_text() == original
+    assert rig.events[0][1]["problems"] == ["bad_signature"]
 
 
 # --- failure kinds ----------------------------------------------------------------------
