@@ -61,6 +61,7 @@ import base64, binascii, datetime, hashlib, json, re, sys, time
 JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 MAX_TOKEN_BYTES = 8192
 MAX_LIFETIME = 7 * 24 * 3600
+SIGNATURE_BYTES = 32
 
 
 def fail(message):
@@ -68,12 +69,34 @@ def fail(message):
     sys.exit(1)
 
 
-def segment(text):
+def raw(text):
+    """The bytes of canonical unpadded base64url text (length mod 4 != 1), or None."""
+    if len(text) % 4 == 1:
+        return None
     try:
-        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, binascii.Error):
         return None
+    if base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii") != text:
+        return None
+    return data
+
+
+def segment(text):
+    data = raw(text)
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
     return value if isinstance(value, dict) else None
+
+
+def signed(text):
+    """An HS256 signature is 32 bytes: 43 characters. A body cut short still matches JWT."""
+    signature = raw(text)
+    return signature is not None and len(signature) == SIGNATURE_BYTES
 
 
 def extract(raw):
@@ -109,12 +132,14 @@ def problem(token, town_id, now):
         return "token is larger than 8 KiB"
     if not JWT.fullmatch(token):
         return "token is not three base64url segments"
-    header_text, payload_text, _ = token.split(".")
+    header_text, payload_text, signature_text = token.split(".")
     header, claims = segment(header_text), segment(payload_text)
     if header is None or claims is None:
         return "token header or payload is not a base64url JSON object"
     if header.get("alg") != "HS256":
         return "token alg is not HS256"
+    if not signed(signature_text):
+        return "token signature is cut or malformed (HS256 signs with 43 base64url characters)"
     if claims.get("type") != "gastown_sandbox":
         return "token type is not gastown_sandbox"
     if claims.get("town_id") != town_id:
@@ -136,10 +161,13 @@ def problem(token, town_id, now):
 
 mode, town_id = sys.argv[1], sys.argv[2]
 if mode == "bindable":
-    # The cloud refuses a Bearer token of another town (403): only a same-town token binds.
+    # The cloud refuses (403) a Bearer of another town or with a broken signature: only a
+    # whole token of this town binds.
     token = sys.stdin.read().strip()
-    claims = segment(token.split(".")[1]) if JWT.fullmatch(token) else None
-    sys.exit(0 if claims is not None and claims.get("town_id") == town_id else 1)
+    parts = token.split(".") if JWT.fullmatch(token) else None
+    claims = segment(parts[1]) if parts else None
+    bindable = claims is not None and claims.get("town_id") == town_id and signed(parts[2])
+    sys.exit(0 if bindable else 1)
 token = extract(sys.stdin.buffer.read())
 reason = problem(token, town_id, time.time())
 if reason is not None:

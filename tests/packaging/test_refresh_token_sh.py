@@ -91,9 +91,11 @@ def mint(town: str = TOWN, **kwargs: Any) -> str:
     return jwt.encode(claims(town, **kwargs), SECRET, algorithm="HS256")
 
 
-def craft(
-    header: Mapping[str, Any], payload: Mapping[str, Any], signature: str = "c2lnbmF0dXJl"
-) -> str:
+# As long as an HS256 signature (32 bytes), so that only the header and payload are judged.
+SIGNATURE = b64(b"not-a-real-hmac-sha256-signature")
+
+
+def craft(header: Mapping[str, Any], payload: Mapping[str, Any], signature: str = SIGNATURE) -> str:
     """A token with any header, unsigned: the script checks structure and claims only."""
     return ".".join(
         [b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature]
@@ -334,6 +336,17 @@ async def test_no_bearer_without_a_token_of_this_town(
     assert "x-injected" not in standin_cloud.requests[0].headers
 
 
+async def test_no_bearer_with_a_cut_signature(
+    sandbox: Sandbox, standin_cloud: StandInCloud
+) -> None:
+    """A token of this town whose signature was cut is not sent: the cloud would answer 403."""
+    sandbox.write_env(f"KILO_JWT={mint()[:-3]}\n")
+    token = mint()
+    standin_cloud.answer_text(token)
+    assert_refreshed(await sandbox.run(), sandbox, token)
+    assert "authorization" not in standin_cloud.requests[0].headers
+
+
 async def test_unchanged_token_writes_nothing(
     sandbox: Sandbox, standin_cloud: StandInCloud
 ) -> None:
@@ -557,6 +570,28 @@ async def test_hung_cloud_times_out(sandbox: Sandbox, standin_cloud: StandInClou
 HS256 = {"alg": "HS256", "typ": "JWT"}
 NO_TOKEN = "holds no token"
 NOT_OBJECT = "not a base64url JSON object"
+CUT = "signature is cut or malformed"
+BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def with_low_bit_set(segment: str) -> str:
+    """The same bytes spelled with a non-zero unused bit in the last character."""
+    return segment[:-1] + BASE64URL[BASE64URL.index(segment[-1]) | 1]
+
+
+def payload_of_length_mod(length_mod: int) -> str:
+    """The base64url of good claims whose length is `length_mod` modulo 4 (0, 2 or 3)."""
+    for pad in range(3):
+        segment = b64(json.dumps(claims(pad="x" * pad)).encode())
+        if len(segment) % 4 == length_mod:
+            return segment
+    raise AssertionError(length_mod)
+
+
+def with_payload(segment: str) -> str:
+    return f"{b64(json.dumps(HS256).encode())}.{segment}.{SIGNATURE}"
+
+
 # name: (a factory of the answer, what the one line on stderr must say)
 BAD_ANSWERS: dict[str, tuple[Callable[[], bytes | str], str]] = {
     "garbage": (lambda: "garbage", NO_TOKEN),
@@ -595,6 +630,19 @@ BAD_ANSWERS: dict[str, tuple[Callable[[], bytes | str], str]] = {
     "bad-base64": (lambda: "eyJh.eyJh.c2ln", NOT_OBJECT),
     "two-segments": (lambda: ".".join(mint().split(".")[:2]), NO_TOKEN),
     "over-8KiB": (lambda: mint(padding="p" * 9000), "larger than 8 KiB"),
+    # A close-delimited body cut inside the signature still matches the JWT pattern.
+    "signature-cut-1": (lambda: mint()[:-1], CUT),
+    "signature-cut-2": (lambda: mint()[:-2], CUT),
+    "signature-cut-3": (lambda: mint()[:-3], CUT),
+    "signature-cut-4": (lambda: mint()[:-4], CUT),
+    "signature-cut-10": (lambda: mint()[:-10], CUT),
+    "signature-too-long": (lambda: mint() + "AAAA", CUT),
+    "signature-stray-bits": (lambda: with_low_bit_set(craft(HS256, claims())), CUT),
+    "payload-stray-bits": (
+        lambda: with_payload(with_low_bit_set(payload_of_length_mod(2))),
+        NOT_OBJECT,
+    ),
+    "payload-4k+1": (lambda: with_payload(payload_of_length_mod(0) + "A"), NOT_OBJECT),
 }
 
 
