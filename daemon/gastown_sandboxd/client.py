@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -72,6 +73,15 @@ class DaemonClient:
                         raise DaemonUnavailable(
                             "fell behind the event stream; reconnect with --last-event-id"
                         )
+                    if sse.event == "gap":
+                        gap = json.loads(sse.data)
+                        print(
+                            "gastown-sandboxd: events after "
+                            f"{gap.get('last_event_id')} are gone; the stream resumes at "
+                            f"{gap.get('first_available_id')}",
+                            file=sys.stderr,
+                        )
+                        continue
                     yield json.loads(sse.data)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from None

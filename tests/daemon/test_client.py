@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gastown_sandboxd.client import DaemonClient
-from gastown_sandboxd.events import EventBus
-from gastown_sandboxd.sse import CONNECTED, HEARTBEAT, event_frame
+from gastown_sandboxd.events import EventBus, Gap
+from gastown_sandboxd.sse import CONNECTED, HEARTBEAT, control_frame, event_frame
 
 
 def _chunk(data: bytes) -> bytes:
@@ -57,3 +57,18 @@ def test_events_skip_heartbeats_after_an_event(sse_socket: tuple[Path, list[byte
     with DaemonClient(path) as client:
         events = list(client.events())
     assert events == [first.as_json(), second.as_json()]
+
+
+def test_a_gap_is_reported_on_stderr_not_yielded(
+    sse_socket: tuple[Path, list[bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gap frame (events lost before a replay) is a warning, never an event line."""
+    path, frames = sse_socket
+    bus = EventBus()
+    event = bus.emit("token.expired", {"exp": 2, "iat": 1})
+    frames += [CONNECTED, control_frame("gap", Gap(after_id=5, first_id=9).as_json())]
+    frames += [event_frame(event)]
+    with DaemonClient(path) as client:
+        events = list(client.events(last_event_id=5))
+    assert events == [event.as_json()]
+    assert "events after 5 are gone; the stream resumes at 9" in capsys.readouterr().err
