@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -106,3 +108,29 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(target: Path, *, older_than: float = 600.0) -> int:
+    """Remove `.NAME.*.tmp` files beside `target` that a killed writer left behind.
+
+    Only files older than `older_than` seconds go: a live writer (the cron fallback uses the
+    same pattern) finishes in seconds. Returns how many were removed.
+    """
+    target = Path(target)
+    cutoff = time.time() - older_than
+    removed = 0
+    try:
+        candidates = list(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
+    except OSError:
+        return 0
+    for path in candidates:
+        try:
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("stale_temporaries_removed", folder=str(target.parent), count=removed)
+    return removed

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from ._types import Clock, SystemClock
 from .api import ApiContext, create_app
+from .atomic import remove_stale_temporaries
 from .cloud_client import CloudClient
 from .events import EventBus
 from .exceptions import SettingsError
@@ -115,6 +116,9 @@ async def run_daemon(
     async with client, anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, shutdown, bus)
         await store.load()
+        await anyio.to_thread.run_sync(
+            _remove_stale_temporaries, settings.env_file, store.watched_folders()
+        )
         await tg.start(refresher.run)
         await tg.start(notifier.run)
         await tg.start(watcher.run)
@@ -158,6 +162,13 @@ async def _report_state(systemd: SystemdNotifier, refresher: TokenRefresher) -> 
             systemd.notify(f"STATUS=token {state}")
             last = state
         await anyio.sleep(1)
+
+
+def _remove_stale_temporaries(env_file: Path, folders: list[Path]) -> None:
+    """Temporary files of writes a SIGKILL interrupted (they may hold a token: 0600)."""
+    remove_stale_temporaries(env_file)
+    for folder in folders:
+        remove_stale_temporaries(folder / "config.json")
 
 
 def _remove_socket(path: Path) -> None:

@@ -207,3 +207,30 @@ def test_unopenable_folder_is_ignored_after_rename(
     path = tmp_path / "f"
     write_atomic(path, b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    """Old `.NAME.*.tmp` files beside the target go; young ones, other files and dirs stay."""
+    import os
+    import time
+
+    from gastown_sandboxd.atomic import remove_stale_temporaries
+
+    target = tmp_path / ".env.gateway"
+    target.write_text("KILO_JWT=x\n")
+    old = tmp_path / "..env.gateway.ab12cd34.tmp"
+    young = tmp_path / "..env.gateway.ef56gh78.tmp"
+    other = tmp_path / ".other.ab12cd34.tmp"
+    folder = tmp_path / "..env.gateway.dir.tmp"
+    for path in (old, young, other):
+        path.write_text("KILO_JWT=partial")
+    folder.mkdir()
+    an_hour_ago = time.time() - 3600
+    for path in (old, other, folder):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert remove_stale_temporaries(target) == 1
+    assert not old.exists()
+    assert young.exists()
+    assert other.exists()
+    assert folder.is_dir()
+    assert target.read_text() == "KILO_JWT=x\n"
