@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,10 +55,17 @@ class Snapshot:
 
 
 def read_snapshot(town_root: Path) -> Snapshot:
-    """Read the town's file and the file of every rig folder (absent ones included)."""
-    files: dict[str | None, FileState] = {
-        None: read_file(town_settings_file(town_root), "town", TOWN_FILE)
-    }
+    """Read the town's file and the file of every rig folder (absent ones included).
+
+    A town file whose path leads out of the town root (a symlinked `settings` folder or
+    file) is unreadable: nothing is read or written through it.
+    """
+    town_file = town_settings_file(town_root)
+    if _inside(town_root, town_file):
+        town = read_file(town_file, "town", TOWN_FILE)
+    else:
+        town = FileState(error=f"{TOWN_FILE} leads out of the town root through a symlink")
+    files: dict[str | None, FileState] = {None: town}
     for rig in rig_names(town_root):
         files[rig] = read_file(rig_settings_file(town_root, rig), "rig", relative_path(rig))
     return Snapshot(files)
@@ -75,3 +83,8 @@ def read_file(path: Path, scope: Scope, name: str) -> FileState:
         return FileState(raw=raw, doc=parse_document(raw, scope, file=name))
     except SettingsFileUnreadable as exc:
         return FileState(raw=raw, error=exc.message)
+
+
+def _inside(town_root: Path, path: Path) -> bool:
+    root = os.path.realpath(town_root)
+    return os.path.realpath(path).startswith(root + os.sep)
