@@ -301,7 +301,13 @@ def call_and_validate(case: Any, live: DaemonProcess, requests_made: Counter[str
         answer = case.call(base_url=live.url, headers=key)
         assert answer.status_code == 400, answer.text
         return
-    case.call_and_validate(base_url=live.url, headers=key)
+    try:
+        case.call_and_validate(base_url=live.url, headers=key)
+    except Exception as exc:
+        if live.process.poll() is not None:  # say why the connection went away
+            code = live.process.returncode
+            raise AssertionError(f"the daemon exited ({code}): {live.log_text()[-3000:]}") from exc
+        raise
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
