@@ -124,6 +124,11 @@ def _apply_file(doc: Doc | None, patch: Mapping[str, Any], scope: Scope) -> Doc 
     base = doc if doc is not None else {}
     merged: Doc = merge_patch(base, managed)
     _wrap_new_agents(base, managed, merged)
+    for key in managed:
+        # RFC 7396 turns `{"k": {"x": null}}` on an absent k into `"k": {}`; gt reads an absent
+        # map and an empty one alike, so a deletion of what is not there changes nothing.
+        if key not in base and merged.get(key) == {}:
+            del merged[key]
     if doc is not None:
         return merged
     if not merged:

@@ -245,6 +245,9 @@ async def test_a_patch_that_changes_nothing_writes_and_emits_nothing(
         {"town": {"agents": {"claude-haiku": {"command": "claude"}}}},
         {"rigs": {"frontend": {"agent": "claude", "role_agents": {"polecat": "codex"}}}},
         {"rigs": {"empty_rig": {}}},
+        # Deleting what is not there: RFC 7396 alone would leave `"crew_agents": {}` behind.
+        {"town": {"crew_agents": {"ghost": None}}},
+        {"rigs": {"empty_rig": {"role_agents": {"polecat": None}, "worker_agents": {}}}},
     ]
     for body in bodies:
         result = await store.patch(body)
