@@ -1,17 +1,22 @@
 """Fleet-scale simulation: N sandboxes booted in the same second, refreshing on the real schedule.
 
 Every sandbox boots within the first second holding a 24 h token minted at t = 0. Each call
-to the cloud is planned by the daemon's own `gastown_sandboxd.schedule.next_attempt_at`, with
-a jitter drawn by `draw_jitter` for every new token, as `TokenRefresher` does. The cloud answers
-with a new token whose `iat` is the whole second of the call, or, during an outage, with a
-connection error (`Outcome.OUTAGE`). The daemon's 30 s wake-ups never move a call (it happens
-once its planned time is reached, and the wall clock does not jump here), so calls are
-simulated at their planned times with one heap of (time, sandbox).
+to the cloud is planned by the daemon's own `gastown_sandboxd.schedule`: the boot token, which
+the daemon adopts from its env file, at `desync_point` (`first_refresh="daemon"`, what
+`TokenRefresher` does) or, as the baseline, at the contract's formula (`"contract"`); every
+token from a refresh call at `refresh_point` with a jitter drawn by `draw_jitter`; the next
+call by `next_attempt_at`. The cloud answers with a new token whose `iat` is the whole second
+of the call, or, during an outage, with a connection error (`Outcome.OUTAGE`). The daemon's
+30 s wake-ups never move a call (it happens once its planned time is reached, and the wall
+clock does not jump here), so calls are simulated at their planned times with one heap of
+(time, sandbox). `restart_at` restarts every daemon in the same second: each adopts the token
+on its disk again.
 
-`expected_load` solves the renewal equation for the same schedule: the noise-free refreshes
-per minute of an infinite fleet, to see how many days the boot storm takes to even out.
+`expected_load` solves the renewal equation for the contract's schedule: the noise-free
+refreshes per minute of an infinite fleet, to see how many days a boot storm takes to even out.
 
-`python -m bench.fleet` prints every scenario; `simulate()` runs one (tests run small ones).
+`python -m bench.fleet` prints every scenario; `simulate()` runs one (tests run small ones);
+`run()` gives the headline figures to `python -m bench`.
 """
 
 from __future__ import annotations
@@ -29,17 +34,20 @@ from typing import Literal
 from gastown_sandboxd.schedule import (
     Outcome,
     SchedulePolicy,
+    desync_point,
     draw_jitter,
     next_attempt_at,
     refresh_point,
 )
 from gastown_sandboxd.token import Claims
 
-from ._table import bar, table
+from ._table import Row, bar, table
 
 HOUR = 3600.0
 DAY = 86400
-FirstRefresh = Literal["schedule", "stationary"]
+# How a sandbox plans a token it did not get itself: the daemon's rule, the contract's, or
+# the desync draw for tokens of every age as first proposed (for comparison).
+FirstRefresh = Literal["daemon", "contract", "proposal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +64,20 @@ class Outage:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Calls per minute over a window: the mean, and the peak of `bucket`-minute averages."""
+    """Calls per minute over a window: the mean, the peak and trough of `bucket`-minute averages."""
 
     mean: float
     peak: float
     bucket: int
+    trough: float = 0.0
 
     @property
     def ratio(self) -> float:
         return self.peak / self.mean if self.mean else math.inf
+
+    @property
+    def low_ratio(self) -> float:
+        return self.trough / self.mean if self.mean else 0.0
 
 
 @dataclass
@@ -80,6 +93,7 @@ class FleetResult:
     calls: list[int]  # calls to the cloud per minute, failed or not
     refreshes: list[int]  # successful calls per minute
     failing: list[int]  # the most sandboxes in backoff at once during each minute
+    restart_at: float | None = None
     min_call_gap: float = math.inf  # shortest time between two calls of one sandbox
     min_left_at_refresh: float = math.inf  # least token life left at a successful call
     expired: int = 0  # tokens that expired before their sandbox replaced them
@@ -100,7 +114,7 @@ class FleetResult:
         if not window:
             return Load(0.0, 0.0, bucket)
         sums = [sum(window[k : k + bucket]) for k in range(0, len(window), bucket)]
-        return Load(sum(window) / len(window), max(sums) / bucket, bucket)
+        return Load(sum(window) / len(window), max(sums) / bucket, bucket, min(sums) / bucket)
 
     def expected_retry_calls(self, start: float, end: float) -> float:
         """The calls in [start, end) that the backoff's mean delays predict for the outage.
@@ -131,9 +145,18 @@ def simulate(
     seed: int = 1,
     policy: SchedulePolicy | None = None,
     lifetime: int = DAY,
-    first_refresh: FirstRefresh = "schedule",
+    first_refresh: FirstRefresh = "daemon",
+    restart_at: float | None = None,
+    restart_refresh: FirstRefresh | None = None,
 ) -> FleetResult:
-    """Run `n` sandboxes for `days`; `first_refresh="stationary"` is the proposed start rule."""
+    """Run `n` sandboxes for `days`, every daemon restarted in the second after `restart_at`.
+
+    `first_refresh` plans the tokens the daemons adopt from their env files at boot: "daemon"
+    as `TokenRefresher` does, "contract" by the contract's formula; `restart_refresh` (by
+    default the same) plans the tokens they adopt again at the restart.
+    """
+    if outage is not None and restart_at is not None:
+        raise ValueError("simulate an outage or a restart, not both")
     policy = policy or SchedulePolicy()
     rng = random.Random(seed)
     end = days * DAY
@@ -148,37 +171,50 @@ def simulate(
         calls=[0] * minutes,
         refreshes=[0] * minutes,
         failing=[0] * minutes,
+        restart_at=restart_at,
     )
+
+    def plan(token: Claims, now: float, *, adopted: FirstRefresh | None) -> tuple[float, float]:
+        """The token's regular refresh time and the next call, as the daemon plans them."""
+        if adopted == "daemon":
+            due = desync_point(token, now, rng, policy)
+        elif adopted == "proposal":
+            due = proposal_point(token, now, rng, policy)
+        else:
+            due = refresh_point(token, draw_jitter(rng), policy)
+        wake = next_attempt_at(
+            token, now, failures=0, outcome=Outcome.OK, refresh_at=due, rng=rng, policy=policy
+        )
+        return due, wake
+
     boot_token = _claims(0, lifetime)
     held = [boot_token] * n
-    jitter = [0.0] * n
+    due = [0.0] * n
     failures = [0] * n
     last_call = [-math.inf] * n
     heap: list[tuple[float, int]] = []
     for i in range(n):
         booted = rng.random()  # all within the same second
-        jitter[i] = draw_jitter(rng)
-        if first_refresh == "stationary":
-            at = max(booted, stationary_first_refresh(boot_token, rng, policy))
-        else:
-            at = next_attempt_at(
-                boot_token,
-                booted,
-                failures=0,
-                outcome=Outcome.OK,
-                jitter=jitter[i],
-                rng=rng,
-                policy=policy,
-            )
+        due[i], at = plan(boot_token, booted, adopted=first_refresh)
         heap.append((at, i))
     heapq.heapify(heap)
     down_from, down_until = (outage.start, outage.end) if outage else (math.inf, math.inf)
+    restart = math.inf if restart_at is None else restart_at
+    again = restart_refresh or first_refresh
     outage_calls_of: dict[int, int] = {}
     first_fail: dict[int, float] = {}
     failing = 0
     recovered_at: float | None = None
     calls, refreshes, failing_peak = result.calls, result.refreshes, result.failing
     while heap and heap[0][0] < end:
+        if heap[0][0] >= restart:
+            heap = []
+            for i in range(n):
+                due[i], at = plan(held[i], restart + rng.random(), adopted=again)
+                heap.append((at, i))
+            heapq.heapify(heap)
+            restart = math.inf
+            continue
         now, i = heap[0]
         minute = int(now // 60)
         calls[minute] += 1
@@ -200,7 +236,7 @@ def simulate(
                 now,
                 failures=failures[i],
                 outcome=Outcome.OUTAGE,
-                jitter=jitter[i],
+                refresh_at=due[i],
                 rng=rng,
                 policy=policy,
             )
@@ -216,16 +252,7 @@ def simulate(
             refreshes[minute] += 1
             iat = int(now)  # the cloud mints in whole seconds
             token = held[i] = _claims(iat, lifetime)
-            jitter[i] = draw_jitter(rng)
-            wake = next_attempt_at(
-                token,
-                now,
-                failures=0,
-                outcome=Outcome.OK,
-                jitter=jitter[i],
-                rng=rng,
-                policy=policy,
-            )
+            due[i], wake = plan(token, now, adopted=None)
         failing_peak[minute] = max(failing_peak[minute], failing)
         heapq.heapreplace(heap, (wake, i))
     result.expired += sum(1 for token in held if token.exp <= end)
@@ -237,18 +264,20 @@ def simulate(
     return result
 
 
-def stationary_first_refresh(token: Claims, rng: random.Random, policy: SchedulePolicy) -> float:
-    """PROPOSAL, not the daemon's rule: a boot token's first refresh, drawn so the fleet is even.
-
-    Regular refreshes come every U(a, b), a = (refresh - jitter)·lifetime, b = refresh·lifetime.
-    Drawing the first one from that interval's stationary residual (V·T, with T size-biased on
-    [a, b] and V uniform) makes a fleet that booted together refresh at a constant rate at once.
-    """
+def proposal_point(token: Claims, now: float, rng: random.Random, policy: SchedulePolicy) -> float:
+    """The desync draw as first proposed, for tokens of every age: iat + V·T, and when that has
+    passed, uniformly in [now, iat + T] (in [now, iat + b] when iat + T has passed too)."""
     lifetime = token.lifetime
-    a = (policy.refresh_fraction - policy.jitter_fraction) * lifetime
-    b = policy.refresh_fraction * lifetime
-    size_biased = math.sqrt(a * a + rng.random() * (b * b - a * a))
-    return token.iat + rng.random() * size_biased
+    low = (policy.refresh_fraction - policy.jitter_fraction) * lifetime
+    high = policy.refresh_fraction * lifetime
+    if now >= token.iat + high:
+        return now
+    span = math.sqrt(low * low + rng.random() * (high * high - low * low))
+    point = token.iat + rng.random() * span
+    if point > now:
+        return point
+    top = token.iat + span if token.iat + span > now else token.iat + high
+    return now + rng.random() * (top - now)
 
 
 def expected_backoff(failures: int, policy: SchedulePolicy, *, urgent: bool = False) -> float:
@@ -277,11 +306,13 @@ def expected_retry_offsets(horizon: float, policy: SchedulePolicy) -> list[float
 def expected_load(
     days: float, *, policy: SchedulePolicy | None = None, lifetime: int = DAY, step: int = 60
 ) -> list[float]:
-    """Expected refreshes per `step` seconds per sandbox, for a fleet whose tokens share iat 0.
+    """Expected refreshes per `step` seconds per sandbox, for a fleet whose tokens share iat 0
+    and are planned by the contract's formula (`first_refresh="contract"`).
 
     Solves the renewal equation h = f + (h convolved with f), where f is the law of the refresh
     interval, read off the real `refresh_point` over a fine grid of jitter draws (the first
-    refresh, from iat 0, has the same law).
+    refresh, from iat 0, has the same law). Under the daemon's `desync_point` the first refresh
+    has the stationary law instead, and h is flat from the start.
     """
     policy = policy or SchedulePolicy()
     token = _claims(0, lifetime)
@@ -430,6 +461,119 @@ def outage_table(result: FleetResult) -> str:
     return table(("outage of " + _hours(outage.duration) + " at " + _hours(outage.start), ""), rows)
 
 
+def restart_table(results: Sequence[tuple[str, FleetResult]]) -> str:
+    """A fleet-wide restart: the calls of its first minute, then 10-minute peaks and troughs."""
+    rows = []
+    for name, result in results:
+        assert result.restart_at is not None
+        at = result.restart_at
+        steady = result.load(at - 6 * HOUR, at)
+        first = result.load(at, at + 60)
+        day = result.load(at, at + DAY, bucket=10)
+        later = result.load(at + HOUR, result.seconds, bucket=10)
+        rows.append(
+            (
+                name,
+                steady.mean,
+                first.mean,
+                day.ratio,
+                day.low_ratio,
+                later.ratio,
+                later.low_ratio,
+            )
+        )
+    headers = (
+        "adopted tokens",
+        "calls/min before",
+        "1st minute",
+        "peak 1st day",
+        "trough 1st day",
+        "peak after 1 h",
+        "trough after 1 h",
+    )
+    return table(headers, rows)
+
+
+def long_outage_table(result: FleetResult, fleet: int) -> str:
+    """An outage longer than a token's life above 10 %: calls per sandbox, and for `fleet`."""
+    assert result.outage is not None
+    outage = result.outage
+    last_hour = result.load(outage.end - HOUR, outage.end, bucket=10)
+    per_sandbox = last_hour.peak / result.n
+    urgent = 60.0 / expected_backoff(64, result.policy, urgent=True)
+    relaxed = 60.0 / expected_backoff(64, result.policy)
+    rows = [
+        ("sandboxes simulated", f"{result.n:,}"),
+        ("failing when the cloud came back", f"{result.failing_at_recovery:,}"),
+        ("tokens that expired", f"{result.expired:,}"),
+        ("calls/min per sandbox, last hour (10-min peak)", f"{per_sandbox:.2f}"),
+        ("  backoff's mean at the 30 s cap (under 10 % left)", f"{urgent:.2f}"),
+        ("  backoff's mean at the 300 s cap", f"{relaxed:.2f}"),
+        (f"calls/min for {fleet:,} sandboxes, last hour", f"{per_sandbox * fleet:,.0f}"),
+        (f"calls/min for {fleet:,} sandboxes at the 30 s cap", f"{urgent * fleet:,.0f}"),
+    ]
+    title = f"outage of {_hours(outage.duration)} at {_hours(outage.start)}"
+    return table((title, ""), rows)
+
+
+def run(*, quick: bool = False, sandboxes: int | None = None) -> list[Row]:
+    """Headline figures for `python -m bench`: a boot storm, a fleet restart, a long outage."""
+    n = sandboxes or (20_000 if quick else 100_000)
+    days = 3.0
+    storm = simulate(n, days)
+    baseline = simulate(n, days, first_refresh="contract")
+    after = (HOUR, storm.seconds)
+    mean = storm.load(*after).mean
+    buckets = int((storm.seconds - HOUR) // 60)
+    rows = [
+        Row(
+            f"boot storm of {n:,}: refreshes/min, 10-min peak over mean after 1 h",
+            storm.load(*after, bucket=10).ratio,
+            "x",
+            baseline.load(*after, bucket=10).ratio,
+            "baseline: the contract's formula for the boot token",
+        ),
+        Row(
+            "boot storm: 1-min peak over mean after 1 h",
+            storm.load(*after).ratio,
+            "x",
+            baseline.load(*after).ratio,
+            f"Poisson noise of an even fleet: {noise_peak(mean, buckets) / mean:.2f}",
+        ),
+    ]
+    restart = 30 * HOUR
+    restarted = simulate(n, days, restart_at=restart)
+    contract = simulate(n, days, restart_at=restart, restart_refresh="contract")
+    rows += [
+        Row(
+            "fleet-wide restart: calls in its first minute over the mean",
+            restarted.load(restart, restart + 60).mean / restarted.load(0, restart).mean,
+            "x",
+            contract.load(restart, restart + 60).mean / contract.load(0, restart).mean,
+            "baseline: the contract's formula for the tokens on disk",
+        ),
+        Row(
+            "fleet-wide restart: 10-min peak over mean, its first day",
+            restarted.load(restart, restart + DAY, bucket=10).ratio,
+            "x",
+            contract.load(restart, restart + DAY, bucket=10).ratio,
+        ),
+    ]
+    small = max(50, n // 100)
+    outage = Outage(30 * HOUR, 24 * HOUR)
+    long = simulate(small, (outage.end + HOUR) / DAY, outage=outage)
+    per_sandbox = long.load(outage.end - HOUR, outage.end).mean / small
+    rows.append(
+        Row(
+            "24 h outage: calls/min per sandbox in its last hour",
+            per_sandbox,
+            "calls/min",
+            note=f"x {n:,} sandboxes = {per_sandbox * n:,.0f}/min (30 s cap under 10 % left)",
+        )
+    )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
     parser.add_argument("--sandboxes", type=int, default=100_000)
@@ -437,6 +581,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--outage-at", type=float, default=54.0, help="hours after boot")
     parser.add_argument("--outage-hours", type=float, default=2.0)
+    parser.add_argument("--restart-at", type=float, default=30.0, help="hours after boot")
+    parser.add_argument("--long-outage-hours", type=float, default=24.0)
+    parser.add_argument(
+        "--long-outage-sandboxes", type=int, default=1_000, help="simulated; scaled to the fleet"
+    )
     parser.add_argument("--horizon-days", type=int, default=30, help="for the expected load")
     args = parser.parse_args(argv)
     n = args.sandboxes
@@ -444,16 +593,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     storm = simulate(n, args.days, seed=args.seed)
     print(f"== {n:,} sandboxes booted in the same second, 24 h tokens minted at t=0 ==")
+    print("(the daemon's schedule: boot tokens adopted from the env file at desync_point)")
     print(f"first call to the cloud at {_hours(storm.first_call)} after boot\n")
     print(overview(storm))
 
+    baseline = simulate(n, args.days, seed=args.seed, first_refresh="contract")
+    print("\n== baseline: the same boot storm with the contract's formula for the boot token ==")
+    print(f"first call to the cloud at {_hours(baseline.first_call)} after boot\n")
+    print(overview(baseline))
+
+    print("\n== calls per minute: peak over mean, by bucket size ==")
+    print(load_table([("daemon", storm), ("contract", baseline)]))
+    mean = storm.load(HOUR, storm.seconds).mean
+    minutes = int((storm.seconds - HOUR) // 60)
+    print(
+        "\npeak/mean = the busiest bucket's calls per minute over the mean calls per minute of"
+        " the same window.\nAn even fleet still shows Poisson noise: at"
+        f" {mean:.0f} calls/min its likely peak/mean is {noise_peak(mean, minutes) / mean:.2f}"
+        f" in 1-minute buckets, {noise_peak(10 * mean, minutes // 10) / (10 * mean):.2f} in"
+        " 10-minute buckets."
+    )
+
     density = expected_load(args.horizon_days)
-    print(f"\n== expected (noise-free) refreshes per minute, {n:,} sandboxes ==")
+    print(f"\n== contract baseline, expected (noise-free) refreshes per minute, {n:,} sandboxes ==")
     print(expected_load_table(density, n))
     for ratio in (1.25, 1.1):
         day = first_day_within(density, ratio)
         since = f"day {day}" if day else f"no day up to {args.horizon_days}"
         print(f"noise-free peak/mean stays <= {ratio} from {since}")
+
+    restart = args.restart_at * HOUR
+    print(f"\n== every daemon restarted in the same second at {_hours(restart)} ==")
+    print("(each adopts the token on its disk again; 10-minute buckets, over the mean)")
+    restarts = [
+        ("daemon", simulate(n, args.days, seed=args.seed, restart_at=restart)),
+        (
+            "contract",
+            simulate(n, args.days, seed=args.seed, restart_at=restart, restart_refresh="contract"),
+        ),
+        (
+            "desync at any age",
+            simulate(n, args.days, seed=args.seed, restart_at=restart, restart_refresh="proposal"),
+        ),
+    ]
+    print(restart_table(restarts))
 
     outage = Outage(args.outage_at * HOUR, args.outage_hours * HOUR)
     hit = simulate(n, args.days, outage=outage, seed=args.seed)
@@ -465,21 +648,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nthe fleet after the outage: the recovered sandboxes' next wave is jittered as usual")
     print(overview(hit, hours=range(int(outage.start // HOUR) - 2, last)))
 
-    proposal = simulate(n, args.days, seed=args.seed, first_refresh="stationary")
-    print("\n== proposal: first refresh of a boot token from the stationary residual ==")
-    print(overview(proposal))
-
-    print("\n== calls per minute: peak over mean, by bucket size ==")
-    print(load_table([("schedule", storm), ("proposal", proposal)]))
-    mean = proposal.load(HOUR, proposal.seconds).mean
-    minutes = int((proposal.seconds - HOUR) // 60)
+    long = Outage(restart, args.long_outage_hours * HOUR)
+    small = args.long_outage_sandboxes
     print(
-        "\npeak/mean = the busiest bucket's calls per minute over the mean calls per minute of"
-        " the same window.\nAn even fleet still shows Poisson noise: at"
-        f" {mean:.0f} calls/min its likely peak/mean is {noise_peak(mean, minutes) / mean:.2f}"
-        f" in 1-minute buckets, {noise_peak(10 * mean, minutes // 10) / (10 * mean):.2f} in"
-        " 10-minute buckets."
+        f"\n== a {args.long_outage_hours:g} h outage: past ~10 h of failures a token has under"
+        " 10 % of its life left and retries at most 30 s apart (contract) =="
     )
+    long_hit = simulate(small, (long.end + 6 * HOUR) / DAY, outage=long, seed=args.seed)
+    print(overview(long_hit, hours=range(int(long.start // HOUR), math.ceil(long.end / HOUR) + 1)))
+    print()
+    print(long_outage_table(long_hit, n))
     print(f"\nran in {time.perf_counter() - began:.1f} s")
     return 0
 

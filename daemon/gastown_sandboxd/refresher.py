@@ -3,6 +3,9 @@
 It reads the env file at start, refreshes from the cloud on the schedule of `schedule.py`,
 checks every token before writing it, and reports what it does through `emit`. Forced
 refreshes that overlap (and a regular one that is in flight) share one cloud call.
+A token from its own refresh call is next refreshed at the contract's jittered half-life
+(`refresh_point`); one it adopted (from the env file, or pushed) at `desync_point`, so that a
+fleet booted together does not refresh in waves.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from ._types import Clock, Emit, SystemClock
 from .envfile import read_token, write_token
 from .exceptions import AtomicWriteError, RefreshError, TokenError
 from .metrics import TokenMetrics
-from .schedule import Outcome, SchedulePolicy, draw_jitter, next_attempt_at, sleep_for
+from .schedule import (
+    Outcome,
+    SchedulePolicy,
+    desync_point,
+    draw_jitter,
+    next_attempt_at,
+    refresh_point,
+    sleep_for,
+)
 from .token import (
     Claims,
     TokenView,
@@ -69,7 +80,8 @@ class _Held:
     token: str = field(repr=False)
     claims: Claims
     view: TokenView
-    jitter: float
+    # The regular refresh time, drawn once per token.
+    refresh_at: float
 
 
 class _Flight:
@@ -188,7 +200,7 @@ class TokenRefresher:
             if token is not None and not acceptability_reasons(
                 token, town_id=self._town_id, now=now
             ):
-                self._held = self._hold(token, decode_unverified(token))
+                self._held = self._hold(token, decode_unverified(token), adopted=True)
                 self._disk_ok = True
                 log.info("env_file_token_adopted", fingerprint=fingerprint(token))
                 self._emit_refreshed(self._held, "file")
@@ -305,7 +317,7 @@ class TokenRefresher:
             reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
             if set(reasons) <= {"expired"}:
                 # An expired token still proves who we are to the cloud (Bearer).
-                self._held = self._hold(token, decode_unverified(token))
+                self._held = self._hold(token, decode_unverified(token), adopted=True)
                 self._disk_ok = True
                 log.info(
                     "env_file_token_loaded", fingerprint=fingerprint(token), usable=not reasons
@@ -318,13 +330,17 @@ class TokenRefresher:
             log.info("env_file_token_missing", path=str(self._env_file))
         self._replan(now)
 
-    def _hold(self, token: str, claims: Claims) -> _Held:
-        return _Held(token, claims, TokenView.of(token, claims), draw_jitter(self._rng))
+    def _hold(self, token: str, claims: Claims, *, adopted: bool) -> _Held:
+        if adopted:
+            at = desync_point(claims, self._clock.time(), self._rng, self._policy)
+        else:
+            at = refresh_point(claims, draw_jitter(self._rng), self._policy)
+        return _Held(token, claims, TokenView.of(token, claims), at)
 
     async def _store(self, token: str, claims: Claims, *, source: str) -> TokenView:
         async with self._file_lock:
             wrote = await write_token(self._env_file, token)
-            held = self._held = self._hold(token, claims)
+            held = self._held = self._hold(token, claims, adopted=source != "cloud")
             self._disk_ok = True
         log.info(
             "token_refreshed",
@@ -399,7 +415,7 @@ class TokenRefresher:
             now,
             failures=self._failures,
             outcome=Outcome.INACTIVE if self._inactive else self._outcome,
-            jitter=held.jitter if held else 0.0,
+            refresh_at=held.refresh_at if held else now,
             rng=self._rng,
             retry_after=self._retry_after,
             policy=self._policy,

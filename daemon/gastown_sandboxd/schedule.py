@@ -1,7 +1,11 @@
 """When to try the next refresh: a pure function of the token, the time and past failures.
 
-Regular refresh at `iat + 0.5·lifetime - u·0.1·lifetime`, where `u` in [0, 1) is drawn once
-per token (so a fleet that got its tokens together spreads out, and re-planning is stable).
+Each held token has one regular refresh time, drawn once (so re-planning is stable):
+- a token the daemon got from its own refresh call: `refresh_point`, the contract's
+  `iat + 0.5·lifetime - u·0.1·lifetime` with `u` in [0, 1) drawn per token;
+- a token it adopted (found in the env file at start-up or after an outside edit, or pushed):
+  `desync_point`, which spreads a fleet that got its tokens together at once instead of over
+  the weeks the jitter alone takes (see its docstring).
 After failures, full-jitter exponential backoff with a floor, tighter when the token is close
 to expiry, never sooner than the cloud's `Retry-After`.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import math
 import random
 from dataclasses import dataclass
 from datetime import UTC
@@ -32,6 +37,8 @@ class SchedulePolicy:
     # Full jitter can draw ~0: the floor keeps outages to one call per 2 s at most.
     min_retry_gap: float = 2.0
     urgent_fraction: float = 0.1
+    # An adopted token younger than this gets the desync draw; an older one the contract's.
+    desync_age_fraction: float = 0.01
 
 
 class Outcome(enum.StrEnum):
@@ -60,6 +67,55 @@ def refresh_point(claims: Claims, jitter: float, policy: SchedulePolicy) -> floa
     )
 
 
+def desync_point(
+    claims: Claims, now: float, rng: random.Random, policy: SchedulePolicy = SchedulePolicy()
+) -> float:
+    """The regular refresh time of a token the daemon adopted rather than got from the cloud.
+
+    Never before `now`, never after `iat + refresh_fraction·lifetime` (the latest
+    `refresh_point`, so expiry is no closer than with the contract's formula), and `now` once
+    that has passed (less than half the lifetime left: refresh at once).
+
+    Why: regular refreshes of one sandbox come every X ~ U(a, b) after the token's iat, with
+    a = (refresh_fraction - jitter_fraction)·lifetime and b = refresh_fraction·lifetime. A
+    fleet whose tokens share an iat (a boot storm: every town's token minted as it boots)
+    refreshes in waves that the jitter only damps slowly: by the renewal equation for these X,
+    the busiest minute stays above 1.25 times the mean until day 13.
+    A fleet is even from the start when each sandbox's first refresh follows the stationary
+    law of the time to the next refresh seen from a random instant, density P(X > r)/E[X].
+    That law is the law of V·T, with V ~ U(0, 1) and T length-biased on [a, b] (a random
+    instant falls in an interval with probability proportional to its length), density
+    t/(E[X]·(b - a)), distribution (t² - a²)/(b² - a²), so T = sqrt(a² + W·(b² - a²)) with
+    W ~ U(0, 1). Such a fleet is a stationary renewal process: n/E[X] refreshes per unit of
+    time from its first minute. Later refreshes follow `refresh_point`.
+
+    A young token (issued less than `desync_age_fraction` of its lifetime ago: minted for a
+    boot, pushed, just written by someone else) gets iat + V·T; a draw already past is drawn
+    again, uniformly in [now, iat + T]. An older token (what a restarted daemon finds on disk
+    in a fleet that is already even) gets the contract's point conditioned on falling after
+    now, uniform in [max(iat + a, now), iat + b]: the exact law of the time to the next
+    refresh given the token's age, so a fleet-wide restart keeps an even fleet even (the
+    draw above would re-bunch it, and the plain formula would refresh at once the ~4 % whose
+    point has passed).
+    """
+    lifetime = claims.exp - claims.iat
+    # A jitter wider than the refresh fraction (settings allow it) would make `low` negative.
+    low = max(0.0, policy.refresh_fraction - policy.jitter_fraction) * lifetime
+    high = policy.refresh_fraction * lifetime
+    latest = claims.iat + high
+    if now >= latest:
+        return now
+    if now - claims.iat < policy.desync_age_fraction * lifetime:
+        span = math.sqrt(low * low + rng.random() * (high * high - low * low))
+        point = claims.iat + rng.random() * span
+        if point > now:
+            return point
+        if claims.iat + span > now:  # always, unless desync_age_fraction reaches past `low`
+            return now + rng.random() * (claims.iat + span - now)
+    start = max(claims.iat + low, now)
+    return start + rng.random() * (latest - start)
+
+
 def is_urgent(claims: Claims | None, now: float, policy: SchedulePolicy) -> bool:
     """No token, or less than `urgent_fraction` of its lifetime left."""
     if claims is None:
@@ -83,16 +139,17 @@ def next_attempt_at(
     *,
     failures: int,
     outcome: Outcome,
-    jitter: float,
+    refresh_at: float,
     rng: random.Random,
     retry_after: float | None = None,
     policy: SchedulePolicy = SchedulePolicy(),
 ) -> float:
     """The absolute wall time of the next refresh attempt.
 
-    `claims` is the held token (None when there is none), `failures` counts the consecutive
-    failed attempts including the last one, `outcome` is how the last attempt ended (OK at
-    start), `retry_after` the seconds the cloud asked to wait.
+    `claims` is the held token (None when there is none), `refresh_at` its regular refresh
+    time (`refresh_point` or `desync_point`, drawn once per token; ignored without a token),
+    `failures` counts the consecutive failed attempts including the last one, `outcome` is how
+    the last attempt ended (OK at start), `retry_after` the seconds the cloud asked to wait.
     """
     if outcome is Outcome.INACTIVE:
         return now + policy.inactive_probe
@@ -103,7 +160,7 @@ def next_attempt_at(
     if failures <= 0 or outcome is Outcome.OK:
         if claims is None:
             return now
-        return max(now, refresh_point(claims, jitter, policy))
+        return max(now, refresh_at)
     if outcome is Outcome.UNAUTHORIZED:
         delay = policy.urgent_backoff_max if urgent else policy.backoff_max
     else:

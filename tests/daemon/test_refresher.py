@@ -25,14 +25,27 @@ from gastown_sandboxd.cloud_client import CloudClient
 from gastown_sandboxd.exceptions import AtomicWriteError, RefreshError, TokenError
 from gastown_sandboxd.metrics import TokenMetrics
 from gastown_sandboxd.refresher import State, TokenRefresher
-from gastown_sandboxd.token import fingerprint
+from gastown_sandboxd.schedule import SchedulePolicy, desync_point
+from gastown_sandboxd.token import decode_unverified, fingerprint
 from tests.fixtures.cloud import CloudServer
 
 from .minting import DAY, TOWN, forge, mint
 from .simclock import SimulatedClock
 
 T0 = 1_800_000_000.0
+POLICY = SchedulePolicy()
 Action = str | Exception | Callable[[], Awaitable[str]] | None
+
+
+class Fixed(random.Random):
+    """A random source whose every draw is `value`, so that planned times can be computed."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
 
 
 class ScriptedCloud:
@@ -69,6 +82,7 @@ class Rig:
         autojump: bool = False,
         env_text: str | None = None,
         client: Any = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.clock = SimulatedClock(T0, autojump=autojump)
         self.cloud = ScriptedCloud(self.clock)
@@ -83,7 +97,7 @@ class Rig:
             client=client or self.cloud,
             emit=self.emit,
             clock=self.clock,
-            rng=random.Random(4),
+            rng=rng or random.Random(4),
             metrics=TokenMetrics(self.registry, clock=self.clock),
         )
 
@@ -184,6 +198,45 @@ async def test_fresh_token_on_disk_is_kept_until_its_refresh_point(tmp_path: Pat
         assert rig.cloud.calls[0][1] == token
         await eventually(lambda: rig.disk_token() == rig.cloud.minted[0])
         assert rig.env.read_text().startswith("A=1\n")
+
+
+async def test_start_up_token_is_desynchronised_and_a_refreshed_one_follows_the_contract(
+    tmp_path: Path,
+) -> None:
+    """A token minted at boot is refreshed first at the desync draw, then by the contract."""
+    booted = mint(T0)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={booted}\n", rng=Fixed(0.25))
+    async with rig.running() as refresher:
+        planned = refresher.status().next_refresh_at
+        assert planned is not None
+        span = ((0.4 * DAY) ** 2 + 0.25 * ((0.5 * DAY) ** 2 - (0.4 * DAY) ** 2)) ** 0.5
+        assert planned == pytest.approx(T0 + 0.25 * span)
+        assert planned == desync_point(decode_unverified(booted), T0, Fixed(0.25), POLICY)
+        # Earlier than the contract's window: the fleet's first refreshes spread from boot.
+        assert planned < T0 + 0.4 * DAY
+        rig.clock.advance(planned - T0 - 1)
+        await anyio.sleep(0.01)
+        assert rig.cloud.calls == []
+        rig.clock.advance(1)
+        await eventually(lambda: refresher.status().last_refresh_at is not None)
+        ((called_at, bearer),) = rig.cloud.calls
+        assert called_at == pytest.approx(planned)
+        assert bearer == booted
+        iat = decode_unverified(rig.cloud.minted[0]).iat
+        assert refresher.status().next_refresh_at == iat + 0.5 * DAY - 0.25 * 0.1 * DAY
+
+
+async def test_start_up_token_inside_its_jitter_window_is_not_refreshed_at_once(
+    tmp_path: Path,
+) -> None:
+    """An older token found on disk (a daemon restart) gets the contract's point drawn after now."""
+    found = mint(T0 - 0.45 * DAY)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={found}\n", rng=Fixed(0.25))
+    async with rig.running() as refresher:
+        half_life = int(T0 - 0.45 * DAY) + 0.5 * DAY
+        assert refresher.status().next_refresh_at == T0 + 0.25 * (half_life - T0)
+        await anyio.sleep(0.01)
+        assert rig.cloud.calls == []
 
 
 async def test_token_past_half_life_is_refreshed_at_once_with_bearer(tmp_path: Path) -> None:
@@ -573,8 +626,9 @@ async def test_pushed_token_is_written(tmp_path: Path) -> None:
             {"exp": int(T0) + DAY, "iat": int(T0), "source": "push"},
         )
         status = refresher.status()
+        # A pushed token is adopted: the desync draw, before its half-life.
         assert status.next_refresh_at is not None
-        assert status.next_refresh_at >= T0 + 0.4 * DAY
+        assert T0 < status.next_refresh_at <= T0 + 0.5 * DAY
         assert await refresher.accept(pushed) == view
         assert len(rig.events) == 1
 
@@ -618,8 +672,8 @@ async def test_missing_file_that_stays_missing_is_no_change(tmp_path: Path) -> N
 
 
 async def test_outside_edit_with_a_new_token_is_adopted(tmp_path: Path) -> None:
-    """Another acceptable token written by someone else is adopted and rescheduled."""
-    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0 - 3600)}\n")
+    """Another acceptable token written by someone else is adopted and rescheduled (desync)."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0 - 3600)}\n", rng=Fixed(0.5))
     newer = mint(T0)
     async with rig.running() as refresher:
         before = refresher.status().next_refresh_at
@@ -629,6 +683,9 @@ async def test_outside_edit_with_a_new_token_is_adopted(tmp_path: Path) -> None:
         assert status.token is not None
         assert status.token.fingerprint == fingerprint(newer)
         assert status.next_refresh_at != before
+        assert status.next_refresh_at == desync_point(
+            decode_unverified(newer), T0, Fixed(0.5), POLICY
+        )
         assert rig.events == [
             ("token.refreshed", {"exp": int(T0) + DAY, "iat": int(T0), "source": "file"})
         ]

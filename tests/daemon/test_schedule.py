@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 
 import pytest
@@ -11,6 +12,7 @@ from gastown_sandboxd.schedule import (
     Outcome,
     SchedulePolicy,
     backoff_delay,
+    desync_point,
     draw_jitter,
     is_urgent,
     next_attempt_at,
@@ -44,7 +46,7 @@ def plan(
         now,
         failures=failures,
         outcome=outcome,
-        jitter=jitter,
+        refresh_at=refresh_point(held, jitter, POLICY) if held else now,
         rng=random.Random(seed),
         retry_after=retry_after,
         policy=POLICY,
@@ -204,6 +206,119 @@ def test_sleep_for_is_capped_at_max_sleep() -> None:
     assert sleep_for(T0 + 5, T0) == 5.0
     assert sleep_for(T0 - 5, T0) == 0.0
     assert sleep_for(T0 + 100, T0, SchedulePolicy(max_sleep=7)) == 7.0
+
+
+# --- desync_point ---------------------------------------------------------------------------
+
+LOW, HIGH = 0.4 * DAY, 0.5 * DAY  # the contract's refresh interval X ~ U(LOW, HIGH)
+MEAN = (LOW + HIGH) / 2
+
+
+def equilibrium_cdf(r: float) -> float:
+    """P(R <= r) for the stationary time to the next refresh: the integral of P(X > s)/E[X]."""
+    if r <= LOW:
+        return r / MEAN
+    r = min(r, HIGH)
+    return (r - (r - LOW) ** 2 / (2 * (HIGH - LOW))) / MEAN
+
+
+def draws(now: float, count: int = 20_000, *, iat: int = T0, seed: int = 11) -> list[float]:
+    rng = random.Random(seed)
+    return [desync_point(claims(iat), now, rng, POLICY) for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    "age", [-300, 0, 1, 600, 863, 865, 3600, 0.39 * DAY, 0.41 * DAY, 0.45 * DAY, 0.4999 * DAY]
+)
+def test_desync_point_is_never_before_now_nor_after_half_life(age: float) -> None:
+    """Whatever the token's age (even an iat ahead of the clock), now <= point <= iat + L/2."""
+    now = T0 + age
+    points = draws(now, 2_000)
+    assert all(now <= p <= T0 + HIGH for p in points)
+    assert len(set(points)) == len(points)  # drawn, not a fixed point
+
+
+@pytest.mark.parametrize("age", [0, 0.2 * DAY, 0.39 * DAY, 0.45 * DAY, 0.4999 * DAY])
+@pytest.mark.parametrize(
+    "policy",
+    [SchedulePolicy(desync_age_fraction=1.0), SchedulePolicy(jitter_fraction=0.7)],
+    ids=["desync-at-any-age", "jitter-wider-than-refresh"],
+)
+def test_desync_point_stays_in_bounds_under_any_policy(age: float, policy: SchedulePolicy) -> None:
+    """Odd policies (every age desynced, a jitter past iat) never plan before now or past half."""
+    rng = random.Random(3)
+    now = T0 + age
+    points = [desync_point(claims(), now, rng, policy) for _ in range(2_000)]
+    assert all(now <= p <= T0 + HIGH for p in points)
+
+
+@pytest.mark.parametrize("age", [0.5 * DAY, 0.5 * DAY + 1, 2 * DAY])
+def test_desync_point_is_now_past_half_life(age: float) -> None:
+    """With half the lifetime or less left the token is refreshed at once, as §3 says."""
+    assert draws(T0 + age, 10) == [T0 + age] * 10
+
+
+def test_desync_draw_of_a_fresh_token_has_the_stationary_law() -> None:
+    """Over many draws the first refresh of a just-minted token follows P(X > r)/E[X]."""
+    offsets = sorted(p - T0 for p in draws(T0))
+    n = len(offsets)
+    # Kolmogorov-Smirnov distance to the stationary law (5 % critical value: 1.36/sqrt(n)).
+    distance = max(
+        max(abs((k + 1) / n - equilibrium_cdf(r)), abs(k / n - equilibrium_cdf(r)))
+        for k, r in enumerate(offsets)
+    )
+    assert distance < 1.36 / math.sqrt(n)
+    # Mean E[X²]/(2·E[X]) and second moment E[X³]/(3·E[X]) of the stationary law.
+    mean = (LOW**2 + LOW * HIGH + HIGH**2) / (6 * MEAN)
+    second = (HIGH**4 - LOW**4) / (4 * (HIGH - LOW)) / (3 * MEAN)
+    spread = math.sqrt(second - mean**2)
+    assert sum(offsets) / n == pytest.approx(mean, rel=0.01)
+    got_spread = math.sqrt(sum((r - mean) ** 2 for r in offsets) / n)
+    assert got_spread == pytest.approx(spread, rel=0.02)
+    # Flat over [0, LOW]: a fleet booted together calls at its mean rate from the first minute.
+    early = [r for r in offsets if r < LOW]
+    assert len(early) / n == pytest.approx(LOW / MEAN, abs=0.01)
+
+
+def test_desync_draw_past_now_is_drawn_again_after_now() -> None:
+    """A young token whose draw fell before now is drawn again between now and iat + T."""
+    now = T0 + 800  # under 1 % of the lifetime: still young
+    points = draws(now)
+    assert min(points) >= now
+    # About 800 s / E[X] of the draws passed and were spread over [now, iat + T], so the share
+    # in the next 1,000 s is the stationary law's alone, not a pile at now.
+    share = sum(1 for p in points if p < T0 + 1800) / len(points)
+    assert share == pytest.approx(1000 / MEAN, abs=0.005)
+
+
+@pytest.mark.parametrize("age", [865, 3600, 0.3 * DAY])
+def test_older_token_gets_the_contract_point(age: float) -> None:
+    """A token older than 1 % of its lifetime is refreshed at iat + U(0.4, 0.5)·L, as in §3."""
+    points = draws(T0 + age)
+    assert min(p - T0 for p in points) >= LOW
+    assert max(p - T0 for p in points) <= HIGH
+    assert sum(points) / len(points) - T0 == pytest.approx(MEAN, rel=0.002)
+
+
+def test_older_token_inside_its_window_is_drawn_after_now() -> None:
+    """In its jitter window an older token is refreshed uniformly between now and half-life."""
+    now = T0 + 0.45 * DAY
+    points = draws(now)
+    assert min(points) >= now
+    assert sum(points) / len(points) == pytest.approx((now + T0 + HIGH) / 2, abs=60)
+    below = sum(1 for p in points if p < now + 0.025 * DAY) / len(points)
+    assert below == pytest.approx(0.5, abs=0.02)
+
+
+def test_desync_age_limit_is_a_fraction_of_the_lifetime() -> None:
+    """A 60 s demo token is young for its first 0.6 s: the limit scales with the lifetime."""
+    short = claims(lifetime=60)
+    rng = random.Random(5)
+    young = [desync_point(short, T0 + 0.5, rng, POLICY) - T0 for _ in range(2_000)]
+    old = [desync_point(short, T0 + 0.7, rng, POLICY) - T0 for _ in range(2_000)]
+    assert min(young) < 24
+    assert min(old) >= 24
+    assert max(young + old) <= 30
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("120", 120.0), (" 0 ", 0.0), ("7", 7.0)])

@@ -245,8 +245,9 @@ async def test_simulated_week(tmp_path: Path) -> None:
 
 async def run_with_jump(
     tmp_path: Path, *, jump_at: float, jump: float, until: float
-) -> list[float]:
-    """Cloud call times of a refresher whose wall clock steps by `jump` at monotonic `jump_at`."""
+) -> tuple[float, list[float]]:
+    """The first planned refresh (wall time) and the cloud call times of a refresher whose
+    wall clock steps by `jump` at monotonic `jump_at`."""
     clock = SimulatedClock(START, autojump=True)
     clock.jump_at(jump_at, jump)
     env = tmp_path / ".env.gateway"
@@ -268,22 +269,31 @@ async def run_with_jump(
     )
     async with anyio.create_task_group() as tg:
         await tg.start(refresher.run)
+        planned = refresher.status().next_refresh_at
         await clock.alarm(until).wait()
         clock.autojump = False
         tg.cancel_scope.cancel()
-    return calls
+    assert planned is not None
+    return planned, calls
 
 
 async def test_wall_clock_jump_forward_refreshes_within_30_s(tmp_path: Path) -> None:
     """A 23 h forward jump (resume, NTP step) is noticed and refreshed within 30 s."""
-    calls = await run_with_jump(tmp_path, jump_at=100.0, jump=23 * HOUR, until=START + 25 * HOUR)
+    planned, calls = await run_with_jump(
+        tmp_path, jump_at=100.0, jump=23 * HOUR, until=START + 25 * HOUR
+    )
     jumped_at = START + 100.0 + 23 * HOUR
+    assert START + 100.0 < planned < jumped_at
     assert calls, "no refresh after the jump"
     assert jumped_at <= calls[0] <= jumped_at + 30
 
 
 async def test_wall_clock_jump_backward_waits_for_the_refresh_point(tmp_path: Path) -> None:
     """A 6 h backward jump only delays the refresh to the token's refresh point."""
-    calls = await run_with_jump(tmp_path, jump_at=100.0, jump=-6 * HOUR, until=START + 13 * HOUR)
+    planned, calls = await run_with_jump(
+        tmp_path, jump_at=100.0, jump=-6 * HOUR, until=START + 13 * HOUR
+    )
+    # The token was minted at start: its point is the desync draw, at most half-life.
+    assert START + 100.0 < planned <= START + 0.5 * DAY
     assert calls
-    assert START + 0.4 * DAY <= calls[0] <= START + 0.5 * DAY + 30
+    assert planned <= calls[0] <= planned + 30
