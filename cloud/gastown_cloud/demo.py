@@ -118,9 +118,7 @@ class EventTail:
     """`gastown-sandboxd events` as a subprocess; its lines land in a queue."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
