@@ -489,7 +489,8 @@ async def test_env_file_edited_by_another_process_is_reread(town: Town) -> None:
         assert after["token"]["fingerprint"] != before["token"]["fingerprint"]
         assert (after["token"]["iat"], after["token"]["exp"]) == (claims["iat"], claims["exp"])
         assert _instant(after["next_refresh_at"]) < claims["iat"] + 3600 + 1
-        assert _instant(after["next_refresh_at"]) < _instant(before["next_refresh_at"])
+        # Rescheduled: a plan for the new token (the old token's plan may fall either side).
+        assert after["next_refresh_at"] != before["next_refresh_at"]
 
         # Fence: once this later edit is reported, the watcher has handled the env file edit.
         write_by_other_process(
