@@ -6,36 +6,16 @@ Routes never log a token or the key; the scrubber makes a slip harmless anyway: 
 
 from __future__ import annotations
 
-import re
 import sys
-from collections.abc import Iterable, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Iterable
+from typing import TextIO
 
 import structlog
 
-from .tokens import fingerprint
+from gastown_sandboxd.logs import Redactor
 
-_JWT = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
-
-
-class Scrubber:
-    """A structlog processor that hides JWTs and the given secrets in every string value."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets = tuple(secret for secret in secrets if secret)
-
-    def __call__(
-        self, logger: Any, method: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        for key, value in list(event.items()):
-            if isinstance(value, str):
-                event[key] = self.scrub(value)
-        return event
-
-    def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[secret]")
-        return _JWT.sub(lambda match: f"[jwt:{fingerprint(match[0])}]", text)
+# One scrubber for both services: the daemon's redaction step (JWTs and given secrets).
+Scrubber = Redactor
 
 
 def configure_logging(*, secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
