@@ -1,8 +1,10 @@
-"""Plain-text output shared by the benches: a padded table and a proportional bar."""
+"""Plain-text output shared by the benches: a padded table, a proportional bar, and the
+`python -m bench.NAME [--quick]` entry point of one bench."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import argparse
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -69,3 +71,14 @@ def print_table(rows: Sequence[Row], title: str | None = None) -> None:
         for row in rows
     ]
     print(table(("figure", "value", "unit", "baseline", "ratio", "note"), body), flush=True)
+
+
+def main_of(
+    run: Callable[[bool], Sequence[Row]], *, name: str, doc: str | None, quick: str, title: str
+) -> int:
+    """`python -m bench.{name} [--quick]`: parse the flag, print `run(quick)` as one table."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    args = parser.parse_args()
+    print_table(run(args.quick), title=title)
+    return 0

@@ -19,17 +19,12 @@ cloud) and, in this process, the SSE readers and the sender, all timed with `tim
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,101 +33,24 @@ import anyio
 import anyio.abc
 import httpx
 from httpx_sse import aconnect_sse
-from tests.fixtures.daemon import daemon_env, make_town
+from tests.fixtures.daemon import make_town
 
-from gastown_cloud.tokens import mint_gastown_token
+from ._daemon import Daemon, running_daemon, tcp_client, uds_client
+from ._stats import cpu_seconds, percentile
+from ._table import Row, main_of
 
-from ._table import Row, print_table
-
-KEY = "bench-events-key-0123456789abcdef"
 TOWN_ID = "town-events-bench"
-# Never called: the daemon holds a fresh token. A port nothing listens on.
-CLOUD_URL = "http://127.0.0.1:9"
 READERS = 100
 WAIT = 30.0
+LIMITS = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
 
 
-@dataclass
-class Daemon:
-    """A running daemon: its process, TCP URL, socket and town root."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    socket: Path
-    town_root: Path
-
-    def cpu_seconds(self) -> float:
-        # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def uds(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
-        transport = httpx.AsyncHTTPTransport(uds=str(self.socket), limits=limits)
-        return httpx.AsyncClient(transport=transport, base_url="http://sandboxd", timeout=WAIT)
-
-    def tcp(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
-        headers = {"x-internal-api-key": KEY}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits, timeout=WAIT)
+def _uds(daemon: Daemon) -> httpx.AsyncClient:
+    return uds_client(daemon.socket, timeout=WAIT, limits=LIMITS)
 
 
-@contextmanager
-def running_daemon() -> Iterator[Daemon]:
-    """Start a daemon for a town with empty settings; stop it and remove its files after."""
-    workdir = Path(tempfile.mkdtemp(prefix="gsd-events-bench-"))
-    try:
-        town_root = make_town(workdir / "town")
-        env_file = workdir / ".env.gateway"
-        secret = "bench-secret-of-at-least-thirty-two-bytes"
-        token = mint_gastown_token("user-bench", TOWN_ID, None, secret=secret, lifetime=86400)
-        env_file.write_text(f"KILO_JWT={token}\n")
-        env_file.chmod(0o600)
-        env = daemon_env(
-            town_id=TOWN_ID,
-            cloud_url=CLOUD_URL,
-            town_root=town_root,
-            env_file=env_file,
-            socket=workdir / "d.sock",
-            key=KEY,
-            extra={"GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
-        )
-        log = workdir / "daemon.log"
-        argv = [sys.executable, "-m", "gastown_sandboxd", "run"]
-        with log.open("wb") as sink:
-            process = subprocess.Popen(argv, env=env, stdout=sink, stderr=sink)
-        try:
-            url = _await_ready(process, log)
-            yield Daemon(process, url, workdir / "d.sock", town_root)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _await_ready(process: subprocess.Popen[bytes], log: Path) -> str:
-    """The TCP URL from the `api_listening` line, once `daemon_ready` is logged."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and process.poll() is None:
-        records = []
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        if any(record.get("event") == "daemon_ready" for record in records):
-            for record in records:
-                address = str(record.get("address", ""))
-                if record.get("event") == "api_listening" and address.startswith("http"):
-                    return address
-        time.sleep(0.02)
-    raise RuntimeError(f"the daemon did not start:\n{log.read_text(errors='replace')[-3000:]}")
+def _tcp(daemon: Daemon) -> httpx.AsyncClient:
+    return tcp_client(daemon.url, daemon.key, timeout=WAIT, limits=LIMITS)
 
 
 @dataclass
@@ -174,7 +92,7 @@ async def _read(
 async def readers(daemon: Daemon, count: int) -> AsyncIterator[Receipts]:
     """`count` SSE readers, alternately on the socket and on TCP, all registered on entry."""
     receipts = Receipts(count)
-    async with daemon.uds() as uds, daemon.tcp() as tcp, anyio.create_task_group() as tg:
+    async with _uds(daemon) as uds, _tcp(daemon) as tcp, anyio.create_task_group() as tg:
         for index in range(count):
             await tg.start(_read, uds if index % 2 == 0 else tcp, receipts)
         yield receipts
@@ -194,7 +112,7 @@ async def api_to_sse(
     """Milliseconds from sending each PATCH to each reader's receipt, and to the PATCH's answer."""
     delivery: list[float] = []
     answers: list[float] = []
-    async with daemon.uds() as api, readers(daemon, reader_count) as receipts:
+    async with _uds(daemon) as api, readers(daemon, reader_count) as receipts:
         event_id = await _last_event_id(api)
         for n in range(patches):
             # A new crew name each time: every PATCH changes the town file, one event.
@@ -216,7 +134,7 @@ async def edit_to_event(daemon: Daemon, edits: int) -> list[float]:
     """Milliseconds from renaming a new town settings file into place to its event."""
     path = daemon.town_root / "settings" / "config.json"
     latencies: list[float] = []
-    async with daemon.uds() as api, readers(daemon, 1) as receipts:
+    async with _uds(daemon) as api, readers(daemon, 1) as receipts:
         event_id = await _last_event_id(api)
         for n in range(edits):
             data = json.dumps({"type": "town-settings", "version": 1, "bench": n}, indent=2)
@@ -238,19 +156,15 @@ async def edit_to_event(daemon: Daemon, edits: int) -> list[float]:
 
 async def idle_cpu(daemon: Daemon, reader_count: int, window: float) -> float:
     """The daemon's CPU use, in percent of one core, over `window` seconds with idle readers."""
-    async with daemon.uds() as api, readers(daemon, reader_count):
+    async with _uds(daemon) as api, readers(daemon, reader_count):
         status = (await api.get("/status")).json()
         if status["subscribers"] != reader_count:
             raise RuntimeError(f"{status['subscribers']} subscribers, not {reader_count}")
-        before = daemon.cpu_seconds()
+        before = cpu_seconds(daemon.pid)
         started = time.perf_counter()
         await anyio.sleep(window)
-        used = daemon.cpu_seconds() - before
+        used = cpu_seconds(daemon.pid) - before
         return 100 * used / (time.perf_counter() - started)
-
-
-def _p(samples: list[float], percent: int) -> float:
-    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
 
 
 async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
@@ -264,9 +178,9 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
         rows.append(
             Row(
                 f"PATCH → SSE p{percent}, 1 reader",
-                _p(one, percent),
+                percentile(one, percent),
                 "ms",
-                _p(answers, percent),
+                percentile(answers, percent),
                 f"baseline: the PATCH's own answer; {patches} PATCHes",
             )
         )
@@ -274,9 +188,9 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
         rows.append(
             Row(
                 f"PATCH → SSE p{percent}, {READERS} readers",
-                _p(many, percent),
+                percentile(many, percent),
                 "ms",
-                _p(one, percent),
+                percentile(one, percent),
                 f"baseline: 1 reader; {patches} × {READERS} receipts",
             )
         )
@@ -285,7 +199,7 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
         rows.append(
             Row(
                 f"external rename → event p{percent}",
-                _p(external, percent),
+                percentile(external, percent),
                 "ms",
                 note=f"{edits} edits; watcher debounce 50 ms, step 10 ms",
             )
@@ -306,17 +220,14 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
 
 def run(quick: bool) -> list[Row]:
     """Measure everything once with one daemon; the rows are printed by the caller."""
-    with running_daemon() as daemon:
-        return anyio.run(_measure, daemon, quick)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.events_bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter runs (CPU windows 10 s)")
-    args = parser.parse_args()
-    print_table(run(args.quick), title="events_bench")
-    return 0
+    with tempfile.TemporaryDirectory(prefix="events-bench-", ignore_cleanup_errors=True) as tmp:
+        workdir = Path(tmp)
+        with running_daemon(workdir, make_town(workdir / "town"), town_id=TOWN_ID) as daemon:
+            return anyio.run(_measure, daemon, quick)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    quick = "shorter runs (CPU windows 10 s)"
+    raise SystemExit(
+        main_of(run, name="events_bench", doc=__doc__, quick=quick, title="events_bench")
+    )

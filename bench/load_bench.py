@@ -14,17 +14,9 @@ what 100 listeners cost. `storm()` is also the engine of tests/e2e/test_load.py.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +24,11 @@ from typing import Any
 import anyio
 import httpx
 from httpx_sse import aconnect_sse
-from tests.daemon.minting import mint
-from tests.fixtures.daemon import DAEMON_KEY, daemon_env, make_town
+from tests.fixtures.daemon import make_town
 
-from ._table import Row, print_table
+from ._daemon import running_daemon, tcp_client, uds_client
+from ._stats import cpu_seconds, percentile, rss_kib
+from ._table import Row, main_of
 
 TOWN_ID = "town-load"
 PATCHES, CLIENTS, SUBSCRIBERS = 1000, 32, 100
@@ -104,20 +97,6 @@ def share(patches: int, clients: int, client: int) -> int:
     return patches // clients + (1 if client < patches % clients else 0)
 
 
-def memory_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def storm(
     target: Target,
     *,
@@ -130,15 +109,8 @@ async def storm(
     result = LoadResult(patches, clients, subscribers)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(30.0, read=None)
-    tcp = httpx.AsyncClient(
-        base_url=target.url, headers={"x-internal-api-key": target.key}, limits=limits,
-        timeout=timeout,
-    )  # fmt: skip
-    uds = httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(target.socket), limits=limits),
-        base_url="http://sandboxd",
-        timeout=timeout,
-    )
+    tcp = tcp_client(target.url, target.key, timeout=timeout, limits=limits)
+    uds = uds_client(target.socket, timeout=timeout, limits=limits)
     result.received = [[] for _ in range(subscribers)]
     async with tcp, uds:
         with anyio.fail_after(deadline):
@@ -147,7 +119,7 @@ async def storm(
                     client = uds if index % 2 else tcp
                     listeners.start_soon(_listen, client, result, index)
                 await _await_subscribers(uds, subscribers)
-                result.rss_before_kib = memory_kib(target.pid)
+                result.rss_before_kib = rss_kib(target.pid)
                 cpu_before = cpu_seconds(target.pid)
                 started = time.monotonic()
                 async with anyio.create_task_group() as senders:
@@ -156,7 +128,7 @@ async def storm(
                         senders.start_soon(_send, uds, result, rig, count)
             result.wall = time.monotonic() - started
             result.cpu_seconds = cpu_seconds(target.pid) - cpu_before
-            result.rss_after_kib = memory_kib(target.pid)
+            result.rss_after_kib = rss_kib(target.pid)
     return result
 
 
@@ -231,69 +203,15 @@ def problems(result: LoadResult, town_root: Path) -> list[str]:
     return found
 
 
-def percentile(samples: list[float], percent: int) -> float:
-    if len(samples) < 2:
-        return samples[0] if samples else 0.0
-    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
-
-
-@contextmanager
-def running_daemon(workdir: Path, clients: int) -> Iterator[Target]:
-    """A daemon on a town with one rig per client, holding a fresh token; stopped on exit."""
-    town_root = make_town(workdir / "town", tuple(rig_names(clients)))
-    env_file = workdir / ".env.gateway"
-    env_file.write_text(f"KILO_JWT={mint(time.time(), town_id=TOWN_ID)}\n")
-    socket_dir = Path(tempfile.mkdtemp(prefix="gsd-l-"))
-    env = daemon_env(
-        town_id=TOWN_ID,
-        cloud_url="http://127.0.0.1:9",  # never called: the token is fresh
-        town_root=town_root,
-        env_file=env_file,
-        socket=socket_dir / "d.sock",
-        extra={"GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
-    )
-    log = workdir / "daemon.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gastown_sandboxd", "run"], env=env, stdout=sink, stderr=sink
-        )
-    try:
-        url = _await_ready(process, log)
-        yield Target(url, DAEMON_KEY, socket_dir / "d.sock", process.pid, town_root)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _await_ready(process: subprocess.Popen[bytes], log: Path) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        records = [json.loads(line) for line in log.read_text().splitlines() if line[:1] == "{"]
-        if any(record.get("event") == "daemon_ready" for record in records):
-            return next(
-                str(record["address"])
-                for record in records
-                if record.get("event") == "api_listening"
-                and str(record.get("address")).startswith("http")
-            )
-        time.sleep(0.01)
-    raise RuntimeError(f"the daemon did not start: {log.read_text()[-2000:]}")
-
-
 def measure(subscribers: int) -> LoadResult:
     """One storm of PATCHES on a fresh daemon with `subscribers` listeners; checked."""
-    workdir = Path(tempfile.mkdtemp(prefix="load-bench-"))
-    try:
-        with running_daemon(workdir, CLIENTS) as target:
+    with tempfile.TemporaryDirectory(prefix="load-bench-", ignore_cleanup_errors=True) as tmp:
+        workdir = Path(tmp)
+        town_root = make_town(workdir / "town", tuple(rig_names(CLIENTS)))
+        with running_daemon(workdir, town_root, town_id=TOWN_ID) as daemon:
+            target = Target(daemon.url, daemon.key, daemon.socket, daemon.pid, town_root)
             result = anyio.run(_storm, target, subscribers)
-            found = problems(result, target.town_root)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+            found = problems(result, town_root)
     if found:
         raise RuntimeError("the storm lost something: " + "; ".join(found[:5]))
     return result
@@ -335,13 +253,6 @@ def run(quick: bool) -> list[Row]:
     ]  # fmt: skip
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.load_bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="skip the no-subscriber baseline")
-    args = parser.parse_args()
-    print_table(run(quick=args.quick), title="load")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    quick = "skip the no-subscriber baseline"
+    raise SystemExit(main_of(run, name="load_bench", doc=__doc__, quick=quick, title="load"))

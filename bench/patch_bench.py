@@ -16,45 +16,27 @@ PATCHes are serialised by the daemon, so more clients add queueing, not throughp
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 from tests.daemon.gt_samples import build_town
-from tests.daemon.minting import mint
-from tests.fixtures.daemon import daemon_env
 
 from gastown_sandboxd.atomic import write_atomic
 from gastown_sandboxd.settings_store import SettingsStore
 
-from ._table import Row, print_table
+from ._daemon import Daemon, running_daemon, uds_client
+from ._stats import cpu_seconds, percentile
+from ._table import Row, main_of
 
 TOWN_ID = "town-bench"
 LEVELS = (1, 8, 32)
 PRESETS = ("claude", "codex")
 TOWN_FILE = Path("settings") / "config.json"
-
-
-@dataclass(frozen=True)
-class Daemon:
-    """A daemon process serving `town_root` on the Unix socket `socket`."""
-
-    process: subprocess.Popen[bytes]
-    socket: Path
-    town_root: Path
-    log: Path
 
 
 @dataclass(frozen=True)
@@ -70,50 +52,6 @@ class Sample:
         return len(self.latencies) / self.wall
 
 
-@contextmanager
-def running_daemon(workdir: Path) -> Iterator[Daemon]:
-    """A daemon on a fresh gt town in `workdir`, holding a valid token; stopped on exit."""
-    town_root = build_town(workdir / "town", rigs=("backend", "frontend"))
-    env_file = workdir / ".env.gateway"
-    env_file.write_text(f"KILO_JWT={mint(time.time(), town_id=TOWN_ID)}\n")
-    socket_dir = Path(tempfile.mkdtemp(prefix="gsd-p-"))
-    env = daemon_env(
-        town_id=TOWN_ID,
-        cloud_url="http://127.0.0.1:9",  # never called: the token is fresh
-        town_root=town_root,
-        env_file=env_file,
-        socket=socket_dir / "d.sock",
-        extra={"GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
-    )
-    log = workdir / "daemon.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gastown_sandboxd", "run"], env=env, stdout=sink, stderr=sink
-        )
-    daemon = Daemon(process, socket_dir / "d.sock", town_root, log)
-    try:
-        _await_ready(daemon)
-        yield daemon
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _await_ready(daemon: Daemon) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and daemon.process.poll() is None:
-        for line in daemon.log.read_text(errors="replace").splitlines():
-            if '"daemon_ready"' in line:
-                return
-        time.sleep(0.01)
-    raise RuntimeError(f"the daemon did not start: {daemon.log.read_text()[-2000:]}")
-
-
 def _body(client: int, n: int) -> dict[str, Any]:
     # Each PATCH flips this client's crew member to the other preset: always a real write.
     return {"town": {"crew_agents": {f"bench{client}": PRESETS[n % 2]}}}
@@ -124,10 +62,7 @@ async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int
     latencies: list[float] = []
 
     async def client(index: int) -> None:
-        transport = httpx.AsyncHTTPTransport(uds=str(daemon.socket))
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://sandboxd", timeout=120
-        ) as http:
+        async with uds_client(daemon.socket, timeout=120) as http:
             for n in range(offset, offset + per_client):
                 started = time.perf_counter()
                 answer = await http.patch("/config", json=_body(index, n))
@@ -135,19 +70,12 @@ async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int
                 if answer.status_code != 200 or not answer.json()["changed"]:
                     raise RuntimeError(f"PATCH answered {answer.status_code}: {answer.text}")
 
-    cpu, started = cpu_seconds(daemon.process.pid), time.perf_counter()
+    cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
     async with anyio.create_task_group() as tg:
         for index in range(clients):
             tg.start_soon(client, index)
     wall = time.perf_counter() - started
-    return Sample(latencies, wall, cpu_seconds(daemon.process.pid) - cpu)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (fields 14 and 15, after the command name)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
 
 
 def direct_writes(path: Path, versions: tuple[bytes, bytes], count: int) -> Sample:
@@ -180,16 +108,13 @@ async def store_patches(town_root: Path, count: int) -> Sample:
     return Sample(latencies, time.perf_counter() - started)
 
 
-def percentile(samples: list[float], percent: int) -> float:
-    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
-
-
 def run(quick: bool) -> list[Row]:
     """Measure every level and both baselines; `quick` takes fewer PATCHes per level."""
     total = 256 if quick else 1024
-    workdir = Path(tempfile.mkdtemp(prefix="patch-bench-"))
-    try:
-        with running_daemon(workdir / "daemon") as daemon:
+    with tempfile.TemporaryDirectory(prefix="patch-bench-", ignore_cleanup_errors=True) as tmp:
+        workdir = Path(tmp)
+        town_root = build_town(workdir / "daemon" / "town", rigs=("backend", "frontend"))
+        with running_daemon(workdir / "daemon", town_root, town_id=TOWN_ID) as daemon:
             anyio.run(patch_round, daemon, 1, 20, 0)  # warm-up: imports, caches, first files
             town_file = daemon.town_root / TOWN_FILE
             anyio.run(patch_round, daemon, 1, 1, 0)
@@ -202,8 +127,6 @@ def run(quick: bool) -> list[Row]:
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return _rows(rounds, direct, in_process, total, len(versions[0]))
 
 
@@ -232,13 +155,6 @@ def _rows(
     return rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.patch_bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="256 PATCHes per level, not 1,024")
-    args = parser.parse_args()
-    print_table(run(quick=args.quick), title="patch")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    quick = "256 PATCHes per level, not 1,024"
+    raise SystemExit(main_of(run, name="patch_bench", doc=__doc__, quick=quick, title="patch"))

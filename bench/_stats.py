@@ -1,0 +1,31 @@
+"""Figures shared by the benches: percentiles of samples, a process's CPU time and memory."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Sequence
+
+
+def percentile(samples: Sequence[float], percent: int) -> float:
+    """The `percent`-th percentile (inclusive method); the one sample, or 0, below two."""
+    if len(samples) < 2:
+        return samples[0] if samples else 0.0
+    return statistics.quantiles(samples, n=100, method="inclusive")[percent - 1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid`, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of process `pid` in KiB, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
