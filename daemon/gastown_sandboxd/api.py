@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._types import Clock
 from .events import EventBus
 from .exceptions import AtomicWriteError, ConfigError, Problem, RefreshError, TokenError
+from .metrics import SseClients
 from .openapi import openapi_document
 from .refresher import TokenRefresher
 from .settings_store import SettingsStore
@@ -38,13 +39,6 @@ MAX_TOKEN_BODY_BYTES = 16 * 1024
 BODY_TIMEOUT = 10.0  # a peer that dribbles its body cannot hold a PATCH slot forever
 _PATCH_TYPES = frozenset({"application/json", "application/merge-patch+json"})
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-@dataclass
-class SseClients:
-    """How many SSE streams are open, across both listeners."""
-
-    count: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

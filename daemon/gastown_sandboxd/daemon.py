@@ -104,6 +104,7 @@ async def run_daemon(
         clock=clock,
         watcher_status=watcher.status,
         patch_counter=metrics.config_patches,
+        sse_clients=metrics.sse_clients,
     )
     tcp = bind_tcp(settings.listen)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
@@ -78,6 +79,13 @@ class TokenMetrics:
         return max(0.0, self._exp - self._clock.time())
 
 
+@dataclass
+class SseClients:
+    """How many SSE streams are open, across both listeners."""
+
+    count: int = 0
+
+
 class DaemonMetrics:
     """Events, subscribers, hooks, signals, the watcher and config PATCHes.
 
@@ -92,6 +100,7 @@ class DaemonMetrics:
         bus: EventBus,
         notifier: Notifier,
         watcher: SettingsWatcher,
+        sse_clients: SseClients | None = None,
     ) -> None:
         self.config_patches = Counter(
             "gastown_sandboxd_config_patches",
@@ -99,14 +108,18 @@ class DaemonMetrics:
             ["status"],
             registry=registry,
         )
-        registry.register(_ComponentCollector(bus, notifier, watcher))
+        self.sse_clients = sse_clients if sse_clients is not None else SseClients()
+        registry.register(_ComponentCollector(bus, notifier, watcher, self.sse_clients))
 
 
 class _ComponentCollector(Collector):
-    def __init__(self, bus: EventBus, notifier: Notifier, watcher: SettingsWatcher) -> None:
+    def __init__(
+        self, bus: EventBus, notifier: Notifier, watcher: SettingsWatcher, sse: SseClients
+    ) -> None:
         self._bus = bus
         self._notifier = notifier
         self._watcher = watcher
+        self._sse = sse
 
     def collect(self) -> Iterable[Metric]:
         prefix = "gastown_sandboxd_"
@@ -114,6 +127,11 @@ class _ComponentCollector(Collector):
             prefix + "event_subscribers",
             "Open event subscriptions (SSE, hooks).",
             value=self._bus.subscriber_count,
+        )
+        yield GaugeMetricFamily(
+            prefix + "sse_clients",
+            "Open GET /events streams (the /status subscribers).",
+            value=self._sse.count,
         )
         yield CounterMetricFamily(
             prefix + "events", "Events emitted since start.", value=self._bus.last_id
