@@ -196,14 +196,15 @@ async def test_hook_gets_event_json_on_stdin_and_type_in_env(
 
 
 HANG_ONCE = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys
 marker, pids, out = sys.argv[1:4]
 if not os.path.exists(marker):
     open(marker, "w").close()
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Both hang until a signal ends them: only the hook's timeout kill can.
+    child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     with open(pids, "w") as f:
         f.write(f"{os.getpid()} {child.pid}")
-    time.sleep(60)
+    signal.pause()
 with open(out, "a") as f:
     f.write(os.environ["GASTOWN_EVENT_ID"] + "\\n")
 """
@@ -353,7 +354,9 @@ async def test_hook_that_ignores_stdin_is_fine() -> None:
 async def test_cancelled_run_kills_the_hook(tmp_path: Path) -> None:
     """Stopping the daemon mid-run kills the hook instead of leaving it behind."""
     pid_file = tmp_path / "pid"
-    script = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    script = (
+        "import os, signal, sys; open(sys.argv[1], 'w').write(str(os.getpid())); signal.pause()"
+    )
     bus = EventBus()
     event = bus.emit("config.changed", {})
     async with anyio.create_task_group() as tg:
