@@ -10,11 +10,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.cli import build_parser
-from gastown_sandboxd.events import EVENT_TYPES, EventBus
+from gastown_sandboxd.events import EVENT_TYPES
 from gastown_sandboxd.metrics import DaemonMetrics, TokenMetrics
-from gastown_sandboxd.notify import Notifier
 from gastown_sandboxd.openapi import openapi_document
-from gastown_sandboxd.watcher import SettingsWatcher
+from tests.daemon.test_metrics import components
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -66,15 +65,7 @@ def test_every_example_toml_key_is_in_the_settings_reference() -> None:
 def test_every_metric_is_listed(tmp_path: Path) -> None:
     """Each metric family the daemon exports appears under Operations."""
     registry = CollectorRegistry()
-    bus = EventBus()
-    notifier = Notifier(bus=bus, hooks=(), signals=())
-    watcher = SettingsWatcher(
-        town_root=tmp_path,
-        env_file=tmp_path / ".env.gateway",
-        folders=list,
-        on_settings_change=_ignore,
-        on_env_change=_ignore_env,
-    )
+    bus, notifier, watcher = components(tmp_path)
     TokenMetrics(registry)
     DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
     names = set()
@@ -84,11 +75,3 @@ def test_every_metric_is_listed(tmp_path: Path) -> None:
     assert names
     for name in names:
         assert name in README, name
-
-
-async def _ignore(paths: set[Path]) -> None:
-    return None
-
-
-async def _ignore_env() -> None:
-    return None

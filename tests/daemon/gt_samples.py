@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,28 @@ def members(text: bytes) -> dict[str, str]:
         else:
             current.append(line)
     return {key: "\n".join(body).removesuffix(",") for key, body in found.items()}
+
+
+# The example body of PATCH /config in the contract (§4), as it stands there.
+CONTRACT_PATCH: dict[str, Any] = {
+    "town": {
+        "default_agent": "kilo-sonnet",
+        "agents": {
+            "kilo-sonnet": {
+                "provider": "claude",
+                "command": "claude",
+                "args": ["--model", "anthropic/claude-sonnet-4.5"],
+                "env": {"ANTHROPIC_BASE_URL": "https://api.kilo.ai/api/gateway"},
+            }
+        },
+        "role_agents": {"mayor": "kilo-sonnet", "polecat": None},
+        "role_effort": {"mayor": "high"},
+        "crew_agents": {"alice": "codex"},
+    },
+    "rigs": {"frontend": {"role_agents": {"polecat": "codex"}}},
+}
+
+
+def contract_patch() -> dict[str, Any]:
+    """A private copy of CONTRACT_PATCH to extend."""
+    return copy.deepcopy(CONTRACT_PATCH)

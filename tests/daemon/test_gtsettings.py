@@ -27,7 +27,14 @@ from gastown_sandboxd.gtsettings import (
     validate_patch,
 )
 from gastown_sandboxd.merge_patch import merge_patch
-from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS, members, rig_doc, town_doc
+from tests.daemon.gt_samples import (
+    RIG_SETTINGS,
+    TOWN_SETTINGS,
+    contract_patch,
+    members,
+    rig_doc,
+    town_doc,
+)
 
 TOWN_MANAGED = {"default_agent", "agents", "role_agents", "role_effort", "crew_agents"}
 
@@ -374,31 +381,11 @@ def test_changed_keys_lists_differing_top_level_keys() -> None:
 
 def test_a_valid_body_has_no_problems() -> None:
     """The contract's example body (with its agent defined) validates cleanly."""
-    body = {
-        "town": {
-            "default_agent": "kilo-sonnet",
-            "agents": {
-                "kilo-sonnet": {
-                    "provider": "claude",
-                    "command": "claude",
-                    "args": ["--model", "anthropic/claude-sonnet-4.5"],
-                    "env": {"ANTHROPIC_BASE_URL": "https://api.kilo.ai/api/gateway"},
-                    "initial_prompt": "",
-                    "prompt_mode": "arg",
-                    "exec_wrapper": ["gastown-sandboxd", "exec", "--"],
-                }
-            },
-            "role_agents": {"mayor": "kilo-sonnet", "polecat": None},
-            "role_effort": {"mayor": "high"},
-            "crew_agents": {"alice": "codex"},
-        },
-        "rigs": {
-            "frontend": {
-                "role_agents": {"polecat": "codex"},
-                "worker_agents": {"denali": "kilo-sonnet"},
-            }
-        },
-    }
+    body = contract_patch()
+    body["town"]["agents"]["kilo-sonnet"].update(
+        initial_prompt="", prompt_mode="arg", exec_wrapper=["gastown-sandboxd", "exec", "--"]
+    )
+    body["rigs"]["frontend"]["worker_agents"] = {"denali": "kilo-sonnet"}
     assert validate_patch(body, current=_files()) == []
     assert validate_patch({}, current=TownFiles()) == []
 

@@ -16,9 +16,8 @@ async def _nothing(*args: object) -> None:
     return None
 
 
-def test_scrape_reads_events_subscribers_hooks_and_the_watcher(tmp_path: Path) -> None:
-    """Each value is the component's own count at the moment of the scrape."""
-    registry = CollectorRegistry()
+def components(tmp_path: Path) -> tuple[EventBus, Notifier, SettingsWatcher]:
+    """The components DaemonMetrics reads, idle (nothing runs), over `tmp_path`."""
     bus = EventBus()
     notifier = Notifier(bus=bus, hooks=(), signals=())
     watcher = SettingsWatcher(
@@ -28,6 +27,13 @@ def test_scrape_reads_events_subscribers_hooks_and_the_watcher(tmp_path: Path) -
         on_settings_change=_nothing,
         on_env_change=_nothing,
     )
+    return bus, notifier, watcher
+
+
+def test_scrape_reads_events_subscribers_hooks_and_the_watcher(tmp_path: Path) -> None:
+    """Each value is the component's own count at the moment of the scrape."""
+    registry = CollectorRegistry()
+    bus, notifier, watcher = components(tmp_path)
     sse = SseClients()
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher, sse_clients=sse)
     assert metrics.sse_clients is sse

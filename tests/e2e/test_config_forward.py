@@ -15,27 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS
+from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS, contract_patch
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
 from .gt_town import FRONTEND_FILE, TOWN_FILE, WRAPPER, free_port, read_events, start_config_daemon
 
-BODY = {
-    "town": {
-        "default_agent": "kilo-sonnet",
-        "agents": {
-            "kilo-sonnet": {
-                "provider": "claude",
-                "command": "claude",
-                "args": ["--model", "anthropic/claude-sonnet-4.5"],
-                "env": {"ANTHROPIC_BASE_URL": "https://api.kilo.ai/api/gateway"},
-            }
-        },
-        "role_agents": {"mayor": "kilo-sonnet", "polecat": None},
-    },
-    "rigs": {"frontend": {"role_agents": {"polecat": "codex"}, "agent": "kilo-sonnet"}},
-}
+# The contract's example, with the rig taking the new agent too.
+BODY = contract_patch()
+del BODY["town"]["role_effort"], BODY["town"]["crew_agents"]
+BODY["rigs"]["frontend"]["agent"] = "kilo-sonnet"
 
 
 @dataclass

@@ -36,6 +36,7 @@ from gastown_sandboxd.openapi import (
 )
 from gastown_sandboxd.refresher import TokenRefresher
 from gastown_sandboxd.settings_store import SettingsStore
+from tests.daemon.gt_samples import contract_patch
 from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
@@ -147,23 +148,7 @@ def test_patch_schema_accepts_the_contract_example_and_refuses_unknown_keys() ->
     """The PATCH body schema takes the contract's example and refuses a bad role or key."""
     jsonschema_rs: Any = pytest.importorskip("jsonschema_rs")
     validator = jsonschema_rs.validator_for(config_patch_schema())
-    example = {
-        "town": {
-            "default_agent": "kilo-sonnet",
-            "agents": {
-                "kilo-sonnet": {
-                    "provider": "claude",
-                    "command": "claude",
-                    "args": ["--model", "anthropic/claude-sonnet-4.5"],
-                    "env": {"ANTHROPIC_BASE_URL": "https://api.kilo.ai/api/gateway"},
-                }
-            },
-            "role_agents": {"mayor": "kilo-sonnet", "polecat": None},
-            "role_effort": {"mayor": "high"},
-            "crew_agents": {"alice": "codex"},
-        },
-        "rigs": {"frontend": {"role_agents": {"polecat": "codex"}}},
-    }
+    example = contract_patch()
     assert validator.is_valid(example)
     bad: Any
     for bad in (
