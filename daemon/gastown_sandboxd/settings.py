@@ -154,11 +154,9 @@ def load_settings(
     config_file: Path | None = None,
 ) -> Settings:
     """Resolve every setting; raise `SettingsError` naming the first missing or bad one."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    env = os.environ if env is None else env
-    toml, used_file = read_toml(config_file, env)
+    pick, used_file = _Picker.load(flags, env, config_file)
+    toml, env = pick.toml, pick.env
     _check_keys(toml)
-    pick = _Picker(flags, env, toml)
 
     town_id = pick.text("town_id", ("TOWN_ID",), setting="town id (TOWN_ID)")
     if town_id is None or not town_id.strip():
@@ -222,9 +220,9 @@ def load_settings(
         cloud_url=cloud_url.rstrip("/"),
         internal_key=Secret(key),
         town_root=_expand(pick.text("town_root", ("GT_TOWN_ROOT", "GT_ROOT")) or "~/gt", env),
-        env_file=_expand(pick.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", env),
-        listen=parse_listen(pick.text("listen", ("GASTOWN_SANDBOXD_LISTEN",)) or "127.0.0.1:8080"),
-        socket=_socket(pick, env),
+        env_file=pick.env_file(),
+        listen=pick.listen(),
+        socket=pick.socket(),
         schedule=schedule,
         refresh_timeout=parse_duration(refresh.get("timeout", 10), setting="refresh.timeout"),
         hooks=tuple(_hooks(toml.get("hooks", []))),
@@ -252,16 +250,13 @@ def load_client_settings(
     config_file: Path | None = None,
 ) -> ClientSettings:
     """The subset the client commands need; nothing here is required."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    env = os.environ if env is None else env
-    toml, _ = read_toml(config_file, env)
-    pick = _Picker(flags, env, toml)
+    pick, _ = _Picker.load(flags, env, config_file)
     key = pick.text("internal_api_key", ("INTERNAL_API_KEY",))
     return ClientSettings(
-        socket=_socket(pick, env),
-        env_file=_expand(pick.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", env),
+        socket=pick.socket(),
+        env_file=pick.env_file(),
         town_id=pick.text("town_id", ("TOWN_ID",)),
-        listen=parse_listen(pick.text("listen", ("GASTOWN_SANDBOXD_LISTEN",)) or "127.0.0.1:8080"),
+        listen=pick.listen(),
         internal_key=Secret(key) if key else None,
     )
 
@@ -302,6 +297,29 @@ class _Picker:
     env: Mapping[str, str]
     toml: Mapping[str, Any]
 
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, Any] | None,
+        env: Mapping[str, str] | None,
+        config_file: Path | None,
+    ) -> tuple[_Picker, Path | None]:
+        """The three sources, flags without unset values; and the TOML file used, if any."""
+        env = os.environ if env is None else env
+        toml, used_file = read_toml(config_file, env)
+        given = {k: v for k, v in (flags or {}).items() if v is not None}
+        return cls(given, env, toml), used_file
+
+    def env_file(self) -> Path:
+        return _expand(self.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", self.env)
+
+    def listen(self) -> Listen:
+        return parse_listen(self.text("listen", ("GASTOWN_SANDBOXD_LISTEN",)) or "127.0.0.1:8080")
+
+    def socket(self) -> Path:
+        value = self.text("socket", ("GASTOWN_SANDBOXD_SOCKET",))
+        return _expand(value, self.env) if value else default_socket(self.env)
+
     def text(
         self, name: str, env_names: Sequence[str], *, setting: str | None = None
     ) -> str | None:
@@ -329,11 +347,6 @@ def _expand(value: str, env: Mapping[str, str]) -> Path:
     if value == "~" or value.startswith("~/"):
         return _home(env) / value[2:]
     return Path(value)
-
-
-def _socket(pick: _Picker, env: Mapping[str, str]) -> Path:
-    value = pick.text("socket", ("GASTOWN_SANDBOXD_SOCKET",))
-    return _expand(value, env) if value else default_socket(env)
 
 
 def _table(toml: Mapping[str, Any], name: str) -> Mapping[str, Any]:
