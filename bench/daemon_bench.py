@@ -32,7 +32,7 @@ from tests.e2e.gt_town import free_port
 from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import make_town
 
-from gastown_sandboxd.cloud_client import CloudClient
+from gastown_sandboxd.token.cloud import CloudClient
 
 from ._daemon import Daemon, running_daemon
 from ._stats import cpu_seconds, percentile, rss_kib

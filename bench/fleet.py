@@ -1,7 +1,7 @@
 """Fleet-scale simulation: N sandboxes booted in the same second, refreshing on the real schedule.
 
 Every sandbox boots within the first second holding a 24 h token minted at t = 0. Each call
-to the cloud is planned by the daemon's own `gastown_sandboxd.schedule`: the boot token, which
+to the cloud is planned by the daemon's own `gastown_sandboxd.token.schedule`: the boot token, which
 the daemon adopts from its env file, at `desync_point` (`first_refresh="daemon"`, what
 `TokenRefresher` does) or, as the baseline, at the contract's formula (`"contract"`); every
 token from a refresh call at `refresh_point` with a jitter drawn by `draw_jitter`; the next
@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gastown_sandboxd.schedule import (
+from gastown_sandboxd.token.claims import Claims
+from gastown_sandboxd.token.schedule import (
     Outcome,
     SchedulePolicy,
     desync_point,
@@ -39,7 +40,6 @@ from gastown_sandboxd.schedule import (
     next_attempt_at,
     refresh_point,
 )
-from gastown_sandboxd.token import Claims
 
 from ._table import Row, bar, table
 

@@ -27,7 +27,7 @@ import anyio
 from tests.daemon.gt_samples import build_town
 
 from gastown_sandboxd.atomic import write_atomic
-from gastown_sandboxd.settings_store import SettingsStore
+from gastown_sandboxd.gtsettings.store import SettingsStore
 
 from ._daemon import Daemon, running_daemon, uds_client
 from ._stats import cpu_seconds, percentile

@@ -10,10 +10,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.cli import build_parser
-from gastown_sandboxd.events import EVENT_TYPES
-from gastown_sandboxd.metrics import DaemonMetrics, TokenMetrics
-from gastown_sandboxd.openapi import openapi_document
-from tests.daemon.test_metrics import components
+from gastown_sandboxd.events.bus import EVENT_TYPES
+from gastown_sandboxd.http.openapi import openapi_document
+from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
+from tests.daemon.ops.test_metrics import components
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -12,7 +12,7 @@ from typing import TextIO
 
 import structlog
 
-from gastown_sandboxd.logs import Redactor
+from gastown_sandboxd.ops.logs import Redactor
 
 # One scrubber for both services: the daemon's redaction step (JWTs and given secrets).
 Scrubber = Redactor

@@ -1,3 +1,3 @@
-from .cli import main
+from gastown_sandboxd.cli import main
 
 raise SystemExit(main())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from .exceptions import AtomicWriteError
+from gastown_sandboxd.errors import AtomicWriteError
 
 log = structlog.get_logger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 import anyio
 import httpx
 
-from . import __version__
-from .client import DaemonClient, DaemonUnavailable
-from .envfile import read_env_values
-from .exceptions import SettingsError
-from .settings import ClientSettings, load_client_settings, load_settings
-from .token import acceptability_reasons, decode_unverified, fingerprint
+from gastown_sandboxd import __version__
+from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
+from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.options import ClientSettings, load_client_settings, load_settings
+from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
+from gastown_sandboxd.token.envfile import read_env_values
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 TOKEN_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
@@ -187,8 +187,8 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import check_town_root, run_daemon
-    from .logs import configure_logging
+    from gastown_sandboxd.daemon import check_town_root, run_daemon
+    from gastown_sandboxd.ops.logs import configure_logging
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     flags["log_format"] = args.log_format

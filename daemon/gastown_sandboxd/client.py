@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from .exceptions import GastownError
+from gastown_sandboxd.errors import GastownError
 
 
 class DaemonUnavailable(GastownError):

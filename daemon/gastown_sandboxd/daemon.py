@@ -11,20 +11,20 @@ import anyio
 import structlog
 from prometheus_client import CollectorRegistry
 
-from ._types import Clock, SystemClock
-from .api import ApiContext, create_app
-from .atomic import remove_stale_temporaries
-from .cloud_client import CloudClient
-from .events import EventBus
-from .exceptions import SettingsError
-from .metrics import DaemonMetrics, TokenMetrics
-from .notify import Notifier
-from .refresher import TokenRefresher
-from .server import bind_tcp, bind_unix, describe, serve_socket
-from .settings import Settings
-from .settings_store import SettingsStore
-from .systemd import SystemdNotifier
-from .watcher import SettingsWatcher
+from gastown_sandboxd._types import Clock, SystemClock
+from gastown_sandboxd.atomic import remove_stale_temporaries
+from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.events.notify import Notifier
+from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.http.app import ApiContext, create_app
+from gastown_sandboxd.http.server import bind_tcp, bind_unix, describe, serve_socket
+from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
+from gastown_sandboxd.ops.systemd import SystemdNotifier
+from gastown_sandboxd.options import Settings
+from gastown_sandboxd.token.cloud import CloudClient
+from gastown_sandboxd.token.refresher import TokenRefresher
+from gastown_sandboxd.watcher import SettingsWatcher
 
 log = structlog.get_logger(__name__)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import notify
-from .events import EVENT_TYPES
-from .exceptions import SettingsError
-from .notify import HookSpec, SignalSpec
-from .schedule import SchedulePolicy
+from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.events import notify
+from gastown_sandboxd.events.bus import EVENT_TYPES
+from gastown_sandboxd.events.notify import HookSpec, SignalSpec
+from gastown_sandboxd.token.schedule import SchedulePolicy
 
 DEFAULT_CONFIG_FILE = Path("/etc/gastown-sandboxd/config.toml")
 MIN_KEY_LENGTH = 16

@@ -14,7 +14,7 @@ import pytest
 import structlog.testing
 
 from gastown_sandboxd.atomic import write_atomic
-from gastown_sandboxd.exceptions import AtomicWriteError
+from gastown_sandboxd.errors import AtomicWriteError
 
 
 def entries(folder: Path) -> list[str]:

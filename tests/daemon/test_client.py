@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gastown_sandboxd.client import DaemonClient
-from gastown_sandboxd.events import EventBus, Gap
-from gastown_sandboxd.sse import CONNECTED, HEARTBEAT, control_frame, event_frame
+from gastown_sandboxd.events.bus import EventBus, Gap
+from gastown_sandboxd.events.sse import CONNECTED, HEARTBEAT, control_frame, event_frame
 
 
 def _chunk(data: bytes) -> bytes:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.exceptions import SettingsError
-from gastown_sandboxd.settings import (
+from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.options import (
     Listen,
     Secret,
     load_client_settings,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gastown_sandboxd.cli import build_parser
-from gastown_sandboxd.token import acceptability_reasons, fingerprint
+from gastown_sandboxd.token.claims import acceptability_reasons, fingerprint
 from tests.e2e._town import (
     cli,
     client_env,

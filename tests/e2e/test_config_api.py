@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from gastown_sandboxd.gtsettings import RIG_KEYS, TOWN_KEYS
+from gastown_sandboxd.gtsettings.patch import RIG_KEYS, TOWN_KEYS
 from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS, members
 from tests.daemon.minting import mint
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess

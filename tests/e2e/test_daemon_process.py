@@ -22,7 +22,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from gastown_sandboxd.token import fingerprint
+from gastown_sandboxd.token.claims import fingerprint
 from tests.e2e._town import closed_port, local_token, write_env
 from tests.fixtures.daemon import (
     DAEMON_KEY,

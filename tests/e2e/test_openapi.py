@@ -26,16 +26,16 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gastown_sandboxd._types import SystemClock
-from gastown_sandboxd.api import ApiContext, KeyRequired, create_app
-from gastown_sandboxd.events import EventBus
-from gastown_sandboxd.openapi import (
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.http.app import ApiContext, KeyRequired, create_app
+from gastown_sandboxd.http.openapi import (
     GENERATED,
     config_patch_schema,
     openapi_document,
     render_document,
 )
-from gastown_sandboxd.refresher import TokenRefresher
-from gastown_sandboxd.settings_store import SettingsStore
+from gastown_sandboxd.token.refresher import TokenRefresher
 from tests.daemon.gt_samples import contract_patch
 from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
@@ -126,17 +126,17 @@ def context(tmp_path: Path) -> ApiContext:
 
 @pytest.mark.parametrize("name", sorted(GENERATED))
 def test_generated_file_is_current(name: str) -> None:
-    """config/<name> is exactly what `python -m gastown_sandboxd.openapi` writes today."""
+    """config/<name> is exactly what `python -m gastown_sandboxd.http.openapi` writes today."""
     path = CONFIG_FOLDER / name
     expected = GENERATED[name]()
-    hint = f"regenerate with `python -m gastown_sandboxd.openapi` ({name})"
+    hint = f"regenerate with `python -m gastown_sandboxd.http.openapi` ({name})"
     assert json.loads(path.read_text(encoding="utf-8")) == expected, hint
     assert path.read_text(encoding="utf-8") == render_document(expected), hint
 
 
 def test_openapi_module_writes_the_files(tmp_path: Path) -> None:
     """The generator's entry point writes every file into the folder it is given."""
-    from gastown_sandboxd.openapi import main
+    from gastown_sandboxd.http.openapi import main
 
     assert main([str(tmp_path)]) == 0
     for name, build in GENERATED.items():

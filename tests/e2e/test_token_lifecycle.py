@@ -25,8 +25,8 @@ import httpx
 import pytest
 
 from gastown_cloud.tokens import verify_gastown_token
-from gastown_sandboxd.envfile import read_env_values
-from gastown_sandboxd.token import acceptability_reasons, decode_unverified, fingerprint
+from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
+from gastown_sandboxd.token.envfile import read_env_values
 from tests.daemon.minting import forge
 from tests.e2e._town import (
     EventStream,

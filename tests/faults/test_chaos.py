@@ -22,12 +22,12 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from gastown_sandboxd import envfile
 from gastown_sandboxd._types import Clock
-from gastown_sandboxd.cloud_client import CloudClient
-from gastown_sandboxd.exceptions import RefreshError
-from gastown_sandboxd.refresher import State, TokenRefresher
-from gastown_sandboxd.token import TokenView, acceptability_reasons, fingerprint
+from gastown_sandboxd.errors import RefreshError
+from gastown_sandboxd.token import envfile
+from gastown_sandboxd.token.claims import TokenView, acceptability_reasons, fingerprint
+from gastown_sandboxd.token.cloud import CloudClient
+from gastown_sandboxd.token.refresher import State, TokenRefresher
 from tests.daemon.simclock import SimulatedClock
 from tests.fixtures.cloud import CloudServer, launch_cloud
 

@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gastown_sandboxd.envfile import read_env
-from gastown_sandboxd.token import fingerprint
+from gastown_sandboxd.token.claims import fingerprint
+from gastown_sandboxd.token.envfile import read_env
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import START_DEADLINE, DaemonProcess, daemon_env
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from gastown_sandboxd.envfile import read_env
-from gastown_sandboxd.token import acceptability_reasons, decode_unverified, fingerprint
+from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
+from gastown_sandboxd.token.envfile import read_env
 from tests.daemon.minting import mint
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import daemon_env, make_town
@@ -48,7 +48,7 @@ _ZYGOTE = r"""
 import json, os, sys
 from gastown_sandboxd import cli
 # What `run` would import after the fork: the daemon, anyio's backend, httpx's transport.
-import gastown_sandboxd.daemon, gastown_sandboxd.logs
+import gastown_sandboxd.daemon, gastown_sandboxd.ops.logs
 import anyio._backends._asyncio, anyio.streams.stapled, anyio.streams.tls, certifi, httpcore
 for line in sys.stdin:
     command, _, arg = line.strip().partition(" ")

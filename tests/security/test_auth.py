@@ -20,9 +20,9 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gastown_sandboxd import api
-from gastown_sandboxd.api import ApiContext, create_app
-from gastown_sandboxd.openapi import openapi_document
+from gastown_sandboxd.http import app as api
+from gastown_sandboxd.http.app import ApiContext, create_app
+from gastown_sandboxd.http.openapi import openapi_document
 from tests.fixtures.daemon import DAEMON_KEY, DaemonProcess
 
 from . import shared_daemon

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from gastown_sandboxd.server import HEADER_TIMEOUT, MAX_HEADER_BYTES
+from gastown_sandboxd.http.server import HEADER_TIMEOUT, MAX_HEADER_BYTES
 from tests.fixtures.daemon import DaemonProcess
 
 from . import shared_daemon

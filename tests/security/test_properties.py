@@ -1,7 +1,7 @@
 """Properties of the two parsers that guard the shell: the env file and the token checks.
 
 tests/daemon/test_envfile.py and test_token.py pin examples; these generate the inputs. The
-token oracle here is written from CONTRACT §3 alone, not from gastown_sandboxd.token.
+token oracle here is written from CONTRACT §3 alone, not from gastown_sandboxd.token.claims.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import jwt
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from gastown_sandboxd.envfile import EnvFile
-from gastown_sandboxd.exceptions import TokenError
-from gastown_sandboxd.token import acceptability_reasons, decode_unverified
+from gastown_sandboxd.errors import TokenError
+from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified
+from gastown_sandboxd.token.envfile import EnvFile
 
 TOWN = "town-prop"
 NOW = 1_800_000_000

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gastown_sandboxd.envfile import read_token
-from gastown_sandboxd.settings import load_settings
+from gastown_sandboxd.options import load_settings
+from gastown_sandboxd.token.envfile import read_token
 from tests.daemon.minting import forge, mint
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DAEMON_KEY, DaemonFactory

@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from .exceptions import SubscriberLagged
+from gastown_sandboxd.errors import SubscriberLagged
 
 EVENT_TYPES = frozenset(
     {

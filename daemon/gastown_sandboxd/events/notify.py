@@ -31,9 +31,9 @@ import anyio
 import anyio.abc
 import structlog
 
-from ._types import Clock, SystemClock
-from .events import EVENT_TYPES, Event, EventBus
-from .exceptions import SubscriberLagged
+from gastown_sandboxd._types import Clock, SystemClock
+from gastown_sandboxd.errors import SubscriberLagged
+from gastown_sandboxd.events.bus import EVENT_TYPES, Event, EventBus
 
 log = structlog.get_logger(__name__)
 

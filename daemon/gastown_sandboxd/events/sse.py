@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from .events import Event, EventBus
-from .exceptions import SubscriberLagged
+from gastown_sandboxd.errors import SubscriberLagged
+from gastown_sandboxd.events.bus import Event, EventBus
 
 CONNECTED = b": connected\n\n"
 HEARTBEAT = b": heartbeat\n\n"

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .exceptions import Problem
-from .gt_schema import (
+from gastown_sandboxd.errors import Problem
+from gastown_sandboxd.gtsettings.merge_patch import merge_patch
+from gastown_sandboxd.gtsettings.schema import (
     AGENT_NAME,
     MANAGED_KEYS,
     REFERENCE_KEYS,
@@ -27,7 +28,6 @@ from .gt_schema import (
     resolves,
     show,
 )
-from .merge_patch import merge_patch
 
 
 def resolution_problems(

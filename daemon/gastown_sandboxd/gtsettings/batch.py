@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from .exceptions import StorageUnavailable
+from gastown_sandboxd.errors import StorageUnavailable
 
 log = structlog.get_logger(__name__)
 

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .exceptions import SettingsFileUnreadable
-from .gt_schema import FILE_TYPES, SCHEMA_VERSION, Doc, Scope
+from gastown_sandboxd.errors import SettingsFileUnreadable
+from gastown_sandboxd.gtsettings.schema import FILE_TYPES, SCHEMA_VERSION, Doc, Scope
 
 _WS = re.compile(r"[ \t\n\r]*")
 

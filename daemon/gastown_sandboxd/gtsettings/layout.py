@@ -12,7 +12,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .gt_schema import rig_name_problem
+from gastown_sandboxd.gtsettings.schema import rig_name_problem
 
 SETTINGS = "settings"
 CONFIG = "config.json"

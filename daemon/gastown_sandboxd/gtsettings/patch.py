@@ -15,8 +15,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .gt_json import parse_document, render, same
-from .gt_schema import (
+from gastown_sandboxd.gtsettings.json_text import parse_document, render, same
+from gastown_sandboxd.gtsettings.merge_patch import merge_patch
+from gastown_sandboxd.gtsettings.schema import (
     AGENT_FIELDS,
     DEFAULT_EXEC_WRAPPER,
     EFFORTS,
@@ -34,8 +35,7 @@ from .gt_schema import (
     relative_path,
     rig_name_problem,
 )
-from .gt_validation import contains_jwt, validate_patch
-from .merge_patch import merge_patch
+from gastown_sandboxd.gtsettings.validation import contains_jwt, validate_patch
 
 __all__ = [
     "AGENT_FIELDS",

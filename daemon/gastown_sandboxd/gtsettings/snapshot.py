@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .exceptions import SettingsFileUnreadable
-from .gt_schema import TOWN_FILE, Doc, Scope, TownFiles, relative_path
-from .gtsettings import managed_view, parse_document
-from .rig_folders import rig_names, rig_settings_file, town_settings_file
+from gastown_sandboxd.errors import SettingsFileUnreadable
+from gastown_sandboxd.gtsettings.layout import rig_names, rig_settings_file, town_settings_file
+from gastown_sandboxd.gtsettings.patch import managed_view, parse_document
+from gastown_sandboxd.gtsettings.schema import TOWN_FILE, Doc, Scope, TownFiles, relative_path
 
 
 @dataclass(frozen=True, slots=True)

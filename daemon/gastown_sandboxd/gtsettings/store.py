@@ -29,17 +29,22 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from ._types import Emit
-from .atomic import write_atomic
-from .exceptions import (
+from gastown_sandboxd._types import Emit
+from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.errors import (
     PatchInvalid,
     PreconditionFailed,
     Problem,
     SettingsFileUnreadable,
 )
-from .file_batch import FileWrite, write_all
-from .gt_schema import NOT_RIGS, Doc, pointer, relative_path
-from .gtsettings import (
+from gastown_sandboxd.gtsettings.batch import FileWrite, write_all
+from gastown_sandboxd.gtsettings.layout import (
+    SETTINGS,
+    rig_names,
+    rig_settings_file,
+    town_settings_file,
+)
+from gastown_sandboxd.gtsettings.patch import (
     TownFiles,
     apply_patch,
     changed_keys,
@@ -49,8 +54,8 @@ from .gtsettings import (
     same,
     validate_patch,
 )
-from .rig_folders import SETTINGS, rig_names, rig_settings_file, town_settings_file
-from .settings_snapshot import FileState, Snapshot, read_snapshot
+from gastown_sandboxd.gtsettings.schema import NOT_RIGS, Doc, pointer, relative_path
+from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snapshot
 
 log = structlog.get_logger(__name__)
 

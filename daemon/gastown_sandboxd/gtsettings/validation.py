@@ -24,9 +24,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .agent_resolution import resolution_problems
-from .exceptions import Problem
-from .gt_schema import (
+from gastown_sandboxd.errors import Problem
+from gastown_sandboxd.gtsettings.agent_resolution import resolution_problems
+from gastown_sandboxd.gtsettings.schema import (
     AGENT_FIELDS,
     AGENT_NAME,
     EFFORTS,

@@ -25,14 +25,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._types import Clock
-from .events import EventBus
-from .exceptions import AtomicWriteError, ConfigError, Problem, RefreshError, TokenError
-from .metrics import SseClients
-from .openapi import openapi_document
-from .refresher import TokenRefresher
-from .settings_store import SettingsStore
-from .sse import parse_last_event_id, sse_stream
+from gastown_sandboxd._types import Clock
+from gastown_sandboxd.errors import AtomicWriteError, ConfigError, Problem, RefreshError, TokenError
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.events.sse import parse_last_event_id, sse_stream
+from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.http.openapi import openapi_document
+from gastown_sandboxd.ops.metrics import SseClients
+from gastown_sandboxd.token.refresher import TokenRefresher
 
 MAX_PATCH_BYTES = 64 * 1024
 MAX_TOKEN_BODY_BYTES = 16 * 1024

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of the internal API, served at /openapi.json.
 
 `config/openapi.json` is this document written out, and `config/schemas/*.json` the
-request bodies as standalone JSON Schemas; `python -m gastown_sandboxd.openapi [FOLDER]`
+request bodies as standalone JSON Schemas; `python -m gastown_sandboxd.http.openapi [FOLDER]`
 writes them (FOLDER defaults to `config`), and a test keeps them equal.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from gastown_sandboxd import __version__
 
 ROLES = ("mayor", "deacon", "boot", "dog", "witness", "refinery", "polecat", "crew")
 EFFORTS = ("low", "medium", "high", "max")
@@ -390,9 +390,9 @@ def write_documents(folder: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m gastown_sandboxd.openapi [FOLDER]`: regenerate the files."""
+    """`python -m gastown_sandboxd.http.openapi [FOLDER]`: regenerate the files."""
     parser = argparse.ArgumentParser(
-        prog="python -m gastown_sandboxd.openapi",
+        prog="python -m gastown_sandboxd.http.openapi",
         description="Write the OpenAPI document and the request JSON Schemas.",
     )
     parser.add_argument("folder", nargs="?", type=Path, default=Path("config"))

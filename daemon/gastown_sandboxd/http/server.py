@@ -24,7 +24,7 @@ from hypercorn.config import Config
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .settings import Listen
+from gastown_sandboxd.options import Listen
 
 log = structlog.get_logger(__name__)
 

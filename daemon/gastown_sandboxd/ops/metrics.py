@@ -10,12 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._types import Clock, SystemClock
+from gastown_sandboxd._types import Clock, SystemClock
 
 if TYPE_CHECKING:
-    from .events import EventBus
-    from .notify import Notifier
-    from .watcher import SettingsWatcher
+    from gastown_sandboxd.events.bus import EventBus
+    from gastown_sandboxd.events.notify import Notifier
+    from gastown_sandboxd.watcher import SettingsWatcher
 
 TOKEN_STATES = ("fresh", "refreshing", "degraded", "expired", "missing", "town_inactive")
 REFRESH_RESULTS = ("ok", "outage", "busy", "broken", "unauthorized", "inactive", "write_failed")

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from .exceptions import TokenError
+from gastown_sandboxd.errors import TokenError
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 MAX_TOKEN_BYTES = 8 * 1024

@@ -14,9 +14,9 @@ from typing import Any, Self
 import anyio
 import httpx
 
-from ._types import Clock, SystemClock
-from .exceptions import RefreshError
-from .schedule import parse_retry_after
+from gastown_sandboxd._types import Clock, SystemClock
+from gastown_sandboxd.errors import RefreshError
+from gastown_sandboxd.token.schedule import parse_retry_after
 
 REFRESH_PATH = "/api/gastown/refresh-token"
 MAX_BODY_BYTES = 64 * 1024

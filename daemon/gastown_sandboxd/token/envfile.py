@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from .atomic import write_atomic
+from gastown_sandboxd.atomic import write_atomic
 
 TOKEN_KEY = "KILO_JWT"  # noqa: S105 - the name of the variable, not a secret
 ENV_FILE_MODE = 0o600

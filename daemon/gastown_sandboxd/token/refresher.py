@@ -22,11 +22,19 @@ import anyio.abc
 import anyio.to_thread
 import structlog
 
-from ._types import Clock, Emit, SystemClock
-from .envfile import read_token, write_token
-from .exceptions import AtomicWriteError, RefreshError, TokenError
-from .metrics import TokenMetrics
-from .schedule import (
+from gastown_sandboxd._types import Clock, Emit, SystemClock
+from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
+from gastown_sandboxd.ops.metrics import TokenMetrics
+from gastown_sandboxd.token.claims import (
+    Claims,
+    TokenView,
+    acceptability_reasons,
+    decode_unverified,
+    fingerprint,
+    time_reasons,
+)
+from gastown_sandboxd.token.envfile import read_token, write_token
+from gastown_sandboxd.token.schedule import (
     Outcome,
     SchedulePolicy,
     desync_point,
@@ -34,14 +42,6 @@ from .schedule import (
     next_attempt_at,
     refresh_point,
     sleep_for,
-)
-from .token import (
-    Claims,
-    TokenView,
-    acceptability_reasons,
-    decode_unverified,
-    fingerprint,
-    time_reasons,
 )
 
 log = structlog.get_logger(__name__)

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC
 
-from .token import Claims
+from gastown_sandboxd.token.claims import Claims
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from gastown_sandboxd._types import Emit
-from gastown_sandboxd.events import EVENT_TYPES, Event, EventBus, Gap, Subscription, rfc3339
-from gastown_sandboxd.exceptions import SubscriberLagged
+from gastown_sandboxd.errors import SubscriberLagged
+from gastown_sandboxd.events.bus import EVENT_TYPES, Event, EventBus, Gap, Subscription, rfc3339
 
 
 async def _take(subscription: Subscription, count: int) -> list[int]:

@@ -16,8 +16,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from gastown_sandboxd.events import EventBus
-from gastown_sandboxd.notify import (
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.events.notify import (
     HookSpec,
     Notifier,
     SignalSpec,

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from gastown_sandboxd.events import EventBus
-from gastown_sandboxd.sse import CONNECTED, HEARTBEAT, parse_last_event_id, sse_stream
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.events.sse import CONNECTED, HEARTBEAT, parse_last_event_id, sse_stream
 
 
 @pytest.mark.parametrize(

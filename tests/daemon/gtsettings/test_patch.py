@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gastown_sandboxd.exceptions import Problem, SettingsFileUnreadable
-from gastown_sandboxd.gtsettings import (
+from gastown_sandboxd.errors import Problem, SettingsFileUnreadable
+from gastown_sandboxd.gtsettings.merge_patch import merge_patch
+from gastown_sandboxd.gtsettings.patch import (
     DEFAULT_EXEC_WRAPPER,
     PRESETS,
     TownFiles,
@@ -26,7 +27,6 @@ from gastown_sandboxd.gtsettings import (
     rig_name_problem,
     validate_patch,
 )
-from gastown_sandboxd.merge_patch import merge_patch
 from tests.daemon.gt_samples import (
     RIG_SETTINGS,
     TOWN_SETTINGS,

@@ -15,15 +15,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from gastown_sandboxd.atomic import write_atomic
-from gastown_sandboxd.exceptions import (
+from gastown_sandboxd.errors import (
     PatchInvalid,
     PreconditionFailed,
     SettingsFileUnreadable,
     StorageUnavailable,
 )
-from gastown_sandboxd.gt_schema import pointer
-from gastown_sandboxd.gtsettings import managed_view
-from gastown_sandboxd.settings_store import SettingsStore
+from gastown_sandboxd.gtsettings.patch import managed_view
+from gastown_sandboxd.gtsettings.schema import pointer
+from gastown_sandboxd.gtsettings.store import SettingsStore
 from tests.daemon.gt_samples import (
     RIG_SETTINGS,
     RIGS,

@@ -8,7 +8,7 @@ import logging
 
 import structlog
 
-from gastown_sandboxd.logs import Redactor, configure_logging
+from gastown_sandboxd.ops.logs import Redactor, configure_logging
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
 KEY = "internal-key-0123456789"

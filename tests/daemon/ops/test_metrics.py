@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from gastown_sandboxd.events import EventBus
-from gastown_sandboxd.metrics import DaemonMetrics, SseClients
-from gastown_sandboxd.notify import Notifier
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.events.notify import Notifier
+from gastown_sandboxd.ops.metrics import DaemonMetrics, SseClients
 from gastown_sandboxd.watcher import SettingsWatcher
 
 

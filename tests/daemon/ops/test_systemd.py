@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.systemd import SystemdNotifier
+from gastown_sandboxd.ops.systemd import SystemdNotifier
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from typing import Any
 import jwt
 import pytest
 
-from gastown_sandboxd.exceptions import TokenError
-from gastown_sandboxd.token import (
+from gastown_sandboxd.errors import TokenError
+from gastown_sandboxd.token.claims import (
     Claims,
     TokenView,
     acceptability_reasons,
@@ -19,8 +19,7 @@ from gastown_sandboxd.token import (
     decode_unverified,
     fingerprint,
 )
-
-from .minting import DAY, SECRET, SIGNATURE, TOWN, forge, mint
+from tests.daemon.minting import DAY, SECRET, SIGNATURE, TOWN, forge, mint
 
 NOW = 1_800_000_000.0
 HEADER = {"alg": "HS256", "typ": "JWT"}

@@ -12,10 +12,9 @@ import anyio
 import httpx
 import pytest
 
-from gastown_sandboxd.cloud_client import CloudClient
-from gastown_sandboxd.exceptions import RefreshError
-
-from .minting import mint
+from gastown_sandboxd.errors import RefreshError
+from gastown_sandboxd.token.cloud import CloudClient
+from tests.daemon.minting import mint
 
 KEY = "internal-key-0123456789"
 NEW = mint(1_800_000_000)

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.envfile import (
+from gastown_sandboxd.errors import AtomicWriteError
+from gastown_sandboxd.token.envfile import (
     EnvFile,
     read_env,
     read_env_values,
     read_token,
     write_token,
 )
-from gastown_sandboxd.exceptions import AtomicWriteError
-
-from .minting import mint
+from tests.daemon.minting import mint
 
 TOKEN = mint(1_800_000_000)
 OTHER = mint(1_800_000_100)

@@ -28,7 +28,7 @@ from bench.fleet import (
     simulate,
 )
 
-from gastown_sandboxd.schedule import SchedulePolicy, backoff_delay
+from gastown_sandboxd.token.schedule import SchedulePolicy, backoff_delay
 
 N = 10_000
 N_BOUND = 30_000  # large enough that Poisson noise leaves room under 1.25 (see the docstring)

@@ -20,17 +20,16 @@ import pytest
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
-from gastown_sandboxd import envfile
-from gastown_sandboxd.cloud_client import CloudClient
-from gastown_sandboxd.exceptions import AtomicWriteError, RefreshError, TokenError
-from gastown_sandboxd.metrics import TokenMetrics
-from gastown_sandboxd.refresher import State, TokenRefresher
-from gastown_sandboxd.schedule import SchedulePolicy, desync_point
-from gastown_sandboxd.token import decode_unverified, fingerprint
+from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
+from gastown_sandboxd.ops.metrics import TokenMetrics
+from gastown_sandboxd.token import envfile
+from gastown_sandboxd.token.claims import decode_unverified, fingerprint
+from gastown_sandboxd.token.cloud import CloudClient
+from gastown_sandboxd.token.refresher import State, TokenRefresher
+from gastown_sandboxd.token.schedule import SchedulePolicy, desync_point
+from tests.daemon.minting import DAY, TOWN, forge, mint
+from tests.daemon.simclock import SimulatedClock
 from tests.fixtures.cloud import CloudServer
-
-from .minting import DAY, TOWN, forge, mint
-from .simclock import SimulatedClock
 
 T0 = 1_800_000_000.0
 POLICY = SchedulePolicy()

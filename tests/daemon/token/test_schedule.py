@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from gastown_sandboxd.schedule import (
+from gastown_sandboxd.token.claims import Claims
+from gastown_sandboxd.token.schedule import (
     Outcome,
     SchedulePolicy,
     backoff_delay,
@@ -20,7 +21,6 @@ from gastown_sandboxd.schedule import (
     refresh_point,
     sleep_for,
 )
-from gastown_sandboxd.token import Claims
 
 T0 = 1_800_000_000
 DAY = 86400

@@ -24,14 +24,13 @@ import jwt
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
-from gastown_sandboxd import envfile
-from gastown_sandboxd.cloud_client import CloudClient
-from gastown_sandboxd.metrics import TokenMetrics
-from gastown_sandboxd.refresher import State, TokenRefresher
-from gastown_sandboxd.token import decode_unverified
-
-from .minting import DAY, TOWN, mint
-from .simclock import SimulatedClock
+from gastown_sandboxd.ops.metrics import TokenMetrics
+from gastown_sandboxd.token import envfile
+from gastown_sandboxd.token.claims import decode_unverified
+from gastown_sandboxd.token.cloud import CloudClient
+from gastown_sandboxd.token.refresher import State, TokenRefresher
+from tests.daemon.minting import DAY, TOWN, mint
+from tests.daemon.simclock import SimulatedClock
 
 START = 1_800_000_000.0
 HOUR = 3600.0
