@@ -382,11 +382,21 @@ while time.monotonic() < deadline:
 """
 
 
+# Children inherit an ignored SIGHUP (`nohup make test`); the signal tests need its default.
+DEFAULT_SIGHUP = (
+    "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 @asynccontextmanager
 async def child(argv: Sequence[str]) -> AsyncIterator[anyio.abc.Process]:
-    """A real child process, killed and reaped on exit."""
+    """A real child process with SIGHUP at its default, killed and reaped on exit."""
     process = await anyio.open_process(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", DEFAULT_SIGHUP, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     async with process:
         try:
