@@ -29,6 +29,10 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The fast lane (under a minute): everything but the suites marked slow in tests/conftest.py.
+check: lint typecheck
+	$(BIN)/pytest -m "not slow"
+
 demo: $(STAMP)
 	$(BIN)/python -m gastown_cloud.demo
 
