@@ -27,6 +27,7 @@ from gastown_sandboxd.events.notify import (
     read_pid,
     run_hook,
 )
+from tests.waiting import eventually
 
 ALL = frozenset({"token.refreshed", "config.changed"})
 
@@ -43,13 +44,6 @@ class RecordingClock:
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         await anyio.sleep(0)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `predicate` under a deadline."""
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
 
 
 def dispatched(notifier: Notifier, event_id: int) -> Callable[[], bool]:

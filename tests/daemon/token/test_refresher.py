@@ -30,6 +30,7 @@ from gastown_sandboxd.token.schedule import SchedulePolicy, desync_point
 from tests.daemon.minting import DAY, TOWN, forge, mint
 from tests.daemon.simclock import SimulatedClock
 from tests.fixtures.cloud import CloudServer
+from tests.waiting import eventually
 
 T0 = 1_800_000_000.0
 POLICY = SchedulePolicy()
@@ -119,12 +120,6 @@ class Rig:
             await tg.start(self.refresher.run)
             yield self.refresher
             tg.cancel_scope.cancel()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.001)
 
 
 def cloud_answer(status: int = 200, **kwargs: Any) -> CloudClient:
