@@ -16,9 +16,9 @@ README = (ROOT / "README.md").read_text()
 FLOORS: tuple[frozenset[str], ...] = (
     frozenset({"_types", "errors", "__init__"}),
     frozenset({"atomic"}),
+    frozenset({"events"}),
     frozenset({"ops"}),
     frozenset({"token", "gtsettings"}),
-    frozenset({"events"}),
     frozenset({"options", "watcher", "client"}),
     frozenset({"agents", "http"}),
     frozenset({"daemon"}),
