@@ -5,7 +5,8 @@ cloud wants now) and `last` (what the cloud wanted when the daemon last applied 
 the state folder). Objects merge key by key, at every depth:
 
 - a key in `desired` is set to the desired value (objects in both merge, recursively);
-- a key in `last` that `desired` no longer has is removed: the cloud set it, and dropped it;
+- a key in `last` that `desired` no longer has is removed: the cloud set it, and dropped it
+  (an object goes only as far as the cloud filled it: keys added by hand inside it stay);
 - a key in neither is left alone: nobody from the cloud set it (a hand-added key).
 
 So a hand edit of a key the cloud manages is put back, and a hand-added key is kept.
@@ -46,9 +47,19 @@ def merge_desired(
             result[key] = merge_desired(here, value, previous if isinstance(previous, dict) else {})
         else:
             result[key] = copy.deepcopy(value)
-    for key in before:
-        if key not in wanted:
-            result.pop(key, None)
+    for key, previous in before.items():
+        if key in wanted or key not in result:
+            continue
+        here = result[key]
+        if isinstance(previous, dict) and isinstance(here, dict) and here:
+            # Only what the cloud set inside goes; an object left empty by that goes too.
+            rest = merge_desired(here, {}, previous)
+            if rest:
+                result[key] = rest
+            else:
+                del result[key]
+        else:
+            del result[key]
     return result
 
 
