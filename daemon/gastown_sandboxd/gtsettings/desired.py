@@ -25,6 +25,7 @@ from gastown_sandboxd.errors import DesiredConfigUnavailable
 CONFIG_PATH = "/api/gastown/towns/{town}/config"
 STATUS_PATH = "/api/gastown/towns/{town}/config/status"
 MAX_BODY_BYTES = 1024 * 1024
+REPORT_TIMEOUT = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +97,21 @@ class DesiredConfigClient:
     ) -> None:
         """`POST …/config/status`; raises `DesiredConfigUnavailable` unless the cloud takes it."""
         payload = {"observedGeneration": observed_generation, "revision": revision, "error": error}
-        status, _ = await self._exchange("POST", self._status_url, bearer, payload)
+        # Shorter than a read: the sync's answer waits for it, and the next sync reports again.
+        deadline = min(self._timeout, REPORT_TIMEOUT)
+        status, _ = await self._exchange("POST", self._status_url, bearer, payload, deadline)
         if not 200 <= status <= 204:
             raise _refused(status, "take the sync's status")
 
     async def _exchange(
-        self, method: str, url: str, bearer: str | None, payload: object
+        self,
+        method: str,
+        url: str,
+        bearer: str | None,
+        payload: object,
+        timeout: float | None = None,
     ) -> tuple[int, bytes]:
+        timeout = self._timeout if timeout is None else timeout
         headers = {
             "x-internal-api-key": self._key,
             "Accept": "application/json",
@@ -112,14 +121,14 @@ class DesiredConfigClient:
             headers["Authorization"] = f"Bearer {bearer}"
         try:
             # One deadline for the whole exchange: httpx's timeouts are per read.
-            with anyio.fail_after(self._timeout):
+            with anyio.fail_after(timeout):
                 async with self._http.stream(
                     method, url, headers=headers, json=payload
                 ) as response:
                     return response.status_code, await _read_capped(response)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise DesiredConfigUnavailable(
-                504, "timeout", f"the cloud did not answer within {self._timeout:g} s"
+                504, "timeout", f"the cloud did not answer within {timeout:g} s"
             ) from exc
         except httpx.ConnectError as exc:
             raise DesiredConfigUnavailable(

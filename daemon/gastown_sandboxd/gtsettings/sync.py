@@ -9,7 +9,8 @@ not by generation: a newer generation and files that drifted from it both give a
 merge; an empty one writes nothing and emits nothing, and is reported only when the cloud
 does not show that generation applied yet. A desired configuration the PATCH checks refuse
 writes nothing and is reported as failed with the details; the next sync tries again. After
-a failed read the next try comes sooner (5 s doubling up to `interval`). Syncs never overlap.
+a failed read the next try comes sooner (5 s doubling up to `interval`). Syncs never overlap:
+calls that come during a sync share its result.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ class SyncResult:
         }
 
 
+class _Flight:
+    """One sync that overlapping callers share."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: SyncResult | None = None
+        self.error: Exception | None = None
+
+
 class ConfigSync:
     """The sync component; see the module docstring."""
 
@@ -110,6 +120,7 @@ class ConfigSync:
         self._failures = 0
         self._woken = False
         self._nap: anyio.CancelScope | None = None
+        self._flight: _Flight | None = None
 
     def status(self) -> dict[str, Any]:
         """`{"generation", "state", "last_sync_at"}` (time in Unix seconds) for /status."""
@@ -151,7 +162,29 @@ class ConfigSync:
 
     async def sync_now(self) -> SyncResult:
         """Read the desired configuration, converge on it, report; raises
-        `DesiredConfigUnavailable` when it cannot be read (nothing is written then)."""
+        `DesiredConfigUnavailable` when it cannot be read (nothing is written then).
+
+        Calls that overlap share one sync, so an answer never waits for two cloud calls.
+        """
+        flight = self._flight
+        if flight is None:
+            flight = self._flight = _Flight()
+            try:
+                flight.result = await self._sync_once()
+            except Exception as exc:
+                flight.error = exc
+            finally:
+                if flight.result is None and flight.error is None:
+                    flight.error = DesiredConfigUnavailable(503, "cancelled", "the sync stopped")
+                self._flight = None
+                flight.done.set()
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.result is not None
+        return flight.result
+
+    async def _sync_once(self) -> SyncResult:
         async with self._lock:
             bearer = await anyio.to_thread.run_sync(self._read_bearer)
             try:
