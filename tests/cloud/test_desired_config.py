@@ -231,6 +231,22 @@ async def test_bad_bodies_are_refused_before_anything_is_kept(
     assert sandbox.received == []
 
 
+async def test_secrets_are_never_kept(cloud: Cloud, sandbox: StandIn) -> None:
+    """A token in the body is refused (422) before it is kept or pushed, and not echoed."""
+    town = await cloud.town(sandbox.url)
+    token = cloud.token(town)
+    agent = {"command": "claude", "env": {"ANTHROPIC_AUTH_TOKEN": token}}
+    answer = await cloud.patch(town, {"town": {"agents": {"k": agent}}})
+    assert answer.status_code == 422
+    assert [d["path"] for d in answer.json()["details"]] == [
+        "/town/agents/k/env/ANTHROPIC_AUTH_TOKEN"
+    ]
+    assert token not in answer.text
+    assert sandbox.received == []
+    assert token.encode() not in cloud.settings.db.read_bytes()
+    assert (await cloud.state(town))["generation"] == 0
+
+
 async def test_desired_too_large_for_a_sandbox_is_refused(cloud: Cloud, sandbox: StandIn) -> None:
     """Changes that together exceed what a sandbox takes in one PATCH are refused (422)."""
     sandbox.reply = _reply(503, {"error": "away", "message": "Away."})
