@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
+
+from gastown_sandboxd.gtsettings.schema import SECRET_ENV_NAMES
+from gastown_sandboxd.gtsettings.validation import contains_jwt
 
 TOWN_KEYS = frozenset({"default_agent", "agents", "role_agents", "role_effort", "crew_agents"})
 RIG_KEYS = frozenset({"agent", "agents", "role_agents", "worker_agents", "role_effort"})
 # Managed keys whose value is one name, and those mapping names to names; `agents` maps to objects.
 _NAME_KEYS = frozenset({"default_agent", "agent"})
 _NAME_MAP_KEYS = frozenset({"role_agents", "role_effort", "crew_agents", "worker_agents"})
+# `$KILO_JWT` or `${KILO_JWT}`: a reference to a variable, not a secret.
+_ENV_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+_NO_TOKENS_HERE = (
+    "holds a secret: the cloud keeps and serves desired configuration and settings files are "
+    "0644; agents get tokens through the env file"
+)
 
 Problem = dict[str, str]
 
@@ -38,8 +48,13 @@ def config_state(generation: int, observed_generation: int, error: object | None
 
 
 def check_shape(patch: Mapping[str, Any]) -> list[Problem]:
-    """One `{"path", "message"}` per problem of shape; empty when `patch` may be merged."""
+    """One `{"path", "message"}` per problem of shape or secret; empty when `patch` may be merged.
+
+    Secrets are refused here, not only by the sandbox, because the cloud keeps what it is sent:
+    a JWT in any string, or a literal value for a token variable in an agent's `env`.
+    """
     problems: list[Problem] = []
+    _check_secrets(patch, "", problems)
     for key, value in patch.items():
         if key == "town":
             _check_section(value, TOWN_KEYS, "/town", problems)
@@ -88,6 +103,24 @@ def _check_section(
                 if inner is not None and not isinstance(inner, want):
                     entry_path = f"{key_path}/{_escape(entry)}"
                     problems.append(_problem(entry_path, f"must be {what} or null"))
+
+
+def _check_secrets(value: object, path: str, problems: list[Problem]) -> None:
+    if isinstance(value, str):
+        if contains_jwt(value):
+            problems.append(_problem(path, _NO_TOKENS_HERE))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_secrets(item, f"{path}/{index}", problems)
+    elif isinstance(value, dict):
+        secret_names = path.endswith("/env")
+        for key, item in value.items():
+            item_path = f"{path}/{_escape(key)}"
+            literal = isinstance(item, str) and item and not _ENV_REFERENCE.fullmatch(item)
+            if secret_names and key in SECRET_ENV_NAMES and literal:
+                problems.append(_problem(item_path, _NO_TOKENS_HERE))
+            else:
+                _check_secrets(item, item_path, problems)
 
 
 def merge_patch(target: object, patch: object) -> Any:

@@ -1,7 +1,8 @@
 """A stand-in sandbox: a real HTTP server on 127.0.0.1 that records each `PATCH /config`.
 
-It answers with `reply` (a Response, or a function of the request count giving one); while
-`hold` is set to an unset event, it answers only once the event is set (a hung sandbox).
+It answers with `reply` (a Response, or a function of the request count giving one), after
+`delay` seconds (to widen the window in which two pushes could overlap: `most_in_flight` counts
+them); while `hold` is set to an unset event, it answers only once the event is set (hung).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class StandIn:
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     reply: Response | Callable[[int], Response] = field(default_factory=applied_reply)
     hold: anyio.Event | None = None
+    delay: float = 0.0
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     def bodies(self) -> list[Any]:
         """Each received body as JSON, in order."""
@@ -48,8 +52,14 @@ async def sandbox() -> AsyncIterator[StandIn]:
 
     async def patch_config(request: Request) -> Response:
         stand_in.received.append((dict(request.headers), await request.body()))
-        if stand_in.hold is not None:
-            await stand_in.hold.wait()
+        stand_in.in_flight += 1
+        stand_in.most_in_flight = max(stand_in.most_in_flight, stand_in.in_flight)
+        try:
+            if stand_in.hold is not None:
+                await stand_in.hold.wait()
+            await anyio.sleep(stand_in.delay)
+        finally:
+            stand_in.in_flight -= 1
         reply = stand_in.reply
         return reply if isinstance(reply, Response) else reply(len(stand_in.received))
 

@@ -165,3 +165,30 @@ def test_etag_follows_content() -> None:
     assert etag_matches("*", tag)
     assert not etag_matches('"other"', tag)
     assert not etag_matches("", tag)
+
+
+JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJl"
+
+
+def test_secrets_are_refused_where_they_stand() -> None:
+    """A JWT in any string, or a literal token variable in an agent's env, is a problem; a
+    reference such as `$KILO_JWT`, an empty value and a null are not."""
+    agent = {
+        "command": "claude",
+        "args": ["--header", f"Authorization: Bearer {JWT}"],
+        "env": {
+            "ANTHROPIC_API_KEY": "sk-ant-literal",
+            "KILO_JWT": "$KILO_JWT",
+            "KILOCODE_TOKEN": "${KILO_JWT}",
+            "OPENAI_API_KEY": "",
+            "ANTHROPIC_AUTH_TOKEN": None,
+            "ANTHROPIC_BASE_URL": "https://api.kilo.ai/api/gateway",
+        },
+    }
+    patch = {"town": {"agents": {"k": agent}}, "rigs": {"api": {"agent": JWT}}}
+    assert [p["path"] for p in check_shape(patch)] == [
+        "/town/agents/k/args/1",
+        "/town/agents/k/env/ANTHROPIC_API_KEY",
+        "/rigs/api/agent",
+    ]
+    assert all(JWT not in p["message"] for p in check_shape(patch))

@@ -216,3 +216,41 @@ def test_daemon_with_another_key_is_pending_not_a_401(
     assert answer.status_code == 202, answer.text
     assert answer.json()["reason"] == "sandbox_refused_key"
     assert (tmp_path / "town" / TOWN_FILE).read_bytes() == TOWN_SETTINGS
+
+
+def test_daemon_back_after_an_outage_gets_what_it_missed(
+    linked: Linked, daemon_factory: DaemonFactory
+) -> None:
+    """A change kept while the daemon was down reaches its files with the next change: the
+    cloud pushes what takes the daemon from the generation it applied to the newest."""
+    assert linked.daemon.stop() == 0
+    assert json.loads(linked.file(TOWN_FILE))["role_effort"]["witness"] == "low"
+    away = linked.patch({"town": {"role_effort": {"witness": "max"}}})
+    assert away.status_code == 202, away.text
+    back = daemon_factory(
+        town_id=linked.town_id,
+        cloud_url=linked.cloud.url,
+        town_root=linked.daemon.town_root,
+        env_file=linked.daemon.env_file,
+        extra_env={
+            "INTERNAL_API_KEY": linked.cloud.internal_key,
+            "GASTOWN_SANDBOXD_LISTEN": linked.daemon.url.removeprefix("http://"),
+        },
+        name="back",
+    )
+    assert back.url == linked.daemon.url
+    answer = linked.patch({"rigs": {"frontend": {"agent": "codex"}}})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["generation"], answer.json()["state"]) == (2, "applied")
+    assert json.loads(linked.file(TOWN_FILE))["role_effort"] == {"mayor": "high", "witness": "max"}
+    assert json.loads(linked.file(FRONTEND_FILE))["agent"] == "codex"
+    config = linked.config()
+    assert (config["generation"], config["observedGeneration"], config["state"]) == (
+        2,
+        2,
+        "applied",
+    )
+    assert config["desired"] == {
+        "town": {"role_effort": {"witness": "max"}},
+        "rigs": {"frontend": {"agent": "codex"}},
+    }
