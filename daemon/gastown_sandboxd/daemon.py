@@ -143,7 +143,6 @@ async def run_daemon(
             _remove_stale_temporaries, settings.env_file, store.watched_folders()
         )
         await tg.start(refresher.run)
-        await tg.start(config_sync.run)
         await tg.start(notifier.run)
         await tg.start(watcher.run)
         await tg.start(systemd.run_watchdog)
@@ -158,6 +157,8 @@ async def run_daemon(
             systemd.notify("READY=1", f"STATUS=serving; token {refresher.status().state}")
             log.info("daemon_ready", town_id=settings.town_id, state=refresher.status().state)
             task_status.started()
+            # Converge at start, once serving: the first sync waits for the cloud.
+            await tg.start(config_sync.run)
         # The servers return once `shutdown` is set and their connections closed.
         tg.cancel_scope.cancel()
     _remove_socket(settings.socket)

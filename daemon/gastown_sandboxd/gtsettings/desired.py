@@ -56,12 +56,8 @@ class DesiredConfigClient:
         self._status_url = base + STATUS_PATH.format(town=town)
         self._key = internal_key
         self._timeout = timeout
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
 
     def __repr__(self) -> str:
         return f"DesiredConfigClient(url={self._config_url!r})"
@@ -78,7 +74,20 @@ class DesiredConfigClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        # Made at the first call, not at start: building its TLS context costs start-up time.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout),
+                transport=self._transport,
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return self._client
 
     async def fetch(self, bearer: str | None) -> DesiredConfig:
         """The desired configuration; raises `DesiredConfigUnavailable`."""
