@@ -254,3 +254,23 @@ def test_an_unreachable_cloud_gives_a_5xx_within_15_s_writes_nothing_and_the_dae
     with daemon.local() as client:
         assert client.get("/healthz").status_code == 200
     assert sandbox.status()["config_sync"]["state"] == "unreachable"
+
+
+def test_a_push_records_its_generation_and_a_bad_generation_is_refused(sandbox: Sandbox) -> None:
+    """The cloud's push (X-Gastown-Generation) is recorded as applied, so the next sync finds
+    nothing to do; a header that is not a whole number is 400 and changes nothing."""
+    daemon = sandbox.start()
+    assert sandbox.dashboard_patch(CHANGE).status_code == 200
+    assert sandbox.status()["config_sync"]["generation"] == 1
+    result = sandbox.sync().json()
+    assert (result["changed"], result["generation"], result["reported"]) == (False, 1, False)
+    before = (sandbox.root / TOWN_FILE).read_bytes()
+    with daemon.local() as client:
+        answer = client.patch(
+            "/config",
+            json={"town": {"default_agent": "claude"}},
+            headers={"x-gastown-generation": "two"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_generation"
+    assert (sandbox.root / TOWN_FILE).read_bytes() == before

@@ -162,12 +162,17 @@ def _refused(status: int, what: str) -> DesiredConfigUnavailable:
 
 
 async def _read_capped(response: httpx.Response) -> bytes:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # A compressed body could expand far past the cap.
+        raise DesiredConfigUnavailable(502, "content_encoding", "the cloud's answer is compressed")
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise DesiredConfigUnavailable(502, "body_too_large", "the cloud's answer is too large")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    # Content-Encoding is identity (checked above), so these are the bytes as sent.
+    async for chunk in response.aiter_bytes():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise DesiredConfigUnavailable(502, "body_too_large", "the cloud's answer is too large")

@@ -344,3 +344,29 @@ async def test_the_refresher_calls_back_on_its_first_success_after_failures(
     await refresher.refresh_now()
     await refresher.refresh_now()
     assert calls == ["recovered"]
+
+
+async def test_overlapping_syncs_share_one_read_of_the_cloud(store: SettingsStore) -> None:
+    """A POST /config/sync during the start-up sync waits for it rather than for two calls."""
+    cloud = FakeCloud()
+    gate = anyio.Event()
+    fetch = cloud.fetch
+
+    async def slow_fetch(bearer: str | None) -> DesiredConfig:
+        await gate.wait()
+        return await fetch(bearer)
+
+    cloud.fetch = slow_fetch  # type: ignore[method-assign]
+    sync = make_sync(store, cloud)
+    results = []
+
+    async def one() -> None:
+        results.append(await sync.sync_now())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert cloud.fetches == 1
+    assert results[0] is results[1]
