@@ -59,6 +59,9 @@ class SettingsFolder:
         """Create the settings folder (0755) and open it."""
         os.mkdir(SETTINGS, 0o755, dir_fd=self.owner_fd)
         self.fd = open_folder(self.owner_fd, SETTINGS)
+        # The new folder's entry must be on disk before the file in it counts as written.
+        with contextlib.suppress(OSError):
+            os.fsync(self.owner_fd)
 
     def remove(self) -> None:
         """Remove the settings folder again (only when empty)."""
