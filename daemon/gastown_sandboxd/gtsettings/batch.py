@@ -118,9 +118,10 @@ def write_all(town_root: Path, writes: Sequence[FileWrite], write: Write = write
                 journal.begin(root_fd, town_root, entries)
             except OSError as exc:
                 raise StorageUnavailable(describe_failure(exc, journal.JOURNAL)) from exc
-        for step in steps:
+        for index, step in enumerate(steps):
             try:
-                _write_one(step, town_root, write)
+                # The last write is atomic on its own: if it fails, its file is as it was.
+                _write_one(step, town_root, write, backup=index < len(steps) - 1)
             except Exception as exc:
                 unrestored = _undo(root_fd, steps, write, journaled)
                 if not isinstance(exc, OSError):
@@ -174,13 +175,14 @@ def _open_checked(root_fd: int, town_root: Path, item: FileWrite) -> SettingsFol
     return folder
 
 
-def _write_one(step: _Step, town_root: Path, write: Write) -> None:
+def _write_one(step: _Step, town_root: Path, write: Write, *, backup: bool) -> None:
     step.started = True
     folder = step.folder
     if folder.fd is None:
         folder.make()
     assert folder.fd is not None
-    step.backup = _link_backup(folder.fd, step.item)
+    if backup:
+        step.backup = _link_backup(folder.fd, step.item)
     write(Target(town_root / step.item.name, folder.fd), step.item.data)
 
 
