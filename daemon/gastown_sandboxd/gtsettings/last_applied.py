@@ -83,8 +83,15 @@ class LastApplied:
         applied = Applied(generation, without_nulls(desired))
         if applied == self._applied:
             return False
-        self._save(applied)
         self._applied = applied
+        try:
+            self._save(applied)
+        except OSError as exc:
+            # The files are written already; this run keeps the copy in memory, and a restart
+            # without it only forgets which keys to remove (it never removes a wrong one).
+            log.warning(
+                "last_applied_not_saved", path=str(self._path), error=exc.strerror or str(exc)
+            )
         return True
 
     def record_push(self, body: Mapping[str, Any], generation: int) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from gastown_sandboxd.errors import DesiredConfigUnavailable, RefreshError
 from gastown_sandboxd.gtsettings.desired import DesiredConfig
@@ -370,3 +371,20 @@ async def test_overlapping_syncs_share_one_read_of_the_cloud(store: SettingsStor
         gate.set()
     assert cloud.fetches == 1
     assert results[0] is results[1]
+
+
+async def test_a_state_folder_that_cannot_be_written_does_not_stop_the_sync(
+    root: Path, tmp_path: Path, events: Events
+) -> None:
+    """The files are applied and the copy kept in memory; the failure is logged."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the state folder should be")
+    last = LastApplied(state_dir=blocker / "state", town_id="town-1")
+    store = SettingsStore(town_root=root, emit=events, last_applied=last)
+    await store.load()
+    with capture_logs() as logs:
+        result = await make_sync(store, FakeCloud()).sync_now()
+    assert result.state is SyncState.APPLIED
+    assert doc(root)["default_agent"] == "codex"
+    assert store.last_applied.applied.generation == 1
+    assert "last_applied_not_saved" in [log["event"] for log in logs]
