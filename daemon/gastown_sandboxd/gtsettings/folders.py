@@ -126,3 +126,26 @@ def read_at(dir_fd: int, name: str) -> bytes | None:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def read_settings_file(path: Path, *, rig: bool) -> bytes:
+    """The bytes of `<owner>/settings/config.json` at `path`, read through descriptors.
+
+    The owner folder (a rig, opened with `O_NOFOLLOW`; or the town root, which may itself be
+    a symlink), then `settings` and the file are opened without following a symlink, so a
+    folder swapped for one between a check and the read cannot lead it out of the town.
+    Raises FileNotFoundError when the file (or a folder on the way) is absent, OSError else.
+    """
+    flags = FOLDER_FLAGS if rig else os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    owner_fd = os.open(path.parent.parent, flags)
+    try:
+        settings_fd = open_folder(owner_fd, path.parent.name)
+        try:
+            data = read_at(settings_fd, path.name)
+        finally:
+            os.close(settings_fd)
+    finally:
+        os.close(owner_fd)
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, "no settings file", str(path))
+    return data
