@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ._http import AppContext, error_json
+from .api_config import config_routes
 from .api_gateway import gateway_routes
 from .api_refresh import refresh_routes
 from .api_towns import town_routes
@@ -27,7 +28,7 @@ def create_app(
 ) -> Starlette:
     """The app serving `store` (already open); `clock` gives Unix seconds."""
     ctx = AppContext(settings=settings, store=store, clock=clock)
-    routes = [*town_routes(ctx), *refresh_routes(ctx), *gateway_routes(ctx)]
+    routes = [*town_routes(ctx), *config_routes(ctx), *refresh_routes(ctx), *gateway_routes(ctx)]
     return Starlette(
         routes=routes,
         exception_handlers={

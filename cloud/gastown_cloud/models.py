@@ -63,3 +63,18 @@ class ChatRequest(_Body):
     model: Text
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: bool = False
+
+
+class ConfigFailure(_Body):
+    """Why a sandbox could not apply a generation: a sentence and the 422 details."""
+
+    message: str = Field(min_length=1, max_length=2000)
+    details: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+
+
+class ConfigReport(_Body):
+    """`POST /api/gastown/towns/{id}/config/status`: what the sandbox made of a generation."""
+
+    observed_generation: int = Field(alias="observedGeneration", ge=0, le=2**62)
+    revision: str | None = Field(default=None, max_length=200)
+    error: ConfigFailure | None = None

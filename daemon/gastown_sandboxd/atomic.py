@@ -1,8 +1,10 @@
 """The one writer of files: readers always see the old or the new version, never a mix.
 
 Steps: a temporary file in the same folder, write, fsync, chmod, rename over the target,
-fsync the folder. A target that is a bind-mounted file cannot be renamed over (EBUSY,
-EXDEV); then the file is rewritten in place, which is logged because it is not atomic.
+fsync the folder. `write_atomic_at` does the same inside a folder given by an open
+descriptor, so a folder swapped for a symlink after it was checked cannot redirect it.
+A target that is a bind-mounted file cannot be renamed over (EBUSY, EXDEV);
+then the file is rewritten in place, which is logged because it is not atomic.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import contextlib
 import errno
 import glob
 import os
+import secrets
 import stat
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -32,15 +35,46 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> bool:
     `AtomicWriteError` (an OSError with the original errno) with the old file intact.
     """
     path = Path(path)
-    folder = path.parent
-    final_mode = _target_mode(path, mode)
+    return _write(_Place(path.parent, None), path.name, data, mode)
+
+
+def write_atomic_at(
+    dir_fd: int, name: str, data: bytes, *, mode: int | None = None, folder: Path | None = None
+) -> bool:
+    """`write_atomic` of the entry `name` of the open folder `dir_fd`, following no symlink.
+
+    The folder is the one the descriptor was opened on, whatever its path leads to now; a
+    symlink at `name` is replaced, never written through. `folder` names it in messages.
+    """
+    return _write(_Place(folder or Path(f"<fd {dir_fd}>"), dir_fd), name, data, mode)
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """A folder given by path (`dir_fd` None) or by an open descriptor."""
+
+    folder: Path
+    dir_fd: int | None
+
+    def name(self, entry: str) -> str:
+        return entry if self.dir_fd is not None else str(self.folder / entry)
+
+    def at(self) -> dict[str, int]:
+        return {} if self.dir_fd is None else {"dir_fd": self.dir_fd}
+
+    def rename_at(self) -> dict[str, int]:
+        return {} if self.dir_fd is None else {"src_dir_fd": self.dir_fd, "dst_dir_fd": self.dir_fd}
+
+
+def _write(place: _Place, name: str, data: bytes, mode: int | None) -> bool:
+    target = place.folder / name
+    final_mode = _target_mode(place, name, mode)
     try:
-        fd, tmp_name = _mkstemp(folder, path.name)
+        fd, tmp_name = _create_temporary(place, name)
     except OSError as exc:
         raise AtomicWriteError(
-            exc.errno, f"cannot create a file in {folder}: {exc.strerror}"
+            exc.errno, f"cannot create a file in {place.folder}: {exc.strerror}"
         ) from exc
-    tmp = Path(tmp_name)
     try:
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -48,40 +82,52 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> bool:
                 handle.flush()
                 os.fsync(handle.fileno())
                 os.fchmod(handle.fileno(), final_mode)
-            os.replace(tmp, path)
+            os.replace(place.name(tmp_name), place.name(name), **place.rename_at())
+            tmp_name = ""
         except OSError as exc:
             if exc.errno in _IN_PLACE_ERRNOS:
                 log.warning(
                     "atomic_rename_refused_writing_in_place",
-                    path=str(path),
+                    path=str(target),
                     errno=errno.errorcode.get(exc.errno or 0, "?"),
                 )
-                _write_in_place(path, data, final_mode)
+                _write_in_place(place, name, data, final_mode)
                 return True
-            raise AtomicWriteError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+            raise AtomicWriteError(exc.errno, f"cannot write {target}: {exc.strerror}") from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_folder(folder)
+        if tmp_name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(place.name(tmp_name), **place.at())
+    _fsync_folder(place)
     return False
 
 
-def _mkstemp(folder: Path, name: str) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+def _create_temporary(place: _Place, name: str) -> tuple[int, str]:
+    # O_EXCL | O_NOFOLLOW: never opens what another process put at the name.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp_name = f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(place.name(tmp_name), flags, 0o600, **place.at()), tmp_name
+        except FileExistsError:
+            continue
 
 
-def _target_mode(path: Path, mode: int | None) -> int:
+def _target_mode(place: _Place, name: str, mode: int | None) -> int:
     if mode is not None:
         return mode
     try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
+        info = os.stat(place.name(name), follow_symlinks=False, **place.at())
+    except OSError:
         return 0o644
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else 0o644
 
 
-def _write_in_place(path: Path, data: bytes, mode: int) -> None:
+def _write_in_place(place: _Place, name: str, data: bytes, mode: int) -> None:
+    target = place.folder / name
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(place.name(name), flags, mode, **place.at())
         try:
             os.ftruncate(fd, 0)
             view = memoryview(data)
@@ -93,21 +139,30 @@ def _write_in_place(path: Path, data: bytes, mode: int) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        raise AtomicWriteError(exc.errno, f"cannot write {path} in place: {exc.strerror}") from exc
+        raise AtomicWriteError(
+            exc.errno, f"cannot write {target} in place: {exc.strerror}"
+        ) from exc
 
 
-def _fsync_folder(folder: Path) -> None:
+def _fsync_folder(place: _Place) -> None:
     # The rename is durable only once the folder's entry is on disk.
+    if place.dir_fd is not None:
+        fsync_folder_fd(place.dir_fd)
+        return
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(place.folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        fsync_folder_fd(fd)
     finally:
         os.close(fd)
+
+
+def fsync_folder_fd(fd: int) -> None:
+    """fsync an open folder; some file systems refuse it, which is not an error here."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
 
 
 def remove_stale_temporaries(target: Path, *, older_than: float = 600.0) -> int:

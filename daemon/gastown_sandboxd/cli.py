@@ -49,6 +49,12 @@ _RUN_FLAGS = (
         "local socket path (env GASTOWN_SANDBOXD_SOCKET; default "
         "$XDG_RUNTIME_DIR/gastown-sandboxd.sock, else ~/.gastown-sandboxd.sock)",
     ),
+    (
+        "--state-dir",
+        "state_dir",
+        "state folder: the last-applied desired configuration (env GASTOWN_SANDBOXD_STATE_DIR; "
+        "default $XDG_STATE_HOME/gastown-sandboxd, else ~/.local/state/gastown-sandboxd)",
+    ),
 )
 
 

@@ -16,13 +16,17 @@ from gastown_sandboxd.atomic import remove_stale_temporaries
 from gastown_sandboxd.errors import SettingsError
 from gastown_sandboxd.events.bus import EventBus
 from gastown_sandboxd.events.notify import Notifier
+from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
+from gastown_sandboxd.gtsettings.last_applied import LastApplied
 from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.app import ApiContext, create_app
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, describe, serve_socket
 from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
 from gastown_sandboxd.ops.systemd import SystemdNotifier
 from gastown_sandboxd.options import Settings
 from gastown_sandboxd.token.cloud import CloudClient
+from gastown_sandboxd.token.envfile import read_token
 from gastown_sandboxd.token.refresher import TokenRefresher
 from gastown_sandboxd.watcher import SettingsWatcher
 
@@ -66,7 +70,23 @@ async def run_daemon(
     registry = CollectorRegistry()
     bus = EventBus()
     store = SettingsStore(
-        town_root=settings.town_root, emit=bus.emit, extra_presets=settings.extra_presets
+        town_root=settings.town_root,
+        emit=bus.emit,
+        extra_presets=settings.extra_presets,
+        last_applied=LastApplied(state_dir=settings.state_dir, town_id=settings.town_id),
+    )
+    desired_client = DesiredConfigClient(
+        base_url=settings.cloud_url,
+        internal_key=settings.internal_key.reveal(),
+        town_id=settings.town_id,
+        timeout=settings.refresh_timeout,
+    )
+    config_sync = ConfigSync(
+        store=store,
+        source=desired_client,
+        bearer=lambda: read_token(settings.env_file),
+        clock=clock,
+        interval=settings.config_sync_interval,
     )
     client = CloudClient(
         base_url=settings.cloud_url,
@@ -82,6 +102,7 @@ async def run_daemon(
         clock=clock,
         policy=settings.schedule,
         metrics=TokenMetrics(registry),
+        on_cloud_recovered=config_sync.wake,
     )
     watcher = SettingsWatcher(
         town_root=settings.town_root,
@@ -105,6 +126,7 @@ async def run_daemon(
         watcher_status=watcher.status,
         patch_counter=metrics.config_patches,
         sse_clients=metrics.sse_clients,
+        config_sync=config_sync,
     )
     tcp = bind_tcp(settings.listen)
     try:
@@ -114,7 +136,7 @@ async def run_daemon(
         raise
     shutdown = anyio.Event()
 
-    async with client, anyio.create_task_group() as tg:
+    async with client, desired_client, anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, shutdown, bus)
         await store.load()
         await anyio.to_thread.run_sync(
@@ -135,6 +157,8 @@ async def run_daemon(
             systemd.notify("READY=1", f"STATUS=serving; token {refresher.status().state}")
             log.info("daemon_ready", town_id=settings.town_id, state=refresher.status().state)
             task_status.started()
+            # Converge at start, once serving: the first sync waits for the cloud.
+            await tg.start(config_sync.run)
         # The servers return once `shutdown` is set and their connections closed.
         tg.cancel_scope.cancel()
     _remove_socket(settings.socket)

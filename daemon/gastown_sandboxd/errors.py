@@ -8,7 +8,9 @@ GastownError
 │   ├── PatchInvalid           422, one detail per problem
 │   ├── SettingsFileUnreadable 409, a file that is not gt's JSON or is too new
 │   ├── PreconditionFailed     412, If-Match does not equal the revision
+│   ├── SettingsConflict       409, a file or rig folder changed under a write in progress
 │   └── StorageUnavailable     503, the disk refused a write (ENOSPC, EROFS, EACCES…)
+├── DesiredConfigUnavailable the cloud's desired configuration could not be read (502/503/504)
 ├── SubscriberLagged       an event subscriber fell behind and was dropped by the bus
 └── AtomicWriteError(OSError)  an atomic replace that failed; the old file is intact
 """
@@ -103,6 +105,25 @@ class PreconditionFailed(ConfigError):
 class StorageUnavailable(ConfigError):
     status = 503
     code = "storage_unavailable"
+
+
+class SettingsConflict(ConfigError):
+    status = 409
+    code = "settings_changed"
+
+
+class DesiredConfigUnavailable(GastownError):
+    """The cloud did not give its desired configuration; `status` is the answer to send.
+
+    `status` is 504 for a timeout, 503 when the cloud cannot be reached or is busy, 502 for
+    any other bad answer; `reason` is a short code, never a body the cloud sent.
+    """
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        super().__init__(message)
 
 
 class SubscriberLagged(GastownError):

@@ -81,6 +81,8 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     config_file: Path | None = None
+    state_dir: Path = Path("~/.local/state/gastown-sandboxd")
+    config_sync_interval: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +126,14 @@ def default_socket(env: Mapping[str, str]) -> Path:
     if runtime:
         return Path(runtime) / "gastown-sandboxd.sock"
     return _home(env) / ".gastown-sandboxd.sock"
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """`$XDG_STATE_HOME/gastown-sandboxd`, else `~/.local/state/gastown-sandboxd`."""
+    state = env.get("XDG_STATE_HOME")
+    if state:
+        return Path(state) / "gastown-sandboxd"
+    return _home(env) / ".local" / "state" / "gastown-sandboxd"
 
 
 def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any], Path | None]:
@@ -200,6 +210,13 @@ def load_settings(
     refresh = _table(toml, "refresh")
     watcher = _table(toml, "watcher")
     config = _table(toml, "config")
+    config_sync = _table(toml, "config_sync")
+    unknown_sync = sorted(set(config_sync) - {"interval"})
+    if unknown_sync:
+        raise SettingsError(
+            f"config_sync.{unknown_sync[0]}", "is not a setting", "only interval can be set"
+        )
+    state_dir = pick.text("state_dir", ("GASTOWN_SANDBOXD_STATE_DIR",), setting="state_dir")
     schedule = SchedulePolicy(
         refresh_fraction=_fraction(refresh, "fraction", 0.5),
         jitter_fraction=_fraction(refresh, "jitter", 0.1),
@@ -241,6 +258,10 @@ def load_settings(
             ("debug", "info", "warning", "error"),
         ),
         config_file=used_file,
+        state_dir=_expand(state_dir, env) if state_dir else default_state_dir(env),
+        config_sync_interval=parse_duration(
+            config_sync.get("interval", 300), setting="config_sync.interval"
+        ),
     )
 
 
@@ -277,6 +298,8 @@ _TOP_KEYS = frozenset(
         "config",
         "hooks",
         "signals",
+        "state_dir",
+        "config_sync",
     }
 )
 

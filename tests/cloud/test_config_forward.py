@@ -1,57 +1,25 @@
-"""PATCH /api/gastown/towns/{id}/config forwarded to a stand-in sandbox served in-process."""
+"""PATCH /api/gastown/towns/{id}/config pushed by the real cloud server to a stand-in sandbox.
+
+The sandbox's 200 and its refusals come back; when it is away or broken the change is kept
+as pending (202) for its next sync (CONTRACT §10).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse
 
-from gastown_cloud.server import bind_socket, serve_app, socket_url
 from tests.fixtures.cloud import CloudServer
 
+from .stand_in import APPLIED, StandIn, closed_url, sandbox
+
+__all__ = ["sandbox"]  # the fixture, used by name
+
 PATCH = {"town": {"default_agent": "kilo-sonnet", "role_agents": {"mayor": "claude"}}}
-
-
-@dataclass
-class StandIn:
-    """A fake sandbox: records each PATCH /config and answers what `reply` says."""
-
-    url: str = ""
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    reply: Response = field(
-        default_factory=lambda: JSONResponse(
-            {"changed": True, "revision": "r2", "files": ["settings/config.json"]},
-            headers={"etag": '"r2"'},
-        )
-    )
-
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[StandIn]:
-    """A Starlette stand-in for the daemon's PATCH /config on an ephemeral port."""
-    stand_in = StandIn()
-
-    async def patch_config(request: Request) -> Response:
-        stand_in.received.append((dict(request.headers), await request.body()))
-        return stand_in.reply
-
-    app = Starlette(routes=[Route("/config", patch_config, methods=["PATCH"])])
-    sock = bind_socket("127.0.0.1", 0)
-    stand_in.url = socket_url(sock)
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: serve_app(app, sock, shutdown_trigger=stop.wait))
-        yield stand_in
-        stop.set()
 
 
 async def _patch(
@@ -63,8 +31,24 @@ async def _patch(
         )
 
 
+async def _config(cloud: CloudServer, town_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=cloud.url, headers=cloud.headers, timeout=20) as client:
+        answer = await client.get(f"/api/gastown/towns/{town_id}/config")
+    assert answer.status_code == 200, answer.text
+    config: dict[str, Any] = answer.json()
+    return config
+
+
+def _assert_pending(answer: httpx.Response, reason: str, generation: int = 1) -> None:
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert (body["generation"], body["state"], body["reason"]) == (generation, "pending", reason)
+    assert body["message"].endswith(".")
+
+
 async def test_patch_is_forwarded_with_the_key(shared_cloud: CloudServer, sandbox: StandIn) -> None:
-    """The body reaches the sandbox byte for byte with the key; its answer comes back."""
+    """The body reaches the sandbox byte for byte with the key and the generation; its answer
+    comes back with the generation, and the cloud records it applied."""
     town, _ = shared_cloud.create_town(sandbox_url=sandbox.url + "/")
     content = json.dumps(PATCH).encode()
     answer = await _patch(
@@ -74,19 +58,23 @@ async def test_patch_is_forwarded_with_the_key(shared_cloud: CloudServer, sandbo
         **{"content-type": "application/merge-patch+json", "if-match": '"r1"'},
     )
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"changed": True, "revision": "r2", "files": ["settings/config.json"]}
+    assert answer.json() == {**APPLIED, "generation": 1, "state": "applied"}
     assert answer.headers["etag"] == '"r2"'
     [(headers, body)] = sandbox.received
     assert body == content
     assert headers["x-internal-api-key"] == shared_cloud.internal_key
+    assert headers["x-gastown-generation"] == "1"
     assert headers["content-type"] == "application/merge-patch+json"
     assert headers["if-match"] == '"r1"'
+    config = await _config(shared_cloud, town["id"])
+    assert (config["generation"], config["observedGeneration"]) == (1, 1)
+    assert (config["state"], config["desired"], config["revision"]) == ("applied", PATCH, "r2")
 
 
 async def test_sandbox_error_status_is_passed_through(
     shared_cloud: CloudServer, sandbox: StandIn
 ) -> None:
-    """A 422 of the sandbox reaches the dashboard with its status and JSON body."""
+    """A 422 of the sandbox reaches the dashboard with its status and body; nothing is kept."""
     details = [{"path": "/town/role_agents/majer", "message": "unknown role"}]
     problem: dict[str, Any] = {"error": "invalid_patch", "message": "bad", "details": details}
     sandbox.reply = JSONResponse(problem, status_code=422)
@@ -94,48 +82,49 @@ async def test_sandbox_error_status_is_passed_through(
     answer = await _patch(shared_cloud, town["id"], b'{"town": {"role_agents": {"majer": "x"}}}')
     assert answer.status_code == 422
     assert answer.json() == problem
+    config = await _config(shared_cloud, town["id"])
+    assert (config["generation"], config["desired"], config["state"]) == (0, {}, "applied")
 
 
-async def test_non_json_sandbox_answer_is_502(shared_cloud: CloudServer, sandbox: StandIn) -> None:
-    """A sandbox that answers something other than JSON gets 502 `bad_sandbox_answer`."""
+async def test_non_json_sandbox_answer_is_kept_pending(
+    shared_cloud: CloudServer, sandbox: StandIn
+) -> None:
+    """A sandbox that answers something other than JSON leaves the change pending (202)."""
     sandbox.reply = PlainTextResponse("oops", status_code=500)
     town, _ = shared_cloud.create_town(sandbox_url=sandbox.url)
-    answer = await _patch(shared_cloud, town["id"], b"{}")
-    assert answer.status_code == 502
-    assert answer.json()["error"] == "bad_sandbox_answer"
+    answer = await _patch(shared_cloud, town["id"], json.dumps(PATCH).encode())
+    _assert_pending(answer, "bad_sandbox_answer")
+    assert (await _config(shared_cloud, town["id"]))["desired"] == PATCH
 
 
 @pytest.mark.parametrize("status", [401, 403])
-async def test_sandbox_refusing_the_key_is_502(
+async def test_sandbox_refusing_the_key_is_pending_not_401(
     shared_cloud: CloudServer, sandbox: StandIn, status: int
 ) -> None:
-    """A sandbox that refuses the cloud's key gets 502, not a 401 blamed on the dashboard."""
+    """A sandbox that refuses the cloud's key: kept pending with that reason, not a 401."""
     sandbox.reply = JSONResponse({"error": "unauthorized", "message": "no"}, status_code=status)
     town, _ = shared_cloud.create_town(sandbox_url=sandbox.url)
-    answer = await _patch(shared_cloud, town["id"], b"{}")
-    assert answer.status_code == 502
-    assert answer.json()["error"] == "sandbox_refused_key"
+    answer = await _patch(shared_cloud, town["id"], json.dumps(PATCH).encode())
+    _assert_pending(answer, "sandbox_refused_key")
+    assert "INTERNAL_API_KEY" in answer.json()["message"]
 
 
-async def test_unreachable_sandbox_is_502(shared_cloud: CloudServer) -> None:
-    """A sandbox URL where nothing listens gets 502 `sandbox_unreachable`."""
-    sock = bind_socket("127.0.0.1", 0)
-    url = socket_url(sock)
-    sock.close()
-    town, _ = shared_cloud.create_town(sandbox_url=url)
-    answer = await _patch(shared_cloud, town["id"], b"{}")
-    assert answer.status_code == 502
-    body = answer.json()
-    assert body["error"] == "sandbox_unreachable"
-    assert "could not be reached" in body["message"]
+async def test_unreachable_sandbox_is_kept_pending(shared_cloud: CloudServer) -> None:
+    """A sandbox URL where nothing listens: 202 pending, and the change is in `desired`."""
+    town, _ = shared_cloud.create_town(sandbox_url=closed_url())
+    answer = await _patch(shared_cloud, town["id"], json.dumps(PATCH).encode())
+    _assert_pending(answer, "sandbox_unreachable")
+    assert "could not be reached" in answer.json()["message"]
+    config = await _config(shared_cloud, town["id"])
+    assert (config["generation"], config["observedGeneration"]) == (1, 0)
+    assert (config["state"], config["desired"]) == ("pending", PATCH)
 
 
-async def test_town_without_sandbox_url_is_502(shared_cloud: CloudServer) -> None:
-    """A town that has no sandboxUrl gets 502 `no_sandbox_url`."""
+async def test_town_without_sandbox_url_is_kept_pending(shared_cloud: CloudServer) -> None:
+    """A town that has no sandboxUrl keeps the change for its sandbox's sync (202)."""
     town, _ = shared_cloud.create_town()
-    answer = await _patch(shared_cloud, town["id"], b"{}")
-    assert answer.status_code == 502
-    assert answer.json()["error"] == "no_sandbox_url"
+    answer = await _patch(shared_cloud, town["id"], json.dumps(PATCH).encode())
+    _assert_pending(answer, "no_sandbox_url")
 
 
 @pytest.mark.parametrize("action", ["stop", "destroy"])

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
-from gastown_cloud.store import Store, Usage
+from gastown_cloud import migrations
+from gastown_cloud.desired import ConfigState
+from gastown_cloud.migrations import LATEST, SchemaTooNew, migrate
+from gastown_cloud.store import ConfigConflict, GenerationAhead, Store, Usage
 
 NOW = 1_700_000_000.0
 
@@ -136,3 +146,173 @@ async def test_unopenable_file_raises(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         async with Store(tmp_path / "missing" / "cloud.db"):
             pass
+
+
+FIXTURE_V1 = Path(__file__).parent / "data" / "store-v1.sqlite"
+
+
+def _rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {
+            table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()  # noqa: S608
+            for table in ("towns", "usage")
+        }
+
+
+def _user_version(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as db:
+        version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+async def test_database_of_the_first_release_is_migrated_and_keeps_everything(
+    tmp_path: Path,
+) -> None:
+    """A database made by the store before schema versions (data/README.md says how) opens,
+    is migrated to the latest version, keeps every town and usage row, and the towns read as
+    generation 0 with nothing desired."""
+    path = tmp_path / "cloud.db"
+    shutil.copyfile(FIXTURE_V1, path)
+    before = _rows(path)
+    assert _user_version(path) == 0
+    assert len(before["towns"]) == 3
+    assert len(before["usage"]) == 2
+    async with Store(path) as store:
+        towns = [await store.get_town(row[0]) for row in before["towns"]]
+        configs = [await store.get_config(row[0]) for row in before["towns"]]
+        usage = await store.list_usage(str(before["usage"][0][3]))
+    assert _rows(path) == before
+    assert _user_version(path) == LATEST
+    assert [town.status for town in towns if town] == ["active", "destroyed", "stopped"]
+    assert len(usage) == 2
+    for config in configs:
+        assert config is not None
+        assert (config.generation, config.desired, config.observed_generation) == (0, {}, 0)
+        assert config.state is ConfigState.APPLIED
+
+
+async def test_migration_runs_once(tmp_path: Path) -> None:
+    """Opening a migrated database again applies nothing and logs no migration."""
+    path = tmp_path / "cloud.db"
+    shutil.copyfile(FIXTURE_V1, path)
+    with capture_logs() as first:
+        async with Store(path) as store:
+            town = await store.create_town(
+                user_id="u", organization_id=None, name="t", sandbox_url=None, now=NOW
+            )
+            await store.save_desired(
+                town.id, {"town": {"default_agent": "x"}}, base_generation=0, applied=False, now=NOW
+            )
+    with capture_logs() as second:
+        async with Store(path) as store:
+            config = await store.get_config(town.id)
+    # Migration 1 only stamps the version on a first-release database: its tables exist.
+    assert [e["version"] for e in first if e["event"] == "store_migrated"] == [1, 2]
+    assert [e for e in second if e["event"] == "store_migrated"] == []
+    assert config is not None
+    assert config.desired == {"town": {"default_agent": "x"}}
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        assert migrate(db, path) == LATEST
+
+
+async def test_new_database_gets_the_latest_schema(tmp_path: Path) -> None:
+    """A new file is made at the latest version in one go, with every table."""
+    with capture_logs() as logs:
+        async with Store(tmp_path / "cloud.db"):
+            pass
+    assert _user_version(tmp_path / "cloud.db") == LATEST
+    assert [e["version"] for e in logs if e["event"] == "store_migrated"] == [1, 2]
+    with closing(sqlite3.connect(tmp_path / "cloud.db")) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {"towns", "usage", "town_config", "desired_history"} <= tables
+
+
+async def test_newer_database_is_refused_untouched(tmp_path: Path) -> None:
+    """A database with a version above the code's is refused naming the file, byte-identical."""
+    path = tmp_path / "cloud.db"
+    shutil.copyfile(FIXTURE_V1, path)
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {LATEST + 1}")
+    before = path.read_bytes()
+    with pytest.raises(SchemaTooNew, match=str(path)) as refused:
+        async with Store(path):
+            pass
+    assert f"version {LATEST + 1}" in str(refused.value)
+    assert path.read_bytes() == before
+
+
+def test_serve_refuses_a_newer_database(tmp_path: Path) -> None:
+    """`gastown-cloud serve` on a newer database exits 1 with one line naming the file."""
+    path = tmp_path / "cloud.db"
+    shutil.copyfile(FIXTURE_V1, path)
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {LATEST + 1}")
+    env = {
+        **os.environ,
+        "NEXTAUTH_SECRET": secrets.token_urlsafe(48),
+        "INTERNAL_API_KEY": secrets.token_urlsafe(24),
+    }
+    argv = [sys.executable, "-m", "gastown_cloud", "serve", "--port", "0", "--db", str(path)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve: the database {path} has schema version {LATEST + 1}" in done.stderr
+    assert done.stdout == ""
+
+
+async def test_failed_migration_leaves_the_last_whole_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration that fails part-way is rolled back whole: version and tables as before."""
+    path = tmp_path / "cloud.db"
+    shutil.copyfile(FIXTURE_V1, path)
+    broken = ("CREATE TABLE half_done (a)", "THIS IS NOT SQL")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (migrations.MIGRATIONS[0], broken))
+    monkeypatch.setattr(migrations, "LATEST", 2)
+    before = _rows(path)
+    with pytest.raises(sqlite3.OperationalError):
+        async with Store(path):
+            pass
+    assert _user_version(path) == 1
+    with closing(sqlite3.connect(path)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "half_done" not in tables
+    assert _rows(path) == before
+
+
+async def test_desired_generations_and_reports(tmp_path: Path) -> None:
+    """Each change is the next generation; a stale base is refused; reports move observed and
+    applied forward only; a report ahead of the cloud is refused; old desired states are pruned
+    once the sandbox stands past them."""
+    async with Store(tmp_path / "cloud.db") as store:
+        town = await store.create_town(
+            user_id="u", organization_id=None, name="t", sandbox_url=None, now=NOW
+        )
+        one = {"town": {"default_agent": "a"}}
+        two = {"town": {"default_agent": "b"}}
+        saved = await store.save_desired(town.id, one, base_generation=0, applied=False, now=NOW)
+        assert (saved.generation, saved.state) == (1, ConfigState.PENDING)
+        with pytest.raises(ConfigConflict):
+            await store.save_desired(town.id, two, base_generation=0, applied=False, now=NOW)
+        saved = await store.save_desired(
+            town.id, two, base_generation=1, applied=True, revision="r2", now=NOW + 1
+        )
+        assert (saved.generation, saved.observed_generation, saved.applied_generation) == (2, 2, 2)
+        assert (saved.applied_at, saved.revision) == ("2023-11-14T22:13:21Z", "r2")
+        assert await store.desired_at(town.id, 1) is None  # pruned: the sandbox is past it
+        assert await store.desired_at(town.id, 2) == two
+        assert await store.desired_at(town.id, 0) == {}
+        await store.save_desired(town.id, one, base_generation=2, applied=False, now=NOW)
+        with pytest.raises(GenerationAhead):
+            await store.record_report(town.id, generation=4, revision=None, error=None, now=NOW)
+        failure = {"message": "bad", "details": [{"path": "/town", "message": "x"}]}
+        failed = await store.record_report(
+            town.id, generation=3, revision="r2", error=failure, now=NOW + 5
+        )
+        assert failed.state is ConfigState.FAILED
+        assert failed.last_error == {**failure, "generation": 3, "at": "2023-11-14T22:13:25Z"}
+        assert (failed.observed_generation, failed.applied_generation) == (3, 2)
+        assert await store.desired_at(town.id, 2) == two  # still the sandbox's base
+        stale = await store.record_report(town.id, generation=2, revision="r0", error=None, now=NOW)
+        assert stale == failed
+        assert await store.get_config(town.id) == failed
+        assert await store.get_config("nope") is None

@@ -207,3 +207,40 @@ def test_run_exits_2_with_one_line_for_a_missing_setting(tmp_path: Path) -> None
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "TOWN_ID" in lines[0]
+
+
+def test_state_folder_and_sync_interval_defaults() -> None:
+    """The state folder is under ~/.local/state, or XDG_STATE_HOME; the sync every 5 min."""
+    settings = load_settings({}, dict(BASE_ENV), None)
+    assert settings.state_dir == Path("/home/gt/.local/state/gastown-sandboxd")
+    assert settings.config_sync_interval == 300.0
+    xdg = load_settings({}, {**BASE_ENV, "XDG_STATE_HOME": "/var/state"}, None)
+    assert xdg.state_dir == Path("/var/state/gastown-sandboxd")
+
+
+def test_state_folder_flag_beats_environment_beats_toml(tmp_path: Path) -> None:
+    """--state-dir, then GASTOWN_SANDBOXD_STATE_DIR, then TOML state_dir (with ~ expanded)."""
+    config = write(tmp_path, 'state_dir = "~/toml-state"\n[config_sync]\ninterval = "90s"\n')
+    env = {**BASE_ENV, "GASTOWN_SANDBOXD_STATE_DIR": "/env/state"}
+    assert load_settings({}, dict(BASE_ENV), config).state_dir == Path("/home/gt/toml-state")
+    assert load_settings({}, env, config).state_dir == Path("/env/state")
+    flagged = load_settings({"state_dir": "/flag/state"}, env, config)
+    assert flagged.state_dir == Path("/flag/state")
+    assert flagged.config_sync_interval == 90.0
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[config_sync]\ninterval = "0s"\n', "config_sync.interval"),
+        ('[config_sync]\ninterval = "soon"\n', "config_sync.interval"),
+        ("[config_sync]\nperiod = 5\n", "config_sync.period"),
+        ("config_sync = 5\n", "[config_sync]"),
+        ("state_dir = 5\n", "state_dir"),
+    ],
+)
+def test_bad_sync_settings_name_the_setting(tmp_path: Path, text: str, words: str) -> None:
+    """A bad interval, an unknown key or a wrong type stops start-up naming the setting."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, dict(BASE_ENV), write(tmp_path, text))
+    assert words in str(caught.value)

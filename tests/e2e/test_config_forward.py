@@ -25,6 +25,9 @@ from .gt_town import FRONTEND_FILE, TOWN_FILE, WRAPPER, free_port, read_events, 
 BODY = contract_patch()
 del BODY["town"]["role_effort"], BODY["town"]["crew_agents"]
 BODY["rigs"]["frontend"]["agent"] = "kilo-sonnet"
+# What the cloud keeps of BODY: RFC 7396 drops its nulls.
+DESIRED = json.loads(json.dumps(BODY))
+del DESIRED["town"]["role_agents"]["polecat"]
 
 
 @dataclass
@@ -52,6 +55,14 @@ class Linked:
     def file(self, relative: str) -> bytes:
         return (self.daemon.town_root / relative).read_bytes()
 
+    def config(self) -> dict[str, Any]:
+        """The town's desired configuration record in the cloud."""
+        with httpx.Client(base_url=self.cloud.url, headers=self.cloud.headers, timeout=20) as c:
+            answer = c.get(f"/api/gastown/towns/{self.town_id}/config")
+        assert answer.status_code == 200, answer.text
+        config: dict[str, Any] = answer.json()
+        return config
+
 
 @pytest.fixture
 def linked(cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path) -> Linked:
@@ -74,11 +85,20 @@ def linked(cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path) ->
 
 
 def test_dashboard_change_reaches_the_files(linked: Linked) -> None:
-    """The daemon's 200 answer and ETag come back through the cloud; the files changed."""
+    """The daemon's 200 answer and ETag come back through the cloud with the generation; the
+    files changed and the cloud records generation 1 applied at the daemon's revision."""
     answer = linked.patch(BODY)
     assert answer.status_code == 200, answer.text
     result = answer.json()
     assert result["changed"] is True
+    assert (result["generation"], result["state"]) == (1, "applied")
+    config = linked.config()
+    assert (config["generation"], config["observedGeneration"], config["state"]) == (
+        1,
+        1,
+        "applied",
+    )
+    assert (config["desired"], config["revision"]) == (DESIRED, result["revision"])
     assert result["files"] == [TOWN_FILE, FRONTEND_FILE]
     assert answer.headers["etag"] == f'"{result["revision"]}"'
     with linked.daemon.local() as client:
@@ -100,7 +120,8 @@ def test_dashboard_change_reaches_the_files(linked: Linked) -> None:
 
 
 def test_daemon_refusals_come_back_as_they_are(linked: Linked) -> None:
-    """422 with its details, 412 for a stale If-Match, 409 for an unreadable file: passed on."""
+    """422 with its details, 412 for a stale If-Match, 409 for an unreadable file: passed on,
+    and none of them kept in the cloud's desired configuration."""
     bad = {"town": {"role_agents": {"majer": "claude"}, "role_effort": {"mayor": "extreme"}}}
     invalid = linked.patch(bad)
     assert invalid.status_code == 422, invalid.text
@@ -122,6 +143,9 @@ def test_daemon_refusals_come_back_as_they_are(linked: Linked) -> None:
     assert unreadable.status_code == 409, unreadable.text
     assert unreadable.json()["error"] == "settings_file_unreadable"
     assert linked.file(FRONTEND_FILE) == b"{ not json"
+    config = linked.config()
+    assert (config["generation"], config["state"]) == (1, "applied")
+    assert config["desired"] == {"town": {"role_effort": {"mayor": "low"}}}
 
 
 def test_body_the_cloud_cannot_parse_never_reaches_the_daemon(linked: Linked) -> None:
@@ -132,16 +156,28 @@ def test_body_the_cloud_cannot_parse_never_reaches_the_daemon(linked: Linked) ->
     assert linked.file(FRONTEND_FILE) == RIG_SETTINGS
 
 
-def test_stopped_daemon_is_502_with_a_clear_error(linked: Linked) -> None:
-    """With the daemon gone the cloud answers 502 sandbox_unreachable and says why."""
+def test_stopped_daemon_keeps_the_change_pending(linked: Linked) -> None:
+    """With the daemon gone the cloud keeps the change as pending (202) and says why; the
+    desired configuration holds it and nothing secret is in the answer."""
     assert linked.daemon.stop() == 0
     answer = linked.patch(BODY)
-    assert answer.status_code == 502, answer.text
+    assert answer.status_code == 202, answer.text
     body = answer.json()
-    assert body["error"] == "sandbox_unreachable"
+    assert (body["generation"], body["state"], body["reason"]) == (
+        1,
+        "pending",
+        "sandbox_unreachable",
+    )
     assert "could not be reached" in body["message"]
     assert linked.cloud.internal_key not in answer.text
     assert linked.file(TOWN_FILE) == TOWN_SETTINGS
+    config = linked.config()
+    assert (config["generation"], config["observedGeneration"], config["state"]) == (
+        1,
+        0,
+        "pending",
+    )
+    assert config["desired"] == DESIRED
 
 
 def test_stopped_town_is_409_and_nothing_is_forwarded(linked: Linked) -> None:
@@ -160,10 +196,10 @@ def test_stopped_town_is_409_and_nothing_is_forwarded(linked: Linked) -> None:
     assert "destroyed" in gone.json()["message"]
 
 
-def test_daemon_with_another_key_is_a_502_not_a_401(
+def test_daemon_with_another_key_is_pending_not_a_401(
     cloud_factory: Callable[..., CloudServer], daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
-    """A daemon that refuses the cloud's key is reported as 502 sandbox_refused_key."""
+    """A daemon that refuses the cloud's key: the change is kept pending with that reason."""
     cloud = cloud_factory()
     port = free_port()
     town, token = cloud.create_town(sandbox_url=f"http://127.0.0.1:{port}")
@@ -177,6 +213,44 @@ def test_daemon_with_another_key_is_a_502_not_a_401(
     )
     with httpx.Client(base_url=cloud.url, headers=cloud.headers, timeout=20) as client:
         answer = client.patch(f"/api/gastown/towns/{town['id']}/config", json=BODY)
-    assert answer.status_code == 502, answer.text
-    assert answer.json()["error"] == "sandbox_refused_key"
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["reason"] == "sandbox_refused_key"
     assert (tmp_path / "town" / TOWN_FILE).read_bytes() == TOWN_SETTINGS
+
+
+def test_daemon_back_after_an_outage_gets_what_it_missed(
+    linked: Linked, daemon_factory: DaemonFactory
+) -> None:
+    """A change kept while the daemon was down reaches its files with the next change: the
+    cloud pushes what takes the daemon from the generation it applied to the newest."""
+    assert linked.daemon.stop() == 0
+    assert json.loads(linked.file(TOWN_FILE))["role_effort"]["witness"] == "low"
+    away = linked.patch({"town": {"role_effort": {"witness": "max"}}})
+    assert away.status_code == 202, away.text
+    back = daemon_factory(
+        town_id=linked.town_id,
+        cloud_url=linked.cloud.url,
+        town_root=linked.daemon.town_root,
+        env_file=linked.daemon.env_file,
+        extra_env={
+            "INTERNAL_API_KEY": linked.cloud.internal_key,
+            "GASTOWN_SANDBOXD_LISTEN": linked.daemon.url.removeprefix("http://"),
+        },
+        name="back",
+    )
+    assert back.url == linked.daemon.url
+    answer = linked.patch({"rigs": {"frontend": {"agent": "codex"}}})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["generation"], answer.json()["state"]) == (2, "applied")
+    assert json.loads(linked.file(TOWN_FILE))["role_effort"] == {"mayor": "high", "witness": "max"}
+    assert json.loads(linked.file(FRONTEND_FILE))["agent"] == "codex"
+    config = linked.config()
+    assert (config["generation"], config["observedGeneration"], config["state"]) == (
+        2,
+        2,
+        "applied",
+    )
+    assert config["desired"] == {
+        "town": {"role_effort": {"witness": "max"}},
+        "rigs": {"frontend": {"agent": "codex"}},
+    }

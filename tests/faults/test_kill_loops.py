@@ -1,8 +1,13 @@
-"""SIGKILL loops of the real daemon during PATCH storms and during token pushes and refreshes.
+"""SIGKILL loops of the real daemon during PATCH storms, desired-config syncs, and token
+pushes and refreshes.
 
 After every kill each settings file and the env file parse, the env file sources in bash to
 an acceptable token with its other lines intact, and the last acknowledged change (the last
-one answered 200 before the kill) is on disk, or a later one that was in flight.
+one answered 200 before the kill) is on disk, or a later one that was in flight. After every
+restart (the intent journal rolled forward or back) the four files a PATCH or a sync writes
+together agree: all from before the change or all from after it. Kills are timed on the
+measured PATCH latency (`KillLoop.window`); the journal's recoveries logged at start say how
+many kills fell between the first and the last rename of a change.
 
 Starting Python costs ~0.3 s, so most cycles fork the daemon from a zygote process that has
 already imported gastown_sandboxd and runs the same entry point as `gastown-sandboxd run`
@@ -29,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from gastown_sandboxd.gtsettings.journal import JOURNAL, ROLLBACK
 from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
 from gastown_sandboxd.token.envfile import read_env
 from tests.daemon.minting import mint
@@ -37,7 +43,8 @@ from tests.fixtures.daemon import daemon_env, make_town
 
 KILL_LOOPS = int(os.environ.get("GASTOWN_KILL_LOOPS", "500"))
 EXEC_EVERY = 50
-KILL_WINDOW = 0.06  # seconds of traffic, at most, before the kill
+KILL_WINDOW = 0.06  # seconds of traffic, at most, before the kill, until PATCHes are measured
+WINDOW_PATCHES = 3  # then the window is this many PATCH latencies (the median)
 STARTUP_KILL_SHARE = 0.1  # cycles killed while the daemon starts, before it is ready
 READY_DEADLINE = 20.0
 TOWN_ID = "town-kill"
@@ -172,20 +179,30 @@ def healthy(path: Path) -> bool:
 GONE = (OSError, http.client.HTTPException)
 
 
+def agent(number: int) -> dict[str, Any]:
+    return {"provider": "claude", "command": "claude", "args": ["--n", str(number)]}
+
+
 @dataclass
 class Writer:
     """A client thread that PATCHes its files with a rising number, across every cycle."""
 
     rigs: tuple[str, ...]  # () means the town file
+    town: bool = False  # the town file too, besides the rigs
     sent: int = 0
     acked: int = 0
     errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
 
     def body(self, number: int) -> dict[str, Any]:
-        agent = {"provider": "claude", "command": "claude", "args": ["--n", str(number)]}
-        if not self.rigs:
-            return {"town": {"agents": {"t": agent}, "default_agent": "t"}}
-        return {"rigs": {rig: {"agents": {"x": agent}, "agent": "x"} for rig in self.rigs}}
+        body: dict[str, Any] = {}
+        if self.town or not self.rigs:
+            body["town"] = {"agents": {"t": agent(number)}, "default_agent": "t"}
+        if self.rigs:
+            body["rigs"] = {
+                rig: {"agents": {"x": agent(number)}, "agent": "x"} for rig in self.rigs
+            }
+        return body
 
     def run(self, path: Path) -> None:
         conn = UnixConnection(path)
@@ -193,10 +210,12 @@ class Writer:
             while True:
                 number = self.sent + 1
                 self.sent = number
+                began = time.monotonic()
                 status, answer = call(conn, "PATCH", "/config", self.body(number))
                 if status != 200:
                     self.errors.append(f"PATCH {number} answered {status}: {answer}")
                     return
+                self.latencies.append(time.monotonic() - began)
                 self.acked = number
         except GONE:
             return  # killed
@@ -204,9 +223,30 @@ class Writer:
             conn.close()
 
     def files(self, town: Path) -> list[Path]:
-        if not self.rigs:
-            return [town / "settings" / "config.json"]
-        return [town / rig / "settings" / "config.json" for rig in self.rigs]
+        files = [town / rig / "settings" / "config.json" for rig in self.rigs]
+        if self.town or not self.rigs:
+            files.insert(0, town / "settings" / "config.json")
+        return files
+
+    def check(self, town: Path) -> None:
+        """Right after a kill: each file holds the last acknowledged number or a later one
+        sent; an unacknowledged PATCH either landed or not: the next one starts above both."""
+        for path in self.files(town):
+            assert self.acked <= number_on_disk(path) <= self.sent, (path, self)
+        self.sent = max(self.sent, *(number_on_disk(p) for p in self.files(town)))
+
+    def check_agree(self, view: dict[str, Any]) -> None:
+        """After a restart: every file of the writer holds the same number."""
+        numbers = {number_in(view["town"], "t")} if self.town or not self.rigs else set()
+        numbers |= {number_in(view["rigs"].get(rig, {}), "x") for rig in self.rigs}
+        assert len(numbers) == 1, (self, view)
+        assert self.acked <= numbers.pop() <= self.sent
+
+
+def number_in(doc: dict[str, Any], name: str) -> int:
+    """The number in agent `name` of a document (or managed view), 0 when absent."""
+    found = doc.get("agents", {}).get(name)
+    return int(found["args"][1]) if found else 0
 
 
 def number_on_disk(path: Path) -> int:
@@ -214,9 +254,65 @@ def number_on_disk(path: Path) -> int:
     if not path.exists():
         return 0
     doc = json.loads(path.read_bytes())
-    agents = doc.get("agents", {})
-    agent = agents.get("t") or agents.get("x")
-    return int(agent["args"][1]) if agent else 0
+    return number_in(doc, "t") or number_in(doc, "x")
+
+
+@dataclass
+class SyncClient:
+    """A thread that changes the cloud's desired configuration (agent `s` in the town and
+    three rigs) while the sandbox is away, then has the daemon sync it, across every cycle."""
+
+    cloud: CloudServer
+    town_id: str
+    rigs: tuple[str, ...]
+    number: int = 0  # the number in the cloud's desired configuration
+    acked: int = 0  # the newest number a sync answered as applied
+    syncs: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def desired(self, number: int) -> dict[str, Any]:
+        return {
+            "town": {"agents": {"s": agent(number)}},
+            "rigs": {rig: {"agents": {"s": agent(number)}} for rig in self.rigs},
+        }
+
+    def run(self, path: Path) -> None:
+        conn = UnixConnection(path)
+        host, port = self.cloud.url.removeprefix("http://").split(":")
+        cloud = http.client.HTTPConnection(host, int(port), timeout=10)
+        headers = {**self.cloud.headers, "content-type": "application/json"}
+        try:
+            while True:
+                if self.number <= self.acked:
+                    body = json.dumps(self.desired(self.number + 1))
+                    cloud.request(
+                        "PATCH", f"/api/gastown/towns/{self.town_id}/config", body, headers
+                    )
+                    answer = cloud.getresponse()
+                    answer.read()
+                    if answer.status != 202:
+                        self.errors.append(f"cloud PATCH answered {answer.status}")
+                        return
+                    self.number += 1
+                wanted = self.number
+                status, result = call(conn, "POST", "/config/sync")
+                if status != 200 or result.get("state") != "applied":
+                    self.errors.append(f"sync answered {status}: {result}")
+                    return
+                self.syncs += 1
+                self.acked = max(self.acked, wanted)
+        except GONE:
+            return  # killed
+        finally:
+            conn.close()
+            cloud.close()
+
+    def check_agree(self, view: dict[str, Any]) -> None:
+        """After a restart: the town and the rigs hold the same synced number."""
+        numbers = {number_in(view["town"], "s")}
+        numbers |= {number_in(view["rigs"].get(rig, {}), "s") for rig in self.rigs}
+        assert len(numbers) == 1, (self, view)
+        assert self.acked <= numbers.pop() <= self.number
 
 
 def check_settings_files(town: Path) -> None:
@@ -263,6 +359,7 @@ class KillLoop:
         self.zygote = Zygote()
         self.rng = random.Random(os.environ.get("GASTOWN_KILL_SEED", "7"))
         self.durations: list[float] = []
+        self.latencies: list[float] = []  # PATCH round trips, for the kill window
 
     def start(self, cycle: int) -> Daemon:
         if cycle % EXEC_EVERY == 0:
@@ -286,8 +383,21 @@ class KillLoop:
                 raise AssertionError(f"daemon not ready; log:\n{self.tail()}")
             time.sleep(0.002)
 
-    def cycle(self, number: int, traffic: list[Callable[[Path], None]]) -> None:
-        """Start, run `traffic` in threads, SIGKILL at a random point, reap."""
+    def window(self) -> float:
+        """Seconds of traffic before the kill, at most: a few PATCH latencies as measured."""
+        if len(self.latencies) < 20:
+            return KILL_WINDOW
+        recent = sorted(self.latencies[-200:])
+        return min(0.25, max(0.01, WINDOW_PATCHES * recent[len(recent) // 2]))
+
+    def cycle(
+        self,
+        number: int,
+        traffic: list[Callable[[Path], None]],
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Start, call `on_ready` once it serves, run `traffic` in threads, SIGKILL at a
+        random point, reap."""
         began = time.monotonic()
         daemon = self.start(number)
         threads = []
@@ -295,10 +405,12 @@ class KillLoop:
             time.sleep(self.rng.uniform(0, 0.08))  # somewhere in start-up
         else:
             self.wait_ready(daemon)
+            if on_ready is not None:
+                on_ready()
             threads = [threading.Thread(target=run, args=(self.socket,)) for run in traffic]
             for thread in threads:
                 thread.start()
-            time.sleep(self.rng.uniform(0, KILL_WINDOW))
+            time.sleep(self.rng.uniform(0, self.window()))
         os.kill(daemon.pid, signal.SIGKILL)
         code = daemon.reap()
         for thread in threads:
@@ -306,6 +418,16 @@ class KillLoop:
             assert not thread.is_alive()
         assert code == -signal.SIGKILL, f"the daemon exited by itself ({code}):\n{self.tail()}"
         self.durations.append(time.monotonic() - began)
+
+    def settle(self, on_ready: Callable[[], None]) -> None:
+        """One more start, to check what the last kill left once the journal is replayed."""
+        daemon = self.start(1)
+        self.wait_ready(daemon)
+        try:
+            on_ready()
+        finally:
+            os.kill(daemon.pid, signal.SIGKILL)
+            daemon.reap()
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -317,6 +439,24 @@ class KillLoop:
         total = sum(self.durations)
         count = len(self.durations)
         print(f"{name}: {count} SIGKILLs in {total:.1f} s, {1000 * total / count:.0f} ms a cycle")
+
+    def view(self) -> dict[str, Any]:
+        """GET /config of the running daemon: read under its lock, after the journal's replay."""
+        conn = UnixConnection(self.socket)
+        try:
+            status, view = call(conn, "GET", "/config")
+        finally:
+            conn.close()
+        assert status == 200, view
+        return view
+
+    def recoveries(self) -> list[dict[str, Any]]:
+        """The journal replays the daemon logged at its starts."""
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"settings_journal_recovered"' in line:
+                found.append(json.loads(line))
+        return found
 
 
 @pytest.fixture
@@ -364,33 +504,60 @@ def token_kills() -> int:
     return KILL_LOOPS // 2
 
 
-def test_kills_during_patch_storms_keep_every_acknowledged_patch(
-    kill_loop: Callable[..., KillLoop], town: Path, tmp_path: Path
+def test_kills_during_four_file_patches_and_syncs_leave_all_old_or_all_new(
+    kill_loop: Callable[..., KillLoop], cloud: CloudServer, town: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL during PATCHes of the town, two rigs and a two-rig pair leaves parseable files
-    holding at least the last acknowledged change of each writer."""
-    loop = kill_loop("http://127.0.0.1:9")
-    writers = [Writer(()), Writer(("r1",)), Writer(("r2",)), Writer(("p1", "p2"))]
+    """SIGKILL during PATCHes of the town and three rigs at once, PATCHes of a fourth rig and
+    syncs of the cloud's desired configuration (the same four files): every file parses,
+    after every restart the files of each change agree and hold at least its last
+    acknowledged number, and no journal or temporary file is left."""
+    town_json, token = cloud.create_town(user_id="user-storm", name="storm")
     env_file = tmp_path / "home" / ".env.gateway"
-    first_token = read_env(env_file).get("KILO_JWT")
+    write_env_file(env_file, token)
+    loop = kill_loop(cloud.url, town_json["id"], INTERNAL_API_KEY=cloud.internal_key)
+    four = Writer(("r1", "r2", "p1"), town=True)
+    single = Writer(("p2",))
+    syncer = SyncClient(cloud, town_json["id"], ("r1", "r2", "p1"))
+    loop.latencies = four.latencies
+
+    def after_restart() -> None:
+        view = loop.view()
+        for writer in (four, single):
+            writer.check_agree(view)
+        syncer.check_agree(view)
+        assert leftovers(town) == []
+
     acked_total = 0
     for number in range(storm_kills()):
-        before = sum(w.acked for w in writers)
-        loop.cycle(number, [w.run for w in writers])
-        acked_total += sum(w.acked for w in writers) - before
-        for writer in writers:
+        before = four.acked + single.acked
+        loop.cycle(number, [four.run, single.run, syncer.run], on_ready=after_restart)
+        acked_total += four.acked + single.acked - before
+        for writer in (four, single):
             assert not writer.errors, writer.errors
-            for path in writer.files(town):
-                on_disk = number_on_disk(path)
-                assert writer.acked <= on_disk <= writer.sent, (path, writer, number)
-            # An unacknowledged PATCH either landed or not; the next one starts above both.
-            writer.sent = max(writer.sent, *(number_on_disk(p) for p in writer.files(town)))
+            writer.check(town)
+        assert not syncer.errors, syncer.errors
         check_settings_files(town)
-        assert check_env_file(env_file) == first_token
-    loop.report("PATCH storms")
-    leftovers = len(list(town.rglob(".*.tmp")))
-    print(f"PATCHes acknowledged: {acked_total}; temporary files left by the kills: {leftovers}")
+        assert check_env_file(env_file, town_json["id"]) == token
+    loop.settle(after_restart)
+    loop.report("four-file PATCHes and syncs")
+    replays = loop.recoveries()
+    mixed = sum(1 for replay in replays if replay["mixed"])
+    print(
+        f"PATCHes acknowledged: {acked_total}, syncs answered: {syncer.syncs}; kill window "
+        f"{1000 * loop.window():.0f} ms; journal replays at start: {len(replays)}, "
+        f"{mixed} of them after a kill between the first and the last rename"
+    )
     assert acked_total > storm_kills()  # the storms did reach the disk
+    assert syncer.syncs > 0
+    assert replays  # kills did land while a change was half-way
+
+
+def leftovers(town: Path) -> list[str]:
+    """Journals in the town root and temporary files in the settings folders."""
+    found = [town / name for name in (JOURNAL, ROLLBACK) if (town / name).exists()]
+    for folder in [town / "settings", *town.glob("*/settings")]:
+        found += [path for path in folder.glob("*") if path.name.endswith(".tmp")]
+    return sorted(str(path.relative_to(town)) for path in found)
 
 
 @dataclass
@@ -454,26 +621,33 @@ class TokenClient:
 def test_kills_during_refreshes_and_token_pushes_keep_the_acknowledged_token(
     kill_loop: Callable[..., KillLoop], cloud: CloudServer, town: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL during PUT /token and forced refreshes against the real cloud (with a PATCH
-    writer running too) leaves an env file that sources to the last acknowledged token."""
+    """SIGKILL during PUT /token and forced refreshes against the real cloud (with a writer
+    of four-file PATCHes running too) leaves an env file that sources to the last
+    acknowledged token, and after every restart the four files agree."""
     town_json, initial = cloud.create_town(user_id="user-kill", name="kill")
     env_file = tmp_path / "home" / ".env.gateway"
     write_env_file(env_file, initial)
     loop = kill_loop(cloud.url, town_json["id"], INTERNAL_API_KEY=cloud.internal_key)
     client = TokenClient(cloud, "user-kill", town_json["id"], expected=fingerprint(initial))
-    writer = Writer(())
+    writer = Writer(("r1", "r2", "p1"), town=True)
+    loop.latencies = writer.latencies
+
+    def after_restart() -> None:
+        writer.check_agree(loop.view())
+        assert leftovers(town) == []
+
     refreshed = 0
     for number in range(token_kills()):
         before = client.acked
-        loop.cycle(number, [client.run, writer.run])
+        loop.cycle(number, [client.run, writer.run], on_ready=after_restart)
         refreshed += (client.acked - before) // 2
         assert not client.errors, client.errors
         assert not writer.errors, writer.errors
         client.check(sourced_token(env_file))
         check_env_file(env_file, town_json["id"])
-        assert writer.acked <= number_on_disk(town / "settings" / "config.json") <= writer.sent
-        writer.sent = max(writer.sent, number_on_disk(town / "settings" / "config.json"))
+        writer.check(town)
         check_settings_files(town)
+    loop.settle(after_restart)
     loop.report("token pushes and refreshes")
     print(f"token operations acknowledged: {client.acked}, refreshes among them: {refreshed}")
     assert client.acked > token_kills() // 2

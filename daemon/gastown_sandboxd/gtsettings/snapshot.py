@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gastown_sandboxd.errors import SettingsFileUnreadable
+from gastown_sandboxd.gtsettings.folders import read_settings_file
 from gastown_sandboxd.gtsettings.layout import rig_names, rig_settings_file, town_settings_file
 from gastown_sandboxd.gtsettings.patch import managed_view, parse_document
 from gastown_sandboxd.gtsettings.schema import TOWN_FILE, Doc, Scope, TownFiles, relative_path
@@ -74,7 +75,7 @@ def read_snapshot(town_root: Path) -> Snapshot:
 def read_file(path: Path, scope: Scope, name: str) -> FileState:
     """One file: absent, parsed, or unreadable with the reason (named by `name`)."""
     try:
-        raw = path.read_bytes()
+        raw = read_settings_file(path, rig=scope == "rig")
     except (FileNotFoundError, NotADirectoryError):
         return FileState()
     except OSError as exc:

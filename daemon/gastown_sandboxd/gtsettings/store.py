@@ -20,7 +20,7 @@ is recorded without an event.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,20 +30,17 @@ import anyio.to_thread
 import structlog
 
 from gastown_sandboxd._types import Emit
-from gastown_sandboxd.atomic import write_atomic
 from gastown_sandboxd.errors import (
     PatchInvalid,
     PreconditionFailed,
     Problem,
     SettingsFileUnreadable,
 )
-from gastown_sandboxd.gtsettings.batch import FileWrite, write_all
-from gastown_sandboxd.gtsettings.layout import (
-    SETTINGS,
-    rig_names,
-    rig_settings_file,
-    town_settings_file,
-)
+from gastown_sandboxd.gtsettings import journal
+from gastown_sandboxd.gtsettings.apply import desired_patch
+from gastown_sandboxd.gtsettings.batch import FileWrite, Write, write_all, write_target
+from gastown_sandboxd.gtsettings.last_applied import LastApplied
+from gastown_sandboxd.gtsettings.layout import SETTINGS, rig_names
 from gastown_sandboxd.gtsettings.patch import (
     TownFiles,
     apply_patch,
@@ -60,10 +57,6 @@ from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snaps
 log = structlog.get_logger(__name__)
 
 EVENT = "config.changed"
-
-
-def _write_keeping_mode(path: Path, data: bytes) -> object:
-    return write_atomic(path, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +100,14 @@ class SettingsStore:
         town_root: Path,
         emit: Emit,
         extra_presets: Sequence[str] = (),
-        write: Callable[[Path, bytes], object] = _write_keeping_mode,
+        write: Write = write_target,
+        last_applied: LastApplied | None = None,
     ) -> None:
         self._root = Path(os.path.abspath(town_root))
         self._emit = emit
         self._extra_presets = tuple(extra_presets)
         self._write = write
+        self._last_applied = last_applied or LastApplied(state_dir=None, town_id="")
         self._lock = anyio.Lock()
         self._known: dict[str | None, FileState] = {}
         self._loaded = False
@@ -134,9 +129,20 @@ class SettingsStore:
             folders += [self._root / rig, self._root / rig / SETTINGS]
         return [folder for folder in folders if folder.is_dir()]
 
+    @property
+    def last_applied(self) -> LastApplied:
+        """The cloud's desired configuration as last applied (see `apply_desired`)."""
+        return self._last_applied
+
     async def load(self) -> None:
-        """Record the files as they are at start, so later edits can be told apart."""
+        """Finish a change a crash interrupted, then record the files as they are at start.
+
+        The intent journal is rolled forward or back before the files are first read, and
+        the last-applied copy is read from the state folder.
+        """
         async with self._lock:
+            await anyio.to_thread.run_sync(self._recover)
+            await anyio.to_thread.run_sync(self._last_applied.load)
             snapshot = await anyio.to_thread.run_sync(self._read_snapshot)
             self._known = dict(snapshot.files)
             self._loaded = True
@@ -165,14 +171,39 @@ class SettingsStore:
         town, rigs = snapshot.view()
         return ConfigView(town=town, rigs=rigs, revision=self._revision)
 
-    async def patch(self, body: Mapping[str, Any], *, if_match: str | None = None) -> PatchResult:
+    async def patch(
+        self,
+        body: Mapping[str, Any],
+        *,
+        if_match: str | None = None,
+        generation: int | None = None,
+    ) -> PatchResult:
         """Apply a PATCH /config body; see the module docstring for the order of checks.
 
-        Raises `PreconditionFailed`, `SettingsFileUnreadable`, `PatchInvalid` or
-        `StorageUnavailable`; nothing is written then.
+        `generation` (the cloud's `X-Gastown-Generation`) marks a change the cloud pushed:
+        it is merged into the last-applied copy, so the next sync does not redo it.
+        Raises `PreconditionFailed`, `SettingsFileUnreadable`, `PatchInvalid`,
+        `SettingsConflict` or `StorageUnavailable`; nothing is written then.
         """
         async with self._lock:
-            result, events = await anyio.to_thread.run_sync(self._patch_sync, body, if_match)
+            result, events = await anyio.to_thread.run_sync(
+                self._patch_sync, body, if_match, generation
+            )
+            for event in events:
+                self._emit(EVENT, event)
+            return result
+
+    async def apply_desired(self, desired: Mapping[str, Any], generation: int) -> PatchResult:
+        """Converge on the cloud's `desired` configuration (three-way merge, `apply.py`).
+
+        Goes through the checks and the writer of `patch`; events carry `source: "cloud"`
+        and `generation`. On success `desired` becomes the last-applied copy. Raises what
+        `patch` raises; nothing is written and the copy is kept then.
+        """
+        async with self._lock:
+            result, events = await anyio.to_thread.run_sync(
+                self._apply_desired_sync, desired, generation
+            )
             for event in events:
                 self._emit(EVENT, event)
             return result
@@ -194,10 +225,39 @@ class SettingsStore:
     def _read_snapshot(self) -> Snapshot:
         return read_snapshot(self._root)
 
+    def _recover(self) -> None:
+        try:
+            journal.recover(self._root)
+        except OSError as exc:
+            log.error("settings_journal_recovery_failed", error=str(exc))
+
     def _patch_sync(
-        self, body: Mapping[str, Any], if_match: str | None
+        self, body: Mapping[str, Any], if_match: str | None, generation: int | None
     ) -> tuple[PatchResult, list[dict[str, Any]]]:
         snapshot = self._read_snapshot()
+        result, events = self._change(snapshot, body, if_match, "api", generation)
+        if generation is not None:
+            self._last_applied.record_push(body, generation)
+        return result, events
+
+    def _apply_desired_sync(
+        self, desired: Mapping[str, Any], generation: int
+    ) -> tuple[PatchResult, list[dict[str, Any]]]:
+        snapshot = self._read_snapshot()
+        last = self._last_applied.applied.desired
+        body = desired_patch(snapshot.town_files(), desired, last)
+        result, events = self._change(snapshot, body, None, "cloud", generation)
+        self._last_applied.record(generation, desired)
+        return result, events
+
+    def _change(
+        self,
+        snapshot: Snapshot,
+        body: Mapping[str, Any],
+        if_match: str | None,
+        source: str,
+        generation: int | None,
+    ) -> tuple[PatchResult, list[dict[str, Any]]]:
         self._baseline(snapshot)
         known_before = dict(self._known)
         current = snapshot.town_files()
@@ -225,7 +285,10 @@ class SettingsStore:
         events = []
         for rig, state in docs.items():
             events += _unreported(rig, snapshot.files[rig], known_before, before)
-            events.append(_event(rig, snapshot.files[rig].doc, state.doc, self._revision, "api"))
+            event = _event(rig, snapshot.files[rig].doc, state.doc, self._revision, source)
+            if generation is not None:
+                event["generation"] = generation
+            events.append(event)
         names = [write.name for write in writes]
         result = PatchResult(bool(writes), self._revision, names, town, rigs)
         return result, events
@@ -241,8 +304,7 @@ class SettingsStore:
             if new is None or (old.doc is not None and same(old.doc, new)):
                 continue
             data = render(new, original=old.raw)
-            path = self._file_path(rig)
-            writes.append(FileWrite(path=path, name=relative_path(rig), data=data, old=old.raw))
+            writes.append(FileWrite(rig=rig, data=data, old=old.raw))
             docs[rig] = FileState(raw=data, doc=new)
         return writes, docs
 
@@ -251,7 +313,7 @@ class SettingsStore:
         # Known before the write lands, so a watcher racing it sees no external edit.
         self._known.update(docs)
         try:
-            write_all(writes, self._write)
+            write_all(self._root, writes, self._write)
         except BaseException:
             self._known = known
             raise
@@ -296,11 +358,6 @@ class SettingsStore:
         if rig_name_problem(parts[0]) is None and parts[0] not in NOT_RIGS:
             return {parts[0]}
         return set()
-
-    def _file_path(self, rig: str | None) -> Path:
-        if rig is None:
-            return town_settings_file(self._root)
-        return rig_settings_file(self._root, rig)
 
 
 def _touched(body: Mapping[str, Any], snapshot: Snapshot) -> list[str | None]:

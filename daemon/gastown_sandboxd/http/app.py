@@ -26,10 +26,18 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gastown_sandboxd._types import Clock
-from gastown_sandboxd.errors import AtomicWriteError, ConfigError, Problem, RefreshError, TokenError
+from gastown_sandboxd.errors import (
+    AtomicWriteError,
+    ConfigError,
+    DesiredConfigUnavailable,
+    Problem,
+    RefreshError,
+    TokenError,
+)
 from gastown_sandboxd.events.bus import EventBus
 from gastown_sandboxd.events.sse import parse_last_event_id, sse_stream
 from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.openapi import openapi_document
 from gastown_sandboxd.ops.metrics import SseClients
 from gastown_sandboxd.token.refresher import TokenRefresher
@@ -56,6 +64,7 @@ class ApiContext:
     patch_counter: Counter | None = None
     heartbeat: float = 15.0
     sse_clients: SseClients = field(default_factory=SseClients)
+    config_sync: ConfigSync | None = None
 
 
 class HTTPError(Exception):
@@ -160,6 +169,7 @@ def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
             Route("/status", api.status, methods=["GET"]),
             Route("/config", api.get_config, methods=["GET"]),
             Route("/config", api.patch_config, methods=["PATCH"]),
+            Route("/config/sync", api.sync_config, methods=["POST"]),
             Route("/token/refresh", api.refresh_token, methods=["POST"]),
             Route("/token", api.put_token, methods=["PUT"]),
             Route("/events", api.events, methods=["GET"]),
@@ -226,6 +236,7 @@ class _Routes:
             "last_refresh_at": rfc3339(status.last_refresh_at),
             "consecutive_failures": status.consecutive_failures,
             "config_revision": self.ctx.store.revision,
+            "config_sync": self._sync_status(),
             "watcher": dict(self.ctx.watcher_status()),
             "subscribers": self.ctx.sse_clients.count,
         }
@@ -247,8 +258,11 @@ class _Routes:
                 "send application/json or application/merge-patch+json",
             )
         try:
+            generation = _generation(request.headers.get("x-gastown-generation"))
             body = await _read_json_object(request, MAX_PATCH_BYTES)
-            result = await self.ctx.store.patch(body, if_match=request.headers.get("if-match"))
+            result = await self.ctx.store.patch(
+                body, if_match=request.headers.get("if-match"), generation=generation
+            )
         except ConfigError as exc:
             self._count_patch(exc.status)
             raise _config_error(exc) from None
@@ -257,6 +271,24 @@ class _Routes:
             raise
         self._count_patch(200)
         return JSONResponse(result.as_json(), headers={"ETag": f'"{result.revision}"'})
+
+    async def sync_config(self, request: Request) -> Response:
+        if self.ctx.config_sync is None:
+            raise HTTPError(503, "sync_unavailable", "this daemon does not sync with a cloud")
+        try:
+            result = await self.ctx.config_sync.sync_now()
+        except DesiredConfigUnavailable as exc:
+            detail = {"reason": exc.reason}
+            message = f"{exc.message}; nothing was written"
+            raise HTTPError(exc.status, "cloud_unavailable", message, [detail]) from None
+        return JSONResponse(result.as_json())
+
+    def _sync_status(self) -> dict[str, Any]:
+        if self.ctx.config_sync is None:
+            generation = self.ctx.store.last_applied.applied.generation
+            return {"generation": generation, "state": "pending", "last_sync_at": None}
+        status = self.ctx.config_sync.status()
+        return {**status, "last_sync_at": rfc3339(status["last_sync_at"])}
 
     def _count_patch(self, status: int) -> None:
         if self.ctx.patch_counter is not None:
@@ -326,6 +358,20 @@ def _disk_error(exc: AtomicWriteError) -> HTTPError:
     reason = errno.errorcode.get(exc.errno or 0, "an I/O error")
     message = f"the env file could not be written ({reason}); the old token is kept"
     return HTTPError(503, "storage_unavailable", message)
+
+
+def _generation(value: str | None) -> int | None:
+    """`X-Gastown-Generation`: the cloud's generation of a pushed change, or 400."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
+        raise HTTPError(
+            400,
+            "invalid_generation",
+            "X-Gastown-Generation must be a whole number (the cloud's generation)",
+        )
+    return int(text)
 
 
 def _config_error(exc: ConfigError) -> HTTPError:

@@ -133,6 +133,7 @@ _SCHEMAS: dict[str, Any] = {
             "last_refresh_at",
             "consecutive_failures",
             "config_revision",
+            "config_sync",
             "watcher",
             "subscribers",
         ],
@@ -146,8 +147,45 @@ _SCHEMAS: dict[str, Any] = {
             "last_refresh_at": {"type": ["string", "null"], "format": "date-time"},
             "consecutive_failures": {"type": "integer", "minimum": 0},
             "config_revision": {"type": "string"},
+            "config_sync": _ref("ConfigSyncStatus"),
             "watcher": {"type": "object"},
             "subscribers": {"type": "integer", "minimum": 0},
+        },
+    },
+    "ConfigSyncStatus": {
+        "type": "object",
+        "description": "The desired-state sync: the generation last applied, how the last "
+        "sync went, and when.",
+        "required": ["generation", "state", "last_sync_at"],
+        "properties": {
+            "generation": {"type": ["integer", "null"], "minimum": 0},
+            "state": {"enum": ["pending", "applied", "failed", "unreachable"]},
+            "last_sync_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    },
+    "SyncResult": {
+        "type": "object",
+        "required": ["state", "generation", "changed", "revision", "files", "error", "reported"],
+        "properties": {
+            "state": {"enum": ["applied", "failed"]},
+            "generation": {"type": "integer", "minimum": 0},
+            "changed": {"type": "boolean"},
+            "revision": {"type": "string"},
+            "files": _STRING_LIST,
+            "error": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["message", "details"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "details": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                ]
+            },
+            "reported": {"type": "boolean"},
         },
     },
     "ConfigView": {
@@ -236,7 +274,15 @@ def openapi_document() -> dict[str, Any]:
                         "in": "header",
                         "required": False,
                         "schema": {"type": "string"},
-                    }
+                    },
+                    {
+                        "name": "X-Gastown-Generation",
+                        "in": "header",
+                        "required": False,
+                        "description": "The cloud's generation of a change it pushes; "
+                        "recorded as applied with the change.",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -247,8 +293,11 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": {**_json(_ref("PatchResult"), "Applied."), "headers": etag},
-                    "400": _error("The body is not a JSON object."),
-                    "409": _error("A settings file cannot be read as gt's JSON."),
+                    "400": _error("The body is not a JSON object, or a bad generation."),
+                    "409": _error(
+                        "A settings file cannot be read as gt's JSON, or a file or rig "
+                        "folder changed under the write."
+                    ),
                     "412": _error("If-Match does not equal the current revision."),
                     "408": _error("The body did not arrive in time."),
                     "413": _error("The body is larger than 64 KiB."),
@@ -258,6 +307,18 @@ def openapi_document() -> dict[str, Any]:
                     **_KEY_HEADERS,
                 },
             },
+        },
+        "/config/sync": {
+            "post": {
+                "summary": "Read the cloud's desired configuration now and converge on it.",
+                "responses": {
+                    "200": _json(_ref("SyncResult"), "The sync ran; `state` says how it went."),
+                    "502": _error("The cloud gave a bad answer; nothing was written."),
+                    "503": _error("The cloud cannot be reached or is busy; nothing was written."),
+                    "504": _error("The cloud did not answer in time; nothing was written."),
+                    **_KEY_HEADERS,
+                },
+            }
         },
         "/token/refresh": {
             "post": {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,7 +115,9 @@ class TokenRefresher:
         rng: random.Random | None = None,
         policy: SchedulePolicy | None = None,
         metrics: TokenMetrics | None = None,
+        on_cloud_recovered: Callable[[], object] | None = None,
     ) -> None:
+        """`on_cloud_recovered` is called when a refresh succeeds after failed ones."""
         self._town_id = town_id
         self._env_file = Path(env_file)
         self._client = client
@@ -124,6 +127,7 @@ class TokenRefresher:
         self._rng = rng or random.Random()  # noqa: S311
         self._policy = policy or SchedulePolicy()
         self._metrics = metrics
+        self._on_cloud_recovered = on_cloud_recovered
         self._held: _Held | None = None
         self._disk_ok = False
         self._failures = 0
@@ -293,7 +297,10 @@ class TokenRefresher:
                 self._failed(RefreshError("outage", "write_failed"), elapsed, errno=exc.errno)
                 raise
         self._record("ok", elapsed)
+        recovered = self._failures > 0
         self._succeeded(now, source="cloud")
+        if recovered and self._on_cloud_recovered is not None:
+            self._on_cloud_recovered()
         return view
 
     # --- bookkeeping ---------------------------------------------------------------------

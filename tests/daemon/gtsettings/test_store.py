@@ -21,6 +21,7 @@ from gastown_sandboxd.errors import (
     SettingsFileUnreadable,
     StorageUnavailable,
 )
+from gastown_sandboxd.gtsettings.batch import Target, write_target
 from gastown_sandboxd.gtsettings.patch import managed_view
 from gastown_sandboxd.gtsettings.schema import pointer
 from gastown_sandboxd.gtsettings.store import SettingsStore
@@ -59,11 +60,11 @@ class FailingWrite:
         self.error = error
         self.calls: list[Path] = []
 
-    def __call__(self, path: Path, data: bytes) -> object:
-        self.calls.append(path)
-        if path == self.fail_on:
+    def __call__(self, target: Target, data: bytes) -> object:
+        self.calls.append(target.path)
+        if target.path == self.fail_on:
             raise self.error
-        return write_atomic(path, data)
+        return write_target(target, data)
 
 
 @pytest.fixture
@@ -435,7 +436,7 @@ async def test_restore_writes_old_bytes_when_links_are_refused(
 ) -> None:
     """Where hard links are impossible, the old bytes are written back instead."""
 
-    def no_link(src: Any, dst: Any) -> None:
+    def no_link(src: Any, dst: Any, **kwargs: Any) -> None:
         raise OSError(errno.EPERM, "links not supported")
 
     monkeypatch.setattr(os, "link", no_link)
@@ -456,10 +457,10 @@ async def test_restore_after_an_in_place_write_uses_the_old_bytes(
 ) -> None:
     """A bind-mounted file rewritten in place is restored from the old bytes, not the link."""
 
-    def in_place(path: Path, data: bytes) -> object:
-        if path == root / "docs" / TOWN_FILE:
+    def in_place(target: Target, data: bytes) -> object:
+        if target.path == root / "docs" / TOWN_FILE:
             raise OSError(errno.ENOSPC, "full")
-        with open(path, "r+b") as handle:
+        with open(target.path, "r+b") as handle:
             handle.truncate(0)
             handle.write(data)
         return True
@@ -480,12 +481,12 @@ async def test_a_restore_that_fails_is_named(
     """When a file cannot be put back either, the error names it."""
 
     class Broken(FailingWrite):
-        def __call__(self, path: Path, data: bytes) -> object:
-            if path == root / TOWN_FILE and len(self.calls) > 1:
+        def __call__(self, target: Target, data: bytes) -> object:
+            if target.path == root / TOWN_FILE and len(self.calls) > 1:
                 raise OSError(errno.EIO, "gone")
-            return super().__call__(path, data)
+            return super().__call__(target, data)
 
-    def no_link(src: Any, dst: Any) -> None:
+    def no_link(src: Any, dst: Any, **kwargs: Any) -> None:
         raise OSError(errno.EPERM, "links not supported")
 
     monkeypatch.setattr(os, "link", no_link)

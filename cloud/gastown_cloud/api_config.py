@@ -1,0 +1,266 @@
+"""Desired configuration routes (CONTRACT §10): the dashboard's PATCH and GET, the sandbox's report.
+
+A PATCH is checked for shape, merged into the town's desired configuration as the next generation
+and pushed to the sandbox's `PATCH /config` with `X-Gastown-Generation`. The sandbox's 200 keeps
+it as applied; its refusal (409, 412, 422) keeps nothing and is passed on; anything else (away,
+5xx, timeout, our key refused, no JSON) keeps it as pending for the sandbox's next sync (202).
+PATCHes of one town are serialised; reports are single transactions and never wait for a PATCH.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import anyio
+import httpx
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ._http import AppContext, parse_object, read_body, validate
+from .desired import ConfigState, check_shape, etag, etag_matches, merge_patch, push_patch
+from .errors import ApiError, TokenInvalid
+from .models import ConfigReport
+from .store import ConfigConflict, GenerationAhead, Town, TownConfig
+from .tokens import verify_gastown_token
+
+log = structlog.get_logger(__name__)
+
+GENERATION_HEADER = "x-gastown-generation"
+_MEDIA_TYPES = frozenset({"application/json", "application/merge-patch+json"})
+# Answers that refuse this change itself (invalid, stale If-Match, unreadable file): not kept.
+_REFUSALS = frozenset({409, 412, 422})
+_NO_CACHE = {"cache-control": "no-cache"}
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """How the sandbox took a pushed change: `applied`, `refused` (passed on) or `pending`."""
+
+    outcome: ConfigState | None  # None: refused
+    status: int = 0
+    answer: dict[str, Any] | None = None
+    etag: str | None = None
+    reason: str = ""
+    message: str = ""
+
+
+def config_routes(ctx: AppContext) -> list[Route]:
+    # One lock per town with a PATCH under way; it goes when the last PATCH holding it ends.
+    locks: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+
+    def lock_for(town_id: str) -> anyio.Lock:
+        lock = locks.get(town_id)
+        if lock is None:
+            lock = locks[town_id] = anyio.Lock()
+        return lock
+
+    async def patch_config(request: Request) -> Response:
+        ctx.require_key(request)
+        town = _require_active(await ctx.town(request.path_params["town_id"]))
+        _require_json_media_type(request)
+        body = await read_body(request, ctx.settings.max_body_bytes)
+        patch = parse_object(body)
+        problems = check_shape(patch)
+        if problems:
+            first = problems[0]
+            message = f"Field {first['path']}: {first['message']}."
+            raise ApiError(422, "invalid_config", message, problems)
+        async with lock_for(town.id):
+            town = _require_active(await ctx.town(town.id))
+            return await _change(ctx, request, town, patch, body)
+
+    async def read_config(request: Request) -> Response:
+        ctx.require_key(request)
+        town = await ctx.town(request.path_params["town_id"])
+        authorization = request.headers.get("authorization")
+        if authorization is not None:
+            _require_town_bearer(ctx, town, authorization)
+        config = await _config(ctx, town.id)
+        body = config.as_json()
+        headers = {"etag": etag(body), **_NO_CACHE}
+        if etag_matches(request.headers.get("if-none-match", ""), headers["etag"]):
+            return Response(status_code=304, headers=headers)
+        return JSONResponse(body, headers=headers)
+
+    async def report_status(request: Request) -> Response:
+        ctx.require_key(request)
+        town = await ctx.town(request.path_params["town_id"])
+        authorization = request.headers.get("authorization")
+        if authorization is None:
+            raise ApiError(401, "bearer_required", "A Bearer token of the town is required.")
+        _require_town_bearer(ctx, town, authorization)
+        if town.status == "destroyed":
+            raise ApiError(410, "town_destroyed", "The town is destroyed; reports are not kept.")
+        report = validate(ConfigReport, await ctx.read_json(request))
+        error = None if report.error is None else report.error.model_dump()
+        try:
+            config = await ctx.store.record_report(
+                town.id,
+                generation=report.observed_generation,
+                revision=report.revision,
+                error=error,
+                now=ctx.clock(),
+            )
+        except GenerationAhead as exc:
+            message = (
+                f"Generation {exc.reported} was reported but the newest is {exc.generation}; "
+                "read the desired configuration again."
+            )
+            raise ApiError(409, "generation_ahead", message) from exc
+        log.info(
+            "config_reported",
+            town_id=town.id,
+            generation=report.observed_generation,
+            state=config.state.value,
+        )
+        return JSONResponse(config.as_json(), headers=_NO_CACHE)
+
+    path = "/api/gastown/towns/{town_id}/config"
+    return [
+        Route(path, patch_config, methods=["PATCH"]),
+        Route(path, read_config, methods=["GET"]),
+        Route(path + "/status", report_status, methods=["POST"]),
+    ]
+
+
+async def _change(
+    ctx: AppContext, request: Request, town: Town, patch: dict[str, Any], body: bytes
+) -> Response:
+    """Merge, push and record one PATCH; the caller holds the town's lock."""
+    config = await _config(ctx, town.id)
+    desired = merge_patch(config.desired, patch)
+    changed = desired != config.desired
+    if len(json.dumps(desired, separators=(",", ":")).encode()) > ctx.settings.max_body_bytes:
+        limit = ctx.settings.max_body_bytes // 1024
+        message = f"The desired configuration would exceed {limit} KiB, more than a sandbox takes."
+        raise ApiError(422, "desired_too_large", message, [{"path": "", "message": message}])
+    generation = config.generation + 1 if changed else config.generation
+    content = body if config.applied_generation == config.generation else None
+    if content is None:
+        # The sandbox stands on an older generation: push what takes it from there.
+        base = await ctx.store.desired_at(town.id, config.applied_generation)
+        if base is None:
+            log.warning(
+                "config_base_missing", town_id=town.id, generation=config.applied_generation
+            )
+        content = json.dumps(push_patch(base or {}, desired, patch)).encode()
+    push = await _push(ctx, request, town, content, generation)
+    if push.outcome is None:
+        log.info("config_refused", town_id=town.id, generation=generation, status=push.status)
+        etag_header = {"etag": push.etag} if push.etag else None
+        return JSONResponse(push.answer, status_code=push.status, headers=etag_header)
+    applied = push.outcome is ConfigState.APPLIED
+    revision = push.answer.get("revision") if push.answer else None
+    try:
+        saved = await ctx.store.save_desired(
+            town.id,
+            desired if changed else None,
+            base_generation=config.generation,
+            applied=applied,
+            revision=revision if isinstance(revision, str) else None,
+            now=ctx.clock(),
+        )
+    except ConfigConflict as exc:
+        message = "The town's configuration changed meanwhile; send the change again."
+        raise ApiError(409, "config_conflict", message) from exc
+    log.info("config_kept", town_id=town.id, generation=saved.generation, state=push.outcome.value)
+    if applied:
+        answer = {**(push.answer or {}), "generation": saved.generation, "state": "applied"}
+        return JSONResponse(answer, headers={"etag": push.etag} if push.etag else None)
+    pending = {"generation": saved.generation, "state": "pending", "reason": push.reason}
+    return JSONResponse({**pending, "message": push.message}, status_code=202)
+
+
+async def _push(
+    ctx: AppContext, request: Request, town: Town, content: bytes, generation: int
+) -> Push:
+    """PATCH the sandbox's /config with `content`; how it took it, never an exception."""
+    if not town.sandbox_url:
+        return _pending("no_sandbox_url", "The town has no sandboxUrl; its sandbox syncs it.")
+    headers = {
+        "content-type": request.headers.get("content-type") or "application/json",
+        "x-internal-api-key": ctx.settings.internal_api_key,
+        GENERATION_HEADER: str(generation),
+    }
+    if if_match := request.headers.get("if-match"):
+        headers["if-match"] = if_match
+    url = town.sandbox_url.rstrip("/") + "/config"
+    try:
+        async with httpx.AsyncClient(timeout=ctx.settings.sandbox_timeout) as client:
+            answer = await client.patch(url, content=content, headers=headers)
+    except httpx.TimeoutException:
+        log.warning("config_push_failed", town_id=town.id, error="timeout")
+        return _pending("sandbox_timeout", "The town's sandbox did not answer in time.")
+    except httpx.HTTPError as exc:
+        log.warning("config_push_failed", town_id=town.id, error=type(exc).__name__)
+        message = f"The town's sandbox could not be reached ({type(exc).__name__})."
+        return _pending("sandbox_unreachable", message)
+    status = answer.status_code
+    if status in (401, 403):
+        # Passed on, it would read as the dashboard's key being wrong; it is ours.
+        log.warning("config_push_refused_key", town_id=town.id, status=status)
+        message = "The sandbox refused the cloud's internal key; compare INTERNAL_API_KEY."
+        return _pending("sandbox_refused_key", message)
+    try:
+        data = answer.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        log.warning("config_push_failed", town_id=town.id, status=status, error="not_json")
+        return _pending("bad_sandbox_answer", f"The sandbox answered {status} without JSON.")
+    log.info("config_pushed", town_id=town.id, generation=generation, status=status)
+    tag = answer.headers.get("etag")
+    if status == 200:
+        return Push(ConfigState.APPLIED, status, data, tag)
+    if status in _REFUSALS:
+        return Push(None, status, data, tag)
+    return _pending("sandbox_error", f"The sandbox answered {status}.")
+
+
+def _pending(reason: str, message: str) -> Push:
+    return Push(ConfigState.PENDING, reason=reason, message=message)
+
+
+async def _config(ctx: AppContext, town_id: str) -> TownConfig:
+    config = await ctx.store.get_config(town_id)
+    if config is None:
+        raise ApiError(404, "town_not_found", "No town has this id.")
+    return config
+
+
+def _require_active(town: Town) -> Town:
+    if town.status != "active":
+        raise ApiError(409, "town_not_active", f"The town is {town.status}, not active.")
+    return town
+
+
+def _require_json_media_type(request: Request) -> None:
+    given = request.headers.get("content-type")
+    if given is not None and given.split(";")[0].strip().lower() not in _MEDIA_TYPES:
+        message = "Send application/json or application/merge-patch+json."
+        raise ApiError(415, "unsupported_media_type", message)
+
+
+def _require_town_bearer(ctx: AppContext, town: Town, authorization: str) -> None:
+    """403 unless the Bearer token is well signed (expired is fine) for the town and its owner."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        _refuse(town, "not_bearer", "The Authorization header is not a Bearer token.")
+    try:
+        claims = verify_gastown_token(
+            token.strip(), secret=ctx.settings.nextauth_secret, verify_exp=False
+        )
+    except TokenInvalid as exc:
+        _refuse(town, exc.reason, f"The Bearer token is refused: {exc.message}.")
+    if claims.town_id != town.id or claims.sub != town.user_id:
+        _refuse(town, "other_town", "The Bearer token belongs to another town or user.")
+
+
+def _refuse(town: Town, reason: str, message: str) -> NoReturn:
+    log.warning("config_bearer_refused", town_id=town.id, reason=reason)
+    raise ApiError(403, "token_binding", message)

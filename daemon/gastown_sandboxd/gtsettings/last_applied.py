@@ -1,0 +1,114 @@
+"""The last-applied copy: what the cloud wanted when the daemon last applied it, and its generation.
+
+Kept in the state folder as `<state>/desired-config.json` (0600, written atomically), so a
+restart knows which keys the cloud set (the three-way merge removes only those). A file of
+another town, or one that cannot be read, counts as none (logged): the next sync then sets
+what the cloud wants and removes nothing. Without a state folder the copy lives in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.gtsettings.apply import without_nulls
+from gastown_sandboxd.gtsettings.merge_patch import merge_patch
+from gastown_sandboxd.gtsettings.schema import Doc
+
+log = structlog.get_logger(__name__)
+
+FILE_NAME = "desired-config.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The desired configuration last applied (None generation: never)."""
+
+    generation: int | None = None
+    desired: Doc = field(default_factory=dict)
+
+
+class LastApplied:
+    """The last-applied copy of one town, in `state_dir` (None: in memory only)."""
+
+    def __init__(self, *, state_dir: Path | None, town_id: str) -> None:
+        self._path = None if state_dir is None else Path(state_dir) / FILE_NAME
+        self._town_id = town_id
+        self._applied = Applied()
+
+    @property
+    def applied(self) -> Applied:
+        return self._applied
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def load(self) -> Applied:
+        """Read the copy kept by an earlier run (blocking: call it from a worker thread)."""
+        if self._path is None:
+            return self._applied
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            return self._applied
+        except OSError as exc:
+            log.warning("last_applied_unreadable", path=str(self._path), error=exc.strerror)
+            return self._applied
+        try:
+            document = json.loads(raw)
+            if document.get("town_id") != self._town_id:
+                log.warning("last_applied_of_another_town", path=str(self._path))
+                return self._applied
+            generation = document["generation"]
+            desired = document["desired"]
+            if not isinstance(generation, int) or not isinstance(desired, dict):
+                raise ValueError("generation or desired of the wrong type")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("last_applied_unreadable", path=str(self._path), error=str(exc))
+            return self._applied
+        self._applied = Applied(generation, desired)
+        return self._applied
+
+    def record(self, generation: int, desired: Mapping[str, Any]) -> bool:
+        """Keep `desired` as applied at `generation`; True when the copy changed (blocking)."""
+        applied = Applied(generation, without_nulls(desired))
+        if applied == self._applied:
+            return False
+        self._applied = applied
+        try:
+            self._save(applied)
+        except OSError as exc:
+            # The files are written already; this run keeps the copy in memory, and a restart
+            # without it only forgets which keys to remove (it never removes a wrong one).
+            log.warning(
+                "last_applied_not_saved", path=str(self._path), error=exc.strerror or str(exc)
+            )
+        return True
+
+    def record_push(self, body: Mapping[str, Any], generation: int) -> bool:
+        """A PATCH the cloud pushed with `X-Gastown-Generation`: merge it into the copy."""
+        merged = without_nulls(merge_patch(self._applied.desired, dict(body)))
+        newest = max(generation, self._applied.generation or 0)
+        return self.record(newest, merged)
+
+    def _save(self, applied: Applied) -> None:
+        if self._path is None:
+            return
+        os.makedirs(self._path.parent, mode=0o700, exist_ok=True)
+        document = {
+            "format": FORMAT,
+            "town_id": self._town_id,
+            "generation": applied.generation,
+            "desired": applied.desired,
+        }
+        data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+        write_atomic(self._path, data, mode=0o600)

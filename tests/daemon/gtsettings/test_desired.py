@@ -1,0 +1,103 @@
+"""The cloud client of the desired configuration: requests sent, answers mapped to 502/503/504."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from gastown_sandboxd.errors import DesiredConfigUnavailable
+from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
+
+KEY = "internal-key-0123456789"
+
+
+def client_for(handler: httpx.MockTransport) -> DesiredConfigClient:
+    return DesiredConfigClient(
+        base_url="http://cloud.test/", internal_key=KEY, town_id="town-1", transport=handler
+    )
+
+
+async def test_fetch_sends_the_key_and_the_bearer_and_reads_the_record() -> None:
+    """GET …/towns/{id}/config with both credentials; the record's fields come back."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        record = {"generation": 3, "desired": {"town": {}}, "observedGeneration": 2}
+        return httpx.Response(200, json={**record, "state": "pending"})
+
+    async with client_for(httpx.MockTransport(answer)) as client:
+        desired = await client.fetch("the-token")
+    assert (desired.generation, desired.desired, desired.observed_generation) == (
+        3,
+        {"town": {}},
+        2,
+    )
+    assert desired.state == "pending"
+    request = seen[0]
+    assert request.url == "http://cloud.test/api/gastown/towns/town-1/config"
+    assert request.headers["x-internal-api-key"] == KEY
+    assert request.headers["authorization"] == "Bearer the-token"
+
+
+async def test_report_posts_the_status_body() -> None:
+    """POST …/config/status with observedGeneration, revision and error."""
+    bodies: list[object] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={})
+
+    async with client_for(httpx.MockTransport(answer)) as client:
+        await client.report("t", observed_generation=4, revision="abc", error=None)
+    assert bodies == [{"observedGeneration": 4, "revision": "abc", "error": None}]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected", "reason"),
+    [
+        (503, b"{}", 503, "http_503"),
+        (429, b"{}", 503, "http_429"),
+        (500, b"{}", 502, "http_500"),
+        (401, b"{}", 502, "unauthorized"),
+        (404, b"{}", 502, "town_inactive"),
+        (200, b"not json", 502, "bad_json"),
+        (200, b"[]", 502, "bad_body"),
+        (200, b'{"generation": -1, "desired": {}}', 502, "bad_body"),
+        (200, b'{"generation": 1, "desired": []}', 502, "bad_body"),
+    ],
+)
+async def test_bad_answers_are_mapped_to_a_gateway_status(
+    status: int, body: bytes, expected: int, reason: str
+) -> None:
+    """Every answer but a good 200 is a DesiredConfigUnavailable with the status to send."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    async with client_for(transport) as client:
+        with pytest.raises(DesiredConfigUnavailable) as caught:
+            await client.fetch(None)
+    assert (caught.value.status, caught.value.reason) == (expected, reason)
+    assert "not json" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (httpx.ConnectError("refused"), 503),
+        (httpx.ReadTimeout("slow"), 504),
+        (httpx.RemoteProtocolError("broken"), 502),
+    ],
+)
+async def test_transport_failures_are_mapped_to_a_gateway_status(
+    error: Exception, expected: int
+) -> None:
+    """Refused: 503; too slow: 504; a broken exchange: 502."""
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    async with client_for(httpx.MockTransport(fail)) as client:
+        with pytest.raises(DesiredConfigUnavailable) as caught:
+            await client.fetch("t")
+    assert caught.value.status == expected

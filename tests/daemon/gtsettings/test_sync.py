@@ -1,0 +1,390 @@
+"""The desired-state sync component: converge, report, retry, schedule (simulated clock)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from gastown_sandboxd.errors import DesiredConfigUnavailable, RefreshError
+from gastown_sandboxd.gtsettings.desired import DesiredConfig
+from gastown_sandboxd.gtsettings.last_applied import FILE_NAME, LastApplied
+from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.gtsettings.sync import ConfigSync, SyncState
+from gastown_sandboxd.token.refresher import TokenRefresher
+from tests.daemon.gt_samples import build_town
+from tests.daemon.minting import mint
+from tests.daemon.simclock import SimulatedClock
+
+TOWN_FILE = "settings/config.json"
+DESIRED = {
+    "town": {"default_agent": "codex", "role_effort": {"mayor": "high"}},
+    "rigs": {"docs": {"agent": "codex"}},
+}
+
+
+class FakeCloud:
+    """The cloud's two config routes as the sync sees them, recording every call."""
+
+    def __init__(self) -> None:
+        self.generation = 1
+        self.desired: dict[str, Any] = copy.deepcopy(DESIRED)
+        self.observed: int | None = 0
+        self.state = "pending"
+        self.fetches = 0
+        self.reports: list[dict[str, Any]] = []
+        self.bearers: list[str | None] = []
+        self.fail: DesiredConfigUnavailable | None = None
+        self.fetched = anyio.Event()
+
+    def change(self, desired: dict[str, Any]) -> None:
+        self.desired = desired
+        self.generation += 1
+        self.state = "pending"
+
+    async def fetch(self, bearer: str | None) -> DesiredConfig:
+        self.fetches += 1
+        self.bearers.append(bearer)
+        self.fetched.set()
+        self.fetched = anyio.Event()
+        if self.fail is not None:
+            raise self.fail
+        return DesiredConfig(
+            self.generation, copy.deepcopy(self.desired), self.observed, self.state
+        )
+
+    async def report(
+        self,
+        bearer: str | None,
+        *,
+        observed_generation: int,
+        revision: str,
+        error: dict[str, Any] | None,
+    ) -> None:
+        self.reports.append(
+            {"observedGeneration": observed_generation, "revision": revision, "error": error}
+        )
+        self.observed = observed_generation
+        self.state = "failed" if error else "applied"
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, type: str, fields: Mapping[str, Any], /) -> None:
+        self.seen.append((type, dict(fields)))
+
+
+class RecordingClock(SimulatedClock):
+    """A simulated clock that also keeps every sleep asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__(autojump=False)
+        self.asked: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        await super().sleep(seconds)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return build_town(tmp_path / "town", rigs=("docs", "web"))
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+async def store(root: Path, tmp_path: Path, events: Events) -> SettingsStore:
+    last = LastApplied(state_dir=tmp_path / "state", town_id="town-1")
+    settings_store = SettingsStore(town_root=root, emit=events, last_applied=last)
+    await settings_store.load()
+    return settings_store
+
+
+def make_sync(store: SettingsStore, cloud: FakeCloud, **kwargs: Any) -> ConfigSync:
+    return ConfigSync(store=store, source=cloud, bearer=lambda: "the-token", **kwargs)
+
+
+def doc(root: Path, rig: str | None = None) -> dict[str, Any]:
+    path = root / TOWN_FILE if rig is None else root / rig / TOWN_FILE
+    result: dict[str, Any] = json.loads(path.read_bytes())
+    return result
+
+
+def stats(root: Path) -> list[tuple[str, int, int]]:
+    return [
+        (str(p), p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(root.glob("**/settings/config.json"))
+    ]
+
+
+async def test_a_sync_applies_desired_reports_it_and_keeps_the_last_applied_copy(
+    root: Path, store: SettingsStore, events: Events, tmp_path: Path
+) -> None:
+    """Files take the desired keys, others stay; events say cloud and generation; the cloud
+    hears the generation and the revision; the copy is in the state folder (0600)."""
+    cloud = FakeCloud()
+    comment = doc(root)["_comment"]
+    result = await make_sync(store, cloud).sync_now()
+    assert result.state is SyncState.APPLIED
+    assert result.changed
+    assert sorted(result.files) == ["docs/settings/config.json", TOWN_FILE]
+    assert doc(root)["default_agent"] == "codex"
+    assert doc(root)["role_effort"]["mayor"] == "high"
+    assert doc(root)["_comment"] == comment
+    assert doc(root, "docs")["agent"] == "codex"
+    assert {(t, f["source"], f["generation"]) for t, f in events.seen} == {
+        ("config.changed", "cloud", 1)
+    }
+    assert cloud.reports == [{"observedGeneration": 1, "revision": store.revision, "error": None}]
+    assert cloud.bearers == ["the-token"]
+    kept = tmp_path / "state" / FILE_NAME
+    assert json.loads(kept.read_bytes())["desired"] == DESIRED
+    assert kept.stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_sync_with_nothing_to_do_writes_nothing_emits_nothing_reports_nothing(
+    root: Path, store: SettingsStore, events: Events, tmp_path: Path
+) -> None:
+    """The second sync of the same generation: files, events, state file and cloud unchanged."""
+    cloud = FakeCloud()
+    sync = make_sync(store, cloud)
+    await sync.sync_now()
+    before = stats(root)
+    kept = (tmp_path / "state" / FILE_NAME).stat()
+    seen = len(events.seen)
+    result = await sync.sync_now()
+    assert not result.changed
+    assert result.state is SyncState.APPLIED
+    assert stats(root) == before
+    assert len(events.seen) == seen
+    assert len(cloud.reports) == 1
+    after = (tmp_path / "state" / FILE_NAME).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+
+
+async def test_a_hand_edit_of_a_cloud_key_is_put_back_and_a_hand_added_key_kept(
+    root: Path, store: SettingsStore
+) -> None:
+    """Drift from the applied generation is applied again, with the same generation."""
+    cloud = FakeCloud()
+    sync = make_sync(store, cloud)
+    await sync.sync_now()
+    edited = doc(root)
+    edited["default_agent"] = "claude"
+    edited["role_effort"]["crew"] = "low"
+    (root / TOWN_FILE).write_text(json.dumps(edited, indent=2))
+    result = await sync.sync_now()
+    assert result.changed
+    assert result.files == [TOWN_FILE]
+    assert doc(root)["default_agent"] == "codex"
+    assert doc(root)["role_effort"]["mayor"] == "high"
+    assert doc(root)["role_effort"]["crew"] == "low"
+
+
+async def test_a_key_the_cloud_drops_is_removed_at_the_next_generation(
+    root: Path, store: SettingsStore
+) -> None:
+    """Only what the last-applied copy had and desired no longer has goes."""
+    cloud = FakeCloud()
+    sync = make_sync(store, cloud)
+    await sync.sync_now()
+    cloud.change({"town": {"default_agent": "codex"}, "rigs": {}})
+    result = await sync.sync_now()
+    assert result.generation == 2
+    assert "role_effort" not in doc(root) or "mayor" not in doc(root)["role_effort"]
+    assert "agent" not in doc(root, "docs")
+    assert doc(root)["default_agent"] == "codex"
+
+
+async def test_a_desired_configuration_the_checks_refuse_writes_nothing_and_is_reported(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """A rig that does not exist yet: failed, the cloud hears the details; once the folder
+    exists the next sync applies it."""
+    cloud = FakeCloud()
+    cloud.desired = {"town": {"default_agent": "codex"}, "rigs": {"later": {"agent": "codex"}}}
+    sync = make_sync(store, cloud)
+    before = stats(root)
+    result = await sync.sync_now()
+    assert result.state is SyncState.FAILED
+    assert stats(root) == before
+    assert events.seen == []
+    assert result.error is not None
+    assert [d["path"] for d in result.error["details"]] == ["/rigs/later"]
+    assert cloud.reports[-1]["error"] == result.error
+    assert sync.status()["state"] == "failed"
+    assert store.last_applied.applied.generation is None
+    (root / "later").mkdir()
+    result = await sync.sync_now()
+    assert result.state is SyncState.APPLIED
+    assert doc(root, "later")["agent"] == "codex"
+    assert cloud.reports[-1]["error"] is None
+
+
+async def test_an_unreachable_cloud_writes_nothing_and_retries_sooner(
+    root: Path, store: SettingsStore
+) -> None:
+    """The read fails: the error goes up (for a 502/503/504), state unreachable, no write."""
+    cloud = FakeCloud()
+    cloud.fail = DesiredConfigUnavailable(503, "connect_error", "the cloud cannot be reached")
+    sync = make_sync(store, cloud, rng=random.Random(1))
+    before = stats(root)
+    with pytest.raises(DesiredConfigUnavailable):
+        await sync.sync_now()
+    assert stats(root) == before
+    assert sync.status()["state"] == "unreachable"
+    assert 4.5 <= sync.next_delay() <= 5.5
+    with pytest.raises(DesiredConfigUnavailable):
+        await sync.sync_now()
+    assert 9 <= sync.next_delay() <= 11
+
+
+async def test_a_push_with_a_generation_is_not_redone_by_the_next_sync(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """PATCH /config with X-Gastown-Generation records the change as applied."""
+    cloud = FakeCloud()
+    sync = make_sync(store, cloud)
+    await sync.sync_now()
+    patch = {"town": {"role_effort": {"crew": "max"}}}
+    cloud.change(
+        {
+            "town": {"default_agent": "codex", "role_effort": {"mayor": "high", "crew": "max"}},
+            "rigs": {"docs": {"agent": "codex"}},
+        }
+    )
+    await store.patch(patch, generation=cloud.generation)
+    assert store.last_applied.applied.generation == 2
+    assert events.seen[-1][1]["generation"] == 2
+    before = stats(root)
+    cloud.observed, cloud.state = 2, "applied"
+    result = await sync.sync_now()
+    assert not result.changed
+    assert stats(root) == before
+    assert len(cloud.reports) == 1
+
+
+async def test_the_copy_of_another_town_is_not_used(root: Path, tmp_path: Path) -> None:
+    """A state folder of another town counts as none: nothing the cloud set is known."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / FILE_NAME).write_text(json.dumps({"town_id": "other", "generation": 3, "desired": {}}))
+    last = LastApplied(state_dir=state, town_id="town-1")
+    assert last.load().generation is None
+
+
+async def test_the_loop_syncs_at_start_every_interval_jittered_and_when_woken(
+    store: SettingsStore,
+) -> None:
+    """Start, then a sleep of 270..330 s for a 300 s interval; `wake` cuts it short."""
+    cloud = FakeCloud()
+    clock = RecordingClock()
+    sync = make_sync(store, cloud, clock=clock, interval=300.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sync.run)
+        with anyio.fail_after(10):
+            while not clock.asked:
+                await anyio.sleep(0.01)
+        assert cloud.fetches == 1
+        assert 270 <= clock.asked[0] <= 330
+        clock.advance(clock.asked[0])
+        with anyio.fail_after(10):
+            while cloud.fetches < 2 or len(clock.asked) < 2:
+                await anyio.sleep(0.01)
+        sync.wake()
+        with anyio.fail_after(10):
+            while cloud.fetches < 3:
+                await anyio.sleep(0.01)
+        assert clock.monotonic == clock.asked[0]  # the wake did not wait for the clock
+        tg.cancel_scope.cancel()
+    status = sync.status()
+    assert status["generation"] == 1
+    assert status["state"] == "applied"
+    assert status["last_sync_at"] == clock.time()
+
+
+async def test_the_refresher_calls_back_on_its_first_success_after_failures(
+    tmp_path: Path,
+) -> None:
+    """The token component tells of an outage's end through a callback, once."""
+    clock = SimulatedClock()
+    calls: list[str] = []
+    answers: list[str | Exception] = [RefreshError("outage", "connect_error")]
+
+    class Source:
+        async def refresh(self, current_token: str | None) -> str:
+            answer = answers.pop(0) if answers else mint(clock.time(), town_id="town-1")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    refresher = TokenRefresher(
+        town_id="town-1",
+        env_file=tmp_path / "env",
+        client=Source(),
+        emit=lambda *args: None,
+        clock=clock,
+        on_cloud_recovered=lambda: calls.append("recovered"),
+    )
+    with pytest.raises(RefreshError):
+        await refresher.refresh_now()
+    assert calls == []
+    await refresher.refresh_now()
+    await refresher.refresh_now()
+    assert calls == ["recovered"]
+
+
+async def test_overlapping_syncs_share_one_read_of_the_cloud(store: SettingsStore) -> None:
+    """A POST /config/sync during the start-up sync waits for it rather than for two calls."""
+    cloud = FakeCloud()
+    gate = anyio.Event()
+    fetch = cloud.fetch
+
+    async def slow_fetch(bearer: str | None) -> DesiredConfig:
+        await gate.wait()
+        return await fetch(bearer)
+
+    cloud.fetch = slow_fetch  # type: ignore[method-assign]
+    sync = make_sync(store, cloud)
+    results = []
+
+    async def one() -> None:
+        results.append(await sync.sync_now())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert cloud.fetches == 1
+    assert results[0] is results[1]
+
+
+async def test_a_state_folder_that_cannot_be_written_does_not_stop_the_sync(
+    root: Path, tmp_path: Path, events: Events
+) -> None:
+    """The files are applied and the copy kept in memory; the failure is logged."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the state folder should be")
+    last = LastApplied(state_dir=blocker / "state", town_id="town-1")
+    store = SettingsStore(town_root=root, emit=events, last_applied=last)
+    await store.load()
+    with capture_logs() as logs:
+        result = await make_sync(store, FakeCloud()).sync_now()
+    assert result.state is SyncState.APPLIED
+    assert doc(root)["default_agent"] == "codex"
+    assert store.last_applied.applied.generation == 1
+    assert "last_applied_not_saved" in [log["event"] for log in logs]
