@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ._http import AppContext, error_json
+from .admission import RefreshAdmission
 from .api_gateway import gateway_routes
 from .api_refresh import refresh_routes
 from .api_towns import town_routes
@@ -26,7 +27,9 @@ def create_app(
     settings: CloudSettings, store: Store, *, clock: Callable[[], float] = time.time
 ) -> Starlette:
     """The app serving `store` (already open); `clock` gives Unix seconds."""
-    ctx = AppContext(settings=settings, store=store, clock=clock)
+    rate = settings.refresh_rate
+    admission = None if rate is None else RefreshAdmission(rate)
+    ctx = AppContext(settings=settings, store=store, clock=clock, admission=admission)
     routes = [*town_routes(ctx), *refresh_routes(ctx), *gateway_routes(ctx)]
     return Starlette(
         routes=routes,
