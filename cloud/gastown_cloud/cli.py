@@ -21,7 +21,7 @@ import structlog
 
 from .errors import SettingsError
 from .logs import configure_logging
-from .settings import CloudSettings, check_lifetime
+from .settings import CloudSettings, check_database, check_lifetime
 from .tokens import DEFAULT_LIFETIME, TokenClaims
 
 _ENVIRONMENT = """\
@@ -195,7 +195,6 @@ def _towns_command(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             check_lifetime(args.token_lifetime)
-        check_database(args.db, create=args.action == "create")
         output = run_town_command(args, os.environ)
     except SettingsError as exc:
         print(f"gastown-cloud: {exc}", file=sys.stderr)
@@ -206,24 +205,6 @@ def _towns_command(args: argparse.Namespace) -> int:
     sys.stdout.write(output + "\n")
     sys.stdout.flush()
     return 0
-
-
-def check_database(path: Path, *, create: bool) -> None:
-    """Raise `SettingsError` naming `path` unless SQLite can open it (create it if `create`)."""
-    if not create and not path.exists():
-        raise SettingsError("--db", f"no database at {path}", "give the file `serve` uses")
-    mode = "rwc" if create else "rw"
-    try:
-        uri = f"{path.absolute().as_uri()}?mode={mode}"
-        db = sqlite3.connect(uri, uri=True)
-        try:
-            db.execute("PRAGMA schema_version").fetchone()
-        finally:
-            db.close()
-    except (sqlite3.Error, OSError, ValueError) as exc:
-        raise SettingsError(
-            "--db", f"cannot open the database {path} ({exc})", "give a writable SQLite file"
-        ) from exc
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,3 +107,21 @@ def check_lifetime(token_lifetime: int) -> int:
             f"give 1 to {MAX_LIFETIME} seconds",
         )
     return token_lifetime
+
+
+def check_database(path: Path, *, create: bool) -> None:
+    """Raise `SettingsError` naming `path` unless SQLite can open it (create it if `create`)."""
+    if not create and not path.exists():
+        raise SettingsError("--db", f"no database at {path}", "give the file `serve` uses")
+    mode = "rwc" if create else "rw"
+    try:
+        uri = f"{path.absolute().as_uri()}?mode={mode}"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            db.execute("PRAGMA schema_version").fetchone()
+        finally:
+            db.close()
+    except (sqlite3.Error, OSError, ValueError) as exc:
+        raise SettingsError(
+            "--db", f"cannot open the database {path} ({exc})", "give a writable SQLite file"
+        ) from exc

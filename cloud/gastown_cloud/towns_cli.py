@@ -19,7 +19,7 @@ import pydantic
 from .api_towns import TRANSITIONS
 from .errors import CloudError, SettingsError
 from .models import CreateTown
-from .settings import check_secret
+from .settings import check_database, check_secret
 from .store import Store
 from .tokens import mint_gastown_token
 
@@ -41,8 +41,10 @@ def run_town_command(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     if args.action == "create":
         secret = check_secret(env)
         body = _create_body(args)
+        check_database(args.db, create=True)
         answer = anyio.run(_create, args, body, secret, backend="asyncio")
     else:
+        check_database(args.db, create=False)
         answer = anyio.run(_change, args.db, args.action, args.town_id, backend="asyncio")
     return json.dumps(answer, indent=2)
 
