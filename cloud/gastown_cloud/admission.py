@@ -67,7 +67,8 @@ class RefreshAdmission:
             self._slots[key] = slot
             self._handed.append((slot, key))
         self.refused_total += 1
-        return max(1, math.ceil(max(slot, token_back) - now))
+        # Rounded first: slots summed from 1/rate steps must not spill into the next second.
+        return max(1, math.ceil(round(max(slot, token_back) - now, 6)))
 
     def _forget(self, now: float) -> None:
         while self._admitted and self._admitted[0] <= now - 1.0:
