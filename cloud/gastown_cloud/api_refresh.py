@@ -1,10 +1,10 @@
 """Refresh routes: `POST /api/gastown/refresh-token` and tRPC's `gastown.refreshToken`.
 
-In order: the key (401), the body (400), admission control when `--refresh-rate` is set (503
-with `Retry-After`), the town (404), the binding, and the town's status (stopped 409,
-destroyed 410). The binding: a Bearer token is required (401 without one, unless
-`--allow-unbound-refresh`), and it must be well signed (expired is fine) and name the town and
-its owner (403). The answer is the bare JWT as text/plain, `{"token", "expiresAt"}` for
+In order: the key (401), the body (400), a Bearer token (401 without one, unless
+`--allow-unbound-refresh`), admission control when `--refresh-rate` is set (503 with
+`Retry-After`), the town (404), the binding: the Bearer must be well signed (expired is fine)
+and name the town and its owner (403), and the town's status (stopped 409, destroyed 410).
+The answer is the bare JWT as text/plain, `{"token", "expiresAt"}` for
 `Accept: application/json`, or `{"result": {"data": jwt}}` on the tRPC route.
 """
 
@@ -46,18 +46,18 @@ async def _refresh(ctx: AppContext, request: Request, *, trpc: bool) -> Response
     data = await ctx.read_json(request)
     wrapped = data.get("json")
     town_id = validate(RefreshInput, wrapped if isinstance(wrapped, dict) else data).town_id
-    _admit(ctx, town_id)
-    town = await ctx.town(town_id)
     bearer = bearer_token(request.headers.get("authorization"))
-    if bearer is not None:
-        _check_binding(ctx, town, bearer)
-    elif not ctx.settings.allow_unbound_refresh:
-        log.warning("refresh_refused", town_id=town.id, reason="no_bearer")
+    if bearer is None and not ctx.settings.allow_unbound_refresh:
+        log.warning("refresh_refused", town_id=town_id, reason="no_bearer")
         raise ApiError(
             401,
             "token_required",
             "A Bearer token of the town is required: the internal key alone refreshes no town.",
         )
+    _admit(ctx, town_id)
+    town = await ctx.town(town_id)
+    if bearer is not None:
+        _check_binding(ctx, town, bearer)
     if town.status == "stopped":
         raise ApiError(409, "town_stopped", "The town is stopped; start it to refresh its token.")
     if town.status == "destroyed":

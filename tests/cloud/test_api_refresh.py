@@ -202,7 +202,7 @@ def test_town_states(shared_cloud: CloudServer, api: httpx.Client) -> None:
     shared_cloud.set_status(town["id"], "destroy")
     _error(_refresh(api, town["id"], token), 410, "town_destroyed")
     _error(_refresh(api, "no-such-town", token), 404, "town_not_found")
-    _error(_refresh(api, "no-such-town"), 404, "town_not_found")
+    _error(_refresh(api, "no-such-town"), 401, "token_required")
 
 
 def test_foreign_bearer_on_stopped_town_is_403(
