@@ -730,10 +730,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 # --- recovery from an outage under admission control ----------------------------------------
 
 RetryAfterMode = Literal["spread", "one"]
@@ -928,3 +924,7 @@ def recovery_table(results: Sequence[tuple[str, RecoveryResult]]) -> str:
     headers = ("cloud", "rate", "most admitted in 1 s", "peak calls/s", "503s",
                "all fresh after (s)", "n/rate + 60 (s)")  # fmt: skip
     return table(headers, rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
