@@ -6,6 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: all venv test check lint typecheck pytest demo bench lock clean
 
+# Node's jsonwebtoken (npm, pinned, project-local) checks the cloud's kilo-claims tokens.
+JSONWEBTOKEN_VERSION := 9.0.3
+NPM_PREFIX := .cache/npm
+JSONWEBTOKEN_STAMP := $(NPM_PREFIX)/.jsonwebtoken-$(JSONWEBTOKEN_VERSION)
+
 all: test
 
 # Every package, the build backend included, comes from requirements.lock, pinned with hashes.
@@ -23,6 +28,14 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy daemon/gastown_sandboxd cloud/gastown_cloud tests bench
+
+$(JSONWEBTOKEN_STAMP):
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y --no-install-recommends nodejs npm; }
+	mkdir -p $(NPM_PREFIX)
+	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) jsonwebtoken@$(JSONWEBTOKEN_VERSION)
+	touch $@
+
+pytest: $(JSONWEBTOKEN_STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest

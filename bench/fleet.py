@@ -15,6 +15,10 @@ on its disk again.
 `expected_load` solves the renewal equation for the contract's schedule: the noise-free
 refreshes per minute of an infinite fleet, to see how many days a boot storm takes to even out.
 
+`simulate_recovery` puts sandboxes whose refresh falls due during an outage through the
+cloud's real admission control (`gastown_cloud.admission.RefreshAdmission`) once it is back,
+each refusal answered with 503 and a Retry-After that the real `next_attempt_at` honours.
+
 `python -m bench.fleet` prints every scenario; `simulate()` runs one (tests run small ones);
 `run()` gives the headline figures to `python -m bench`.
 """
@@ -27,10 +31,12 @@ import heapq
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gastown_cloud.admission import RefreshAdmission
 from gastown_sandboxd.token.claims import Claims
 from gastown_sandboxd.token.schedule import (
     Outcome,
@@ -571,6 +577,33 @@ def run(*, quick: bool = False, sandboxes: int | None = None) -> list[Row]:
             note=f"x {n:,} sandboxes = {per_sandbox * n:,.0f}/min (30 s cap under 10 % left)",
         )
     )
+    rate = max(1, n // 1_000)
+    spread = simulate_recovery(n, rate)
+    told_one = simulate_recovery(n, rate, retry_after="one")
+    unlimited = simulate_recovery(n, None)
+    rows += [
+        Row(
+            f"recovery of {n:,} after a 2 h outage, --refresh-rate {rate}: most admitted in 1 s",
+            spread.most_in_one_second(),
+            "refreshes",
+            unlimited.most_in_one_second(),
+            "baseline: no admission control",
+        ),
+        Row(
+            "recovery: every sandbox fresh after the outage's end",
+            spread.recovery,
+            "s",
+            told_one.recovery,
+            f"baseline: everyone told 1 s; n/rate + 60 = {spread.bound:.0f} s",
+        ),
+        Row(
+            "recovery: 503 answers sent",
+            spread.refusals,
+            "calls",
+            told_one.refusals,
+            "baseline: everyone told 1 s",
+        ),
+    ]
     return rows
 
 
@@ -587,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--long-outage-sandboxes", type=int, default=1_000, help="simulated; scaled to the fleet"
     )
     parser.add_argument("--horizon-days", type=int, default=30, help="for the expected load")
+    parser.add_argument(
+        "--recovery-rate", type=int, default=100, help="--refresh-rate of the recovery runs"
+    )
     args = parser.parse_args(argv)
     n = args.sandboxes
     began = time.perf_counter()
@@ -658,8 +694,236 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(overview(long_hit, hours=range(int(long.start // HOUR), math.ceil(long.end / HOUR) + 1)))
     print()
     print(long_outage_table(long_hit, n))
+
+    rate = args.recovery_rate
+    print(
+        f"\n== {n:,} sandboxes due during a {args.outage_hours:g} h outage, then the cloud"
+        f" admits {rate} refreshes per second =="
+    )
+    print("(the daemon's schedule and the cloud's RefreshAdmission, both the real code)")
+    spread = simulate_recovery(n, rate, outage_hours=args.outage_hours, seed=args.seed)
+    print(recovery_histogram(spread))
+    print()
+    print(retry_after_histogram(spread))
+    told_one = simulate_recovery(
+        n, rate, outage_hours=args.outage_hours, seed=args.seed, retry_after="one"
+    )
+    unlimited = simulate_recovery(n, None, outage_hours=args.outage_hours, seed=args.seed)
+    print("\nbaseline: no admission control")
+    print(recovery_histogram(unlimited))
+    print()
+    print(
+        recovery_table(
+            [
+                ("Retry-After spread", spread),
+                ("everyone told 1 s", told_one),
+                ("no admission control", unlimited),
+            ]
+        )
+    )
+    print(
+        "\nA refused daemon waits the longer of Retry-After (capped at 300 s) and its own"
+        " backoff (up to 300 s):\nthe last sandboxes refused come back up to 300 s after"
+        " their refusal, whatever the cloud says."
+    )
     print(f"\nran in {time.perf_counter() - began:.1f} s")
     return 0
+
+
+# --- recovery from an outage under admission control ----------------------------------------
+
+RetryAfterMode = Literal["spread", "one"]
+
+
+@dataclass
+class RecoveryResult:
+    """What `n` sandboxes due during an outage went through once the cloud came back.
+
+    Times are seconds after the outage's end. `rate` is the cloud's `--refresh-rate` (None:
+    every call admitted); `retry_after` is how refusals were answered: "spread" as
+    `RefreshAdmission` does, or "one" (everyone told 1 s, the baseline).
+    """
+
+    n: int
+    rate: int | None
+    retry_after: RetryAfterMode
+    outage: Outage
+    fresh_at: list[float]  # when each sandbox got its fresh token
+    admitted: list[float]  # when each admission happened
+    calls_per_second: list[int]  # every call after the end, admitted or refused
+    outage_calls: int = 0
+    refusals: int = 0
+    waits: Counter[int] = field(default_factory=Counter)  # Retry-After values sent
+
+    @property
+    def recovery(self) -> float:
+        """From the outage's end until the last sandbox holds a fresh token."""
+        return max(self.fresh_at, default=0.0)
+
+    @property
+    def bound(self) -> float:
+        """The issue's bound: n / rate + 60 s."""
+        return math.inf if self.rate is None else self.n / self.rate + 60.0
+
+    def most_in_one_second(self) -> int:
+        """The most admissions in any window [t, t + 1) after the end."""
+        ordered, start, most = sorted(self.admitted), 0, 0
+        for end, at in enumerate(ordered):
+            while ordered[start] <= at - 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
+
+    def admitted_per_second(self) -> list[int]:
+        counts = [0] * (math.ceil(self.recovery) + 1)
+        for at in self.admitted:
+            counts[int(at)] += 1
+        return counts
+
+
+def simulate_recovery(
+    n: int = 100_000,
+    rate: int | None = 100,
+    *,
+    outage_hours: float = 2.0,
+    retry_after: RetryAfterMode = "spread",
+    seed: int = 1,
+    lifetime: int = DAY,
+    policy: SchedulePolicy | None = None,
+) -> RecoveryResult:
+    """`n` sandboxes whose regular refresh falls due during an outage of `outage_hours`.
+
+    Each holds a `lifetime` token whose `refresh_point` (the real one, with a real jitter
+    draw) lies uniformly in the outage; every call planned by `next_attempt_at` fails with
+    a connection error until the end; after it each call goes through the real
+    `RefreshAdmission` of the cloud at `rate`: admitted (a fresh token, done) or refused with
+    503 and a Retry-After (`Outcome.BUSY`, which `next_attempt_at` honours as the daemon does).
+    """
+    policy = policy or SchedulePolicy()
+    rng = random.Random(seed)
+    outage = Outage(0.0, outage_hours * HOUR)
+    bucket = None if rate is None else RefreshAdmission(rate)
+    lifetime_fraction = policy.refresh_fraction
+    held: list[Claims] = []
+    due: list[float] = []
+    heap: list[tuple[float, int]] = []
+    for i in range(n):
+        target = rng.random() * outage.duration
+        jitter = draw_jitter(rng)
+        offset = (lifetime_fraction - jitter * policy.jitter_fraction) * lifetime
+        iat = round(target - offset)
+        token = _claims(iat, lifetime)
+        held.append(token)
+        due.append(refresh_point(token, jitter, policy))
+        at = next_attempt_at(
+            token, 0.0, failures=0, outcome=Outcome.OK, refresh_at=due[i], rng=rng, policy=policy
+        )
+        heap.append((at, i))
+    heapq.heapify(heap)
+    failures = [0] * n
+    result = RecoveryResult(n, rate, retry_after, outage, [], [], [])
+    while heap:
+        now, i = heapq.heappop(heap)
+        wait: int | None = None
+        if now < outage.end:
+            result.outage_calls += 1
+            outcome = Outcome.OUTAGE
+        else:
+            since = now - outage.end
+            second = int(since)
+            if second >= len(result.calls_per_second):
+                result.calls_per_second.extend([0] * (second + 1 - len(result.calls_per_second)))
+            result.calls_per_second[second] += 1
+            wait = None if bucket is None else bucket.admit(f"town-{i}", now)
+            if wait is None:
+                result.admitted.append(since)
+                result.fresh_at.append(since)
+                continue
+            if retry_after == "one":
+                wait = 1
+            result.refusals += 1
+            result.waits[wait] += 1
+            outcome = Outcome.BUSY
+        failures[i] += 1
+        at = next_attempt_at(
+            held[i],
+            now,
+            failures=failures[i],
+            outcome=outcome,
+            refresh_at=due[i],
+            rng=rng,
+            retry_after=None if wait is None else float(wait),
+            policy=policy,
+        )
+        heapq.heappush(heap, (at, i))
+    return result
+
+
+def recovery_histogram(result: RecoveryResult, *, bucket: int = 30, width: int = 40) -> str:
+    """Per `bucket` seconds after the end: calls and admissions per second, sandboxes made
+    fresh, and those still waiting."""
+    admitted = result.admitted_per_second()
+    fresh = sorted(result.fresh_at)
+    span = max(len(result.calls_per_second), len(admitted))
+    rows, waiting, index = [], result.n, 0
+    for start in range(0, span, bucket):
+        calls = result.calls_per_second[start : start + bucket]
+        done = admitted[start : start + bucket]
+        got = 0
+        while index < len(fresh) and fresh[index] < start + bucket:
+            got, index = got + 1, index + 1
+        waiting -= got
+        rows.append((start, sum(calls) / bucket, max(calls, default=0), max(done, default=0), got,
+                     waiting))  # fmt: skip
+    top = max((row[2] for row in rows), default=0)
+    lines = [
+        f"({bucket}-second buckets from the outage's end; admitted/s is the busiest second)",
+        "  from   calls/s  peak calls/s  admitted/s   fresh   waiting",
+    ]
+    for start, mean, peak, most, got, left in rows:
+        lines.append(
+            f"{start:5d}s {mean:9.1f} {peak:13d} {most:11d} {got:7d} {left:9d}  |"
+            f"{bar(peak, top, width)}"
+        )
+    return "\n".join(lines)
+
+
+def retry_after_histogram(result: RecoveryResult, *, buckets: int = 10, width: int = 40) -> str:
+    """The Retry-After values the cloud sent, in `buckets` ranges."""
+    if not result.waits:
+        return "(no refusals)"
+    top = max(result.waits)
+    step = max(1, math.ceil(top / buckets))
+    merged: Counter[int] = Counter()
+    for wait, count in result.waits.items():
+        merged[(wait - 1) // step] += count
+    most = max(merged.values())
+    lines = ["Retry-After (s)      refusals"]
+    for slot in range(math.ceil(top / step)):
+        low, high = slot * step + 1, (slot + 1) * step
+        count = merged.get(slot, 0)
+        lines.append(f"{low:6d} - {high:6d} {count:10,d}  |{bar(count, most, width)}")
+    return "\n".join(lines)
+
+
+def recovery_table(results: Sequence[tuple[str, RecoveryResult]]) -> str:
+    """Each run's admissions, calls and recovery time, beside the issue's bound."""
+    rows = []
+    for name, result in results:
+        rows.append(
+            (
+                name,
+                "-" if result.rate is None else f"{result.rate}/s",
+                result.most_in_one_second(),
+                max(result.calls_per_second, default=0),
+                result.refusals,
+                result.recovery,
+                result.bound,
+            )
+        )
+    headers = ("cloud", "rate", "most admitted in 1 s", "peak calls/s", "503s",
+               "all fresh after (s)", "n/rate + 60 (s)")  # fmt: skip
+    return table(headers, rows)
 
 
 if __name__ == "__main__":

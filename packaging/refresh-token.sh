@@ -250,11 +250,15 @@ env_tmp=$(mktemp -- "$env_dir/.$env_name.XXXXXXXX.tmp" 2>/dev/null) ||
 	fail 1 "cannot create a file in $env_dir: the env file's folder is not writable"
 
 # Headers from a 0600 file, so neither the key nor the token shows in the process list.
+# The cloud binds a refresh to the town's current token (Bearer; expired is fine): the key
+# alone refreshes no town unless the cloud runs with --allow-unbound-refresh.
 headers=$work_dir/headers
+bound=0
 {
 	printf 'x-internal-api-key: %s\n' "$api_key"
 	if [[ $current =~ $JWT_RE ]] && python3 -I -c "$CHECK_PY" bindable "$town_id" <<<"$current" 2>/dev/null; then
 		printf 'Authorization: Bearer %s\n' "$current"
+		bound=1
 	fi
 } >"$headers"
 
@@ -296,7 +300,12 @@ if [[ $curl_rc -ne 0 ]]; then
 	reason=$(head -n 1 -- "$curl_err" | tr -d '[:cntrl:]')
 	reason=${reason#curl: }
 	case $curl_rc:$status in
-	22:401 | 22:403) fail 1 "the cloud refused the key or the token binding (HTTP $status)" ;;
+	22:401 | 22:403)
+		if [[ $bound -eq 0 ]]; then
+			fail 1 "the cloud refused (HTTP $status): the env file holds no token of town $town_id to bind the refresh; write the town's first token (from createTown) into it"
+		fi
+		fail 1 "the cloud refused the key or the token binding (HTTP $status)"
+		;;
 	22:404 | 22:410) fail 1 "town $town_id is unknown or destroyed (HTTP $status)" ;;
 	22:409 | 22:423) fail 1 "town $town_id is stopped (HTTP $status)" ;;
 	22:429 | 22:503) fail 1 "the cloud is busy (HTTP $status${retry_after:+, Retry-After $retry_after})" ;;

@@ -13,6 +13,7 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .admission import RefreshAdmission
 from .errors import ApiError
 from .settings import CloudSettings
 from .store import Store, Town
@@ -24,11 +25,13 @@ _DRAIN_SECONDS = 2.0
 
 @dataclass(frozen=True, slots=True)
 class AppContext:
-    """What every route reads: settings, the store and the clock (Unix seconds)."""
+    """What every route reads: settings, the store, the clock (Unix seconds), and the refresh
+    routes' admission control (None: every refresh is admitted)."""
 
     settings: CloudSettings
     store: Store
     clock: Callable[[], float]
+    admission: RefreshAdmission | None = None
 
     def require_key(self, request: Request) -> None:
         """401 unless `x-internal-api-key` equals the key (constant time, no detail why)."""

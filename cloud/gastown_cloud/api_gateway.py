@@ -1,6 +1,7 @@
 """The gateway: OpenAI chat completions paid by a town's token, and the usage they recorded.
 
-A token that is missing, badly signed, expired or of another type gets 401; a well-signed
+A token that is missing, badly signed, expired or of another type gets 401 (with
+`--token-claims kilo` also one without Kilo's `kiloUserId` and `version: 3`); a well-signed
 token whose town is unknown, owned by someone else, stopped or destroyed gets 403
 (`permission_error`): the token is genuine but the town may not spend. Errors here use
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients show them.
@@ -19,7 +20,7 @@ from .completions import complete
 from .errors import ApiError, GatewayError, TokenInvalid
 from .models import ChatRequest
 from .store import Usage
-from .tokens import GastownClaims, verify_gastown_token
+from .tokens import GastownClaims, TokenClaims, verify_gastown_token
 
 log = structlog.get_logger(__name__)
 _TOKEN_CODES = {"expired": "token_expired", "wrong_type": "wrong_token_type"}
@@ -80,10 +81,19 @@ def _authenticate(ctx: AppContext, request: Request) -> GastownClaims:
             401, "authentication_error", "missing_token", "A Bearer gateway token is required."
         )
     try:
-        return verify_gastown_token(token.strip(), secret=ctx.settings.nextauth_secret)
+        claims = verify_gastown_token(token.strip(), secret=ctx.settings.nextauth_secret)
     except TokenInvalid as exc:
         log.warning("gateway_refused", reason=exc.reason)
         code = _TOKEN_CODES.get(exc.reason, "invalid_token")
         raise GatewayError(
             401, "authentication_error", code, f"The gateway token is refused: {exc.message}."
         ) from exc
+    if ctx.settings.token_claims is TokenClaims.KILO and not claims.kilo_rule_met():
+        log.warning("gateway_refused", reason="not_kilo_claims")
+        raise GatewayError(
+            401,
+            "authentication_error",
+            "invalid_token",
+            "The gateway token is refused: it lacks kiloUserId or version 3.",
+        )
+    return claims

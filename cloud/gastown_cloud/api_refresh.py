@@ -1,8 +1,10 @@
 """Refresh routes: `POST /api/gastown/refresh-token` and tRPC's `gastown.refreshToken`.
 
-The town must exist (404), a Bearer token, when sent, must be well signed (expired is fine)
-and name the town and its owner (403), and the town must be active (stopped 409, destroyed
-410). The answer is the bare JWT as text/plain, `{"token", "expiresAt"}` for
+In order: the key (401), the body (400), a Bearer token (401 without one, unless
+`--allow-unbound-refresh`), admission control when `--refresh-rate` is set (503 with
+`Retry-After`), the town (404), the binding: the Bearer must be well signed (expired is fine)
+and name the town and its owner (403), and the town's status (stopped 409, destroyed 410).
+The answer is the bare JWT as text/plain, `{"token", "expiresAt"}` for
 `Accept: application/json`, or `{"result": {"data": jwt}}` on the tRPC route.
 """
 
@@ -44,10 +46,18 @@ async def _refresh(ctx: AppContext, request: Request, *, trpc: bool) -> Response
     data = await ctx.read_json(request)
     wrapped = data.get("json")
     town_id = validate(RefreshInput, wrapped if isinstance(wrapped, dict) else data).town_id
+    bearer = bearer_token(request.headers.get("authorization"))
+    if bearer is None and not ctx.settings.allow_unbound_refresh:
+        log.warning("refresh_refused", town_id=town_id, reason="no_bearer")
+        raise ApiError(
+            401,
+            "token_required",
+            "A Bearer token of the town is required: the internal key alone refreshes no town.",
+        )
+    _admit(ctx, town_id)
     town = await ctx.town(town_id)
-    authorization = request.headers.get("authorization")
-    if authorization is not None:
-        _check_binding(ctx, town, authorization)
+    if bearer is not None:
+        _check_binding(ctx, town, bearer)
     if town.status == "stopped":
         raise ApiError(409, "town_stopped", "The town is stopped; start it to refresh its token.")
     if town.status == "destroyed":
@@ -61,6 +71,7 @@ async def _refresh(ctx: AppContext, request: Request, *, trpc: bool) -> Response
         secret=ctx.settings.nextauth_secret,
         lifetime=lifetime,
         now=now,
+        claims=ctx.settings.token_claims,
     )
     log.info("token_refreshed", town_id=town.id, user_id=town.user_id, token=fingerprint(token))
     if trpc:
@@ -71,15 +82,30 @@ async def _refresh(ctx: AppContext, request: Request, *, trpc: bool) -> Response
     return PlainTextResponse(token, headers=_NO_STORE)
 
 
-def _check_binding(ctx: AppContext, town: Town, authorization: str) -> None:
-    """403 unless the Bearer token is well signed for this town and its owner."""
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        _refuse(town, "not_bearer", "The Authorization header is not a Bearer token.")
-    try:
-        claims = verify_gastown_token(
-            token.strip(), secret=ctx.settings.nextauth_secret, verify_exp=False
+def _admit(ctx: AppContext, town_id: str) -> None:
+    """503 with `Retry-After` when admission control refuses this refresh now."""
+    if ctx.admission is None:
+        return
+    wait = ctx.admission.admit(town_id, ctx.clock())
+    if wait is not None:
+        message = (
+            f"The cloud admits {ctx.admission.rate} refreshes per second; retry after {wait} s."
         )
+        raise ApiError(503, "busy", message, headers={"retry-after": str(wait)})
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None for none or another scheme."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _check_binding(ctx: AppContext, town: Town, token: str) -> None:
+    """403 unless the Bearer token is well signed for this town and its owner."""
+    try:
+        claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret, verify_exp=False)
     except TokenInvalid as exc:
         _refuse(town, exc.reason, f"The Bearer token is refused: {exc.message}.")
     if claims.town_id != town.id or claims.sub != town.user_id:

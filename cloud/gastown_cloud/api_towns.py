@@ -44,6 +44,7 @@ def town_routes(ctx: AppContext) -> list[Route]:
             secret=ctx.settings.nextauth_secret,
             lifetime=ctx.settings.token_lifetime,
             now=int(now),
+            claims=ctx.settings.token_claims,
         )
         log.info("town_created", town_id=town.id, user_id=town.user_id, token=fingerprint(token))
         return JSONResponse({"town": town.as_json(), "token": token}, status_code=201)

@@ -10,13 +10,16 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 
 from ._http import AppContext, error_json
+from .admission import RefreshAdmission
 from .api_config import config_routes
 from .api_gateway import gateway_routes
 from .api_refresh import refresh_routes
 from .api_towns import town_routes
 from .errors import ApiError, GatewayError
+from .openapi import openapi_document
 from .settings import CloudSettings
 from .store import Store
 
@@ -27,8 +30,22 @@ def create_app(
     settings: CloudSettings, store: Store, *, clock: Callable[[], float] = time.time
 ) -> Starlette:
     """The app serving `store` (already open); `clock` gives Unix seconds."""
-    ctx = AppContext(settings=settings, store=store, clock=clock)
-    routes = [*town_routes(ctx), *config_routes(ctx), *refresh_routes(ctx), *gateway_routes(ctx)]
+    rate = settings.refresh_rate
+    admission = None if rate is None else RefreshAdmission(rate)
+    ctx = AppContext(settings=settings, store=store, clock=clock, admission=admission)
+    document = openapi_document()
+
+    async def openapi(request: Request) -> Response:
+        ctx.require_key(request)
+        return JSONResponse(document)
+
+    routes = [
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *town_routes(ctx),
+        *config_routes(ctx),
+        *refresh_routes(ctx),
+        *gateway_routes(ctx),
+    ]
     return Starlette(
         routes=routes,
         exception_handlers={
@@ -58,8 +75,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         404: "No route matches this path.",
         405: "This route does not accept this method.",
     }.get(exc.status_code, "The request cannot be served.")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # RFC 9110 wants every method of the path in `Allow`; Starlette names one route's.
+        allowed = {
+            method
+            for route in request.app.routes
+            if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+            for method in route.methods or ()
+        }
+        headers["allow"] = ", ".join(sorted(allowed))
     return JSONResponse(
-        {"error": code, "message": message}, status_code=exc.status_code, headers=exc.headers
+        {"error": code, "message": message}, status_code=exc.status_code, headers=headers
     )
 
 

@@ -221,6 +221,12 @@ def run(workdir: Path) -> None:
             f"# written at sandbox boot\nKILO_API_URL={cloud_url}\nKILO_JWT={token}\n"
         )
         env_file.chmod(0o600)
+        say("provisioning wrote that token into the sandbox's env file (0600)")
+        key_only = cloud.post("/api/gastown/refresh-token", json={"townId": town["id"]})
+        say(
+            f"the internal key alone refreshes no town: HTTP {key_only.status_code} "
+            f"{key_only.json()['error']}; the daemon sends its token as Bearer"
+        )
 
         daemon_env = dict(
             base_env,

@@ -71,7 +71,19 @@ class Server:
             self.url = socket_url(sock)
             async with Store(self.settings.db) as store:
                 app = create_app(self.settings, store, clock=self._clock)
-                log.info("cloud_listening", url=self.url, db=str(self.settings.db))
+                log.info(
+                    "cloud_listening",
+                    url=self.url,
+                    db=str(self.settings.db),
+                    token_claims=str(self.settings.token_claims),
+                    refresh_rate=self.settings.refresh_rate,
+                )
+                if self.settings.allow_unbound_refresh:
+                    log.warning(
+                        "refresh_binding_off",
+                        detail="--allow-unbound-refresh: the internal key alone refreshes any "
+                        "town; use it only for the seed's key-only cron line",
+                    )
                 task_status.started()
                 await serve_app(app, sock, shutdown_trigger=self._stop.wait)
                 log.info("cloud_stopped")

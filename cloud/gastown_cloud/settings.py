@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SettingsError
-from .tokens import DEFAULT_LIFETIME
+from .tokens import DEFAULT_LIFETIME, TokenClaims
 
 MIN_SECRET_BYTES = 32
 MIN_KEY_CHARS = 16
 MAX_LIFETIME = 7 * 86400
+MAX_REFRESH_RATE = 1_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +26,11 @@ class CloudSettings:
     host: str = "127.0.0.1"
     port: int = 3000
     token_lifetime: int = DEFAULT_LIFETIME
+    token_claims: TokenClaims = TokenClaims.SEED
+    # The seed's key-only refresh; off by default: the internal key alone refreshes no town.
+    allow_unbound_refresh: bool = False
+    # Refreshes admitted per second (admission control); None admits every one.
+    refresh_rate: int | None = None
     max_body_bytes: int = 64 * 1024
     sandbox_timeout: float = 10.0
 
@@ -36,19 +43,12 @@ class CloudSettings:
         host: str = "127.0.0.1",
         port: int = 3000,
         token_lifetime: int = DEFAULT_LIFETIME,
+        token_claims: TokenClaims = TokenClaims.SEED,
+        allow_unbound_refresh: bool = False,
+        refresh_rate: int | None = None,
     ) -> CloudSettings:
         """Read the secrets from `env`; raises `SettingsError` naming the first bad setting."""
-        secret = env.get("NEXTAUTH_SECRET", "")
-        if not secret:
-            raise SettingsError(
-                "NEXTAUTH_SECRET", "missing", "export a random secret of at least 32 bytes"
-            )
-        if len(secret.encode()) < MIN_SECRET_BYTES:
-            raise SettingsError(
-                "NEXTAUTH_SECRET",
-                f"shorter than {MIN_SECRET_BYTES} bytes",
-                "export a random secret of at least 32 bytes",
-            )
+        secret = check_secret(env)
         key = env.get("INTERNAL_API_KEY", "")
         if not key:
             raise SettingsError(
@@ -62,11 +62,12 @@ class CloudSettings:
             )
         if not 0 <= port <= 65535:
             raise SettingsError("--port", f"{port} is not a TCP port", "give 0 to 65535")
-        if not 1 <= token_lifetime <= MAX_LIFETIME:
+        check_lifetime(token_lifetime)
+        if refresh_rate is not None and not 1 <= refresh_rate <= MAX_REFRESH_RATE:
             raise SettingsError(
-                "--token-lifetime",
-                f"{token_lifetime} s is out of range",
-                f"give 1 to {MAX_LIFETIME} seconds",
+                "--refresh-rate",
+                f"{refresh_rate} refreshes per second is out of range",
+                f"give 1 to {MAX_REFRESH_RATE}, or leave it out to admit every refresh",
             )
         return cls(
             nextauth_secret=secret,
@@ -75,4 +76,52 @@ class CloudSettings:
             host=host,
             port=port,
             token_lifetime=token_lifetime,
+            token_claims=token_claims,
+            allow_unbound_refresh=allow_unbound_refresh,
+            refresh_rate=refresh_rate,
         )
+
+
+def check_secret(env: Mapping[str, str]) -> str:
+    """`NEXTAUTH_SECRET` from `env`; raises `SettingsError` when missing or short."""
+    secret = env.get("NEXTAUTH_SECRET", "")
+    if not secret:
+        raise SettingsError(
+            "NEXTAUTH_SECRET", "missing", "export a random secret of at least 32 bytes"
+        )
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise SettingsError(
+            "NEXTAUTH_SECRET",
+            f"shorter than {MIN_SECRET_BYTES} bytes",
+            "export a random secret of at least 32 bytes",
+        )
+    return secret
+
+
+def check_lifetime(token_lifetime: int) -> int:
+    """`token_lifetime` when it is 1 s to 7 days; else `SettingsError` naming the flag."""
+    if not 1 <= token_lifetime <= MAX_LIFETIME:
+        raise SettingsError(
+            "--token-lifetime",
+            f"{token_lifetime} s is out of range",
+            f"give 1 to {MAX_LIFETIME} seconds",
+        )
+    return token_lifetime
+
+
+def check_database(path: Path, *, create: bool) -> None:
+    """Raise `SettingsError` naming `path` unless SQLite can open it (create it if `create`)."""
+    if not create and not path.exists():
+        raise SettingsError("--db", f"no database at {path}", "give the file `serve` uses")
+    mode = "rwc" if create else "rw"
+    try:
+        uri = f"{path.absolute().as_uri()}?mode={mode}"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            db.execute("PRAGMA schema_version").fetchone()
+        finally:
+            db.close()
+    except (sqlite3.Error, OSError, ValueError) as exc:
+        raise SettingsError(
+            "--db", f"cannot open the database {path} ({exc})", "give a writable SQLite file"
+        ) from exc

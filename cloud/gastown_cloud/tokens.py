@@ -1,11 +1,14 @@
 """Mint and verify the gateway tokens of Gas Town sandboxes (HS256 JWTs).
 
 Payload, exactly: `{"sub", "type": "gastown_sandbox", "town_id", "organization_id", "iat",
-"exp"}` with `organization_id` a string or null and `iat`/`exp` integer Unix seconds.
+"exp"}` with `organization_id` a string or null and `iat`/`exp` integer Unix seconds. With
+`TokenClaims.KILO` it also carries `kiloUserId` (= `sub`) and `version: 3`, which Kilo's real
+gateway requires (`kilo_rule_met` is its rule).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import time
 from dataclasses import dataclass
@@ -20,6 +23,14 @@ TOKEN_TYPE = "gastown_sandbox"  # noqa: S105 (a claim value, not a secret)
 DEFAULT_LIFETIME = 86400
 MAX_TOKEN_BYTES = 8192
 _CLAIMS = ("sub", "type", "town_id", "organization_id", "iat", "exp")
+KILO_VERSION = 3
+
+
+class TokenClaims(enum.StrEnum):
+    """Which payload the cloud mints: the seed's six claims, or those plus Kilo's two."""
+
+    SEED = "seed"
+    KILO = "kilo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +42,24 @@ class GastownClaims:
     organization_id: str | None
     iat: int
     exp: int
+    # Kilo's claims as found in the payload (any JSON value, or None when absent).
+    kilo_user_id: object = None
+    version: object = None
 
     @property
     def lifetime(self) -> int:
         return self.exp - self.iat
+
+    def kilo_rule_met(self) -> bool:
+        """Kilo's gateway rule: `kiloUserId` a non-empty string and `version === 3`."""
+        return kilo_rule_met({"kiloUserId": self.kilo_user_id, "version": self.version})
+
+
+def kilo_rule_met(payload: dict[str, Any]) -> bool:
+    """Kilo's gateway rule on a decoded payload (JavaScript `===`: 3.0 is 3, true is not)."""
+    user, version = payload.get("kiloUserId"), payload.get("version")
+    is_number = isinstance(version, int | float) and not isinstance(version, bool)
+    return isinstance(user, str) and bool(user) and is_number and version == KILO_VERSION
 
 
 def fingerprint(token: str) -> str:
@@ -50,10 +75,11 @@ def mint_gastown_token(
     secret: str,
     lifetime: int = DEFAULT_LIFETIME,
     now: int | None = None,
+    claims: TokenClaims = TokenClaims.SEED,
 ) -> str:
     """A token for `user_id` in `town_id`, valid `lifetime` seconds from `now`."""
     iat = int(time.time()) if now is None else now
-    payload = {
+    payload: dict[str, Any] = {
         "sub": user_id,
         "type": TOKEN_TYPE,
         "town_id": town_id,
@@ -61,6 +87,8 @@ def mint_gastown_token(
         "iat": iat,
         "exp": iat + lifetime,
     }
+    if claims is TokenClaims.KILO:
+        payload |= {"kiloUserId": user_id, "version": KILO_VERSION}
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
@@ -125,4 +153,12 @@ def _claims(payload: dict[str, Any]) -> GastownClaims:
         raise TokenInvalid("invalid_claim", "organization_id must be a string or null")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (iat, exp)):
         raise TokenInvalid("invalid_claim", "iat and exp must be integers")
-    return GastownClaims(sub=sub, town_id=town_id, organization_id=org, iat=iat, exp=exp)
+    return GastownClaims(
+        sub=sub,
+        town_id=town_id,
+        organization_id=org,
+        iat=iat,
+        exp=exp,
+        kilo_user_id=payload.get("kiloUserId"),
+        version=payload.get("version"),
+    )

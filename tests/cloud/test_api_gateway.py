@@ -69,9 +69,10 @@ def test_gateway_answers_and_records_usage(shared_cloud: CloudServer, anon: http
 
 def test_refreshed_token_is_accepted(shared_cloud: CloudServer, anon: httpx.Client) -> None:
     """A token from the refresh route pays like the initial one, for the same user."""
-    town, _ = shared_cloud.create_town(user_id="refreshed")
+    town, token = shared_cloud.create_town(user_id="refreshed")
+    headers = {**shared_cloud.headers, "authorization": f"Bearer {token}"}
     refreshed = anon.post(
-        "/api/gastown/refresh-token", json={"townId": town["id"]}, headers=shared_cloud.headers
+        "/api/gastown/refresh-token", json={"townId": town["id"]}, headers=headers
     ).text
     assert _chat(anon, refreshed).status_code == 200
     assert [u["userId"] for u in shared_cloud.usage(town["id"])] == ["refreshed"]

@@ -1,10 +1,16 @@
-"""Token refresh on the real server: answers, Bearer binding, town states and bad input."""
+"""Token refresh on the real server: answers, Bearer binding, town states and bad input.
+
+Every refresh here carries the town's token as Bearer (the binding is on by default), except
+where the test is about its absence.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,8 +27,22 @@ PLAIN = "/api/gastown/refresh-token"
 TRPC = "/api/trpc/gastown.refreshToken"
 
 
-def _refresh(api: httpx.Client, town_id: Any, **kwargs: Any) -> httpx.Response:
+def _refresh(
+    api: httpx.Client, town_id: Any, bearer: str | None = None, **kwargs: Any
+) -> httpx.Response:
+    if bearer is not None:
+        kwargs["headers"] = {"authorization": f"Bearer {bearer}", **kwargs.get("headers", {})}
     return api.post(PLAIN, json={"townId": town_id}, **kwargs)
+
+
+def _seed_cron(cloud: CloudServer, town_id: str) -> subprocess.CompletedProcess[str]:
+    """The seed's cron line: `curl -s -X POST … -d '{"townId": …}'` with the key only."""
+    command = [
+        "curl", "-s", "-X", "POST", f"{cloud.url}{PLAIN}",
+        "-H", f"x-internal-api-key: {cloud.internal_key}",
+        "-d", f'{{"townId": "{town_id}"}}',
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
 
 
 def _error(answer: httpx.Response, status: int, code: str) -> None:
@@ -34,8 +54,8 @@ def _error(answer: httpx.Response, status: int, code: str) -> None:
 
 def test_refresh_answers_bare_jwt(shared_cloud: CloudServer, api: httpx.Client) -> None:
     """By default the answer is the JWT as text/plain, for the town's owner and organisation."""
-    town, _ = shared_cloud.create_town(user_id="u-plain", organization_id="org-9")
-    answer = _refresh(api, town["id"])
+    town, token = shared_cloud.create_town(user_id="u-plain", organization_id="org-9")
+    answer = _refresh(api, town["id"], token)
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
     assert answer.headers["cache-control"] == "no-store"
@@ -46,23 +66,62 @@ def test_refresh_answers_bare_jwt(shared_cloud: CloudServer, api: httpx.Client) 
     assert abs(claims.iat - time.time()) < 60
 
 
-def test_seed_cron_command_gets_bare_token(shared_cloud: CloudServer) -> None:
-    """The seed's cron `curl -s -X POST … -d '{"townId": …}'` (form content type) gets the JWT."""
-    town, _ = shared_cloud.create_town()
-    command = [
-        "curl", "-s", "-X", "POST", f"{shared_cloud.url}{PLAIN}",
-        "-H", f"x-internal-api-key: {shared_cloud.internal_key}",
-        "-d", f'{{"townId": "{town["id"]}"}}',
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+def test_seed_cron_command_gets_bare_token_when_unbound_is_allowed(
+    cloud_factory: Callable[..., CloudServer],
+) -> None:
+    """With --allow-unbound-refresh the seed's key-only cron line (form content type, real
+    curl) gets the bare JWT, and the server warned at start that the binding is off."""
+    cloud = cloud_factory(flags=["--allow-unbound-refresh"])
+    town, _ = cloud.create_town()
+    done = _seed_cron(cloud, town["id"])
     assert JWT.match(done.stdout)
-    assert verify_gastown_token(done.stdout, secret=shared_cloud.secret).town_id == town["id"]
+    assert verify_gastown_token(done.stdout, secret=cloud.secret).town_id == town["id"]
+    assert cloud.stop() == 0
+    warnings = [line for line in cloud.log_text().splitlines() if "refresh_binding_off" in line]
+    assert len(warnings) == 1
+    assert '"level": "warning"' in warnings[0]
+
+
+def test_seed_cron_command_is_refused_by_default(shared_cloud: CloudServer) -> None:
+    """By default the key alone refreshes no town: the seed's cron line gets a 401 JSON error."""
+    town, _ = shared_cloud.create_town()
+    before = shared_cloud.rows()
+    done = _seed_cron(shared_cloud, town["id"])
+    assert json.loads(done.stdout)["error"] == "token_required"
+    assert shared_cloud.rows() == before
+    assert "refresh_binding_off" not in shared_cloud.log_text()
+
+
+@pytest.mark.parametrize("route", [PLAIN, TRPC])
+def test_key_alone_is_401_on_both_routes(
+    shared_cloud: CloudServer, api: httpx.Client, route: str
+) -> None:
+    """Without a Bearer token both refresh routes answer 401 `token_required` and mint nothing."""
+    town, _ = shared_cloud.create_town()
+    answer = api.post(route, json={"townId": town["id"]})
+    _error(answer, 401, "token_required")
+    assert "Bearer" in answer.json()["message"]
+
+
+def test_unbound_mode_still_checks_a_bearer_that_is_sent(
+    cloud_factory: Callable[..., CloudServer],
+) -> None:
+    """--allow-unbound-refresh lets the key alone through, never a foreign or forged Bearer."""
+    cloud = cloud_factory(flags=["--allow-unbound-refresh"])
+    town, token = cloud.create_town(user_id="owner-u")
+    with httpx.Client(base_url=cloud.url, headers=cloud.headers, timeout=10) as api:
+        assert _refresh(api, town["id"]).status_code == 200
+        assert _refresh(api, town["id"], token).status_code == 200
+        for name, bearer in _forged(cloud, town).items():
+            answer = _refresh(api, town["id"], bearer)
+            assert answer.status_code == 403, name
+            assert answer.json()["error"] == "token_binding"
 
 
 def test_accept_json_gets_token_and_expiry(shared_cloud: CloudServer, api: httpx.Client) -> None:
     """`Accept: application/json` gets `{"token", "expiresAt"}` with expiresAt in RFC 3339."""
-    town, _ = shared_cloud.create_town()
-    answer = _refresh(api, town["id"], headers={"accept": "application/json"})
+    town, token = shared_cloud.create_town()
+    answer = _refresh(api, town["id"], token, headers={"accept": "application/json"})
     assert answer.status_code == 200
     body = answer.json()
     assert set(body) == {"token", "expiresAt"}
@@ -76,9 +135,9 @@ def test_trpc_envelope_and_wrapped_input(
     shared_cloud: CloudServer, api: httpx.Client, route: str, wrapped: bool
 ) -> None:
     """Both routes take `{"townId"}` or `{"json": {"townId"}}`; tRPC answers `result.data`."""
-    town, _ = shared_cloud.create_town()
+    town, token = shared_cloud.create_town()
     body = {"json": {"townId": town["id"]}} if wrapped else {"townId": town["id"]}
-    answer = api.post(route, json=body)
+    answer = api.post(route, json=body, headers={"authorization": f"Bearer {token}"})
     assert answer.status_code == 200, answer.text
     token = answer.json()["result"]["data"] if route == TRPC else answer.text
     assert verify_gastown_token(token, secret=shared_cloud.secret).town_id == town["id"]
@@ -122,27 +181,28 @@ def test_foreign_bearer_is_403(shared_cloud: CloudServer, api: httpx.Client) -> 
 
 
 @pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Bearer", "Negotiate abc", "token"])
-def test_non_bearer_authorization_is_403(
+def test_non_bearer_authorization_is_401(
     shared_cloud: CloudServer, api: httpx.Client, value: str
 ) -> None:
-    """An Authorization header that is not a Bearer token cannot bind anything: 403."""
+    """An Authorization header that holds no Bearer token is no Bearer: 401 `token_required`."""
     town, _ = shared_cloud.create_town()
-    _error(_refresh(api, town["id"], headers={"authorization": value}), 403, "token_binding")
+    _error(_refresh(api, town["id"], headers={"authorization": value}), 401, "token_required")
 
 
 def test_town_states(shared_cloud: CloudServer, api: httpx.Client) -> None:
     """Stopped towns get 409, started again 200, destroyed 410, unknown 404."""
     town, token = shared_cloud.create_town()
-    shared_cloud.set_status(town["id"], "stop")
-    _error(_refresh(api, town["id"]), 409, "town_stopped")
-    _error(api.post(TRPC, json={"json": {"townId": town["id"]}}), 409, "town_stopped")
-    shared_cloud.set_status(town["id"], "start")
-    assert _refresh(api, town["id"]).status_code == 200
-    shared_cloud.set_status(town["id"], "destroy")
-    _error(_refresh(api, town["id"]), 410, "town_destroyed")
     bearer = {"authorization": f"Bearer {token}"}
-    _error(_refresh(api, town["id"], headers=bearer), 410, "town_destroyed")
-    _error(_refresh(api, "no-such-town"), 404, "town_not_found")
+    shared_cloud.set_status(town["id"], "stop")
+    _error(_refresh(api, town["id"], token), 409, "town_stopped")
+    trpc_body = {"json": {"townId": town["id"]}}
+    _error(api.post(TRPC, json=trpc_body, headers=bearer), 409, "town_stopped")
+    shared_cloud.set_status(town["id"], "start")
+    assert _refresh(api, town["id"], token).status_code == 200
+    shared_cloud.set_status(town["id"], "destroy")
+    _error(_refresh(api, town["id"], token), 410, "town_destroyed")
+    _error(_refresh(api, "no-such-town", token), 404, "town_not_found")
+    _error(_refresh(api, "no-such-town"), 401, "token_required")
 
 
 def test_foreign_bearer_on_stopped_town_is_403(

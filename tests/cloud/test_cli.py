@@ -96,15 +96,25 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
     assert "in use" in done.stderr
 
 
-def test_unopenable_database_exits_1(tmp_path: Path) -> None:
-    """A database in a missing folder gives exit 1 and one line saying why."""
+@pytest.mark.parametrize("kind", ["missing folder", "not a database", "a folder"])
+def test_unopenable_database_exits_2_naming_it(tmp_path: Path, kind: str) -> None:
+    """A database that cannot be opened stops `serve` at once: exit 2, one line with the path."""
     env = {"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}
-    db = str(tmp_path / "missing" / "c.db")
-    done = _run(["serve", "--port", "0", "--db", db], env, tmp_path)
-    assert done.returncode == 1
+    db = tmp_path / "missing" / "c.db"
+    if kind == "not a database":
+        db = tmp_path / "notes.db"
+        db.write_text("these are notes, not SQLite\n" * 100)
+    elif kind == "a folder":
+        db = tmp_path / "folder.db"
+        db.mkdir()
+    before = db.read_bytes() if db.is_file() else None
+    done = _run(["serve", "--port", "0", "--db", str(db)], env, tmp_path)
+    assert done.returncode == 2
     assert done.stdout == ""
-    assert "cannot serve" in done.stderr.splitlines()[-1]
-    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("gastown-cloud: setting --db: cannot open the database ")
+    assert str(db) in done.stderr
+    assert (db.read_bytes() if db.is_file() else None) == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -126,7 +136,7 @@ def test_logs_never_hold_secrets_or_tokens(cloud: CloudServer) -> None:
     refreshed = httpx.post(
         f"{cloud.url}/api/gastown/refresh-token",
         json={"townId": town["id"]},
-        headers=cloud.headers,
+        headers={**cloud.headers, "authorization": f"Bearer {token}"},
         timeout=10,
     ).text
     chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}

@@ -306,9 +306,15 @@ def test_hostile_put_token_bodies_are_refused_and_change_nothing(
 
 @pytest.mark.parametrize("case", ["no token line", "no file", "expired", "another town's"])
 def test_a_bad_env_file_at_start_is_refreshed_at_once(
-    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, case: str
+    cloud_factory: Callable[..., CloudServer],
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+    case: str,
 ) -> None:
-    """A daemon whose env file has no usable token gets a fresh one as it starts."""
+    """A daemon whose env file has no usable token gets a fresh one as it starts: an expired
+    token of the town binds the refresh; with none, the cloud must allow key-only refresh."""
+    flags = [] if case == "expired" else ["--allow-unbound-refresh"]
+    cloud = cloud_factory(flags=flags)
     town = create_town(cloud)
     env_file = tmp_path / "home" / ".env.gateway"
     old: str | None = None

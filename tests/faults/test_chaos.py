@@ -329,11 +329,11 @@ async def test_proxy_passes_the_cloud_through_byte_for_byte(
 ) -> None:
     """Pass-through gives the cloud's own answers; each request is one connection and one hit."""
     create = functools.partial(chaos_cloud.create_town, "user-direct", name="direct")
-    town, _ = await anyio.to_thread.run_sync(create)
+    town, initial = await anyio.to_thread.run_sync(create)
     for base in (chaos_cloud.url, proxy.url, proxy.url):
         async with CloudClient(
             base_url=base, internal_key=chaos_cloud.internal_key, town_id=town["id"]
         ) as client:
-            token = await client.refresh(None)
+            token = await client.refresh(initial)
         assert acceptability_reasons(token, town_id=town["id"], now=time.time()) == []
     assert [hit.mode for hit in proxy.hits] == [Mode.PASS, Mode.PASS]

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import anyio
 
+from gastown_cloud.tokens import verify_gastown_token
+from tests.fixtures.cloud import CloudServer
+
 from .conftest import StandInCloud
 from .test_refresh_token_sh import KEY, SCRIPT, TOWN, mint
 
@@ -49,13 +52,15 @@ def test_job_line() -> None:
     assert "INTERNAL_API_KEY=" not in CRONTAB.read_text()
 
 
-async def run_job(tmp_path: Path, cloud_url: str) -> tuple[int, Path]:
+async def run_job(
+    tmp_path: Path, cloud_url: str, *, town: str = TOWN, key: str = KEY
+) -> tuple[int, Path]:
     """Run the job's command with /bin/sh as cron would, paths pointed into tmp_path."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     settings = tmp_path / "settings.env"
     settings.write_text(
-        f"TOWN_ID={TOWN}\nCLOUD_API_URL={cloud_url}\nINTERNAL_API_KEY={KEY}\n"
+        f"TOWN_ID={town}\nCLOUD_API_URL={cloud_url}\nINTERNAL_API_KEY={key}\n"
         f"GASTOWN_ENV_FILE={home / '.env.gateway'}\n"
     )
     stubs = tmp_path / "bin"
@@ -104,3 +109,29 @@ async def test_job_skips_while_another_runs(tmp_path: Path, standin_cloud: Stand
         _, env_file = await run_job(tmp_path, standin_cloud.url)
     assert not env_file.exists()
     assert standin_cloud.requests == []
+
+
+async def test_job_binds_with_the_provisioned_token_on_the_real_cloud(
+    tmp_path: Path, cloud: CloudServer
+) -> None:
+    """Against gastown_cloud (binding on): with createTown's token in the env file the job
+    sends it as Bearer and writes the new token; with no token it is refused, logged, and the
+    env file is left alone."""
+    town, initial = cloud.create_town(user_id="cron-user")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".env.gateway").write_text(f"KILO_JWT={initial}\n")
+    code, env_file = await run_job(tmp_path, cloud.url, town=town["id"], key=cloud.internal_key)
+    assert code == 0
+    (line,) = env_file.read_text().splitlines()
+    refreshed = line.removeprefix("KILO_JWT=")
+    assert verify_gastown_token(refreshed, secret=cloud.secret).town_id == town["id"]
+    # Within the same second the cloud mints the same token again: "unchanged" then.
+    assert ", town " in (tmp_path / "logger.input").read_text()
+
+    env_file.write_text("OTHER=1\n")
+    await run_job(tmp_path, cloud.url, town=town["id"], key=cloud.internal_key)
+    assert env_file.read_text() == "OTHER=1\n"
+    logged = (tmp_path / "logger.input").read_text()
+    assert "HTTP 401" in logged
+    assert "no token of town" in logged

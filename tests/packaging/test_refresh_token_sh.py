@@ -522,8 +522,11 @@ async def test_env_file_that_is_a_folder(sandbox: Sandbox, standin_cloud: StandI
 async def test_refusals_leave_the_env_file(
     sandbox: Sandbox, standin_cloud: StandInCloud, status: int, words: str
 ) -> None:
-    """Every refusal of the cloud fails with one line that says what it means."""
-    before = sandbox.write_env(ENV_TEXT)
+    """Every refusal of the cloud fails with one line that says what it means (the env file
+    holds a token of the town, so the refresh was bound)."""
+    current = mint()
+    sandbox.secrets.append(current)
+    before = sandbox.write_env(env_with(current))
     # A token in an error body must not reach the env file nor the output either.
     standin_cloud.answer_text(mint(), status=status)
     line = assert_failed(await sandbox.run(), sandbox, before)
@@ -797,17 +800,49 @@ def assert_refreshed_by(
     return claims_
 
 
-async def test_real_cloud_issues_then_binds(tmp_path: Path, cloud: CloudServer) -> None:
-    """Against gastown_cloud: a first run writes a signed token, a second run binds with it."""
-    town, _ = cloud.create_town(user_id="user-42", organization_id="org-7")
+async def test_real_cloud_binds_with_the_provisioned_token(
+    tmp_path: Path, cloud: CloudServer
+) -> None:
+    """Against gastown_cloud: with createTown's token in the env file (provisioning) a run
+    refreshes, and the next run binds with the token the first one wrote."""
+    town, initial = cloud.create_town(user_id="user-42", organization_id="org-7")
     sandbox = cloud_sandbox(tmp_path, cloud, town["id"])
-    sandbox.write_env("# agents source this\nOTHER=1\n")
+    sandbox.secrets.append(initial)
+    sandbox.write_env(f"# agents source this\nOTHER=1\nKILO_JWT={initial}\n", mode=0o600)
     claims_ = assert_refreshed_by(await sandbox.run(), sandbox, cloud)
     assert (claims_["sub"], claims_["organization_id"]) == ("user-42", "org-7")
     first = sandbox.token()
     assert sandbox.env_file.read_text() == f"# agents source this\nOTHER=1\nKILO_JWT={first}\n"
-    # The cloud answers 403 to a Bearer it cannot bind, so success proves the binding held.
+    # The cloud answers 401 without a Bearer and 403 to one it cannot bind, so success
+    # proves the binding held.
     assert_refreshed_by(await sandbox.run(), sandbox, cloud)
+
+
+async def test_real_cloud_refuses_a_run_without_a_token_and_says_why(
+    tmp_path: Path, cloud: CloudServer
+) -> None:
+    """With no token of the town in the env file the key alone is refused (401): the env file
+    stays as it was and the one line says to write the town's first token."""
+    town, _ = cloud.create_town()
+    sandbox = cloud_sandbox(tmp_path, cloud, town["id"])
+    before = sandbox.write_env("# agents source this\nOTHER=1\n", mode=0o600)
+    line = assert_failed(await sandbox.run(), sandbox, before)
+    assert "HTTP 401" in line
+    assert "no token of town" in line
+    assert "createTown" in line
+
+
+async def test_unbound_cloud_issues_a_first_token_without_one(
+    tmp_path: Path, cloud_factory: Callable[..., CloudServer]
+) -> None:
+    """A cloud run with --allow-unbound-refresh (the seed's key-only way) gives a first token
+    to a run whose env file has none."""
+    cloud = cloud_factory(flags=["--allow-unbound-refresh"])
+    town, _ = cloud.create_town()
+    sandbox = cloud_sandbox(tmp_path, cloud, town["id"])
+    sandbox.write_env("OTHER=1\n")
+    assert_refreshed_by(await sandbox.run(), sandbox, cloud)
+    assert sandbox.env_file.read_text() == f"OTHER=1\nKILO_JWT={sandbox.token()}\n"
 
 
 async def test_real_cloud_short_lifetime(
@@ -815,8 +850,10 @@ async def test_real_cloud_short_lifetime(
 ) -> None:
     """A cloud started with --token-lifetime 60 issues tokens the script accepts."""
     cloud = cloud_factory(token_lifetime=60)
-    town, _ = cloud.create_town()
+    town, initial = cloud.create_town()
     sandbox = cloud_sandbox(tmp_path, cloud, town["id"])
+    sandbox.secrets.append(initial)
+    sandbox.write_env(f"KILO_JWT={initial}\n", mode=0o600)
     claims_ = assert_refreshed_by(await sandbox.run(), sandbox, cloud)
     assert claims_["exp"] - claims_["iat"] == 60
 

@@ -8,7 +8,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,10 +50,11 @@ def test_the_env_file_is_0600_after_every_write_even_when_it_was_0644(
 
 
 def test_an_env_file_created_by_the_first_refresh_is_0600(
-    daemon_factory: DaemonFactory, cloud: CloudServer, tmp_path: Path
+    daemon_factory: DaemonFactory, cloud_factory: Callable[..., CloudServer], tmp_path: Path
 ) -> None:
     """With no env file at start, the refresh against the real cloud creates it 0600, even
-    under umask 000."""
+    under umask 000 (a first token from the cloud needs key-only refresh allowed)."""
+    cloud = cloud_factory(flags=["--allow-unbound-refresh"])
     town, _ = cloud.create_town(user_id="user-modes", name="modes")
     env_file = tmp_path / "home" / ".env.gateway"
     env_file.parent.mkdir()

@@ -19,13 +19,18 @@ from bench.fleet import (
     HOUR,
     FleetResult,
     Outage,
+    RecoveryResult,
     expected_backoff,
     expected_load,
     first_day_within,
     main,
     noise_peak,
+    recovery_histogram,
+    recovery_table,
+    retry_after_histogram,
     run,
     simulate,
+    simulate_recovery,
 )
 
 from gastown_sandboxd.token.schedule import SchedulePolicy, backoff_delay
@@ -294,6 +299,7 @@ def test_main_prints_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     """`python -m bench.fleet` prints the storms, the expected load, the restart and the outages."""
     argv = ["--sandboxes", "500", "--horizon-days", "14"]
     argv += ["--long-outage-sandboxes", "20", "--long-outage-hours", "13"]
+    argv += ["--recovery-rate", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     headings = (
@@ -306,6 +312,10 @@ def test_main_prints_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
         "2 h outage",
         "13 h outage",
         "calls/min for 500 sandboxes at the 30 s cap",
+        "then the cloud admits 2 refreshes per second",
+        "Retry-After (s)",
+        "no admission control",
+        "everyone told 1 s",
     )
     for heading in headings:
         assert heading in out
@@ -322,3 +332,68 @@ def test_run_gives_the_headline_figures() -> None:
     (storm,) = [row for row in rows if "10-min peak" in row.name and "boot storm" in row.name]
     assert storm.baseline is not None
     assert storm.value < storm.baseline
+    (admitted,) = [row for row in rows if "most admitted in 1 s" in row.name]
+    assert admitted.value <= 1
+    assert admitted.baseline is not None
+    assert admitted.baseline > admitted.value
+
+
+# --- recovery under the cloud's admission control --------------------------------------------
+
+RATE = 10
+# A refused daemon waits the longer of Retry-After and its own backoff, up to 300 s (§3).
+LONGEST_BACKOFF = POLICY.backoff_max
+
+
+@pytest.fixture(scope="module")
+def recovery() -> RecoveryResult:
+    """10,000 sandboxes due during a 2 h outage; then the cloud admits 10 refreshes a second."""
+    return simulate_recovery(N, RATE)
+
+
+def test_recovery_never_admits_more_than_the_rate(recovery: RecoveryResult) -> None:
+    """No one-second window after the outage holds more than `rate` admissions."""
+    assert recovery.most_in_one_second() <= RATE
+    assert max(recovery.admitted_per_second()) <= RATE
+    assert len(recovery.admitted) == N
+
+
+def test_recovery_gives_every_sandbox_a_fresh_token_in_bounded_time(
+    recovery: RecoveryResult,
+) -> None:
+    """Every sandbox holds a fresh token within n / rate + 60 s plus the daemon's longest
+    backoff (a refused sandbox may come back up to 300 s after a refusal, whatever Retry-After
+    says); and no sooner than the admissions allow."""
+    assert len(recovery.fresh_at) == N
+    assert min(recovery.fresh_at) >= 0
+    assert recovery.recovery >= N / RATE - 1
+    assert recovery.recovery <= recovery.bound + LONGEST_BACKOFF
+
+
+def test_without_admission_control_the_cloud_takes_the_herd() -> None:
+    """The same fleet with no limit: the cloud admits many times the rate in one second."""
+    unlimited = simulate_recovery(N, None)
+    assert unlimited.refusals == 0
+    assert unlimited.most_in_one_second() > 5 * RATE
+    assert unlimited.recovery <= LONGEST_BACKOFF
+
+
+def test_spread_retry_after_sends_fewer_503s_than_one_second(recovery: RecoveryResult) -> None:
+    """Retry-After spread over the backlog: fewer refusals than telling everyone 1 s, with waits
+    reaching across the backlog rather than one value for all."""
+    told_one = simulate_recovery(N, RATE, retry_after="one")
+    assert told_one.most_in_one_second() <= RATE
+    assert set(told_one.waits) == {1}
+    assert recovery.refusals < 0.9 * told_one.refusals
+    assert max(recovery.waits) >= N / RATE / 2
+    assert len(recovery.waits) >= 100
+
+
+def test_recovery_histograms_print(recovery: RecoveryResult) -> None:
+    """The histograms name the columns and end with every sandbox fresh."""
+    text = recovery_histogram(recovery)
+    assert "calls/s" in text
+    assert text.splitlines()[-1].split()[5] == "0"  # none waiting in the last bucket
+    assert "Retry-After" in retry_after_histogram(recovery)
+    assert retry_after_histogram(simulate_recovery(100, None)) == "(no refusals)"
+    assert "n/rate + 60" in recovery_table([("spread", recovery)])
