@@ -191,7 +191,8 @@ def _paths() -> dict[str, Any]:
         },
         town_path + "/stop": {"post": _town_change("Stop a town")},
         town_path + "/start": {"post": _town_change("Start a stopped town")},
-        town_path + "/config": {"patch": _config_patch()},
+        town_path + "/config": {"patch": _config_patch(), "get": _config_read()},
+        town_path + "/config/status": {"post": _config_report()},
         "/api/gastown/refresh-token": {"post": _refresh_operation(trpc=False)},
         "/api/trpc/gastown.refreshToken": {"post": _refresh_operation(trpc=True)},
         "/api/gateway/chat/completions": {"post": _chat_operation()},
@@ -224,24 +225,105 @@ def _paths() -> dict[str, Any]:
 
 
 def _config_patch() -> dict[str, Any]:
-    """The dashboard's model change (section 10 of the contract): forwarded to the sandbox."""
-    passed = _json({"type": "object"}, "The sandbox's answer, passed through.")
+    """The dashboard's model change (section 10 of the contract): kept, then pushed."""
+    passed = _json({"type": "object"}, "The sandbox's refusal, passed through; nothing kept.")
+    applied = _json(
+        {"type": "object", "required": ["generation", "state"]},
+        "The sandbox applied it: its answer, with the generation and state `applied`.",
+    )
+    pending = _json(
+        {
+            "type": "object",
+            "required": ["generation", "state", "reason", "message"],
+            "properties": {
+                "generation": {"type": "integer", "minimum": 0},
+                "state": {"const": "pending"},
+                "reason": {"type": "string"},
+                "message": {"type": "string"},
+            },
+        },
+        "Kept as the next generation; the sandbox converges on it at its next sync.",
+    )
     return {
-        "summary": "Change the town's model configuration (forwarded to its sandbox)",
+        "summary": "Change the town's desired model configuration and push it to its sandbox",
         "security": _KEY,
         "parameters": [_TOWN_ID],
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"type": "object"}}},
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/merge-patch+json": {"schema": {"type": "object"}},
+            },
         },
         "responses": {
-            "200": passed,
+            "200": applied,
+            "202": pending,
             **_errors(400, 401, 404, 413),
-            "409": _error("The town is not active (or the sandbox's 409, passed through)."),
+            "409": _error("The town is not active, or the sandbox's 409, passed through."),
             "412": passed,
-            "415": passed,
-            "422": passed,
-            "502": _error("The sandbox cannot be reached, refused the key, or has no URL."),
+            "415": _error("The body is not application/json or merge-patch+json."),
+            "422": _error("A key the sandbox does not manage, or the sandbox's 422 passed on."),
+        },
+    }
+
+
+def _config_read() -> dict[str, Any]:
+    """The desired configuration and how far the sandbox has applied it."""
+    return {
+        "summary": "The town's desired configuration, its generation and its state",
+        "security": _KEY,
+        "parameters": [
+            _TOWN_ID,
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+            },
+        ],
+        "responses": {
+            "200": _json(_ref("TownConfig"), "The desired configuration (ETag header)."),
+            "304": {"description": "Unchanged since the ETag in If-None-Match."},
+            **_errors(401, 404),
+            "403": _error("A Bearer token was sent that is not the town's."),
+        },
+    }
+
+
+def _config_report() -> dict[str, Any]:
+    """The sandbox's report after a sync (key and the town's Bearer)."""
+    report = {
+        "type": "object",
+        "required": ["observedGeneration"],
+        "properties": {
+            "observedGeneration": {"type": "integer", "minimum": 0},
+            "revision": _NULLABLE_STRING,
+            "error": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["message"],
+                        "properties": {
+                            "message": {"type": "string", "minLength": 1},
+                            "details": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                ]
+            },
+        },
+    }
+    return {
+        "summary": "The sandbox reports the generation it applied, or why it could not",
+        "security": _KEY_AND_BEARER,
+        "parameters": [_TOWN_ID],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": report}}},
+        "responses": {
+            "200": _json(_ref("TownConfig"), "The configuration after the report."),
+            **_errors(400, 404, 410, 413),
+            "401": _error("A wrong key, or no Bearer token of the town."),
+            "403": _error("The Bearer token does not verify or is another town's."),
+            "409": _error("The reported generation is newer than the cloud's."),
         },
     }
 
@@ -271,6 +353,26 @@ def _chat_operation() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     return {
+        "TownConfig": {
+            "type": "object",
+            "required": [
+                "generation",
+                "desired",
+                "observedGeneration",
+                "state",
+                "lastError",
+                "appliedAt",
+            ],
+            "properties": {
+                "generation": {"type": "integer", "minimum": 0},
+                "desired": {"type": "object"},
+                "observedGeneration": {"type": "integer", "minimum": 0},
+                "state": {"enum": ["applied", "pending", "failed"]},
+                "lastError": {"type": ["object", "null"]},
+                "appliedAt": _NULLABLE_STRING,
+                "revision": _NULLABLE_STRING,
+            },
+        },
         "Jwt": {
             "type": "string",
             "pattern": "^[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$",

@@ -88,7 +88,7 @@ async def test_every_route_is_documented_and_every_operation_is_routed(tmp_path:
 
 
 def test_security_matches_the_routes() -> None:
-    """The gateway alone is keyless (Bearer only); the refresh routes need key and Bearer."""
+    """The gateway alone is keyless (Bearer only); refreshes and config reports need both."""
     document = openapi_document()
     security = {
         (method.upper(), path): operation["security"]
@@ -96,7 +96,11 @@ def test_security_matches_the_routes() -> None:
         for method, operation in item.items()
     }
     assert security.pop(("POST", "/api/gateway/chat/completions")) == [{"townToken": []}]
-    for route in ("/api/gastown/refresh-token", "/api/trpc/gastown.refreshToken"):
+    for route in (
+        "/api/gastown/refresh-token",
+        "/api/trpc/gastown.refreshToken",
+        "/api/gastown/towns/{town_id}/config/status",
+    ):
         assert security.pop(("POST", route)) == [{"internalKey": [], "townToken": []}]
     assert all(value == [{"internalKey": []}] for value in security.values())
 
