@@ -197,6 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(flags, config_file=args.config)
     # Before logging starts: a bad town root must end start-up with its one line alone.
     check_town_root(settings.town_root)
+    agents.check_shim_dir(settings.shim_dir)
     configure_logging(
         format=settings.log_format,
         level=settings.log_level,
