@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,21 +21,45 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-# What a stand-in agent CLI does: record the credential it would send, one line per start.
-STANDIN_AGENT = """#!/bin/sh
-printf '%s %s %s\\n' "$(basename "$0")" "${ANTHROPIC_AUTH_TOKEN:-${KILOCODE_TOKEN:-none}}" \
-"$*" >> "$AGENT_RECORD"
+# A stand-in agent CLI: records the credential it would send, one JSON line per start. Like
+# Claude Code, `claude` sends ANTHROPIC_AUTH_TOKEN when set, else its apiKeyHelper's output.
+STANDIN_AGENT = """#!{python}
+import json, os, subprocess, sys
+name = os.path.basename(sys.argv[0])
+source = "env"
+if name == "claude":
+    token = os.environ.get("ANTHROPIC_AUTH_TOKEN")
+    if not token:
+        home = os.environ.get("HOME", "")
+        folder = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(home, ".claude")
+        with open(os.path.join(folder, "settings.json")) as handle:
+            helper = json.load(handle).get("apiKeyHelper")
+        token = subprocess.run(helper, shell=True, capture_output=True, text=True).stdout.strip()
+        source = "helper"
+else:
+    token = os.environ.get("KILOCODE_TOKEN")
+line = {{"name": name, "token": token, "source": source, "args": sys.argv[1:]}}
+with open(os.environ["AGENT_RECORD"], "a") as handle:
+    handle.write(json.dumps(line) + "\\n")
 """
 
 
 def make_standin_agents(folder: Path, names: tuple[str, ...] = ("claude", "kilo")) -> Path:
-    """Small scripts named like agent CLIs that append `name token args` to $AGENT_RECORD."""
+    """Executables named like agent CLIs that append what they would send to $AGENT_RECORD."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = folder / name
-        path.write_text(STANDIN_AGENT)
+        path.write_text(STANDIN_AGENT.format(python=sys.executable))
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return folder
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The lines the stand-in agents wrote so far."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    except FileNotFoundError:
+        return []
 
 
 @dataclass(frozen=True)
