@@ -233,6 +233,13 @@ def load_settings(
         max_sleep=parse_duration(refresh.get("max_sleep", 30), setting="refresh.max_sleep"),
     )
     agents = _table(toml, "agents")
+    unknown_agent_keys = sorted(set(agents) - {"shims", "shim_dir", "claude_helper_ttl"})
+    if unknown_agent_keys:
+        raise SettingsError(
+            f"agents.{unknown_agent_keys[0]}",
+            "is not a setting",
+            "use shims, shim_dir or claude_helper_ttl",
+        )
     extra = config.get("extra_presets", [])
     if not isinstance(extra, list) or not all(isinstance(x, str) and x for x in extra):
         raise SettingsError(
