@@ -101,9 +101,14 @@ async def write_token(path: Path, token: str) -> bool:
     return await anyio.to_thread.run_sync(_write_token_sync, Path(path), token)
 
 
-def _write_token_sync(path: Path, token: str) -> bool:
-    from gastown_sandboxd.atomic import write_atomic
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> bool:
+    """`atomic.write_atomic`, imported on first write (readers of the file never pay for it)."""
+    from gastown_sandboxd.atomic import write_atomic as write
 
+    return write(path, data, mode=mode)
+
+
+def _write_token_sync(path: Path, token: str) -> bool:
     current = read_env(path)
     old = current.to_bytes()
     new = current.with_value(TOKEN_KEY, token).to_bytes()
