@@ -126,8 +126,9 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     env = agent_environment(
         os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
     )
+    executable = resolve_command(argv[0], env.get("PATH", os.defpath))
     try:
-        os.execvpe(argv[0], argv, env)  # noqa: S606 - exec without a shell is the point
+        os.execve(executable, argv, env)  # noqa: S606 - exec without a shell is the point
     except OSError as exc:
         say(f"cannot exec {argv[0]}: {exc.strerror}")
         return 127 if isinstance(exc, FileNotFoundError) else 126
@@ -191,6 +192,24 @@ def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str
     _ask_daemon_to_refresh(where.socket, say=say)
     values = read_values(where.env_file)
     return values, values.get(TOKEN_KEY) or None
+
+
+def resolve_command(command: str, search_path: str) -> str:
+    """`command` as `execvp` would find it, passing over agent shims (no second wrapping).
+
+    A legacy `exec_wrapper` (`gastown-sandboxd exec -- claude`) would otherwise find the shim
+    first on PATH and start Python twice. Unfound, the command is returned as given.
+    """
+    if "/" in command:
+        return command
+    from gastown_sandboxd.agents.shims import is_shim
+
+    for folder in search_path.split(os.pathsep):
+        candidate = os.path.join(folder or ".", command)
+        runnable = os.path.isfile(candidate) and os.access(candidate, os.X_OK)
+        if runnable and not is_shim(Path(candidate)):
+            return candidate
+    return command
 
 
 def read_values(path: Path) -> dict[str, str]:

@@ -61,6 +61,11 @@ class AgentKeeper:
             await anyio.sleep(self.interval)
             await anyio.to_thread.run_sync(self.sync)
 
+    def update(self, *, names: Sequence[str], claude_helper_ttl: float) -> None:
+        """New `agents.shims` and helper TTL (SIGHUP); the next `sync` rewrites what changed."""
+        self.names = tuple(names)
+        self.claude_helper_ttl = claude_helper_ttl
+
     def sync(self) -> None:
         """One pass: shims, then Claude's settings; problems are logged, never raised."""
         claude_found = False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ def check_shim_dir(path: Path) -> None:
     """Create the shim folder if needed and prove it writable; else `SettingsError` (exit 2)."""
     setting = "agent shim folder (GASTOWN_SANDBOXD_SHIM_DIR)"
     fix = "give the daemon's user a writable folder, or set --shim-dir"
+    import tempfile
+
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +16,10 @@ from gastown_sandboxd.agents.exec import (
     agent_environment,
     is_gateway_token,
     read_values,
+    resolve_command,
     usable,
 )
+from gastown_sandboxd.agents.shims import SHIM_MARKER
 from tests.daemon.minting import mint
 
 NOW = time.time()
@@ -151,3 +156,53 @@ def test_read_values_of_a_missing_file_is_empty(tmp_path: Path) -> None:
     assert read_values(tmp_path / "missing") == {}
     (tmp_path / "env").write_text(f"# c\nKILO_JWT={CURRENT}\nexport OTHER='a b'\n")
     assert read_values(tmp_path / "env") == {"KILO_JWT": CURRENT, "OTHER": "a b"}
+
+
+def _light_exec(tmp_path: Path, env_file: Path) -> list[str]:
+    """The shims' entry of `exec`, up to and including `--`."""
+    light = [sys.executable, "-m", "gastown_sandboxd.agents", "exec"]
+    return [*light, "--env-file", str(env_file), "--socket", str(tmp_path / "none.sock"), "--"]
+
+
+def test_a_legacy_exec_wrapper_passes_over_the_shim_to_the_real_cli(tmp_path: Path) -> None:
+    """`exec -- kilo` with the shim folder first on PATH runs the real kilo, not the shim."""
+    shims, real = tmp_path / "shims", tmp_path / "real"
+    for folder in (shims, real):
+        folder.mkdir()
+    flag = tmp_path / "shim-ran"
+    (shims / "kilo").write_text(f"#!/bin/sh\n{SHIM_MARKER} for kilo\ntouch {flag}\nexit 9\n")
+    (real / "kilo").write_text('#!/bin/sh\nprintf "%s" "$KILOCODE_TOKEN"\n')
+    for path in (shims / "kilo", real / "kilo"):
+        path.chmod(0o755)
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    assert resolve_command("kilo", f"{shims}{os.pathsep}{real}") == str(real / "kilo")
+    assert resolve_command("./kilo", str(shims)) == "./kilo"
+    assert resolve_command("nowhere", str(shims)) == "nowhere"
+    done = subprocess.run(
+        [*_light_exec(tmp_path, env_file), "kilo"],
+        env={"PATH": f"{shims}{os.pathsep}{real}{os.pathsep}/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, CURRENT, "")
+    assert not flag.exists()
+
+
+def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
+    """exec of a command that cannot be found: 127 and one line, as a shell does."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    done = subprocess.run(
+        [*_light_exec(tmp_path, env_file), "no-such-agent-cli"],
+        env={"PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 127
+    assert done.stderr.count("\n") == 1
+    assert "no-such-agent-cli" in done.stderr

@@ -128,3 +128,15 @@ async def test_run_syncs_before_it_reports_started_and_stops_on_cancel(tmp_path:
         await tg.start(keeper.run)
         assert (tmp_path / "shims" / "claude").exists()
         tg.cancel_scope.cancel()
+
+
+def test_update_takes_effect_at_the_next_sync(tmp_path: Path) -> None:
+    """New names and TTL (a SIGHUP): the claude shim is rewritten with the new TTL."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    keeper.sync()
+    assert "--helper-ttl-ms 1000" in (tmp_path / "shims" / "claude").read_text()
+    keeper.update(names=("claude", "codex"), claude_helper_ttl=2.5)
+    with capture_logs() as logs:
+        keeper.sync()
+    assert "--helper-ttl-ms 2500" in (tmp_path / "shims" / "claude").read_text()
+    assert [e["event"] for e in logs] == ["agent_shim_written", "agent_cli_absent"]
