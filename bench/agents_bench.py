@@ -1,8 +1,9 @@
 """What a shim adds to an agent's start: wall time from spawn to exit, shim vs bare binary.
 
 The "agent" is a copy of /bin/true, so every figure is start-up cost alone. Each row runs the
-same command many times (one at a time) and reports the median, with the bare binary's median
-from the same run as the baseline:
+same command many times (one at a time) and reports the median wall time, with the bare
+binary's median from the same run as the baseline, and the CPU time per start (user + system,
+from the children's rusage: a busy machine stretches wall time far more than CPU time):
 
 - bare binary: the copy of /bin/true, by absolute path (the baseline);
 - Python start: `python -I -c pass`, the floor of any Python step;
@@ -19,6 +20,7 @@ from the same run as the baseline:
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,15 +38,19 @@ from ._stats import percentile
 from ._table import Row, main_of
 
 
-def _time(argv: Sequence[str], env: dict[str, str], runs: int) -> list[float]:
-    """Wall milliseconds of `runs` sequential runs of `argv` (after one untimed warm-up)."""
+def _time(argv: Sequence[str], env: dict[str, str], runs: int) -> tuple[list[float], float]:
+    """Wall milliseconds of `runs` sequential runs of `argv` (after one untimed warm-up), and
+    the CPU milliseconds (user + system) each run took on average, which load disturbs less."""
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
     samples = []
-    for index in range(runs + 1):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(runs):
         started = time.perf_counter()
         subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
-        if index:
-            samples.append((time.perf_counter() - started) * 1000)
-    return samples
+        samples.append((time.perf_counter() - started) * 1000)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return samples, cpu * 1000 / runs
 
 
 def run(quick: bool) -> list[Row]:
@@ -77,12 +83,12 @@ def run(quick: bool) -> list[Row]:
             "gastown-sandboxd exec (full CLI)": [str(cli), "exec", *paths, "--", bare],
             "token (apiKeyHelper)": [*light, "token", *paths],
         }
-        medians = {name: _time(argv, env, runs) for name, argv in cases.items()}
-    base = percentile(medians["bare binary"], 50)
+        timed = {name: _time(argv, env, runs) for name, argv in cases.items()}
+    base = percentile(timed["bare binary"][0], 50)
     rows = []
-    for name, samples in medians.items():
+    for name, (samples, cpu) in timed.items():
         p50, p99 = percentile(samples, 50), percentile(samples, 99)
-        note = f"p99 {p99:.1f} ms; {runs} runs"
+        note = f"p99 {p99:.1f} ms; CPU {cpu:.1f} ms per start; {runs} runs"
         if name.startswith("shim"):
             note += f"; adds {p50 - base:.1f} ms"
         rows.append(
