@@ -126,6 +126,9 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     env = agent_environment(
         os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
     )
+    # Tools the agent runs (`gastown-sandboxd status`, a nested exec) find the same daemon.
+    env.setdefault("GASTOWN_SANDBOXD_SOCKET", str(where.socket))
+    env.setdefault("GASTOWN_ENV_FILE", str(where.env_file))
     executable = resolve_command(argv[0], env.get("PATH", os.defpath))
     try:
         os.execve(executable, argv, env)  # noqa: S606 - exec without a shell is the point

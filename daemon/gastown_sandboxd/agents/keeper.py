@@ -21,7 +21,7 @@ import structlog
 
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.agents.shims import ShimSpec, sync_shims
-from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.atomic import remove_stale_temporaries, write_atomic
 from gastown_sandboxd.errors import AtomicWriteError
 
 log = structlog.get_logger(__name__)
@@ -55,11 +55,18 @@ class AgentKeeper:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        await anyio.to_thread.run_sync(self.remove_stale_temporaries)
         await anyio.to_thread.run_sync(self.sync)
         task_status.started()
         while True:
             await anyio.sleep(self.interval)
             await anyio.to_thread.run_sync(self.sync)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of shim and settings writes that a SIGKILL interrupted."""
+        for name in self.names:
+            remove_stale_temporaries(self.shim_dir / name)
+        remove_stale_temporaries(claude.settings_path(self.environ))
 
     def update(self, *, names: Sequence[str], claude_helper_ttl: float) -> None:
         """New `agents.shims` and helper TTL (SIGHUP); the next `sync` rewrites what changed."""

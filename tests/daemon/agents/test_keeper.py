@@ -140,3 +140,16 @@ def test_update_takes_effect_at_the_next_sync(tmp_path: Path) -> None:
         keeper.sync()
     assert "--helper-ttl-ms 2500" in (tmp_path / "shims" / "claude").read_text()
     assert [e["event"] for e in logs] == ["agent_shim_written", "agent_cli_absent"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path: Path) -> None:
+    """`.claude.*.tmp` in the shim folder and `.settings.json.*.tmp` old enough are removed."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    settings = _settings(tmp_path)
+    settings.parent.mkdir(parents=True)
+    stale = [tmp_path / "shims" / ".claude.x1.tmp", settings.parent / ".settings.json.x2.tmp"]
+    for path in stale:
+        path.write_text("half")
+        os.utime(path, (1, 1))
+    keeper.remove_stale_temporaries()
+    assert not [path for path in stale if path.exists()]

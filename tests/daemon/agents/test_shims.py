@@ -132,6 +132,11 @@ def test_a_shim_runs_the_real_binary_with_the_token_through_exec(tmp_path: Path)
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"{token}|run|a b", "")
+    # The agent's own tools find the daemon the shim used.
+    probe = real / "kilo"
+    probe.write_text('#!/bin/sh\nprintf "%s|%s" "$GASTOWN_ENV_FILE" "$GASTOWN_SANDBOXD_SOCKET"\n')
+    done = subprocess.run([str(shims / "kilo")], capture_output=True, text=True, check=True)
+    assert done.stdout == f"{spec.env_file}|{spec.socket}"
 
 
 def test_an_unwritable_shim_folder_is_a_setting_error(tmp_path: Path) -> None:
