@@ -135,7 +135,9 @@ def test_a_shim_runs_the_real_binary_with_the_token_through_exec(tmp_path: Path)
     # The agent's own tools find the daemon the shim used.
     probe = real / "kilo"
     probe.write_text('#!/bin/sh\nprintf "%s|%s" "$GASTOWN_ENV_FILE" "$GASTOWN_SANDBOXD_SOCKET"\n')
-    done = subprocess.run([str(shims / "kilo")], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [str(shims / "kilo")], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
     assert done.stdout == f"{spec.env_file}|{spec.socket}"
 
 
