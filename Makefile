@@ -4,12 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test check lint typecheck pytest demo bench lock clean
-
-# Node's jsonwebtoken (npm, pinned, project-local) checks the cloud's kilo-claims tokens.
-JSONWEBTOKEN_VERSION := 9.0.3
-NPM_PREFIX := .cache/npm
-JSONWEBTOKEN_STAMP := $(NPM_PREFIX)/.jsonwebtoken-$(JSONWEBTOKEN_VERSION)
+.PHONY: all venv tools npm test check lint typecheck pytest demo bench lock clean
 
 all: test
 
@@ -22,6 +17,41 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
+# What the tests run besides Python and make, as command:Debian-package.
+TOOLS := curl:curl bash:bash systemd-analyze:systemd shellcheck:shellcheck tmux:tmux \
+	node:nodejs npm:npm
+
+# Installs what is missing as root where apt-get exists; else one line naming it, and fails.
+tools:
+	@missing=""; for pair in $(TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make tools: installing$$missing"; \
+	  apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$missing >/dev/null \
+	  || { echo "make tools: apt-get could not install$$missing" >&2; exit 1; }; \
+	else \
+	  echo "make tools: the tests need these Debian packages, missing here:$$missing (apt-get install$$missing)" >&2; \
+	  exit 1; \
+	fi
+
+# The npm peers, pinned and project-local: Claude Code (the agent tests run the real CLI) and
+# jsonwebtoken (it checks the cloud's kilo-claims tokens).
+CLAUDE_CODE_VERSION  := 2.1.328
+JSONWEBTOKEN_VERSION := 9.0.3
+NPM_PREFIX := .cache/npm
+NPM_STAMP  := $(NPM_PREFIX)/.installed-$(CLAUDE_CODE_VERSION)-$(JSONWEBTOKEN_VERSION)
+
+$(NPM_STAMP): | tools
+	mkdir -p $(NPM_PREFIX)
+	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) \
+		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) jsonwebtoken@$(JSONWEBTOKEN_VERSION)
+	touch $@
+
+npm: $(NPM_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check daemon cloud tests bench
 	$(BIN)/ruff format --check daemon cloud tests bench
@@ -29,27 +59,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy daemon/gastown_sandboxd cloud/gastown_cloud tests bench
 
-$(JSONWEBTOKEN_STAMP):
-	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y --no-install-recommends nodejs npm; }
-	mkdir -p $(NPM_PREFIX)
-	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) jsonwebtoken@$(JSONWEBTOKEN_VERSION)
-	touch $@
-
-pytest: $(JSONWEBTOKEN_STAMP)
-
-pytest: $(STAMP)
+pytest: $(STAMP) tools npm
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
 # The fast lane (under a minute): everything but the suites marked slow in tests/conftest.py.
-check: lint typecheck
+check: lint typecheck npm
 	$(BIN)/pytest -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m gastown_cloud.demo
 
+# wrk drives the HTTP rows of the benchmarks.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get -o DPkg::Lock::Timeout=300 update -qq \
+	  && apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends wrk >/dev/null; } \
+	  || echo "make bench: wrk is missing (apt-get install wrk); its rows are skipped" >&2
 	$(BIN)/python -m bench
 
 # Re-pin after a change to pyproject.toml with `make lock` (pins already in the file are kept;
@@ -62,4 +88,4 @@ lock: $(STAMP)
 		--universal --python-version 3.11 $(UPGRADE) --quiet -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .cache

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark of the project, then one table of all their figures.
 
-`python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (daemon_bench,
+`python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (daemon_bench, agents_bench,
 patch_bench, events_bench, load_bench, fleet, journal_bench). Figures are printed, never asserted.
 """
 
@@ -14,7 +14,15 @@ import time
 
 from ._table import Row, print_table
 
-BENCHES = ("daemon_bench", "patch_bench", "events_bench", "load_bench", "fleet", "journal_bench")
+BENCHES = (
+    "daemon_bench",
+    "agents_bench",
+    "patch_bench",
+    "events_bench",
+    "load_bench",
+    "fleet",
+    "journal_bench",
+)
 
 
 def machine() -> str:

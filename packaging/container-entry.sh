@@ -6,13 +6,17 @@
 #   container-entry.sh daemon [ARGS]   the daemon replaces this process: no restarts, so let
 #                                      the container runtime restart the container, and run
 #                                      with an init (`docker run --init`) to reap orphans
-#   container-entry.sh CMD [ARGS…]     anything else, e.g. a shell
+#   container-entry.sh CMD [ARGS…]     anything else, e.g. `gt daemon run` or a shell, through
+#                                      agent-env.sh (beside this script): the agent shim folder
+#                                      first on PATH and no token variable, so gt, its tmux
+#                                      server and every agent they start use the shims
 #
 # Environment: TOWN_ID, CLOUD_API_URL, INTERNAL_API_KEY (the daemon's settings), and
 #   SUPERVISORD_CONF        default /etc/gastown-sandboxd/supervisord.conf
 #   GASTOWN_SUPERVISOR_RUN  supervisord's pid file and socket, default /run/gastown-sandboxd
 #   GASTOWN_SANDBOXD_USER   the user the daemon runs as when started as root, default gt
 #   GASTOWN_SANDBOXD_BIN    default gastown-sandboxd (from PATH)
+#   GASTOWN_AGENT_ENV       default agent-env.sh beside this script
 
 set -euo pipefail
 
@@ -41,6 +45,6 @@ daemon)
 	exec "$bin" run "$@"
 	;;
 *)
-	exec "$@"
+	exec "${GASTOWN_AGENT_ENV:-$(dirname -- "${BASH_SOURCE[0]}")/agent-env.sh}" "$@"
 	;;
 esac

@@ -1,4 +1,4 @@
-"""The command line (CONTRACT §8): run, status, events, refresh, inspect-token, exec.
+"""The command line (CONTRACT §8): run, status, events, refresh, inspect-token, exec, token.
 
 Exit codes: 0 success, 1 a runtime failure, 2 bad usage or settings.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 
-from gastown_sandboxd import __version__
+from gastown_sandboxd import __version__, agents
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
 from gastown_sandboxd.errors import SettingsError
 from gastown_sandboxd.options import ClientSettings, load_client_settings, load_settings
@@ -26,8 +24,6 @@ from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverifi
 from gastown_sandboxd.token.envfile import read_env_values
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-TOKEN_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
-EXEC_REFRESH_WAIT = 10.0
 
 _RUN_FLAGS = (
     ("--town-id", "town_id", "town id (env TOWN_ID; required)"),
@@ -54,6 +50,12 @@ _RUN_FLAGS = (
         "state_dir",
         "state folder: the last-applied desired configuration (env GASTOWN_SANDBOXD_STATE_DIR; "
         "default $XDG_STATE_HOME/gastown-sandboxd, else ~/.local/state/gastown-sandboxd)",
+    ),
+    (
+        "--shim-dir",
+        "shim_dir",
+        "agent shim folder (env GASTOWN_SANDBOXD_SHIM_DIR; default "
+        "$XDG_DATA_HOME/gastown-sandboxd/bin, else ~/.local/share/gastown-sandboxd/bin)",
     ),
 )
 
@@ -135,20 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
+    from gastown_sandboxd.agents.exec import EXEC_COMMAND_HELP, PRINT_COMMAND_HELP
+
     exec_ = commands.add_parser(
         "exec",
         help="run a command with the current token",
-        description="Export the env file's variables plus ANTHROPIC_AUTH_TOKEN and "
-        "KILOCODE_TOKEN set to the token, and exec CMD (same PID; signals and exit code pass "
-        "through). An expired or missing token is refreshed through the daemon first "
-        f"(waiting up to {EXEC_REFRESH_WAIT:.0f} s).",
+        description=EXEC_COMMAND_HELP,
         usage="gastown-sandboxd exec [--socket PATH] [--env-file FILE] -- CMD [ARGS...]",
     )
-    _add_client(exec_)
-    exec_.add_argument("--env-file", dest="env_file", help="env file (env GASTOWN_ENV_FILE)")
-    exec_.add_argument(
-        "argv", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments"
+    agents.add_exec_arguments(exec_)
+    token = commands.add_parser(
+        "token", help="print the current token", description=PRINT_COMMAND_HELP
     )
+    agents.add_common_arguments(token)
     return parser
 
 
@@ -202,6 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(flags, config_file=args.config)
     # Before logging starts: a bad town root must end start-up with its one line alone.
     check_town_root(settings.town_root)
+    agents.check_shim_dir(settings.shim_dir)
     configure_logging(
         format=settings.log_format,
         level=settings.log_level,
@@ -319,70 +321,12 @@ def _read_token_source(source: str) -> str | None:
     return values.get("KILO_JWT")
 
 
-def _cmd_exec(args: argparse.Namespace) -> int:
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        print("gastown-sandboxd: exec needs a command: exec -- CMD [ARGS...]", file=sys.stderr)
-        return EXIT_USAGE
-    settings = _client_settings(args)
-    values = _env_values(settings.env_file)
-    token = values.get("KILO_JWT")
-    if not _usable(token, settings.town_id):
-        _ask_daemon_to_refresh(settings)
-        values = _env_values(settings.env_file)
-        token = values.get("KILO_JWT")
-        if not _usable(token, settings.town_id):
-            print(
-                "gastown-sandboxd: no unexpired token after asking the daemon; running the "
-                "command anyway",
-                file=sys.stderr,
-            )
-    env = dict(os.environ)
-    env.update(values)
-    if token:
-        for name in TOKEN_VARIABLES:
-            env[name] = token
-    try:
-        os.execvpe(argv[0], argv, env)  # noqa: S606 - exec without a shell is the point
-    except OSError as exc:
-        print(f"gastown-sandboxd: cannot exec {argv[0]}: {exc.strerror}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
-
-
-def _env_values(path: Path) -> dict[str, str]:
-    try:
-        return read_env_values(path.read_text())
-    except OSError:
-        return {}
-
-
-def _usable(token: str | None, town_id: str | None) -> bool:
-    """Unexpired and well-formed; the town is checked only when it is known."""
-    if not token:
-        return False
-    reasons = acceptability_reasons(token, town_id=town_id or "", now=time.time())
-    if town_id is None:
-        reasons = [r for r in reasons if r != "wrong_town"]
-    return not reasons
-
-
-def _ask_daemon_to_refresh(settings: ClientSettings) -> None:
-    try:
-        with DaemonClient(settings.socket, timeout=EXEC_REFRESH_WAIT) as client:
-            client.post("/token/refresh", ok=(200, 409, 502))
-    except DaemonUnavailable as exc:
-        print(f"gastown-sandboxd: {exc}", file=sys.stderr)
-    except httpx.TimeoutException:
-        print("gastown-sandboxd: the daemon did not refresh within 10 s", file=sys.stderr)
-
-
 _HANDLERS = {
     "run": _cmd_run,
     "status": _cmd_status,
     "events": _cmd_events,
     "refresh": _cmd_refresh,
     "inspect-token": _cmd_inspect,
-    "exec": _cmd_exec,
+    "exec": agents.run_exec,
+    "token": agents.run_token,
 }

@@ -12,6 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd._types import Clock, SystemClock
+from gastown_sandboxd.agents import AgentKeeper, check_shim_dir
 from gastown_sandboxd.atomic import remove_stale_temporaries
 from gastown_sandboxd.errors import SettingsError
 from gastown_sandboxd.events.bus import EventBus
@@ -65,6 +66,7 @@ async def run_daemon(
 ) -> None:
     """Run until SIGTERM or SIGINT (or cancellation); raises SettingsError before serving."""
     check_town_root(settings.town_root)
+    check_shim_dir(settings.shim_dir)
     clock = clock or SystemClock()
     systemd = SystemdNotifier()
     registry = CollectorRegistry()
@@ -113,6 +115,13 @@ async def run_daemon(
         debounce_ms=settings.watch_debounce_ms,
         step_ms=settings.watch_step_ms,
     )
+    agents = AgentKeeper(
+        shim_dir=settings.shim_dir,
+        names=settings.agent_shims,
+        env_file=settings.env_file,
+        socket=settings.socket,
+        claude_helper_ttl=settings.claude_helper_ttl,
+    )
     notifier = Notifier(bus=bus, hooks=settings.hooks, signals=settings.signals)
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
     ctx = ApiContext(
@@ -127,6 +136,8 @@ async def run_daemon(
         patch_counter=metrics.config_patches,
         sse_clients=metrics.sse_clients,
         config_sync=config_sync,
+        env_file=settings.env_file,
+        shim_dir=settings.shim_dir,
     )
     tcp = bind_tcp(settings.listen)
     try:
@@ -143,6 +154,7 @@ async def run_daemon(
             _remove_stale_temporaries, settings.env_file, store.watched_folders()
         )
         await tg.start(refresher.run)
+        await tg.start(agents.run)
         await tg.start(notifier.run)
         await tg.start(watcher.run)
         await tg.start(systemd.run_watchdog)

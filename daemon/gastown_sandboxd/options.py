@@ -23,6 +23,8 @@ from gastown_sandboxd.token.schedule import SchedulePolicy
 
 DEFAULT_CONFIG_FILE = Path("/etc/gastown-sandboxd/config.toml")
 MIN_KEY_LENGTH = 16
+DEFAULT_AGENT_SHIMS = ("claude", "codex", "kilo", "gemini", "opencode")
+DEFAULT_CLAUDE_HELPER_TTL = 300.0
 
 
 class Secret:
@@ -83,6 +85,9 @@ class Settings:
     config_file: Path | None = None
     state_dir: Path = Path("~/.local/state/gastown-sandboxd")
     config_sync_interval: float = 300.0
+    shim_dir: Path = field(default_factory=lambda: default_shim_dir(os.environ))
+    agent_shims: tuple[str, ...] = DEFAULT_AGENT_SHIMS
+    claude_helper_ttl: float = DEFAULT_CLAUDE_HELPER_TTL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +139,24 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
     if state:
         return Path(state) / "gastown-sandboxd"
     return _home(env) / ".local" / "state" / "gastown-sandboxd"
+
+
+def default_shim_dir(env: Mapping[str, str]) -> Path:
+    """`$XDG_DATA_HOME/gastown-sandboxd/bin`, else `~/.local/share/gastown-sandboxd/bin`."""
+    data = env.get("XDG_DATA_HOME")
+    base = Path(data) if data else _home(env) / ".local" / "share"
+    return base / "gastown-sandboxd" / "bin"
+
+
+def explicit_env_file(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Path | None:
+    """The env file a flag, the environment or the TOML file names; None when none does."""
+    pick, _ = _Picker.load(flags, env, config_file)
+    value = pick.text("env_file", ("GASTOWN_ENV_FILE",))
+    return _expand(value, pick.env) if value else None
 
 
 def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any], Path | None]:
@@ -226,6 +249,14 @@ def load_settings(
         backoff_max=parse_duration(refresh.get("backoff_max", 300), setting="refresh.backoff_max"),
         max_sleep=parse_duration(refresh.get("max_sleep", 30), setting="refresh.max_sleep"),
     )
+    agents = _table(toml, "agents")
+    unknown_agent_keys = sorted(set(agents) - {"shims", "shim_dir", "claude_helper_ttl"})
+    if unknown_agent_keys:
+        raise SettingsError(
+            f"agents.{unknown_agent_keys[0]}",
+            "is not a setting",
+            "use shims, shim_dir or claude_helper_ttl",
+        )
     extra = config.get("extra_presets", [])
     if not isinstance(extra, list) or not all(isinstance(x, str) and x for x in extra):
         raise SettingsError(
@@ -261,6 +292,12 @@ def load_settings(
         state_dir=_expand(state_dir, env) if state_dir else default_state_dir(env),
         config_sync_interval=parse_duration(
             config_sync.get("interval", 300), setting="config_sync.interval"
+        ),
+        shim_dir=pick.shim_dir(agents),
+        agent_shims=_agent_names(agents),
+        claude_helper_ttl=parse_duration(
+            agents.get("claude_helper_ttl", DEFAULT_CLAUDE_HELPER_TTL),
+            setting="agents.claude_helper_ttl",
         ),
     )
 
@@ -300,6 +337,7 @@ _TOP_KEYS = frozenset(
         "signals",
         "state_dir",
         "config_sync",
+        "agents",
     }
 )
 
@@ -335,6 +373,18 @@ class _Picker:
 
     def env_file(self) -> Path:
         return _expand(self.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", self.env)
+
+    def shim_dir(self, agents: Mapping[str, Any]) -> Path:
+        if "shim_dir" in self.flags:
+            return _expand(str(self.flags["shim_dir"]), self.env)
+        value = self.env.get("GASTOWN_SANDBOXD_SHIM_DIR") or agents.get("shim_dir")
+        if value is None:
+            return default_shim_dir(self.env)
+        if not isinstance(value, str) or not value:
+            raise SettingsError(
+                "agents.shim_dir", "must be a folder path", 'write shim_dir = "/path/to/bin"'
+            )
+        return _expand(value, self.env)
 
     def listen(self) -> Listen:
         return parse_listen(self.text("listen", ("GASTOWN_SANDBOXD_LISTEN",)) or "127.0.0.1:8080")
@@ -379,6 +429,17 @@ def _table(toml: Mapping[str, Any], name: str) -> Mapping[str, Any]:
             f"[{name}]", "must be a table", f"write it as [{name}] in the TOML file"
         )
     return value
+
+
+def _agent_names(agents: Mapping[str, Any]) -> tuple[str, ...]:
+    names = agents.get("shims", list(DEFAULT_AGENT_SHIMS))
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", n) for n in names
+    ):
+        raise SettingsError(
+            "agents.shims", "must be a list of command names", 'write ["claude", "codex"]'
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _fraction(table: Mapping[str, Any], name: str, default: float) -> float:

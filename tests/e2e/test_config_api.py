@@ -158,7 +158,7 @@ def test_patch_changes_files_and_answers_the_new_view(daemon: DaemonProcess) -> 
     assert result["town"]["crew_agents"] == {"alice": "codex"}
     town = json.loads(read(daemon, TOWN_FILE))
     assert town["default_agent"] == "kilo-sonnet"
-    assert town["agents"]["kilo-sonnet"] == {**AGENT, "exec_wrapper": WRAPPER}
+    assert town["agents"]["kilo-sonnet"] == AGENT  # no default exec_wrapper: shims wrap agents
     backend = pairs(read(daemon, BACKEND_FILE))
     assert backend[:2] == [("type", "rig-settings"), ("version", 1)]
     assert json.loads(read(daemon, FRONTEND_FILE))["role_agents"] == {"polecat": "kilo-sonnet"}
@@ -189,7 +189,7 @@ def test_patch_keeps_every_unmanaged_key_and_the_format(daemon: DaemonProcess) -
         assert text.endswith(b"}\n")
         assert b"\t" not in text
     agents = json.loads(town)["agents"]
-    assert agents["kilo-sonnet"]["exec_wrapper"] == WRAPPER
+    assert "exec_wrapper" not in agents["kilo-sonnet"]
     assert agents["claude-haiku"]["session"]["session_id_env"] == "CLAUDE_SESSION_ID"
     assert agents["codex-default"] == {
         "provider": "codex",

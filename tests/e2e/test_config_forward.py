@@ -19,7 +19,7 @@ from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS, contract_patch
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
-from .gt_town import FRONTEND_FILE, TOWN_FILE, WRAPPER, free_port, read_events, start_config_daemon
+from .gt_town import FRONTEND_FILE, TOWN_FILE, free_port, read_events, start_config_daemon
 
 # The contract's example, with the rig taking the new agent too.
 BODY = contract_patch()
@@ -106,7 +106,7 @@ def test_dashboard_change_reaches_the_files(linked: Linked) -> None:
     assert {key: result[key] for key in ("town", "rigs", "revision")} == view
     town = json.loads(linked.file(TOWN_FILE))
     assert town["default_agent"] == "kilo-sonnet"
-    assert town["agents"]["kilo-sonnet"]["exec_wrapper"] == WRAPPER
+    assert "exec_wrapper" not in town["agents"]["kilo-sonnet"]  # the shims wrap agents
     assert town["role_agents"] == {"mayor": "kilo-sonnet", "witness": "claude-haiku"}
     assert town["cost_tier"] == "standard"
     rig = json.loads(linked.file(FRONTEND_FILE))

@@ -2,9 +2,9 @@
 
 A PATCH /config body is `{"town": {...}, "rigs": {"<rig>": {...}}}`, a JSON Merge Patch on
 the managed keys of each file (`MANAGED_KEYS`); every other key stays as it was, in value
-and in order. An agent that the PATCH creates gets `DEFAULT_EXEC_WRAPPER` unless the body
-sets `exec_wrapper` (to a list, or to null for none); an agent that already stands keeps
-its `exec_wrapper` unless the body sets it.
+and in order. An agent gets an `exec_wrapper` only when the body sets one: the agent shims
+already run every agent CLI through `gastown-sandboxd exec` (a default wrapper would start
+Python twice); an `exec_wrapper` already in a file stays unless the body sets it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from gastown_sandboxd.gtsettings.json_text import parse_document, render, same
 from gastown_sandboxd.gtsettings.merge_patch import merge_patch
 from gastown_sandboxd.gtsettings.schema import (
     AGENT_FIELDS,
-    DEFAULT_EXEC_WRAPPER,
     EFFORTS,
     FILE_TYPES,
     MANAGED_KEYS,
@@ -39,7 +38,6 @@ from gastown_sandboxd.gtsettings.validation import contains_jwt, validate_patch
 
 __all__ = [
     "AGENT_FIELDS",
-    "DEFAULT_EXEC_WRAPPER",
     "EFFORTS",
     "MANAGED_KEYS",
     "PRESETS",
@@ -123,7 +121,6 @@ def _apply_file(doc: Doc | None, patch: Mapping[str, Any], scope: Scope) -> Doc 
     managed = {key: value for key, value in patch.items() if key in MANAGED_KEYS[scope]}
     base = doc if doc is not None else {}
     merged: Doc = merge_patch(base, managed)
-    _wrap_new_agents(base, managed, merged)
     for key in managed:
         # RFC 7396 turns `{"k": {"x": null}}` on an absent k into `"k": {}`; gt reads an absent
         # map and an empty one alike, so a deletion of what is not there changes nothing.
@@ -134,16 +131,3 @@ def _apply_file(doc: Doc | None, patch: Mapping[str, Any], scope: Scope) -> Doc 
     if not merged:
         return None
     return {"type": FILE_TYPES[scope], "version": SCHEMA_VERSION, **merged}
-
-
-def _wrap_new_agents(base: Doc, patch: Mapping[str, Any], merged: Doc) -> None:
-    # Agents gt starts through the API must start with the current token.
-    new_agents = patch.get("agents")
-    old_agents = base.get("agents")
-    merged_agents = merged.get("agents")
-    if not isinstance(new_agents, Mapping) or not isinstance(merged_agents, dict):
-        return
-    for name, agent in new_agents.items():
-        existed = isinstance(old_agents, Mapping) and isinstance(old_agents.get(name), Mapping)
-        if isinstance(agent, Mapping) and not existed and "exec_wrapper" not in agent:
-            merged_agents[name]["exec_wrapper"] = list(DEFAULT_EXEC_WRAPPER)

@@ -54,7 +54,6 @@ AGENT_FIELDS = (
 SECRET_ENV_NAMES = frozenset(
     {"KILO_JWT", "KILOCODE_TOKEN", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"}
 )
-DEFAULT_EXEC_WRAPPER = ("gastown-sandboxd", "exec", "--")
 
 # Keys whose values name agents: (key, True when it maps names to agent names).
 REFERENCE_KEYS: Mapping[Scope, tuple[tuple[str, bool], ...]] = {

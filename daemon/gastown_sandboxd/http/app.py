@@ -65,6 +65,8 @@ class ApiContext:
     heartbeat: float = 15.0
     sse_clients: SseClients = field(default_factory=SseClients)
     config_sync: ConfigSync | None = None
+    env_file: Path | None = None
+    shim_dir: Path | None = None
 
 
 class HTTPError(Exception):
@@ -186,6 +188,18 @@ def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
     return app if key is None else KeyRequired(app, key)
 
 
+def _token_reason(state: str, *, has_token: bool) -> str:
+    """Why /readyz is not ready on the token side, in words an operator can act on."""
+    if not has_token:
+        # The cloud refreshes only for a Bearer of the town: a first token must be given.
+        return (
+            "no token on disk: the cloud refreshes a town only for a Bearer of that town, so "
+            "the first token must come from provisioning (createTown's token in the env file) "
+            "or PUT /token"
+        )
+    return f"no unexpired acceptable token on disk (state {state})"
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPError)
     return exc.response()
@@ -218,7 +232,7 @@ class _Routes:
         reasons = []
         status = self.ctx.refresher.status()
         if not status.token_on_disk_ok:
-            reasons.append(f"no unexpired acceptable token on disk (state {status.state})")
+            reasons.append(_token_reason(status.state, has_token=status.token is not None))
         if not await anyio.to_thread.run_sync(_writable_folder, self.ctx.town_root):
             reasons.append("town root is not a writable folder")
         if reasons:
@@ -239,6 +253,8 @@ class _Routes:
             "config_sync": self._sync_status(),
             "watcher": dict(self.ctx.watcher_status()),
             "subscribers": self.ctx.sse_clients.count,
+            "env_file": str(self.ctx.env_file) if self.ctx.env_file else None,
+            "shim_dir": str(self.ctx.shim_dir) if self.ctx.shim_dir else None,
         }
         return JSONResponse(body)
 

@@ -150,6 +150,8 @@ _SCHEMAS: dict[str, Any] = {
             "config_sync": _ref("ConfigSyncStatus"),
             "watcher": {"type": "object"},
             "subscribers": {"type": "integer", "minimum": 0},
+            "env_file": _NULLABLE_STRING,
+            "shim_dir": _NULLABLE_STRING,
         },
     },
     "ConfigSyncStatus": {

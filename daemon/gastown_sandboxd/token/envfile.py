@@ -12,10 +12,6 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio.to_thread
-
-from gastown_sandboxd.atomic import write_atomic
-
 TOKEN_KEY = "KILO_JWT"  # noqa: S105 - the name of the variable, not a secret
 ENV_FILE_MODE = 0o600
 
@@ -99,7 +95,17 @@ async def write_token(path: Path, token: str) -> bool:
 
     The caller must have checked the token: this writes what it is given.
     """
+    # Imported here: agent shims read env files with the standard library alone (start-up cost).
+    import anyio.to_thread
+
     return await anyio.to_thread.run_sync(_write_token_sync, Path(path), token)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> bool:
+    """`atomic.write_atomic`, imported on first write (readers of the file never pay for it)."""
+    from gastown_sandboxd.atomic import write_atomic as write
+
+    return write(path, data, mode=mode)
 
 
 def _write_token_sync(path: Path, token: str) -> bool:

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from gastown_sandboxd.errors import Problem, SettingsFileUnreadable
 from gastown_sandboxd.gtsettings.merge_patch import merge_patch
 from gastown_sandboxd.gtsettings.patch import (
-    DEFAULT_EXEC_WRAPPER,
     PRESETS,
     TownFiles,
     apply_patch,
@@ -173,19 +172,8 @@ def test_unmanaged_keys_are_always_preserved(
     after_members = members(text)
     for key in unmanaged:
         assert after_members[key] == before_members[key]
-    assert managed_view(reread, "town") == merge_patch(managed, patch) | _wrapped(managed, patch)
-
-
-def _wrapped(managed: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    # What the default exec_wrapper adds on top of the plain merge.
-    agents = patch.get("agents")
-    if not isinstance(agents, dict):
-        return {}
-    merged = merge_patch(managed, patch)["agents"]
-    for name, agent in agents.items():
-        if isinstance(agent, dict) and name not in managed["agents"]:
-            merged[name]["exec_wrapper"] = list(DEFAULT_EXEC_WRAPPER)
-    return {"agents": merged}
+    # No exec_wrapper is added: the merge is the plain RFC 7396 merge (the shims wrap agents).
+    assert managed_view(reread, "town") == merge_patch(managed, patch)
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -268,8 +256,8 @@ def test_apply_patch_changes_only_the_managed_keys_named() -> None:
     assert files.town == town_doc()
 
 
-def test_new_agents_get_the_exec_wrapper_unless_the_body_sets_one() -> None:
-    """A created agent gets the daemon's wrapper; an explicit list or null is respected."""
+def test_new_agents_get_an_exec_wrapper_only_when_the_body_sets_one() -> None:
+    """No default wrapper (the shims wrap every agent CLI); an explicit list is kept."""
     body = {
         "town": {
             "agents": {
@@ -281,7 +269,7 @@ def test_new_agents_get_the_exec_wrapper_unless_the_body_sets_one() -> None:
     }
     town = apply_patch(_files(), body).town
     assert town is not None
-    assert town["agents"]["kilo"]["exec_wrapper"] == ["gastown-sandboxd", "exec", "--"]
+    assert "exec_wrapper" not in town["agents"]["kilo"]
     assert town["agents"]["own"]["exec_wrapper"] == ["firejail", "--"]
     assert "exec_wrapper" not in town["agents"]["none"]
 

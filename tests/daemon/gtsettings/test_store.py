@@ -187,7 +187,7 @@ async def test_patch_round_trip_keeps_every_other_key_byte_exact(
     assert list(town) == list(town_doc())
     before, after = members(TOWN_SETTINGS), members(town_bytes)
     assert {k for k in before if before[k] != after[k]} == {"agents", "role_agents", "role_effort"}
-    assert town["agents"]["kilo-sonnet"]["exec_wrapper"] == ["gastown-sandboxd", "exec", "--"]
+    assert "exec_wrapper" not in town["agents"]["kilo-sonnet"]  # the shims wrap agents
     assert town["agents"]["codex-default"]["args"] is None
     assert town["agents"]["opencode-bare"]["args"] == []
     assert town["role_agents"] == {"mayor": "kilo-sonnet", "witness": "claude-haiku"}

@@ -1,0 +1,45 @@
+"""How agents get the token (CONTRACT §5): shims, `exec`, `token`, Claude Code's helper.
+
+The face loads its modules on first use: every agent start imports this package, and must not
+pay for the daemon-side parts (structlog, anyio) it does not run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gastown_sandboxd.agents.exec import (
+        add_common_arguments,
+        add_exec_arguments,
+        run_exec,
+        run_token,
+    )
+    from gastown_sandboxd.agents.keeper import AgentKeeper
+    from gastown_sandboxd.agents.shims import check_shim_dir
+
+__all__ = [
+    "AgentKeeper",
+    "add_common_arguments",
+    "add_exec_arguments",
+    "check_shim_dir",
+    "run_exec",
+    "run_token",
+]
+
+_WHERE = {
+    "AgentKeeper": "keeper",
+    "add_common_arguments": "exec",
+    "add_exec_arguments": "exec",
+    "check_shim_dir": "shims",
+    "run_exec": "exec",
+    "run_token": "exec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,0 +1,87 @@
+"""Claude Code's `apiKeyHelper`: where its settings live and what the helper line says.
+
+Claude Code runs `apiKeyHelper` again every `CLAUDE_CODE_API_KEY_HELPER_TTL_MS` and sends its
+output as the credential, but only while `ANTHROPIC_AUTH_TOKEN` is unset (a set variable
+wins). So the daemon keeps the helper in Claude Code's user settings, and `exec` starts
+`claude` without that variable whenever the helper it finds there is the daemon's.
+Pure and standard-library only: `exec` reads these rules on every agent start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+HELPER_KEY = "apiKeyHelper"
+TTL_VARIABLE = "CLAUDE_CODE_API_KEY_HELPER_TTL_MS"
+# The module the helper runs; it identifies the daemon's helper in a settings file.
+HELPER_MODULE = "gastown_sandboxd.agents"
+
+
+class SettingsNotJson(ValueError):
+    """Claude's settings file holds something that is not a JSON object: never overwrite it."""
+
+
+def settings_path(env: Mapping[str, str]) -> Path:
+    """`$CLAUDE_CONFIG_DIR/settings.json`, else `~/.claude/settings.json` (Claude Code's order)."""
+    folder = env.get("CLAUDE_CONFIG_DIR")
+    if folder:
+        return Path(folder) / "settings.json"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".claude" / "settings.json"
+
+
+def helper_command(*, python: str, env_file: Path, socket: Path) -> str:
+    """The shell line Claude Code runs: `gastown-sandboxd token` by absolute paths, no secret."""
+    argv = [python, "-I", "-m", HELPER_MODULE, "token"]
+    argv += ["--env-file", str(env_file), "--socket", str(socket)]
+    return shlex.join(argv)
+
+
+def is_daemon_helper(value: object) -> bool:
+    """True when an `apiKeyHelper` value is a helper this daemon wrote (any paths)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        return False
+    return words[1:5] == ["-I", "-m", HELPER_MODULE, "token"]
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """The settings object; an empty file is an empty object; raise `SettingsNotJson` else."""
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise SettingsNotJson("not JSON") from None
+    if not isinstance(data, dict):
+        raise SettingsNotJson("not a JSON object")
+    return data
+
+
+def with_helper(text: str, command: str) -> str | None:
+    """The settings text with `apiKeyHelper` set to `command`, every other key kept in order.
+
+    None when the file already says so (nothing to write). Raises `SettingsNotJson`.
+    """
+    data = parse_settings(text)
+    if data.get(HELPER_KEY) == command:
+        return None
+    data[HELPER_KEY] = command
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def helper_in_place(env: Mapping[str, str]) -> bool:
+    """True when the Claude settings that `env` selects hold the daemon's helper."""
+    try:
+        text = settings_path(env).read_text(encoding="utf-8")
+        return is_daemon_helper(parse_settings(text).get(HELPER_KEY))
+    except (OSError, UnicodeDecodeError, SettingsNotJson):
+        return False

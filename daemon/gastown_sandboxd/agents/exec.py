@@ -1,0 +1,319 @@
+"""`gastown-sandboxd exec -- CMD` and `gastown-sandboxd token` (CONTRACT §5, §8).
+
+`exec` becomes CMD (same PID) with the env file's variables, `KILOCODE_TOKEN` and each CLI's
+credential variable set to the current token, and every inherited variable that holds an
+older gateway token replaced. `claude` gets no `ANTHROPIC_AUTH_TOKEN` while the daemon's
+`apiKeyHelper` stands in its settings (the helper then keeps a running session current).
+`token` prints the current token and nothing else. Both ask the daemon to refresh a missing or
+expired token and wait up to 10 s; `exec` then runs CMD anyway and says so on stderr, `token`
+exits 1 with nothing on stdout.
+
+Every agent start through a shim runs this module, so it imports the standard library and the
+token rules alone; the socket client (httpx) and the option loader only when it must use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gastown_sandboxd.agents import claude
+from gastown_sandboxd.errors import TokenError
+from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, decode_unverified
+from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env_values
+
+if TYPE_CHECKING:
+    from gastown_sandboxd.options import ClientSettings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+REFRESH_WAIT = 10.0
+DEFAULT_HELPER_TTL_MS = 300_000
+# Set to the token for every command: the gateway's own variables.
+GATEWAY_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
+# What each agent CLI reads as its credential (README "Agents"); set when unset or stale.
+CLI_CREDENTIALS: Mapping[str, tuple[str, ...]] = {
+    "claude": ("ANTHROPIC_AUTH_TOKEN",),
+    "kilo": ("KILOCODE_TOKEN",),
+    "kilocode": ("KILOCODE_TOKEN",),
+    "codex": ("OPENAI_API_KEY",),
+    "gemini": (),
+    "opencode": (),
+}
+
+Say = Callable[[str], None]
+
+
+def _say(message: str) -> None:
+    print(f"gastown-sandboxd: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Where:
+    """The env file and socket a command uses, and the town when one is configured."""
+
+    env_file: Path
+    socket: Path
+    town_id: str | None
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `exec` and `token` share (also used by `gastown-sandboxd`'s parser)."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML settings file (default /etc/gastown-sandboxd/config.toml when it exists)",
+    )
+    parser.add_argument(
+        "--socket", dest="socket", help="local socket (env GASTOWN_SANDBOXD_SOCKET)"
+    )
+    parser.add_argument(
+        "--env-file",
+        dest="env_file",
+        help="env file (env GASTOWN_ENV_FILE, TOML env_file; else the running daemon's)",
+    )
+
+
+def add_exec_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--helper-ttl-ms",
+        type=int,
+        default=DEFAULT_HELPER_TTL_MS,
+        metavar="MS",
+        help=f"{claude.TTL_VARIABLE} given to claude when its environment has none "
+        f"(default {DEFAULT_HELPER_TTL_MS}; shims carry agents.claude_helper_ttl)",
+    )
+    parser.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments"
+    )
+
+
+EXEC_COMMAND_HELP = (
+    "Export the env file's variables, KILOCODE_TOKEN and the command's credential variable "
+    "set to the current token (replacing older tokens it inherited), and exec CMD (same PID; "
+    "signals and exit code pass through). claude gets no ANTHROPIC_AUTH_TOKEN while the "
+    "daemon's apiKeyHelper is in its settings. An expired or missing token is refreshed "
+    f"through the daemon first (waiting up to {REFRESH_WAIT:.0f} s); CMD runs anyway."
+)
+PRINT_COMMAND_HELP = (
+    "Print the current token and nothing else (Claude Code's apiKeyHelper runs this). An "
+    "expired or missing token is refreshed through the daemon first; with no acceptable "
+    "token, exit 1 with nothing on stdout."
+)
+
+
+def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
+    """`exec`: returns only when CMD cannot be started (or on bad usage)."""
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        say("exec needs a command: exec -- CMD [ARGS...]")
+        return EXIT_USAGE
+    where = locate(args.env_file, args.socket, args.config)
+    values, token = current_token(where, say=say)
+    if not usable(token, where.town_id):
+        # An expired token still goes out: it fails as loudly as none, and says which one.
+        say("no unexpired token after asking the daemon; running the command anyway")
+    program = Path(argv[0]).name
+    env = agent_environment(
+        os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
+    )
+    # Tools the agent runs (`gastown-sandboxd status`, a nested exec) find the same daemon.
+    env.setdefault("GASTOWN_SANDBOXD_SOCKET", str(where.socket))
+    env.setdefault("GASTOWN_ENV_FILE", str(where.env_file))
+    executable = resolve_command(argv[0], env.get("PATH", os.defpath))
+    try:
+        os.execve(executable, argv, env)  # noqa: S606 - exec without a shell is the point
+    except OSError as exc:
+        say(f"cannot exec {argv[0]}: {exc.strerror}")
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+
+
+def run_token(args: argparse.Namespace, *, say: Say = _say) -> int:
+    """`token`: the current token on stdout, or exit 1 with stdout empty."""
+    where = locate(args.env_file, args.socket, args.config)
+    _values, token = current_token(where, say=say)
+    if token is None or not usable(token, where.town_id):
+        say("no acceptable token, even after asking the daemon")
+        return EXIT_FAILURE
+    try:
+        sys.stdout.write(token + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # A reader that went away: end quietly (stdout points at nothing from here on).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def locate(env_file: str | None, socket: str | None, config_file: Path | None) -> Where:
+    """The env file by flag, environment or TOML; else the running daemon's; else the default.
+
+    With both paths given (as shims and the helper give them) nothing else is read.
+    """
+    if env_file and socket and config_file is None:
+        return Where(Path(env_file), Path(socket), os.environ.get("TOWN_ID") or None)
+    from gastown_sandboxd.options import explicit_env_file, load_client_settings
+
+    flags = {"env_file": env_file, "socket": socket}
+    settings = load_client_settings(flags, config_file=config_file)
+    named = explicit_env_file(flags, config_file=config_file)
+    if named is None:
+        named = _daemon_env_file(settings) or settings.env_file
+    return Where(named, settings.socket, settings.town_id)
+
+
+def _daemon_env_file(settings: ClientSettings) -> Path | None:
+    """The env file the running daemon writes, from its `/status`; None when it is silent."""
+    from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
+
+    try:
+        with DaemonClient(settings.socket, timeout=5.0) as client:
+            value = client.get("/status").get("env_file")
+    except (DaemonUnavailable, OSError, ValueError):
+        return None
+    except Exception as exc:  # httpx timeouts: the daemon is busy, use the default
+        if type(exc).__module__.startswith("httpx"):
+            return None
+        raise
+    return Path(value) if isinstance(value, str) and value else None
+
+
+def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str | None]:
+    """The env file's variables and token, after asking the daemon when it is not usable."""
+    values = read_values(where.env_file)
+    token = values.get(TOKEN_KEY)
+    if usable(token, where.town_id):
+        return values, token
+    _ask_daemon_to_refresh(where.socket, say=say)
+    values = read_values(where.env_file)
+    return values, values.get(TOKEN_KEY) or None
+
+
+def resolve_command(command: str, search_path: str) -> str:
+    """`command` as `execvp` would find it, passing over agent shims (no second wrapping).
+
+    A legacy `exec_wrapper` (`gastown-sandboxd exec -- claude`) would otherwise find the shim
+    first on PATH and start Python twice. Unfound, the command is returned as given.
+    """
+    if "/" in command:
+        return command
+    from gastown_sandboxd.agents.shims import is_shim
+
+    for folder in search_path.split(os.pathsep):
+        candidate = os.path.join(folder or ".", command)
+        runnable = os.path.isfile(candidate) and os.access(candidate, os.X_OK)
+        if runnable and not is_shim(Path(candidate)):
+            return candidate
+    return command
+
+
+def read_values(path: Path) -> dict[str, str]:
+    """Every variable the env file sets; empty when it cannot be read."""
+    try:
+        return read_env_values(path.read_text(encoding="utf-8", errors="surrogateescape"))
+    except OSError:
+        return {}
+
+
+def usable(token: str | None, town_id: str | None, *, now: float | None = None) -> bool:
+    """Acceptable and unexpired; the town is checked only when it is known."""
+    if not token:
+        return False
+    now = time.time() if now is None else now
+    reasons = acceptability_reasons(token, town_id=town_id or "", now=now)
+    if town_id is None:
+        reasons = [r for r in reasons if r != "wrong_town"]
+    return not reasons
+
+
+def is_gateway_token(value: str) -> bool:
+    """True when `value` is a sandbox token (of any age or town): a credential to replace."""
+    if value.count(".") != 2 or len(value) > 8192:
+        return False
+    try:
+        return decode_unverified(value).type == TOKEN_TYPE
+    except (TokenError, ValueError):
+        return False
+
+
+def agent_environment(
+    inherited: Mapping[str, str],
+    values: Mapping[str, str],
+    token: str | None,
+    *,
+    program: str,
+    helper_ttl_ms: int = DEFAULT_HELPER_TTL_MS,
+) -> dict[str, str]:
+    """The environment CMD gets: inherited + env file, tokens current, claude on its helper."""
+    env = dict(inherited)
+    env.update(values)
+    if token is not None:
+        for name, value in list(env.items()):
+            if name != TOKEN_KEY and value != token and is_gateway_token(value):
+                env[name] = token
+        for name in GATEWAY_VARIABLES:
+            env[name] = token
+        for name in CLI_CREDENTIALS.get(program, ()):
+            if not env.get(name) or is_gateway_token(env[name]):
+                env[name] = token
+    if program == "claude" and claude.helper_in_place(env):
+        # A set ANTHROPIC_AUTH_TOKEN beats the helper: drop it (and a gateway token posing
+        # as an API key), so that a running session follows the helper's refreshes.
+        env.pop("ANTHROPIC_AUTH_TOKEN", None)
+        if is_gateway_token(env.get("ANTHROPIC_API_KEY", "")):
+            del env["ANTHROPIC_API_KEY"]
+        env.setdefault(claude.TTL_VARIABLE, str(helper_ttl_ms))
+    return env
+
+
+def _ask_daemon_to_refresh(socket: Path, *, say: Say) -> None:
+    from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
+
+    try:
+        with DaemonClient(socket, timeout=REFRESH_WAIT) as client:
+            client.post("/token/refresh", ok=(200, 409, 502))
+    except DaemonUnavailable as exc:
+        say(str(exc))
+    except Exception as exc:
+        if type(exc).__module__.startswith("httpx"):
+            say(f"the daemon did not refresh within {REFRESH_WAIT:.0f} s")
+            return
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The light entry's parser: `python -m gastown_sandboxd.agents exec|token …`."""
+    parser = argparse.ArgumentParser(
+        prog="gastown-sandboxd",
+        description="The agent commands of gastown-sandboxd, without the daemon's imports.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    exec_ = commands.add_parser("exec", help="run a command with the current token")
+    exec_.description = EXEC_COMMAND_HELP
+    add_exec_arguments(exec_)
+    token = commands.add_parser("token", help="print the current token")
+    token.description = PRINT_COMMAND_HELP
+    add_common_arguments(token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of shims and of Claude Code's helper; same grammar as `gastown-sandboxd`."""
+    from gastown_sandboxd.errors import SettingsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run_exec(args) if args.command == "exec" else run_token(args)
+    except SettingsError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

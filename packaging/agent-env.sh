@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs a command as the sandbox must start gt, gt's daemon and gt's tmux server:
+#   - the agent shim folder first on PATH, so every `claude`, `codex`, `kilo`, `gemini` or
+#     `opencode` that gt or tmux starts is the shim, which runs the real CLI through
+#     `gastown-sandboxd exec` with the current token;
+#   - no gateway token variable in the environment: gt copies its own ANTHROPIC_AUTH_TOKEN
+#     into every agent's startup command, and a token here would be stale within a day.
+#
+#   agent-env.sh CMD [ARGS…]     e.g.  agent-env.sh gt daemon run   ·   agent-env.sh bash -l
+#
+# Environment: GASTOWN_SANDBOXD_SHIM_DIR, the daemon's shim folder (default
+# $XDG_DATA_HOME/gastown-sandboxd/bin, else ~/.local/share/gastown-sandboxd/bin).
+
+set -euo pipefail
+
+if [[ $# -eq 0 ]]; then
+	printf 'agent-env: usage: agent-env.sh CMD [ARGS...]\n' >&2
+	exit 2
+fi
+# An unset HOME expands ~ from the user database.
+data_home=${XDG_DATA_HOME:-${HOME:-~}/.local/share}
+shim_dir=${GASTOWN_SANDBOXD_SHIM_DIR:-$data_home/gastown-sandboxd/bin}
+rest=""
+IFS=: read -r -a parts <<<"${PATH:-}"
+for part in "${parts[@]}"; do
+	# The shim folder goes first, once; empty entries (the current folder) go.
+	if [[ -n $part && $part != "$shim_dir" ]]; then
+		rest+=":$part"
+	fi
+done
+export PATH="$shim_dir$rest"
+unset ANTHROPIC_AUTH_TOKEN KILOCODE_TOKEN KILO_JWT
+exec "$@"

@@ -1,0 +1,208 @@
+"""The environment `exec` gives an agent: current token in, stale out, claude on its helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gastown_sandboxd.agents.claude import TTL_VARIABLE, helper_command
+from gastown_sandboxd.agents.exec import (
+    agent_environment,
+    is_gateway_token,
+    read_values,
+    resolve_command,
+    usable,
+)
+from gastown_sandboxd.agents.shims import SHIM_MARKER
+from tests.daemon.minting import mint
+
+NOW = time.time()
+CURRENT = mint(NOW)
+STALE = mint(NOW - 3 * 86400)  # a token from three days ago, long expired
+OPENAI_KEY = "sk-proj-operators-own-key"
+
+
+def _helper_home(tmp_path: Path) -> dict[str, str]:
+    """A home whose Claude settings hold the daemon's helper."""
+    settings = tmp_path / ".claude" / "settings.json"
+    settings.parent.mkdir()
+    command = helper_command(
+        python="/venv/bin/python", env_file=tmp_path / "e", socket=tmp_path / "s"
+    )
+    settings.write_text(json.dumps({"apiKeyHelper": command}))
+    return {"HOME": str(tmp_path)}
+
+
+def test_stale_tokens_in_any_variable_are_replaced_and_foreign_keys_kept() -> None:
+    """Every inherited variable holding a gateway token gets the current one; other keys stay."""
+    inherited = {
+        "ANTHROPIC_AUTH_TOKEN": STALE,
+        "KILO_JWT": STALE,
+        "SOME_TOOL_TOKEN": STALE,
+        "OPENAI_API_KEY": OPENAI_KEY,
+        "PATH": "/usr/bin",
+    }
+    env = agent_environment(inherited, {"KILO_JWT": CURRENT}, CURRENT, program="kilo")
+    assert env["ANTHROPIC_AUTH_TOKEN"] == env["KILOCODE_TOKEN"] == CURRENT
+    assert env["KILO_JWT"] == env["SOME_TOOL_TOKEN"] == CURRENT
+    assert env["OPENAI_API_KEY"] == OPENAI_KEY
+    assert env["PATH"] == "/usr/bin"
+    assert STALE not in env.values()
+
+
+@pytest.mark.parametrize(
+    ("program", "inherited", "expected"),
+    [
+        ("codex", {}, CURRENT),
+        ("codex", {"OPENAI_API_KEY": STALE}, CURRENT),
+        ("codex", {"OPENAI_API_KEY": OPENAI_KEY}, OPENAI_KEY),
+        ("kilo", {}, None),
+    ],
+    ids=["codex unset", "codex stale", "codex own key", "not codex"],
+)
+def test_each_cli_gets_its_credential_variable_unless_it_holds_a_key_of_its_own(
+    program: str, inherited: dict[str, str], expected: str | None
+) -> None:
+    """codex reads OPENAI_API_KEY: set to the token when unset or stale, never over a real key."""
+    env = agent_environment(inherited, {}, CURRENT, program=program)
+    assert env.get("OPENAI_API_KEY") == expected
+
+
+def test_claude_without_the_helper_gets_the_token_in_anthropic_auth_token(tmp_path: Path) -> None:
+    """No helper in Claude's settings: claude gets ANTHROPIC_AUTH_TOKEN, and no TTL variable."""
+    inherited = {"HOME": str(tmp_path), "ANTHROPIC_AUTH_TOKEN": STALE}
+    env = agent_environment(inherited, {}, CURRENT, program="claude")
+    assert env["ANTHROPIC_AUTH_TOKEN"] == CURRENT
+    assert TTL_VARIABLE not in env
+
+
+def test_claude_with_the_helper_gets_no_auth_token_and_a_ttl(tmp_path: Path) -> None:
+    """The daemon's helper in place: ANTHROPIC_AUTH_TOKEN (which would win) is dropped."""
+    inherited = {
+        **_helper_home(tmp_path),
+        "ANTHROPIC_AUTH_TOKEN": STALE,
+        "ANTHROPIC_API_KEY": STALE,
+    }
+    env = agent_environment(inherited, {}, CURRENT, program="claude", helper_ttl_ms=1000)
+    assert "ANTHROPIC_AUTH_TOKEN" not in env
+    assert "ANTHROPIC_API_KEY" not in env
+    assert env[TTL_VARIABLE] == "1000"
+    assert env["KILOCODE_TOKEN"] == CURRENT
+    # Without any token at all the stale variable still goes: the helper fetches the token.
+    env = agent_environment(inherited, {}, None, program="claude")
+    assert "ANTHROPIC_AUTH_TOKEN" not in env
+
+
+def test_a_ttl_already_set_is_kept(tmp_path: Path) -> None:
+    """CLAUDE_CODE_API_KEY_HELPER_TTL_MS from the agent's environment wins over the default."""
+    inherited = {**_helper_home(tmp_path), TTL_VARIABLE: "42"}
+    env = agent_environment(inherited, {}, CURRENT, program="claude", helper_ttl_ms=1000)
+    assert env[TTL_VARIABLE] == "42"
+
+
+def test_claude_config_dir_selects_the_settings_exec_reads(tmp_path: Path) -> None:
+    """A CLAUDE_CONFIG_DIR without the helper (a gt account folder): exec exports the token."""
+    home = _helper_home(tmp_path)
+    account = tmp_path / "account"
+    account.mkdir()
+    inherited = {**home, "CLAUDE_CONFIG_DIR": str(account)}
+    env = agent_environment(inherited, {}, CURRENT, program="claude")
+    assert env["ANTHROPIC_AUTH_TOKEN"] == CURRENT
+
+
+@pytest.mark.parametrize(
+    "settings",
+    ["{not json", "[1, 2]", json.dumps({"apiKeyHelper": "/usr/local/bin/my-own-helper"})],
+    ids=["not JSON", "not an object", "someone else's helper"],
+)
+def test_settings_without_the_daemons_helper_fall_back_to_the_token(
+    tmp_path: Path, settings: str
+) -> None:
+    """A settings file that is not JSON, or holds another helper: claude gets the token."""
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text(settings)
+    env = agent_environment({"HOME": str(tmp_path)}, {}, CURRENT, program="claude")
+    assert env["ANTHROPIC_AUTH_TOKEN"] == CURRENT
+
+
+def test_gateway_tokens_are_told_from_other_values() -> None:
+    """Only sandbox tokens count as gateway tokens (any age or town)."""
+    assert is_gateway_token(STALE)
+    assert is_gateway_token(mint(NOW, town_id="another-town"))
+    assert not is_gateway_token(OPENAI_KEY)
+    assert not is_gateway_token(mint(NOW, type="something_else"))
+    assert not is_gateway_token("a.b.c")
+    assert not is_gateway_token("")
+
+
+def test_usable_checks_expiry_and_the_town_only_when_known() -> None:
+    """Expired is never usable; another town is usable only when no town is configured."""
+    assert usable(CURRENT, None)
+    assert usable(CURRENT, "town-1")
+    assert not usable(CURRENT, "town-2")
+    assert usable(mint(NOW, town_id="town-2"), None)
+    assert not usable(STALE, None)
+    assert not usable(None, None)
+
+
+def test_read_values_of_a_missing_file_is_empty(tmp_path: Path) -> None:
+    """A missing env file reads as no variables (exec still runs the command)."""
+    assert read_values(tmp_path / "missing") == {}
+    (tmp_path / "env").write_text(f"# c\nKILO_JWT={CURRENT}\nexport OTHER='a b'\n")
+    assert read_values(tmp_path / "env") == {"KILO_JWT": CURRENT, "OTHER": "a b"}
+
+
+def _light_exec(tmp_path: Path, env_file: Path) -> list[str]:
+    """The shims' entry of `exec`, up to and including `--`."""
+    light = [sys.executable, "-m", "gastown_sandboxd.agents", "exec"]
+    return [*light, "--env-file", str(env_file), "--socket", str(tmp_path / "none.sock"), "--"]
+
+
+def test_a_legacy_exec_wrapper_passes_over_the_shim_to_the_real_cli(tmp_path: Path) -> None:
+    """`exec -- kilo` with the shim folder first on PATH runs the real kilo, not the shim."""
+    shims, real = tmp_path / "shims", tmp_path / "real"
+    for folder in (shims, real):
+        folder.mkdir()
+    flag = tmp_path / "shim-ran"
+    (shims / "kilo").write_text(f"#!/bin/sh\n{SHIM_MARKER} for kilo\ntouch {flag}\nexit 9\n")
+    (real / "kilo").write_text('#!/bin/sh\nprintf "%s" "$KILOCODE_TOKEN"\n')
+    for path in (shims / "kilo", real / "kilo"):
+        path.chmod(0o755)
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    assert resolve_command("kilo", f"{shims}{os.pathsep}{real}") == str(real / "kilo")
+    assert resolve_command("./kilo", str(shims)) == "./kilo"
+    assert resolve_command("nowhere", str(shims)) == "nowhere"
+    done = subprocess.run(
+        [*_light_exec(tmp_path, env_file), "kilo"],
+        env={"PATH": f"{shims}{os.pathsep}{real}{os.pathsep}/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, CURRENT, "")
+    assert not flag.exists()
+
+
+def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
+    """exec of a command that cannot be found: 127 and one line, as a shell does."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    done = subprocess.run(
+        [*_light_exec(tmp_path, env_file), "no-such-agent-cli"],
+        env={"PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 127
+    assert done.stderr.count("\n") == 1
+    assert "no-such-agent-cli" in done.stderr

@@ -1,0 +1,155 @@
+"""The agent keeper: Claude's helper kept with every other key, bad files untouched, logs once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from gastown_sandboxd.agents import AgentKeeper
+from gastown_sandboxd.agents.claude import is_daemon_helper, with_helper
+
+
+def _keeper(tmp_path: Path, *, path: str, names: tuple[str, ...] = ("claude",)) -> AgentKeeper:
+    return AgentKeeper(
+        shim_dir=tmp_path / "shims",
+        names=names,
+        env_file=tmp_path / ".env.gateway",
+        socket=tmp_path / "d.sock",
+        claude_helper_ttl=1.0,
+        environ={"PATH": path, "HOME": str(tmp_path / "home")},
+        python=sys.executable,
+    )
+
+
+def _real_claude(tmp_path: Path) -> str:
+    real = tmp_path / "real"
+    real.mkdir(exist_ok=True)
+    (real / "claude").write_text("#!/bin/sh\n")
+    (real / "claude").chmod(0o755)
+    (tmp_path / "shims").mkdir(exist_ok=True)
+    return str(real)
+
+
+def _settings(tmp_path: Path) -> Path:
+    return tmp_path / "home" / ".claude" / "settings.json"
+
+
+def test_a_new_settings_file_gets_the_helper_and_mode_0600(tmp_path: Path) -> None:
+    """No settings yet: the folder and a 0600 file holding only the helper."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    with capture_logs() as logs:
+        keeper.sync()
+    data = json.loads(_settings(tmp_path).read_text())
+    assert list(data) == ["apiKeyHelper"]
+    assert is_daemon_helper(data["apiKeyHelper"])
+    assert str(tmp_path / ".env.gateway") in data["apiKeyHelper"]
+    assert _settings(tmp_path).stat().st_mode & 0o777 == 0o600
+    assert [e["event"] for e in logs] == ["agent_shim_written", "claude_api_key_helper_set"]
+
+
+def test_every_other_key_is_kept_in_order_with_the_files_mode(tmp_path: Path) -> None:
+    """Existing settings: the helper replaced or added, the rest as it was, mode kept."""
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    before = {"theme": "dark", "apiKeyHelper": "/bin/old-helper", "env": {"A": "1"}, "z": [1]}
+    path.write_text(json.dumps(before))
+    path.chmod(0o640)
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    keeper.sync()
+    after = json.loads(path.read_text())
+    assert list(after) == list(before)
+    assert {k: v for k, v in after.items() if k != "apiKeyHelper"} == {
+        k: v for k, v in before.items() if k != "apiKeyHelper"
+    }
+    assert is_daemon_helper(after["apiKeyHelper"])
+    assert path.stat().st_mode & 0o777 == 0o640
+    mtime = path.stat().st_mtime_ns
+    keeper.sync()
+    assert path.stat().st_mtime_ns == mtime  # nothing to change: nothing written
+
+
+@pytest.mark.parametrize("text", ['{"theme": ', "[]", "\udcff"], ids=["cut", "array", "bytes"])
+def test_settings_that_are_not_json_are_never_overwritten_and_logged_once(
+    tmp_path: Path, text: str
+) -> None:
+    """A settings file that is not a JSON object stays byte for byte; one warning only."""
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    data = text.encode("utf-8", "surrogateescape")
+    path.write_bytes(data)
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    with capture_logs() as logs:
+        for _ in range(3):
+            keeper.sync()
+    assert path.read_bytes() == data
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1, logs
+    assert warnings[0]["event"] in {"claude_settings_not_json", "claude_settings_unreadable"}
+    assert warnings[0]["path"] == str(path)
+
+
+def test_an_absent_cli_gets_no_shim_and_is_logged_once(tmp_path: Path) -> None:
+    """Absent CLIs: no shim, one `agent_cli_absent` each however often the keeper looks."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path), names=("claude", "codex", "gemini"))
+    with capture_logs() as logs:
+        for _ in range(3):
+            keeper.sync()
+    absent = [e["name"] for e in logs if e["event"] == "agent_cli_absent"]
+    assert absent == ["codex", "gemini"]
+    assert sorted(os.listdir(tmp_path / "shims")) == ["claude"]
+
+
+def test_no_claude_means_no_settings_written(tmp_path: Path) -> None:
+    """Without a claude to shim, Claude's settings are not touched."""
+    (tmp_path / "shims").mkdir()
+    _keeper(tmp_path, path="").sync()
+    assert not _settings(tmp_path).exists()
+
+
+def test_with_helper_changes_nothing_when_the_helper_is_there() -> None:
+    """The same helper already set: no new text (nothing to write)."""
+    text = with_helper('{"a": 1}', "cmd")
+    assert text is not None
+    assert json.loads(text) == {"a": 1, "apiKeyHelper": "cmd"}
+    assert with_helper(text, "cmd") is None
+
+
+@pytest.mark.anyio
+async def test_run_syncs_before_it_reports_started_and_stops_on_cancel(tmp_path: Path) -> None:
+    """`run` has written the shims by the time `tg.start` returns."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    async with anyio.create_task_group() as tg:
+        await tg.start(keeper.run)
+        assert (tmp_path / "shims" / "claude").exists()
+        tg.cancel_scope.cancel()
+
+
+def test_update_takes_effect_at_the_next_sync(tmp_path: Path) -> None:
+    """New names and TTL (a SIGHUP): the claude shim is rewritten with the new TTL."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    keeper.sync()
+    assert "--helper-ttl-ms 1000" in (tmp_path / "shims" / "claude").read_text()
+    keeper.update(names=("claude", "codex"), claude_helper_ttl=2.5)
+    with capture_logs() as logs:
+        keeper.sync()
+    assert "--helper-ttl-ms 2500" in (tmp_path / "shims" / "claude").read_text()
+    assert [e["event"] for e in logs] == ["agent_shim_written", "agent_cli_absent"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path: Path) -> None:
+    """`.claude.*.tmp` in the shim folder and `.settings.json.*.tmp` old enough are removed."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    settings = _settings(tmp_path)
+    settings.parent.mkdir(parents=True)
+    stale = [tmp_path / "shims" / ".claude.x1.tmp", settings.parent / ".settings.json.x2.tmp"]
+    for path in stale:
+        path.write_text("half")
+        os.utime(path, (1, 1))
+    keeper.remove_stale_temporaries()
+    assert not [path for path in stale if path.exists()]

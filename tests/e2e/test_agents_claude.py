@@ -1,0 +1,124 @@
+"""The real Claude Code CLI, started through its shim, sends the current token, then the new one.
+
+Claude Code (npm `@anthropic-ai/claude-code`, pinned and installed project-locally by `make
+tools`) talks to a stand-in Messages endpoint on 127.0.0.1 that records each request's
+credentials. It starts with a stale ANTHROPIC_AUTH_TOKEN in its environment, as gt gives it;
+its first request must carry the current token. The stand-in answers tool-use turns to keep the
+session alive while the daemon refreshes (real daemon, real cloud); with a 1 s helper TTL the
+later requests carry the new token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e._agents import Seen, claude_env, messages_standin
+from tests.e2e._town import create_town, wait_for_state, write_env
+from tests.fixtures.cloud import CloudServer
+from tests.fixtures.daemon import DaemonFactory
+
+CLAUDE = Path(__file__).resolve().parents[2] / ".cache" / "npm" / "node_modules" / ".bin" / "claude"
+HELPER_TTL = 1.0
+MAX_TURNS = 24
+TURN_PACE = 0.15  # seconds per later turn: the helper's refresh runs beside the session
+
+pytestmark = pytest.mark.skipif(
+    not CLAUDE.exists(), reason=f"Claude Code is not installed at {CLAUDE}: run `make tools`"
+)
+
+
+def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_one(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """First request: current token (not the stale one); after a refresh: the new one."""
+    town = create_town(cloud)
+    stale = town.mint(lifetime=600, now=int(time.time()) - 3600)
+    env_file = write_env(tmp_path / "sandbox" / ".env.gateway", town.token)
+    home, real, shims = tmp_path / "home", tmp_path / "real-bin", tmp_path / "shims"
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude" / "settings.json").write_text('{"theme": "dark"}\n')
+    real.mkdir()
+    (real / "claude").symlink_to(CLAUDE)
+    daemon = daemon_factory(
+        town_id=town.id,
+        cloud_url=cloud.url,
+        env_file=env_file,
+        config_toml=f'[agents]\nclaude_helper_ttl = "{HELPER_TTL}s"\nshims = ["claude"]\n',
+        extra_env={
+            "INTERNAL_API_KEY": cloud.internal_key,
+            "PATH": f"{real}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(home),
+            "CLAUDE_CONFIG_DIR": "",
+            "GASTOWN_SANDBOXD_SHIM_DIR": str(shims),
+        },
+    )
+    wait_for_state(daemon, "fresh")
+
+    refreshed = threading.Event()
+    fresh: list[str] = []
+
+    def answer(seen: Seen) -> str:
+        """Tool turns until a request after the refresh carries the new token (bounded)."""
+        turn = len(standin.messages())
+        if turn == 2:
+            # Hold the session until the refresh is done and one helper TTL has passed.
+            assert refreshed.wait(20)
+            time.sleep(HELPER_TTL + 0.2)
+        elif turn > 2:
+            time.sleep(TURN_PACE)
+        got_new = bool(fresh) and any(m.bearer == fresh[0] for m in standin.messages())
+        return "text" if got_new or turn >= MAX_TURNS else "tool"
+
+    with messages_standin(answer) as standin:
+        env = claude_env(standin.url, home)
+        env.update(
+            PATH=f"{shims}{os.pathsep}{env['PATH']}",
+            ANTHROPIC_AUTH_TOKEN=stale,
+        )
+        with subprocess.Popen(
+            [str(shims / "claude"), "-p", "Run `true` with Bash.", "--allowedTools", "Bash"],
+            env=env,
+            cwd=home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as claude:
+            try:
+                standin.wait_for(lambda messages: len(messages) >= 1, deadline=30)
+                with daemon.local() as local:
+                    answer_json = local.post("/token/refresh").json()
+                assert answer_json["token"]["fingerprint"], answer_json
+                fresh.append(env_file.read_text().split("KILO_JWT=", 1)[1].split("\n", 1)[0])
+                refreshed.set()
+                out, err = claude.communicate(timeout=60)
+            finally:
+                refreshed.set()
+                if claude.poll() is None:
+                    claude.kill()
+        messages = standin.messages()
+        requests = list(standin.requests)
+
+    print(json.dumps([(m.bearer or "")[-8:] for m in messages]))
+    assert claude.returncode == 0, err
+    assert "done" in out
+    assert fresh[0] != town.token
+    # The first request carries the token that was current, in both headers (helper output).
+    assert (messages[0].bearer, messages[0].api_key) == (town.token, town.token)
+    assert all(stale not in (r.bearer, r.api_key) for r in requests)
+    # Later requests carry the new token, and once they do, never the old one again.
+    bearers = [m.bearer for m in messages]
+    assert fresh[0] in bearers, bearers
+    first_new = bearers.index(fresh[0])
+    assert first_new > 0
+    assert set(bearers[first_new:]) == {fresh[0]}
+    assert set(bearers[:first_new]) == {town.token}
+    settings = json.loads((home / ".claude" / "settings.json").read_text())
+    assert settings["theme"] == "dark"
+    assert town.token not in json.dumps(settings)
