@@ -9,6 +9,7 @@ into a closed pipe ends quietly.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sqlite3
@@ -192,6 +193,8 @@ def _serve_command(args: argparse.Namespace) -> int:
 def _towns_command(args: argparse.Namespace) -> int:
     from .towns_cli import TownCommandError, run_town_command  # late, as for serve
 
+    # stdout is the answer's; warnings (not routine notes such as a migration) go to stderr.
+    configure_logging(level=logging.WARNING)
     try:
         if args.action == "create":
             check_lifetime(args.token_lifetime)

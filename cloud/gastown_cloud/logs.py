@@ -6,6 +6,7 @@ Routes never log a token or the key; the scrubber makes a slip harmless anyway: 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 from typing import TextIO
@@ -18,9 +19,12 @@ from gastown_sandboxd.ops.logs import Redactor
 Scrubber = Redactor
 
 
-def configure_logging(*, secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
-    """JSON lines to `stream` (stderr by default: stdout carries only the listening line)."""
+def configure_logging(
+    *, secrets: Iterable[str] = (), stream: TextIO | None = None, level: int = logging.INFO
+) -> None:
+    """JSON lines from `level` up to `stream` (stderr by default: stdout carries only answers)."""
     structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
