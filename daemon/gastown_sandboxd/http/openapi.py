@@ -134,7 +134,9 @@ _SCHEMAS: dict[str, Any] = {
             "next_refresh_at",
             "last_refresh_at",
             "consecutive_failures",
+            "last_error",
             "config_revision",
+            "env_file",
             "watcher",
             "subscribers",
         ],
@@ -147,7 +149,25 @@ _SCHEMAS: dict[str, Any] = {
             "next_refresh_at": {"type": ["string", "null"], "format": "date-time"},
             "last_refresh_at": {"type": ["string", "null"], "format": "date-time"},
             "consecutive_failures": {"type": "integer", "minimum": 0},
+            "last_error": {
+                "description": "why the last refresh failed, since the last success",
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["reason", "at", "detail"],
+                        "properties": {
+                            "reason": {
+                                "enum": ["outage", "busy", "broken", "unauthorized", "inactive"]
+                            },
+                            "at": {"type": "string", "format": "date-time"},
+                            "detail": {"type": "string"},
+                        },
+                    },
+                    {"type": "null"},
+                ],
+            },
             "config_revision": {"type": "string"},
+            "env_file": {"type": ["string", "null"]},
             "watcher": {"type": "object"},
             "subscribers": {"type": "integer", "minimum": 0},
         },
