@@ -12,7 +12,11 @@ import functools
 import json
 import math
 import os
+import select
+import signal
+import stat
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _dispatch(argv)
         # Flush here, not at interpreter exit, so that a closed pipe is caught below.
         sys.stdout.flush()
-    except BrokenPipeError:
+    except (BrokenPipeError, _ReaderGone):
         _silence_stdout()
         return EXIT_OK
     return code
@@ -230,12 +234,14 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
 def _cmd_run(args: argparse.Namespace) -> int:
     from gastown_sandboxd.daemon import run_daemon
     from gastown_sandboxd.ops.logs import configure_logging
+    from gastown_sandboxd.ops.socket_lock import check_free
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     flags["log_format"] = args.log_format
     flags["log_level"] = args.log_level
     # Before logging starts: bad options or folders end start-up with their lines alone.
     settings = load_settings(flags, config_file=args.config, check_paths=True)
+    check_free(settings.socket)
     configure_logging(
         format=settings.log_format,
         level=settings.log_level,
@@ -325,6 +331,7 @@ def _duration(seconds: int) -> str:
 def _cmd_events(args: argparse.Namespace) -> int:
     wanted = set(args.types or ())
     seen = 0
+    _end_when_the_reader_leaves()
     with DaemonClient(_client_settings(args).socket, timeout=None) as client:
         for event in client.events(last_event_id=args.last_event_id):
             if wanted and event.get("type") not in wanted:
@@ -334,6 +341,42 @@ def _cmd_events(args: argparse.Namespace) -> int:
             if args.count is not None and seen >= args.count:
                 break
     return EXIT_OK
+
+
+class _ReaderGone(Exception):
+    """Stdout is a pipe whose reader has gone."""
+
+
+def _end_when_the_reader_leaves() -> None:
+    """`events | head -1`: end once the pipe's reader is gone, not at the next event's write.
+
+    A thread polls stdout for POLLERR (a pipe whose read end closed) and then interrupts the
+    main thread's blocking read with SIGUSR1, whose handler raises `_ReaderGone` (not an
+    OSError, which httpx would turn into a connection error).
+    """
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except (OSError, ValueError):
+        return
+
+    def reader_gone(signum: int, frame: object) -> None:
+        raise _ReaderGone
+
+    signal.signal(signal.SIGUSR1, reader_gone)
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+        while True:
+            if any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll()):
+                signal.pthread_kill(main_thread, signal.SIGUSR1)
+                return
+
+    threading.Thread(target=watch, name="stdout-reader-watch", daemon=True).start()
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:

@@ -87,6 +87,18 @@ class SocketLock:
         os.close(fd)
 
 
+def check_free(socket_path: Path) -> None:
+    """Raise `SocketInUse` when a daemon holds the socket's lock or anything serves it.
+
+    A check before start-up, for a clean message; `SocketLock.acquire` is what decides.
+    """
+    pid = owner_pid(socket_path)
+    if pid is None:
+        pid = serving_pid(socket_path)
+    if pid is not None:
+        raise SocketInUse(socket_path, pid or None)
+
+
 def owner_pid(socket_path: Path) -> int | None:
     """The pid of the daemon that holds the socket's lock now, or None when nobody does."""
     try:
