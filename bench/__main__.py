@@ -1,7 +1,7 @@
 """`make bench`: every benchmark of the project, then one table of all their figures.
 
 `python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (daemon_bench,
-patch_bench, events_bench, load_bench, fleet). Figures are printed, never asserted.
+patch_bench, events_bench, load_bench, fleet, ops_bench). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 from ._table import Row, print_table
 
-BENCHES = ("daemon_bench", "patch_bench", "events_bench", "load_bench", "fleet")
+BENCHES = ("daemon_bench", "patch_bench", "events_bench", "load_bench", "fleet", "ops_bench")
 
 
 def machine() -> str:
