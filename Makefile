@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test lint typecheck pytest demo bench clean
+.PHONY: all venv tools test lint typecheck pytest demo bench clean
 
 all: test
 
@@ -26,7 +26,27 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+# What the tests run besides Python and make, as command:Debian-package.
+TOOLS := curl:curl bash:bash systemd-analyze:systemd shellcheck:shellcheck tmux:tmux \
+	node:nodejs npm:npm wrk:wrk
+
+# Installs what is missing as root where apt-get exists; else one line naming it, and fails.
+tools:
+	@missing=""; for pair in $(TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make tools: installing$$missing"; \
+	  apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$missing >/dev/null \
+	  || { echo "make tools: apt-get could not install$$missing" >&2; exit 1; }; \
+	else \
+	  echo "make tools: the tests need these Debian packages, missing here:$$missing (apt-get install$$missing)" >&2; \
+	  exit 1; \
+	fi
+
+test: tools lint typecheck pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m gastown_cloud.demo
