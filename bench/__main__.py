@@ -1,7 +1,8 @@
 """`make bench`: every benchmark of the project, then one table of all their figures.
 
 `python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (daemon_bench, agents_bench,
-patch_bench, events_bench, load_bench, fleet, journal_bench). Figures are printed, never asserted.
+patch_bench, events_bench, load_bench, fleet, journal_bench, ops_bench). Figures are printed,
+never asserted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ BENCHES = (
     "load_bench",
     "fleet",
     "journal_bench",
+    "ops_bench",
 )
 
 

@@ -72,9 +72,10 @@ def running_daemon(
     key: str = DAEMON_KEY,
     listen: str = "127.0.0.1:0",
     wait: bool = True,
+    config: Path | None = None,
 ) -> Iterator[Daemon]:
     """A daemon serving `town_root`; `wait=False` yields right after Popen, when `url` is
-    `http://{listen}` (right only if `listen` names a port)."""
+    `http://{listen}` (right only if `listen` names a port); `config`: a TOML file (--config)."""
     home.mkdir(parents=True, exist_ok=True)
     env_file = home / ".env.gateway"
     env_file.write_text(f"KILO_JWT={token or mint(time.time(), town_id=town_id)}\n")
@@ -92,6 +93,8 @@ def running_daemon(
         )
         log = home / "daemon.log"
         argv = [sys.executable, "-m", "gastown_sandboxd", "run"]
+        if config is not None:
+            argv += ["--config", str(config)]
         with log.open("wb") as sink:
             started_wall, started = time.time(), time.perf_counter()
             process = subprocess.Popen(argv, env=env, stdout=sink, stderr=sink)

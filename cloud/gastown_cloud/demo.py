@@ -286,7 +286,9 @@ def run(workdir: Path) -> None:
         say(
             "gt's town settings now read (unmanaged keys kept):",
             detail={
-                k: written[k] for k in ("type", "version", "_comment", "role_agents", "scheduler")
+                k: written[k]
+                for k in ("type", "version", "_comment", "agents", "role_agents", "scheduler")
+                if k in written
             },
         )
 

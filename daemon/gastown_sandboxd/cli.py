@@ -1,25 +1,41 @@
-"""The command line (CONTRACT §8): run, status, events, refresh, inspect-token, exec, token.
+"""The command line (CONTRACT §8): run, check, status, events, refresh, inspect-token, exec,
+token.
 
-Exit codes: 0 success, 1 a runtime failure, 2 bad usage or settings.
+Exit codes: 0 success, 1 a runtime failure, 2 bad usage or settings. Output into a closed pipe
+(`status | head -1`) ends quietly with exit 0: the reader had what it wanted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
+import logging
+import math
+import os
+import select
+import signal
+import stat
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
 from gastown_sandboxd import __version__, agents
-from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
+from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
 from gastown_sandboxd.errors import SettingsError
-from gastown_sandboxd.options import ClientSettings, load_client_settings, load_settings
+from gastown_sandboxd.options import (
+    ClientSettings,
+    Settings,
+    load_client_settings,
+    load_settings,
+)
 from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
 from gastown_sandboxd.token.envfile import read_env_values
 
@@ -90,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log level (env GASTOWN_SANDBOXD_LOG_LEVEL; default info)",
     )
+
+    check = commands.add_parser(
+        "check",
+        help="check the options without starting",
+        description="Check every option (flags, environment, TOML file), the town root and the "
+        "env file's folder as `run` would, without starting; report every problem at once. "
+        "Exit 0 when all is well, 2 when anything is wrong.",
+    )
+    _add_config(check)
+    for flag, dest, text in _RUN_FLAGS:
+        check.add_argument(flag, dest=dest, metavar=dest.upper(), help=text)
 
     status = commands.add_parser(
         "status",
@@ -170,18 +197,40 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _dispatch(argv)
+        # Flush here, not at interpreter exit, so that a closed pipe is caught below.
+        sys.stdout.flush()
+    except (BrokenPipeError, _ReaderGone):
+        _silence_stdout()
+        return EXIT_OK
+    return code
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         handler = _HANDLERS[args.command]
         return handler(args)
     except SettingsError as exc:
-        print(f"gastown-sandboxd: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"gastown-sandboxd: {line}", file=sys.stderr)
         return EXIT_USAGE
     except DaemonUnavailable as exc:
         print(f"gastown-sandboxd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush meets no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _client_settings(args: argparse.Namespace) -> ClientSettings:
@@ -194,26 +243,69 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from gastown_sandboxd.daemon import check_town_root, run_daemon
+    from gastown_sandboxd.daemon import run_daemon
     from gastown_sandboxd.ops.logs import configure_logging
+    from gastown_sandboxd.ops.socket_lock import check_free
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     flags["log_format"] = args.log_format
     flags["log_level"] = args.log_level
-    settings = load_settings(flags, config_file=args.config)
-    # Before logging starts: a bad town root must end start-up with its one line alone.
-    check_town_root(settings.town_root)
+    # Before logging starts: bad options or folders end start-up with their lines alone.
+    settings = load_settings(flags, config_file=args.config, check_paths=True)
     agents.check_shim_dir(settings.shim_dir)
+    check_free(settings.socket)
     configure_logging(
         format=settings.log_format,
         level=settings.log_level,
         secrets=[settings.internal_key.reveal()],
     )
+
+    def reload() -> Settings:
+        # SIGHUP: the same flags and environment, the TOML file read again.
+        return load_settings(flags, config_file=args.config)
+
     try:
-        anyio.run(run_daemon, settings)
+        anyio.run(functools.partial(run_daemon, settings, reload=reload))
     except OSError as exc:
-        print(f"gastown-sandboxd: cannot start: {exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gastown-sandboxd: cannot start: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
+    return _exit_now(EXIT_OK)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave without the interpreter's tear-down of every module.
+
+    The daemon has stopped: its files are written and closed, its hooks killed. Tearing down
+    ~300 modules took ~110 ms of the stop (and several times that on a loaded host, measured
+    in bench/ops_bench.py); a supervisor waits for the process, not for that.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from gastown_sandboxd.ops.socket_lock import owner_pid
+
+    flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
+    # Raises SettingsProblems with every problem: printed one per line, exit 2.
+    settings = load_settings(flags, config_file=args.config, check_paths=True)
+    pid = owner_pid(settings.socket)
+    lines = [
+        f"ok: {settings.config_file or 'no TOML file'}; every option is valid",
+        f"town            {settings.town_id}",
+        f"cloud           {settings.cloud_url}",
+        f"town root       {settings.town_root}",
+        f"env file        {settings.env_file}",
+        f"listen          {settings.listen}",
+        f"socket          {settings.socket}"
+        + (f" (served by the running daemon, pid {pid})" if pid else ""),
+        f"hooks, signals  {len(settings.hooks)}, {len(settings.signals)}",
+    ]
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -231,6 +323,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"next refresh    {status.get('next_refresh_at') or '-'}",
         f"last refresh    {status.get('last_refresh_at') or '-'}",
         f"failures        {status['consecutive_failures']}",
+        f"last error      {_error_line(status.get('last_error'))}",
+        f"env file        {status.get('env_file') or '-'}",
         f"config revision {status['config_revision']}",
         f"watcher         {'running' if status['watcher'].get('running') else 'stopped'}",
         f"subscribers     {status['subscribers']}",
@@ -248,6 +342,12 @@ def _token_line(token: dict[str, Any]) -> str:
     )
 
 
+def _error_line(error: dict[str, Any] | None) -> str:
+    if not error:
+        return "-"
+    return f"{error['reason']} at {error['at']}: {error['detail']}"
+
+
 def _duration(seconds: int) -> str:
     hours, rest = divmod(max(0, seconds), 3600)
     minutes, seconds = divmod(rest, 60)
@@ -257,6 +357,7 @@ def _duration(seconds: int) -> str:
 def _cmd_events(args: argparse.Namespace) -> int:
     wanted = set(args.types or ())
     seen = 0
+    _end_when_the_reader_leaves()
     with DaemonClient(_client_settings(args).socket, timeout=None) as client:
         for event in client.events(last_event_id=args.last_event_id):
             if wanted and event.get("type") not in wanted:
@@ -266,6 +367,42 @@ def _cmd_events(args: argparse.Namespace) -> int:
             if args.count is not None and seen >= args.count:
                 break
     return EXIT_OK
+
+
+class _ReaderGone(Exception):
+    """Stdout is a pipe whose reader has gone."""
+
+
+def _end_when_the_reader_leaves() -> None:
+    """`events | head -1`: end once the pipe's reader is gone, not at the next event's write.
+
+    A thread polls stdout for POLLERR (a pipe whose read end closed) and then interrupts the
+    main thread's blocking read with SIGUSR1, whose handler raises `_ReaderGone` (not an
+    OSError, which httpx would turn into a connection error).
+    """
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except (OSError, ValueError):
+        return
+
+    def reader_gone(signum: int, frame: object) -> None:
+        raise _ReaderGone
+
+    signal.signal(signal.SIGUSR1, reader_gone)
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+        while True:
+            if any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll()):
+                signal.pthread_kill(main_thread, signal.SIGUSR1)
+                return
+
+    threading.Thread(target=watch, name="stdout-reader-watch", daemon=True).start()
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
@@ -280,7 +417,11 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     settings = _client_settings(args)
-    source = args.file or str(settings.env_file)
+    source = args.file or str(
+        settings.env_file
+        if settings.env_file_given
+        else running_daemon_env_file(settings.socket) or settings.env_file
+    )
     try:
         token = _read_token_source(source)
     except OSError as exc:
@@ -298,7 +439,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         report["problem"] = str(exc)
     else:
         report["claims"] = dataclasses.asdict(claims)
-        report["expires_in"] = claims.exp - now if isinstance(claims.exp, int) else None
+        # Whole seconds, rounded down: a token "expires in 0" only in its last second.
+        report["expires_in"] = math.floor(claims.exp - now) if isinstance(claims.exp, int) else None
     reasons = acceptability_reasons(token, town_id=settings.town_id or "", now=now)
     if settings.town_id is None:
         reasons = [r for r in reasons if r != "wrong_town"]
@@ -323,6 +465,7 @@ def _read_token_source(source: str) -> str | None:
 
 _HANDLERS = {
     "run": _cmd_run,
+    "check": _cmd_check,
     "status": _cmd_status,
     "events": _cmd_events,
     "refresh": _cmd_refresh,

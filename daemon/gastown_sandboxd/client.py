@@ -20,6 +20,16 @@ class DaemonUnavailable(GastownError):
     """The daemon's socket does not answer, or answered with an error."""
 
 
+def running_daemon_env_file(socket: Path) -> Path | None:
+    """The env file the daemon on `socket` writes (its `/status`); None when none answers."""
+    try:
+        with DaemonClient(socket, timeout=5.0) as client:
+            value = client.get("/status").get("env_file")
+    except (DaemonUnavailable, httpx.HTTPError, OSError, ValueError):
+        return None
+    return Path(value) if isinstance(value, str) and value else None
+
+
 class DaemonClient:
     """`with DaemonClient(socket) as c: c.get("/status")`."""
 
@@ -50,8 +60,7 @@ class DaemonClient:
                 probe.connect(str(self._socket))
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__
-                message = f"cannot reach the daemon at {self._socket}: {reason}"
-                raise DaemonUnavailable(message) from None
+                raise DaemonUnavailable(_unreachable(self._socket, reason)) from None
 
     def get(self, path: str) -> dict[str, Any]:
         return self._request("GET", path, ok=(200,))
@@ -104,4 +113,11 @@ class DaemonClient:
         return body
 
     def _unavailable(self, exc: Exception) -> DaemonUnavailable:
-        return DaemonUnavailable(f"cannot reach the daemon at {self._socket}: {exc}")
+        return DaemonUnavailable(_unreachable(self._socket, str(exc)))
+
+
+def _unreachable(socket: Path, reason: str) -> str:
+    return (
+        f"cannot reach the daemon at {socket}: {reason} (is it running? name its socket with "
+        "--socket or GASTOWN_SANDBOXD_SOCKET)"
+    )

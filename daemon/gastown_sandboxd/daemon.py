@@ -1,10 +1,15 @@
-"""Assembly: every component in one task group, started in order, stopped on SIGTERM/SIGINT."""
+"""Assembly: every component in one task group, started in order, stopped on SIGTERM/SIGINT.
+
+SIGHUP re-reads the options (`reload_options`): hooks, signals and the schedule knobs change in
+place; connections and event streams stay open; a bad file is refused and the old options stay.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -24,8 +29,9 @@ from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.app import ApiContext, create_app
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, describe, serve_socket
 from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
+from gastown_sandboxd.ops.socket_lock import SocketLock
 from gastown_sandboxd.ops.systemd import SystemdNotifier
-from gastown_sandboxd.options import Settings
+from gastown_sandboxd.options import Settings, check_env_folder, check_town_root
 from gastown_sandboxd.token.cloud import CloudClient
 from gastown_sandboxd.token.envfile import read_token
 from gastown_sandboxd.token.refresher import TokenRefresher
@@ -34,38 +40,25 @@ from gastown_sandboxd.watcher import SettingsWatcher
 log = structlog.get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def check_town_root(path: Path) -> None:
-    """The town root must be a folder the daemon can read and enter; else exit 2."""
-    try:
-        is_folder = path.is_dir()
-    except OSError as exc:  # a folder above it that the daemon may not enter (EACCES)
-        raise SettingsError(
-            "town root (GT_TOWN_ROOT)",
-            f"{path} cannot be reached ({exc.strerror})",
-            "give the daemon's user access to the folders above it",
-        ) from None
-    if not is_folder:
-        raise SettingsError(
-            "town root (GT_TOWN_ROOT)", f"{path} is not a folder", "create it or set GT_TOWN_ROOT"
-        )
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise SettingsError(
-            "town root (GT_TOWN_ROOT)",
-            f"{path} cannot be read",
-            "give the daemon's user read access",
-        )
+RELOAD_SIGNAL = signal.SIGHUP
+# Options a reload applies in place; any other change waits for a restart (and is logged).
+RELOADABLE = frozenset({"hooks", "signals", "schedule", "agent_shims", "claude_helper_ttl"})
 
 
 async def run_daemon(
     settings: Settings,
     *,
     clock: Clock | None = None,
+    reload: Callable[[], Settings] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM or SIGINT (or cancellation); raises SettingsError before serving."""
+    """Run until SIGTERM or SIGINT (or cancellation); raises SettingsError before serving.
+
+    `reload` reads the options again on SIGHUP (without it, SIGHUP re-reads nothing and is
+    logged). A second daemon on the same socket raises `SocketInUse` (a SettingsError).
+    """
     check_town_root(settings.town_root)
+    check_env_folder(settings.env_file)
     check_shim_dir(settings.shim_dir)
     clock = clock or SystemClock()
     systemd = SystemdNotifier()
@@ -126,6 +119,8 @@ async def run_daemon(
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
     ctx = ApiContext(
         town_id=settings.town_id,
+        cloud_url=settings.cloud_url,
+        env_file=settings.env_file,
         town_root=settings.town_root,
         refresher=refresher,
         store=store,
@@ -136,19 +131,33 @@ async def run_daemon(
         patch_counter=metrics.config_patches,
         sse_clients=metrics.sse_clients,
         config_sync=config_sync,
-        env_file=settings.env_file,
         shim_dir=settings.shim_dir,
     )
-    tcp = bind_tcp(settings.listen)
+    lock = SocketLock(settings.socket)
+    lock.acquire()
     try:
-        unix = bind_unix(settings.socket)
-    except OSError:
-        tcp.close()
+        tcp = bind_tcp(settings.listen)
+        try:
+            unix = bind_unix(settings.socket)
+        except OSError:
+            tcp.close()
+            raise
+    except BaseException:
+        lock.release()
         raise
     shutdown = anyio.Event()
+    current = [settings]
 
-    async with client, desired_client, anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, shutdown, bus)
+    def apply(new: Settings) -> None:
+        notifier.reconfigure(new.hooks, new.signals)
+        refresher.set_policy(new.schedule)
+        agents.update(names=new.agent_shims, claude_helper_ttl=new.claude_helper_ttl)
+        agents.sync()  # a few small files: the shims match the new list at once
+        current[0] = new
+
+    async with _owning(lock), client, desired_client, anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signal, shutdown, bus)
+        await tg.start(_reload_on_signal, lambda: current[0], reload, apply)
         await store.load()
         await anyio.to_thread.run_sync(
             _remove_stale_temporaries, settings.env_file, store.watched_folders()
@@ -173,12 +182,27 @@ async def run_daemon(
             await tg.start(config_sync.run)
         # The servers return once `shutdown` is set and their connections closed.
         tg.cancel_scope.cancel()
-    _remove_socket(settings.socket)
     log.info("daemon_stopped")
 
 
-async def _stop_on_signal(shutdown: anyio.Event, bus: EventBus) -> None:
+@contextlib.asynccontextmanager
+async def _owning(lock: SocketLock) -> AsyncIterator[None]:
+    """At the end, remove the socket (ours: we hold its lock), then drop the lock."""
+    try:
+        yield
+    finally:
+        _remove_socket(lock.socket_path)
+        lock.release()
+
+
+async def _stop_on_signal(
+    shutdown: anyio.Event,
+    bus: EventBus,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("daemon_stopping", signal=signal.Signals(signum).name)
             SystemdNotifier().notify("STOPPING=1")
@@ -186,6 +210,60 @@ async def _stop_on_signal(shutdown: anyio.Event, bus: EventBus) -> None:
             bus.close()
             shutdown.set()
             return
+
+
+async def _reload_on_signal(
+    current: Callable[[], Settings],
+    reload: Callable[[], Settings] | None,
+    apply: Callable[[Settings], None],
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """On each SIGHUP, read the options again and apply what can change in place.
+
+    The handler is installed explicitly, so SIGHUP reloads even when the daemon was started
+    with it ignored (`nohup`): its default action would otherwise end the daemon.
+    """
+    with anyio.open_signal_receiver(RELOAD_SIGNAL) as signals:
+        task_status.started()
+        async for _ in signals:
+            await reload_options(current(), reload, apply)
+
+
+async def reload_options(
+    old: Settings, reload: Callable[[], Settings] | None, apply: Callable[[Settings], None]
+) -> bool:
+    """Read the options with `reload` and `apply` them; a bad file is logged and refused."""
+    if reload is None:
+        log.warning("options_reload_unavailable")
+        return False
+    try:
+        new = await anyio.to_thread.run_sync(reload)
+    except SettingsError as exc:
+        # The old options stay: one bad edit must not take hooks away from a running daemon.
+        log.error(
+            "options_reload_refused",
+            config_file=str(old.config_file),
+            problems=str(exc).splitlines(),
+        )
+        return False
+    restart = sorted(
+        field.name
+        for field in dataclasses.fields(Settings)
+        if field.name not in RELOADABLE and getattr(new, field.name) != getattr(old, field.name)
+    )
+    apply(new)
+    changed = sorted(name for name in RELOADABLE if getattr(new, name) != getattr(old, name))
+    log.info(
+        "options_reloaded",
+        config_file=str(new.config_file),
+        changed=changed,
+        hooks=[list(hook.command) for hook in new.hooks],
+        signals=len(new.signals),
+    )
+    if restart:
+        log.warning("options_need_restart", options=restart)
+    return True
 
 
 async def _report_state(systemd: SystemdNotifier, refresher: TokenRefresher) -> None:

@@ -2,6 +2,7 @@
 
 GastownError
 ├── SettingsError          a missing or bad setting: exit 2, one line naming it
+│   └── SettingsProblems       every problem found in one pass, one line each
 ├── TokenError             a token that is not acceptable (carries every reason)
 ├── RefreshError           the cloud did not give an acceptable token
 ├── ConfigError            a PATCH /config or a settings file that cannot be used
@@ -33,6 +34,20 @@ class SettingsError(GastownError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"setting {setting}: {problem}; {fix}")
+
+
+class SettingsProblems(SettingsError):
+    """Every missing or bad setting found in one pass; `str()` is one line per problem."""
+
+    def __init__(self, problems: Sequence[SettingsError]) -> None:
+        if not problems:
+            raise ValueError("SettingsProblems needs at least one problem")
+        self.problems = tuple(problems)
+        first = self.problems[0]
+        super().__init__(first.setting, first.problem, first.fix)
+
+    def __str__(self) -> str:
+        return "\n".join(f"setting {p.setting}: {p.problem}; {p.fix}" for p in self.problems)
 
 
 class TokenError(GastownError):

@@ -1,7 +1,8 @@
 """The daemon's settings: flag > environment > TOML file > default (CONTRACT §2).
 
-`load_settings` returns a frozen `Settings` or raises `SettingsError`, whose text is the one
-line printed before exit 2. Secrets are `Secret` values that never show in `repr` or `str`.
+`load_settings` returns a frozen `Settings` or raises `SettingsProblems` naming every missing or
+bad setting found (one line each, printed before exit 2): the loader collects problems rather
+than stopping at the first. Secrets are `Secret` values that never show in `repr` or `str`.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import SettingsError, SettingsProblems
 from gastown_sandboxd.events import notify
 from gastown_sandboxd.events.bus import EVENT_TYPES
 from gastown_sandboxd.events.notify import HookSpec, SignalSpec
@@ -25,6 +26,32 @@ DEFAULT_CONFIG_FILE = Path("/etc/gastown-sandboxd/config.toml")
 MIN_KEY_LENGTH = 16
 DEFAULT_AGENT_SHIMS = ("claude", "codex", "kilo", "gemini", "opencode")
 DEFAULT_CLAUDE_HELPER_TTL = 300.0
+_T = TypeVar("_T")
+
+
+class _Problems:
+    """Collects `SettingsError`s so that one pass reports every bad setting."""
+
+    def __init__(self) -> None:
+        self.found: list[SettingsError] = []
+
+    def add(self, error: SettingsError) -> None:
+        if isinstance(error, SettingsProblems):
+            self.found.extend(error.problems)
+        else:
+            self.found.append(error)
+
+    def take(self, read: Callable[[], _T], fallback: _T) -> _T:
+        """`read()`, or `fallback` with its problem noted."""
+        try:
+            return read()
+        except SettingsError as exc:
+            self.add(exc)
+            return fallback
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise SettingsProblems(self.found)
 
 
 class Secret:
@@ -99,6 +126,8 @@ class ClientSettings:
     town_id: str | None
     listen: Listen
     internal_key: Secret | None
+    # True when a flag, the environment or the TOML file named the env file (not the default).
+    env_file_given: bool = False
 
 
 def parse_duration(value: object, *, setting: str) -> float:
@@ -148,17 +177,6 @@ def default_shim_dir(env: Mapping[str, str]) -> Path:
     return base / "gastown-sandboxd" / "bin"
 
 
-def explicit_env_file(
-    flags: Mapping[str, Any] | None = None,
-    env: Mapping[str, str] | None = None,
-    config_file: Path | None = None,
-) -> Path | None:
-    """The env file a flag, the environment or the TOML file names; None when none does."""
-    pick, _ = _Picker.load(flags, env, config_file)
-    value = pick.text("env_file", ("GASTOWN_ENV_FILE",))
-    return _expand(value, pick.env) if value else None
-
-
 def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any], Path | None]:
     """The TOML file named by --config, else the default one when it exists."""
     if path is None:
@@ -185,12 +203,114 @@ def load_settings(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
+    *,
+    check_paths: bool = False,
 ) -> Settings:
-    """Resolve every setting; raise `SettingsError` naming the first missing or bad one."""
-    pick, used_file = _Picker.load(flags, env, config_file)
-    toml, env = pick.toml, pick.env
-    _check_keys(toml)
+    """Resolve every setting; raise `SettingsProblems` naming every missing or bad one.
 
+    `check_paths` also checks the folders the daemon needs (town root, env file's folder).
+    """
+    problems = _Problems()
+    pick, used_file = _Picker.load(flags, env, config_file, problems)
+    toml, env = pick.toml, pick.env
+    problems.take(lambda: _check_keys(toml), None)
+
+    town_id = problems.take(lambda: _town_id(pick), "")
+    cloud_url = problems.take(lambda: _cloud_url(pick), "")
+    key = problems.take(lambda: _internal_key(pick), "")
+
+    empty: Mapping[str, Any] = {}
+    refresh = problems.take(lambda: _table(toml, "refresh"), empty)
+    watcher = problems.take(lambda: _table(toml, "watcher"), empty)
+    config = problems.take(lambda: _table(toml, "config"), empty)
+    config_sync = problems.take(lambda: _table(toml, "config_sync"), empty)
+    for unknown in sorted(set(config_sync) - {"interval"}):
+        problems.add(
+            SettingsError(f"config_sync.{unknown}", "is not a setting", "only interval can be set")
+        )
+    state_dir = problems.take(
+        lambda: pick.text("state_dir", ("GASTOWN_SANDBOXD_STATE_DIR",), setting="state_dir"), None
+    )
+    agents = problems.take(lambda: _table(toml, "agents"), empty)
+    for unknown in sorted(set(agents) - {"shims", "shim_dir", "claude_helper_ttl"}):
+        problems.add(
+            SettingsError(
+                f"agents.{unknown}", "is not a setting", "use shims, shim_dir or claude_helper_ttl"
+            )
+        )
+    defaults = SchedulePolicy()
+
+    def duration(table: Mapping[str, Any], name: str, default: float, setting: str) -> float:
+        return problems.take(
+            lambda: parse_duration(table.get(name, default), setting=setting), default
+        )
+
+    schedule = SchedulePolicy(
+        refresh_fraction=problems.take(lambda: _fraction(refresh, "fraction", 0.5), 0.5),
+        jitter_fraction=problems.take(lambda: _fraction(refresh, "jitter", 0.1), 0.1),
+        backoff_initial=duration(
+            refresh, "backoff_initial", defaults.backoff_initial, "refresh.backoff_initial"
+        ),
+        backoff_max=duration(refresh, "backoff_max", defaults.backoff_max, "refresh.backoff_max"),
+        max_sleep=duration(refresh, "max_sleep", defaults.max_sleep, "refresh.max_sleep"),
+    )
+    extra = config.get("extra_presets", [])
+    if not isinstance(extra, list) or not all(isinstance(x, str) and x for x in extra):
+        problems.add(
+            SettingsError(
+                "config.extra_presets", "must be a list of agent names", 'write ["name", …]'
+            )
+        )
+        extra = []
+
+    settings = Settings(
+        town_id=town_id,
+        cloud_url=cloud_url.rstrip("/"),
+        internal_key=Secret(key),
+        town_root=_expand(pick.text("town_root", ("GT_TOWN_ROOT", "GT_ROOT")) or "~/gt", env),
+        env_file=pick.env_file(),
+        listen=pick.listen(),
+        socket=pick.socket(),
+        schedule=schedule,
+        refresh_timeout=duration(refresh, "timeout", 10.0, "refresh.timeout"),
+        hooks=tuple(_hooks(toml.get("hooks", []), problems)),
+        signals=tuple(_signals(toml.get("signals", []), env, problems)),
+        extra_presets=tuple(extra),
+        watch_debounce_ms=problems.take(lambda: _millis(watcher, "debounce", 50), 50),
+        watch_step_ms=problems.take(lambda: _millis(watcher, "step", 10), 10),
+        log_format=problems.take(
+            lambda: _choice(
+                pick.text("log_format", ("GASTOWN_SANDBOXD_LOG_FORMAT",)) or "auto",
+                "log_format",
+                ("auto", "json", "console"),
+            ),
+            "auto",
+        ),
+        log_level=problems.take(
+            lambda: _choice(
+                pick.text("log_level", ("GASTOWN_SANDBOXD_LOG_LEVEL",)) or "info",
+                "log_level",
+                ("debug", "info", "warning", "error"),
+            ),
+            "info",
+        ),
+        config_file=used_file,
+        state_dir=_expand(state_dir, env) if state_dir else default_state_dir(env),
+        config_sync_interval=duration(config_sync, "interval", 300.0, "config_sync.interval"),
+        shim_dir=problems.take(lambda: pick.shim_dir(agents), default_shim_dir(env)),
+        agent_shims=problems.take(lambda: _agent_names(agents), DEFAULT_AGENT_SHIMS),
+        claude_helper_ttl=duration(
+            agents, "claude_helper_ttl", DEFAULT_CLAUDE_HELPER_TTL, "agents.claude_helper_ttl"
+        ),
+    )
+    if check_paths:
+        problems.take(lambda: check_town_root(settings.town_root), None)
+        problems.take(lambda: check_env_folder(settings.env_file), None)
+    problems.raise_any()
+    return settings
+
+
+def _town_id(pick: _Picker) -> str:
     town_id = pick.text("town_id", ("TOWN_ID",), setting="town id (TOWN_ID)")
     if town_id is None or not town_id.strip():
         raise SettingsError(
@@ -200,7 +320,10 @@ def load_settings(
         raise SettingsError(
             "town id (TOWN_ID)", "has characters outside A-Z a-z 0-9 _ . : -", "fix TOWN_ID"
         )
+    return town_id
 
+
+def _cloud_url(pick: _Picker) -> str:
     cloud_url = pick.text(
         "cloud_url", ("CLOUD_API_URL", "KILO_API_URL"), setting="cloud URL (CLOUD_API_URL)"
     )
@@ -215,7 +338,10 @@ def load_settings(
             f"{cloud_url!r} is not an http(s) URL",
             "write it like https://app.kilo.ai",
         )
+    return cloud_url
 
+
+def _internal_key(pick: _Picker) -> str:
     key = pick.text(
         "internal_api_key", ("INTERNAL_API_KEY",), setting="internal API key (INTERNAL_API_KEY)"
     )
@@ -229,77 +355,53 @@ def load_settings(
             f"is shorter than {MIN_KEY_LENGTH} characters",
             "use the key the cloud was given",
         )
+    return key
 
-    refresh = _table(toml, "refresh")
-    watcher = _table(toml, "watcher")
-    config = _table(toml, "config")
-    config_sync = _table(toml, "config_sync")
-    unknown_sync = sorted(set(config_sync) - {"interval"})
-    if unknown_sync:
+
+def check_town_root(path: Path) -> None:
+    """The town root must be a folder the daemon can read and enter; else `SettingsError`."""
+    try:
+        is_folder = path.is_dir()
+    except OSError as exc:  # a folder above it that the daemon may not enter (EACCES)
         raise SettingsError(
-            f"config_sync.{unknown_sync[0]}", "is not a setting", "only interval can be set"
+            "town root (GT_TOWN_ROOT)",
+            f"{path} cannot be reached ({exc.strerror})",
+            "give the daemon's user access to the folders above it",
+        ) from None
+    if not is_folder:
+        raise SettingsError(
+            "town root (GT_TOWN_ROOT)", f"{path} is not a folder", "create it or set GT_TOWN_ROOT"
         )
-    state_dir = pick.text("state_dir", ("GASTOWN_SANDBOXD_STATE_DIR",), setting="state_dir")
-    schedule = SchedulePolicy(
-        refresh_fraction=_fraction(refresh, "fraction", 0.5),
-        jitter_fraction=_fraction(refresh, "jitter", 0.1),
-        backoff_initial=parse_duration(
-            refresh.get("backoff_initial", 1), setting="refresh.backoff_initial"
-        ),
-        backoff_max=parse_duration(refresh.get("backoff_max", 300), setting="refresh.backoff_max"),
-        max_sleep=parse_duration(refresh.get("max_sleep", 30), setting="refresh.max_sleep"),
-    )
-    agents = _table(toml, "agents")
-    unknown_agent_keys = sorted(set(agents) - {"shims", "shim_dir", "claude_helper_ttl"})
-    if unknown_agent_keys:
+    if not os.access(path, os.R_OK | os.X_OK):
         raise SettingsError(
-            f"agents.{unknown_agent_keys[0]}",
-            "is not a setting",
-            "use shims, shim_dir or claude_helper_ttl",
-        )
-    extra = config.get("extra_presets", [])
-    if not isinstance(extra, list) or not all(isinstance(x, str) and x for x in extra):
-        raise SettingsError(
-            "config.extra_presets", "must be a list of agent names", 'write ["name", …]'
+            "town root (GT_TOWN_ROOT)",
+            f"{path} cannot be read",
+            "give the daemon's user read access",
         )
 
-    return Settings(
-        town_id=town_id,
-        cloud_url=cloud_url.rstrip("/"),
-        internal_key=Secret(key),
-        town_root=_expand(pick.text("town_root", ("GT_TOWN_ROOT", "GT_ROOT")) or "~/gt", env),
-        env_file=pick.env_file(),
-        listen=pick.listen(),
-        socket=pick.socket(),
-        schedule=schedule,
-        refresh_timeout=parse_duration(refresh.get("timeout", 10), setting="refresh.timeout"),
-        hooks=tuple(_hooks(toml.get("hooks", []))),
-        signals=tuple(_signals(toml.get("signals", []), env)),
-        extra_presets=tuple(extra),
-        watch_debounce_ms=_millis(watcher, "debounce", 50),
-        watch_step_ms=_millis(watcher, "step", 10),
-        log_format=_choice(
-            pick.text("log_format", ("GASTOWN_SANDBOXD_LOG_FORMAT",)) or "auto",
-            "log_format",
-            ("auto", "json", "console"),
-        ),
-        log_level=_choice(
-            pick.text("log_level", ("GASTOWN_SANDBOXD_LOG_LEVEL",)) or "info",
-            "log_level",
-            ("debug", "info", "warning", "error"),
-        ),
-        config_file=used_file,
-        state_dir=_expand(state_dir, env) if state_dir else default_state_dir(env),
-        config_sync_interval=parse_duration(
-            config_sync.get("interval", 300), setting="config_sync.interval"
-        ),
-        shim_dir=pick.shim_dir(agents),
-        agent_shims=_agent_names(agents),
-        claude_helper_ttl=parse_duration(
-            agents.get("claude_helper_ttl", DEFAULT_CLAUDE_HELPER_TTL),
-            setting="agents.claude_helper_ttl",
-        ),
-    )
+
+def check_env_folder(env_file: Path) -> None:
+    """The env file's folder must exist (atomic writes rename into it).
+
+    A folder that exists but refuses writes (a read-only disk) is a runtime fault, not a bad
+    option: the daemon serves, is not ready, and retries.
+    """
+    folder = env_file.parent
+    setting = "env file (GASTOWN_ENV_FILE)"
+    try:
+        is_folder = folder.is_dir()
+    except OSError as exc:
+        raise SettingsError(
+            setting,
+            f"its folder {folder} cannot be reached ({exc.strerror})",
+            "give the daemon's user access to the folders above it",
+        ) from None
+    if not is_folder:
+        raise SettingsError(
+            setting,
+            f"its folder {folder} does not exist",
+            f"create it (mkdir -p {folder}) or set GASTOWN_ENV_FILE",
+        )
 
 
 def load_client_settings(
@@ -308,15 +410,19 @@ def load_client_settings(
     config_file: Path | None = None,
 ) -> ClientSettings:
     """The subset the client commands need; nothing here is required."""
-    pick, _ = _Picker.load(flags, env, config_file)
+    problems = _Problems()
+    pick, _ = _Picker.load(flags, env, config_file, problems)
     key = pick.text("internal_api_key", ("INTERNAL_API_KEY",))
-    return ClientSettings(
+    settings = ClientSettings(
         socket=pick.socket(),
         env_file=pick.env_file(),
         town_id=pick.text("town_id", ("TOWN_ID",)),
         listen=pick.listen(),
         internal_key=Secret(key) if key else None,
+        env_file_given=pick.text("env_file", ("GASTOWN_ENV_FILE",)) is not None,
     )
+    problems.raise_any()
+    return settings
 
 
 _TOP_KEYS = frozenset(
@@ -345,18 +451,26 @@ _TOP_KEYS = frozenset(
 def _check_keys(toml: Mapping[str, Any]) -> None:
     unknown = sorted(set(toml) - _TOP_KEYS)
     if unknown:
-        raise SettingsError(
-            f"--config key {unknown[0]!r}",
-            "is not a setting",
-            "see config/gastown-sandboxd.example.toml",
+        raise SettingsProblems(
+            [
+                SettingsError(
+                    f"--config key {name!r}",
+                    "is not a setting",
+                    "see config/gastown-sandboxd.example.toml",
+                )
+                for name in unknown
+            ]
         )
 
 
 @dataclass(frozen=True)
 class _Picker:
+    """Reads one value from the three sources; a bad value is noted in `problems`."""
+
     flags: Mapping[str, Any]
     env: Mapping[str, str]
     toml: Mapping[str, Any]
+    problems: _Problems
 
     @classmethod
     def load(
@@ -364,12 +478,17 @@ class _Picker:
         flags: Mapping[str, Any] | None,
         env: Mapping[str, str] | None,
         config_file: Path | None,
+        problems: _Problems,
     ) -> tuple[_Picker, Path | None]:
-        """The three sources, flags without unset values; and the TOML file used, if any."""
+        """The three sources, flags without unset values; and the TOML file used, if any.
+
+        A TOML file that cannot be read is a problem; the flags and environment are still read.
+        """
         env = os.environ if env is None else env
-        toml, used_file = read_toml(config_file, env)
+        nothing: tuple[dict[str, Any], Path | None] = ({}, None)
+        toml, used_file = problems.take(lambda: read_toml(config_file, env), nothing)
         given = {k: v for k, v in (flags or {}).items() if v is not None}
-        return cls(given, env, toml), used_file
+        return cls(given, env, toml, problems), used_file
 
     def env_file(self) -> Path:
         return _expand(self.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", self.env)
@@ -387,7 +506,8 @@ class _Picker:
         return _expand(value, self.env)
 
     def listen(self) -> Listen:
-        return parse_listen(self.text("listen", ("GASTOWN_SANDBOXD_LISTEN",)) or "127.0.0.1:8080")
+        value = self.text("listen", ("GASTOWN_SANDBOXD_LISTEN",)) or "127.0.0.1:8080"
+        return self.problems.take(lambda: parse_listen(value), Listen("127.0.0.1", 8080))
 
     def socket(self) -> Path:
         value = self.text("socket", ("GASTOWN_SANDBOXD_SOCKET",))
@@ -406,9 +526,10 @@ class _Picker:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise SettingsError(
-                setting or name, "must be a string", f"quote {name} in the TOML file"
+            self.problems.add(
+                SettingsError(setting or name, "must be a string", f"quote {name} in the TOML file")
             )
+            return None
         return value
 
 
@@ -482,59 +603,77 @@ def _events(value: object, setting: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def _hooks(value: object) -> list[HookSpec]:
+def _hooks(value: object, problems: _Problems) -> list[HookSpec]:
+    """Every well-formed hook; each bad entry is noted in `problems`."""
     if not isinstance(value, list):
-        raise SettingsError("hooks", "must be an array of tables", "write [[hooks]] sections")
-    hooks = []
-    for index, item in enumerate(value):
-        where = f"hooks[{index}]"
-        if not isinstance(item, dict):
-            raise SettingsError(where, "must be a table", "write a [[hooks]] section")
-        command = item.get("command")
-        if (
-            not isinstance(command, list)
-            or not command
-            or not all(isinstance(c, str) and c for c in command)
-        ):
-            raise SettingsError(
-                f"{where}.command",
-                "must be a non-empty argv list",
-                'write ["/path/to/hook", "arg"]',
-            )
-        timeout = parse_duration(item.get("timeout", "30s"), setting=f"{where}.timeout")
-        hooks.append(
-            HookSpec(
-                events=_events(item.get("events"), f"{where}.events"),
-                command=tuple(command),
-                timeout=timeout,
-            )
+        problems.add(
+            SettingsError("hooks", "must be an array of tables", "write [[hooks]] sections")
         )
+        return []
+    hooks: list[HookSpec] = []
+    for index, item in enumerate(value):
+        try:
+            hooks.append(_hook(index, item))
+        except SettingsError as exc:
+            problems.add(exc)
     return hooks
 
 
-def _signals(value: object, env: Mapping[str, str]) -> list[SignalSpec]:
-    if not isinstance(value, list):
-        raise SettingsError("signals", "must be an array of tables", "write [[signals]] sections")
-    specs = []
-    for index, item in enumerate(value):
-        where = f"signals[{index}]"
-        if not isinstance(item, dict):
-            raise SettingsError(where, "must be a table", "write a [[signals]] section")
-        pid_file = item.get("pid_file")
-        if not isinstance(pid_file, str) or not pid_file:
-            raise SettingsError(f"{where}.pid_file", "is missing", "name the pid file to read")
-        name = item.get("signal", "SIGHUP")
-        try:
-            signum = notify.parse_signal(name)
-        except ValueError:
-            raise SettingsError(
-                f"{where}.signal", f"{name!r} is not a signal", 'write e.g. "SIGHUP"'
-            ) from None
-        specs.append(
-            SignalSpec(
-                pid_file=_expand(pid_file, env),
-                signal=signum,
-                events=_events(item.get("events"), f"{where}.events"),
-            )
+def _hook(index: int, item: object) -> HookSpec:
+    where = f"hooks[{index}]"
+    if not isinstance(item, dict):
+        raise SettingsError(where, "must be a table", "write a [[hooks]] section")
+    command = item.get("command")
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(c, str) and c for c in command)
+    ):
+        raise SettingsError(
+            f"{where}.command",
+            "must be a non-empty argv list",
+            'write ["/path/to/hook", "arg"]',
         )
+    timeout = parse_duration(item.get("timeout", "30s"), setting=f"{where}.timeout")
+    return HookSpec(
+        events=_events(item.get("events"), f"{where}.events"),
+        command=tuple(command),
+        timeout=timeout,
+    )
+
+
+def _signals(value: object, env: Mapping[str, str], problems: _Problems) -> list[SignalSpec]:
+    """Every well-formed signal entry; each bad entry is noted in `problems`."""
+    if not isinstance(value, list):
+        problems.add(
+            SettingsError("signals", "must be an array of tables", "write [[signals]] sections")
+        )
+        return []
+    specs: list[SignalSpec] = []
+    for index, item in enumerate(value):
+        try:
+            specs.append(_signal(index, item, env))
+        except SettingsError as exc:
+            problems.add(exc)
     return specs
+
+
+def _signal(index: int, item: object, env: Mapping[str, str]) -> SignalSpec:
+    where = f"signals[{index}]"
+    if not isinstance(item, dict):
+        raise SettingsError(where, "must be a table", "write a [[signals]] section")
+    pid_file = item.get("pid_file")
+    if not isinstance(pid_file, str) or not pid_file:
+        raise SettingsError(f"{where}.pid_file", "is missing", "name the pid file to read")
+    name = item.get("signal", "SIGHUP")
+    try:
+        signum = notify.parse_signal(name)
+    except ValueError:
+        raise SettingsError(
+            f"{where}.signal", f"{name!r} is not a signal", 'write e.g. "SIGHUP"'
+        ) from None
+    return SignalSpec(
+        pid_file=_expand(pid_file, env),
+        signal=signum,
+        events=_events(item.get("events"), f"{where}.events"),
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import SettingsError, SettingsProblems
 from gastown_sandboxd.options import (
     Listen,
     Secret,
@@ -193,8 +193,8 @@ def test_client_settings_need_nothing() -> None:
     assert settings.socket == Path("/home/gt/.gastown-sandboxd.sock")
 
 
-def test_run_exits_2_with_one_line_for_a_missing_setting(tmp_path: Path) -> None:
-    """`gastown-sandboxd run` without TOWN_ID exits 2 and prints one line naming it."""
+def test_run_exits_2_with_one_line_per_problem_all_at_once(tmp_path: Path) -> None:
+    """`run` with three settings missing and no town root: exit 2, one line for each of the four."""
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-m", "gastown_sandboxd", "run"],
@@ -205,8 +205,65 @@ def test_run_exits_2_with_one_line_for_a_missing_setting(tmp_path: Path) -> None
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert "TOWN_ID" in lines[0]
+    named = ["TOWN_ID", "CLOUD_API_URL", "INTERNAL_API_KEY", "GT_TOWN_ROOT"]
+    assert len(lines) == len(named), done.stderr
+    for line, name in zip(lines, named, strict=True):
+        assert name in line
+        assert line.startswith("gastown-sandboxd: setting ")
+    assert "Traceback" not in done.stderr
+
+
+def test_every_problem_is_collected_in_one_pass(tmp_path: Path) -> None:
+    """Bad values in the environment and the TOML file come back together, in reading order."""
+    config = write(
+        tmp_path,
+        'surprise = 1\nlog_level = "loud"\n[refresh]\nfraction = 2\nmax_sleep = "soon"\n'
+        '[[hooks]]\nevents = ["no.such"]\ncommand = ["/bin/true"]\n'
+        '[[hooks]]\nevents = ["token.refreshed"]\ncommand = []\n',
+    )
+    env = {**BASE_ENV, "INTERNAL_API_KEY": "k3y-t00-brief", "GASTOWN_SANDBOXD_LISTEN": "nowhere"}
+    with pytest.raises(SettingsProblems) as caught:
+        load_settings({}, env, config)
+    settings = [problem.setting for problem in caught.value.problems]
+    assert settings == [
+        "--config key 'surprise'",
+        "internal API key (INTERNAL_API_KEY)",
+        "refresh.fraction",
+        "refresh.max_sleep",
+        "listen (GASTOWN_SANDBOXD_LISTEN)",
+        "hooks[0].events",
+        "hooks[1].command",
+        "log_level",
+    ]
+    lines = str(caught.value).splitlines()
+    assert len(lines) == len(settings)
+    assert "k3y-t00-brief" not in str(caught.value)
+
+
+def test_an_unreadable_toml_file_is_one_problem_among_others(tmp_path: Path) -> None:
+    """A broken TOML file does not hide a missing TOWN_ID."""
+    config = write(tmp_path, 'town_root = "unterminated\n')
+    env = {k: v for k, v in BASE_ENV.items() if k != "TOWN_ID"}
+    with pytest.raises(SettingsProblems) as caught:
+        load_settings({}, env, config)
+    assert [p.setting for p in caught.value.problems] == ["--config", "town id (TOWN_ID)"]
+
+
+def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
+    """With check_paths, a town root and env-file folder that are missing are two problems."""
+    env = {
+        **BASE_ENV,
+        "GT_TOWN_ROOT": str(tmp_path / "no-town"),
+        "GASTOWN_ENV_FILE": str(tmp_path / "no-folder" / ".env.gateway"),
+    }
+    assert load_settings({}, env, None).env_file.parent == tmp_path / "no-folder"
+    with pytest.raises(SettingsProblems) as caught:
+        load_settings({}, env, None, check_paths=True)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2
+    assert "GT_TOWN_ROOT" in lines[0]
+    assert "GASTOWN_ENV_FILE" in lines[1]
+    assert f"mkdir -p {tmp_path / 'no-folder'}" in lines[1]
 
 
 def test_state_folder_and_sync_interval_defaults() -> None:

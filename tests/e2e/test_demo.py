@@ -31,6 +31,8 @@ def test_demo_runs_to_the_end_and_cleans_up(tmp_path: Path) -> None:
         "refresh 1:",
         "refresh 2:",
         "the cloud forwarded it to the sandbox: HTTP 200",
+        # The settings view shows the agent the PATCH just wrote, with its wrapper.
+        '"kilo-sonnet": {\n                  "provider": "claude"',
         "subscriber got event #3 config.changed",
         "the agent's answer",
         '"userId": "user-ada"',

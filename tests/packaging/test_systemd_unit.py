@@ -20,6 +20,7 @@ SERVICE = {
     "Type": "notify",
     "NotifyAccess": "main",
     "ExecStart": f"{EXEC} run",
+    "ExecReload": "/bin/kill -HUP $MAINPID",
     "WatchdogSec": "30",
     "Restart": "on-failure",
     "RestartSec": "2",

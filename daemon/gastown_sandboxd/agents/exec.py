@@ -29,7 +29,7 @@ from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, dec
 from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env_values
 
 if TYPE_CHECKING:
-    from gastown_sandboxd.options import ClientSettings
+    pass
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
@@ -160,30 +160,15 @@ def locate(env_file: str | None, socket: str | None, config_file: Path | None) -
     """
     if env_file and socket and config_file is None:
         return Where(Path(env_file), Path(socket), os.environ.get("TOWN_ID") or None)
-    from gastown_sandboxd.options import explicit_env_file, load_client_settings
+    from gastown_sandboxd.client import running_daemon_env_file
+    from gastown_sandboxd.options import load_client_settings
 
     flags = {"env_file": env_file, "socket": socket}
     settings = load_client_settings(flags, config_file=config_file)
-    named = explicit_env_file(flags, config_file=config_file)
-    if named is None:
-        named = _daemon_env_file(settings) or settings.env_file
+    named = settings.env_file
+    if not settings.env_file_given:
+        named = running_daemon_env_file(settings.socket) or settings.env_file
     return Where(named, settings.socket, settings.town_id)
-
-
-def _daemon_env_file(settings: ClientSettings) -> Path | None:
-    """The env file the running daemon writes, from its `/status`; None when it is silent."""
-    from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
-
-    try:
-        with DaemonClient(settings.socket, timeout=5.0) as client:
-            value = client.get("/status").get("env_file")
-    except (DaemonUnavailable, OSError, ValueError):
-        return None
-    except Exception as exc:  # httpx timeouts: the daemon is busy, use the default
-        if type(exc).__module__.startswith("httpx"):
-            return None
-        raise
-    return Path(value) if isinstance(value, str) and value else None
 
 
 def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str | None]:

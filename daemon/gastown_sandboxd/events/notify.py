@@ -241,6 +241,14 @@ class _HookRunner:
         self._wakeup: anyio.Event | None = None
         self.consecutive_failures = 0
         self.busy = False
+        self.retired = False
+
+    def retire(self) -> None:
+        """End after the run in progress (which is not killed); pending events are dropped."""
+        self.retired = True
+        self._pending = None
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def offer(self, event: Event) -> None:
         if self._pending is not None:
@@ -254,6 +262,8 @@ class _HookRunner:
         while True:
             while self._pending is None:
                 self.busy = False
+                if self.retired:
+                    return
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
             self.busy = True
@@ -297,6 +307,32 @@ class Notifier:
         self._backoff_max = backoff_max
         self.stats = NotifyStats()
         self._runners = tuple(_HookRunner(spec, self) for spec in hooks)
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def reconfigure(self, hooks: Sequence[HookSpec], signals: Sequence[SignalSpec]) -> None:
+        """Use these hooks and signals from the next event on (a reload of the options).
+
+        A hook whose spec is unchanged keeps its runner, its pending run and its back-off; a
+        removed hook finishes the run in progress and ends.
+        """
+        kept: dict[HookSpec, list[_HookRunner]] = {}
+        for runner in self._runners:
+            kept.setdefault(runner.spec, []).append(runner)
+        runners = []
+        for spec in hooks:
+            same = kept.get(spec)
+            if same:
+                runners.append(same.pop(0))
+                continue
+            runner = _HookRunner(spec, self)
+            if self._tg is not None:
+                self._tg.start_soon(runner.run)
+            runners.append(runner)
+        for left in kept.values():
+            for runner in left:
+                runner.retire()
+        self._runners = tuple(runners)
+        self._signals = tuple(signals)
 
     def backoff(self, failures: int) -> float:
         return hook_backoff(failures, base=self._backoff_base, cap=self._backoff_max)
@@ -329,6 +365,7 @@ class Notifier:
     ) -> None:
         """Dispatch until cancelled or until the bus closes."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for runner in self._runners:
                 tg.start_soon(runner.run)
             resume_after: int | None = None
@@ -345,4 +382,5 @@ class Notifier:
                     resume_after = lagged.last_event_id
                     self.stats.resubscribes += 1
                     log.info("notifier_resubscribed", after_event_id=resume_after)
+            self._tg = None
             tg.cancel_scope.cancel()

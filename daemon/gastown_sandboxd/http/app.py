@@ -40,7 +40,7 @@ from gastown_sandboxd.gtsettings.store import SettingsStore
 from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.openapi import openapi_document
 from gastown_sandboxd.ops.metrics import SseClients
-from gastown_sandboxd.token.refresher import TokenRefresher
+from gastown_sandboxd.token.refresher import LastError, TokenRefresher
 
 MAX_PATCH_BYTES = 64 * 1024
 MAX_TOKEN_BODY_BYTES = 16 * 1024
@@ -65,6 +65,8 @@ class ApiContext:
     heartbeat: float = 15.0
     sse_clients: SseClients = field(default_factory=SseClients)
     config_sync: ConfigSync | None = None
+    # For /status and for messages that must say which cloud failed.
+    cloud_url: str = ""
     env_file: Path | None = None
     shim_dir: Path | None = None
 
@@ -249,6 +251,7 @@ class _Routes:
             "next_refresh_at": rfc3339(status.next_refresh_at),
             "last_refresh_at": rfc3339(status.last_refresh_at),
             "consecutive_failures": status.consecutive_failures,
+            "last_error": _last_error(status.last_error),
             "config_revision": self.ctx.store.revision,
             "config_sync": self._sync_status(),
             "watcher": dict(self.ctx.watcher_status()),
@@ -317,7 +320,8 @@ class _Routes:
             status = 409 if exc.kind == "inactive" else 502
             code = "town_inactive" if exc.kind == "inactive" else "refresh_failed"
             detail = {"kind": exc.kind, "reason": exc.reason, "status": exc.status}
-            message = f"the cloud gave no new token ({exc.kind})"
+            cloud = f"the cloud at {self.ctx.cloud_url}" if self.ctx.cloud_url else "the cloud"
+            message = f"{cloud} gave no new token ({exc.kind}: {exc.reason})"
             raise HTTPError(status, code, message, [detail]) from None
         except AtomicWriteError as exc:
             raise _disk_error(exc) from None
@@ -368,6 +372,12 @@ class _Routes:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
+
+
+def _last_error(error: LastError | None) -> dict[str, str] | None:
+    if error is None:
+        return None
+    return {"reason": str(error.reason), "at": rfc3339(error.at) or "", "detail": error.detail}
 
 
 def _disk_error(exc: AtomicWriteError) -> HTTPError:

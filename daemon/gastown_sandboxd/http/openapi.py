@@ -132,8 +132,11 @@ _SCHEMAS: dict[str, Any] = {
             "next_refresh_at",
             "last_refresh_at",
             "consecutive_failures",
+            "last_error",
             "config_revision",
             "config_sync",
+            "env_file",
+            "shim_dir",
             "watcher",
             "subscribers",
         ],
@@ -146,6 +149,23 @@ _SCHEMAS: dict[str, Any] = {
             "next_refresh_at": {"type": ["string", "null"], "format": "date-time"},
             "last_refresh_at": {"type": ["string", "null"], "format": "date-time"},
             "consecutive_failures": {"type": "integer", "minimum": 0},
+            "last_error": {
+                "description": "why the last refresh failed, since the last success",
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["reason", "at", "detail"],
+                        "properties": {
+                            "reason": {
+                                "enum": ["outage", "busy", "broken", "unauthorized", "inactive"]
+                            },
+                            "at": {"type": "string", "format": "date-time"},
+                            "detail": {"type": "string"},
+                        },
+                    },
+                    {"type": "null"},
+                ],
+            },
             "config_revision": {"type": "string"},
             "config_sync": _ref("ConfigSyncStatus"),
             "watcher": {"type": "object"},

@@ -41,14 +41,18 @@ def bind_tcp(listen: Listen) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((listen.host, listen.port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        # Name the address: "Address already in use" alone does not say which.
+        raise OSError(exc.errno, exc.strerror, str(listen)) from None
     return sock
 
 
 def bind_unix(path: Path, mode: int = SOCKET_MODE) -> socket.socket:
-    """A Unix socket at `path` with `mode`, replacing a stale socket but nothing else."""
+    """A Unix socket at `path` with `mode`, replacing a stale socket but nothing else.
+
+    The caller holds the socket's lock (`ops.socket_lock`), so a socket already there is stale.
+    """
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()
@@ -58,9 +62,9 @@ def bind_unix(path: Path, mode: int = SOCKET_MODE) -> socket.socket:
     old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(path))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,15 @@ class State(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class LastError:
+    """Why the last refresh failed: `reason` is the failure kind, `at` Unix seconds."""
+
+    reason: Outcome
+    at: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class RefresherStatus:
     """A snapshot for /status and /readyz; times are Unix seconds."""
 
@@ -74,6 +84,8 @@ class RefresherStatus:
     consecutive_failures: int
     token_on_disk_ok: bool
     last_failure: str | None = None
+    # The last failed attempt since the last success; None once a refresh succeeds.
+    last_error: LastError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +147,7 @@ class TokenRefresher:
         self._retry_after: float | None = None
         self._inactive = False
         self._last_failure: str | None = None
+        self._last_error: LastError | None = None
         self._last_refresh_at: float | None = None
         self._next_at: float | None = None
         self._expired_reported = False
@@ -229,7 +242,13 @@ class TokenRefresher:
                 and not time_reasons(held.claims.iat, held.claims.exp, now=now)
             ),
             last_failure=self._last_failure,
+            last_error=self._last_error,
         )
+
+    def set_policy(self, policy: SchedulePolicy) -> None:
+        """Use new schedule knobs (an options reload); the next wake-up is planned again."""
+        self._policy = policy
+        self._replan(self._clock.time())
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -370,6 +389,7 @@ class TokenRefresher:
         self._failures = 0
         self._retry_after = None
         self._last_failure = None
+        self._last_error = None
         self._last_refresh_at = now
         if source != "file":
             self._inactive = False
@@ -387,6 +407,7 @@ class TokenRefresher:
         self._outcome = Outcome(error.kind)
         self._retry_after = error.retry_after
         self._last_failure = error.reason
+        self._last_error = LastError(Outcome(error.kind), now, _detail(error, extra))
         became_inactive = error.kind == "inactive" and not self._inactive
         if error.kind == "inactive":
             self._inactive = True
@@ -463,3 +484,15 @@ class TokenRefresher:
     def _record(self, result: str, elapsed: float) -> None:
         if self._metrics is not None:
             self._metrics.record_attempt(result, elapsed)
+
+
+def _detail(error: RefreshError, extra: dict[str, Any]) -> str:
+    """One line for operators: the short reason code, with the HTTP status or errno."""
+    detail = error.reason
+    if error.status is not None:
+        detail += f" (HTTP {error.status})"
+    if extra.get("errno"):
+        detail += f" ({errno.errorcode.get(extra['errno'], extra['errno'])})"
+    if extra.get("problems"):
+        detail += ": " + ", ".join(str(p) for p in extra["problems"])
+    return detail

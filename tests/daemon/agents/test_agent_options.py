@@ -12,7 +12,7 @@ from gastown_sandboxd.options import (
     DEFAULT_AGENT_SHIMS,
     Settings,
     default_shim_dir,
-    explicit_env_file,
+    load_client_settings,
     load_settings,
 )
 
@@ -73,12 +73,17 @@ def test_bad_agent_options_name_the_setting(tmp_path: Path, toml: str, named: st
     assert caught.value.setting == named
 
 
-def test_explicit_env_file_is_none_when_nothing_names_one(tmp_path: Path) -> None:
+def test_env_file_given_only_when_something_names_one(tmp_path: Path) -> None:
     """exec asks the daemon only when no flag, variable or TOML key names the env file."""
     config = tmp_path / "c.toml"
     config.write_text("")
-    assert explicit_env_file({}, {"HOME": "/h"}, config) is None
-    assert explicit_env_file({}, {"GASTOWN_ENV_FILE": "/e"}, config) == Path("/e")
+
+    def given(flags: dict[str, str], env: dict[str, str]) -> tuple[bool, Path]:
+        settings = load_client_settings(flags, env, config)
+        return settings.env_file_given, settings.env_file
+
+    assert given({}, {"HOME": "/h"}) == (False, Path("/h/.env.gateway"))
+    assert given({}, {"GASTOWN_ENV_FILE": "/e"}) == (True, Path("/e"))
     config.write_text('env_file = "~/x.env"\n')
-    assert explicit_env_file({}, {"HOME": "/h"}, config) == Path("/h/x.env")
-    assert explicit_env_file({"env_file": "/f"}, {}, config) == Path("/f")
+    assert given({}, {"HOME": "/h"}) == (True, Path("/h/x.env"))
+    assert given({"env_file": "/f"}, {}) == (True, Path("/f"))

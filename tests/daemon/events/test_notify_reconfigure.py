@@ -1,0 +1,85 @@
+"""`Notifier.reconfigure` (SIGHUP): new hooks and signals from the next event on, kept hooks
+keep their runner, removed ones finish their run and end."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from gastown_sandboxd.events.bus import EventBus
+from gastown_sandboxd.events.notify import HookSpec, Notifier, SignalSpec
+
+EVENTS = frozenset({"config.changed"})
+APPEND = (
+    "import os, sys; "
+    "open(sys.argv[1], 'a').write(sys.argv[2] + ' ' + os.environ['GASTOWN_EVENT_ID'] + '\\n')"
+)
+
+
+def hook(path: Path, label: str) -> HookSpec:
+    return HookSpec(events=EVENTS, command=(sys.executable, "-c", APPEND, str(path), label))
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def running(notifier: Notifier) -> AsyncIterator[Notifier]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(notifier.run)
+        yield notifier
+        tg.cancel_scope.cancel()
+
+
+async def test_reconfigure_swaps_hooks_between_two_events(tmp_path: Path) -> None:
+    """Hook `old` runs for event 1; after reconfigure only `kept` and `new` run for event 2."""
+    runs = tmp_path / "runs"
+    bus = EventBus()
+    kept = hook(runs, "kept")
+    notifier = Notifier(bus=bus, hooks=[hook(runs, "old"), kept], signals=[])
+    async with running(notifier):
+        first = bus.emit("config.changed", {}).id
+        await eventually(lambda: {f"old {first}", f"kept {first}"} <= set(lines(runs)))
+        await eventually(lambda: notifier.status()["busy_hooks"] == 0)
+        notifier.reconfigure([kept, hook(runs, "new")], [])
+        assert notifier.status()["hooks"] == 2
+        second = bus.emit("config.changed", {}).id
+        await eventually(lambda: {f"new {second}", f"kept {second}"} <= set(lines(runs)))
+    assert f"old {second}" not in lines(runs)  # retired before the event was emitted
+    assert notifier.stats.hook_runs == 4
+
+
+async def test_reconfigure_sends_the_new_signals(tmp_path: Path) -> None:
+    """A [[signals]] entry added by a reload is used for the next event, not before."""
+    bus = EventBus()
+    notifier = Notifier(bus=bus, hooks=[], signals=[])
+    # SIGUSR2's default action ends `sleep`: its exit status tells that the signal came.
+    with subprocess.Popen(["sleep", "60"], restore_signals=True) as target:
+        pid_file = tmp_path / "pid"
+        pid_file.write_text(f"{target.pid}\n")
+        try:
+            async with running(notifier):
+                bus.emit("config.changed", {})
+                await eventually(lambda: notifier.stats.events_dispatched == 1)
+                assert target.poll() is None
+                spec = SignalSpec(pid_file=pid_file, signal=signal.SIGUSR2, events=EVENTS)
+                notifier.reconfigure([], [spec])
+                bus.emit("config.changed", {})
+                await eventually(lambda: notifier.stats.events_dispatched == 2)
+            assert target.wait(10) == -signal.SIGUSR2
+        finally:
+            target.kill()
+    assert notifier.stats.signals_sent == 1
