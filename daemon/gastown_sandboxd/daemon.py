@@ -81,7 +81,7 @@ async def run_daemon(
         emit=bus.emit,
         clock=clock,
         policy=settings.schedule,
-        metrics=TokenMetrics(registry),
+        metrics=TokenMetrics(registry, on_state=systemd.report_state),
     )
     watcher = SettingsWatcher(
         town_root=settings.town_root,
@@ -124,7 +124,6 @@ async def run_daemon(
         await tg.start(notifier.run)
         await tg.start(watcher.run)
         await tg.start(systemd.run_watchdog)
-        tg.start_soon(_report_state, systemd, refresher)
         async with anyio.create_task_group() as servers:
             for app, sock in (
                 (create_app(ctx, key=settings.internal_key.reveal()), tcp),
@@ -150,19 +149,6 @@ async def _stop_on_signal(shutdown: anyio.Event, bus: EventBus) -> None:
             bus.close()
             shutdown.set()
             return
-
-
-async def _report_state(systemd: SystemdNotifier, refresher: TokenRefresher) -> None:
-    """Keep systemd's STATUS= line current for `systemctl status`."""
-    if not systemd.enabled:
-        return
-    last = ""
-    while True:
-        state = refresher.status().state
-        if state != last:
-            systemd.notify(f"STATUS=token {state}")
-            last = state
-        await anyio.sleep(1)
 
 
 def _remove_stale_temporaries(env_file: Path, folders: list[Path]) -> None:
