@@ -1,7 +1,8 @@
 """`make bench`: every benchmark of the project, then one table of all their figures.
 
-`python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (daemon_bench,
-patch_bench, events_bench, load_bench, fleet). Figures are printed, never asserted.
+`python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (idle_bench,
+watcher_bench, daemon_bench, patch_bench, events_bench, load_bench, fleet). Figures are
+printed, never asserted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import time
 
 from ._table import Row, print_table
 
-BENCHES = ("daemon_bench", "patch_bench", "events_bench", "load_bench", "fleet")
+BENCHES = (
+    "idle_bench",
+    "watcher_bench",
+    "daemon_bench",
+    "patch_bench",
+    "events_bench",
+    "load_bench",
+    "fleet",
+)
 
 
 def machine() -> str:

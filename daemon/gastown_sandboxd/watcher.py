@@ -19,18 +19,20 @@ settings file whose bytes, read when its change comes in, are the ones noted is 
 any re-read of the town, rig listing or log line (the note is used up either way, so an edit
 by someone else that later writes the same bytes is not mistaken for the daemon's).
 
-Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores):
-watchfiles' thread wakes every `step_ms` while `RustNotify.watch` runs, whether or not
-anything happened: 99 wake-ups/s at step 10 ms, about 20 at 50, 10 at 100, 5 at 200.
-On Linux the watcher therefore keeps a second inotify descriptor on the same folders, the
-doorbell, that the event loop waits on (no wake-up until the kernel has an event for a
-relevant name); only then does it run `RustNotify.watch`, which collects what watchfiles saw
-and returns once a `step_ms` passes with no new change (or `debounce_ms` into a busy burst).
-Idle, the watcher costs no wake-up at all; an edit reaches its callback in about two steps
-(step 10 ms: ~25 ms). A ring whose change an earlier `watch` already took ends after
-`RING_TIMEOUT_MS` with nothing. Without inotify (another OS, or watchfiles forced to poll by
-`WATCHFILES_FORCE_POLLING`), `awatch` runs as before and the step is the trade: the default
-step then is `POLL_STEP_MS` (5 wake-ups/s, edits seen in ~0.4 s, inside the 500 ms goal).
+Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores, idle
+wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms` while
+`RustNotify.watch` runs, whether or not anything happened: step 10 ms 100/s and 20 ms,
+50 ms 21/s and 62 ms, 100 ms 11/s and 149 ms, 250 ms about 5/s and 430 ms.
+So on Linux the watcher keeps a second inotify descriptor on the same folders, the doorbell,
+that the event loop waits on: no wake-up until the kernel has an event for a relevant name.
+Only then does it run `RustNotify.watch`, which hands over what watchfiles collected once a
+`step_ms` passes with no new change (or `debounce_ms` into a busy burst). Idle, the watcher
+costs no wake-up at all, and with step 10 ms an edit reaches its callback in ~25 ms (two
+steps). A ring whose change an earlier `watch` already took ends after `RING_TIMEOUT_MS`
+with nothing. Without inotify (another OS, or watchfiles forced to poll by
+`WATCHFILES_FORCE_POLLING`), `awatch` polls as before with `poll_step_ms`, by default
+`POLL_STEP_MS` = 250 ms: the step that keeps to about 5 wake-ups/s while edits are still
+seen within the 500 ms the design allows for edits by people and by gt's CLI.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ SETTINGS_FOLDER = "settings"
 SETTINGS_FILE = "config.json"
 # How long a collect after a ring waits for watchfiles to have something.
 RING_TIMEOUT_MS = 1000
-# The step of the polled fallback: 5 wake-ups/s, an edit seen in about two steps.
-POLL_STEP_MS = 200
+# The step of the polled fallback: ~5 wake-ups/s, an edit seen in under 500 ms.
+POLL_STEP_MS = 250
 
 
 def is_temporary(path: str) -> bool:
