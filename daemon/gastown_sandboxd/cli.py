@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 
 from gastown_sandboxd import __version__
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
@@ -363,6 +362,8 @@ def _usable(token: str | None, town_id: str | None) -> bool:
 
 
 def _ask_daemon_to_refresh(settings: ClientSettings) -> None:
+    import httpx  # here, not at the top: the daemon and most `exec` runs never need it
+
     try:
         with DaemonClient(settings.socket, timeout=EXEC_REFRESH_WAIT) as client:
             client.post("/token/refresh", ok=(200, 409, 502))
