@@ -32,6 +32,9 @@ demo: $(STAMP)
 	$(BIN)/python -m gastown_cloud.demo
 
 bench: $(STAMP)
+	command -v wrk >/dev/null || apt-get install -y --no-install-recommends wrk
+	# Byte-compiled as an installed package is (PYTHONDONTWRITEBYTECODE would skew RSS).
+	$(BIN)/python -m compileall -q daemon cloud >/dev/null
 	$(BIN)/python -m bench
 
 clean:

@@ -1,7 +1,8 @@
 """`make bench`: every benchmark of the project, then one table of all their figures.
 
 `python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (idle_bench,
-watcher_bench, daemon_bench, patch_bench, events_bench, load_bench, fleet). Figures are
+watcher_bench, daemon_bench, patch_bench, events_bench, load_bench, short_token_bench,
+fleet). Figures are
 printed, never asserted.
 """
 
@@ -22,6 +23,7 @@ BENCHES = (
     "patch_bench",
     "events_bench",
     "load_bench",
+    "short_token_bench",
     "fleet",
 )
 
