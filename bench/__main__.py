@@ -2,8 +2,7 @@
 
 `python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (idle_bench,
 watcher_bench, daemon_bench, patch_bench, events_bench, load_bench, short_token_bench,
-fleet). Figures are
-printed, never asserted.
+fleet). Figures are printed, never asserted.
 """
 
 from __future__ import annotations

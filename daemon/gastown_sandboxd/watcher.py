@@ -53,6 +53,7 @@ import structlog
 from watchfiles import Change, awatch
 from watchfiles._rust_notify import RustNotify
 
+from gastown_sandboxd.gtsettings.snapshot import forget as forget_cached
 from gastown_sandboxd.own_writes import OWN_WRITES, OwnWrites
 
 log = structlog.get_logger(__name__)
@@ -312,6 +313,8 @@ class SettingsWatcher:
         return self._own_writes.take(path, data)
 
     async def _settings_changed(self, paths: set[Path]) -> None:
+        # A path the watcher names is always read again (an edit can keep size and stamps).
+        forget_cached(paths)
         log.info("settings_files_changed", paths=sorted(str(path) for path in paths))
         await _call_safely("on_settings_change", self._on_settings_change, paths)
 
