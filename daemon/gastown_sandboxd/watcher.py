@@ -17,7 +17,10 @@ reported by inotify as the final name being added). Temporary files of atomic wr
 The daemon's own writes: the writer calls `own_writes.note(path, data)` before it writes; a
 settings file whose bytes, read when its change comes in, are the ones noted is dropped before
 any re-read of the town, rig listing or log line (the note is used up either way, so an edit
-by someone else that later writes the same bytes is not mistaken for the daemon's).
+by someone else that later writes the same bytes is not mistaken for the daemon's). With the
+doorbell this happens as the ring is read, so the daemon's own write wakes no watchfiles
+collect at all; what watchfiles kept of it is handed over with the next real batch, read
+again by the store and found unchanged.
 
 Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores, idle
 wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms` while
@@ -225,7 +228,7 @@ class SettingsWatcher:
                         }
                         if changes and not await self._batch(changes, folders):
                             return
-                    await doorbell.wait(self._relevant_path)
+                    await doorbell.wait(self._rings)
                     timeout = RING_TIMEOUT_MS
 
     async def _watch_polled(
@@ -266,6 +269,15 @@ class SettingsWatcher:
         if is_temporary(raw):
             return False
         return self._relevant_path(Path(raw))
+
+    def _rings(self, path: Path) -> bool:
+        """Whether a change the doorbell saw needs a collect: not for the daemon's own write
+        of a settings file, known by its bytes before anything else is read or listed."""
+        if _is_settings_file(path) and path.parent in self._watched and self._is_own_write(path):
+            self.settings_changes += 1
+            self.own_writes += 1
+            return False
+        return self._relevant_path(path)
 
     def _relevant_path(self, path: Path) -> bool:
         if is_temporary(path.name):
@@ -382,10 +394,12 @@ class _Doorbell:
         return cls(fd, watched)
 
     async def wait(self, relevant: Callable[[Path], bool]) -> None:
-        """Return once the kernel reports a change of a path `relevant` accepts."""
+        """Return once the kernel reports a change of a path `relevant` accepts (asked once
+        per path and read; a lost queue always counts)."""
         while True:
             await anyio.wait_readable(self._fd)
-            if any(path is None or relevant(path) for path in self._drain()):
+            paths = self._drain()
+            if None in paths or any(relevant(path) for path in dict.fromkeys(paths) if path):
                 return
 
     def _drain(self) -> list[Path | None]:
