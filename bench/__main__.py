@@ -1,8 +1,8 @@
 """`make bench`: every benchmark of the project, then one table of all their figures.
 
-`python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (daemon_bench, agents_bench,
-patch_bench, events_bench, load_bench, fleet, journal_bench, ops_bench). Figures are printed,
-never asserted.
+`python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (idle_bench,
+watcher_bench, daemon_bench, agents_bench, patch_bench, events_bench, load_bench,
+short_token_bench, fleet, journal_bench, ops_bench). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import time
 from ._table import Row, print_table
 
 BENCHES = (
+    "idle_bench",
+    "watcher_bench",
     "daemon_bench",
     "agents_bench",
     "patch_bench",
     "events_bench",
     "load_bench",
+    "short_token_bench",
     "fleet",
     "journal_bench",
     "ops_bench",

@@ -73,9 +73,11 @@ def running_daemon(
     listen: str = "127.0.0.1:0",
     wait: bool = True,
     config: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Daemon]:
     """A daemon serving `town_root`; `wait=False` yields right after Popen, when `url` is
-    `http://{listen}` (right only if `listen` names a port); `config`: a TOML file (--config)."""
+    `http://{listen}` (right only if `listen` names a port); `config`: a TOML file (--config);
+    `env` adds to its environment."""
     home.mkdir(parents=True, exist_ok=True)
     env_file = home / ".env.gateway"
     env_file.write_text(f"KILO_JWT={token or mint(time.time(), town_id=town_id)}\n")
@@ -89,7 +91,8 @@ def running_daemon(
             env_file=env_file,
             socket=socket_dir / "d.sock",
             key=key,
-            extra={"GASTOWN_SANDBOXD_LISTEN": listen, "GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
+            extra={"GASTOWN_SANDBOXD_LISTEN": listen, "GASTOWN_SANDBOXD_LOG_LEVEL": "info"}
+            | (env or {}),
         )
         log = home / "daemon.log"
         argv = [sys.executable, "-m", "gastown_sandboxd", "run"]

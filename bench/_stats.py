@@ -29,3 +29,32 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def thread_counters(pid: int) -> dict[int, tuple[str, float, int]]:
+    """Per thread of `pid`: (name, CPU seconds, context switches voluntary + involuntary).
+
+    A context switch is a wake-up's trace: a sleeping thread that wakes and sleeps again
+    counts one voluntary switch. Threads that end between the two reads are skipped.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    counters = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                head, tail = stat.read().rsplit(")", 1)
+            switches = 0
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                for line in status:
+                    if "ctxt_switches:" in line:
+                        switches += int(line.split()[1])
+        except OSError:
+            continue
+        fields = tail.split()
+        name = head.split("(", 1)[1]
+        counters[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / ticks, switches)
+    return counters

@@ -10,12 +10,17 @@ Baselines measured in the same run, on the same file system:
   turn), directly in this process: the floor that any PATCH pays;
 - `SettingsStore.patch` in this process with no HTTP: read, validate, merge, render, write.
 
+Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
+back), and `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
 PATCHes are serialised by the daemon, so more clients add queueing, not throughput.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
@@ -78,6 +83,69 @@ async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int
     return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
 
 
+async def paced_round(daemon: Daemon, count: int, interval: float) -> Sample:
+    """One client sending a PATCH every `interval` seconds (the dashboard's cadence)."""
+    latencies: list[float] = []
+    async with uds_client(daemon.socket, timeout=120) as http:
+        cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
+        for n in range(count):
+            due = started + n * interval
+            await anyio.sleep(max(0.0, due - time.perf_counter()))
+            begin = time.perf_counter()
+            answer = await http.patch("/config", json=_body(99, n))
+            latencies.append((time.perf_counter() - begin) * 1000)
+            if answer.status_code != 200 or not answer.json()["changed"]:
+                raise RuntimeError(f"PATCH answered {answer.status_code}: {answer.text}")
+        # The watcher's handling of the last write is part of that PATCH's cost.
+        await anyio.sleep(interval)
+        wall = time.perf_counter() - started
+        return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
+
+
+WRK_SCRIPT = """
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local counter = 0
+function request()
+  counter = counter + 1
+  -- Each request flips one of 16 crew members of this thread: every PATCH writes.
+  local slot = counter % 16
+  local agent = (math.floor(counter / 16) % 2 == 0) and "claude" or "codex"
+  local body = string.format('{"town":{"crew_agents":{"wrk%d_%d":"%s"}}}', tid, slot, agent)
+  return wrk.format("PATCH", "/config", HEADERS, body)
+end
+"""
+
+
+def wrk_round(daemon: Daemon, connections: int, seconds: int) -> tuple[float, str] | None:
+    """`wrk` PATCHing over TCP with the key: (requests per second, its summary), or None
+    when wrk is not installed."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    headers = (
+        '{["Content-Type"] = "application/json", ["x-internal-api-key"] = "' + daemon.key + '"}'
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f"HEADERS = {headers}\n{WRK_SCRIPT}")
+    try:
+        out = subprocess.run(
+            [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script.name, daemon.url],
+            capture_output=True, text=True, check=True, timeout=seconds + 60,
+        )  # fmt: skip
+    finally:
+        os.unlink(script.name)
+    rate = next(
+        float(line.split()[1]) for line in out.stdout.splitlines()
+        if line.startswith("Requests/sec:")
+    )  # fmt: skip
+    errors = [line.strip() for line in out.stdout.splitlines() if "Non-2xx" in line]
+    return rate, "; ".join(errors) or "all 2xx"
+
+
 def direct_writes(path: Path, versions: tuple[bytes, bytes], count: int) -> Sample:
     """`write_atomic` of the two versions in turn, in this process."""
     latencies = []
@@ -124,10 +192,26 @@ def run(quick: bool) -> list[Row]:
             rounds = {}
             for clients in LEVELS:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
+            paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
+            wrk = wrk_round(daemon, 8, 5 if quick else 15)
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
-    return _rows(rounds, direct, in_process, total, len(versions[0]))
+    rows = _rows(rounds, direct, in_process, total, len(versions[0]))
+    rows.append(
+        Row("daemon CPU per PATCH, one every 50 ms", paced.cpu / len(paced.latencies) * 1000,
+            "ms", rounds[1].cpu / len(rounds[1].latencies) * 1000,
+            f"the dashboard's cadence, {len(paced.latencies)} PATCHes; baseline: back to back")
+    )  # fmt: skip
+    if wrk is None:
+        rows.append(Row("PATCH throughput, 8 connections (wrk)", 0.0, "req/s", None,
+                        "wrk is not installed (make bench installs it)"))  # fmt: skip
+    else:
+        note = f"TCP with the key, 2 threads; {wrk[1]}; baseline: write_atomic/s"
+        rows.append(
+            Row("PATCH throughput, 8 connections (wrk)", wrk[0], "req/s", direct.rate, note)
+        )
+    return rows
 
 
 def _rows(

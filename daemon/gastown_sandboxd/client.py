@@ -8,12 +8,12 @@ import sys
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import httpx
-from httpx_sse import connect_sse
+from typing import TYPE_CHECKING, Any
 
 from gastown_sandboxd.errors import GastownError
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class DaemonUnavailable(GastownError):
@@ -34,8 +34,11 @@ class DaemonClient:
     """`with DaemonClient(socket) as c: c.get("/status")`."""
 
     def __init__(self, socket: Path, *, timeout: float | None = 10.0) -> None:
+        # Imported here: `exec` and the daemon itself rarely need an HTTP client (2-3 MiB).
+        import httpx
+
         self._socket = socket
-        self._http = httpx.Client(
+        self._http: httpx.Client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket)),
             base_url="http://gastown-sandboxd",
             timeout=httpx.Timeout(timeout, connect=5.0),
@@ -70,6 +73,9 @@ class DaemonClient:
 
     def events(self, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """Every event from the stream as a dict; ends when the daemon closes it."""
+        import httpx
+        from httpx_sse import connect_sse  # only the `events` command needs it
+
         headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
         self._check_socket()
         try:
@@ -96,6 +102,8 @@ class DaemonClient:
             raise self._unavailable(exc) from None
 
     def _request(self, method: str, path: str, *, ok: Collection[int]) -> dict[str, Any]:
+        import httpx
+
         self._check_socket()
         try:
             response = self._http.request(method, path)

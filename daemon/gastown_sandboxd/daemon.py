@@ -96,7 +96,7 @@ async def run_daemon(
         emit=bus.emit,
         clock=clock,
         policy=settings.schedule,
-        metrics=TokenMetrics(registry),
+        metrics=TokenMetrics(registry, on_state=systemd.report_state),
         on_cloud_recovered=config_sync.wake,
     )
     watcher = SettingsWatcher(
@@ -167,7 +167,6 @@ async def run_daemon(
         await tg.start(notifier.run)
         await tg.start(watcher.run)
         await tg.start(systemd.run_watchdog)
-        tg.start_soon(_report_state, systemd, refresher)
         async with anyio.create_task_group() as servers:
             for app, sock in (
                 (create_app(ctx, key=settings.internal_key.reveal()), tcp),
@@ -264,19 +263,6 @@ async def reload_options(
     if restart:
         log.warning("options_need_restart", options=restart)
     return True
-
-
-async def _report_state(systemd: SystemdNotifier, refresher: TokenRefresher) -> None:
-    """Keep systemd's STATUS= line current for `systemctl status`."""
-    if not systemd.enabled:
-        return
-    last = ""
-    while True:
-        state = refresher.status().state
-        if state != last:
-            systemd.notify(f"STATUS=token {state}")
-            last = state
-        await anyio.sleep(1)
 
 
 def _remove_stale_temporaries(env_file: Path, folders: list[Path]) -> None:

@@ -3,41 +3,70 @@
 Folders are watched, never files (atomic writers rename over them), and never recursively
 (rigs hold large worktrees): the town root itself (rigs appearing and going), the env file's
 folder, and the folders `folders()` names now (town settings folder, each rig folder, each
-rig's settings folder). Only existing folders can be watched, so after every batch of changes
-the wanted set is computed again; when it differs, watching restarts with the new set, and a
-settings folder new to the set that already holds `config.json` is reported as changed (a rig
-that arrived with its settings; the store decides whether it is external).
+rig's settings folder). Only existing folders can be watched, so after a batch that may change
+the set (anything but a settings file or the env file) the wanted set is computed again; when
+it differs, watching restarts with the new set, and a settings folder new to the set that
+already holds `config.json` is reported as changed (a rig that arrived with its settings; the
+store decides whether it is external).
 
 Routing of one batch: `<folder named settings>/config.json` → `on_settings_change(paths)`;
 the env file → `on_env_change()`. Every change kind counts (an atomic rename into place is
 reported by inotify as the final name being added). Temporary files of atomic writes
 (`.name.XXXX.tmp`) are ignored. A callback that raises is logged; watching goes on.
 
-Latency: watchfiles returns a batch once a `step_ms` passes with no new change, or
-`debounce_ms` after the first change of a busy burst; its thread wakes every `step_ms`.
-Measured edit → callback on Linux (inotify, ext4, 2 cores), median / worst of 40:
-debounce 50 / step 10 (the defaults): atomic rename 21 / 24 ms, in-place write 21 / 26 ms,
-new rig folder → watched 22 / 26 ms; step 5: about 11 ms (twice the idle wake-ups);
-watchfiles' own defaults (1600 / 50): about 80 ms, 102 ms for a new rig.
+The daemon's own writes: the writer calls `own_writes.note(path, data)` before it writes; a
+settings file whose bytes, read when its change comes in, are the ones noted is dropped before
+any re-read of the town, rig listing or log line (the note is used up either way, so an edit
+by someone else that later writes the same bytes is not mistaken for the daemon's). With the
+doorbell this happens as the ring is read, so the daemon's own write wakes no watchfiles
+collect at all; what watchfiles kept of it is handed over with the next real batch, read
+again by the store and found unchanged.
+
+Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores, idle
+wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms` while
+`RustNotify.watch` runs, whether or not anything happened: step 10 ms 100/s and 20 ms,
+50 ms 21/s and 62 ms, 100 ms 11/s and 149 ms, 250 ms about 5/s and 430 ms.
+So on Linux the watcher keeps a second inotify descriptor on the same folders, the doorbell,
+that the event loop waits on: no wake-up until the kernel has an event for a relevant name.
+Only then does it run `RustNotify.watch`, which hands over what watchfiles collected once a
+`step_ms` passes with no new change (or `debounce_ms` into a busy burst). Idle, the watcher
+costs no wake-up at all, and with step 10 ms an edit reaches its callback in ~25 ms (two
+steps). A ring whose change an earlier `watch` already took ends after `RING_TIMEOUT_MS`
+with nothing. Without inotify (another OS, or watchfiles forced to poll by
+`WATCHFILES_FORCE_POLLING`), `awatch` polls as before with `poll_step_ms`, by default
+`POLL_STEP_MS` = 250 ms: the step that keeps to about 5 wake-ups/s while edits are still
+seen within the 500 ms the design allows for edits by people and by gt's CLI.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
 from watchfiles import Change, awatch
+from watchfiles._rust_notify import RustNotify
+
+from gastown_sandboxd.gtsettings.snapshot import forget as forget_cached
+from gastown_sandboxd.own_writes import OWN_WRITES, OwnWrites
 
 log = structlog.get_logger(__name__)
 
 SETTINGS_FOLDER = "settings"
 SETTINGS_FILE = "config.json"
+# How long a collect after a ring waits for watchfiles to have something.
+RING_TIMEOUT_MS = 1000
+# The step of the polled fallback: ~5 wake-ups/s, an edit seen in under 500 ms.
+POLL_STEP_MS = 250
 
 
 def is_temporary(path: str) -> bool:
@@ -63,21 +92,30 @@ class SettingsWatcher:
         on_env_change: Callable[[], Awaitable[object]],
         debounce_ms: int = 50,
         step_ms: int = 10,
+        poll_step_ms: int = POLL_STEP_MS,
         retry_delay: float = 1.0,
+        doorbell: bool = True,
+        own_writes: OwnWrites = OWN_WRITES,
     ) -> None:
+        """`doorbell=False` forces the polled fallback (`awatch` with `poll_step_ms`)."""
         self._town_root = _absolute(town_root)
         self._env_file = _absolute(env_file)
         self._folders = folders
         self._on_settings_change = on_settings_change
         self._on_env_change = on_env_change
         self._debounce_ms = debounce_ms
-        self._step_ms = step_ms
+        self._step_ms = max(1, step_ms)
+        self._poll_step_ms = max(1, poll_step_ms)
         self._retry_delay = retry_delay
+        self._doorbell = doorbell and not os.environ.get("WATCHFILES_FORCE_POLLING")
+        self._own_writes = own_writes
         self._running = False
         self._watched: frozenset[Path] = frozenset()
+        self.mode = "doorbell" if self._doorbell else "polled"
         self.restarts = 0
         self.changes_seen = 0
         self.settings_changes = 0
+        self.own_writes = 0
         self.env_changes = 0
         self.errors = 0
         self._last_error: str | None = None
@@ -86,10 +124,12 @@ class SettingsWatcher:
         """What /status shows under `watcher`."""
         return {
             "running": self._running,
+            "mode": self.mode,
             "folders": sorted(str(folder) for folder in self._watched),
             "restarts": self.restarts,
             "changes_seen": self.changes_seen,
             "settings_changes": self.settings_changes,
+            "own_writes": self.own_writes,
             "env_changes": self.env_changes,
             "errors": self.errors,
             "last_error": self._last_error,
@@ -138,29 +178,87 @@ class SettingsWatcher:
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_set_when_cancelled, stop)
-            changes_iter = awatch(
-                *folders,
-                watch_filter=self._relevant,
-                debounce=self._debounce_ms,
-                step=self._step_ms,
-                stop_event=stop,
-                recursive=False,
-            )
-            # awatch registers its watches on the first __anext__, before it first suspends,
-            # so the caller resumes from start() only once they are in place.
-            task_status.started(outcome)
             try:
-                async with contextlib.aclosing(changes_iter):
-                    async for changes in changes_iter:
-                        await self._route(changes, folders)
-                        if self.wanted_folders() != folders:
-                            break
-            except OSError as exc:  # a folder vanished during set-up, inotify limits, …
+                if self._doorbell:
+                    await self._watch_rung(folders, stop, outcome, task_status)
+                else:
+                    await self._watch_polled(folders, stop, outcome, task_status)
+            except (OSError, RuntimeError) as exc:  # a folder vanished, inotify limits, …
                 self.errors += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 outcome.failed = True
                 log.warning("watcher_failed", error=self._last_error)
+                if not outcome.started:
+                    task_status.started(outcome)
             tg.cancel_scope.cancel()
+
+    async def _watch_rung(
+        self,
+        folders: frozenset[Path],
+        stop: anyio.Event,
+        outcome: _Outcome,
+        task_status: anyio.abc.TaskStatus[_Outcome],
+    ) -> None:
+        """Sleep on the doorbell; on a ring, let watchfiles collect the batch."""
+        paths = sorted(str(folder) for folder in folders)
+        # watchfiles first: whatever rings the doorbell is then also in its set.
+        with RustNotify(paths, False, False, 0, False, False) as notify:
+            doorbell = _Doorbell.open(folders)
+            if doorbell is None:  # no inotify here after all: poll from now on
+                self._doorbell = False
+                self.mode = "polled"
+                await self._watch_polled(folders, stop, outcome, task_status)
+                return
+            with contextlib.closing(doorbell):
+                outcome.started = True
+                task_status.started(outcome)
+                # The first collect takes what came while the two were being set up.
+                timeout = 2 * self._step_ms
+                while True:
+                    raw = await anyio.to_thread.run_sync(
+                        notify.watch, self._debounce_ms, self._step_ms, timeout, stop
+                    )
+                    if raw == "stop":
+                        return
+                    if not isinstance(raw, str):
+                        changes = {
+                            (Change(change), path)
+                            for change, path in raw
+                            if self._relevant(Change(change), path)
+                        }
+                        if changes and not await self._batch(changes, folders):
+                            return
+                    await doorbell.wait(self._rings)
+                    timeout = RING_TIMEOUT_MS
+
+    async def _watch_polled(
+        self,
+        folders: frozenset[Path],
+        stop: anyio.Event,
+        outcome: _Outcome,
+        task_status: anyio.abc.TaskStatus[_Outcome],
+    ) -> None:
+        changes_iter = awatch(
+            *folders,
+            watch_filter=self._relevant,
+            debounce=self._debounce_ms,
+            step=self._poll_step_ms,
+            stop_event=stop,
+            recursive=False,
+        )
+        # awatch registers its watches on the first __anext__, before it first suspends,
+        # so the caller resumes from start() only once they are in place.
+        outcome.started = True
+        task_status.started(outcome)
+        async with contextlib.aclosing(changes_iter):
+            async for changes in changes_iter:
+                if not await self._batch(changes, folders):
+                    return
+
+    async def _batch(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> bool:
+        """Route one batch; False when the folders to watch changed (watching restarts)."""
+        may_regrow = await self._route(changes, folders)
+        return not (may_regrow and self.wanted_folders() != folders)
 
     def _relevant(self, change: Change, raw: str) -> bool:
         """Only the env file, settings files and folder changes under the town root wake us.
@@ -170,32 +268,65 @@ class SettingsWatcher:
         """
         if is_temporary(raw):
             return False
-        path = Path(raw)
+        return self._relevant_path(Path(raw))
+
+    def _rings(self, path: Path) -> bool:
+        """Whether a change the doorbell saw needs a collect: not for the daemon's own write
+        of a settings file, known by its bytes before anything else is read or listed."""
+        if _is_settings_file(path) and path.parent in self._watched and self._is_own_write(path):
+            self.settings_changes += 1
+            self.own_writes += 1
+            return False
+        return self._relevant_path(path)
+
+    def _relevant_path(self, path: Path) -> bool:
+        if is_temporary(path.name):
+            return False
         return (
             path == self._env_file
             or path.name in (SETTINGS_FILE, SETTINGS_FOLDER)
             or path.parent == self._town_root
+            or path in self._watched  # a watched folder itself went
         )
 
-    async def _route(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> None:
+    async def _route(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> bool:
+        """Call back for one batch; True when it may change the folders to watch."""
         self.changes_seen += len(changes)
         settings: set[Path] = set()
         env = False
+        may_regrow = False
         for _change, raw in changes:
             path = Path(raw)
             if path == self._env_file:
                 env = True
-            elif _is_settings_file(path) and path.parent in folders:
-                settings.add(path)
+            elif _is_settings_file(path):
+                if path.parent in folders:
+                    settings.add(path)
+            else:
+                may_regrow = True
         if settings:
-            await self._settings_changed(settings)
+            self.settings_changes += 1
+            others = {path for path in settings if not self._is_own_write(path)}
+            self.own_writes += len(settings) - len(others)
+            if others:
+                await self._settings_changed(others)
         if env:
             self.env_changes += 1
             log.info("env_file_changed", path=str(self._env_file))
             await _call_safely("on_env_change", self._on_env_change)
+        return may_regrow
+
+    def _is_own_write(self, path: Path) -> bool:
+        # Read on the loop: a settings file is a few KiB, cheaper than a hop to a thread.
+        try:
+            data: bytes | None = path.read_bytes()
+        except OSError:
+            data = None
+        return self._own_writes.take(path, data)
 
     async def _settings_changed(self, paths: set[Path]) -> None:
-        self.settings_changes += 1
+        # A path the watcher names is always read again (an edit can keep size and stamps).
+        forget_cached(paths)
         log.info("settings_files_changed", paths=sorted(str(path) for path in paths))
         await _call_safely("on_settings_change", self._on_settings_change, paths)
 
@@ -206,18 +337,121 @@ class SettingsWatcher:
             if _is_settings_file(folder / SETTINGS_FILE) and (folder / SETTINGS_FILE).is_file()
         }
         if present:
+            self.settings_changes += 1
             await self._settings_changed(present)
 
 
+# inotify(7): what makes the doorbell ring. IN_CLOSE_WRITE is left out (watchfiles ignores
+# it); a write shows as IN_MODIFY, a rename as IN_MOVED_FROM/TO.
+_IN_MODIFY = 0x2
+_IN_ATTRIB = 0x4
+_IN_MOVED_FROM = 0x40
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_Q_OVERFLOW = 0x4000
+_IN_ONLYDIR = 0x01000000
+_IN_EXCL_UNLINK = 0x04000000
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_MASK = (
+    _IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+    | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_EXCL_UNLINK
+)  # fmt: skip
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+
+
+class _Doorbell:
+    """A non-blocking inotify descriptor on the watched folders, read on the event loop."""
+
+    def __init__(self, fd: int, folders: dict[int, Path]) -> None:
+        self._fd = fd
+        self._folders = folders
+
+    @classmethod
+    def open(cls, folders: Iterable[Path]) -> _Doorbell | None:
+        """Watch `folders`; None when inotify is not there; OSError when a folder is not."""
+        libc = _libc()
+        if libc is None:
+            return None
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            log.warning("watcher_doorbell_unavailable", error=os.strerror(ctypes.get_errno()))
+            return None
+        watched: dict[int, Path] = {}
+        try:
+            for folder in folders:
+                wd = libc.inotify_add_watch(fd, os.fsencode(folder), _MASK)
+                if wd < 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code), str(folder))
+                watched[wd] = folder
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, watched)
+
+    async def wait(self, relevant: Callable[[Path], bool]) -> None:
+        """Return once the kernel reports a change of a path `relevant` accepts (asked once
+        per path and read; a lost queue always counts)."""
+        while True:
+            await anyio.wait_readable(self._fd)
+            paths = self._drain()
+            if None in paths or any(relevant(path) for path in dict.fromkeys(paths) if path):
+                return
+
+    def _drain(self) -> list[Path | None]:
+        """The paths of every queued event; None for a lost queue (everything may have changed)."""
+        paths: list[Path | None] = []
+        while True:
+            try:
+                buffer = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                return paths
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            offset = 0
+            while offset + _EVENT.size <= len(buffer):
+                wd, mask, _cookie, length = _EVENT.unpack_from(buffer, offset)
+                offset += _EVENT.size
+                name = buffer[offset : offset + length].rstrip(b"\0")
+                offset += length
+                folder = self._folders.get(wd)
+                if mask & _IN_Q_OVERFLOW or folder is None:
+                    paths.append(None)
+                else:
+                    paths.append(folder / os.fsdecode(name) if name else folder)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _libc() -> Any:
+    """libc's inotify functions through ctypes, or None where there are none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        init, add = libc.inotify_init1, libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
+    add.argtypes, add.restype = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32], ctypes.c_int
+    return libc
+
+
 class _Outcome:
-    __slots__ = ("failed",)
+    __slots__ = ("failed", "started")
 
     def __init__(self) -> None:
         self.failed = False
+        self.started = False
 
 
 async def _set_when_cancelled(stop: anyio.Event) -> None:
-    # awatch's thread ignores cancellation; the stop event ends it within one step.
+    # watchfiles' thread ignores cancellation; the stop event ends it within one step.
     try:
         await anyio.sleep_forever()
     finally:

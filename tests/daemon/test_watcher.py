@@ -14,8 +14,10 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 from watchfiles import awatch as real_awatch
+from watchfiles._rust_notify import RustNotify
 
 from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.own_writes import OwnWrites
 from gastown_sandboxd.watcher import SettingsWatcher, is_temporary
 from tests.waiting import eventually
 
@@ -86,6 +88,22 @@ def run_writer(script: str, path: Path, data: str) -> None:
     subprocess.run([sys.executable, "-c", script, str(path), data], check=True, timeout=30)
 
 
+@dataclass
+class Mode:
+    doorbell: bool = True
+
+
+MODE = Mode()
+
+
+@pytest.fixture(autouse=True, params=["doorbell", "polled"])
+def watch_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with the inotify doorbell and with the polled fallback."""
+    MODE.doorbell = request.param == "doorbell"
+    yield request.param
+    MODE.doorbell = True
+
+
 @pytest.fixture
 def town_tree(tmp_path: Path) -> tuple[Path, Path]:
     root = tmp_path / "gt"
@@ -109,6 +127,7 @@ async def watching(
 ) -> AsyncIterator[Town]:
     root, env_file = town_tree
     calls = calls or Calls()
+    kwargs = {"doorbell": MODE.doorbell, "poll_step_ms": 10, **kwargs}
     watcher = SettingsWatcher(
         town_root=root,
         env_file=env_file,
@@ -117,6 +136,7 @@ async def watching(
         on_env_change=calls.on_env_change,
         **kwargs,  # type: ignore[arg-type]
     )
+    assert watcher.status()["mode"] == ("doorbell" if MODE.doorbell else "polled")
     async with anyio.create_task_group() as tg:
         await tg.start(watcher.run)
         yield Town(root, env_file, calls, watcher)
@@ -292,6 +312,9 @@ async def test_failing_folder_listing_keeps_the_current_watch(
     with capture_logs() as logs:
         async with watching(town_tree, folders=folders) as town:
             broken = True
+            # A new folder in the town root makes the watcher list its folders again.
+            (root / "beta").mkdir()
+            await eventually(lambda: any(log["event"] == "watcher_folders_failed" for log in logs))
             rig_file = town.rig_file("alpha")
             run_writer(IN_PLACE_WRITE, rig_file, "{}")
             await eventually(lambda: town.calls.settings == [{rig_file}])
@@ -300,7 +323,7 @@ async def test_failing_folder_listing_keeps_the_current_watch(
 
 
 async def test_watch_set_up_failure_is_retried(
-    town_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    town_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, watch_mode: str
 ) -> None:
     """A failure to set up the watch (a folder gone meanwhile) is logged, counted and retried."""
     attempts = 0
@@ -312,7 +335,17 @@ async def test_watch_set_up_failure_is_retried(
             return real_awatch(paths[0] / "vanished", **kwargs)  # type: ignore[arg-type]
         return real_awatch(*paths, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("gastown_sandboxd.watcher.awatch", flaky_awatch)
+    def flaky_notify(paths: list[str], *args: object) -> RustNotify:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            return RustNotify([paths[0] + "/vanished"], *args)  # type: ignore[arg-type]
+        return RustNotify(paths, *args)  # type: ignore[arg-type]
+
+    if watch_mode == "polled":
+        monkeypatch.setattr("gastown_sandboxd.watcher.awatch", flaky_awatch)
+    else:
+        monkeypatch.setattr("gastown_sandboxd.watcher.RustNotify", flaky_notify)
     with capture_logs() as logs:
         async with watching(town_tree, retry_delay=0.01) as town:
             await eventually(lambda: attempts >= 2)
@@ -324,3 +357,44 @@ async def test_watch_set_up_failure_is_retried(
     assert status["errors"] == 1
     assert "FileNotFoundError" in str(status["last_error"])
     assert any(log["event"] == "watcher_failed" for log in logs)
+
+
+async def test_the_daemons_own_write_is_dropped_and_others_still_seen(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """A write whose bytes were noted calls nothing; the next edit by another process does."""
+    own = OwnWrites()
+    async with watching(town_tree, own_writes=own) as town:
+        rig_file = town.rig_file("alpha")
+        own.note(rig_file, b'{"agent": "mine"}')
+        write_atomic(rig_file, b'{"agent": "mine"}')
+        await eventually(lambda: town.watcher.status()["own_writes"] == 1)
+        run_writer(ATOMIC_WRITE, rig_file, '{"agent": "theirs"}')
+        await eventually(lambda: town.calls.settings == [{rig_file}])
+        assert len(own) == 0
+
+
+async def test_a_note_is_used_up_by_the_first_change_seen(town_tree: tuple[Path, Path]) -> None:
+    """Another process writing other bytes uses the note up, so its later write of the noted
+    bytes is an edit too."""
+    own = OwnWrites()
+    async with watching(town_tree, own_writes=own) as town:
+        rig_file = town.rig_file("alpha")
+        own.note(rig_file, b'{"agent": "mine"}')
+        run_writer(ATOMIC_WRITE, rig_file, '{"agent": "theirs"}')
+        await eventually(lambda: town.calls.settings == [{rig_file}])
+        run_writer(ATOMIC_WRITE, rig_file, '{"agent": "mine"}')
+        await eventually(lambda: town.calls.settings == [{rig_file}, {rig_file}])
+        assert town.watcher.status()["own_writes"] == 0
+
+
+def test_own_writes_match_bytes_and_path_once() -> None:
+    """take() is true only for the noted bytes at the noted path, and only once."""
+    own = OwnWrites()
+    own.note("/gt/settings/config.json", b"a")
+    assert not own.take("/gt/alpha/settings/config.json", b"a")
+    assert own.take("/gt/settings/../settings/config.json", b"a")
+    assert not own.take("/gt/settings/config.json", b"a")
+    own.note("/gt/settings/config.json", b"a")
+    assert not own.take("/gt/settings/config.json", None)
+    assert len(own) == 0

@@ -60,6 +60,11 @@ class Event:
         """`as_json()` as one line of JSON (what SSE frames and hooks receive)."""
         return json.dumps(self.as_json(), separators=(",", ":"), ensure_ascii=False)
 
+    @cached_property
+    def frame(self) -> bytes:
+        """The SSE frame, encoded once and shared by every subscriber's stream."""
+        return f"id: {self.id}\nevent: {self.type}\ndata: {self.data}\n\n".encode()
+
 
 @dataclass(frozen=True, slots=True)
 class Gap:
@@ -244,16 +249,29 @@ class Subscription:
         # Cancel-safe: a cancellation lands here or in wait(), never after an event is taken.
         await anyio.lowlevel.checkpoint()
         while True:
-            if self._replay:
-                return self._deliver(self._replay.popleft())
-            if subscriber.buffer:
-                return self._deliver(subscriber.buffer.popleft())
-            if subscriber.lagged:
-                raise SubscriberLagged(self.last_delivered_id)
-            if subscriber.closed:
-                raise StopAsyncIteration
+            event = self.take_nowait()
+            if event is not None:
+                return event
             subscriber.wakeup = anyio.Event()
             await subscriber.wakeup.wait()
+
+    def take_nowait(self) -> Event | None:
+        """The next event if one is waiting, else None; raises as `__anext__` does at the end.
+
+        Lets a reader take what is already there without arming a timer for each event.
+        """
+        subscriber = self._subscriber
+        if subscriber is None:
+            raise RuntimeError("use the subscription inside `async with`")
+        if self._replay:
+            return self._deliver(self._replay.popleft())
+        if subscriber.buffer:
+            return self._deliver(subscriber.buffer.popleft())
+        if subscriber.lagged:
+            raise SubscriberLagged(self.last_delivered_id)
+        if subscriber.closed:
+            raise StopAsyncIteration
+        return None
 
     def _deliver(self, event: Event) -> Event:
         self.last_delivered_id = event.id

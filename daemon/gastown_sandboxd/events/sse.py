@@ -43,8 +43,8 @@ def parse_last_event_id(header: str | None) -> int | None:
 
 
 def event_frame(event: Event) -> bytes:
-    """One event as an SSE frame."""
-    return f"id: {event.id}\nevent: {event.type}\ndata: {event.data}\n\n".encode()
+    """One event as an SSE frame (encoded once per event, whatever the subscribers)."""
+    return event.frame
 
 
 def control_frame(name: str, data: object) -> bytes:
@@ -61,11 +61,13 @@ async def sse_stream(
         if subscription.gap is not None:
             yield control_frame("gap", subscription.gap.as_json())
         while True:
-            event: Event | None = None
             try:
-                # Cancelling the wait is safe: the bus keeps the event until it is taken.
-                with anyio.move_on_after(heartbeat):
-                    event = await anext(subscription)
+                # A timer only when there is nothing to send yet: none per event in a burst.
+                event = subscription.take_nowait()
+                if event is None:
+                    # Cancelling the wait is safe: the bus keeps the event until it is taken.
+                    with anyio.move_on_after(heartbeat):
+                        event = await anext(subscription)
             except StopAsyncIteration:
                 return
             except SubscriberLagged as lagged:

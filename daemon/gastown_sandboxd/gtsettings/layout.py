@@ -33,24 +33,31 @@ def rig_folder(town_root: Path, name: str) -> Path | None:
     if rig_name_problem(name) is not None:
         return None
     folder = town_root / name
-    if _mode(folder, stat.S_ISDIR) is not True:
-        return None
-    if os.path.realpath(folder) != os.path.join(os.path.realpath(town_root), name):
-        return None
-    settings = folder / SETTINGS
-    if _mode(settings, stat.S_ISLNK) or _mode(settings / CONFIG, stat.S_ISLNK):
+    # lstat: a symlink is never a rig; a plain folder directly under the root (a name of one
+    # component, as rig_name_problem ensures) cannot lead out of it.
+    if _mode(folder, stat.S_ISDIR) is not True or not _settings_are_plain(folder):
         return None
     return folder
 
 
+def _settings_are_plain(folder: Path) -> bool:
+    settings = folder / SETTINGS
+    return not (_mode(settings, stat.S_ISLNK) or _mode(settings / CONFIG, stat.S_ISLNK))
+
+
 def rig_names(town_root: Path) -> list[str]:
-    """Every rig of the town, sorted (with or without a settings file)."""
+    """Every rig of the town, sorted (with or without a settings file); the same verdicts as
+    `rig_folder`, for fewer system calls: the folder's own type comes with the listing."""
     try:
         with os.scandir(town_root) as entries:
-            names = [entry.name for entry in entries]
+            folders = [
+                entry.name
+                for entry in entries
+                if rig_name_problem(entry.name) is None and entry.is_dir(follow_symlinks=False)
+            ]
     except OSError:
         return []
-    return sorted(name for name in names if rig_folder(town_root, name) is not None)
+    return sorted(name for name in folders if _settings_are_plain(town_root / name))
 
 
 def _mode(path: Path, test: Callable[[int], bool]) -> bool | None:

@@ -1,9 +1,20 @@
-"""The town's settings files as read at one moment: bytes, documents, or why unreadable."""
+"""The town's settings files as read at one moment: bytes, documents, or why unreadable.
+
+Reads are cached per path against the file's `(inode, size, mtime_ns, ctime_ns)`: a file that
+stat says is unchanged is not read and parsed again. Two guards keep the cache from ever
+serving stale content: an entry is used only when the file was already a second old when it
+was read (an in-place edit in the same timestamp tick, same size, cannot hide), and `forget`
+drops the paths the watcher names. Documents are shared, never changed in place (every
+caller copies before it edits).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,8 +83,50 @@ def read_snapshot(town_root: Path) -> Snapshot:
     return Snapshot(files)
 
 
+# An entry is trusted only for a file whose mtime was this far behind the read (timestamps
+# move in coarse ticks: a same-size in-place edit within one would keep the key).
+QUIET_NS = 1_000_000_000
+
+_StatKey = tuple[int, int, int, int]
+_cache: dict[str, tuple[_StatKey, str, Scope, FileState]] = {}
+_cache_lock = threading.Lock()
+
+
+def forget(paths: Iterable[Path | str]) -> None:
+    """Drop the cached reads of `paths`: the next read of each goes to the disk."""
+    with _cache_lock:
+        for path in paths:
+            _cache.pop(os.path.abspath(path), None)
+
+
 def read_file(path: Path, scope: Scope, name: str) -> FileState:
     """One file: absent, parsed, or unreadable with the reason (named by `name`)."""
+    key = os.path.abspath(path)
+    try:
+        before = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        forget([key])
+        return FileState()
+    except OSError as exc:
+        return FileState(error=f"{name} cannot be read: {exc.strerror or exc}")
+    stamp = (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is not None and cached[0] == stamp and cached[1:3] == (name, scope):
+        return cached[3]
+    read_at = time.time_ns()
+    state = _read_uncached(path, scope, name)
+    if state.raw is not None and before.st_size == len(state.raw):
+        quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
+        with _cache_lock:
+            if quiet:
+                _cache[key] = (stamp, name, scope, state)
+            else:
+                _cache.pop(key, None)
+    return state
+
+
+def _read_uncached(path: Path, scope: Scope, name: str) -> FileState:
     try:
         raw = read_settings_file(path, rig=scope == "rig")
     except (FileNotFoundError, NotADirectoryError):

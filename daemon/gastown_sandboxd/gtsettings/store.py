@@ -53,6 +53,7 @@ from gastown_sandboxd.gtsettings.patch import (
 )
 from gastown_sandboxd.gtsettings.schema import NOT_RIGS, Doc, pointer, relative_path
 from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snapshot
+from gastown_sandboxd.own_writes import note_own_write
 
 log = structlog.get_logger(__name__)
 
@@ -312,6 +313,8 @@ class SettingsStore:
         known = dict(self._known)
         # Known before the write lands, so a watcher racing it sees no external edit.
         self._known.update(docs)
+        for write in writes:
+            note_own_write(self._root / write.name, write.data)
         try:
             write_all(self._root, writes, self._write)
         except BaseException:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,8 +24,16 @@ REFRESH_RESULTS = ("ok", "outage", "busy", "broken", "unauthorized", "inactive",
 class TokenMetrics:
     """The token's expiry, the refresh attempts and their latency, the refresher's state."""
 
-    def __init__(self, registry: CollectorRegistry, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        clock: Clock | None = None,
+        on_state: Callable[[str], object] | None = None,
+    ) -> None:
+        """`on_state` hears every state the refresher publishes (systemd's STATUS line)."""
         self._clock = clock or SystemClock()
+        self._on_state = on_state
         self._exp: int | None = None
         self.expiry = Gauge(
             "gastown_sandboxd_token_expiry_timestamp_seconds",
@@ -72,6 +80,8 @@ class TokenMetrics:
 
     def set_state(self, state: str) -> None:
         self.state.state(state)
+        if self._on_state is not None:
+            self._on_state(state)
 
     def _seconds_left(self) -> float:
         if self._exp is None:

@@ -25,6 +25,7 @@ class SystemdNotifier:
         # An abstract socket is named with a leading "@" in the environment.
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self._watchdog_usec = _watchdog_usec(env)
+        self._status: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -50,6 +51,13 @@ class SystemdNotifier:
             log.warning("sd_notify_failed", error=exc.strerror)
             return False
         return True
+
+    def report_state(self, state: str) -> None:
+        """Send `STATUS=token <state>` when it differs from the last one sent (event-driven:
+        the refresher calls this on every state it publishes; nothing polls)."""
+        status = f"token {state}"
+        if status != self._status and self.notify(f"STATUS={status}"):
+            self._status = status
 
     async def run_watchdog(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

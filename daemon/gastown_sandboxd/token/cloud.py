@@ -3,20 +3,27 @@
 It extracts the token from the answer but does not judge it: the refresher checks every
 token before anything is written. Error reasons are short codes; bodies are never repeated
 (a body may hold a token).
+
+Memory: a refresh comes every few hours, so nothing of it is kept in between. httpx is
+imported at the first refresh, and each refresh makes its own `httpx.AsyncClient` and closes
+it, so its SSL context with the CA bundle (2-4 MiB) lives only during the call; an `http://`
+cloud gets no CA bundle at all (it never speaks TLS: redirects are not followed).
 """
 
 from __future__ import annotations
 
 import json
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
-import httpx
 
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.errors import RefreshError
 from gastown_sandboxd.token.schedule import parse_retry_after
+
+if TYPE_CHECKING:
+    import httpx
 
 REFRESH_PATH = "/api/gastown/refresh-token"
 MAX_BODY_BYTES = 64 * 1024
@@ -45,12 +52,10 @@ class CloudClient:
         self._key = internal_key
         self._town_id = town_id
         self._timeout = timeout
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._transport = transport
+        # Only with an injected transport (tests): one client, closed by aclose().
+        self._shared: httpx.AsyncClient | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"CloudClient(url={self._url!r}, town_id={self._town_id!r})"
@@ -67,7 +72,23 @@ class CloudClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        """Refuse further calls (RuntimeError) and close the shared client, if any."""
+        self._closed = True
+        if self._shared is not None:
+            await self._shared.aclose()
+            self._shared = None
+
+    def _client(self) -> httpx.AsyncClient:
+        import httpx
+
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(self._timeout),
+            transport=self._transport,
+            follow_redirects=False,
+            trust_env=False,
+            # No TLS is ever spoken to an http:// URL (no redirects): skip loading the CA bundle.
+            verify=self._url.startswith("https://"),
+        )
 
     async def refresh(self, current_token: str | None) -> str:
         """A new token from the cloud, as text; raises `RefreshError` with a kind and reason.
@@ -82,10 +103,18 @@ class CloudClient:
         }
         if current_token is not None:
             headers["Authorization"] = f"Bearer {current_token}"
+        import httpx
+
+        if self._closed:
+            raise RuntimeError("the cloud client is closed")
+        if self._transport is None:
+            http = self._client()
+        else:
+            http = self._shared = self._shared or self._client()
         try:
             # One deadline for the whole exchange: httpx's timeouts are per read.
             with anyio.fail_after(self._timeout):
-                async with self._http.stream(
+                async with http.stream(
                     "POST", self._url, json={"townId": self._town_id}, headers=headers
                 ) as response:
                     _raise_for_status(response, self._clock.time())
@@ -96,6 +125,10 @@ class CloudClient:
             raise RefreshError("outage", "timeout") from exc
         except httpx.TransportError as exc:
             raise RefreshError("outage", _transport_reason(exc)) from exc
+        finally:
+            if http is not self._shared:
+                with anyio.CancelScope(shield=True):
+                    await http.aclose()
         return _extract_token(response, body)
 
 
@@ -176,6 +209,8 @@ def _token_in(document: Any) -> str | None:
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ConnectError):
         return "connect_error"
     if isinstance(exc, httpx.ProtocolError):

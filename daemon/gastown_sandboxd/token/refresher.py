@@ -15,7 +15,7 @@ import enum
 import errno
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,8 +41,10 @@ from gastown_sandboxd.token.schedule import (
     SchedulePolicy,
     desync_point,
     draw_jitter,
+    lifetime_of,
     next_attempt_at,
     refresh_point,
+    scaled_policy,
     sleep_for,
 )
 
@@ -265,7 +267,10 @@ class TokenRefresher:
             wake_at = due
             if self._held is not None and not self._expired_reported:
                 wake_at = min(wake_at, self._held.claims.exp)
-            await self._sleep(sleep_for(wake_at, now, self._policy))
+            claims = self._held.claims if self._held is not None else None
+            # Short tokens shrink the longest sleep with their lifetime (CONTRACT §3).
+            policy = scaled_policy(self._policy, lifetime_of(claims))
+            await self._sleep(sleep_for(wake_at, now, policy))
 
     async def _sleep(self, seconds: float) -> None:
         # Replanning cancels this nap so that a new plan takes effect at once.
@@ -307,6 +312,10 @@ class TokenRefresher:
             raise error from TokenError(reasons)
         claims = decode_unverified(token)
         if held is not None and held.token == token:
+            # The held token again (minted in the same second): keep the least gap between
+            # calls, or a refresh point already past would call the cloud again at once.
+            gap = scaled_policy(self._policy, lifetime_of(held.claims)).min_retry_gap
+            held = self._held = replace(held, refresh_at=max(held.refresh_at, now + gap))
             view = held.view
         else:
             try:

@@ -8,6 +8,11 @@ Each held token has one regular refresh time, drawn once (so re-planning is stab
   the weeks the jitter alone takes (see its docstring).
 After failures, full-jitter exponential backoff with a floor, tighter when the token is close
 to expiry, never sooner than the cloud's `Retry-After`.
+
+Short tokens (CONTRACT §3): below a lifetime of `SHORT_LIFETIME` (1 h) every waiting time
+shrinks with the lifetime, so a 30 s demo token fares as a 24 h one does: `backoff_max`,
+`urgent_backoff_max`, `max_sleep` and `min_retry_gap` are each multiplied by
+lifetime ÷ 1 h, never below `SCALED_FLOOR` (100 ms); see `scaled_policy`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import email.utils
 import enum
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 
 from gastown_sandboxd.token.claims import Claims
@@ -39,6 +44,35 @@ class SchedulePolicy:
     urgent_fraction: float = 0.1
     # An adopted token younger than this gets the desync draw; an older one the contract's.
     desync_age_fraction: float = 0.01
+
+
+SHORT_LIFETIME = 3600.0
+SCALED_FLOOR = 0.1
+
+
+def scaled_policy(policy: SchedulePolicy, lifetime: float | None) -> SchedulePolicy:
+    """`policy` with its waiting times shrunk for a token of `lifetime` seconds (None: none
+    held, or from 1 h up: unchanged). Each of the four shrinks by lifetime ÷ 1 h, floor 100 ms
+    (a setting already below the floor stays as set)."""
+    if lifetime is None or lifetime >= SHORT_LIFETIME:
+        return policy
+    factor = max(lifetime, 0.0) / SHORT_LIFETIME
+
+    def shrink(seconds: float) -> float:
+        return min(seconds, max(SCALED_FLOOR, seconds * factor))
+
+    return replace(
+        policy,
+        backoff_max=shrink(policy.backoff_max),
+        urgent_backoff_max=shrink(policy.urgent_backoff_max),
+        max_sleep=shrink(policy.max_sleep),
+        min_retry_gap=shrink(policy.min_retry_gap),
+    )
+
+
+def lifetime_of(claims: Claims | None) -> float | None:
+    """`exp - iat` of the held token, None without one."""
+    return None if claims is None else float(claims.exp - claims.iat)
 
 
 class Outcome(enum.StrEnum):
@@ -150,7 +184,9 @@ def next_attempt_at(
     time (`refresh_point` or `desync_point`, drawn once per token; ignored without a token),
     `failures` counts the consecutive failed attempts including the last one, `outcome` is how
     the last attempt ended (OK at start), `retry_after` the seconds the cloud asked to wait.
+    The policy's waiting times are scaled to the held token's lifetime (`scaled_policy`).
     """
+    policy = scaled_policy(policy, lifetime_of(claims))
     if outcome is Outcome.INACTIVE:
         return now + policy.inactive_probe
     urgent = is_urgent(claims, now, policy)

@@ -262,3 +262,37 @@ async def test_sse_client_disconnect_unsubscribes() -> None:
             await anext(response.aiter_bytes())
             assert bus.subscriber_count == 1
         await _until_subscribers(bus, 0)
+
+
+async def test_a_reader_that_stops_reading_never_slows_the_others() -> None:
+    """A client whose socket is never read fills its buffers and is dropped; a reader beside
+    it gets every event, each as soon as it is emitted."""
+    bus = EventBus(subscriber_buffer=8)
+    padding = "x" * 100_000
+    count = 160  # 16 MB: more than the stalled connection's socket buffers hold
+    async with _served(bus) as url, httpx.AsyncClient(timeout=10) as client:
+        host, port = url.removeprefix("http://").split("/")[0].split(":")
+        stalled = socket.create_connection((host, int(port)))
+        try:
+            stalled.sendall(f"GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            got = 0
+            arrived = anyio.Event()
+
+            def note(seen: list[ServerSentEvent]) -> bool:
+                nonlocal got
+                got = len(seen)
+                arrived.set()
+                return got == count
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(partial(_collect, client, url, note))
+                    await _until_subscribers(bus, 2)
+                    for index in range(count):
+                        arrived = anyio.Event()
+                        bus.emit("config.changed", {"n": index, "padding": padding})
+                        await arrived.wait()
+            assert got == count
+            assert bus.dropped_subscribers == 1
+        finally:
+            stalled.close()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from gastown_sandboxd.ops.metrics import TokenMetrics
 from gastown_sandboxd.ops.systemd import SystemdNotifier
 
 
@@ -63,3 +66,36 @@ def test_a_dead_socket_is_reported_not_raised(short_tmp: Path) -> None:
     """A NOTIFY_SOCKET nobody listens on makes notify() return False."""
     notifier = SystemdNotifier({"NOTIFY_SOCKET": str(short_tmp / "nobody")})
     assert notifier.notify("READY=1") is False
+
+
+def test_state_changes_are_sent_once_each(notify_socket: tuple[socket.socket, str]) -> None:
+    """report_state() sends STATUS only when the state differs from the last one sent, and
+    TokenMetrics hands it every state the refresher publishes."""
+    sock, path = notify_socket
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+    metrics = TokenMetrics(CollectorRegistry(), on_state=notifier.report_state)
+    for state in ("fresh", "fresh", "refreshing", "fresh", "fresh", "degraded"):
+        metrics.set_state(state)
+    sock.setblocking(False)
+    received = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            received.append(sock.recv(4096))
+    assert received == [
+        b"STATUS=token fresh",
+        b"STATUS=token refreshing",
+        b"STATUS=token fresh",
+        b"STATUS=token degraded",
+    ]
+
+
+def test_state_is_resent_after_a_failed_send(short_tmp: Path) -> None:
+    """A STATUS that could not be sent (no socket yet) is sent with the next report."""
+    path = str(short_tmp / "late")
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+    notifier.report_state("fresh")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(5)
+        notifier.report_state("fresh")
+        assert sock.recv(4096) == b"STATUS=token fresh"

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
@@ -265,3 +266,39 @@ async def test_aclose_closes_the_http_client() -> None:
     await cloud.aclose()
     with pytest.raises(RuntimeError):
         await cloud.refresh(None)
+
+
+async def test_each_refresh_has_its_own_connection_and_keeps_nothing() -> None:
+    """Without an injected transport every refresh opens, uses and closes its own client:
+    two refreshes against a real server are two connections, and nothing is held after."""
+    connections = 0
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive()
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += await stream.receive()
+            answer_body = NEW.encode()
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                + f"content-length: {len(answer_body)}\r\n\r\n".encode()
+                + answer_body
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        cloud = CloudClient(base_url=f"http://127.0.0.1:{port}", internal_key=KEY, town_id="t")
+        async with cloud:
+            assert await cloud.refresh(OLD) == NEW
+            assert await cloud.refresh(NEW) == NEW
+            assert cloud._shared is None
+        assert connections == 2
+        tg.cancel_scope.cancel()

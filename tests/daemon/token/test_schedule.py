@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+from bench.short_token_bench import simulate
 
 from gastown_sandboxd.token.claims import Claims
 from gastown_sandboxd.token.schedule import (
@@ -19,6 +20,7 @@ from gastown_sandboxd.token.schedule import (
     next_attempt_at,
     parse_retry_after,
     refresh_point,
+    scaled_policy,
     sleep_for,
 )
 
@@ -347,3 +349,60 @@ def test_retry_after_date_without_zone_is_utc() -> None:
 def test_bad_retry_after_is_none(value: str) -> None:
     """A Retry-After that is neither form is ignored."""
     assert parse_retry_after(value, T0) is None
+
+
+def test_short_tokens_shrink_every_wait_with_the_lifetime() -> None:
+    """Below 1 h the four waits are multiplied by lifetime ÷ 1 h, floor 100 ms (CONTRACT §3)."""
+    half_hour = scaled_policy(POLICY, 1800)
+    assert (half_hour.backoff_max, half_hour.urgent_backoff_max) == (150.0, 15.0)
+    assert (half_hour.max_sleep, half_hour.min_retry_gap) == (15.0, 1.0)
+    demo = scaled_policy(POLICY, 30)
+    assert demo.backoff_max == pytest.approx(2.5)
+    assert demo.urgent_backoff_max == pytest.approx(0.25)
+    assert demo.max_sleep == pytest.approx(0.25)
+    assert demo.min_retry_gap == 0.1  # 2 s × 30/3600 = 17 ms, under the floor
+    # What is not a wait of the four stays: the first delay, Retry-After's cap, the probe.
+    assert (demo.backoff_initial, demo.retry_after_cap, demo.inactive_probe) == (1.0, 300.0, 3600.0)
+
+
+@pytest.mark.parametrize("lifetime", [3600, DAY, 7 * DAY, None])
+def test_tokens_of_an_hour_and_more_keep_the_waits(lifetime: int | None) -> None:
+    """From 1 h up (and with no token held) the policy stands as it is."""
+    assert scaled_policy(POLICY, lifetime) is POLICY
+
+
+def test_the_floor_never_raises_a_setting_below_it() -> None:
+    """A wait configured under 100 ms is not raised to the floor by the scaling."""
+    tight = SchedulePolicy(min_retry_gap=0.05)
+    assert scaled_policy(tight, 30).min_retry_gap == 0.05
+
+
+def test_retries_of_a_short_token_follow_the_scaled_caps() -> None:
+    """A 30 s token's retries after an outage come within its scaled caps and gaps."""
+    held = claims(lifetime=30)
+    for failures in range(1, 12):
+        for seed in range(20):
+            delay = plan(held, T0 + 12, failures=failures, outcome=Outcome.OUTAGE, seed=seed) - (
+                T0 + 12
+            )
+            assert 0.1 - 1e-6 <= delay <= 2.5 + 1e-6  # wall times near 1.8e9 s: float ulps
+        urgent = plan(held, T0 + 28, failures=failures, outcome=Outcome.OUTAGE) - (T0 + 28)
+        assert 0.1 - 1e-6 <= urgent <= 0.25 + 1e-6
+    assert sleep_for(T0 + 100, T0, scaled_policy(POLICY, 30)) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_a_30_s_token_survives_the_outages_with_no_second_unusable(seed: int) -> None:
+    """The real refresher on the simulated clock, 30 s tokens, cloud down at 11-27 s and
+    50-58 s over 75 s: there is always an unexpired token in the env file."""
+    gaps = await simulate(seed=seed)
+    assert gaps.unexpired == 0.0
+    # The run did go through both outages and out again.
+    assert gaps.calls >= 6
+
+
+async def test_without_the_scaling_the_same_run_loses_the_token() -> None:
+    """The unscaled schedule (waits of a 24 h token) leaves seeds with an expired token: the
+    simulation can tell the two apart."""
+    lost = [(await simulate(seed=seed, scaled=False)).unexpired for seed in range(30)]
+    assert max(lost) > 1.0

@@ -1,0 +1,156 @@
+"""What an idle daemon costs: wake-ups per second per thread, CPU, RSS, and RSS by import.
+
+One `gastown-sandboxd run` subprocess (a fresh 24 h token, so it never calls the cloud), with
+`NOTIFY_SOCKET` set to a datagram socket this process reads, as under systemd. Over a window
+(20 s, 10 s with `--quick`) the bench reads `/proc/PID/task/*/stat` and `status` at both ends:
+context switches (voluntary + involuntary) per second per thread are its wake-ups.
+Baseline in the same run: a bare interpreter in an asyncio loop that sleeps, same window.
+
+RSS by import: a fresh interpreter per row imports the modules of the row (and of the rows
+above it), then reports VmRSS; the step from the row above is what the row's modules add.
+
+`python -m bench.idle_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.fixtures.daemon import make_town
+
+from ._daemon import running_daemon
+from ._stats import rss_kib, thread_counters
+from ._table import Row, main_of
+
+TOWN_ID = "town-idle-bench"
+BARE_LOOP = "import asyncio; asyncio.run(asyncio.sleep(3600))"
+
+# Cumulative import steps, in the order the daemon's start path meets them.
+IMPORT_STEPS: tuple[tuple[str, str], ...] = (
+    ("bare interpreter", ""),
+    ("asyncio", "import asyncio"),
+    ("ssl", "import ssl"),
+    ("anyio, structlog", "import anyio, structlog"),
+    ("watchfiles", "import watchfiles"),
+    ("prometheus_client", "import prometheus_client"),
+    ("starlette", "import starlette.applications, starlette.responses"),
+    ("hypercorn", "import hypercorn.asyncio, hypercorn.config"),
+    ("httpx", "import httpx"),
+    ("gastown_sandboxd.daemon, cli", "import gastown_sandboxd.daemon, gastown_sandboxd.cli"),
+    ("+ an httpx.AsyncClient()", "import httpx; httpx.AsyncClient()"),
+)
+
+
+@contextmanager
+def _notify_socket(folder: Path) -> Iterator[tuple[str, socket.socket]]:
+    """A datagram socket standing in for systemd's; yields its path and the socket."""
+    path = folder / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    try:
+        yield str(path), sock
+    finally:
+        sock.close()
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096))
+        except BlockingIOError:
+            return messages
+
+
+def wakeups(pid: int, window: float) -> tuple[dict[str, float], float]:
+    """Wake-ups per second by thread name (threads of one name summed), and CPU % of a core."""
+    before = thread_counters(pid)
+    started = time.perf_counter()
+    time.sleep(window)
+    after = thread_counters(pid)
+    elapsed = time.perf_counter() - started
+    per_name: dict[str, float] = {}
+    cpu = 0.0
+    for tid, (name, seconds, switches) in after.items():
+        _, seconds_before, switches_before = before.get(tid, (name, 0.0, 0))
+        label = name if tid != pid else f"{name} (main)"
+        per_name[label] = per_name.get(label, 0.0) + (switches - switches_before) / elapsed
+        cpu += seconds - seconds_before
+    return per_name, 100 * cpu / elapsed
+
+
+def _bare_loop(window: float) -> tuple[float, float]:
+    with subprocess.Popen([sys.executable, "-c", BARE_LOOP]) as child:
+        try:
+            time.sleep(1.0)  # past its start-up
+            per_name, cpu = wakeups(child.pid, window)
+        finally:
+            child.kill()
+    return sum(per_name.values()), cpu
+
+
+def rss_by_import() -> list[tuple[str, float]]:
+    """(row, MiB) for each cumulative import step, each in a fresh interpreter."""
+    rows = []
+    code = ""
+    for label, statement in IMPORT_STEPS:
+        code = f"{code}; {statement}" if statement else code
+        probe = (
+            f"{code.lstrip('; ')}\n"
+            "for line in open('/proc/self/status'):\n"
+            "    if line.startswith('VmRSS:'): print(line.split()[1])\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        rows.append((label, int(out.stdout.strip()) / 1024))
+    return rows
+
+
+def run(quick: bool) -> list[Row]:
+    """Measure the idle daemon and the bare loop over the same window; then RSS by import."""
+    window = 10.0 if quick else 20.0
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="idle-bench-", ignore_cleanup_errors=True) as tmp:
+        workdir = Path(tmp)
+        with _notify_socket(workdir) as (address, sock):
+            env = {"NOTIFY_SOCKET": address}
+            town = make_town(workdir / "town", ("alpha",))
+            with running_daemon(workdir / "home", town, town_id=TOWN_ID, env=env) as daemon:
+                rss_start = rss_kib(daemon.pid) / 1024
+                time.sleep(1.0)  # let start-up's last timers run out
+                _drain(sock)
+                per_name, cpu = wakeups(daemon.pid, window)
+                notices = len(_drain(sock))
+                rss_idle = rss_kib(daemon.pid) / 1024
+    base_wakeups, base_cpu = _bare_loop(window)
+    note = f"{window:.0f} s window; baseline: a bare asyncio loop that sleeps"
+    rows.append(Row("idle wake-ups, all threads", sum(per_name.values()), "/s", base_wakeups,
+                    note))  # fmt: skip
+    for name, rate in sorted(per_name.items(), key=lambda item: -item[1]):
+        rows.append(Row(f"  thread {name}", rate, "/s"))
+    rows += [
+        Row("idle CPU", cpu, "% of a core", base_cpu, "all threads, utime+stime"),
+        Row("sd_notify messages while idle", notices, "msgs", note="STATUS is event-driven"),
+        Row("RSS after start", rss_start, "MiB", note="VmRSS once ready"),
+        Row(f"RSS after {window:.0f} s idle", rss_idle, "MiB"),
+    ]
+    previous: float | None = None
+    for label, mib in rss_by_import():
+        note = "cumulative; the step is what the row adds" if previous is None else ""
+        rows.append(Row(f"RSS import: {label}", mib, "MiB", previous, note))
+        previous = mib
+    return rows
+
+
+if __name__ == "__main__":
+    quick = "10 s window, not 20 s"
+    raise SystemExit(main_of(run, name="idle_bench", doc=__doc__, quick=quick, title="idle"))

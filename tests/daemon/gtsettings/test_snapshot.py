@@ -1,0 +1,118 @@
+"""Cached reads of settings files: served from memory only while stat says nothing changed."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from gastown_sandboxd.gtsettings import snapshot
+from gastown_sandboxd.gtsettings.layout import rig_folder, rig_names
+from gastown_sandboxd.gtsettings.snapshot import forget, read_file, read_snapshot
+
+TOWN = b'{"type": "town-settings", "version": 1, "default_agent": "claude"}\n'
+OTHER = b'{"type": "town-settings", "version": 1, "default_agent": "codex!"}\n'
+
+
+def next_tick(folder: Path) -> None:
+    """Return once the file system's (coarse) clock has moved past every stamp made so far."""
+    probe = folder / ".tick"
+    probe.write_bytes(b"")
+    first = probe.stat().st_ctime_ns
+    deadline = time.monotonic() + 5
+    while probe.stat().st_ctime_ns == first and time.monotonic() < deadline:
+        probe.write_bytes(b"")
+    probe.unlink()
+
+
+@pytest.fixture
+def no_quiet_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trust a file as soon as its stamps are behind the read (not a second behind)."""
+    monkeypatch.setattr(snapshot, "QUIET_NS", 0)
+
+
+@pytest.fixture
+def town_file(tmp_path: Path) -> Path:
+    path = tmp_path / "settings" / "config.json"
+    path.parent.mkdir()
+    path.write_bytes(TOWN)
+    return path
+
+
+@pytest.mark.usefixtures("no_quiet_wait")
+def test_a_quiet_unchanged_file_is_not_read_again(town_file: Path) -> None:
+    """Same stamp, file already quiet when read: the same parsed state comes back."""
+    next_tick(town_file.parent)
+    first = read_file(town_file, "town", "settings/config.json")
+    assert first.doc is not None
+    assert first.doc["default_agent"] == "claude"
+    assert read_file(town_file, "town", "settings/config.json") is first
+    forget([town_file])
+    again = read_file(town_file, "town", "settings/config.json")
+    assert again is not first
+    assert again == first
+
+
+def test_a_fresh_file_is_always_read(town_file: Path) -> None:
+    """A file modified within the last second is read each time (timestamps are coarse)."""
+    assert snapshot.QUIET_NS == 1_000_000_000
+    first = read_file(town_file, "town", "settings/config.json")
+    town_file.write_bytes(OTHER)  # same size, in place, likely the same tick
+    second = read_file(town_file, "town", "settings/config.json")
+    assert second.doc is not None
+    assert second.doc["default_agent"] == "codex!"
+    assert first.doc is not None
+    assert first.doc["default_agent"] == "claude"
+
+
+@pytest.mark.usefixtures("no_quiet_wait")
+def test_an_in_place_edit_of_a_quiet_file_is_seen(town_file: Path) -> None:
+    """Same size, mtime put back: the ctime still moves, so the edit is read."""
+    next_tick(town_file.parent)
+    first = read_file(town_file, "town", "settings/config.json")
+    assert read_file(town_file, "town", "settings/config.json") is first  # cached
+    stamp = town_file.stat()
+    next_tick(town_file.parent)
+    with town_file.open("r+b") as handle:
+        handle.write(OTHER)
+    os.utime(town_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    state = read_file(town_file, "town", "settings/config.json")
+    assert state.doc is not None
+    assert state.doc["default_agent"] == "codex!"
+
+
+@pytest.mark.usefixtures("no_quiet_wait")
+def test_a_replaced_or_removed_file_is_seen(town_file: Path) -> None:
+    """An atomic rename (new inode) and a deletion both show on the next read."""
+    next_tick(town_file.parent)
+    read_file(town_file, "town", "settings/config.json")
+    staged = town_file.with_name(".config.json.x.tmp")
+    staged.write_bytes(OTHER)
+    os.replace(staged, town_file)
+    state = read_file(town_file, "town", "settings/config.json")
+    assert state.doc is not None
+    assert state.doc["default_agent"] == "codex!"
+    town_file.unlink()
+    assert read_file(town_file, "town", "settings/config.json").raw is None
+
+
+def test_snapshot_and_rig_listing_agree_with_rig_folder(tmp_path: Path) -> None:
+    """The listing's verdicts are rig_folder's: plain folders with plain settings only."""
+    root = tmp_path / "gt"
+    (root / "settings").mkdir(parents=True)
+    for name in ("alpha", "beta", "mayor", ".hidden", "with-dash"):
+        (root / name / "settings").mkdir(parents=True)
+    (root / "alpha" / "settings" / "config.json").write_text('{"type": "rig-settings"}')
+    (root / "linked").symlink_to(root / "alpha")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "gamma").mkdir()
+    (root / "gamma" / "settings").symlink_to(outside)
+    (root / "notes.txt").write_text("x")
+    names = sorted(entry.name for entry in root.iterdir())
+    assert rig_names(root) == [name for name in names if rig_folder(root, name) is not None]
+    assert rig_names(root) == ["alpha", "beta"]
+    snapshot = read_snapshot(root)
+    assert sorted(rig for rig in snapshot.files if rig is not None) == ["alpha", "beta"]
