@@ -54,12 +54,14 @@ def test_help_describes_every_flag_and_secret(tmp_path: Path) -> None:
     """`serve --help` lists every flag and both environment variables; exit 0."""
     done = _run(["serve", "--help"], {}, tmp_path)
     assert done.returncode == 0
-    for word in ("--host", "--port", "--db", "--token-lifetime", "NEXTAUTH_SECRET",
-                 "INTERNAL_API_KEY", "SIGTERM", "listening on"):  # fmt: skip
+    for word in ("--host", "--port", "--db", "--token-lifetime", "--token-claims",
+                 "--allow-unbound-refresh", "--refresh-rate", "NEXTAUTH_SECRET",
+                 "INTERNAL_API_KEY", "SIGTERM", "listening on", "Bearer"):  # fmt: skip
         assert word in done.stdout
     top = _run(["--help"], {}, tmp_path)
     assert top.returncode == 0
     assert "serve" in top.stdout
+    assert "towns" in top.stdout
 
 
 def test_console_script_is_installed() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from gastown_cloud.errors import SettingsError
 from gastown_cloud.settings import CloudSettings
+from gastown_cloud.tokens import TokenClaims
 
 SECRET = "n" * 32
 KEY = "k" * 16
@@ -69,3 +70,19 @@ def test_bad_flags_name_the_flag(flags: dict[str, int], setting: str) -> None:
     with pytest.raises(SettingsError) as caught:
         _settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}, **flags)
     assert caught.value.setting == setting
+
+
+def test_new_settings_default_to_the_seed_with_the_binding_on() -> None:
+    """By default: the seed's claims, the binding required, no admission limit."""
+    settings = _settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY})
+    assert settings.token_claims is TokenClaims.SEED
+    assert settings.allow_unbound_refresh is False
+    assert settings.refresh_rate is None
+
+
+@pytest.mark.parametrize("rate", [0, -5, 1_000_001])
+def test_bad_refresh_rate_names_the_flag(rate: int) -> None:
+    """A refresh rate under 1 or absurdly high is refused, naming --refresh-rate."""
+    with pytest.raises(SettingsError) as caught:
+        _settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}, refresh_rate=rate)
+    assert caught.value.setting == "--refresh-rate"
