@@ -140,7 +140,9 @@ def test_the_right_key_opens_every_route(daemon: DaemonProcess) -> None:
         for method, path in ROUTES:
             answer = send(client, method, path, KEY.encode())
             assert answer.status_code != 401, (method, path)
-            assert answer.status_code < 500 or path == "/token/refresh", (method, path)
+            # The two routes that call the cloud (none here) answer 502/503/504 for it.
+            cloud_bound = path in ("/token/refresh", "/config/sync")
+            assert answer.status_code < 500 or cloud_bound, (method, path)
 
 
 def raw_status(daemon: DaemonProcess, key_line: bytes) -> int:

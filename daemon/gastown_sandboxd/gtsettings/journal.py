@@ -104,11 +104,14 @@ def turn_back(root_fd: int) -> None:
 
 
 def finish(root_fd: int) -> None:
-    """The change is whole (or undone): drop the journal."""
+    """The change is whole (or undone): drop the journal.
+
+    Not fsynced: a journal that comes back after a power loss names files that already
+    hold its target bytes, and replaying it changes nothing.
+    """
     for name in (JOURNAL, ROLLBACK):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=root_fd)
-    fsync_folder_fd(root_fd)
 
 
 def recover(town_root: Path) -> Recovery | None:

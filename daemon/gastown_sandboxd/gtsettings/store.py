@@ -198,8 +198,9 @@ class SettingsStore:
         """Converge on the cloud's `desired` configuration (three-way merge, `apply.py`).
 
         Goes through the checks and the writer of `patch`; events carry `source: "cloud"`
-        and `generation`. On success `desired` becomes the last-applied copy. Raises what
-        `patch` raises; nothing is written and the copy is kept then.
+        and `generation`. On success `desired` becomes the last-applied copy. A `generation`
+        older than the one last applied (read before a push landed) changes nothing. Raises
+        what `patch` raises; nothing is written and the copy is kept then.
         """
         async with self._lock:
             result, events = await anyio.to_thread.run_sync(
@@ -245,8 +246,12 @@ class SettingsStore:
         self, desired: Mapping[str, Any], generation: int
     ) -> tuple[PatchResult, list[dict[str, Any]]]:
         snapshot = self._read_snapshot()
-        last = self._last_applied.applied.desired
-        body = desired_patch(snapshot.town_files(), desired, last)
+        applied = self._last_applied.applied
+        if applied.generation is not None and generation < applied.generation:
+            # Read before a newer push landed: applying it would undo that push.
+            log.info("desired_config_stale", generation=generation, applied=applied.generation)
+            return self._change(snapshot, {}, None, "cloud", generation)
+        body = desired_patch(snapshot.town_files(), desired, applied.desired)
         result, events = self._change(snapshot, body, None, "cloud", generation)
         self._last_applied.record(generation, desired)
         return result, events

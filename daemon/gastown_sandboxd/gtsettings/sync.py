@@ -232,6 +232,18 @@ class ConfigSync:
             )
         if applied.changed:
             log.info("config_sync_applied", generation=desired.generation, files=applied.files)
+        newest = self._store.last_applied.applied.generation
+        if newest is not None and newest > desired.generation:
+            # A push overtook this read: the newer generation stands, nothing to report.
+            return SyncResult(
+                SyncState.APPLIED,
+                newest,
+                changed=False,
+                revision=applied.revision,
+                files=[],
+                error=None,
+                reported=False,
+            )
         return SyncResult(
             SyncState.APPLIED,
             desired.generation,
@@ -244,6 +256,8 @@ class ConfigSync:
 
     def _needs_report(self, desired: DesiredConfig, result: SyncResult) -> bool:
         # Nothing to tell a cloud that already shows this generation applied.
+        if result.generation != desired.generation:
+            return False  # a push overtook the read; the cloud recorded it
         return (
             result.error is not None
             or result.changed

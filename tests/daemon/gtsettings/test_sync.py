@@ -388,3 +388,35 @@ async def test_a_state_folder_that_cannot_be_written_does_not_stop_the_sync(
     assert doc(root)["default_agent"] == "codex"
     assert store.last_applied.applied.generation == 1
     assert "last_applied_not_saved" in [log["event"] for log in logs]
+
+
+async def test_a_read_overtaken_by_a_push_does_not_undo_the_push(
+    root: Path, store: SettingsStore
+) -> None:
+    """The sync read generation 0; a push of generation 1 lands before it applies: the
+    push's keys stay, nothing is reported for the stale read."""
+    cloud = FakeCloud()
+    cloud.generation, cloud.desired = 0, {}
+    gate = anyio.Event()
+    fetch = cloud.fetch
+
+    async def slow_fetch(bearer: str | None) -> DesiredConfig:
+        answer = await fetch(bearer)
+        await gate.wait()
+        return answer
+
+    cloud.fetch = slow_fetch  # type: ignore[method-assign]
+    sync = make_sync(store, cloud)
+    results = []
+
+    async def run_sync() -> None:
+        results.append(await sync.sync_now())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_sync)
+        await anyio.wait_all_tasks_blocked()
+        await store.patch({"town": {"default_agent": "codex"}}, generation=1)
+        gate.set()
+    assert doc(root)["default_agent"] == "codex"
+    assert (results[0].generation, results[0].changed) == (1, False)
+    assert cloud.reports == []
