@@ -17,6 +17,7 @@ from watchfiles import awatch as real_awatch
 
 from gastown_sandboxd.atomic import write_atomic
 from gastown_sandboxd.watcher import SettingsWatcher, is_temporary
+from tests.waiting import eventually
 
 ATOMIC_WRITE = """
 import os, sys
@@ -79,13 +80,6 @@ class Town:
 
     def watches(self, folder: Path) -> bool:
         return str(folder) in self.watcher.status()["folders"]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `predicate` under a deadline."""
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
 
 
 def run_writer(script: str, path: Path, data: str) -> None:

@@ -25,6 +25,7 @@ from httpx_sse import aconnect_sse
 
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, make_town
+from tests.waiting import eventually_async
 
 USER = "user-events"
 RIG = "frontend"
@@ -131,14 +132,6 @@ async def metric(client: httpx.AsyncClient, name: str) -> float:
         if line.split(" ")[0] == name:
             return float(line.split(" ")[1])
     raise AssertionError(f"no metric {name} in:\n{answer.text}")
-
-
-async def eventually(check: Callable[[], Any], *, deadline: float = EVENT_WAIT) -> Any:
-    """Poll an async `check` until it returns something truthy; fail after `deadline`."""
-    with anyio.fail_after(deadline):
-        while not (result := await check()):
-            await anyio.sleep(0.02)
-    return result
 
 
 async def patch(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +289,7 @@ async def test_hundred_subscribers_get_every_event_once_in_order(town: Town) -> 
             with anyio.fail_after(20):
                 while connected < SUBSCRIBERS:
                     await anyio.sleep(0.01)
-            status = await eventually(
+            status = await eventually_async(
                 lambda: _status_with(api, lambda s: s["subscribers"] == SUBSCRIBERS)
             )
             assert status["subscribers"] == SUBSCRIBERS
@@ -322,7 +315,7 @@ async def test_hundred_subscribers_get_every_event_once_in_order(town: Town) -> 
         assert kinds.count(("config.changed", "api")) == 2 * PATCHES
         assert kinds.count(("token.refreshed", "push")) == PUSHES
         # Streams that ended are no longer counted.
-        await eventually(lambda: _status_with(api, lambda s: s["subscribers"] == 0))
+        await eventually_async(lambda: _status_with(api, lambda s: s["subscribers"] == 0))
         lagged = sum(sub.frames.count("lagged") for sub in subs)
         print(
             f"\n{SUBSCRIBERS} subscribers connected in {connect_time:.2f} s; {EVENTS} events "
@@ -411,7 +404,7 @@ async def test_api_write_is_one_api_event_and_never_echoes(town: Town) -> None:
             }
             assert event["revision"] == result["revision"]
             # The watcher has seen the daemon's own write...
-            await eventually(partial(_more, api, seen))
+            await eventually_async(partial(_more, api, seen))
             # ...and reported nothing: the next event is this fence.
             write_by_other_process(rig_file, gt_file("rig-settings", fence=scope))
             fence = await next_event(events)

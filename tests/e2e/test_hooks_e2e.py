@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+from tests.waiting import wait_until
 
 USER = "user-hooks"
 WAIT = 10.0
@@ -106,14 +106,6 @@ def metric(client: httpx.Client, name: str) -> float:
     return 0.0
 
 
-def eventually(check: Callable[[], Any], what: str, deadline: float = WAIT) -> Any:
-    end = time.monotonic() + deadline
-    while not (result := check()):
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return result
-
-
 def patch_crew(client: httpx.Client, n: int) -> httpx.Response:
     """A PATCH that always changes the town file: the crew member's agent flips each time."""
     body = {"town": {"crew_agents": {"hooked": ("claude", "codex")[n % 2]}}}
@@ -145,7 +137,7 @@ def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     daemon = town.start(hook(["config.changed"], command, "10s"), name="record")
     api = daemon.local()
     revision = patch_crew(api, 0).json()["revision"]
-    record_file = eventually(lambda: next(folder.glob("*.json"), None), "the hook's record")
+    record_file = wait_until(lambda: next(folder.glob("*.json"), None), "the hook's record")
     record = json.loads(record_file.read_text())
     assert record["event"] == "config.changed"
     event = json.loads(record["stdin"])
@@ -163,7 +155,7 @@ def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     answer = api.put("/token", json={"token": town.mint(int(time.time()) - 5)})
     assert answer.status_code == 200
     patch_crew(api, 1)
-    eventually(lambda: len(list(folder.glob("*.json"))) == 2, "the second record")
+    wait_until(lambda: len(list(folder.glob("*.json"))) == 2, "the second record")
     ids = sorted(int(path.stem) for path in folder.glob("*.json"))
     assert ids == [event["id"], event["id"] + 2]
     assert metric(api, "gastown_sandboxd_hook_runs_total") == 2
@@ -182,14 +174,14 @@ def test_hanging_hook_is_killed_at_its_timeout_and_runs_again(town: Town, tmp_pa
     assert metric(api, "gastown_sandboxd_hook_timeouts_total") == 1
     (first,) = lines(runs)
     pid = int(first.split()[0])
-    eventually(lambda: not pid_alive(pid), "the hung hook to be killed")
+    wait_until(lambda: not pid_alive(pid), "the hung hook to be killed")
 
     # The next event runs it again (after the hook's backoff), and it is killed again.
     patch_crew(api, 1)
-    eventually(lambda: len(lines(runs)) == 2, "a second run")
-    eventually(lambda: metric(api, "gastown_sandboxd_hook_timeouts_total") == 2, "a second timeout")
+    wait_until(lambda: len(lines(runs)) == 2, "a second run")
+    wait_until(lambda: metric(api, "gastown_sandboxd_hook_timeouts_total") == 2, "a second timeout")
     second_pid = int(lines(runs)[1].split()[0])
-    eventually(lambda: not pid_alive(second_pid), "the second hung hook to be killed")
+    wait_until(lambda: not pid_alive(second_pid), "the second hung hook to be killed")
     assert int(lines(runs)[1].split()[1]) > int(first.split()[1])
     assert metric(api, "gastown_sandboxd_hook_failures_total") == 2
     assert api.get("/healthz").status_code == 200
@@ -225,7 +217,7 @@ def test_failing_hook_backs_off_and_never_slows_the_api(town: Town, tmp_path: Pa
         f"with an always-failing hook {_summary(with_hook)}"
     )
     # The first run fails at once; the backoff (1 s) delays the second, which still fails.
-    eventually(lambda: metric(failing, "gastown_sandboxd_hook_failures_total") >= 2, "2 failures")
+    wait_until(lambda: metric(failing, "gastown_sandboxd_hook_failures_total") >= 2, "2 failures")
     hook_runs = metric(failing, "gastown_sandboxd_hook_runs_total")
     assert 2 <= hook_runs < 100
     assert len(lines(runs)) <= hook_runs
@@ -273,14 +265,14 @@ def test_signals_follow_the_pid_file(
 
     answer = api.post("/token/refresh")
     assert answer.status_code == 200, answer.text
-    eventually(lambda: lines(got) == ["first"], "SIGHUP to the first process")
+    wait_until(lambda: lines(got) == ["first"], "SIGHUP to the first process")
     assert metric(api, "gastown_sandboxd_signals_sent_total") == 1
 
     second = children(got, "second")
     pid_file.write_text(f"{second.pid}\n")
     answer = api.put("/token", json={"token": town.mint(int(time.time()) - 30)})
     assert answer.status_code == 200, answer.text
-    eventually(lambda: lines(got) == ["first", "second"], "SIGHUP to the second process")
+    wait_until(lambda: lines(got) == ["first", "second"], "SIGHUP to the second process")
 
     pid_file.unlink()
     answer = api.put("/token", json={"token": town.mint(int(time.time()) - 20)})

@@ -14,11 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_until
 
 PACKAGING = Path(__file__).resolve().parents[2] / "packaging"
 ENTRY = PACKAGING / "container-entry.sh"
@@ -52,16 +53,6 @@ def render(folder: Path, program: Mapping[str, str]) -> Path:
     text = "\n".join(lines) + "\n"
     (folder / "supervisord-program.conf").write_text(text)
     return folder / "supervisord.conf"
-
-
-def wait_for(check: Callable[[], object], what: str) -> object:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:
@@ -120,7 +111,7 @@ class Supervised:
             fresh = [pid for pid in pids if pid != other_than and alive(pid)]
             return fresh[0] if fresh else None
 
-        pid = wait_for(check, "the program to start")
+        pid = wait_until(check, "the program to start", deadline=DEADLINE)
         assert isinstance(pid, int)
         return pid
 
@@ -133,7 +124,7 @@ class Supervised:
             pid = int(match.group(1)) if match else None
             return pid if pid != other_than else None
 
-        pid = wait_for(check, "the program to be RUNNING")
+        pid = wait_until(check, "the program to be RUNNING", deadline=DEADLINE)
         assert isinstance(pid, int)
         return pid
 
@@ -178,7 +169,7 @@ def test_runs_restarts_after_sigkill_and_stops_on_sigterm(
     supervised.process.send_signal(signal.SIGTERM)
     assert supervised.process.wait(timeout=DEADLINE) == 0
     assert (supervised.state / f"stopped-{second}").read_text() == "SIGTERM"
-    wait_for(lambda: not alive(second), "the program to be gone")
+    wait_until(lambda: not alive(second), "the program to be gone", deadline=DEADLINE)
     log = (tmp_path / "supervisord.log").read_text()
     assert "exited: gastown-sandboxd (terminated by SIGKILL; not expected)" in log
     assert "stopped: gastown-sandboxd (exit status 0)" in log

@@ -15,8 +15,9 @@ import pytest
 
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import make_town, socket_accepts
+from tests.waiting import wait_until
 
-from .test_supervisord import BIN, DEADLINE, ENTRY, alive, render, wait_for
+from .test_supervisord import BIN, DEADLINE, ENTRY, alive, render
 
 
 class SupervisedDaemon:
@@ -83,7 +84,7 @@ class SupervisedDaemon:
             pid = int(match.group(1)) if match else None
             return pid if pid != other_than and self.healthy() else None
 
-        pid = wait_for(check, "the daemon to be RUNNING and healthy")
+        pid = wait_until(check, "the daemon to be RUNNING and healthy", deadline=DEADLINE)
         assert isinstance(pid, int)
         return pid
 
@@ -119,7 +120,7 @@ def test_daemon_restarts_after_sigkill_and_stops_cleanly(
 
     supervised_daemon.process.send_signal(signal.SIGTERM)
     assert supervised_daemon.process.wait(timeout=DEADLINE) == 0
-    wait_for(lambda: not alive(second), "the daemon to be gone")
+    wait_until(lambda: not alive(second), "the daemon to be gone", deadline=DEADLINE)
     log = supervised_daemon.log_path.read_text()
     assert "exited: gastown-sandboxd (terminated by SIGKILL; not expected)" in log
     assert "stopped: gastown-sandboxd (exit status 0)" in log

@@ -36,16 +36,8 @@ import anyio
 import anyio.lowlevel
 
 from gastown_sandboxd.errors import SubscriberLagged
-
-EVENT_TYPES = frozenset(
-    {
-        "token.refreshed",
-        "token.refresh_failed",
-        "token.expired",
-        "town.inactive",
-        "config.changed",
-    }
-)
+from gastown_sandboxd.events.types import EVENT_TYPES as EVENT_TYPES  # re-exported
+from gastown_sandboxd.events.types import DomainEvent
 
 _RESERVED_FIELDS = frozenset({"id", "type", "time"})
 
@@ -132,7 +124,10 @@ class EventBus:
         return len(self._subscribers)
 
     def emit(self, type: str, fields: Mapping[str, Any]) -> Event:
-        """Record and fan out one event; never waits. Raises ValueError/TypeError on misuse."""
+        """Record and fan out one event in its wire form; never waits.
+
+        Raises ValueError/TypeError on misuse. Components publish typed events (`publish`).
+        """
         if type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type!r}")
         clash = _RESERVED_FIELDS.intersection(fields)
@@ -152,6 +147,10 @@ class EventBus:
                 subscriber.buffer.append(event)
             subscriber.wake()
         return event
+
+    def publish(self, event: DomainEvent) -> Event:
+        """Record and fan out one of the daemon's typed events (the `Publish` of components)."""
+        return self.emit(event.TYPE, event.fields())
 
     def subscribe(self, *, last_event_id: int | None = None) -> Subscription:
         """Async context manager and iterator of the events after `last_event_id` (None: new)."""

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gastown_sandboxd import __version__
-
-ROLES = ("mayor", "deacon", "boot", "dog", "witness", "refinery", "polecat", "crew")
-EFFORTS = ("low", "medium", "high", "max")
+from gastown_sandboxd.gtsettings.schema import EFFORTS, ROLES
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _STRING_LIST = {"type": "array", "items": {"type": "string"}}

@@ -27,6 +27,7 @@ from gastown_sandboxd.events.notify import (
     read_pid,
     run_hook,
 )
+from tests.waiting import eventually
 
 ALL = frozenset({"token.refreshed", "config.changed"})
 
@@ -43,13 +44,6 @@ class RecordingClock:
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         await anyio.sleep(0)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `predicate` under a deadline."""
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.005)
 
 
 def dispatched(notifier: Notifier, event_id: int) -> Callable[[], bool]:
@@ -382,11 +376,21 @@ while time.monotonic() < deadline:
 """
 
 
+# Children inherit an ignored SIGHUP (`nohup make test`); the signal tests need its default.
+DEFAULT_SIGHUP = (
+    "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 @asynccontextmanager
 async def child(argv: Sequence[str]) -> AsyncIterator[anyio.abc.Process]:
-    """A real child process, killed and reaped on exit."""
+    """A real child process with SIGHUP at its default, killed and reaped on exit."""
     process = await anyio.open_process(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", DEFAULT_SIGHUP, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     async with process:
         try:

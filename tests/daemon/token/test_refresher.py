@@ -30,6 +30,7 @@ from gastown_sandboxd.token.schedule import SchedulePolicy, desync_point
 from tests.daemon.minting import DAY, TOWN, forge, mint
 from tests.daemon.simclock import SimulatedClock
 from tests.fixtures.cloud import CloudServer
+from tests.waiting import eventually
 
 T0 = 1_800_000_000.0
 POLICY = SchedulePolicy()
@@ -121,12 +122,6 @@ class Rig:
             tg.cancel_scope.cancel()
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.001)
-
-
 def cloud_answer(status: int = 200, **kwargs: Any) -> CloudClient:
     return CloudClient(
         base_url="https://cloud.test",
@@ -189,8 +184,10 @@ async def test_fresh_token_on_disk_is_kept_until_its_refresh_point(tmp_path: Pat
         assert status.token_on_disk_ok
         assert status.next_refresh_at is not None
         assert T0 - 3600 + 0.4 * DAY <= status.next_refresh_at <= T0 - 3600 + 0.5 * DAY
+        slept = rig.clock.sleeps
         rig.clock.advance(status.next_refresh_at - T0 - 1)
-        await anyio.sleep(0.01)
+        # It woke, found the refresh point a second away and went back to sleep, calling nobody.
+        await eventually(lambda: rig.clock.sleeps > slept)
         assert rig.cloud.calls == []
         rig.clock.advance(1)
         await eventually(lambda: len(rig.cloud.calls) == 1)
@@ -213,8 +210,9 @@ async def test_start_up_token_is_desynchronised_and_a_refreshed_one_follows_the_
         assert planned == desync_point(decode_unverified(booted), T0, Fixed(0.25), POLICY)
         # Earlier than the contract's window: the fleet's first refreshes spread from boot.
         assert planned < T0 + 0.4 * DAY
+        slept = rig.clock.sleeps
         rig.clock.advance(planned - T0 - 1)
-        await anyio.sleep(0.01)
+        await eventually(lambda: rig.clock.sleeps > slept)
         assert rig.cloud.calls == []
         rig.clock.advance(1)
         await eventually(lambda: refresher.status().last_refresh_at is not None)
@@ -234,7 +232,8 @@ async def test_start_up_token_inside_its_jitter_window_is_not_refreshed_at_once(
     async with rig.running() as refresher:
         half_life = int(T0 - 0.45 * DAY) + 0.5 * DAY
         assert refresher.status().next_refresh_at == T0 + 0.25 * (half_life - T0)
-        await anyio.sleep(0.01)
+        # Asleep until then: the start-up decision made no call.
+        await eventually(lambda: rig.clock.sleeps > 0)
         assert rig.cloud.calls == []
 
 
