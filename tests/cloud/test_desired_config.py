@@ -18,7 +18,9 @@ import anyio
 import httpx
 import pytest
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from gastown_cloud.api_config import openapi_paths
 from gastown_cloud.app import create_app
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
@@ -518,3 +520,30 @@ async def test_real_server_keeps_a_change_until_the_sandbox_reports(
     assert seen.status_code == 200
     assert (seen.json()["state"], seen.json()["revision"]) == ("applied", "r9")
     assert seen.json()["appliedAt"] is not None
+
+
+def test_openapi_paths_describe_exactly_these_routes(tmp_path: Path) -> None:
+    """The OpenAPI fragment for the cloud's document names every config route and no other,
+    and documents every status the tests above make these routes answer."""
+    town_path = "/api/gastown/towns/{town_id}"
+    paths = openapi_paths(town_path)
+    documented = {(m.upper(), path) for path, item in paths.items() for m in item}
+    settings = CloudSettings(nextauth_secret="s" * 40, internal_api_key="k" * 20, db=tmp_path / "x")
+    app = create_app(settings, Store(settings.db))
+    routed = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, Route) and route.path.startswith(town_path + "/config")
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    assert routed == documented
+    statuses = {
+        ("PATCH", "/config"): {200, 202, 400, 401, 404, 409, 412, 413, 415, 422},
+        ("GET", "/config"): {200, 304, 401, 403, 404},
+        ("POST", "/config/status"): {200, 400, 401, 403, 404, 409, 410},
+    }
+    for (method, suffix), seen in statuses.items():
+        assert seen <= {
+            int(code) for code in paths[town_path + suffix][method.lower()]["responses"]
+        }
