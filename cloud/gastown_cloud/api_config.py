@@ -264,3 +264,134 @@ def _require_town_bearer(ctx: AppContext, town: Town, authorization: str) -> Non
 def _refuse(town: Town, reason: str, message: str) -> NoReturn:
     log.warning("config_bearer_refused", town_id=town.id, reason=reason)
     raise ApiError(403, "token_binding", message)
+
+
+def openapi_paths(town_path: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 path items of these routes under `town_path`, for the cloud's document;
+    they use its `Error` schema and its `internalKey` and `townToken` security schemes."""
+    town_id = {"name": "town_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    key: list[dict[str, list[str]]] = [{"internalKey": []}]
+
+    def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = schema or {"$ref": "#/components/schemas/Error"}
+        return {"description": description, "content": {"application/json": {"schema": body}}}
+
+    record = answer("The desired configuration and what the sandbox reported.", _RECORD_SCHEMA)
+    etag_header = {"ETag": {"description": "The record's tag.", "schema": {"type": "string"}}}
+    patch_body = {"type": "object", "properties": {"town": {}, "rigs": {}}}
+    return {
+        town_path + "/config": {
+            "patch": {
+                "summary": "Keep a model change as the next generation and push it to the sandbox",
+                "security": key,
+                "parameters": [town_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {media: {"schema": patch_body} for media in sorted(_MEDIA_TYPES)},
+                },
+                "responses": {
+                    "200": answer(
+                        "Applied: the sandbox's answer plus generation and state.",
+                        {
+                            "type": "object",
+                            "required": ["generation", "state"],
+                            "properties": {
+                                "generation": {"type": "integer"},
+                                "state": {"const": "applied"},
+                            },
+                        },
+                    ),
+                    "202": answer(
+                        "Kept, pending: the sandbox is away or failing.", _PENDING_SCHEMA
+                    ),
+                    "400": answer("Not a JSON object."),
+                    "401": answer("A missing or wrong x-internal-api-key."),
+                    "404": answer("No town has this id."),
+                    "409": answer("The town is not active, or the sandbox's 409 (passed on)."),
+                    "412": answer("The sandbox's 412 for a stale If-Match (passed on)."),
+                    "413": answer("The body exceeds 64 KiB."),
+                    "415": answer("Not application/json or application/merge-patch+json."),
+                    "422": answer("A wrong shape or a secret, or the sandbox's 422 (passed on)."),
+                },
+            },
+            "get": {
+                "summary": "The town's desired configuration and its sandbox's observed state",
+                "description": "A Bearer token, when sent, must belong to the town (else 403).",
+                "security": key,
+                "parameters": [
+                    town_id,
+                    {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {**record, "headers": etag_header},
+                    "304": {"description": "Unchanged since the tag sent.", "headers": etag_header},
+                    "401": answer("A missing or wrong x-internal-api-key."),
+                    "403": answer("The Bearer token belongs to another town or is not valid."),
+                    "404": answer("No town has this id."),
+                },
+            },
+        },
+        town_path + "/config/status": {
+            "post": {
+                "summary": "The sandbox reports what it made of a generation",
+                "security": [{"internalKey": [], "townToken": []}],
+                "parameters": [town_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _REPORT_SCHEMA}},
+                },
+                "responses": {
+                    "200": record,
+                    "400": answer("Malformed JSON or a missing or mistyped field."),
+                    "401": answer("A missing key, or no Bearer token."),
+                    "403": answer("The Bearer token belongs to another town or is not valid."),
+                    "404": answer("No town has this id."),
+                    "409": answer("A generation the cloud has not made (generation_ahead)."),
+                    "410": answer("The town is destroyed."),
+                    "413": answer("The body exceeds 64 KiB."),
+                },
+            }
+        },
+    }
+
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_RECORD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["generation", "desired", "observedGeneration", "state", "lastError", "appliedAt"],
+    "properties": {
+        "generation": {"type": "integer", "minimum": 0},
+        "desired": {"type": "object"},
+        "observedGeneration": {"type": "integer", "minimum": 0},
+        "state": {"enum": [state.value for state in ConfigState]},
+        "lastError": {"type": ["object", "null"]},
+        "appliedAt": _NULLABLE_STRING,
+        "revision": _NULLABLE_STRING,
+    },
+}
+_PENDING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["generation", "state", "reason", "message"],
+    "properties": {
+        "generation": {"type": "integer", "minimum": 0},
+        "state": {"const": "pending"},
+        "reason": {"type": "string"},
+        "message": {"type": "string"},
+    },
+}
+_REPORT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["observedGeneration"],
+    "properties": {
+        "observedGeneration": {"type": "integer", "minimum": 0},
+        "revision": {**_NULLABLE_STRING, "maxLength": 200},
+        "error": {
+            "type": ["object", "null"],
+            "required": ["message"],
+            "properties": {
+                "message": {"type": "string", "minLength": 1, "maxLength": 2000},
+                "details": {"type": "array", "items": {"type": "object"}, "maxItems": 1000},
+            },
+        },
+    },
+}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gastown_cloud.desired import (
@@ -31,6 +31,8 @@ PATCH_VALUES = st.recursive(
     max_leaves=12,
 )
 PATCHES = st.dictionaries(KEYS, PATCH_VALUES, max_size=4)
+# No per-example deadline: a loaded machine must not turn a slow example into a failure.
+UNHURRIED = settings(deadline=None)
 
 
 def _has_null(value: Any) -> bool:
@@ -39,6 +41,7 @@ def _has_null(value: Any) -> bool:
     return False
 
 
+@UNHURRIED
 @given(OBJECTS, PATCHES)
 def test_merge_is_idempotent_and_drops_nulls(target: dict[str, Any], patch: dict[str, Any]) -> None:
     """Merging a patch twice equals merging it once; the result holds no null."""
@@ -47,6 +50,7 @@ def test_merge_is_idempotent_and_drops_nulls(target: dict[str, Any], patch: dict
     assert not _has_null(once)
 
 
+@UNHURRIED
 @given(OBJECTS, OBJECTS)
 def test_diff_turns_old_into_new(old: dict[str, Any], new: dict[str, Any]) -> None:
     """The diff, merged into `old`, gives `new`; equal objects give an empty diff."""
@@ -54,6 +58,7 @@ def test_diff_turns_old_into_new(old: dict[str, Any], new: dict[str, Any]) -> No
     assert diff_patch(new, new) == {}
 
 
+@UNHURRIED
 @given(OBJECTS, OBJECTS, PATCHES)
 def test_push_patch_takes_any_base_to_desired(
     base: dict[str, Any], old: dict[str, Any], patch: dict[str, Any]
@@ -63,6 +68,7 @@ def test_push_patch_takes_any_base_to_desired(
     assert merge_patch(base, push_patch(base, desired, patch)) == desired
 
 
+@UNHURRIED
 @given(OBJECTS, PATCHES)
 def test_push_patch_from_the_previous_state_is_the_patch(
     old: dict[str, Any], patch: dict[str, Any]

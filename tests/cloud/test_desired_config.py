@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import anyio
 import httpx
 import pytest
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from gastown_cloud.api_config import openapi_paths
 from gastown_cloud.app import create_app
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
@@ -85,14 +88,14 @@ class Cloud:
         )
 
 
-@pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
-    """The cloud app on a fresh store file, a short sandbox timeout, and a settable clock."""
+@asynccontextmanager
+async def serve_cloud(db: Path, *, sandbox_timeout: float) -> AsyncIterator[Cloud]:
+    """The cloud app in-process on the store file `db`, with a settable clock."""
     settings = CloudSettings(
         nextauth_secret=secrets.token_urlsafe(48),
         internal_api_key=secrets.token_urlsafe(24),
-        db=tmp_path / "cloud.db",
-        sandbox_timeout=1.0,
+        db=db,
+        sandbox_timeout=sandbox_timeout,
     )
     now = [NOW]
     async with Store(settings.db) as store:
@@ -100,9 +103,16 @@ async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
         transport = httpx.ASGITransport(app=app)
         headers = {"x-internal-api-key": settings.internal_api_key}
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://cloud", headers=headers, timeout=20
+            transport=transport, base_url="http://cloud", headers=headers, timeout=30
         ) as client:
             yield Cloud(client, settings, now)
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
+    """The cloud in-process on a fresh store, with the default 10 s push timeout."""
+    async with serve_cloud(tmp_path / "cloud.db", sandbox_timeout=10.0) as served:
+        yield served
 
 
 def _reply(status: int, body: dict[str, Any]) -> Response:
@@ -177,20 +187,21 @@ async def test_sandbox_5xx_keeps_the_change_pending(
 
 
 async def test_unreachable_and_hung_sandboxes_keep_the_change_pending(
-    cloud: Cloud, sandbox: StandIn
+    tmp_path: Path, sandbox: StandIn
 ) -> None:
-    """Nothing listening, or no answer within the push timeout: kept, 202 pending."""
-    gone = await cloud.town(closed_url())
-    answer = await cloud.patch(gone, ROLE)
-    assert answer.status_code == 202
-    assert answer.json()["reason"] == "sandbox_unreachable"
-    sandbox.hold = anyio.Event()  # released at teardown
-    hung = await cloud.town(sandbox.url)
-    answer = await cloud.patch(hung, ROLE)
-    assert answer.status_code == 202
-    assert answer.json()["reason"] == "sandbox_timeout"
-    for town in (gone, hung):
-        assert (await cloud.state(town))["desired"] == ROLE
+    """Nothing listening, or no answer within the push timeout (0.3 s here): kept, 202."""
+    async with serve_cloud(tmp_path / "cloud.db", sandbox_timeout=0.3) as cloud:
+        gone = await cloud.town(closed_url())
+        answer = await cloud.patch(gone, ROLE)
+        assert answer.status_code == 202
+        assert answer.json()["reason"] == "sandbox_unreachable"
+        sandbox.hold = anyio.Event()  # released at teardown
+        hung = await cloud.town(sandbox.url)
+        answer = await cloud.patch(hung, ROLE)
+        assert answer.status_code == 202
+        assert answer.json()["reason"] == "sandbox_timeout"
+        for town in (gone, hung):
+            assert (await cloud.state(town))["desired"] == ROLE
 
 
 @pytest.mark.parametrize("action", ["stop", "destroy"])
@@ -509,3 +520,30 @@ async def test_real_server_keeps_a_change_until_the_sandbox_reports(
     assert seen.status_code == 200
     assert (seen.json()["state"], seen.json()["revision"]) == ("applied", "r9")
     assert seen.json()["appliedAt"] is not None
+
+
+def test_openapi_paths_describe_exactly_these_routes(tmp_path: Path) -> None:
+    """The OpenAPI fragment for the cloud's document names every config route and no other,
+    and documents every status the tests above make these routes answer."""
+    town_path = "/api/gastown/towns/{town_id}"
+    paths = openapi_paths(town_path)
+    documented = {(m.upper(), path) for path, item in paths.items() for m in item}
+    settings = CloudSettings(nextauth_secret="s" * 40, internal_api_key="k" * 20, db=tmp_path / "x")
+    app = create_app(settings, Store(settings.db))
+    routed = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, Route) and route.path.startswith(town_path + "/config")
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    assert routed == documented
+    statuses = {
+        ("PATCH", "/config"): {200, 202, 400, 401, 404, 409, 412, 413, 415, 422},
+        ("GET", "/config"): {200, 304, 401, 403, 404},
+        ("POST", "/config/status"): {200, 400, 401, 403, 404, 409, 410},
+    }
+    for (method, suffix), seen in statuses.items():
+        assert seen <= {
+            int(code) for code in paths[town_path + suffix][method.lower()]["responses"]
+        }

@@ -316,3 +316,26 @@ async def test_desired_generations_and_reports(tmp_path: Path) -> None:
         assert stale == failed
         assert await store.get_config(town.id) == failed
         assert await store.get_config("nope") is None
+
+
+async def test_two_openers_at_once_migrate_once(tmp_path: Path) -> None:
+    """Two connections opening a first-release file at the same moment apply each migration
+    once between them (the second finds the version moved under its transaction)."""
+    path = tmp_path / "cloud.db"
+    shutil.copyfile(FIXTURE_V1, path)
+    before = _rows(path)
+    opened = anyio.Event()
+    with capture_logs() as logs:
+
+        async def open_and_wait() -> None:
+            async with Store(path):
+                await opened.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_and_wait)
+            tg.start_soon(open_and_wait)
+            await anyio.wait_all_tasks_blocked()
+            opened.set()
+    assert sorted(e["version"] for e in logs if e["event"] == "store_migrated") == [1, 2]
+    assert _user_version(path) == LATEST
+    assert _rows(path) == before
