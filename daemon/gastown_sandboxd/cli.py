@@ -1,7 +1,7 @@
 """The command line (CONTRACT §8): run, check, status, events, refresh, inspect-token, exec,
 token.
 
-Exit codes: 0 success, 1 a runtime failure, 2 bad usage or settings. Output into a closed pipe
+Exit codes: 0 success, 1 a runtime failure, 2 bad usage or options. Output into a closed pipe
 (`status | head -1`) ends quietly with exit 0: the reader had what it wanted.
 """
 
@@ -29,12 +29,12 @@ import anyio
 
 from gastown_sandboxd import __version__, agents
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.options import (
-    ClientSettings,
-    Settings,
-    load_client_settings,
-    load_settings,
+    ClientOptions,
+    Options,
+    load_client_options,
+    load_options,
 )
 from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
 from gastown_sandboxd.token.envfile import read_env_values
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gastown-sandboxd",
         description="Keeps a Gas Town sandbox's gateway token alive and applies the cloud's "
         "model configuration to gt's settings files.",
-        epilog="Exit codes: 0 success, 1 runtime failure, 2 bad usage or settings. "
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 bad usage or options. "
         "The internal API key is read from INTERNAL_API_KEY (or the TOML file), never a flag.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -185,7 +185,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML settings file (default /etc/gastown-sandboxd/config.toml when it exists)",
+        help="TOML options file (default /etc/gastown-sandboxd/config.toml when it exists)",
     )
 
 
@@ -212,7 +212,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     try:
         handler = _HANDLERS[args.command]
         return handler(args)
-    except SettingsError as exc:
+    except OptionsError as exc:
         for line in str(exc).splitlines():
             print(f"gastown-sandboxd: {line}", file=sys.stderr)
         return EXIT_USAGE
@@ -233,13 +233,13 @@ def _silence_stdout() -> None:
         pass
 
 
-def _client_settings(args: argparse.Namespace) -> ClientSettings:
+def _client_options(args: argparse.Namespace) -> ClientOptions:
     flags = {
         "socket": getattr(args, "socket", None),
         "env_file": getattr(args, "env_file", None),
         "town_id": getattr(args, "town_id", None),
     }
-    return load_client_settings(flags, config_file=args.config)
+    return load_client_options(flags, config_file=args.config)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -251,21 +251,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     flags["log_format"] = args.log_format
     flags["log_level"] = args.log_level
     # Before logging starts: bad options or folders end start-up with their lines alone.
-    settings = load_settings(flags, config_file=args.config, check_paths=True)
-    agents.check_shim_dir(settings.shim_dir)
-    check_free(settings.socket)
+    options = load_options(flags, config_file=args.config, check_paths=True)
+    agents.check_shim_dir(options.shim_dir)
+    check_free(options.socket)
     configure_logging(
-        format=settings.log_format,
-        level=settings.log_level,
-        secrets=[settings.internal_key.reveal()],
+        format=options.log_format,
+        level=options.log_level,
+        secrets=[options.internal_key.reveal()],
     )
 
-    def reload() -> Settings:
+    def reload() -> Options:
         # SIGHUP: the same flags and environment, the TOML file read again.
-        return load_settings(flags, config_file=args.config)
+        return load_options(flags, config_file=args.config)
 
     try:
-        anyio.run(functools.partial(run_daemon, settings, reload=reload))
+        anyio.run(functools.partial(run_daemon, options, reload=reload))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"gastown-sandboxd: cannot start: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -291,26 +291,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from gastown_sandboxd.ops.socket_lock import owner_pid
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
-    # Raises SettingsProblems with every problem: printed one per line, exit 2.
-    settings = load_settings(flags, config_file=args.config, check_paths=True)
-    pid = owner_pid(settings.socket)
+    # Raises OptionsProblems with every problem: printed one per line, exit 2.
+    options = load_options(flags, config_file=args.config, check_paths=True)
+    pid = owner_pid(options.socket)
     lines = [
-        f"ok: {settings.config_file or 'no TOML file'}; every option is valid",
-        f"town            {settings.town_id}",
-        f"cloud           {settings.cloud_url}",
-        f"town root       {settings.town_root}",
-        f"env file        {settings.env_file}",
-        f"listen          {settings.listen}",
-        f"socket          {settings.socket}"
+        f"ok: {options.config_file or 'no TOML file'}; every option is valid",
+        f"town            {options.town_id}",
+        f"cloud           {options.cloud_url}",
+        f"town root       {options.town_root}",
+        f"env file        {options.env_file}",
+        f"listen          {options.listen}",
+        f"socket          {options.socket}"
         + (f" (served by the running daemon, pid {pid})" if pid else ""),
-        f"hooks, signals  {len(settings.hooks)}, {len(settings.signals)}",
+        f"hooks, signals  {len(options.hooks)}, {len(options.signals)}",
     ]
     print("\n".join(lines))
     return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    with DaemonClient(_client_settings(args).socket) as client:
+    with DaemonClient(_client_options(args).socket) as client:
         status = client.get("/status")
     if args.json:
         print(json.dumps(status, indent=2))
@@ -358,7 +358,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     wanted = set(args.types or ())
     seen = 0
     _end_when_the_reader_leaves()
-    with DaemonClient(_client_settings(args).socket, timeout=None) as client:
+    with DaemonClient(_client_options(args).socket, timeout=None) as client:
         for event in client.events(last_event_id=args.last_event_id):
             if wanted and event.get("type") not in wanted:
                 continue
@@ -406,7 +406,7 @@ def _end_when_the_reader_leaves() -> None:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    with DaemonClient(_client_settings(args).socket, timeout=30.0) as client:
+    with DaemonClient(_client_options(args).socket, timeout=30.0) as client:
         answer = client.post("/token/refresh", ok=(200, 409, 502))
     if "error" in answer:
         print(f"gastown-sandboxd: refresh failed: {answer['message']}", file=sys.stderr)
@@ -416,11 +416,11 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    settings = _client_settings(args)
+    options = _client_options(args)
     source = args.file or str(
-        settings.env_file
-        if settings.env_file_given
-        else running_daemon_env_file(settings.socket) or settings.env_file
+        options.env_file
+        if options.env_file_given
+        else running_daemon_env_file(options.socket) or options.env_file
     )
     try:
         token = _read_token_source(source)
@@ -441,8 +441,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         report["claims"] = dataclasses.asdict(claims)
         # Whole seconds, rounded down: a token "expires in 0" only in its last second.
         report["expires_in"] = math.floor(claims.exp - now) if isinstance(claims.exp, int) else None
-    reasons = acceptability_reasons(token, town_id=settings.town_id or "", now=now)
-    if settings.town_id is None:
+    reasons = acceptability_reasons(token, town_id=options.town_id or "", now=now)
+    if options.town_id is None:
         reasons = [r for r in reasons if r != "wrong_town"]
     report["acceptable"] = not reasons
     report["reasons"] = reasons

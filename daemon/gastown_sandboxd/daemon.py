@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.agents import AgentKeeper, check_shim_dir
 from gastown_sandboxd.atomic import remove_stale_temporaries
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.events.bus import EventBus
 from gastown_sandboxd.events.notify import Notifier
 from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
@@ -31,7 +31,7 @@ from gastown_sandboxd.http.server import bind_tcp, bind_unix, describe, serve_so
 from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
 from gastown_sandboxd.ops.socket_lock import SocketLock
 from gastown_sandboxd.ops.systemd import SystemdNotifier
-from gastown_sandboxd.options import Settings, check_env_folder, check_town_root
+from gastown_sandboxd.options import Options, check_env_folder, check_town_root
 from gastown_sandboxd.token.cloud import CloudClient
 from gastown_sandboxd.token.envfile import read_token
 from gastown_sandboxd.token.refresher import TokenRefresher
@@ -46,82 +46,84 @@ RELOADABLE = frozenset({"hooks", "signals", "schedule", "agent_shims", "claude_h
 
 
 async def run_daemon(
-    settings: Settings,
+    options: Options,
     *,
     clock: Clock | None = None,
-    reload: Callable[[], Settings] | None = None,
+    reload: Callable[[], Options] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until SIGTERM or SIGINT (or cancellation); raises SettingsError before serving.
+    """Run until SIGTERM or SIGINT (or cancellation); raises OptionsError before serving.
 
     `reload` reads the options again on SIGHUP (without it, SIGHUP re-reads nothing and is
-    logged). A second daemon on the same socket raises `SocketInUse` (a SettingsError).
+    logged). A second daemon on the same socket raises `SocketInUse` (a OptionsError).
     """
-    check_town_root(settings.town_root)
-    check_env_folder(settings.env_file)
-    check_shim_dir(settings.shim_dir)
+    for deprecation in options.deprecations:
+        log.warning("option_deprecated", change=deprecation, config_file=str(options.config_file))
+    check_town_root(options.town_root)
+    check_env_folder(options.env_file)
+    check_shim_dir(options.shim_dir)
     clock = clock or SystemClock()
     systemd = SystemdNotifier()
     registry = CollectorRegistry()
     bus = EventBus()
     store = SettingsStore(
-        town_root=settings.town_root,
+        town_root=options.town_root,
         emit=bus.emit,
-        extra_presets=settings.extra_presets,
-        last_applied=LastApplied(state_dir=settings.state_dir, town_id=settings.town_id),
+        extra_presets=options.extra_presets,
+        last_applied=LastApplied(state_dir=options.state_dir, town_id=options.town_id),
     )
     desired_client = DesiredConfigClient(
-        base_url=settings.cloud_url,
-        internal_key=settings.internal_key.reveal(),
-        town_id=settings.town_id,
-        timeout=settings.refresh_timeout,
+        base_url=options.cloud_url,
+        internal_key=options.internal_key.reveal(),
+        town_id=options.town_id,
+        timeout=options.refresh_timeout,
     )
     config_sync = ConfigSync(
         store=store,
         source=desired_client,
-        bearer=lambda: read_token(settings.env_file),
+        bearer=lambda: read_token(options.env_file),
         clock=clock,
-        interval=settings.config_sync_interval,
+        interval=options.config_sync_interval,
     )
     client = CloudClient(
-        base_url=settings.cloud_url,
-        internal_key=settings.internal_key.reveal(),
-        town_id=settings.town_id,
-        timeout=settings.refresh_timeout,
+        base_url=options.cloud_url,
+        internal_key=options.internal_key.reveal(),
+        town_id=options.town_id,
+        timeout=options.refresh_timeout,
     )
     refresher = TokenRefresher(
-        town_id=settings.town_id,
-        env_file=settings.env_file,
+        town_id=options.town_id,
+        env_file=options.env_file,
         client=client,
         emit=bus.emit,
         clock=clock,
-        policy=settings.schedule,
+        policy=options.schedule,
         metrics=TokenMetrics(registry, on_state=systemd.report_state),
         on_cloud_recovered=config_sync.wake,
     )
     watcher = SettingsWatcher(
-        town_root=settings.town_root,
-        env_file=settings.env_file,
+        town_root=options.town_root,
+        env_file=options.env_file,
         folders=store.watched_folders,
         on_settings_change=store.reconcile_external,
         on_env_change=refresher.reload_env_file,
-        debounce_ms=settings.watch_debounce_ms,
-        step_ms=settings.watch_step_ms,
+        debounce_ms=options.watch_debounce_ms,
+        step_ms=options.watch_step_ms,
     )
     agents = AgentKeeper(
-        shim_dir=settings.shim_dir,
-        names=settings.agent_shims,
-        env_file=settings.env_file,
-        socket=settings.socket,
-        claude_helper_ttl=settings.claude_helper_ttl,
+        shim_dir=options.shim_dir,
+        names=options.agent_shims,
+        env_file=options.env_file,
+        socket=options.socket,
+        claude_helper_ttl=options.claude_helper_ttl,
     )
-    notifier = Notifier(bus=bus, hooks=settings.hooks, signals=settings.signals)
+    notifier = Notifier(bus=bus, hooks=options.hooks, signals=options.signals)
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
     ctx = ApiContext(
-        town_id=settings.town_id,
-        cloud_url=settings.cloud_url,
-        env_file=settings.env_file,
-        town_root=settings.town_root,
+        town_id=options.town_id,
+        cloud_url=options.cloud_url,
+        env_file=options.env_file,
+        town_root=options.town_root,
         refresher=refresher,
         store=store,
         bus=bus,
@@ -131,14 +133,14 @@ async def run_daemon(
         patch_counter=metrics.config_patches,
         sse_clients=metrics.sse_clients,
         config_sync=config_sync,
-        shim_dir=settings.shim_dir,
+        shim_dir=options.shim_dir,
     )
-    lock = SocketLock(settings.socket)
+    lock = SocketLock(options.socket)
     lock.acquire()
     try:
-        tcp = bind_tcp(settings.listen)
+        tcp = bind_tcp(options.listen)
         try:
-            unix = bind_unix(settings.socket)
+            unix = bind_unix(options.socket)
         except OSError:
             tcp.close()
             raise
@@ -146,9 +148,9 @@ async def run_daemon(
         lock.release()
         raise
     shutdown = anyio.Event()
-    current = [settings]
+    current = [options]
 
-    def apply(new: Settings) -> None:
+    def apply(new: Options) -> None:
         notifier.reconfigure(new.hooks, new.signals)
         refresher.set_policy(new.schedule)
         agents.update(names=new.agent_shims, claude_helper_ttl=new.claude_helper_ttl)
@@ -160,7 +162,7 @@ async def run_daemon(
         await tg.start(_reload_on_signal, lambda: current[0], reload, apply)
         await store.load()
         await anyio.to_thread.run_sync(
-            _remove_stale_temporaries, settings.env_file, store.watched_folders()
+            _remove_stale_temporaries, options.env_file, store.watched_folders()
         )
         await tg.start(refresher.run)
         await tg.start(agents.run)
@@ -169,13 +171,13 @@ async def run_daemon(
         await tg.start(systemd.run_watchdog)
         async with anyio.create_task_group() as servers:
             for app, sock in (
-                (create_app(ctx, key=settings.internal_key.reveal()), tcp),
+                (create_app(ctx, key=options.internal_key.reveal()), tcp),
                 (create_app(ctx, key=None), unix),
             ):
                 log.info("api_listening", address=describe(sock))
                 servers.start_soon(serve_socket, app, sock, shutdown)
             systemd.notify("READY=1", f"STATUS=serving; token {refresher.status().state}")
-            log.info("daemon_ready", town_id=settings.town_id, state=refresher.status().state)
+            log.info("daemon_ready", town_id=options.town_id, state=refresher.status().state)
             task_status.started()
             # Converge at start, once serving: the first sync waits for the cloud.
             await tg.start(config_sync.run)
@@ -212,9 +214,9 @@ async def _stop_on_signal(
 
 
 async def _reload_on_signal(
-    current: Callable[[], Settings],
-    reload: Callable[[], Settings] | None,
-    apply: Callable[[Settings], None],
+    current: Callable[[], Options],
+    reload: Callable[[], Options] | None,
+    apply: Callable[[Options], None],
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -230,7 +232,7 @@ async def _reload_on_signal(
 
 
 async def reload_options(
-    old: Settings, reload: Callable[[], Settings] | None, apply: Callable[[Settings], None]
+    old: Options, reload: Callable[[], Options] | None, apply: Callable[[Options], None]
 ) -> bool:
     """Read the options with `reload` and `apply` them; a bad file is logged and refused."""
     if reload is None:
@@ -238,7 +240,7 @@ async def reload_options(
         return False
     try:
         new = await anyio.to_thread.run_sync(reload)
-    except SettingsError as exc:
+    except OptionsError as exc:
         # The old options stay: one bad edit must not take hooks away from a running daemon.
         log.error(
             "options_reload_refused",
@@ -248,7 +250,7 @@ async def reload_options(
         return False
     restart = sorted(
         field.name
-        for field in dataclasses.fields(Settings)
+        for field in dataclasses.fields(Options)
         if field.name not in RELOADABLE and getattr(new, field.name) != getattr(old, field.name)
     )
     apply(new)

@@ -1,8 +1,8 @@
 """Every error the daemon raises on purpose.
 
 GastownError
-├── SettingsError          a missing or bad setting: exit 2, one line naming it
-│   └── SettingsProblems       every problem found in one pass, one line each
+├── OptionsError          a missing or bad setting: exit 2, one line naming it
+│   └── OptionsProblems       every problem found in one pass, one line each
 ├── TokenError             a token that is not acceptable (carries every reason)
 ├── RefreshError           the cloud did not give an acceptable token
 ├── ConfigError            a PATCH /config or a settings file that cannot be used
@@ -26,7 +26,7 @@ class GastownError(Exception):
     """Base class of every error raised on purpose by gastown_sandboxd."""
 
 
-class SettingsError(GastownError):
+class OptionsError(GastownError):
     """A setting is missing or bad; `str()` is the one line printed before exit 2."""
 
     def __init__(self, setting: str, problem: str, fix: str) -> None:
@@ -36,12 +36,12 @@ class SettingsError(GastownError):
         super().__init__(f"setting {setting}: {problem}; {fix}")
 
 
-class SettingsProblems(SettingsError):
+class OptionsProblems(OptionsError):
     """Every missing or bad setting found in one pass; `str()` is one line per problem."""
 
-    def __init__(self, problems: Sequence[SettingsError]) -> None:
+    def __init__(self, problems: Sequence[OptionsError]) -> None:
         if not problems:
-            raise ValueError("SettingsProblems needs at least one problem")
+            raise ValueError("OptionsProblems needs at least one problem")
         self.problems = tuple(problems)
         first = self.problems[0]
         super().__init__(first.setting, first.problem, first.fix)

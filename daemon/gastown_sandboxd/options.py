@@ -1,6 +1,6 @@
-"""The daemon's settings: flag > environment > TOML file > default (CONTRACT §2).
+"""The daemon's own options: flag > environment > TOML file > default (CONTRACT §2).
 
-`load_settings` returns a frozen `Settings` or raises `SettingsProblems` naming every missing or
+`load_options` returns a frozen `Options` or raises `OptionsProblems` naming every missing or
 bad setting found (one line each, printed before exit 2): the loader collects problems rather
 than stopping at the first. Secrets are `Secret` values that never show in `repr` or `str`.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from gastown_sandboxd.errors import SettingsError, SettingsProblems
+from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.events import notify
 from gastown_sandboxd.events.bus import EVENT_TYPES
 from gastown_sandboxd.events.notify import HookSpec, SignalSpec
@@ -30,13 +30,13 @@ _T = TypeVar("_T")
 
 
 class _Problems:
-    """Collects `SettingsError`s so that one pass reports every bad setting."""
+    """Collects `OptionsError`s so that one pass reports every bad setting."""
 
     def __init__(self) -> None:
-        self.found: list[SettingsError] = []
+        self.found: list[OptionsError] = []
 
-    def add(self, error: SettingsError) -> None:
-        if isinstance(error, SettingsProblems):
+    def add(self, error: OptionsError) -> None:
+        if isinstance(error, OptionsProblems):
             self.found.extend(error.problems)
         else:
             self.found.append(error)
@@ -45,13 +45,13 @@ class _Problems:
         """`read()`, or `fallback` with its problem noted."""
         try:
             return read()
-        except SettingsError as exc:
+        except OptionsError as exc:
             self.add(exc)
             return fallback
 
     def raise_any(self) -> None:
         if self.found:
-            raise SettingsProblems(self.found)
+            raise OptionsProblems(self.found)
 
 
 class Secret:
@@ -90,8 +90,8 @@ class Listen:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
-    """Everything the daemon needs to run; build it with `load_settings`."""
+class Options:
+    """Everything the daemon needs to run; build it with `load_options`."""
 
     town_id: str
     cloud_url: str
@@ -105,6 +105,8 @@ class Settings:
     hooks: tuple[HookSpec, ...] = ()
     signals: tuple[SignalSpec, ...] = ()
     extra_presets: tuple[str, ...] = ()
+    # Old spellings still read, each a sentence the daemon logs at start.
+    deprecations: tuple[str, ...] = ()
     watch_debounce_ms: int = 50
     watch_step_ms: int = 10
     log_format: str = "auto"
@@ -118,7 +120,7 @@ class Settings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClientSettings:
+class ClientOptions:
     """What the client commands (`status`, `events`, `refresh`, `exec`) need."""
 
     socket: Path
@@ -135,11 +137,11 @@ def parse_duration(value: object, *, setting: str) -> float:
     try:
         seconds = notify.parse_duration(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SettingsError(
+        raise OptionsError(
             setting, f"{value!r} is not a duration", 'write it like "30s" or "500ms"'
         ) from None
     if seconds <= 0:
-        raise SettingsError(setting, "must be positive", 'write it like "30s"')
+        raise OptionsError(setting, "must be positive", 'write it like "30s"')
     return seconds
 
 
@@ -147,11 +149,11 @@ def parse_listen(value: str, *, setting: str = "listen (GASTOWN_SANDBOXD_LISTEN)
     """`HOST:PORT` or `[V6]:PORT` into a `Listen`."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\s]+):(\d+)", value.strip())
     if match is None:
-        raise SettingsError(setting, f"{value!r} is not HOST:PORT", "write it like 127.0.0.1:8080")
+        raise OptionsError(setting, f"{value!r} is not HOST:PORT", "write it like 127.0.0.1:8080")
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))
     if port > 65535:
-        raise SettingsError(setting, f"port {port} is out of range", "use a port up to 65535")
+        raise OptionsError(setting, f"port {port} is out of range", "use a port up to 65535")
     return Listen(host, port)
 
 
@@ -188,25 +190,25 @@ def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any]
         with path.open("rb") as handle:
             return tomllib.load(handle), path
     except FileNotFoundError:
-        raise SettingsError("--config", f"{path} does not exist", "give an existing file") from None
+        raise OptionsError("--config", f"{path} does not exist", "give an existing file") from None
     except OSError as exc:
-        raise SettingsError(
+        raise OptionsError(
             "--config", f"cannot read {path}: {exc.strerror}", "fix its permissions"
         ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(
+        raise OptionsError(
             "--config", f"{path} is not valid TOML ({exc})", "fix the file"
         ) from None
 
 
-def load_settings(
+def load_options(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
     *,
     check_paths: bool = False,
-) -> Settings:
-    """Resolve every setting; raise `SettingsProblems` naming every missing or bad one.
+) -> Options:
+    """Resolve every setting; raise `OptionsProblems` naming every missing or bad one.
 
     `check_paths` also checks the folders the daemon needs (town root, env file's folder).
     """
@@ -222,11 +224,16 @@ def load_settings(
     empty: Mapping[str, Any] = {}
     refresh = problems.take(lambda: _table(toml, "refresh"), empty)
     watcher = problems.take(lambda: _table(toml, "watcher"), empty)
-    config = problems.take(lambda: _table(toml, "config"), empty)
+    presets = problems.take(lambda: _table(toml, "presets"), empty)
+    # `[config] extra_presets` was the table's first name ("config" also names gt's files).
+    legacy = problems.take(lambda: _table(toml, "config"), empty)
+    deprecations: list[str] = []
+    if legacy:
+        deprecations.append("[config] extra_presets is now [presets] extra")
     config_sync = problems.take(lambda: _table(toml, "config_sync"), empty)
     for unknown in sorted(set(config_sync) - {"interval"}):
         problems.add(
-            SettingsError(f"config_sync.{unknown}", "is not a setting", "only interval can be set")
+            OptionsError(f"config_sync.{unknown}", "is not a setting", "only interval can be set")
         )
     state_dir = problems.take(
         lambda: pick.text("state_dir", ("GASTOWN_SANDBOXD_STATE_DIR",), setting="state_dir"), None
@@ -234,7 +241,7 @@ def load_settings(
     agents = problems.take(lambda: _table(toml, "agents"), empty)
     for unknown in sorted(set(agents) - {"shims", "shim_dir", "claude_helper_ttl"}):
         problems.add(
-            SettingsError(
+            OptionsError(
                 f"agents.{unknown}", "is not a setting", "use shims, shim_dir or claude_helper_ttl"
             )
         )
@@ -254,16 +261,18 @@ def load_settings(
         backoff_max=duration(refresh, "backoff_max", defaults.backoff_max, "refresh.backoff_max"),
         max_sleep=duration(refresh, "max_sleep", defaults.max_sleep, "refresh.max_sleep"),
     )
-    extra = config.get("extra_presets", [])
+    for table, known, name in ((presets, "extra", "presets"), (legacy, "extra_presets", "config")):
+        for unknown in sorted(set(table) - {known}):
+            problems.add(OptionsError(f"{name}.{unknown}", "is not a setting", f"only {known}"))
+    extra_setting = "presets.extra" if "extra" in presets or not legacy else "config.extra_presets"
+    extra = presets.get("extra", legacy.get("extra_presets", []))
     if not isinstance(extra, list) or not all(isinstance(x, str) and x for x in extra):
         problems.add(
-            SettingsError(
-                "config.extra_presets", "must be a list of agent names", 'write ["name", …]'
-            )
+            OptionsError(extra_setting, "must be a list of agent names", 'write ["name", …]')
         )
         extra = []
 
-    settings = Settings(
+    options = Options(
         town_id=town_id,
         cloud_url=cloud_url.rstrip("/"),
         internal_key=Secret(key),
@@ -276,6 +285,7 @@ def load_settings(
         hooks=tuple(_hooks(toml.get("hooks", []), problems)),
         signals=tuple(_signals(toml.get("signals", []), env, problems)),
         extra_presets=tuple(extra),
+        deprecations=tuple(deprecations),
         watch_debounce_ms=problems.take(lambda: _millis(watcher, "debounce", 50), 50),
         watch_step_ms=problems.take(lambda: _millis(watcher, "step", 10), 10),
         log_format=problems.take(
@@ -304,20 +314,20 @@ def load_settings(
         ),
     )
     if check_paths:
-        problems.take(lambda: check_town_root(settings.town_root), None)
-        problems.take(lambda: check_env_folder(settings.env_file), None)
+        problems.take(lambda: check_town_root(options.town_root), None)
+        problems.take(lambda: check_env_folder(options.env_file), None)
     problems.raise_any()
-    return settings
+    return options
 
 
 def _town_id(pick: _Picker) -> str:
     town_id = pick.text("town_id", ("TOWN_ID",), setting="town id (TOWN_ID)")
     if town_id is None or not town_id.strip():
-        raise SettingsError(
+        raise OptionsError(
             "town id (TOWN_ID)", "is missing", "set TOWN_ID or town_id in the TOML file"
         )
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", town_id):
-        raise SettingsError(
+        raise OptionsError(
             "town id (TOWN_ID)", "has characters outside A-Z a-z 0-9 _ . : -", "fix TOWN_ID"
         )
     return town_id
@@ -328,12 +338,12 @@ def _cloud_url(pick: _Picker) -> str:
         "cloud_url", ("CLOUD_API_URL", "KILO_API_URL"), setting="cloud URL (CLOUD_API_URL)"
     )
     if not cloud_url:
-        raise SettingsError(
+        raise OptionsError(
             "cloud URL (CLOUD_API_URL)", "is missing", "set CLOUD_API_URL or KILO_API_URL"
         )
     parts = urlsplit(cloud_url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise SettingsError(
+        raise OptionsError(
             "cloud URL (CLOUD_API_URL)",
             f"{cloud_url!r} is not an http(s) URL",
             "write it like https://app.kilo.ai",
@@ -346,11 +356,11 @@ def _internal_key(pick: _Picker) -> str:
         "internal_api_key", ("INTERNAL_API_KEY",), setting="internal API key (INTERNAL_API_KEY)"
     )
     if not key:
-        raise SettingsError(
+        raise OptionsError(
             "internal API key (INTERNAL_API_KEY)", "is missing", "set INTERNAL_API_KEY"
         )
     if len(key) < MIN_KEY_LENGTH:
-        raise SettingsError(
+        raise OptionsError(
             "internal API key (INTERNAL_API_KEY)",
             f"is shorter than {MIN_KEY_LENGTH} characters",
             "use the key the cloud was given",
@@ -359,21 +369,21 @@ def _internal_key(pick: _Picker) -> str:
 
 
 def check_town_root(path: Path) -> None:
-    """The town root must be a folder the daemon can read and enter; else `SettingsError`."""
+    """The town root must be a folder the daemon can read and enter; else `OptionsError`."""
     try:
         is_folder = path.is_dir()
     except OSError as exc:  # a folder above it that the daemon may not enter (EACCES)
-        raise SettingsError(
+        raise OptionsError(
             "town root (GT_TOWN_ROOT)",
             f"{path} cannot be reached ({exc.strerror})",
             "give the daemon's user access to the folders above it",
         ) from None
     if not is_folder:
-        raise SettingsError(
+        raise OptionsError(
             "town root (GT_TOWN_ROOT)", f"{path} is not a folder", "create it or set GT_TOWN_ROOT"
         )
     if not os.access(path, os.R_OK | os.X_OK):
-        raise SettingsError(
+        raise OptionsError(
             "town root (GT_TOWN_ROOT)",
             f"{path} cannot be read",
             "give the daemon's user read access",
@@ -391,29 +401,29 @@ def check_env_folder(env_file: Path) -> None:
     try:
         is_folder = folder.is_dir()
     except OSError as exc:
-        raise SettingsError(
+        raise OptionsError(
             setting,
             f"its folder {folder} cannot be reached ({exc.strerror})",
             "give the daemon's user access to the folders above it",
         ) from None
     if not is_folder:
-        raise SettingsError(
+        raise OptionsError(
             setting,
             f"its folder {folder} does not exist",
             f"create it (mkdir -p {folder}) or set GASTOWN_ENV_FILE",
         )
 
 
-def load_client_settings(
+def load_client_options(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
-) -> ClientSettings:
+) -> ClientOptions:
     """The subset the client commands need; nothing here is required."""
     problems = _Problems()
     pick, _ = _Picker.load(flags, env, config_file, problems)
     key = pick.text("internal_api_key", ("INTERNAL_API_KEY",))
-    settings = ClientSettings(
+    options = ClientOptions(
         socket=pick.socket(),
         env_file=pick.env_file(),
         town_id=pick.text("town_id", ("TOWN_ID",)),
@@ -422,7 +432,7 @@ def load_client_settings(
         env_file_given=pick.text("env_file", ("GASTOWN_ENV_FILE",)) is not None,
     )
     problems.raise_any()
-    return settings
+    return options
 
 
 _TOP_KEYS = frozenset(
@@ -439,6 +449,7 @@ _TOP_KEYS = frozenset(
         "refresh",
         "watcher",
         "config",
+        "presets",
         "hooks",
         "signals",
         "state_dir",
@@ -451,9 +462,9 @@ _TOP_KEYS = frozenset(
 def _check_keys(toml: Mapping[str, Any]) -> None:
     unknown = sorted(set(toml) - _TOP_KEYS)
     if unknown:
-        raise SettingsProblems(
+        raise OptionsProblems(
             [
-                SettingsError(
+                OptionsError(
                     f"--config key {name!r}",
                     "is not a setting",
                     "see config/gastown-sandboxd.example.toml",
@@ -500,7 +511,7 @@ class _Picker:
         if value is None:
             return default_shim_dir(self.env)
         if not isinstance(value, str) or not value:
-            raise SettingsError(
+            raise OptionsError(
                 "agents.shim_dir", "must be a folder path", 'write shim_dir = "/path/to/bin"'
             )
         return _expand(value, self.env)
@@ -527,7 +538,7 @@ class _Picker:
             return None
         if not isinstance(value, str):
             self.problems.add(
-                SettingsError(setting or name, "must be a string", f"quote {name} in the TOML file")
+                OptionsError(setting or name, "must be a string", f"quote {name} in the TOML file")
             )
             return None
         return value
@@ -546,9 +557,7 @@ def _expand(value: str, env: Mapping[str, str]) -> Path:
 def _table(toml: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = toml.get(name, {})
     if not isinstance(value, dict):
-        raise SettingsError(
-            f"[{name}]", "must be a table", f"write it as [{name}] in the TOML file"
-        )
+        raise OptionsError(f"[{name}]", "must be a table", f"write it as [{name}] in the TOML file")
     return value
 
 
@@ -557,7 +566,7 @@ def _agent_names(agents: Mapping[str, Any]) -> tuple[str, ...]:
     if not isinstance(names, list) or not all(
         isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", n) for n in names
     ):
-        raise SettingsError(
+        raise OptionsError(
             "agents.shims", "must be a list of command names", 'write ["claude", "codex"]'
         )
     return tuple(dict.fromkeys(names))
@@ -566,7 +575,7 @@ def _agent_names(agents: Mapping[str, Any]) -> tuple[str, ...]:
 def _fraction(table: Mapping[str, Any], name: str, default: float) -> float:
     value = table.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise SettingsError(
+        raise OptionsError(
             f"refresh.{name}", f"{value!r} is not a fraction in [0, 1)", "use e.g. 0.5"
         )
     return float(value)
@@ -580,7 +589,7 @@ def _millis(table: Mapping[str, Any], name: str, default: int) -> int:
 
 def _choice(value: str, setting: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
-        raise SettingsError(
+        raise OptionsError(
             setting,
             f"{value!r} is not one of {', '.join(allowed)}",
             f"use one of {', '.join(allowed)}",
@@ -590,12 +599,12 @@ def _choice(value: str, setting: str, allowed: Sequence[str]) -> str:
 
 def _events(value: object, setting: str) -> frozenset[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise SettingsError(
+        raise OptionsError(
             setting, "must be a non-empty list of event types", 'write ["token.refreshed"]'
         )
     unknown = sorted(set(value) - EVENT_TYPES)
     if unknown:
-        raise SettingsError(
+        raise OptionsError(
             setting,
             f"{unknown[0]!r} is not an event type",
             "use " + ", ".join(sorted(EVENT_TYPES)),
@@ -607,14 +616,14 @@ def _hooks(value: object, problems: _Problems) -> list[HookSpec]:
     """Every well-formed hook; each bad entry is noted in `problems`."""
     if not isinstance(value, list):
         problems.add(
-            SettingsError("hooks", "must be an array of tables", "write [[hooks]] sections")
+            OptionsError("hooks", "must be an array of tables", "write [[hooks]] sections")
         )
         return []
     hooks: list[HookSpec] = []
     for index, item in enumerate(value):
         try:
             hooks.append(_hook(index, item))
-        except SettingsError as exc:
+        except OptionsError as exc:
             problems.add(exc)
     return hooks
 
@@ -622,14 +631,14 @@ def _hooks(value: object, problems: _Problems) -> list[HookSpec]:
 def _hook(index: int, item: object) -> HookSpec:
     where = f"hooks[{index}]"
     if not isinstance(item, dict):
-        raise SettingsError(where, "must be a table", "write a [[hooks]] section")
+        raise OptionsError(where, "must be a table", "write a [[hooks]] section")
     command = item.get("command")
     if (
         not isinstance(command, list)
         or not command
         or not all(isinstance(c, str) and c for c in command)
     ):
-        raise SettingsError(
+        raise OptionsError(
             f"{where}.command",
             "must be a non-empty argv list",
             'write ["/path/to/hook", "arg"]',
@@ -646,14 +655,14 @@ def _signals(value: object, env: Mapping[str, str], problems: _Problems) -> list
     """Every well-formed signal entry; each bad entry is noted in `problems`."""
     if not isinstance(value, list):
         problems.add(
-            SettingsError("signals", "must be an array of tables", "write [[signals]] sections")
+            OptionsError("signals", "must be an array of tables", "write [[signals]] sections")
         )
         return []
     specs: list[SignalSpec] = []
     for index, item in enumerate(value):
         try:
             specs.append(_signal(index, item, env))
-        except SettingsError as exc:
+        except OptionsError as exc:
             problems.add(exc)
     return specs
 
@@ -661,15 +670,15 @@ def _signals(value: object, env: Mapping[str, str], problems: _Problems) -> list
 def _signal(index: int, item: object, env: Mapping[str, str]) -> SignalSpec:
     where = f"signals[{index}]"
     if not isinstance(item, dict):
-        raise SettingsError(where, "must be a table", "write a [[signals]] section")
+        raise OptionsError(where, "must be a table", "write a [[signals]] section")
     pid_file = item.get("pid_file")
     if not isinstance(pid_file, str) or not pid_file:
-        raise SettingsError(f"{where}.pid_file", "is missing", "name the pid file to read")
+        raise OptionsError(f"{where}.pid_file", "is missing", "name the pid file to read")
     name = item.get("signal", "SIGHUP")
     try:
         signum = notify.parse_signal(name)
     except ValueError:
-        raise SettingsError(
+        raise OptionsError(
             f"{where}.signal", f"{name!r} is not a signal", 'write e.g. "SIGHUP"'
         ) from None
     return SignalSpec(

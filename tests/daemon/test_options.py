@@ -1,4 +1,4 @@
-"""Settings: precedence, defaults, and one clear line for every missing or bad value."""
+"""Options: precedence, defaults, and one clear line for every missing or bad value."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.errors import SettingsError, SettingsProblems
+from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.options import (
     Listen,
     Secret,
-    load_client_settings,
-    load_settings,
+    load_client_options,
+    load_options,
     parse_duration,
     parse_listen,
 )
@@ -36,7 +36,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_follow_the_contract() -> None:
     """With only the required variables, every default is the contract's."""
-    settings = load_settings({}, dict(BASE_ENV), None)
+    settings = load_options({}, dict(BASE_ENV), None)
     assert settings.town_root == Path("/home/gt/gt")
     assert settings.env_file == Path("/home/gt/.env.gateway")
     assert settings.listen == Listen("127.0.0.1", 8080)
@@ -51,7 +51,7 @@ def test_defaults_follow_the_contract() -> None:
 
 def test_socket_defaults_to_the_runtime_dir() -> None:
     """XDG_RUNTIME_DIR, when set, holds the socket."""
-    settings = load_settings({}, {**BASE_ENV, "XDG_RUNTIME_DIR": "/run/user/1000"}, None)
+    settings = load_options({}, {**BASE_ENV, "XDG_RUNTIME_DIR": "/run/user/1000"}, None)
     assert settings.socket == Path("/run/user/1000/gastown-sandboxd.sock")
 
 
@@ -61,7 +61,7 @@ def test_flag_beats_environment_beats_toml(tmp_path: Path) -> None:
         tmp_path, 'town_root = "/from/toml"\nenv_file = "/toml/env"\nlisten = "0.0.0.0:1"\n'
     )
     env = {**BASE_ENV, "GT_TOWN_ROOT": "/from/env", "GASTOWN_SANDBOXD_LISTEN": "127.0.0.1:9"}
-    settings = load_settings({"town_root": "/from/flag"}, env, config)
+    settings = load_options({"town_root": "/from/flag"}, env, config)
     assert settings.town_root == Path("/from/flag")
     assert settings.listen == Listen("127.0.0.1", 9)
     assert settings.env_file == Path("/toml/env")
@@ -72,7 +72,7 @@ def test_fallback_environment_names() -> None:
     """KILO_API_URL and GT_ROOT serve when CLOUD_API_URL and GT_TOWN_ROOT are unset."""
     env = {k: v for k, v in BASE_ENV.items() if k != "CLOUD_API_URL"}
     env |= {"KILO_API_URL": "https://kilo.example/", "GT_ROOT": "/srv/town"}
-    settings = load_settings({}, env, None)
+    settings = load_options({}, env, None)
     assert settings.cloud_url == "https://kilo.example"
     assert settings.town_root == Path("/srv/town")
 
@@ -92,9 +92,9 @@ def test_fallback_environment_names() -> None:
     ],
 )
 def test_bad_or_missing_values_name_the_setting(env_change: dict[str, str], named: str) -> None:
-    """Each bad value raises SettingsError whose one line names the setting."""
-    with pytest.raises(SettingsError) as caught:
-        load_settings({}, {**BASE_ENV, **env_change}, None)
+    """Each bad value raises OptionsError whose one line names the setting."""
+    with pytest.raises(OptionsError) as caught:
+        load_options({}, {**BASE_ENV, **env_change}, None)
     line = str(caught.value)
     assert named in line
     assert "\n" not in line
@@ -120,15 +120,15 @@ def test_bad_or_missing_values_name_the_setting(env_change: dict[str, str], name
 )
 def test_bad_toml_names_the_setting(tmp_path: Path, toml: str, named: str) -> None:
     """A bad TOML value is reported by its key."""
-    with pytest.raises(SettingsError) as caught:
-        load_settings({}, dict(BASE_ENV), write(tmp_path, toml))
+    with pytest.raises(OptionsError) as caught:
+        load_options({}, dict(BASE_ENV), write(tmp_path, toml))
     assert named in str(caught.value)
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     """--config naming a file that does not exist is a settings error."""
-    with pytest.raises(SettingsError, match="does not exist"):
-        load_settings({}, dict(BASE_ENV), tmp_path / "absent.toml")
+    with pytest.raises(OptionsError, match="does not exist"):
+        load_options({}, dict(BASE_ENV), tmp_path / "absent.toml")
 
 
 def test_hooks_and_signals_from_toml(tmp_path: Path) -> None:
@@ -146,11 +146,11 @@ pid_file = "~/gt/daemon.pid"
 signal = "USR1"
 events = ["config.changed"]
 
-[config]
-extra_presets = ["house-model"]
+[presets]
+extra = ["house-model"]
 """,
     )
-    settings = load_settings({}, dict(BASE_ENV), config)
+    settings = load_options({}, dict(BASE_ENV), config)
     (hook,) = settings.hooks
     assert hook.command == ("/bin/echo", "hi")
     assert hook.timeout == 0.5
@@ -159,11 +159,24 @@ extra_presets = ["house-model"]
     assert spec.pid_file == Path("/home/gt/gt/daemon.pid")
     assert spec.signal == signal.SIGUSR1
     assert settings.extra_presets == ("house-model",)
+    assert settings.deprecations == ()
+
+
+def test_the_presets_table_old_name_is_still_read_with_a_deprecation(tmp_path: Path) -> None:
+    """`[config] extra_presets` (the table's first name) still works and says it is deprecated."""
+    config = write(tmp_path, '[config]\nextra_presets = ["house-model"]\n')
+    options = load_options({}, dict(BASE_ENV), config)
+    assert options.extra_presets == ("house-model",)
+    assert options.deprecations == ("[config] extra_presets is now [presets] extra",)
+    bad = write(tmp_path, "[config]\nextra_presets = 5\n[presets]\nother = 1\n")
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, dict(BASE_ENV), bad)
+    assert [p.setting for p in caught.value.problems] == ["presets.other", "config.extra_presets"]
 
 
 def test_secret_never_shows() -> None:
     """The key is hidden in repr and str of the settings."""
-    settings = load_settings({}, dict(BASE_ENV), None)
+    settings = load_options({}, dict(BASE_ENV), None)
     assert KEY not in repr(settings)
     assert KEY not in str(settings.internal_key)
     assert settings.internal_key.reveal() == KEY
@@ -187,7 +200,7 @@ def test_parse_listen_ipv6() -> None:
 
 def test_client_settings_need_nothing() -> None:
     """The client commands work with no required setting present."""
-    settings = load_client_settings({}, {"HOME": "/home/gt"}, None)
+    settings = load_client_options({}, {"HOME": "/home/gt"}, None)
     assert settings.town_id is None
     assert settings.internal_key is None
     assert settings.socket == Path("/home/gt/.gastown-sandboxd.sock")
@@ -222,8 +235,8 @@ def test_every_problem_is_collected_in_one_pass(tmp_path: Path) -> None:
         '[[hooks]]\nevents = ["token.refreshed"]\ncommand = []\n',
     )
     env = {**BASE_ENV, "INTERNAL_API_KEY": "k3y-t00-brief", "GASTOWN_SANDBOXD_LISTEN": "nowhere"}
-    with pytest.raises(SettingsProblems) as caught:
-        load_settings({}, env, config)
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, env, config)
     settings = [problem.setting for problem in caught.value.problems]
     assert settings == [
         "--config key 'surprise'",
@@ -244,8 +257,8 @@ def test_an_unreadable_toml_file_is_one_problem_among_others(tmp_path: Path) -> 
     """A broken TOML file does not hide a missing TOWN_ID."""
     config = write(tmp_path, 'town_root = "unterminated\n')
     env = {k: v for k, v in BASE_ENV.items() if k != "TOWN_ID"}
-    with pytest.raises(SettingsProblems) as caught:
-        load_settings({}, env, config)
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, env, config)
     assert [p.setting for p in caught.value.problems] == ["--config", "town id (TOWN_ID)"]
 
 
@@ -256,9 +269,9 @@ def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
         "GT_TOWN_ROOT": str(tmp_path / "no-town"),
         "GASTOWN_ENV_FILE": str(tmp_path / "no-folder" / ".env.gateway"),
     }
-    assert load_settings({}, env, None).env_file.parent == tmp_path / "no-folder"
-    with pytest.raises(SettingsProblems) as caught:
-        load_settings({}, env, None, check_paths=True)
+    assert load_options({}, env, None).env_file.parent == tmp_path / "no-folder"
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, env, None, check_paths=True)
     lines = str(caught.value).splitlines()
     assert len(lines) == 2
     assert "GT_TOWN_ROOT" in lines[0]
@@ -268,10 +281,10 @@ def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
 
 def test_state_folder_and_sync_interval_defaults() -> None:
     """The state folder is under ~/.local/state, or XDG_STATE_HOME; the sync every 5 min."""
-    settings = load_settings({}, dict(BASE_ENV), None)
+    settings = load_options({}, dict(BASE_ENV), None)
     assert settings.state_dir == Path("/home/gt/.local/state/gastown-sandboxd")
     assert settings.config_sync_interval == 300.0
-    xdg = load_settings({}, {**BASE_ENV, "XDG_STATE_HOME": "/var/state"}, None)
+    xdg = load_options({}, {**BASE_ENV, "XDG_STATE_HOME": "/var/state"}, None)
     assert xdg.state_dir == Path("/var/state/gastown-sandboxd")
 
 
@@ -279,9 +292,9 @@ def test_state_folder_flag_beats_environment_beats_toml(tmp_path: Path) -> None:
     """--state-dir, then GASTOWN_SANDBOXD_STATE_DIR, then TOML state_dir (with ~ expanded)."""
     config = write(tmp_path, 'state_dir = "~/toml-state"\n[config_sync]\ninterval = "90s"\n')
     env = {**BASE_ENV, "GASTOWN_SANDBOXD_STATE_DIR": "/env/state"}
-    assert load_settings({}, dict(BASE_ENV), config).state_dir == Path("/home/gt/toml-state")
-    assert load_settings({}, env, config).state_dir == Path("/env/state")
-    flagged = load_settings({"state_dir": "/flag/state"}, env, config)
+    assert load_options({}, dict(BASE_ENV), config).state_dir == Path("/home/gt/toml-state")
+    assert load_options({}, env, config).state_dir == Path("/env/state")
+    flagged = load_options({"state_dir": "/flag/state"}, env, config)
     assert flagged.state_dir == Path("/flag/state")
     assert flagged.config_sync_interval == 90.0
 
@@ -298,6 +311,6 @@ def test_state_folder_flag_beats_environment_beats_toml(tmp_path: Path) -> None:
 )
 def test_bad_sync_settings_name_the_setting(tmp_path: Path, text: str, words: str) -> None:
     """A bad interval, an unknown key or a wrong type stops start-up naming the setting."""
-    with pytest.raises(SettingsError) as caught:
-        load_settings({}, dict(BASE_ENV), write(tmp_path, text))
+    with pytest.raises(OptionsError) as caught:
+        load_options({}, dict(BASE_ENV), write(tmp_path, text))
     assert words in str(caught.value)

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gastown_sandboxd.options import load_settings
+from gastown_sandboxd.options import load_options
 from gastown_sandboxd.token.envfile import read_token
 from tests.daemon.minting import forge, mint
 from tests.fixtures.cloud import CloudServer
@@ -205,7 +205,7 @@ def test_no_secret_reaches_logs_answers_or_reprs(
     assert f"Bearer {hostile_token}" in hostile.bearers
 
     # 3. Search everything.
-    settings = load_settings(
+    settings = load_options(
         env={
             "TOWN_ID": TOWN,
             "CLOUD_API_URL": cloud.url,

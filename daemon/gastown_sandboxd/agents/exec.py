@@ -68,7 +68,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML settings file (default /etc/gastown-sandboxd/config.toml when it exists)",
+        help="TOML options file (default /etc/gastown-sandboxd/config.toml when it exists)",
     )
     parser.add_argument(
         "--socket", dest="socket", help="local socket (env GASTOWN_SANDBOXD_SOCKET)"
@@ -161,14 +161,14 @@ def locate(env_file: str | None, socket: str | None, config_file: Path | None) -
     if env_file and socket and config_file is None:
         return Where(Path(env_file), Path(socket), os.environ.get("TOWN_ID") or None)
     from gastown_sandboxd.client import running_daemon_env_file
-    from gastown_sandboxd.options import load_client_settings
+    from gastown_sandboxd.options import load_client_options
 
     flags = {"env_file": env_file, "socket": socket}
-    settings = load_client_settings(flags, config_file=config_file)
-    named = settings.env_file
-    if not settings.env_file_given:
-        named = running_daemon_env_file(settings.socket) or settings.env_file
-    return Where(named, settings.socket, settings.town_id)
+    options = load_client_options(flags, config_file=config_file)
+    named = options.env_file
+    if not options.env_file_given:
+        named = running_daemon_env_file(options.socket) or options.env_file
+    return Where(named, options.socket, options.town_id)
 
 
 def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str | None]:
@@ -292,12 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of shims and of Claude Code's helper; same grammar as `gastown-sandboxd`."""
-    from gastown_sandboxd.errors import SettingsError
+    from gastown_sandboxd.errors import OptionsError
 
     args = build_parser().parse_args(argv)
     try:
         return run_exec(args) if args.command == "exec" else run_token(args)
-    except SettingsError as exc:
+    except OptionsError as exc:
         _say(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gastown_sandboxd.agents.claude import TTL_VARIABLE
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import OptionsError
 
 SHIM_MARKER = "# gastown-sandboxd agent shim"
 SHIM_MODE = 0o755
@@ -33,7 +33,7 @@ class ShimSpec:
 
 
 def check_shim_dir(path: Path) -> None:
-    """Create the shim folder if needed and prove it writable; else `SettingsError` (exit 2)."""
+    """Create the shim folder if needed and prove it writable; else `OptionsError` (exit 2)."""
     setting = "agent shim folder (GASTOWN_SANDBOXD_SHIM_DIR)"
     fix = "give the daemon's user a writable folder, or set --shim-dir"
     import tempfile
@@ -44,7 +44,7 @@ def check_shim_dir(path: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise SettingsError(setting, f"{path} cannot be written ({exc.strerror})", fix) from None
+        raise OptionsError(setting, f"{path} cannot be written ({exc.strerror})", fix) from None
 
 
 def shim_text(name: str, real: Path, spec: ShimSpec) -> str:

@@ -17,7 +17,7 @@ import stat
 import struct
 from pathlib import Path
 
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import OptionsError
 
 SETTING = "local socket (GASTOWN_SANDBOXD_SOCKET)"
 LOCK_MODE = 0o644  # others may read the owner's pid; only the owner writes it
@@ -28,7 +28,7 @@ def lock_path(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.name + ".lock")
 
 
-class SocketInUse(SettingsError):
+class SocketInUse(OptionsError):
     """Another process serves, or holds the lock of, the socket; `pid` when known."""
 
     def __init__(self, socket_path: Path, pid: int | None) -> None:

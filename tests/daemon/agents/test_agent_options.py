@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.options import (
     DEFAULT_AGENT_SHIMS,
-    Settings,
+    Options,
     default_shim_dir,
-    load_client_settings,
-    load_settings,
+    load_client_options,
+    load_options,
 )
 
 REQUIRED = {
@@ -26,10 +26,10 @@ REQUIRED = {
 
 def _load(
     tmp_path: Path, toml: str = "", env: dict[str, str] | None = None, **flags: Any
-) -> Settings:
+) -> Options:
     config = tmp_path / "config.toml"
     config.write_text(toml)
-    return load_settings(flags, {**REQUIRED, **(env or {})}, config_file=config)
+    return load_options(flags, {**REQUIRED, **(env or {})}, config_file=config)
 
 
 def test_shim_dir_flag_beats_environment_beats_toml_beats_default(tmp_path: Path) -> None:
@@ -67,8 +67,8 @@ def test_shims_and_helper_ttl_default_and_parse(tmp_path: Path) -> None:
     ],
 )
 def test_bad_agent_options_name_the_setting(tmp_path: Path, toml: str, named: str) -> None:
-    """Each bad value is one SettingsError naming its key."""
-    with pytest.raises(SettingsError) as caught:
+    """Each bad value is one OptionsError naming its key."""
+    with pytest.raises(OptionsError) as caught:
         _load(tmp_path, toml)
     assert caught.value.setting == named
 
@@ -79,7 +79,7 @@ def test_env_file_given_only_when_something_names_one(tmp_path: Path) -> None:
     config.write_text("")
 
     def given(flags: dict[str, str], env: dict[str, str]) -> tuple[bool, Path]:
-        settings = load_client_settings(flags, env, config)
+        settings = load_client_options(flags, env, config)
         return settings.env_file_given, settings.env_file
 
     assert given({}, {"HOME": "/h"}) == (False, Path("/h/.env.gateway"))

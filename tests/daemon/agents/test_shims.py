@@ -19,7 +19,7 @@ from gastown_sandboxd.agents.shims import (
     shim_text,
     sync_shims,
 )
-from gastown_sandboxd.errors import SettingsError
+from gastown_sandboxd.errors import OptionsError
 from tests.daemon.minting import mint
 
 
@@ -142,10 +142,10 @@ def test_a_shim_runs_the_real_binary_with_the_token_through_exec(tmp_path: Path)
 
 
 def test_an_unwritable_shim_folder_is_a_setting_error(tmp_path: Path) -> None:
-    """A shim folder that cannot be created or written: one SettingsError naming it."""
+    """A shim folder that cannot be created or written: one OptionsError naming it."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(SettingsError) as caught:
+    with pytest.raises(OptionsError) as caught:
         check_shim_dir(blocker / "bin")
     assert "GASTOWN_SANDBOXD_SHIM_DIR" in str(caught.value)
     assert str(blocker / "bin") in str(caught.value)
