@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import anyio
 from tests.daemon.gt_samples import build_town
 
 from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.store import SettingsStore
 
 from ._daemon import Daemon, running_daemon, uds_client
@@ -160,7 +160,7 @@ def direct_writes(path: Path, versions: tuple[bytes, bytes], count: int) -> Samp
 async def store_patches(town_root: Path, count: int) -> Sample:
     """`SettingsStore.patch` of the same bodies, in this process, without HTTP."""
 
-    def ignore(kind: str, fields: Mapping[str, Any]) -> None:
+    def ignore(event: DomainEvent) -> None:
         return None
 
     store = SettingsStore(town_root=town_root, emit=ignore)

@@ -25,10 +25,9 @@ import contextlib
 import random
 import statistics
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 import anyio
@@ -37,6 +36,7 @@ from tests.daemon.minting import TOWN, mint
 from tests.daemon.simclock import SimulatedClock
 
 from gastown_sandboxd.errors import RefreshError
+from gastown_sandboxd.events.types import DomainEvent, TokenRefreshed
 from gastown_sandboxd.token import schedule
 from gastown_sandboxd.token.refresher import TokenRefresher
 
@@ -97,9 +97,9 @@ async def simulate(
     cloud = SimulatedCloud(clock, lifetime, outages)
     held: list[tuple[float, int, int]] = [(0.0, int(START), int(START) + lifetime)]
 
-    def emit(kind: str, fields: Mapping[str, Any]) -> None:
-        if kind == "token.refreshed":
-            held.append((clock.time() - START, int(fields["iat"]), int(fields["exp"])))
+    def emit(event: DomainEvent) -> None:
+        if isinstance(event, TokenRefreshed):
+            held.append((clock.time() - START, event.iat, event.exp))
 
     with (
         tempfile.TemporaryDirectory(prefix="short-token-") as tmp,

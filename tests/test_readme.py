@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.cli import build_parser
-from gastown_sandboxd.events.bus import EVENT_TYPES
+from gastown_sandboxd.events.types import EVENT_TYPES
 from gastown_sandboxd.http.openapi import openapi_document
 from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
 from tests.daemon.ops.test_metrics import components

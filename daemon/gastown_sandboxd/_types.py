@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
+
+if TYPE_CHECKING:
+    from gastown_sandboxd.events.types import DomainEvent
 
 
 class Clock(Protocol):
@@ -30,6 +32,6 @@ class SystemClock:
 
 
 class Emit(Protocol):
-    """Where a component reports an event: `emit("token.refreshed", {"exp": …})`."""
+    """Where a component reports an event: `emit(TokenExpired(exp=…, iat=…))`."""
 
-    def __call__(self, type: str, fields: Mapping[str, Any], /) -> object: ...
+    def __call__(self, event: DomainEvent, /) -> object: ...

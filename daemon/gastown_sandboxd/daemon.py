@@ -68,7 +68,7 @@ async def run_daemon(
     bus = EventBus()
     store = SettingsStore(
         town_root=options.town_root,
-        emit=bus.emit,
+        emit=bus.publish,
         extra_presets=options.extra_presets,
         last_applied=LastApplied(state_dir=options.state_dir, town_id=options.town_id),
     )
@@ -95,7 +95,7 @@ async def run_daemon(
         town_id=options.town_id,
         env_file=options.env_file,
         client=client,
-        emit=bus.emit,
+        emit=bus.publish,
         clock=clock,
         policy=options.schedule,
         metrics=TokenMetrics(registry, on_state=systemd.report_state),

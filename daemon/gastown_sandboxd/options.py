@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.events import notify
-from gastown_sandboxd.events.bus import EVENT_TYPES
 from gastown_sandboxd.events.notify import HookSpec, SignalSpec
+from gastown_sandboxd.events.types import EVENT_TYPES
 from gastown_sandboxd.token.schedule import SchedulePolicy
 
 DEFAULT_CONFIG_FILE = Path("/etc/gastown-sandboxd/config.toml")

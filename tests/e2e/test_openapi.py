@@ -107,13 +107,13 @@ def context(tmp_path: Path) -> ApiContext:
     bus = EventBus()
     town_root = make_config_town(tmp_path / "town")
     refresher = TokenRefresher(
-        town_id=TOWN_ID, env_file=tmp_path / ".env.gateway", client=NoCloud(), emit=bus.emit
+        town_id=TOWN_ID, env_file=tmp_path / ".env.gateway", client=NoCloud(), emit=bus.publish
     )
     return ApiContext(
         town_id=TOWN_ID,
         town_root=town_root,
         refresher=refresher,
-        store=SettingsStore(town_root=town_root, emit=bus.emit),
+        store=SettingsStore(town_root=town_root, emit=bus.publish),
         bus=bus,
         registry=CollectorRegistry(),
         clock=SystemClock(),

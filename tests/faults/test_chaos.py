@@ -13,7 +13,7 @@ import itertools
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pytest
 
 from gastown_sandboxd._types import Clock
 from gastown_sandboxd.errors import RefreshError
+from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import TokenView, acceptability_reasons, fingerprint
 from gastown_sandboxd.token.cloud import CloudClient
@@ -83,9 +84,9 @@ class Sandbox:
             yield self.refresher
             tg.cancel_scope.cancel()
 
-    def emit(self, type: str, fields: Mapping[str, Any]) -> None:
-        self.events.append((type, dict(fields)))
-        if type == "token.refreshed":
+    def emit(self, event: DomainEvent) -> None:
+        self.events.append((event.TYPE, event.fields()))
+        if event.TYPE == "token.refreshed":
             self.refreshed.set()
 
     def assert_untouched(self, before: bytes) -> None:

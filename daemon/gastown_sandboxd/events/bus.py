@@ -36,8 +36,7 @@ import anyio
 import anyio.lowlevel
 
 from gastown_sandboxd.errors import SubscriberLagged
-from gastown_sandboxd.events.types import EVENT_TYPES as EVENT_TYPES  # re-exported
-from gastown_sandboxd.events.types import DomainEvent
+from gastown_sandboxd.events.types import EVENT_TYPES, DomainEvent
 
 _RESERVED_FIELDS = frozenset({"id", "type", "time"})
 

@@ -33,7 +33,8 @@ import structlog
 
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.errors import SubscriberLagged
-from gastown_sandboxd.events.bus import EVENT_TYPES, Event, EventBus
+from gastown_sandboxd.events.bus import Event, EventBus
+from gastown_sandboxd.events.types import EVENT_TYPES
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ class ConfigSource(enum.StrEnum):
     CLOUD = "cloud"
 
 
-class TokenSource(enum.StrEnum):
+class TokenOrigin(enum.StrEnum):
     """Where a new token came from: the refresh call, a push (PUT /token), or the env file."""
 
     CLOUD = "cloud"
@@ -35,7 +35,7 @@ class TokenRefreshed:
     TYPE: ClassVar[str] = "token.refreshed"
     exp: int
     iat: int
-    source: TokenSource
+    source: TokenOrigin
 
     def fields(self) -> dict[str, Any]:
         return {"exp": self.exp, "iat": self.iat, "source": str(self.source)}

@@ -19,6 +19,7 @@ is recorded without an event.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from gastown_sandboxd.errors import (
     Problem,
     SettingsFileUnreadable,
 )
+from gastown_sandboxd.events.types import ConfigChanged, ConfigSource
 from gastown_sandboxd.gtsettings import journal
 from gastown_sandboxd.gtsettings.apply import desired_patch
 from gastown_sandboxd.gtsettings.batch import FileWrite, Write, write_all, write_target
@@ -56,8 +58,6 @@ from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snaps
 from gastown_sandboxd.own_writes import note_own_write
 
 log = structlog.get_logger(__name__)
-
-EVENT = "config.changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +191,7 @@ class SettingsStore:
                 self._patch_sync, body, if_match, generation
             )
             for event in events:
-                self._emit(EVENT, event)
+                self._emit(event)
             return result
 
     async def apply_desired(self, desired: Mapping[str, Any], generation: int) -> PatchResult:
@@ -207,20 +207,20 @@ class SettingsStore:
                 self._apply_desired_sync, desired, generation
             )
             for event in events:
-                self._emit(EVENT, event)
+                self._emit(event)
             return result
 
     async def reconcile_external(self, paths: Iterable[Path] | None = None) -> list[dict[str, Any]]:
         """Report edits by others of the files at `paths` (settings files or folders; None: all).
 
         Emits one `config.changed` with `source: "external"` per file whose content differs
-        from what the store knew, and returns the fields of the events emitted.
+        from what the store knew, and returns those events' fields.
         """
         async with self._lock:
             events = await anyio.to_thread.run_sync(self._reconcile_sync, paths)
             for event in events:
-                self._emit(EVENT, event)
-            return events
+                self._emit(event)
+            return [event.fields() for event in events]
 
     # The rest runs in a worker thread, one call at a time (under the lock).
 
@@ -235,7 +235,7 @@ class SettingsStore:
 
     def _patch_sync(
         self, body: Mapping[str, Any], if_match: str | None, generation: int | None
-    ) -> tuple[PatchResult, list[dict[str, Any]]]:
+    ) -> tuple[PatchResult, list[ConfigChanged]]:
         snapshot = self._read_snapshot()
         result, events = self._change(snapshot, body, if_match, "api", generation)
         if generation is not None:
@@ -244,7 +244,7 @@ class SettingsStore:
 
     def _apply_desired_sync(
         self, desired: Mapping[str, Any], generation: int
-    ) -> tuple[PatchResult, list[dict[str, Any]]]:
+    ) -> tuple[PatchResult, list[ConfigChanged]]:
         snapshot = self._read_snapshot()
         applied = self._last_applied.applied
         if applied.generation is not None and generation < applied.generation:
@@ -263,7 +263,7 @@ class SettingsStore:
         if_match: str | None,
         source: str,
         generation: int | None,
-    ) -> tuple[PatchResult, list[dict[str, Any]]]:
+    ) -> tuple[PatchResult, list[ConfigChanged]]:
         self._baseline(snapshot)
         known_before = dict(self._known)
         current = snapshot.town_files()
@@ -292,9 +292,7 @@ class SettingsStore:
         for rig, state in docs.items():
             events += _unreported(rig, snapshot.files[rig], known_before, before)
             event = _event(rig, snapshot.files[rig].doc, state.doc, self._revision, source)
-            if generation is not None:
-                event["generation"] = generation
-            events.append(event)
+            events.append(dataclasses.replace(event, generation=generation))
         names = [write.name for write in writes]
         result = PatchResult(bool(writes), self._revision, names, town, rigs)
         return result, events
@@ -332,7 +330,7 @@ class SettingsStore:
             self._known = dict(snapshot.files)
             self._loaded = True
 
-    def _reconcile_sync(self, paths: Iterable[Path] | None) -> list[dict[str, Any]]:
+    def _reconcile_sync(self, paths: Iterable[Path] | None) -> list[ConfigChanged]:
         snapshot = self._read_snapshot()
         self._baseline(snapshot)
         self._revision = revision(snapshot.town_files())
@@ -406,7 +404,7 @@ def _matches(if_match: str, current: str) -> bool:
 
 def _unreported(
     rig: str | None, state: FileState, known: dict[str | None, FileState], rev: str
-) -> list[dict[str, Any]]:
+) -> list[ConfigChanged]:
     # An edit by someone else that a PATCH is about to write over is reported first.
     old = known.get(rig, FileState())
     if state.digest == old.digest or not changed_keys(old.doc, state.doc):
@@ -416,15 +414,15 @@ def _unreported(
 
 def _event(
     rig: str | None, old: Doc | None, new: Doc | None, rev: str, source: str
-) -> dict[str, Any]:
-    return {
-        "scope": "town" if rig is None else "rig",
-        "rig": rig,
-        "file": relative_path(rig),
-        "keys": changed_keys(old, new),
-        "revision": rev,
-        "source": source,
-    }
+) -> ConfigChanged:
+    return ConfigChanged(
+        scope="town" if rig is None else "rig",
+        rig=rig,
+        file=relative_path(rig),
+        keys=tuple(changed_keys(old, new)),
+        revision=rev,
+        source=ConfigSource(source),
+    )
 
 
 def _parts_under(root: Path, path: Path) -> tuple[str, ...] | None:

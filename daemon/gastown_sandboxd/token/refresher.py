@@ -26,6 +26,13 @@ import structlog
 
 from gastown_sandboxd._types import Clock, Emit, SystemClock
 from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
+from gastown_sandboxd.events.types import (
+    TokenExpired,
+    TokenOrigin,
+    TokenRefreshed,
+    TokenRefreshFailed,
+    TownInactive,
+)
 from gastown_sandboxd.ops.metrics import TokenMetrics
 from gastown_sandboxd.token.claims import (
     Claims,
@@ -390,8 +397,7 @@ class TokenRefresher:
     def _emit_refreshed(self, held: _Held, source: str) -> None:
         self._expired_reported = False
         self._emit(
-            "token.refreshed",
-            {"exp": held.claims.exp, "iat": held.claims.iat, "source": source},
+            TokenRefreshed(exp=held.claims.exp, iat=held.claims.iat, source=TokenOrigin(source))
         )
 
     def _succeeded(self, now: float, *, source: str) -> None:
@@ -432,18 +438,21 @@ class TokenRefresher:
             **extra,
         )
         if became_inactive:
-            self._emit("town.inactive", {"status": error.status, "reason": error.reason})
+            self._emit(TownInactive(status=error.status, reason=error.reason))
         if error.kind == "inactive":
             return
         held = self._held
-        fields: dict[str, Any] = {"reason": error.reason, "consecutive_failures": self._failures}
-        if error.status is not None:
-            fields["status"] = error.status
-        if "problems" in extra:
-            fields["problems"] = extra["problems"]
-        if held is not None:
-            fields.update(exp=held.claims.exp, iat=held.claims.iat)
-        self._emit("token.refresh_failed", fields)
+        problems = extra.get("problems")
+        self._emit(
+            TokenRefreshFailed(
+                reason=error.reason,
+                consecutive_failures=self._failures,
+                status=error.status,
+                problems=tuple(problems) if problems is not None else None,
+                exp=held.claims.exp if held is not None else None,
+                iat=held.claims.iat if held is not None else None,
+            )
+        )
 
     def _replan(self, now: float) -> None:
         held = self._held
@@ -467,7 +476,7 @@ class TokenRefresher:
             return
         self._expired_reported = True
         log.warning("token_expired", fingerprint=held.view.fingerprint, exp=held.claims.exp)
-        self._emit("token.expired", {"exp": held.claims.exp, "iat": held.claims.iat})
+        self._emit(TokenExpired(exp=held.claims.exp, iat=held.claims.iat))
         self._publish()
 
     def _state(self, now: float) -> State:

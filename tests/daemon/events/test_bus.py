@@ -9,7 +9,8 @@ import pytest
 
 from gastown_sandboxd._types import Emit
 from gastown_sandboxd.errors import SubscriberLagged
-from gastown_sandboxd.events.bus import EVENT_TYPES, Event, EventBus, Gap, Subscription, rfc3339
+from gastown_sandboxd.events.bus import Event, EventBus, Gap, Subscription, rfc3339
+from gastown_sandboxd.events.types import EVENT_TYPES, TownInactive
 
 
 async def _take(subscription: Subscription, count: int) -> list[int]:
@@ -68,10 +69,10 @@ def test_emit_rejects_misuse(type_: str, fields: dict[str, object], error: type[
 
 
 def test_bus_satisfies_the_emit_protocol() -> None:
-    """`bus.emit` is what components take as their event sink."""
+    """`bus.publish` is what components take as their event sink."""
     bus = EventBus()
-    sink: Emit = bus.emit
-    sink("town.inactive", {})
+    sink: Emit = bus.publish
+    sink(TownInactive(status=410, reason="town_destroyed"))
     assert bus.last_id == 1
     assert "town.inactive" in EVENT_TYPES
 

@@ -14,9 +14,9 @@ from gastown_sandboxd.events.types import (
     ConfigSource,
     DomainEvent,
     TokenExpired,
+    TokenOrigin,
     TokenRefreshed,
     TokenRefreshFailed,
-    TokenSource,
     TownInactive,
 )
 
@@ -37,7 +37,7 @@ def test_the_five_event_types_of_the_contract() -> None:
     ("event", "wire"),
     [
         (
-            TokenRefreshed(exp=200, iat=100, source=TokenSource.PUSH),
+            TokenRefreshed(exp=200, iat=100, source=TokenOrigin.PUSH),
             {"exp": 200, "iat": 100, "source": "push"},
         ),
         (

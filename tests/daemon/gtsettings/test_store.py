@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from gastown_sandboxd.errors import (
     SettingsFileUnreadable,
     StorageUnavailable,
 )
+from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.batch import Target, write_target
 from gastown_sandboxd.gtsettings.patch import managed_view
 from gastown_sandboxd.gtsettings.schema import pointer
@@ -44,8 +44,8 @@ class Events:
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict[str, Any]]] = []
 
-    def __call__(self, type: str, fields: Mapping[str, Any], /) -> None:
-        self.seen.append((type, dict(fields)))
+    def __call__(self, event: DomainEvent, /) -> None:
+        self.seen.append((event.TYPE, event.fields()))
 
     @property
     def fields(self) -> list[dict[str, Any]]:

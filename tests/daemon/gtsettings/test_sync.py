@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gastown_sandboxd.errors import DesiredConfigUnavailable, RefreshError
+from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.desired import DesiredConfig
 from gastown_sandboxd.gtsettings.last_applied import FILE_NAME, LastApplied
 from gastown_sandboxd.gtsettings.store import SettingsStore
@@ -79,8 +79,8 @@ class Events:
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict[str, Any]]] = []
 
-    def __call__(self, type: str, fields: Mapping[str, Any], /) -> None:
-        self.seen.append((type, dict(fields)))
+    def __call__(self, event: DomainEvent, /) -> None:
+        self.seen.append((event.TYPE, event.fields()))
 
 
 class RecordingClock(SimulatedClock):

@@ -8,7 +8,7 @@ import random
 import subprocess
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
+from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.ops.metrics import TokenMetrics
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import decode_unverified, fingerprint
@@ -101,8 +102,8 @@ class Rig:
             metrics=TokenMetrics(self.registry, clock=self.clock),
         )
 
-    def emit(self, type: str, fields: Mapping[str, Any]) -> None:
-        self.events.append((type, dict(fields)))
+    def emit(self, event: DomainEvent) -> None:
+        self.events.append((event.TYPE, event.fields()))
 
     def types(self) -> list[str]:
         return [t for t, _ in self.events]
@@ -782,7 +783,7 @@ async def test_against_the_real_cloud(
         town_id=town["id"],
         env_file=env,
         client=client,
-        emit=lambda type, fields: events.append(type),
+        emit=lambda event: events.append(event.TYPE),
     )
     async with client, anyio.create_task_group() as tg:
         await tg.start(refresher.run)

@@ -13,7 +13,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import jwt
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
+from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.ops.metrics import TokenMetrics
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import decode_unverified
@@ -174,8 +175,8 @@ async def test_simulated_week(tmp_path: Path) -> None:
     cloud = WeekCloud(clock, week_phases())
     events: list[tuple[str, dict[str, Any]]] = []
 
-    def emit(type: str, fields: Mapping[str, Any]) -> None:
-        events.append((type, dict(fields)))
+    def emit(event: DomainEvent) -> None:
+        events.append((event.TYPE, event.fields()))
 
     client = CloudClient(
         base_url="https://cloud.test",
@@ -262,7 +263,7 @@ async def run_with_jump(
         town_id=TOWN,
         env_file=env,
         client=Cloud(),
-        emit=lambda type, fields: None,
+        emit=lambda event: None,
         clock=clock,
         rng=random.Random(1),
     )
