@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 from gastown_sandboxd.cli import build_parser
 from gastown_sandboxd.events.types import EVENT_TYPES
 from gastown_sandboxd.http.openapi import openapi_document
-from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
+from gastown_sandboxd.ops.metrics import DaemonMetrics
+from gastown_sandboxd.token.refresher import token_metrics
 from tests.daemon.ops.test_metrics import components
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_every_metric_is_listed(tmp_path: Path) -> None:
     """Each metric family the daemon exports appears under Operations."""
     registry = CollectorRegistry()
     bus, notifier, watcher = components(tmp_path)
-    TokenMetrics(registry)
+    token_metrics(registry)
     DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
     names = set()
     for family in registry.collect():

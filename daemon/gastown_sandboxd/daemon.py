@@ -28,13 +28,13 @@ from gastown_sandboxd.gtsettings.store import SettingsStore
 from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.app import ApiContext, create_app
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, describe, serve_socket
-from gastown_sandboxd.ops.metrics import DaemonMetrics, TokenMetrics
+from gastown_sandboxd.ops.metrics import DaemonMetrics
 from gastown_sandboxd.ops.socket_lock import SocketLock
 from gastown_sandboxd.ops.systemd import SystemdNotifier
 from gastown_sandboxd.options import Options, check_env_folder, check_town_root
 from gastown_sandboxd.token.cloud import CloudClient
 from gastown_sandboxd.token.envfile import read_token
-from gastown_sandboxd.token.refresher import TokenRefresher
+from gastown_sandboxd.token.refresher import TokenRefresher, token_metrics
 from gastown_sandboxd.watcher import SettingsWatcher
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ async def run_daemon(
         emit=bus.publish,
         clock=clock,
         policy=options.schedule,
-        metrics=TokenMetrics(registry, on_state=systemd.report_state),
+        metrics=token_metrics(registry, on_state=systemd.report_state),
         on_cloud_recovered=config_sync.wake,
     )
     watcher = SettingsWatcher(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,9 +17,6 @@ if TYPE_CHECKING:
     from gastown_sandboxd.events.notify import Notifier
     from gastown_sandboxd.watcher import SettingsWatcher
 
-TOKEN_STATES = ("fresh", "refreshing", "degraded", "expired", "missing", "town_inactive")
-REFRESH_RESULTS = ("ok", "outage", "busy", "broken", "unauthorized", "inactive", "write_failed")
-
 
 class TokenMetrics:
     """The token's expiry, the refresh attempts and their latency, the refresher's state."""
@@ -28,10 +25,14 @@ class TokenMetrics:
         self,
         registry: CollectorRegistry,
         *,
+        states: Sequence[str],
+        results: Sequence[str],
         clock: Clock | None = None,
         on_state: Callable[[str], object] | None = None,
     ) -> None:
-        """`on_state` hears every state the refresher publishes (systemd's STATUS line)."""
+        """`states` (the first is the state before any report) and `results` are the label
+        values, owned by the token room's enums; `on_state` hears every state the refresher
+        publishes (systemd's STATUS line)."""
         self._clock = clock or SystemClock()
         self._on_state = on_state
         self._exp: int | None = None
@@ -52,7 +53,7 @@ class TokenMetrics:
             ["result"],
             registry=registry,
         )
-        for result in REFRESH_RESULTS:
+        for result in results:
             self.attempts.labels(result=result)
         self.latency = Histogram(
             "gastown_sandboxd_token_refresh_duration_seconds",
@@ -63,10 +64,10 @@ class TokenMetrics:
         self.state = Enum(
             "gastown_sandboxd_token_state",
             "The refresher's state.",
-            states=list(TOKEN_STATES),
+            states=list(states),
             registry=registry,
         )
-        self.state.state("missing")
+        self.state.state(states[0])
 
     def set_token(self, exp: int | None) -> None:
         """Record the expiry of the held token (None when none is held)."""

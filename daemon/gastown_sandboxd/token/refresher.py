@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import structlog
+from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd._types import Clock, Emit, SystemClock
 from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
@@ -71,6 +72,17 @@ class State(enum.StrEnum):
     EXPIRED = "expired"
     MISSING = "missing"
     TOWN_INACTIVE = "town_inactive"
+
+
+# The result label of one refresh attempt: how it ended (a stale success counts as ok), or the
+# env file refusing the new token.
+REFRESH_RESULTS = (*(o.value for o in Outcome if o is not Outcome.STALE), "write_failed")
+
+
+def token_metrics(registry: CollectorRegistry, **kwargs: Any) -> TokenMetrics:
+    """The refresher's metrics, labelled with its states (missing first) and results."""
+    states = [State.MISSING.value, *(s.value for s in State if s is not State.MISSING)]
+    return TokenMetrics(registry, states=states, results=REFRESH_RESULTS, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)

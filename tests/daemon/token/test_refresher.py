@@ -22,11 +22,10 @@ from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
 from gastown_sandboxd.events.types import DomainEvent
-from gastown_sandboxd.ops.metrics import TokenMetrics
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import decode_unverified, fingerprint
 from gastown_sandboxd.token.cloud import CloudClient
-from gastown_sandboxd.token.refresher import State, TokenRefresher
+from gastown_sandboxd.token.refresher import State, TokenRefresher, token_metrics
 from gastown_sandboxd.token.schedule import SchedulePolicy, desync_point
 from tests.daemon.minting import DAY, TOWN, forge, mint
 from tests.daemon.simclock import SimulatedClock
@@ -99,7 +98,7 @@ class Rig:
             emit=self.emit,
             clock=self.clock,
             rng=rng or random.Random(4),
-            metrics=TokenMetrics(self.registry, clock=self.clock),
+            metrics=token_metrics(self.registry, clock=self.clock),
         )
 
     def emit(self, event: DomainEvent) -> None:

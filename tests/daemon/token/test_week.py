@@ -25,11 +25,10 @@ import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.events.types import DomainEvent
-from gastown_sandboxd.ops.metrics import TokenMetrics
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import decode_unverified
 from gastown_sandboxd.token.cloud import CloudClient
-from gastown_sandboxd.token.refresher import State, TokenRefresher
+from gastown_sandboxd.token.refresher import State, TokenRefresher, token_metrics
 from tests.daemon.minting import DAY, TOWN, mint
 from tests.daemon.simclock import SimulatedClock
 
@@ -192,7 +191,7 @@ async def test_simulated_week(tmp_path: Path) -> None:
         emit=emit,
         clock=clock,
         rng=random.Random(2026),
-        metrics=TokenMetrics(CollectorRegistry(), clock=clock),
+        metrics=token_metrics(CollectorRegistry(), clock=clock),
     )
     real_start = time.perf_counter()
     with structlog.testing.capture_logs() as logs:
