@@ -164,17 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
-    from gastown_sandboxd.agents.exec import EXEC_COMMAND_HELP, PRINT_COMMAND_HELP
-
     exec_ = commands.add_parser(
         "exec",
         help="run a command with the current token",
-        description=EXEC_COMMAND_HELP,
+        description=agents.EXEC_COMMAND_HELP,
         usage="gastown-sandboxd exec [--socket PATH] [--env-file FILE] -- CMD [ARGS...]",
     )
     agents.add_exec_arguments(exec_)
     token = commands.add_parser(
-        "token", help="print the current token", description=PRINT_COMMAND_HELP
+        "token", help="print the current token", description=agents.PRINT_COMMAND_HELP
     )
     agents.add_common_arguments(token)
     return parser

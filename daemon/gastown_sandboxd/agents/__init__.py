@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gastown_sandboxd.agents.exec import (
+        EXEC_COMMAND_HELP,
+        PRINT_COMMAND_HELP,
         add_common_arguments,
         add_exec_arguments,
         run_exec,
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from gastown_sandboxd.agents.shims import check_shim_dir
 
 __all__ = [
+    "EXEC_COMMAND_HELP",
+    "PRINT_COMMAND_HELP",
     "AgentKeeper",
     "add_common_arguments",
     "add_exec_arguments",
@@ -29,6 +33,8 @@ __all__ = [
 ]
 
 _WHERE = {
+    "EXEC_COMMAND_HELP": "exec",
+    "PRINT_COMMAND_HELP": "exec",
     "AgentKeeper": "keeper",
     "add_common_arguments": "exec",
     "add_exec_arguments": "exec",
