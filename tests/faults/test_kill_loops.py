@@ -44,7 +44,7 @@ from tests.fixtures.daemon import daemon_env, make_town
 KILL_LOOPS = int(os.environ.get("GASTOWN_KILL_LOOPS", "500"))
 EXEC_EVERY = 50
 KILL_WINDOW = 0.06  # seconds of traffic, at most, before the kill, until PATCHes are measured
-WINDOW_PATCHES = 3  # then the window is this many PATCH latencies (the median)
+WINDOW_PATCHES = 2  # then the window is this many PATCH latencies (the median)
 STARTUP_KILL_SHARE = 0.1  # cycles killed while the daemon starts, before it is ready
 READY_DEADLINE = 20.0
 TOWN_ID = "town-kill"
