@@ -242,8 +242,14 @@ def run(workdir: Path) -> None:
         )
         cli = [python, "-m", "gastown_sandboxd"]
         say("starting gastown-sandboxd")
-        stack.enter_context(process([*cli, "run"], env=daemon_env, log=daemon_log))
-        wait_for(lambda: "daemon_ready" in daemon_log.read_text(errors="replace"), "the daemon")
+        daemon = stack.enter_context(process([*cli, "run"], env=daemon_env, log=daemon_log))
+
+        def daemon_ready() -> bool:
+            if daemon.poll() is not None:  # it stopped: its log says why
+                raise RuntimeError(f"the daemon exited with {daemon.returncode}")
+            return "daemon_ready" in daemon_log.read_text(errors="replace")
+
+        wait_for(daemon_ready, "the daemon")
         status = subprocess.run(
             [*cli, "status"], env=daemon_env, capture_output=True, text=True, check=True
         )

@@ -24,6 +24,8 @@ from gastown_sandboxd.token.schedule import SchedulePolicy
 
 DEFAULT_CONFIG_FILE = Path("/etc/gastown-sandboxd/config.toml")
 MIN_KEY_LENGTH = 16
+# sun_path holds 108 bytes on Linux, the last one the terminating NUL.
+MAX_SOCKET_PATH = 107
 DEFAULT_AGENT_SHIMS = ("claude", "codex", "kilo", "gemini", "opencode")
 DEFAULT_CLAUDE_HELPER_TTL = 300.0
 _T = TypeVar("_T")
@@ -279,7 +281,7 @@ def load_options(
         town_root=_expand(pick.text("town_root", ("GT_TOWN_ROOT", "GT_ROOT")) or "~/gt", env),
         env_file=pick.env_file(),
         listen=pick.listen(),
-        socket=pick.socket(),
+        socket=problems.take(pick.socket, default_socket(env)),
         schedule=schedule,
         refresh_timeout=duration(refresh, "timeout", 10.0, "refresh.timeout"),
         hooks=tuple(_hooks(toml.get("hooks", []), problems)),
@@ -424,7 +426,7 @@ def load_client_options(
     pick, _ = _Picker.load(flags, env, config_file, problems)
     key = pick.text("internal_api_key", ("INTERNAL_API_KEY",))
     options = ClientOptions(
-        socket=pick.socket(),
+        socket=problems.take(pick.socket, default_socket(pick.env)),
         env_file=pick.env_file(),
         town_id=pick.text("town_id", ("TOWN_ID",)),
         listen=pick.listen(),
@@ -522,7 +524,16 @@ class _Picker:
 
     def socket(self) -> Path:
         value = self.text("socket", ("GASTOWN_SANDBOXD_SOCKET",))
-        return _expand(value, self.env) if value else default_socket(self.env)
+        path = _expand(value, self.env) if value else default_socket(self.env)
+        size = len(os.fsencode(path))
+        if size > MAX_SOCKET_PATH:
+            raise OptionsError(
+                "local socket (GASTOWN_SANDBOXD_SOCKET)",
+                f"{path} is {size} bytes, more than the {MAX_SOCKET_PATH} a Unix socket path "
+                "may have",
+                "choose a shorter path",
+            )
+        return path
 
     def text(
         self, name: str, env_names: Sequence[str], *, setting: str | None = None

@@ -314,3 +314,15 @@ def test_bad_sync_settings_name_the_setting(tmp_path: Path, text: str, words: st
     with pytest.raises(OptionsError) as caught:
         load_options({}, dict(BASE_ENV), write(tmp_path, text))
     assert words in str(caught.value)
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_is_one_clear_problem(tmp_path: Path) -> None:
+    """A socket path over 107 bytes is refused naming the setting, not at bind time."""
+    long_path = "/tmp/" + "s" * 120 + "/d.sock"
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, {**BASE_ENV, "GASTOWN_SANDBOXD_SOCKET": long_path}, None)
+    (problem,) = caught.value.problems
+    assert problem.setting == "local socket (GASTOWN_SANDBOXD_SOCKET)"
+    assert "more than the 107" in str(problem)
+    with pytest.raises(OptionsProblems):
+        load_client_options({"socket": long_path}, {}, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,8 +13,12 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_to_the_end_and_cleans_up(tmp_path: Path) -> None:
+def test_demo_runs_to_the_end_and_cleans_up(request: pytest.FixtureRequest) -> None:
     """The demo exits 0 after showing every step, removes its folder and kills its children."""
+    # A short TMPDIR: the demo's socket lives there, and a Unix socket path has 107 bytes.
+    short = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    tmp_path = short
     env = dict(os.environ, TMPDIR=str(tmp_path))
     done = subprocess.run(
         [sys.executable, "-m", "gastown_cloud.demo"],
