@@ -10,7 +10,7 @@ merge; an empty one writes nothing and emits nothing, and is reported only when 
 does not show that generation applied yet. A desired configuration the PATCH checks refuse
 writes nothing and is reported as failed with the details; the next sync tries again. After
 a failed read the next try comes sooner (5 s doubling up to `interval`). Syncs never overlap:
-calls that come during a sync share its result.
+calls that come before a sync reads the cloud share its result; later ones get the next sync.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ class SyncResult:
 
 
 class _Flight:
-    """One sync that overlapping callers share."""
+    """One sync that overlapping callers share, until it starts reading the cloud."""
 
     def __init__(self) -> None:
+        self.reading = False
         self.done = anyio.Event()
         self.result: SyncResult | None = None
         self.error: Exception | None = None
@@ -164,13 +165,17 @@ class ConfigSync:
         """Read the desired configuration, converge on it, report; raises
         `DesiredConfigUnavailable` when it cannot be read (nothing is written then).
 
-        Calls that overlap share one sync, so an answer never waits for two cloud calls.
+        Calls that overlap share one sync as long as it has not read the cloud yet; a call
+        that comes once it has waits for it and takes the next, so an answer always reflects
+        the desired configuration as it stood when the call came (a dashboard change made just
+        before is in it).
         """
-        flight = self._flight
+        while (flight := self._flight) is not None and flight.reading:
+            await flight.done.wait()
         if flight is None:
             flight = self._flight = _Flight()
             try:
-                flight.result = await self._sync_once()
+                flight.result = await self._sync_once(flight)
             except Exception as exc:
                 flight.error = exc
             finally:
@@ -184,8 +189,9 @@ class ConfigSync:
         assert flight.result is not None
         return flight.result
 
-    async def _sync_once(self) -> SyncResult:
+    async def _sync_once(self, flight: _Flight) -> SyncResult:
         async with self._lock:
+            flight.reading = True
             bearer = await anyio.to_thread.run_sync(self._read_bearer)
             try:
                 desired = await self._source.fetch(bearer)

@@ -17,7 +17,7 @@ from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.desired import DesiredConfig
 from gastown_sandboxd.gtsettings.last_applied import FILE_NAME, LastApplied
 from gastown_sandboxd.gtsettings.store import SettingsStore
-from gastown_sandboxd.gtsettings.sync import ConfigSync, SyncState
+from gastown_sandboxd.gtsettings.sync import ConfigSync, SyncResult, SyncState
 from gastown_sandboxd.token.refresher import TokenRefresher
 from tests.daemon.gt_samples import build_town
 from tests.daemon.minting import mint
@@ -347,30 +347,38 @@ async def test_the_refresher_calls_back_on_its_first_success_after_failures(
     assert calls == ["recovered"]
 
 
-async def test_overlapping_syncs_share_one_read_of_the_cloud(store: SettingsStore) -> None:
-    """A POST /config/sync during the start-up sync waits for it rather than for two calls."""
+async def test_a_sync_asked_for_while_one_reads_the_cloud_gets_the_next_read(
+    store: SettingsStore,
+) -> None:
+    """A POST /config/sync that comes while a sync is reading the cloud waits for it and gets
+    a sync that reads the cloud again: a dashboard change made meanwhile is in its answer."""
     cloud = FakeCloud()
     gate = anyio.Event()
     fetch = cloud.fetch
 
     async def slow_fetch(bearer: str | None) -> DesiredConfig:
+        answer = await fetch(bearer)  # what the cloud held when the read began
         await gate.wait()
-        return await fetch(bearer)
+        return answer
 
     cloud.fetch = slow_fetch  # type: ignore[method-assign]
     sync = make_sync(store, cloud)
-    results = []
+    results: dict[str, SyncResult] = {}
 
-    async def one() -> None:
-        results.append(await sync.sync_now())
+    async def one(name: str) -> None:
+        results[name] = await sync.sync_now()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(one)
-        tg.start_soon(one)
+        tg.start_soon(one, "start-up")
+        await anyio.wait_all_tasks_blocked()  # the start-up sync is reading the cloud
+        cloud.change({"town": {"default_agent": "claude"}})
+        tg.start_soon(one, "asked")
         await anyio.wait_all_tasks_blocked()
         gate.set()
-    assert cloud.fetches == 1
-    assert results[0] is results[1]
+    assert cloud.fetches == 2
+    assert results["start-up"].generation == 1
+    assert results["asked"].generation == 2
+    assert store.last_applied.applied.generation == 2
 
 
 async def test_a_state_folder_that_cannot_be_written_does_not_stop_the_sync(
