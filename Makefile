@@ -59,14 +59,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy daemon/gastown_sandboxd cloud/gastown_cloud tests bench
 
+# Four workers on two cores: most suites wait on real time (daemons starting, tokens ageing).
+PYTEST_WORKERS ?= 4
+
 pytest: $(STAMP) tools npm
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
 
 # The fast lane (under a minute): everything but the suites marked slow in tests/conftest.py.
 check: lint typecheck npm
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n 2 -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m gastown_cloud.demo
