@@ -12,8 +12,8 @@ from starlette.routing import Route
 from ._http import AppContext
 from .errors import ApiError
 from .models import CreateTown
-from .store import TownStatus
-from .tokens import fingerprint, mint_gastown_token
+from .store import Store, Town, TownStatus
+from .tokens import TokenClaims, fingerprint, mint_gastown_token
 
 log = structlog.get_logger(__name__)
 
@@ -25,26 +25,46 @@ TRANSITIONS: dict[str, tuple[TownStatus, tuple[TownStatus, ...]]] = {
 }
 
 
+async def create_town(
+    store: Store,
+    body: CreateTown,
+    *,
+    secret: str,
+    lifetime: int,
+    claims: TokenClaims,
+    now: float,
+) -> tuple[Town, str]:
+    """createTown: the town in the store and its first token (route and terminal alike)."""
+    town = await store.create_town(
+        user_id=body.user_id,
+        organization_id=body.organization_id,
+        name=body.name,
+        sandbox_url=body.sandbox_url,
+        now=now,
+    )
+    token = mint_gastown_token(
+        town.user_id,
+        town.id,
+        town.organization_id,
+        secret=secret,
+        lifetime=lifetime,
+        now=int(now),
+        claims=claims,
+    )
+    return town, token
+
+
 def town_routes(ctx: AppContext) -> list[Route]:
     async def create(request: Request) -> Response:
         ctx.require_key(request)
         body = await ctx.read_model(request, CreateTown)
-        now = ctx.clock()
-        town = await ctx.store.create_town(
-            user_id=body.user_id,
-            organization_id=body.organization_id,
-            name=body.name,
-            sandbox_url=body.sandbox_url,
-            now=now,
-        )
-        token = mint_gastown_token(
-            town.user_id,
-            town.id,
-            town.organization_id,
+        town, token = await create_town(
+            ctx.store,
+            body,
             secret=ctx.settings.nextauth_secret,
             lifetime=ctx.settings.token_lifetime,
-            now=int(now),
             claims=ctx.settings.token_claims,
+            now=ctx.clock(),
         )
         log.info("town_created", town_id=town.id, user_id=town.user_id, token=fingerprint(token))
         return JSONResponse({"town": town.as_json(), "token": token}, status_code=201)

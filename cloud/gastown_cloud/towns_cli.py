@@ -16,12 +16,11 @@ from typing import Any
 import anyio
 import pydantic
 
-from .api_towns import TRANSITIONS
+from .api_towns import TRANSITIONS, create_town
 from .errors import CloudError, SettingsError
 from .models import CreateTown
 from .settings import check_database, check_secret
 from .store import Store
-from .tokens import mint_gastown_token
 
 _FLAGS = {
     "userId": "--user-id",
@@ -66,24 +65,15 @@ def _create_body(args: argparse.Namespace) -> CreateTown:
 
 
 async def _create(args: argparse.Namespace, body: CreateTown, secret: str) -> dict[str, Any]:
-    now = time.time()
     async with Store(args.db) as store:
-        town = await store.create_town(
-            user_id=body.user_id,
-            organization_id=body.organization_id,
-            name=body.name,
-            sandbox_url=body.sandbox_url,
-            now=now,
+        town, token = await create_town(
+            store,
+            body,
+            secret=secret,
+            lifetime=args.token_lifetime,
+            claims=args.token_claims,
+            now=time.time(),
         )
-    token = mint_gastown_token(
-        town.user_id,
-        town.id,
-        town.organization_id,
-        secret=secret,
-        lifetime=args.token_lifetime,
-        now=int(now),
-        claims=args.token_claims,
-    )
     return {"town": town.as_json(), "token": token}
 
 
