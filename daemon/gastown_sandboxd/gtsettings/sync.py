@@ -168,10 +168,14 @@ class ConfigSync:
         Calls that overlap share one sync as long as it has not read the cloud yet; a call
         that comes once it has waits for it and takes the next, so an answer always reflects
         the desired configuration as it stood when the call came (a dashboard change made just
-        before is in it).
+        before is in it). When the sync it waited for could not read the cloud, it gets that
+        error at once: an unreachable cloud is reported within one timeout.
         """
         while (flight := self._flight) is not None and flight.reading:
             await flight.done.wait()
+            if flight.error is not None:
+                # The cloud failed while this call waited: that is its answer, in one timeout.
+                raise flight.error
         if flight is None:
             flight = self._flight = _Flight()
             try:

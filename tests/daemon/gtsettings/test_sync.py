@@ -381,6 +381,38 @@ async def test_a_sync_asked_for_while_one_reads_the_cloud_gets_the_next_read(
     assert store.last_applied.applied.generation == 2
 
 
+async def test_a_sync_that_waited_for_a_failed_read_gets_its_error_without_a_second_read(
+    store: SettingsStore,
+) -> None:
+    """An unreachable cloud is reported within one timeout, even to a call that had to wait."""
+    cloud = FakeCloud()
+    cloud.fail = DesiredConfigUnavailable(504, "timeout", "the cloud did not answer")
+    gate = anyio.Event()
+    fetch = cloud.fetch
+
+    async def slow_fetch(bearer: str | None) -> DesiredConfig:
+        await gate.wait()
+        return await fetch(bearer)
+
+    cloud.fetch = slow_fetch  # type: ignore[method-assign]
+    sync = make_sync(store, cloud)
+    errors: list[DesiredConfigUnavailable] = []
+
+    async def one() -> None:
+        with pytest.raises(DesiredConfigUnavailable) as caught:
+            await sync.sync_now()
+        errors.append(caught.value)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert cloud.fetches == 1
+    assert [error.status for error in errors] == [504, 504]
+
+
 async def test_a_state_folder_that_cannot_be_written_does_not_stop_the_sync(
     root: Path, tmp_path: Path, events: Events
 ) -> None:
