@@ -59,8 +59,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy daemon/gastown_sandboxd cloud/gastown_cloud tests bench
 
-# Four workers on two cores: most suites wait on real time (daemons starting, tokens ageing).
-PYTEST_WORKERS ?= 4
+# Three workers on two cores: many suites wait on real time (daemons starting, tokens ageing).
+PYTEST_WORKERS ?= 3
 
 pytest: $(STAMP) tools npm
 	$(BIN)/pytest -n $(PYTEST_WORKERS)
