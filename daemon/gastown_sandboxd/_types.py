@@ -1,8 +1,9 @@
-"""Small protocols shared by components: the clock and the event sink."""
+"""Small things shared by components: the clock, its RFC 3339 form, and the event sink."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -29,6 +30,12 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix seconds as an RFC 3339 UTC time with milliseconds: `2025-01-02T03:04:05.678Z`."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Emit(Protocol):

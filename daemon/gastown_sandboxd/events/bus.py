@@ -26,7 +26,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cached_property
 from itertools import islice
 from types import MappingProxyType, TracebackType
@@ -35,6 +34,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from gastown_sandboxd._types import rfc3339
 from gastown_sandboxd.errors import SubscriberLagged
 from gastown_sandboxd.events.types import EVENT_TYPES, DomainEvent
 
@@ -74,12 +74,6 @@ class Gap:
 
     def as_json(self) -> dict[str, int]:
         return {"last_event_id": self.after_id, "first_available_id": self.first_id}
-
-
-def rfc3339(seconds: float) -> str:
-    """Unix seconds as an RFC 3339 UTC time with milliseconds: `2025-01-02T03:04:05.678Z`."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Subscriber:

@@ -12,7 +12,6 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gastown_sandboxd._types import Clock
+from gastown_sandboxd._types import Clock, rfc3339
 from gastown_sandboxd.errors import (
     AtomicWriteError,
     ConfigError,
@@ -88,11 +87,9 @@ class HTTPError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def rfc3339(timestamp: float | None) -> str | None:
-    """Unix seconds as an RFC 3339 UTC string (None stays None)."""
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+def _time(timestamp: float | None) -> str | None:
+    """RFC 3339 (None stays None)."""
+    return None if timestamp is None else rfc3339(timestamp)
 
 
 class KeyRequired:
@@ -248,8 +245,8 @@ class _Routes:
             "town_id": self.ctx.town_id,
             "state": status.state,
             "token": status.token.as_json(now) if status.token is not None else None,
-            "next_refresh_at": rfc3339(status.next_refresh_at),
-            "last_refresh_at": rfc3339(status.last_refresh_at),
+            "next_refresh_at": _time(status.next_refresh_at),
+            "last_refresh_at": _time(status.last_refresh_at),
             "consecutive_failures": status.consecutive_failures,
             "last_error": _last_error(status.last_error),
             "config_revision": self.ctx.store.revision,
@@ -307,7 +304,7 @@ class _Routes:
             generation = self.ctx.store.last_applied.applied.generation
             return {"generation": generation, "state": "pending", "last_sync_at": None}
         status = self.ctx.config_sync.status()
-        return {**status, "last_sync_at": rfc3339(status["last_sync_at"])}
+        return {**status, "last_sync_at": _time(status["last_sync_at"])}
 
     def _count_patch(self, status: int) -> None:
         if self.ctx.patch_counter is not None:
@@ -377,7 +374,7 @@ class _Routes:
 def _last_error(error: LastError | None) -> dict[str, str] | None:
     if error is None:
         return None
-    return {"reason": str(error.reason), "at": rfc3339(error.at) or "", "detail": error.detail}
+    return {"reason": str(error.reason), "at": _time(error.at) or "", "detail": error.detail}
 
 
 def _disk_error(exc: AtomicWriteError) -> HTTPError:

@@ -7,9 +7,9 @@ import json
 import anyio
 import pytest
 
-from gastown_sandboxd._types import Emit
+from gastown_sandboxd._types import Emit, rfc3339
 from gastown_sandboxd.errors import SubscriberLagged
-from gastown_sandboxd.events.bus import Event, EventBus, Gap, Subscription, rfc3339
+from gastown_sandboxd.events.bus import Event, EventBus, Gap, Subscription
 from gastown_sandboxd.events.types import EVENT_TYPES, TownInactive
 
 
