@@ -24,6 +24,7 @@ from gastown_sandboxd.events.bus import EventBus
 from gastown_sandboxd.events.notify import Notifier
 from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
 from gastown_sandboxd.gtsettings.last_applied import LastApplied
+from gastown_sandboxd.gtsettings.schema import CONFIG
 from gastown_sandboxd.gtsettings.store import SettingsStore
 from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.app import ApiContext, create_app
@@ -271,7 +272,7 @@ def _remove_stale_temporaries(env_file: Path, folders: list[Path]) -> None:
     """Temporary files of writes a SIGKILL interrupted (they may hold a token: 0600)."""
     remove_stale_temporaries(env_file)
     for folder in folders:
-        remove_stale_temporaries(folder / "config.json")
+        remove_stale_temporaries(folder / CONFIG)
 
 
 def _remove_socket(path: Path) -> None:

@@ -56,13 +56,12 @@ import structlog
 from watchfiles import Change, awatch
 from watchfiles._rust_notify import RustNotify
 
+from gastown_sandboxd.gtsettings.schema import CONFIG, SETTINGS
 from gastown_sandboxd.gtsettings.snapshot import forget as forget_cached
 from gastown_sandboxd.own_writes import OWN_WRITES, OwnWrites
 
 log = structlog.get_logger(__name__)
 
-SETTINGS_FOLDER = "settings"
-SETTINGS_FILE = "config.json"
 # How long a collect after a ring waits for watchfiles to have something.
 RING_TIMEOUT_MS = 1000
 # The step of the polled fallback: ~5 wake-ups/s, an edit seen in under 500 ms.
@@ -76,7 +75,7 @@ def is_temporary(path: str) -> bool:
 
 
 def _is_settings_file(path: Path) -> bool:
-    return path.name == SETTINGS_FILE and path.parent.name == SETTINGS_FOLDER
+    return path.name == CONFIG and path.parent.name == SETTINGS
 
 
 class SettingsWatcher:
@@ -284,7 +283,7 @@ class SettingsWatcher:
             return False
         return (
             path == self._env_file
-            or path.name in (SETTINGS_FILE, SETTINGS_FOLDER)
+            or path.name in (CONFIG, SETTINGS)
             or path.parent == self._town_root
             or path in self._watched  # a watched folder itself went
         )
@@ -332,9 +331,9 @@ class SettingsWatcher:
 
     async def _report_present(self, added: frozenset[Path]) -> None:
         present = {
-            folder / SETTINGS_FILE
+            folder / CONFIG
             for folder in added
-            if _is_settings_file(folder / SETTINGS_FILE) and (folder / SETTINGS_FILE).is_file()
+            if _is_settings_file(folder / CONFIG) and (folder / CONFIG).is_file()
         }
         if present:
             self.settings_changes += 1

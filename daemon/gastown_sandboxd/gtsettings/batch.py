@@ -38,8 +38,7 @@ from gastown_sandboxd.gtsettings.folders import (
     read_at,
 )
 from gastown_sandboxd.gtsettings.journal import JournalEntry
-from gastown_sandboxd.gtsettings.layout import CONFIG
-from gastown_sandboxd.gtsettings.schema import relative_path
+from gastown_sandboxd.gtsettings.schema import CONFIG, relative_path
 
 log = structlog.get_logger(__name__)
 

@@ -15,8 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from gastown_sandboxd.gtsettings.layout import CONFIG, SETTINGS
-from gastown_sandboxd.gtsettings.schema import rig_name_problem
+from gastown_sandboxd.gtsettings.schema import CONFIG, SETTINGS, rig_name_problem
 
 FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK

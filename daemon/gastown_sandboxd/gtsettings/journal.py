@@ -29,8 +29,7 @@ import structlog
 
 from gastown_sandboxd.atomic import fsync_folder_fd, write_atomic_at
 from gastown_sandboxd.gtsettings.folders import open_settings, open_town_root
-from gastown_sandboxd.gtsettings.layout import CONFIG
-from gastown_sandboxd.gtsettings.schema import relative_path, rig_name_problem
+from gastown_sandboxd.gtsettings.schema import CONFIG, relative_path, rig_name_problem
 
 log = structlog.get_logger(__name__)
 

@@ -12,10 +12,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from gastown_sandboxd.gtsettings.schema import rig_name_problem
-
-SETTINGS = "settings"
-CONFIG = "config.json"
+from gastown_sandboxd.gtsettings.schema import CONFIG, SETTINGS, rig_name_problem
 
 
 def town_settings_file(town_root: Path) -> Path:

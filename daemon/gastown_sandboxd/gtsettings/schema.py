@@ -61,10 +61,12 @@ REFERENCE_KEYS: Mapping[Scope, tuple[tuple[str, bool], ...]] = {
     "rig": (("agent", False), ("role_agents", True), ("worker_agents", True)),
 }
 
-# Folders directly under the town root that belong to the town itself.
-NOT_RIGS = frozenset({"mayor", "settings"})
-
-TOWN_FILE = "settings/config.json"
+# Every settings file is <folder>/settings/config.json: the town's directly under the root.
+SETTINGS = "settings"
+CONFIG = "config.json"
+TOWN_FILE = f"{SETTINGS}/{CONFIG}"
+# Folders directly under the town root that belong to the town itself, not rigs.
+NOT_RIGS = frozenset({"mayor", SETTINGS})
 
 # Agent names: 1 to 128 characters, none of them whitespace or control characters.
 AGENT_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")

@@ -42,7 +42,7 @@ from gastown_sandboxd.gtsettings import journal
 from gastown_sandboxd.gtsettings.apply import desired_patch
 from gastown_sandboxd.gtsettings.batch import FileWrite, Write, write_all, write_target
 from gastown_sandboxd.gtsettings.last_applied import LastApplied
-from gastown_sandboxd.gtsettings.layout import SETTINGS, rig_names
+from gastown_sandboxd.gtsettings.layout import rig_names
 from gastown_sandboxd.gtsettings.patch import (
     TownFiles,
     apply_patch,
@@ -53,7 +53,7 @@ from gastown_sandboxd.gtsettings.patch import (
     same,
     validate_patch,
 )
-from gastown_sandboxd.gtsettings.schema import NOT_RIGS, Doc, pointer, relative_path
+from gastown_sandboxd.gtsettings.schema import NOT_RIGS, SETTINGS, Doc, pointer, relative_path
 from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snapshot
 from gastown_sandboxd.own_writes import note_own_write
 
