@@ -33,8 +33,13 @@ HEADER_TIMEOUT = 5.0  # keep-alive timer: also how long a request head may take 
 MAX_HEADER_BYTES = 16 * 1024
 
 
+# Listening from the moment of binding: a client that connects once `daemon_ready` is logged
+# (or READY=1 sent) queues in the backlog rather than being refused before hypercorn starts.
+BACKLOG = 128
+
+
 def bind_tcp(listen: Listen) -> socket.socket:
-    """A bound, listening-ready TCP socket; port 0 picks a free port."""
+    """A bound, listening TCP socket; port 0 picks a free port."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,6 +50,7 @@ def bind_tcp(listen: Listen) -> socket.socket:
         sock.close()
         # Name the address: "Address already in use" alone does not say which.
         raise OSError(exc.errno, exc.strerror, str(listen)) from None
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -68,6 +74,7 @@ def bind_unix(path: Path, mode: int = SOCKET_MODE) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -84,7 +91,7 @@ def hypercorn_config(fd: int, *, graceful_timeout: float = 1.0) -> Config:
     # until a request's headers are complete.
     config.read_timeout = None
     config.h11_max_incomplete_size = MAX_HEADER_BYTES  # header block limit
-    config.backlog = 128
+    config.backlog = BACKLOG
     config.include_server_header = False
     return config
 
