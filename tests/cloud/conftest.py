@@ -18,15 +18,22 @@ def shared_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServ
     server.stop()
 
 
+# A fresh connection per request: a keep-alive connection the server closes after its idle
+# timer (5 s) races the next request on a loaded machine ("Server disconnected").
+FRESH = httpx.Limits(max_keepalive_connections=0)
+
+
 @pytest.fixture
 def api(shared_cloud: CloudServer) -> Iterator[httpx.Client]:
     """A client of the shared server that sends the internal key."""
-    with httpx.Client(base_url=shared_cloud.url, headers=shared_cloud.headers, timeout=10) as c:
-        yield c
+    with httpx.Client(
+        base_url=shared_cloud.url, headers=shared_cloud.headers, timeout=10, limits=FRESH
+    ) as client:
+        yield client
 
 
 @pytest.fixture
 def anon(shared_cloud: CloudServer) -> Iterator[httpx.Client]:
     """A client of the shared server that sends no key."""
-    with httpx.Client(base_url=shared_cloud.url, timeout=10) as client:
+    with httpx.Client(base_url=shared_cloud.url, timeout=10, limits=FRESH) as client:
         yield client
