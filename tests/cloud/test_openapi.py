@@ -21,11 +21,10 @@ from gastown_cloud.app import create_app
 from gastown_cloud.openapi import openapi_document
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
-from tests.e2e.test_openapi import valid_http_headers
+from tests.e2e.test_openapi import operations, valid_http_headers
 from tests.fixtures.cloud import CloudServer, launch_cloud
 
 KEY = "cloud-openapi-key-0123456789"
-METHODS = frozenset({"get", "put", "post", "delete", "patch", "options", "head", "trace"})
 EXAMPLES_PER_MODE = 12
 MIN_REQUESTS = 200
 CHECKS = {
@@ -49,16 +48,6 @@ HYPOTHESIS = settings(
         HealthCheck.filter_too_much,
     ],
 )
-
-
-def operations(document: dict[str, Any]) -> set[tuple[str, str]]:
-    """(METHOD, path) of every operation the document describes."""
-    return {
-        (method.upper(), path)
-        for path, item in document["paths"].items()
-        for method in item
-        if method in METHODS
-    }
 
 
 def routed(app: Starlette) -> set[tuple[str, str]]:
