@@ -202,8 +202,12 @@ async def run_hook(spec: HookSpec, event: Event) -> str:
                 await process.wait()
         finally:
             if process.returncode is None:
-                # Timed out or the daemon is stopping: take the hook's children down too.
+                # Timed out or the daemon is stopping: take the hook's children down too, and
+                # reap the hook even when cancelled (SIGKILL makes the wait short), so no
+                # zombie and no unreaped process object is left behind.
                 _kill_group(process.pid)
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
     if deadline.cancelled_caught:
         log.warning("hook_timed_out", program=program, timeout=spec.timeout, event_id=event.id)
         return "timeout"
