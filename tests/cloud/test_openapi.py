@@ -14,14 +14,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
-from starlette.applications import Starlette
-from starlette.routing import Route
 
 from gastown_cloud.app import create_app
 from gastown_cloud.openapi import openapi_document
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
-from tests.e2e.test_openapi import operations, valid_http_headers
+from tests.e2e.test_openapi import operations, routed, valid_http_headers
 from tests.fixtures.cloud import CloudServer, launch_cloud
 
 KEY = "cloud-openapi-key-0123456789"
@@ -48,17 +46,6 @@ HYPOTHESIS = settings(
         HealthCheck.filter_too_much,
     ],
 )
-
-
-def routed(app: Starlette) -> set[tuple[str, str]]:
-    """(METHOD, path) of every route; HEAD is left out (Starlette adds it to every GET)."""
-    return {
-        (method, route.path)
-        for route in app.routes
-        if isinstance(route, Route)
-        for method in route.methods or ()
-        if method != "HEAD"
-    }
 
 
 async def test_every_route_is_documented_and_every_operation_is_routed(tmp_path: Path) -> None:
