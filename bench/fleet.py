@@ -723,8 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         "\nA refused daemon waits the longer of Retry-After (capped at 300 s) and its own"
-        " backoff (up to 300 s):\nthe last sandboxes refused come back up to 300 s after"
-        " their refusal, whatever the cloud says."
+        " backoff,\nwhich a Retry-After holds to 30 s (`busy_backoff_max`): the cloud's slot"
+        " decides the return."
     )
     print(f"\nran in {time.perf_counter() - began:.1f} s")
     return 0

@@ -12,8 +12,9 @@ being told "1 s" and coming back together. `Retry-After` is the whole seconds un
 it; one refused at or after its slot is told to wait for the next token. A slot not used
 within `hold` seconds is dropped (the caller got its token some other way, or gave up).
 
-The daemon waits at least `Retry-After`, capped at 300 s, and never less than its own backoff
-(up to 300 s): a refused sandbox may come back later than its slot, never earlier.
+The daemon waits at least `Retry-After`, capped at 300 s, and never less than its own backoff,
+which a `Retry-After` holds to 30 s: a refused sandbox comes back at its slot or up to 30 s
+after it, never earlier.
 """
 
 from __future__ import annotations

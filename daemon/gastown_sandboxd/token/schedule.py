@@ -7,7 +7,9 @@ Each held token has one regular refresh time, drawn once (so re-planning is stab
   `desync_point`, which spreads a fleet that got its tokens together at once instead of over
   the weeks the jitter alone takes (see its docstring).
 After failures, full-jitter exponential backoff with a floor, tighter when the token is close
-to expiry, never sooner than the cloud's `Retry-After`.
+to expiry, never sooner than the cloud's `Retry-After`; with a `Retry-After` the backoff
+itself is held to `busy_backoff_max` (60 s), so the cloud's plan, not the daemon's 300 s
+ceiling, decides when a refused sandbox comes back.
 
 Short tokens (CONTRACT §3): below a lifetime of `SHORT_LIFETIME` (1 h) every waiting time
 shrinks with the lifetime, so a 30 s demo token fares as a 24 h one does: `backoff_max`,
@@ -39,6 +41,10 @@ class SchedulePolicy:
     max_sleep: float = 30.0
     inactive_probe: float = 3600.0
     retry_after_cap: float = 300.0
+    # A 429/503 with Retry-After comes from something alive that plans the return (the cloud's
+    # admission control spreads the fleet over its backlog): the daemon's own backoff on top
+    # of it is held to this, so a sandbox refused late is not sent 300 s past its slot.
+    busy_backoff_max: float = 30.0
     # Full jitter can draw ~0: the floor keeps outages to one call per 2 s at most.
     min_retry_gap: float = 2.0
     urgent_fraction: float = 0.1
@@ -199,6 +205,13 @@ def next_attempt_at(
         return max(now, refresh_at)
     if outcome is Outcome.UNAUTHORIZED:
         delay = policy.urgent_backoff_max if urgent else policy.backoff_max
+    elif retry_after is not None:
+        busy = replace(
+            policy,
+            backoff_max=min(policy.backoff_max, policy.busy_backoff_max),
+            urgent_backoff_max=min(policy.urgent_backoff_max, policy.busy_backoff_max),
+        )
+        delay = backoff_delay(failures, urgent=urgent, rng=rng, policy=busy)
     else:
         delay = backoff_delay(failures, urgent=urgent, rng=rng, policy=policy)
     if retry_after is not None:

@@ -341,7 +341,7 @@ def test_run_gives_the_headline_figures() -> None:
 # --- recovery under the cloud's admission control --------------------------------------------
 
 RATE = 10
-# A refused daemon waits the longer of Retry-After and its own backoff, up to 300 s (§3).
+# Without admission control, an outage's failures back off up to 300 s (§3).
 LONGEST_BACKOFF = POLICY.backoff_max
 
 
@@ -361,13 +361,14 @@ def test_recovery_never_admits_more_than_the_rate(recovery: RecoveryResult) -> N
 def test_recovery_gives_every_sandbox_a_fresh_token_in_bounded_time(
     recovery: RecoveryResult,
 ) -> None:
-    """Every sandbox holds a fresh token within n / rate + 60 s plus the daemon's longest
-    backoff (a refused sandbox may come back up to 300 s after a refusal, whatever Retry-After
-    says); and no sooner than the admissions allow."""
+    """Every sandbox holds a fresh token within n / rate + 60 s (issue 12's bound: a refused
+    daemon's own backoff is held to `busy_backoff_max` under a Retry-After, so the cloud's
+    slot decides); and no sooner than the admissions allow."""
     assert len(recovery.fresh_at) == N
     assert min(recovery.fresh_at) >= 0
     assert recovery.recovery >= N / RATE - 1
-    assert recovery.recovery <= recovery.bound + LONGEST_BACKOFF
+    assert recovery.bound == N / RATE + 60
+    assert recovery.recovery <= recovery.bound
 
 
 def test_without_admission_control_the_cloud_takes_the_herd() -> None:

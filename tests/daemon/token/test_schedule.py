@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+from dataclasses import replace
 
 import pytest
 from bench.short_token_bench import simulate
@@ -175,12 +176,44 @@ def test_retry_after_is_capped_at_300_s() -> None:
     assert plan(claims(), now, failures=1, outcome=Outcome.BUSY, retry_after=3600) == now + 300
 
 
-def test_short_retry_after_keeps_the_backoff() -> None:
-    """A Retry-After shorter than the backoff does not shorten it."""
+def test_short_retry_after_keeps_a_held_backoff() -> None:
+    """A Retry-After shorter than the backoff does not shorten it below the draw of the
+    backoff held to `busy_backoff_max` (nor below the 2 s floor)."""
     now = T0 + DAY / 2
     got = plan(claims(), now, failures=9, outcome=Outcome.BUSY, retry_after=0.5, seed=3)
-    assert got >= now + 2.0
-    assert got == plan(claims(), now, failures=9, outcome=Outcome.BUSY, seed=3)
+    held = replace(POLICY, backoff_max=POLICY.busy_backoff_max)
+    assert got == now + backoff_delay(9, urgent=False, rng=random.Random(3), policy=held)
+    assert now + 2.0 <= got <= now + 30.0
+
+
+def test_retry_after_holds_the_own_backoff_to_30_s() -> None:
+    """After many failures the own backoff reaches 300 s; under a Retry-After it is held to
+    `busy_backoff_max`, so the cloud's slot decides when a refused sandbox comes back."""
+    now = T0 + DAY / 2
+    assert POLICY.busy_backoff_max == 30.0
+    busy = [
+        plan(claims(), now, failures=20, outcome=Outcome.BUSY, retry_after=5, seed=seed) - now
+        for seed in range(300)
+    ]
+    assert min(busy) >= 5
+    assert max(busy) <= 30
+    # Not a constant: the draw still spreads sandboxes refused together.
+    assert len({round(wait, 3) for wait in busy}) > 200
+    outage = [
+        plan(claims(), now, failures=20, outcome=Outcome.OUTAGE, seed=seed) - now
+        for seed in range(300)
+    ]
+    assert max(outage) > 100  # without a Retry-After the 300 s ceiling stays
+
+
+def test_busy_without_retry_after_backs_off_in_full() -> None:
+    """A 429 without Retry-After (`retry_after` None) keeps the whole 300 s ceiling."""
+    now = T0 + DAY / 2
+    waits = [
+        plan(claims(), now, failures=20, outcome=Outcome.BUSY, seed=seed) - now
+        for seed in range(300)
+    ]
+    assert max(waits) > 100
 
 
 def test_inactive_town_is_probed_hourly() -> None:
