@@ -1,3 +1,34 @@
-from gastown_sandboxd.cli import main
+"""`python -m gastown_sandboxd` and the `gastown-sandboxd` command.
 
-raise SystemExit(main())
+Before anything else is imported, the entry hides three packages the daemon never uses but its
+libraries load whenever they happen to be installed: httpx imports its own command line
+(click, rich, pygments) and structlog its rich tracebacks. Hidden, each import falls back as
+the library intends (httpx without its CLI, structlog with plain tracebacks). Measured on a
+2-core machine with all three installed: `import gastown_sandboxd.cli` 228 → 141 ms of CPU,
+the daemon's whole import 422 → 350 ms, on every start of the daemon and of each command.
+Only this entry does it: a program that imports the package keeps its own modules.
+"""
+
+from __future__ import annotations
+
+import sys
+
+NEVER_USED = ("rich", "click", "pygments")
+
+
+def hide_never_used() -> None:
+    """Make `NEVER_USED` unimportable in this process (unless already imported)."""
+    for name in NEVER_USED:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # Python's "not importable"
+
+
+def main() -> int:
+    hide_never_used()
+    from gastown_sandboxd.cli import main as cli_main
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
