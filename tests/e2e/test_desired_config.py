@@ -21,6 +21,7 @@ import pytest
 
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+from tests.waiting import wait_until
 
 from .gt_town import FRONTEND_FILE, TOWN_FILE, free_port, make_config_town, read_events
 
@@ -159,14 +160,18 @@ def test_a_replaced_sandbox_with_a_fresh_town_root_and_state_folder_converges(
     first.stop()
     second = sandbox.start(fresh="replacement")
     assert second.town_root != first.town_root
-    sandbox.wait_cloud(applied(1))
-    deadline = time.monotonic() + 15
-    while sandbox.doc().get("default_agent") != "codex":
-        assert time.monotonic() < deadline, sandbox.doc()
-        time.sleep(0.05)
+    # The cloud already says "applied" (by the first sandbox): wait on the new daemon's own
+    # word, given once the whole change is on disk (the town file alone can be read between
+    # the renames of one apply).
+    def applied_here() -> dict[str, Any] | None:
+        sync: dict[str, Any] = sandbox.status()["config_sync"]
+        return sync if sync["state"] == "applied" else None
+
+    sync = wait_until(applied_here, "the replacement to apply generation 1", deadline=15)
+    assert sync["generation"] == 1
+    assert sandbox.doc()["default_agent"] == "codex"
     assert sandbox.doc()["role_effort"]["mayor"] == "high"
     assert sandbox.doc(FRONTEND_FILE)["agent"] == "codex"
-    assert sandbox.status()["config_sync"]["generation"] == 1
 
 
 def test_a_hand_edit_of_a_cloud_key_is_put_back_and_a_hand_added_key_kept(
