@@ -51,6 +51,12 @@ _INSERT_HISTORY = "INSERT INTO desired_history (town_id, generation, desired) VA
 _SELECT_HISTORY = "SELECT desired FROM desired_history WHERE town_id = ? AND generation = ?"
 # The sandbox stands on applied_generation or later: older desired states are no longer needed.
 _PRUNE_HISTORY = "DELETE FROM desired_history WHERE town_id = ? AND generation < ?"
+# Between the applied generation and the last `HISTORY_KEPT`: a sandbox away for long reports
+# the generation it applied (kept) or one of the recent ones a push carried (kept).
+_PRUNE_BETWEEN = (
+    "DELETE FROM desired_history WHERE town_id = ? AND generation > ? AND generation <= ?"
+)
+HISTORY_KEPT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +237,8 @@ class Store:
                 generation = config.generation + 1
                 config = replace(config, generation=generation, desired=desired)
                 db.execute(_INSERT_HISTORY, (town_id, generation, _text(desired)))
+                between = (town_id, config.applied_generation, generation - HISTORY_KEPT)
+                db.execute(_PRUNE_BETWEEN, between)
             if applied:
                 config = replace(
                     config,

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from gastown_cloud import migrations
 from gastown_cloud.desired import ConfigState
 from gastown_cloud.migrations import LATEST, SchemaTooNew, migrate
-from gastown_cloud.store import ConfigConflict, GenerationAhead, Store, Usage
+from gastown_cloud.store import HISTORY_KEPT, ConfigConflict, GenerationAhead, Store, Usage
 
 NOW = 1_700_000_000.0
 
@@ -339,3 +339,36 @@ async def test_two_openers_at_once_migrate_once(tmp_path: Path) -> None:
     assert sorted(e["version"] for e in logs if e["event"] == "store_migrated") == [1, 2]
     assert _user_version(path) == LATEST
     assert _rows(path) == before
+
+
+async def test_history_of_a_town_whose_sandbox_is_away_stays_bounded(tmp_path: Path) -> None:
+    """100 changes while the sandbox stands on generation 1: the applied generation's state
+    (the base of the next push) and the last HISTORY_KEPT stay; those between are pruned, and
+    a late report of a recent one still finds its state."""
+    async with Store(tmp_path / "cloud.db") as store:
+        town = await store.create_town(
+            user_id="u", organization_id=None, name="t", sandbox_url=None, now=NOW
+        )
+        first = {"town": {"default_agent": "a"}}
+        await store.save_desired(town.id, first, base_generation=0, applied=True, now=NOW)
+        for n in range(2, 102):
+            change = {"town": {"default_agent": f"agent-{n}"}}
+            await store.save_desired(town.id, change, base_generation=n - 1, applied=False, now=NOW)
+        with closing(sqlite3.connect(tmp_path / "cloud.db")) as db:
+            kept = [
+                row[0]
+                for row in db.execute(
+                    "SELECT generation FROM desired_history WHERE town_id = ? ORDER BY 1",
+                    (town.id,),
+                )
+            ]
+        assert kept == [1, *range(101 - HISTORY_KEPT + 1, 102)]
+        assert await store.desired_at(town.id, 1) == first
+        assert await store.desired_at(town.id, 50) is None
+        recent = 101 - HISTORY_KEPT + 1
+        assert await store.desired_at(town.id, recent) == {
+            "town": {"default_agent": f"agent-{recent}"}
+        }
+        await store.record_report(town.id, generation=recent, revision="r", error=None, now=NOW)
+        assert await store.desired_at(town.id, 1) is None
+        assert await store.desired_at(town.id, recent) is not None
