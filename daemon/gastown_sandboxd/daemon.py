@@ -43,7 +43,9 @@ log = structlog.get_logger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNAL = signal.SIGHUP
 # Options a reload applies in place; any other change waits for a restart (and is logged).
-RELOADABLE = frozenset({"hooks", "signals", "schedule", "agent_shims", "claude_helper_ttl"})
+RELOADABLE = frozenset(
+    {"hooks", "signals", "schedule", "agent_shims", "claude_helper_ttl", "config_sync_interval"}
+)
 
 
 async def run_daemon(
@@ -156,6 +158,7 @@ async def run_daemon(
         refresher.set_policy(new.schedule)
         agents.update(names=new.agent_shims, claude_helper_ttl=new.claude_helper_ttl)
         agents.sync()  # a few small files: the shims match the new list at once
+        config_sync.set_interval(new.config_sync_interval)
         current[0] = new
 
     async with _owning(lock), client, desired_client, anyio.create_task_group() as tg:

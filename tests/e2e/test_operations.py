@@ -520,14 +520,17 @@ def _wait_for_event(stream: _SingleStream, after: int) -> dict[str, Any]:
 
 
 def test_sighup_applies_new_schedule_knobs(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    """refresh.max_sleep changed and SIGHUP: the reload names the schedule as changed, and an
-    option that needs a restart is named as such."""
+    """refresh.max_sleep and config_sync.interval changed and SIGHUP: the reload names both
+    as changed, and an option that needs a restart is named as such."""
     daemon = _daemon(daemon_factory, tmp_path, config_toml='[refresh]\nmax_sleep = "30s"\n')
     config = next(tmp_path.glob("daemon-*.toml"))
-    config.write_text('[watcher]\ndebounce = "100ms"\n[refresh]\nmax_sleep = "20s"\n')
+    config.write_text(
+        '[watcher]\ndebounce = "100ms"\n[refresh]\nmax_sleep = "20s"\n'
+        '[config_sync]\ninterval = "1m"\n'
+    )
     daemon.process.send_signal(signal.SIGHUP)
     reloaded = daemon.wait_for_log("options_reloaded")
-    assert reloaded["changed"] == ["schedule"]
+    assert reloaded["changed"] == ["config_sync_interval", "schedule"]
     restart = daemon.wait_for_log("options_need_restart")
     assert restart["options"] == ["watch_debounce_ms"]
 

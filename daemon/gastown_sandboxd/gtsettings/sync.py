@@ -120,6 +120,7 @@ class ConfigSync:
         self._last_sync_at: float | None = None
         self._failures = 0
         self._woken = False
+        self._replan = False
         self._nap: anyio.CancelScope | None = None
         self._flight: _Flight | None = None
 
@@ -130,6 +131,21 @@ class ConfigSync:
             "state": self._state.value,
             "last_sync_at": self._last_sync_at,
         }
+
+    @property
+    def interval(self) -> float:
+        """Seconds between regular syncs (before jitter)."""
+        return self._interval
+
+    def set_interval(self, seconds: float) -> None:
+        """Use `seconds` from now on (SIGHUP): a nap in progress ends and the next sync is
+        planned from now with the new interval, so a shorter one need not wait out the old."""
+        if seconds == self._interval:
+            return
+        self._interval = seconds
+        self._replan = True
+        if self._nap is not None:
+            self._nap.cancel()
 
     def wake(self) -> None:
         """Sync soon (the cloud answered again after an outage); safe to call any time."""
@@ -304,11 +320,17 @@ class ConfigSync:
             return None
 
     async def _sleep(self, seconds: float) -> None:
-        # `wake()` cancels this nap so that the sync runs at once.
-        with anyio.CancelScope() as scope:
-            self._nap = scope
-            try:
-                if not self._woken:
-                    await self._clock.sleep(seconds)
-            finally:
-                self._nap = None
+        # `wake()` cancels this nap so that the sync runs at once; `set_interval()` so that
+        # the rest of it is planned again with the new interval.
+        while True:
+            self._replan = False
+            with anyio.CancelScope() as scope:
+                self._nap = scope
+                try:
+                    if not self._woken:
+                        await self._clock.sleep(seconds)
+                finally:
+                    self._nap = None
+            if not self._replan or self._woken:
+                return
+            seconds = self.next_delay()

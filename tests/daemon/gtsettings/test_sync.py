@@ -22,6 +22,7 @@ from gastown_sandboxd.token.refresher import TokenRefresher
 from tests.daemon.gt_samples import build_town
 from tests.daemon.minting import mint
 from tests.daemon.simclock import SimulatedClock
+from tests.waiting import eventually
 
 TOWN_FILE = "settings/config.json"
 DESIRED = {
@@ -314,6 +315,28 @@ async def test_the_loop_syncs_at_start_every_interval_jittered_and_when_woken(
     assert status["generation"] == 1
     assert status["state"] == "applied"
     assert status["last_sync_at"] == clock.time()
+
+
+async def test_a_new_interval_replans_the_nap_without_a_sync(store: SettingsStore) -> None:
+    """`set_interval` (SIGHUP) ends the nap in progress and plans a new one of the new
+    interval, jittered, without syncing at once; the same interval changes nothing."""
+    cloud = FakeCloud()
+    clock = RecordingClock()
+    sync = make_sync(store, cloud, clock=clock, interval=300.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sync.run)
+        await eventually(lambda: clock.asked)
+        assert 270 <= clock.asked[0] <= 330
+        sync.set_interval(300.0)
+        sync.set_interval(60.0)
+        assert sync.interval == 60.0
+        await eventually(lambda: len(clock.asked) >= 2)
+        assert 54 <= clock.asked[1] <= 66
+        assert cloud.fetches == 1  # planned again, not synced
+        clock.advance(clock.asked[1])
+        await eventually(lambda: cloud.fetches == 2 and len(clock.asked) >= 3)
+        assert 54 <= clock.asked[2] <= 66
+        tg.cancel_scope.cancel()
 
 
 async def test_the_refresher_calls_back_on_its_first_success_after_failures(
