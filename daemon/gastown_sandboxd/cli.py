@@ -286,6 +286,7 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from gastown_sandboxd.gtsettings.last_applied import LastApplied
     from gastown_sandboxd.ops.socket_lock import owner_pid
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
@@ -301,9 +302,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"listen          {options.listen}",
         f"socket          {options.socket}"
         + (f" (served by the running daemon, pid {pid})" if pid else ""),
+        f"state folder    {options.state_dir}",
         f"hooks, signals  {len(options.hooks)}, {len(options.signals)}",
     ]
     print("\n".join(lines))
+    copy = LastApplied(state_dir=options.state_dir, town_id=options.town_id)
+    if (problem := copy.folder_problem()) is not None:
+        # Not fatal, as for `run`: the sync keeps its last-applied copy in memory only.
+        print(
+            f"warning: state folder: {problem}; the last-applied copy of the desired"
+            " configuration would be kept in memory only, so a restart forgets which keys the"
+            " cloud set (set --state-dir or GASTOWN_SANDBOXD_STATE_DIR)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -339,6 +339,22 @@ def test_check_of_good_options_exits_0_with_a_summary(
     assert f"(served by the running daemon, pid {daemon.process.pid})" in done.stdout
 
 
+def test_check_warns_of_a_state_folder_it_cannot_create_and_still_exits_0(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A state folder under a regular file: `run` would keep the copy in memory only, so
+    `check` passes (exit 0) and says why on stderr, naming the setting to change."""
+    daemon = _daemon(daemon_factory, tmp_path)
+    (tmp_path / "plain-file").write_text("")
+    env = {**_env_of(daemon), "GASTOWN_SANDBOXD_STATE_DIR": str(tmp_path / "plain-file" / "s")}
+    done = cli("check", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"state folder    {tmp_path / 'plain-file' / 's'}" in done.stdout
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"warning: state folder: {tmp_path / 'plain-file'} is not a folder;")
+    assert "GASTOWN_SANDBOXD_STATE_DIR" in line
+
+
 # --- 4. last_error ------------------------------------------------------------------------
 
 

@@ -100,6 +100,25 @@ class LastApplied:
         newest = max(generation, self._applied.generation or 0)
         return self.record(newest, merged)
 
+    def folder_problem(self) -> str | None:
+        """Why the copy could not be kept on disk, in words for `check`; None when it can be
+        (the folder is writable, or the nearest folder above it that exists is, for makedirs).
+        """
+        if self._path is None:
+            return None
+        folder = self._path.parent
+        probe = folder
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is not a folder"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            action = "written" if probe == folder else f"created (in {probe})"
+            return f"{folder} cannot be {action}"
+        return None
+
     def _save(self, applied: Applied) -> None:
         if self._path is None:
             return
