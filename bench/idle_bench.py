@@ -7,7 +7,12 @@ context switches (voluntary + involuntary) per second per thread are its wake-up
 Baseline in the same run: a bare interpreter in an asyncio loop that sleeps, same window.
 
 RSS by import: a fresh interpreter per row imports the modules of the row (and of the rows
-above it), then reports VmRSS; the step from the row above is what the row's modules add.
+above it), then reports VmRSS; the step from the row above is what the row's modules add. Each
+starts as the daemon's entry does, with rich, click and pygments hidden (`__main__.py`).
+
+Start to ready: `STARTS` daemons one after another, from Popen to READY=1 on the notify
+socket (the daemon sends it once both sockets listen); CPU is the child's utime+stime up to
+then. Baseline in the same run: a bare interpreter from Popen to exit.
 
 `python -m bench.idle_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
@@ -15,6 +20,7 @@ above it), then reports VmRSS; the step from the row above is what the row's mod
 from __future__ import annotations
 
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,15 +32,19 @@ from pathlib import Path
 from tests.fixtures.daemon import make_town
 
 from ._daemon import running_daemon
-from ._stats import rss_kib, thread_counters
+from ._stats import cpu_seconds, rss_kib, thread_counters
 from ._table import Row, main_of
 
 TOWN_ID = "town-idle-bench"
+STARTS = 15
 BARE_LOOP = "import asyncio; asyncio.run(asyncio.sleep(3600))"
 
 # Cumulative import steps, in the order the daemon's start path meets them.
 IMPORT_STEPS: tuple[tuple[str, str], ...] = (
-    ("bare interpreter", ""),
+    (
+        "bare interpreter",
+        "from gastown_sandboxd.__main__ import hide_never_used; hide_never_used()",
+    ),
     ("asyncio", "import asyncio"),
     ("ssl", "import ssl"),
     ("anyio, structlog", "import anyio, structlog"),
@@ -97,6 +107,36 @@ def _bare_loop(window: float) -> tuple[float, float]:
     return sum(per_name.values()), cpu
 
 
+def start_to_ready(workdir: Path, starts: int) -> tuple[list[float], list[float]]:
+    """Seconds from Popen to READY=1, and the child's CPU seconds by then, per start."""
+    walls: list[float] = []
+    cpus: list[float] = []
+    town = make_town(workdir / "town-ready", ("alpha",))
+    for number in range(starts):
+        folder = workdir / f"ready-{number}"
+        folder.mkdir()
+        with _notify_socket(folder) as (address, sock):
+            sock.setblocking(True)
+            sock.settimeout(30.0)
+            env = {"NOTIFY_SOCKET": address}
+            home = workdir / f"ready-home-{number}"
+            with running_daemon(home, town, town_id=TOWN_ID, env=env, wait=False) as daemon:
+                while b"READY=1" not in sock.recv(4096):
+                    pass
+                walls.append(time.perf_counter() - daemon.started)
+                cpus.append(cpu_seconds(daemon.pid))
+    return walls, cpus
+
+
+def _bare_starts(starts: int) -> list[float]:
+    walls = []
+    for _ in range(starts):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        walls.append(time.perf_counter() - began)
+    return walls
+
+
 def rss_by_import() -> list[tuple[str, float]]:
     """(row, MiB) for each cumulative import step, each in a fresh interpreter."""
     rows = []
@@ -118,9 +158,11 @@ def rss_by_import() -> list[tuple[str, float]]:
 def run(quick: bool) -> list[Row]:
     """Measure the idle daemon and the bare loop over the same window; then RSS by import."""
     window = 10.0 if quick else 20.0
+    starts = 5 if quick else STARTS
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="idle-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
+        ready_walls, ready_cpus = start_to_ready(workdir, starts)
         with _notify_socket(workdir) as (address, sock):
             env = {"NOTIFY_SOCKET": address}
             town = make_town(workdir / "town", ("alpha",))
@@ -142,6 +184,12 @@ def run(quick: bool) -> list[Row]:
         Row("sd_notify messages while idle", notices, "msgs", note="STATUS is event-driven"),
         Row("RSS after start", rss_start, "MiB", note="VmRSS once ready"),
         Row(f"RSS after {window:.0f} s idle", rss_idle, "MiB"),
+    ]
+    bare = statistics.median(_bare_starts(starts)) * 1000
+    note = f"median of {starts} starts; baseline: a bare interpreter, Popen to exit"
+    rows += [
+        Row("start to ready (READY=1)", statistics.median(ready_walls) * 1000, "ms", bare, note),
+        Row("  its CPU", statistics.median(ready_cpus) * 1000, "ms", note="utime+stime"),
     ]
     previous: float | None = None
     for label, mib in rss_by_import():
