@@ -20,22 +20,22 @@ import httpx
 import pytest
 
 from gastown_sandboxd.gtsettings.patch import RIG_KEYS, TOWN_KEYS
-from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS, members
-from tests.daemon.minting import mint
-from tests.fixtures.daemon import DaemonFactory, DaemonProcess
-
-from .gt_town import (
+from tests.daemon.gt_samples import (
     BACKEND_FILE,
     FRONTEND_FILE,
+    RIG_SETTINGS,
     TOWN_FILE,
-    TOWN_ID,
+    TOWN_SETTINGS,
     WRAPPER,
+    members,
     pairs,
-    read_events,
-    start_config_daemon,
     tree,
     unmanaged,
 )
+from tests.daemon.minting import mint
+from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+
+from .gt_town import TOWN_ID, read_events, start_config_daemon
 
 LIMIT = 64 * 1024
 AGENT = {

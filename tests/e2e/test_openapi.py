@@ -36,11 +36,11 @@ from gastown_sandboxd.http.openapi import (
     render_document,
 )
 from gastown_sandboxd.token.refresher import TokenRefresher
-from tests.daemon.gt_samples import contract_patch
+from tests.daemon.gt_samples import contract_patch, make_config_town
 from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
-from .gt_town import TOWN_ID, make_config_town, start_config_daemon
+from .gt_town import TOWN_ID, start_config_daemon
 
 CONFIG_FOLDER = Path(__file__).resolve().parents[2] / "config"
 KEY = "openapi-test-key-0123456789abcdef"
