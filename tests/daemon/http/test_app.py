@@ -13,7 +13,8 @@ import os
 import shutil
 import subprocess
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from tests.daemon.gt_samples import (
     unmanaged,
 )
 from tests.daemon.http.test_openapi import operations
-from tests.daemon.minting import mint
+from tests.daemon.minting import forge, mint
 from tests.daemon.simclock import SimulatedClock
 
 pytestmark = pytest.mark.anyio
@@ -179,12 +180,23 @@ class Town:
 async def town(tmp_path: Path) -> AsyncIterator[Town]:
     """The realistic town (town file, rig frontend with a file, rig backend without), loaded,
     with an acceptable token on disk and the refresher running on a clock that stands still."""
+    async with running_town(tmp_path, token=mint(T0, town_id=TOWN_ID)) as town:
+        yield town
+
+
+@asynccontextmanager
+async def running_town(
+    tmp_path: Path, *, token: str | None, script: Sequence[str | Exception] = ()
+) -> AsyncIterator[Town]:
+    """The town with `token` in its env file (None: no token line); the cloud answers the
+    refreshes with `script` first. Returns once the refresher's first moves are done."""
     root = make_config_town(tmp_path / "town")
     env_file = tmp_path / "env" / ".env.gateway"
     env_file.parent.mkdir()
-    env_file.write_text(f"# gateway\nKILO_JWT={mint(T0, town_id=TOWN_ID)}\n")
+    env_file.write_text("# gateway\n" + ("" if token is None else f"KILO_JWT={token}\n"))
     clock = SimulatedClock(T0, autojump=False)
     cloud = ScriptedCloud(clock)
+    cloud.script.extend(script)
     bus = EventBus()
     events: list[DomainEvent] = []
 
@@ -222,6 +234,7 @@ async def town(tmp_path: Path) -> AsyncIterator[Town]:
     )
     async with anyio.create_task_group() as tg:
         await tg.start(refresher.run)
+        await anyio.wait_all_tasks_blocked()
         yield town
         tg.cancel_scope.cancel()
 
@@ -890,6 +903,57 @@ async def test_a_push_that_is_not_one_token_string_is_422(town: Town, body: Any)
     assert town.env_file.read_bytes() == before
 
 
+async def test_hostile_pushes_are_refused_and_change_nothing(town: Town, tmp_path: Path) -> None:
+    """Other towns' tokens, expired ones, alg none, shell code, huge and broken bodies: each a
+    4xx that echoes no token, with the env file and the event stream untouched; a good push
+    afterwards is the only event."""
+    valid = mint(T0 - 30, town_id=TOWN_ID)
+    expired = mint(T0 - 100, lifetime=20, town_id=TOWN_ID)
+    marker = tmp_path / "pwned"
+    claims = {
+        "sub": "user-1",
+        "type": "gastown_sandbox",
+        "town_id": TOWN_ID,
+        "organization_id": "org-1",
+        "iat": int(T0) - 30,
+        "exp": int(T0) - 30 + 86400,
+    }
+
+    async def undeclared() -> AsyncIterator[bytes]:
+        yield b'{"token": "' + b"a" * 1_000_000 + b'"}'
+
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("another town", {"json": {"token": mint(T0, town_id="town-other")}}, 422, "wrong_town"),
+        ("expired", {"json": {"token": expired}}, 422, "expired"),
+        ("alg none", {"json": {"token": forge({"alg": "none"}, claims)}}, 422, "bad_alg"),
+        ("no signature", {"json": {"token": forge({"alg": "none"}, claims, "")}}, 422, "malformed"),
+        ("substitution", {"json": {"token": f"{valid}$(touch {marker})"}}, 422, "malformed"),
+        ("new line", {"json": {"token": f"{valid}\ntouch {marker}"}}, 422, "malformed"),
+        ("semicolon", {"json": {"token": f"{valid}; touch {marker}"}}, 422, "malformed"),
+        ("backquotes", {"json": {"token": f"`touch {marker}`"}}, 422, "malformed"),
+        ("1 MB", {"json": {"token": "a" * 1_000_000}}, 413, "body_too_large"),
+        ("1 MB undeclared", {"content": undeclared()}, 413, "body_too_large"),
+        ("not JSON", {"content": f"KILO_JWT={valid}"}, 400, "invalid_json"),
+        ("a JSON list", {"json": [valid]}, 400, "invalid_json"),
+    ]
+    before = town.env_file.read_bytes()
+    async with town.tcp() as tcp:
+        for name, request, status, code in cases:
+            answer = await tcp.put("/token", **request)
+            body = error_of(answer, status, answer.json()["error"])
+            assert body["error"] == code or code in {d["message"] for d in body["details"]}, name
+            for secret in (valid, valid.rsplit(".", 1)[1]):
+                assert secret not in answer.text, name
+            assert town.env_file.read_bytes() == before, name
+        assert (await tcp.get("/status")).json()["token"]["fingerprint"] == fingerprint(
+            mint(T0, town_id=TOWN_ID)
+        )
+        assert town.events == []
+        assert (await tcp.put("/token", json={"token": valid})).status_code == 200
+    assert [event.TYPE for event in town.events] == ["token.refreshed"]
+    assert not marker.exists()
+
+
 async def test_an_unacceptable_pushed_token_is_422_with_every_reason(town: Town) -> None:
     """A token of another town and already expired: 422 with one detail per reason, kept out
     of the env file and out of the answer."""
@@ -1006,6 +1070,35 @@ async def test_readyz_needs_a_usable_token_and_a_writable_town_root(town: Town) 
     assert (ready.status_code, ready.json()) == (200, {"ready": True, "reasons": []})
     assert gone.status_code == 503
     assert gone.json() == {"ready": False, "reasons": ["town root is not a writable folder"]}
+
+
+@pytest.mark.parametrize("held", ["expired", "missing"])
+async def test_readyz_is_503_naming_the_token_while_healthz_stays_200(
+    tmp_path: Path, held: str
+) -> None:
+    """An expired or missing token and a cloud that gives none: /readyz 503 with the reason in
+    words an operator can act on, /healthz 200, /status the state."""
+    token = mint(T0 - 100, lifetime=20, town_id=TOWN_ID) if held == "expired" else None
+    outage = RefreshError("outage", "connect_error")
+    async with running_town(tmp_path, token=token, script=[outage]) as town:
+        async with town.tcp(key=None) as client:
+            ready = await client.get("/readyz")
+            health = await client.get("/healthz")
+        async with town.local() as client:
+            status = (await client.get("/status")).json()
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["ready"] is False
+    if held == "expired":
+        assert body["reasons"] == ["no unexpired acceptable token on disk (state expired)"]
+    else:
+        (reason,) = body["reasons"]
+        assert reason.startswith("no token on disk: the cloud refreshes a town only for a Bearer")
+        assert reason.endswith("or PUT /token")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert status["state"] == held
+    assert status["last_error"]["reason"] == "outage"
+    assert town.cloud.calls == 1
 
 
 async def test_sync_without_a_cloud_is_503_and_an_unreachable_cloud_its_status(
