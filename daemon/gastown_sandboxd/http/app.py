@@ -26,14 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gastown_sandboxd._types import Clock, rfc3339
 from gastown_sandboxd.errors import Problem, RequestRefused
-from gastown_sandboxd.events.bus import EventBus
-from gastown_sandboxd.events.sse import parse_last_event_id, sse_stream
-from gastown_sandboxd.gtsettings.store import SettingsStore
-from gastown_sandboxd.gtsettings.sync import ConfigSync
+from gastown_sandboxd.events import EventBus, parse_last_event_id, sse_stream
+from gastown_sandboxd.gtsettings import ConfigSync, SettingsStore
 from gastown_sandboxd.http.errors import error_response, exception_handlers
 from gastown_sandboxd.http.openapi import openapi_document
-from gastown_sandboxd.ops.metrics import SseClients
-from gastown_sandboxd.token.refresher import LastError, TokenRefresher
+from gastown_sandboxd.ops import SseClients
+from gastown_sandboxd.token import LastError, TokenRefresher
 
 MAX_PATCH_BYTES = 64 * 1024
 MAX_TOKEN_BODY_BYTES = 16 * 1024
