@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -121,3 +122,18 @@ def test_readme_module_map_is_the_tree() -> None:
     }
     tree.discard("__init__.py")
     assert listed == tree, {"missing from README": tree - listed, "not in tree": listed - tree}
+
+
+# The subpackages: a room of several modules behind one face.
+ROOMS = sorted(_room(m) for m, path in MODULES.items() if path.name == "__init__.py" and "." in m)
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_each_room_has_a_face(room: str) -> None:
+    """Each room's `__init__` says what the room is for and names in `__all__` what other
+    rooms use from it; every name resolves (a lazy face maps each to its module)."""
+    package = importlib.import_module(f"gastown_sandboxd.{room}")
+    assert package.__doc__, room
+    assert package.__all__, room
+    for name in package.__all__:
+        assert getattr(package, name) is not None, f"{room}.{name}"

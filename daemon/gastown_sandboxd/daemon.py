@@ -20,22 +20,25 @@ from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.agents import AgentKeeper, check_shim_dir
 from gastown_sandboxd.atomic import remove_stale_temporaries
 from gastown_sandboxd.errors import OptionsError
-from gastown_sandboxd.events.bus import EventBus
-from gastown_sandboxd.events.notify import Notifier
-from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
-from gastown_sandboxd.gtsettings.last_applied import LastApplied
-from gastown_sandboxd.gtsettings.schema import CONFIG
-from gastown_sandboxd.gtsettings.store import SettingsStore
-from gastown_sandboxd.gtsettings.sync import ConfigSync
-from gastown_sandboxd.http.app import ApiContext, create_app
-from gastown_sandboxd.http.server import bind_tcp, bind_unix, describe, serve_socket
-from gastown_sandboxd.ops.metrics import DaemonMetrics
-from gastown_sandboxd.ops.socket_lock import SocketLock
-from gastown_sandboxd.ops.systemd import SystemdNotifier
+from gastown_sandboxd.events import EventBus, Notifier
+from gastown_sandboxd.gtsettings import (
+    CONFIG,
+    ConfigSync,
+    DesiredConfigClient,
+    LastApplied,
+    SettingsStore,
+)
+from gastown_sandboxd.http import (
+    ApiContext,
+    bind_tcp,
+    bind_unix,
+    create_app,
+    describe,
+    serve_socket,
+)
+from gastown_sandboxd.ops import DaemonMetrics, SocketLock, SystemdNotifier
 from gastown_sandboxd.options import Options, check_env_folder, check_town_root
-from gastown_sandboxd.token.cloud import CloudClient
-from gastown_sandboxd.token.envfile import read_token
-from gastown_sandboxd.token.refresher import TokenRefresher, token_metrics
+from gastown_sandboxd.token import CloudClient, TokenRefresher, read_token, token_metrics
 from gastown_sandboxd.watcher import SettingsWatcher
 
 log = structlog.get_logger(__name__)

@@ -12,14 +12,16 @@ GastownError
 │   ├── SettingsConflict       409, a file or rig folder changed under a write in progress
 │   └── StorageUnavailable     503, the disk refused a write (ENOSPC, EROFS, EACCES…)
 ├── DesiredConfigUnavailable the cloud's desired configuration could not be read (502/503/504)
+├── RequestRefused         an API request refused as sent (400, 408, 413, 415, 422, 503)
 ├── SubscriberLagged       an event subscriber fell behind and was dropped by the bus
 └── AtomicWriteError(OSError)  an atomic replace that failed; the old file is intact
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class GastownError(Exception):
@@ -138,6 +140,20 @@ class DesiredConfigUnavailable(GastownError):
         self.status = status
         self.reason = reason
         self.message = message
+        super().__init__(message)
+
+
+class RequestRefused(GastownError):
+    """An API request refused for what it is (its media type, body or headers), not for
+    the state of the town; `http/errors.py` answers it as `status` with `code`."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = tuple(details)
         super().__init__(message)
 
 

@@ -19,7 +19,8 @@ from gastown_cloud.app import create_app
 from gastown_cloud.openapi import openapi_document
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
-from tests.e2e.test_openapi import operations, routed, valid_http_headers
+from tests.daemon.http.test_openapi import operations, routed
+from tests.e2e.test_openapi import valid_http_headers
 from tests.fixtures.cloud import CloudServer, launch_cloud
 
 KEY = "cloud-openapi-key-0123456789"

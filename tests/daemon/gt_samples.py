@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,44 @@ CONTRACT_PATCH: dict[str, Any] = {
 def contract_patch() -> dict[str, Any]:
     """A private copy of CONTRACT_PATCH to extend."""
     return copy.deepcopy(CONTRACT_PATCH)
+
+
+# The town the config API suites serve: the town file, rig `frontend` with gt's rig file, rig
+# `backend` without one.
+TOWN_FILE = "settings/config.json"
+FRONTEND_FILE = "frontend/settings/config.json"
+BACKEND_FILE = "backend/settings/config.json"
+WRAPPER = ["gastown-sandboxd", "exec", "--"]
+
+
+def make_config_town(root: Path) -> Path:
+    """gt's town file, rig `frontend` with gt's rig file, rig `backend` without one."""
+    build_town(root, rigs=("backend", "frontend"))
+    shutil.rmtree(root / "backend" / "settings")
+    return root
+
+
+def pairs(data: bytes) -> Any:
+    """The JSON document with every object as a list of (key, value) pairs: order counts."""
+    return json.loads(data, object_pairs_hook=list)
+
+
+def unmanaged(data: bytes, managed: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """The top-level members that the API does not manage, in file order, order kept inside."""
+    return [(key, value) for key, value in pairs(data) if key not in managed]
+
+
+def tree(root: Path) -> dict[str, tuple[bytes | str, int]]:
+    """Every entry under `root` (symlinks not followed): its bytes or link target, and mtime."""
+    entries: dict[str, tuple[bytes | str, int]] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            info = path.lstat()
+            if path.is_symlink():
+                entries[str(path.relative_to(root))] = (os.readlink(path), info.st_mtime_ns)
+            elif path.is_file():
+                entries[str(path.relative_to(root))] = (path.read_bytes(), info.st_mtime_ns)
+            else:
+                entries[str(path.relative_to(root)) + "/"] = (b"", info.st_mtime_ns)
+    return entries

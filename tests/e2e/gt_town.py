@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import socket
 import time
 from collections.abc import Mapping
@@ -15,24 +13,13 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from tests.daemon.gt_samples import build_town
+from tests.daemon.gt_samples import make_config_town
 from tests.daemon.minting import mint
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
 TOWN_ID = "town-e2e"
 # Nothing listens on the discard port: the daemon under test never needs the cloud here.
 NO_CLOUD = "http://127.0.0.1:9"
-TOWN_FILE = "settings/config.json"
-FRONTEND_FILE = "frontend/settings/config.json"
-BACKEND_FILE = "backend/settings/config.json"
-WRAPPER = ["gastown-sandboxd", "exec", "--"]
-
-
-def make_config_town(root: Path) -> Path:
-    """gt's town file, rig `frontend` with gt's rig file, rig `backend` without one."""
-    build_town(root, rigs=("backend", "frontend"))
-    shutil.rmtree(root / "backend" / "settings")
-    return root
 
 
 def start_config_daemon(
@@ -64,16 +51,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def pairs(data: bytes) -> Any:
-    """The JSON document with every object as a list of (key, value) pairs: order counts."""
-    return json.loads(data, object_pairs_hook=list)
-
-
-def unmanaged(data: bytes, managed: tuple[str, ...]) -> list[tuple[str, Any]]:
-    """The top-level members that the API does not manage, in file order, order kept inside."""
-    return [(key, value) for key, value in pairs(data) if key not in managed]
 
 
 def read_events(
@@ -111,19 +88,3 @@ def _collect(
                 found.append({"id": int(sse.id), "type": sse.event, **json.loads(sse.data)})
             if len(found) >= count or time.monotonic() > deadline:
                 return
-
-
-def tree(root: Path) -> dict[str, tuple[bytes | str, int]]:
-    """Every entry under `root` (symlinks not followed): its bytes or link target, and mtime."""
-    entries: dict[str, tuple[bytes | str, int]] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            info = path.lstat()
-            if path.is_symlink():
-                entries[str(path.relative_to(root))] = (os.readlink(path), info.st_mtime_ns)
-            elif path.is_file():
-                entries[str(path.relative_to(root))] = (path.read_bytes(), info.st_mtime_ns)
-            else:
-                entries[str(path.relative_to(root)) + "/"] = (b"", info.st_mtime_ns)
-    return entries

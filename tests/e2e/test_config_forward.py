@@ -15,11 +15,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.daemon.gt_samples import RIG_SETTINGS, TOWN_SETTINGS, contract_patch
+from tests.daemon.gt_samples import (
+    FRONTEND_FILE,
+    RIG_SETTINGS,
+    TOWN_FILE,
+    TOWN_SETTINGS,
+    contract_patch,
+)
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
-from .gt_town import FRONTEND_FILE, TOWN_FILE, free_port, read_events, start_config_daemon
+from .gt_town import free_port, read_events, start_config_daemon
 
 # The contract's example, with the rig taking the new agent too.
 BODY = contract_patch()

@@ -283,36 +283,6 @@ def test_a_taken_port_exits_1_without_a_traceback(tmp_path: Path) -> None:
     assert "in use" in done.stderr
 
 
-def test_readyz_is_200_with_a_fresh_token_and_a_writable_town_root(
-    daemon_factory: DaemonFactory, tmp_path: Path
-) -> None:
-    """/readyz answers 200 without the key when the token on disk is fresh."""
-    daemon = _daemon(daemon_factory, tmp_path)
-    answer = httpx.get(f"{daemon.url}/readyz", timeout=10)
-    assert answer.status_code == 200
-    assert answer.json() == {"ready": True, "reasons": []}
-
-
-@pytest.mark.parametrize("token", ["expired", "missing"])
-def test_readyz_is_503_with_reasons_while_healthz_stays_200(
-    daemon_factory: DaemonFactory, tmp_path: Path, token: str
-) -> None:
-    """An expired or missing token with the cloud down: /readyz 503 with reasons, /healthz 200."""
-    held = (
-        local_token(TOWN, lifetime=20, now=int(time.time()) - 100) if token == "expired" else None
-    )
-    daemon = _daemon(daemon_factory, tmp_path, held)
-    answer = httpx.get(f"{daemon.url}/readyz", timeout=10)
-    assert answer.status_code == 503
-    body = answer.json()
-    assert body["ready"] is False
-    assert len(body["reasons"]) == 1
-    assert "token" in body["reasons"][0]
-    assert httpx.get(f"{daemon.url}/healthz", timeout=10).status_code == 200
-    with daemon.local() as local:
-        assert local.get("/status").json()["state"] in {token, "degraded"}
-
-
 def test_metrics_over_tcp_expose_token_and_component_metrics(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:

@@ -19,11 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.daemon.gt_samples import FRONTEND_FILE, TOWN_FILE, make_config_town
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 from tests.waiting import wait_until
 
-from .gt_town import FRONTEND_FILE, TOWN_FILE, free_port, make_config_town, read_events
+from .gt_town import free_port, read_events
 
 CHANGE = {
     "town": {"default_agent": "codex", "role_effort": {"mayor": "high"}},

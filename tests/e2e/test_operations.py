@@ -388,16 +388,6 @@ def test_status_says_why_refreshes_fail_and_refresh_names_the_cloud(
     assert "outage: connect_error" in line
 
 
-def test_a_success_clears_last_error(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    """A pushed token after failures: `last_error` is null again."""
-    daemon = _daemon(daemon_factory, tmp_path, token=None)
-    wait_for_status(daemon, lambda s: s.get("last_error") is not None)
-    token = _push_token(daemon)
-    status = wait_for_status(daemon, lambda s: s["state"] == "fresh")
-    assert status["last_error"] is None
-    assert status["token"]["fingerprint"] == fingerprint(token)
-
-
 def _parse_time(text: str) -> float:
     from datetime import datetime
 

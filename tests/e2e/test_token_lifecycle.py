@@ -27,7 +27,6 @@ import pytest
 from gastown_cloud.tokens import verify_gastown_token
 from gastown_sandboxd.token.claims import acceptability_reasons, decode_unverified, fingerprint
 from gastown_sandboxd.token.envfile import read_env_values
-from tests.daemon.minting import forge
 from tests.e2e._town import (
     EventStream,
     Town,
@@ -225,83 +224,6 @@ def test_put_token_accepts_a_cloud_token(
         assert tcp.put("/token", json={"token": newer}).status_code == 200
         stream.wait_for("token.refreshed", where=lambda e: e["iat"] == decode_unverified(newer).iat)
         assert [e["type"] for e in stream.events] == ["token.refreshed"] * 2
-
-
-def test_hostile_put_token_bodies_are_refused_and_change_nothing(
-    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
-) -> None:
-    """Other towns' tokens, expired ones, alg none, shell code, huge and broken bodies: 4xx."""
-    town = create_town(cloud)
-    other = create_town(cloud, user_id="user-other")
-    env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
-    daemon = start_daemon(daemon_factory, town, env_file)
-    now = int(time.time())
-    valid = town.mint(now=now - 30)
-    marker = tmp_path / "pwned"
-    claims = decode_unverified(valid)
-    payload = {
-        "sub": claims.sub,
-        "type": claims.type,
-        "town_id": town.id,
-        "organization_id": claims.organization_id,
-        "iat": claims.iat,
-        "exp": claims.exp,
-    }
-    cases: list[tuple[str, dict[str, Any], int, str]] = [
-        ("another town", {"json": {"token": other.token}}, 422, "wrong_town"),
-        ("expired", {"json": {"token": town.mint(lifetime=20, now=now - 100)}}, 422, "expired"),
-        ("alg none", {"json": {"token": forge({"alg": "none"}, payload)}}, 422, "bad_alg"),
-        (
-            "alg none, no signature",
-            {"json": {"token": forge({"alg": "none"}, payload, "")}},
-            422,
-            "malformed",
-        ),
-        (
-            "command substitution",
-            {"json": {"token": f"{valid}$(touch {marker})"}},
-            422,
-            "malformed",
-        ),
-        ("new line", {"json": {"token": f"{valid}\ntouch {marker}"}}, 422, "malformed"),
-        ("semicolon", {"json": {"token": f"{valid}; touch {marker}"}}, 422, "malformed"),
-        ("backquotes", {"json": {"token": f"`touch {marker}`"}}, 422, "malformed"),
-        ("1 MB", {"json": {"token": "a" * 1_000_000}}, 413, "body_too_large"),
-        (
-            "1 MB undeclared",
-            {"content": iter([b'{"token": "' + b"a" * 1_000_000 + b'"}'])},
-            413,
-            "body_too_large",
-        ),
-        ("not JSON", {"content": f"KILO_JWT={valid}"}, 400, "invalid_json"),
-        ("a JSON list", {"json": [valid]}, 400, "invalid_json"),
-        ("missing field", {"json": {}}, 422, "invalid_body"),
-        ("wrong field", {"json": {"jwt": valid}}, 422, "invalid_body"),
-        ("extra field", {"json": {"token": valid, "exec": "sh"}}, 422, "invalid_body"),
-        ("a number", {"json": {"token": 12}}, 422, "invalid_body"),
-    ]
-    before = env_file.read_bytes()
-    with EventStream(daemon.socket) as stream, daemon.tcp() as tcp:
-        for name, request, status, code in cases:
-            answer = tcp.put("/token", **request)
-            assert answer.status_code == status, f"{name}: {answer.status_code} {answer.text}"
-            assert answer.headers["content-type"] == "application/json", name
-            body = answer.json()
-            assert body["error"] == code or code in {d["message"] for d in body["details"]}, name
-            assert isinstance(body["message"], str), name
-            assert body["message"], name
-            for secret in (valid, other.token, valid.rsplit(".", 1)[1]):
-                assert secret not in answer.text, name
-            assert env_file.read_bytes() == before, name
-        assert tcp.get("/healthz").status_code == 200
-        status_now = tcp.get("/status").json()
-        assert status_now["token"]["fingerprint"] == fingerprint(town.token)
-        assert source_token(env_file) == town.token
-        # A good push afterwards is the first and only event the stream sees.
-        assert tcp.put("/token", json={"token": valid}).status_code == 200
-        stream.wait_for("token.refreshed")
-        assert [e["type"] for e in stream.events] == ["token.refreshed"]
-    assert not marker.exists()
 
 
 @pytest.mark.parametrize("case", ["no token line", "no file", "expired", "another town's"])

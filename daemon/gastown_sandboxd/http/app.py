@@ -1,16 +1,16 @@
-"""The internal API (CONTRACT §4): routes, the key check, and error bodies.
+"""The internal API (CONTRACT §4): routes and the key check.
 
 One Starlette app per listener: the TCP one demands `x-internal-api-key`, the Unix-socket one
-trusts the socket's file mode instead.
+trusts the socket's file mode instead. Routes let errors propagate; `http/errors.py` answers
+them.
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,25 +21,17 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gastown_sandboxd._types import Clock, rfc3339
-from gastown_sandboxd.errors import (
-    AtomicWriteError,
-    ConfigError,
-    DesiredConfigUnavailable,
-    Problem,
-    RefreshError,
-    TokenError,
-)
-from gastown_sandboxd.events.bus import EventBus
-from gastown_sandboxd.events.sse import parse_last_event_id, sse_stream
-from gastown_sandboxd.gtsettings.store import SettingsStore
-from gastown_sandboxd.gtsettings.sync import ConfigSync
+from gastown_sandboxd.errors import Problem, RequestRefused
+from gastown_sandboxd.events import EventBus, parse_last_event_id, sse_stream
+from gastown_sandboxd.gtsettings import ConfigSync, SettingsStore
+from gastown_sandboxd.http.errors import error_response, exception_handlers
 from gastown_sandboxd.http.openapi import openapi_document
-from gastown_sandboxd.ops.metrics import SseClients
-from gastown_sandboxd.token.refresher import LastError, TokenRefresher
+from gastown_sandboxd.ops import SseClients
+from gastown_sandboxd.token import LastError, TokenRefresher
 
 MAX_PATCH_BYTES = 64 * 1024
 MAX_TOKEN_BODY_BYTES = 16 * 1024
@@ -70,23 +62,6 @@ class ApiContext:
     shim_dir: Path | None = None
 
 
-class HTTPError(Exception):
-    """An error answer: `{"error": code, "message": …, "details": […]}`."""
-
-    def __init__(
-        self, status: int, code: str, message: str, details: Sequence[Mapping[str, Any]] = ()
-    ) -> None:
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = list(details)
-        super().__init__(message)
-
-    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        body = {"error": self.code, "message": self.message, "details": self.details}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
 def _time(timestamp: float | None) -> str | None:
     """RFC 3339 (None stays None)."""
     return None if timestamp is None else rfc3339(timestamp)
@@ -108,8 +83,9 @@ class KeyRequired:
                     break
             # compare_digest takes constant time for equal-length inputs and never short-cuts.
             if not hmac.compare_digest(given, self._key):
-                error = HTTPError(401, "unauthorized", "missing or wrong x-internal-api-key")
-                response = error.response()
+                response = error_response(
+                    401, "unauthorized", "missing or wrong x-internal-api-key"
+                )
                 if _has_body(scope):
                     # The body stays unread: see CloseUnreadBody.
                     response.headers["connection"] = "close"
@@ -151,6 +127,23 @@ class CloseUnreadBody:
         await self.app(scope, tracked_receive, tracked_send)
 
 
+class CountAnswers:
+    """ASGI middleware of one route: `count(status)` for every answer it sends, the error
+    answers of `http/errors.py` included."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[int], None]) -> None:
+        self.app = app
+        self._count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._count(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
 def _has_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"transfer-encoding":
@@ -169,7 +162,12 @@ def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
             Route("/readyz", api.readyz, methods=["GET"]),
             Route("/status", api.status, methods=["GET"]),
             Route("/config", api.get_config, methods=["GET"]),
-            Route("/config", api.patch_config, methods=["PATCH"]),
+            Route(
+                "/config",
+                api.patch_config,
+                methods=["PATCH"],
+                middleware=[Middleware(CountAnswers, count=api.count_patch)],
+            ),
             Route("/config/sync", api.sync_config, methods=["POST"]),
             Route("/token/refresh", api.refresh_token, methods=["POST"]),
             Route("/token", api.put_token, methods=["PUT"]),
@@ -177,11 +175,7 @@ def create_app(ctx: ApiContext, *, key: str | None) -> ASGIApp:
             Route("/metrics", api.metrics, methods=["GET"]),
             Route("/openapi.json", api.openapi, methods=["GET"]),
         ],
-        exception_handlers={
-            HTTPError: _http_error,
-            404: _not_found,
-            405: _method_not_allowed,
-        },
+        exception_handlers=exception_handlers(cloud_url=lambda: ctx.cloud_url),
         middleware=[Middleware(CloseUnreadBody)],
     )
     return app if key is None else KeyRequired(app, key)
@@ -197,27 +191,6 @@ def _token_reason(state: str, *, has_token: bool) -> str:
             "or PUT /token"
         )
     return f"no unexpired acceptable token on disk (state {state})"
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPError)
-    return exc.response()
-
-
-async def _not_found(request: Request, exc: Exception) -> Response:
-    return HTTPError(404, "not_found", f"no route {request.url.path}").response()
-
-
-async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    # RFC 9110 wants `Allow`; several routes may share the path (GET and PATCH /config).
-    allowed = {
-        method
-        for route in request.app.routes
-        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
-        for method in route.methods or ()
-    }
-    response = HTTPError(405, "method_not_allowed", f"{request.method} is not allowed here")
-    return response.response(headers={"Allow": ", ".join(sorted(allowed))})
 
 
 class _Routes:
@@ -259,44 +232,28 @@ class _Routes:
         return JSONResponse(body)
 
     async def get_config(self, request: Request) -> Response:
-        try:
-            view = await self.ctx.store.view()
-        except ConfigError as exc:
-            raise _config_error(exc) from None
+        view = await self.ctx.store.view()
         return JSONResponse(view.as_json(), headers={"ETag": f'"{view.revision}"'})
 
     async def patch_config(self, request: Request) -> Response:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in _PATCH_TYPES:
-            raise HTTPError(
+            raise RequestRefused(
                 415,
                 "unsupported_media_type",
                 "send application/json or application/merge-patch+json",
             )
-        try:
-            generation = _generation(request.headers.get("x-gastown-generation"))
-            body = await _read_json_object(request, MAX_PATCH_BYTES)
-            result = await self.ctx.store.patch(
-                body, if_match=request.headers.get("if-match"), generation=generation
-            )
-        except ConfigError as exc:
-            self._count_patch(exc.status)
-            raise _config_error(exc) from None
-        except HTTPError as exc:
-            self._count_patch(exc.status)
-            raise
-        self._count_patch(200)
+        generation = _generation(request.headers.get("x-gastown-generation"))
+        body = await _read_json_object(request, MAX_PATCH_BYTES)
+        result = await self.ctx.store.patch(
+            body, if_match=request.headers.get("if-match"), generation=generation
+        )
         return JSONResponse(result.as_json(), headers={"ETag": f'"{result.revision}"'})
 
     async def sync_config(self, request: Request) -> Response:
         if self.ctx.config_sync is None:
-            raise HTTPError(503, "sync_unavailable", "this daemon does not sync with a cloud")
-        try:
-            result = await self.ctx.config_sync.sync_now()
-        except DesiredConfigUnavailable as exc:
-            detail = {"reason": exc.reason}
-            message = f"{exc.message}; nothing was written"
-            raise HTTPError(exc.status, "cloud_unavailable", message, [detail]) from None
+            raise RequestRefused(503, "sync_unavailable", "this daemon does not sync with a cloud")
+        result = await self.ctx.config_sync.sync_now()
         return JSONResponse(result.as_json())
 
     def _sync_status(self) -> dict[str, Any]:
@@ -306,42 +263,25 @@ class _Routes:
         status = self.ctx.config_sync.status()
         return {**status, "last_sync_at": _time(status["last_sync_at"])}
 
-    def _count_patch(self, status: int) -> None:
+    def count_patch(self, status: int) -> None:
         if self.ctx.patch_counter is not None:
             self.ctx.patch_counter.labels(status=str(status)).inc()
 
     async def refresh_token(self, request: Request) -> Response:
-        try:
-            view = await self.ctx.refresher.refresh_now()
-        except RefreshError as exc:
-            status = 409 if exc.kind == "inactive" else 502
-            code = "town_inactive" if exc.kind == "inactive" else "refresh_failed"
-            detail = {"kind": exc.kind, "reason": exc.reason, "status": exc.status}
-            cloud = f"the cloud at {self.ctx.cloud_url}" if self.ctx.cloud_url else "the cloud"
-            message = f"{cloud} gave no new token ({exc.kind}: {exc.reason})"
-            raise HTTPError(status, code, message, [detail]) from None
-        except AtomicWriteError as exc:
-            raise _disk_error(exc) from None
+        view = await self.ctx.refresher.refresh_now()
         return JSONResponse({"token": view.as_json(self.ctx.clock.time())})
 
     async def put_token(self, request: Request) -> Response:
         body = await _read_json_object(request, MAX_TOKEN_BODY_BYTES)
         token = body.get("token")
         if set(body) != {"token"} or not isinstance(token, str):
-            raise HTTPError(
+            raise RequestRefused(
                 422,
                 "invalid_body",
                 'send {"token": "<jwt>"} and nothing else',
                 [{"path": "/token", "message": "must be a string"}],
             )
-        try:
-            view = await self.ctx.refresher.accept(token)
-        except TokenError as exc:
-            details = [{"path": "/token", "message": reason} for reason in exc.reasons]
-            message = "the token is not acceptable"
-            raise HTTPError(422, "token_not_acceptable", message, details) from None
-        except AtomicWriteError as exc:
-            raise _disk_error(exc) from None
+        view = await self.ctx.refresher.accept(token)
         return JSONResponse({"token": view.as_json(self.ctx.clock.time())})
 
     async def events(self, request: Request) -> Response:
@@ -377,19 +317,13 @@ def _last_error(error: LastError | None) -> dict[str, str] | None:
     return {"reason": str(error.reason), "at": _time(error.at) or "", "detail": error.detail}
 
 
-def _disk_error(exc: AtomicWriteError) -> HTTPError:
-    reason = errno.errorcode.get(exc.errno or 0, "an I/O error")
-    message = f"the env file could not be written ({reason}); the old token is kept"
-    return HTTPError(503, "storage_unavailable", message)
-
-
 def _generation(value: str | None) -> int | None:
     """`X-Gastown-Generation`: the cloud's generation of a pushed change, or 400."""
     if value is None:
         return None
     text = value.strip()
     if not text.isdigit() or not text.isascii() or len(text) > 18:
-        raise HTTPError(
+        raise RequestRefused(
             400,
             "invalid_generation",
             "X-Gastown-Generation must be a whole number (the cloud's generation)",
@@ -397,15 +331,11 @@ def _generation(value: str | None) -> int | None:
     return int(text)
 
 
-def _config_error(exc: ConfigError) -> HTTPError:
-    return HTTPError(exc.status, exc.code, exc.message, [p.as_json() for p in exc.details])
-
-
 async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, or 400/413 with a clear message."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, "body_too_large", f"the body is larger than {limit} bytes")
+        raise RequestRefused(413, "body_too_large", f"the body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     with anyio.move_on_after(BODY_TIMEOUT) as deadline:
@@ -414,23 +344,25 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
                 size += len(chunk)
                 if size > limit:
                     message = f"the body is larger than {limit} bytes"
-                    raise HTTPError(413, "body_too_large", message)
+                    raise RequestRefused(413, "body_too_large", message)
                 chunks.append(chunk)
         except ClientDisconnect:
             # The peer closed before the whole body came (a 500 otherwise): nothing applies.
-            raise HTTPError(
+            raise RequestRefused(
                 400, "incomplete_body", "the body ended before it was complete"
             ) from None
     if deadline.cancelled_caught:
         message = f"the body did not arrive within {BODY_TIMEOUT:.0f} s"
-        raise HTTPError(408, "body_timeout", message)
+        raise RequestRefused(408, "body_timeout", message)
     try:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem = Problem("", f"not JSON: {exc}")
-        raise HTTPError(400, "invalid_json", "the body is not JSON", [problem.as_json()]) from None
+        raise RequestRefused(
+            400, "invalid_json", "the body is not JSON", [problem.as_json()]
+        ) from None
     if not isinstance(body, dict):
-        raise HTTPError(400, "invalid_json", "the body must be a JSON object")
+        raise RequestRefused(400, "invalid_json", "the body must be a JSON object")
     return body
 
 

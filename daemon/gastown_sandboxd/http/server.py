@@ -24,6 +24,7 @@ from hypercorn.config import Config
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gastown_sandboxd.http.errors import error_response
 from gastown_sandboxd.options import Listen
 
 log = structlog.get_logger(__name__)
@@ -136,8 +137,7 @@ class HttpLimits:
 
 
 def _refusal(status: int, code: str, message: str) -> JSONResponse:
-    body = {"error": code, "message": message, "details": []}
-    return JSONResponse(body, status_code=status, headers={"connection": "close"})
+    return error_response(status, code, message, headers={"connection": "close"})
 
 
 def describe(sock: socket.socket) -> str:

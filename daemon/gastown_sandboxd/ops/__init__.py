@@ -1,0 +1,48 @@
+"""Operating the daemon: `metrics.py` (Prometheus), `systemd.py` (sd_notify and the watchdog),
+`logs.py` (structlog, secrets redacted) and `socket_lock.py` (one daemon per socket).
+
+The face loads its modules on first use: the commands that only read a lock or set up logs
+(`check`, `status`) and the cloud's logging must not pay for prometheus_client.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gastown_sandboxd.ops.logs import Redactor, configure_logging
+    from gastown_sandboxd.ops.metrics import DaemonMetrics, SseClients, TokenMetrics
+    from gastown_sandboxd.ops.socket_lock import SocketLock, check_free, owner_pid
+    from gastown_sandboxd.ops.systemd import SystemdNotifier
+
+__all__ = [
+    "DaemonMetrics",
+    "Redactor",
+    "SocketLock",
+    "SseClients",
+    "SystemdNotifier",
+    "TokenMetrics",
+    "check_free",
+    "configure_logging",
+    "owner_pid",
+]
+
+_WHERE = {
+    "DaemonMetrics": "metrics",
+    "Redactor": "logs",
+    "SocketLock": "socket_lock",
+    "SseClients": "metrics",
+    "SystemdNotifier": "systemd",
+    "TokenMetrics": "metrics",
+    "check_free": "socket_lock",
+    "configure_logging": "logs",
+    "owner_pid": "socket_lock",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
