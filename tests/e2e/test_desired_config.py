@@ -161,6 +161,7 @@ def test_a_replaced_sandbox_with_a_fresh_town_root_and_state_folder_converges(
     first.stop()
     second = sandbox.start(fresh="replacement")
     assert second.town_root != first.town_root
+
     # The cloud already says "applied" (by the first sandbox): wait on the new daemon's own
     # word, given once the whole change is on disk (the town file alone can be read between
     # the renames of one apply).
