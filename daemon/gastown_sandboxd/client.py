@@ -39,7 +39,8 @@ class DaemonClient:
 
         self._socket = socket
         self._http: httpx.Client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket)),
+            # A Unix socket never speaks TLS: skip loading the CA bundle on every command.
+            transport=httpx.HTTPTransport(uds=str(socket), verify=False),
             base_url="http://gastown-sandboxd",
             timeout=httpx.Timeout(timeout, connect=5.0),
         )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gastown_sandboxd.client import DaemonClient
+from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
 from gastown_sandboxd.events.bus import EventBus, Gap
 from gastown_sandboxd.events.sse import CONNECTED, HEARTBEAT, control_frame, event_frame
 
@@ -72,3 +74,20 @@ def test_a_gap_is_reported_on_stderr_not_yielded(
         events = list(client.events(last_event_id=5))
     assert events == [event.as_json()]
     assert "events after 5 are gone; the stream resumes at 9" in capsys.readouterr().err
+
+
+def test_the_socket_client_never_loads_the_ca_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Unix socket never speaks TLS: each command's client skips the CA bundle."""
+    calls: list[object] = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def counting(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        calls.append(args or kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    with DaemonClient(tmp_path / "none.sock") as client, pytest.raises(DaemonUnavailable):
+        client.get("/status")
+    assert calls == []

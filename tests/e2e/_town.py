@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -51,14 +50,6 @@ def local_token(town_id: str, *, lifetime: int = 86400, now: int | None = None) 
     return mint_gastown_token(
         "user-local", town_id, "org-local", secret=LOCAL_SECRET, lifetime=lifetime, now=now
     )
-
-
-def closed_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (a cloud that is down)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @dataclass(frozen=True)

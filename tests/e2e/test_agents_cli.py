@@ -13,7 +13,6 @@ from gastown_sandboxd.token.claims import acceptability_reasons
 from tests.e2e._agents import make_standin_agents
 from tests.e2e._town import (
     cli,
-    closed_port,
     create_town,
     local_token,
     start_daemon,
@@ -22,6 +21,7 @@ from tests.e2e._town import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
+from tests.fixtures.net import closed_port
 
 TOWN = "town-agents"
 PRINT_TOKENS = 'printf "%s %s" "$KILOCODE_TOKEN" "$ANTHROPIC_AUTH_TOKEN"'

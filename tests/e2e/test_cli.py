@@ -20,7 +20,6 @@ from gastown_sandboxd.token.claims import acceptability_reasons, fingerprint
 from tests.e2e._town import (
     cli,
     client_env,
-    closed_port,
     create_town,
     env_text,
     local_token,
@@ -32,6 +31,7 @@ from tests.e2e._town import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+from tests.fixtures.net import closed_port
 
 TOWN = "town-cli"
 PRINT_TOKEN = 'printf %s "$ANTHROPIC_AUTH_TOKEN"'

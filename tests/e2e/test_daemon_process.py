@@ -23,7 +23,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from gastown_sandboxd.token.claims import fingerprint
-from tests.e2e._town import closed_port, local_token, write_env
+from tests.e2e._town import local_token, write_env
 from tests.fixtures.daemon import (
     DAEMON_KEY,
     DaemonFactory,
@@ -31,6 +31,7 @@ from tests.fixtures.daemon import (
     daemon_env,
     make_town,
 )
+from tests.fixtures.net import closed_port
 
 TOWN = "town-proc"
 METRICS = (

@@ -25,12 +25,12 @@ from gastown_sandboxd.token.claims import fingerprint
 from tests.e2e._town import (
     cli,
     client_env,
-    closed_port,
     local_token,
     wait_for_status,
     write_env,
 )
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
+from tests.fixtures.net import closed_port
 
 TOWN = "town-ops"
 PIPE_RUNS = 30

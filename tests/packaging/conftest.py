@@ -55,14 +55,6 @@ class StandInCloud:
         self.answer = answer
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 async def standin_cloud() -> AsyncIterator[StandInCloud]:
     """A running stand-in cloud on 127.0.0.1; answers 500 until a test sets `answer`."""

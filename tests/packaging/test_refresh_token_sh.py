@@ -23,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tests.fixtures.cloud import CloudServer, launch_cloud
+from tests.fixtures.net import closed_port
 
-from .conftest import StandInCloud, closed_port
+from .conftest import StandInCloud
 
 SCRIPT = Path(__file__).resolve().parents[2] / "packaging" / "refresh-token.sh"
 TOWN = "town-7f3a9c"

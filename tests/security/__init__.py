@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,9 @@ from tests.fixtures.daemon import (
     daemon_env,
     make_town,
 )
+from tests.fixtures.net import closed_port
 
 TOWN = "town-sec"
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (the cloud of a daemon that needs none)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def local_daemon(

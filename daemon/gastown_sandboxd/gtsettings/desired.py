@@ -86,6 +86,9 @@ class DesiredConfigClient:
                 transport=self._transport,
                 follow_redirects=False,
                 trust_env=False,
+                # No TLS is ever spoken to an http:// URL (no redirects): loading the CA bundle
+                # would cost ~40 % of an idle start's CPU after the imports, and 2.6-3.8 MiB.
+                verify=self._config_url.startswith("https://"),
             )
         return self._client
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import ssl
+from typing import Any
 
 import httpx
 import pytest
 
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
+from tests.fixtures.net import closed_port
 
 KEY = "internal-key-0123456789"
 
@@ -101,3 +104,25 @@ async def test_transport_failures_are_mapped_to_a_gateway_status(
         with pytest.raises(DesiredConfigUnavailable) as caught:
             await client.fetch("t")
     assert caught.value.status == expected
+
+
+@pytest.mark.parametrize(("scheme", "loads"), [("http", 0), ("https", 1)])
+async def test_the_ca_bundle_is_loaded_only_for_an_https_cloud(
+    scheme: str, loads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No TLS is spoken to an http:// cloud, so its client never loads the CA bundle (a large
+    part of an idle start's CPU); an https:// one does, once."""
+    calls: list[object] = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def counting(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        calls.append(args or kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    url = f"{scheme}://127.0.0.1:{closed_port()}"
+    async with DesiredConfigClient(base_url=url, internal_key="k", town_id="t") as client:
+        for _ in range(2):
+            with pytest.raises(DesiredConfigUnavailable):
+                await client.fetch(None)
+    assert len(calls) == loads
