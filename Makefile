@@ -63,7 +63,7 @@ typecheck: $(STAMP)
 PYTEST_WORKERS ?= 3
 
 pytest: $(STAMP) tools npm
-	$(BIN)/pytest -n $(PYTEST_WORKERS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --maxschedchunk 1
 
 test: lint typecheck pytest
 

@@ -1,0 +1,38 @@
+"""The suite's own scheduling: the longest tests first, each beside a short one."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from tests.conftest import LONGEST_FIRST, longest_first
+
+
+def fake(nodeid: str) -> pytest.Item:
+    return cast(pytest.Item, SimpleNamespace(nodeid=nodeid))
+
+
+def test_long_tests_lead_in_their_order_each_followed_by_one_short_one() -> None:
+    short = [fake(f"tests/daemon/test_x.py::test_{n}") for n in range(5)]
+    second = fake(LONGEST_FIRST[1] + "_and_more")
+    first = fake(LONGEST_FIRST[0] + "[param]")
+    ordered = longest_first([short[0], second, short[1], first, *short[2:]])
+    names: list[Any] = [item.nodeid for item in ordered]
+    assert names == [
+        first.nodeid,
+        short[0].nodeid,
+        second.nodeid,
+        short[1].nodeid,
+        *(item.nodeid for item in short[2:]),
+    ]
+
+
+def test_every_listed_test_exists(request: pytest.FixtureRequest) -> None:
+    """A renamed long test would silently lose its place: each prefix names a collected test."""
+    collected = [item.nodeid for item in request.session.items]
+    if len(collected) < 100:
+        pytest.skip("only part of the suite was collected")
+    for prefix in LONGEST_FIRST:
+        assert any(nodeid.startswith(prefix) for nodeid in collected), prefix
