@@ -6,8 +6,9 @@ pay for the daemon-side parts (structlog, anyio) it does not run.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gastown_sandboxd._lazy import lazy_names
 
 if TYPE_CHECKING:
     from gastown_sandboxd.agents.exec import (
@@ -44,8 +45,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_names(__name__, _WHERE)
