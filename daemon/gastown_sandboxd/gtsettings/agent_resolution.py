@@ -95,6 +95,11 @@ class _Resolution:
                     )
 
     def dangling(self) -> None:
+        # A name stops resolving only when an agent leaves a file: a body that removes none
+        # (nor replaces one with a non-object) leaves nothing dangling, and most bodies don't.
+        patches = [self.town_patch, *self.rig_patches.values()]
+        if not any(_may_remove_agents(patch) for patch in patches):
+            return
         users: dict[str, list[str]] = {}
         files: list[tuple[str | None, Doc | None, Mapping[str, Any] | None]] = [
             (None, self.current.town, self.town_patch)
@@ -136,6 +141,16 @@ def _merged(doc: Doc | None, patch: Mapping[str, Any] | None, scope: Scope) -> D
     managed = {key: value for key, value in patch.items() if key in MANAGED_KEYS[scope]}
     result: Doc = merge_patch(base, managed)
     return result
+
+
+def _may_remove_agents(patch: Mapping[str, Any] | None) -> bool:
+    # Merging an object into an agent keeps it an object; null or anything else removes it.
+    if patch is None or "agents" not in patch:
+        return False
+    agents = patch["agents"]
+    return not isinstance(agents, Mapping) or any(
+        not isinstance(agent, Mapping) for agent in agents.values()
+    )
 
 
 def _set_by(patch: Mapping[str, Any] | None, where: str) -> bool:

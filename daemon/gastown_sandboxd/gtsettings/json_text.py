@@ -8,6 +8,7 @@ what it did not change.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -45,17 +46,20 @@ def parse_document(raw: bytes, scope: Scope, *, file: str) -> Doc:
     return doc
 
 
-def render(doc: Doc, *, original: bytes | None = None) -> bytes:
+def render(doc: Doc, *, original: bytes | None = None, original_doc: Doc | None = None) -> bytes:
     """`doc` as gt writes it: two-space indent, a trailing newline.
 
     With `original` (the file's bytes before the change), each top-level key whose value
-    did not change is written with the key and value text it had there.
+    did not change is written with the key and value text it had there. `original_doc`, the
+    document parsed from `original`, saves the comparison of every value `doc` shares with
+    it (a merge keeps what it did not change: `merge_patch`).
     """
     kept = _top_level_texts(original) if original is not None else {}
+    before = original_doc if original_doc is not None else {}
     lines = []
     for key, value in doc.items():
         old = kept.get(key)
-        if old is not None and same(old.value, value):
+        if old is not None and (before.get(key) is value or same(old.value, value)):
             lines.append(f"  {old.key_text}: {old.value_text}")
         else:
             lines.append(f"  {_dumps(key)}: {_dumps(value)}")
@@ -65,7 +69,16 @@ def render(doc: Doc, *, original: bytes | None = None) -> bytes:
 
 
 def same(left: Any, right: Any) -> bool:
-    """Equal as JSON texts: unlike `==`, tells 1 from 1.0 and true, and key order counts."""
+    """Equal as JSON texts: unlike `==`, tells 1 from 1.0 and true, and key order counts.
+
+    The one object is the same text, and two objects are the same when their keys are, in
+    order, and each value is: a merge shares what it did not change (`merge_patch`), so a
+    comparison of a document with its successor dumps only what the PATCH touched.
+    """
+    if left is right:
+        return True
+    if isinstance(left, dict) and isinstance(right, dict):
+        return list(left) == list(right) and all(same(left[k], right[k]) for k in left)
     return json.dumps(left) == json.dumps(right)
 
 
@@ -76,7 +89,10 @@ class _Member:
     value: Any
 
 
+@functools.lru_cache(maxsize=16)
 def _top_level_texts(original: bytes) -> dict[str, _Member]:
+    # Kept for the few files last written: the next PATCH renders over the same bytes.
+    # Callers only read the answer.
     # The exact text of each top-level member; nothing when the text is not a JSON object.
     try:
         return _scan_members(original.decode("utf-8"))

@@ -37,9 +37,11 @@ def rig_folder(town_root: Path, name: str) -> Path | None:
     return folder
 
 
-def _settings_are_plain(folder: Path) -> bool:
-    settings = folder / SETTINGS
-    return not (_mode(settings, stat.S_ISLNK) or _mode(settings / CONFIG, stat.S_ISLNK))
+def _settings_are_plain(folder: Path | str) -> bool:
+    settings = os.path.join(folder, SETTINGS)
+    return not (
+        _mode(settings, stat.S_ISLNK) or _mode(os.path.join(settings, CONFIG), stat.S_ISLNK)
+    )
 
 
 def rig_names(town_root: Path) -> list[str]:
@@ -54,10 +56,11 @@ def rig_names(town_root: Path) -> list[str]:
             ]
     except OSError:
         return []
-    return sorted(name for name in folders if _settings_are_plain(town_root / name))
+    root = os.fspath(town_root)
+    return sorted(name for name in folders if _settings_are_plain(os.path.join(root, name)))
 
 
-def _mode(path: Path, test: Callable[[int], bool]) -> bool | None:
+def _mode(path: Path | str, test: Callable[[int], bool]) -> bool | None:
     # lstat, so that a symlink is seen as one wherever it leads; None when nothing is there.
     try:
         return test(os.lstat(path).st_mode)

@@ -9,7 +9,6 @@ Python twice); an `exec_wrapper` already in a file stays unless the body sets it
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -56,9 +55,11 @@ __all__ = [
     "relative_path",
     "render",
     "revision",
+    "revision_of",
     "rig_name_problem",
     "same",
     "validate_patch",
+    "view_text",
 ]
 
 
@@ -83,11 +84,22 @@ def apply_patch(current: TownFiles, body: Mapping[str, Any]) -> TownFiles:
 
 
 def managed_view(doc: Mapping[str, Any] | None, scope: Scope) -> Doc:
-    """The managed keys of `doc`, in the file's order (a copy); {} for no file."""
+    """The managed keys of `doc`, in the file's order; {} for no file.
+
+    A new dict whose values are `doc`'s own objects: documents are never changed in place
+    (`gtsettings.snapshot`), so a view is a dict of shared values, not a deep copy.
+    """
     if doc is None:
         return {}
     keys = MANAGED_KEYS[scope]
-    return {key: copy.deepcopy(value) for key, value in doc.items() if key in keys}
+    return {key: value for key, value in doc.items() if key in keys}
+
+
+def view_text(doc: Mapping[str, Any] | None, scope: Scope) -> str:
+    """One file's part of `revision`: canonical JSON (sorted keys) of its managed view."""
+    return json.dumps(
+        managed_view(doc, scope), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def revision(files: TownFiles) -> str:
@@ -96,17 +108,22 @@ def revision(files: TownFiles) -> str:
     Canonical JSON (sorted keys) of the town's and each rig's managed view, rigs sorted;
     rigs without a settings file do not count; unreadable files count by their bytes.
     """
-    payload = {
-        "town": managed_view(files.town, "town"),
-        "rigs": {
-            name: managed_view(doc, "rig")
-            for name, doc in sorted(files.rigs.items())
-            if doc is not None
-        },
-        "unreadable": dict(sorted(files.unreadable.items())),
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    rigs = {name: view_text(doc, "rig") for name, doc in files.rigs.items() if doc is not None}
+    return revision_of(view_text(files.town, "town"), rigs, files.unreadable)
+
+
+def revision_of(town: str, rigs: Mapping[str, str], unreadable: Mapping[str, str]) -> str:
+    """`revision` from each file's `view_text`, so a caller can keep the texts of files
+    that did not change: the text is exactly `json.dumps({"rigs", "town", "unreadable"},
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, assembled from its parts."""
+    members = ",".join(f"{_key(name)}:{rigs[name]}" for name in sorted(rigs))
+    lost = json.dumps(dict(sorted(unreadable.items())), separators=(",", ":"), ensure_ascii=False)
+    text = f'{{"rigs":{{{members}}},"town":{town},"unreadable":{lost}}}'
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _key(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)
 
 
 def changed_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:

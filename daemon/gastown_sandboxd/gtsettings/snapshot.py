@@ -2,16 +2,27 @@
 
 Reads are cached per path against the file's `(inode, size, mtime_ns, ctime_ns)`: a file that
 stat says is unchanged is not read and parsed again. Two guards keep the cache from ever
-serving stale content: an entry is used only when the file was already a second old when it
-was read (an in-place edit in the same timestamp tick, same size, cannot hide), and `forget`
-drops the paths the watcher names. Documents are shared, never changed in place (every
-caller copies before it edits).
+serving stale content: an entry read from the disk is used only when the file was already a
+second old when it was read (an in-place edit in the same timestamp tick, same size, cannot
+hide), and `forget` drops the paths the watcher names (every edit by someone else).
+
+What the daemon itself just wrote goes in too (`remember`, after the rename): its bytes and
+document, against the stat of the file it renamed into place, unless a `forget` came since
+the write began (`epoch`). So the next PATCH or GET reads none of the files the last PATCH
+wrote, even within that second; an edit by someone else right after (even within a tick,
+keeping the key) is named by the watcher, which drops the entry. The write itself checks
+the bytes under its descriptors again (`batch.write_all`), so a stale entry can at worst
+cost a 409, never overwrite someone's edit.
+
+Documents are shared, never changed in place (every caller builds new dicts: see
+`merge_patch`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -21,22 +32,42 @@ from pathlib import Path
 from gastown_sandboxd.errors import SettingsFileUnreadable
 from gastown_sandboxd.gtsettings.folders import read_settings_file
 from gastown_sandboxd.gtsettings.layout import rig_names, rig_settings_file, town_settings_file
-from gastown_sandboxd.gtsettings.patch import managed_view, parse_document
+from gastown_sandboxd.gtsettings.patch import (
+    managed_view,
+    parse_document,
+    revision_of,
+    view_text,
+)
 from gastown_sandboxd.gtsettings.schema import TOWN_FILE, Doc, Scope, TownFiles, relative_path
 
 
 @dataclass(frozen=True, slots=True)
 class FileState:
-    """A settings file as read: bytes (None when absent), document, or why it is unreadable."""
+    """A settings file as read: bytes (None when absent), document, or why it is unreadable.
+
+    Never changed once made, and neither is its document: what is derived from them (the
+    digest, the file's part of the revision) is worked out once and kept in `memo`.
+    """
 
     raw: bytes | None = None
     doc: Doc | None = None
     error: str | None = None
+    memo: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def digest(self) -> str | None:
         """SHA-256 of the bytes: how the store tells its own content from others'."""
-        return None if self.raw is None else hashlib.sha256(self.raw).hexdigest()
+        if "digest" not in self.memo:
+            raw = self.raw
+            self.memo["digest"] = None if raw is None else hashlib.sha256(raw).hexdigest()
+        return self.memo["digest"]
+
+    def view_text(self, scope: Scope) -> str:
+        """This file's part of the revision (`patch.view_text`), worked out once."""
+        text = self.memo.get(scope)
+        if text is None:
+            text = self.memo[scope] = view_text(self.doc, scope)
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +80,23 @@ class Snapshot:
         """The parsed files, unreadable ones by the digest of their bytes."""
         town = self.files[None]
         rigs = {rig: s.doc for rig, s in self.files.items() if rig is not None and not s.error}
-        unreadable = {
+        return TownFiles(town=town.doc, rigs=rigs, unreadable=self._unreadable())
+
+    def revision(self) -> str:
+        """`patch.revision(self.town_files())`, from each file's kept part."""
+        rigs = {
+            rig: s.view_text("rig")
+            for rig, s in self.files.items()
+            if rig is not None and s.error is None and s.doc is not None
+        }
+        return revision_of(self.files[None].view_text("town"), rigs, self._unreadable())
+
+    def _unreadable(self) -> dict[str, str]:
+        return {
             relative_path(rig): s.digest or ""
             for rig, s in self.files.items()
             if s.error is not None
         }
-        return TownFiles(town=town.doc, rigs=rigs, unreadable=unreadable)
 
     def view(self) -> tuple[Doc, dict[str, Doc]]:
         """The managed view of the town and of each rig with a readable file, rigs sorted."""
@@ -92,11 +134,40 @@ _cache: dict[str, tuple[_StatKey, str, Scope, FileState]] = {}
 _cache_lock = threading.Lock()
 
 
+_epoch = 0  # counts `forget` calls: a write that began before one does not `remember`
+
+
 def forget(paths: Iterable[Path | str]) -> None:
     """Drop the cached reads of `paths`: the next read of each goes to the disk."""
+    global _epoch
     with _cache_lock:
+        _epoch += 1
         for path in paths:
             _cache.pop(os.path.abspath(path), None)
+
+
+def epoch() -> int:
+    """Taken by a writer before it writes, and handed to `remember` after."""
+    with _cache_lock:
+        return _epoch
+
+
+def remember(path: Path, scope: Scope, name: str, state: FileState, since: int) -> None:
+    """Cache `state` as what the file at `path` now holds: the daemon has just renamed it
+    into place. Nothing is kept when a `forget` came after `since` (an edit by someone else
+    may have landed since the write), or when the file is not of the state's size."""
+    key = os.path.abspath(path)
+    try:
+        info = os.stat(path)
+    except OSError:
+        forget([key])
+        return
+    stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    with _cache_lock:
+        if since == _epoch and state.raw is not None and info.st_size == len(state.raw):
+            _cache[key] = (stamp, name, scope, state)
+        else:
+            _cache.pop(key, None)
 
 
 def read_file(path: Path, scope: Scope, name: str) -> FileState:
@@ -140,5 +211,16 @@ def _read_uncached(path: Path, scope: Scope, name: str) -> FileState:
 
 
 def _inside(town_root: Path, path: Path) -> bool:
+    # `settings` and `config.json` that are no symlinks cannot lead out (two lstats, where
+    # the two realpaths below take one per component of the whole path).
+    if not (_is_link(path.parent) or _is_link(path)):
+        return True
     root = os.path.realpath(town_root)
     return os.path.realpath(path).startswith(root + os.sep)
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -39,6 +39,7 @@ from gastown_sandboxd.errors import (
 )
 from gastown_sandboxd.events.types import ConfigChanged, ConfigSource
 from gastown_sandboxd.gtsettings import journal
+from gastown_sandboxd.gtsettings import snapshot as snapshot_cache
 from gastown_sandboxd.gtsettings.apply import desired_patch
 from gastown_sandboxd.gtsettings.batch import FileWrite, Write, write_all, write_target
 from gastown_sandboxd.gtsettings.last_applied import LastApplied
@@ -53,7 +54,14 @@ from gastown_sandboxd.gtsettings.patch import (
     same,
     validate_patch,
 )
-from gastown_sandboxd.gtsettings.schema import NOT_RIGS, SETTINGS, Doc, pointer, relative_path
+from gastown_sandboxd.gtsettings.schema import (
+    NOT_RIGS,
+    SETTINGS,
+    Doc,
+    Scope,
+    pointer,
+    relative_path,
+)
 from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snapshot
 from gastown_sandboxd.own_writes import note_own_write
 
@@ -147,7 +155,7 @@ class SettingsStore:
             snapshot = await anyio.to_thread.run_sync(self._read_snapshot)
             self._known = dict(snapshot.files)
             self._loaded = True
-            self._revision = revision(snapshot.town_files())
+            self._revision = snapshot.revision()
             for rig, state in snapshot.files.items():
                 if state.error is not None:
                     log.warning(
@@ -168,7 +176,7 @@ class SettingsStore:
         ]
         if unreadable:
             raise SettingsFileUnreadable(_unreadable_message(unreadable), unreadable)
-        self._revision = revision(snapshot.town_files())
+        self._revision = snapshot.revision()
         town, rigs = snapshot.view()
         return ConfigView(town=town, rigs=rigs, revision=self._revision)
 
@@ -267,7 +275,7 @@ class SettingsStore:
         self._baseline(snapshot)
         known_before = dict(self._known)
         current = snapshot.town_files()
-        before = revision(current)
+        before = snapshot.revision()
         self._revision = before
         if if_match is not None and not _matches(if_match, before):
             raise PreconditionFailed(
@@ -286,7 +294,7 @@ class SettingsStore:
             self._commit(writes, docs)
         written = {**snapshot.files, **docs}
         final = Snapshot(written)
-        self._revision = revision(final.town_files())
+        self._revision = final.revision()
         town, rigs = final.view()
         events = []
         for rig, state in docs.items():
@@ -307,7 +315,7 @@ class SettingsStore:
             new = after.town if rig is None else after.rigs.get(rig)
             if new is None or (old.doc is not None and same(old.doc, new)):
                 continue
-            data = render(new, original=old.raw)
+            data = render(new, original=old.raw, original_doc=old.doc)
             writes.append(FileWrite(rig=rig, data=data, old=old.raw))
             docs[rig] = FileState(raw=data, doc=new)
         return writes, docs
@@ -318,11 +326,17 @@ class SettingsStore:
         self._known.update(docs)
         for write in writes:
             note_own_write(self._root / write.name, write.data)
+        since = snapshot_cache.epoch()
         try:
             write_all(self._root, writes, self._write)
         except BaseException:
             self._known = known
             raise
+        # The next read takes these from the cache, not the disk (see `snapshot.remember`).
+        for write in writes:
+            scope: Scope = "town" if write.rig is None else "rig"
+            path = self._root / write.name
+            snapshot_cache.remember(path, scope, write.name, docs[write.rig], since)
 
     def _baseline(self, snapshot: Snapshot) -> None:
         # Without load(), the first files read are what the store knows.
@@ -333,7 +347,7 @@ class SettingsStore:
     def _reconcile_sync(self, paths: Iterable[Path] | None) -> list[ConfigChanged]:
         snapshot = self._read_snapshot()
         self._baseline(snapshot)
-        self._revision = revision(snapshot.town_files())
+        self._revision = snapshot.revision()
         if paths is None:
             targets = set(snapshot.files) | set(self._known)
         else:
