@@ -63,9 +63,14 @@ class Target:
 Write = Callable[[Target, bytes], object]
 
 
-def write_target(target: Target, data: bytes) -> object:
-    """The writer of every settings file: atomic, relative to the folder's descriptor."""
-    return write_atomic_at(target.dir_fd, target.name, data, folder=target.path.parent)
+def write_target(target: Target, data: bytes) -> os.stat_result:
+    """The writer of every settings file: atomic, relative to the folder's descriptor.
+
+    Returns the stat of the file it put in place, taken right after, for the read cache
+    (`snapshot.remember`); a writer that returns anything else leaves the cache alone.
+    """
+    write_atomic_at(target.dir_fd, target.name, data, folder=target.path.parent)
+    return os.stat(target.name, dir_fd=target.dir_fd, follow_symlinks=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +95,17 @@ class _Step:
     started: bool = False
 
 
-def write_all(town_root: Path, writes: Sequence[FileWrite], write: Write = write_target) -> None:
+def write_all(
+    town_root: Path, writes: Sequence[FileWrite], write: Write = write_target
+) -> dict[str | None, os.stat_result]:
     """Write every file with `write`, or leave every file as it was and raise.
 
-    Raises `SettingsConflict` when a file or folder is not what the change was planned on,
+    Returns, by rig, the stat each write returned (`write_target` does). Raises
+    `SettingsConflict` when a file or folder is not what the change was planned on,
     `StorageUnavailable` when the disk refuses; the files are as they were then.
     """
     if not writes:
-        return
+        return {}
     try:
         root_fd = open_town_root(town_root)
     except OSError as exc:
@@ -117,10 +125,13 @@ def write_all(town_root: Path, writes: Sequence[FileWrite], write: Write = write
                 journal.begin(root_fd, town_root, entries)
             except OSError as exc:
                 raise StorageUnavailable(describe_failure(exc, journal.JOURNAL)) from exc
+        written: dict[str | None, os.stat_result] = {}
         for index, step in enumerate(steps):
             try:
                 # The last write is atomic on its own: if it fails, its file is as it was.
-                _write_one(step, town_root, write, backup=index < len(steps) - 1)
+                done = _write_one(step, town_root, write, backup=index < len(steps) - 1)
+                if isinstance(done, os.stat_result):
+                    written[step.item.rig] = done
             except Exception as exc:
                 unrestored = _undo(root_fd, steps, write, journaled)
                 if not isinstance(exc, OSError):
@@ -130,6 +141,7 @@ def write_all(town_root: Path, writes: Sequence[FileWrite], write: Write = write
             journal.finish(root_fd)
         for step in steps:
             _drop_backup(step)
+        return written
     finally:
         for step in steps:
             step.folder.close()
@@ -174,7 +186,7 @@ def _open_checked(root_fd: int, town_root: Path, item: FileWrite) -> SettingsFol
     return folder
 
 
-def _write_one(step: _Step, town_root: Path, write: Write, *, backup: bool) -> None:
+def _write_one(step: _Step, town_root: Path, write: Write, *, backup: bool) -> object:
     step.started = True
     folder = step.folder
     if folder.fd is None:
@@ -182,7 +194,7 @@ def _write_one(step: _Step, town_root: Path, write: Write, *, backup: bool) -> N
     assert folder.fd is not None
     if backup:
         step.backup = _link_backup(folder.fd, step.item)
-    write(Target(town_root / step.item.name, folder.fd), step.item.data)
+    return write(Target(town_root / step.item.name, folder.fd), step.item.data)
 
 
 def _undo(root_fd: int, steps: list[_Step], write: Write, journaled: bool) -> list[str]:

@@ -152,16 +152,14 @@ def epoch() -> int:
         return _epoch
 
 
-def remember(path: Path, scope: Scope, name: str, state: FileState, since: int) -> None:
-    """Cache `state` as what the file at `path` now holds: the daemon has just renamed it
-    into place. Nothing is kept when a `forget` came after `since` (an edit by someone else
-    may have landed since the write), or when the file is not of the state's size."""
+def remember(
+    path: Path, scope: Scope, name: str, state: FileState, info: os.stat_result, since: int
+) -> None:
+    """Cache `state` as what the file at `path` holds: the daemon has just put it in place,
+    and `info` is the stat its writer took right after. Nothing is kept when a `forget`
+    came after `since` (an edit by someone else may have landed since the write began) or
+    when the size is not the state's."""
     key = os.path.abspath(path)
-    try:
-        info = os.stat(path)
-    except OSError:
-        forget([key])
-        return
     stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     with _cache_lock:
         if since == _epoch and state.raw is not None and info.st_size == len(state.raw):

@@ -328,15 +328,17 @@ class SettingsStore:
             note_own_write(self._root / write.name, write.data)
         since = snapshot_cache.epoch()
         try:
-            write_all(self._root, writes, self._write)
+            written = write_all(self._root, writes, self._write)
         except BaseException:
             self._known = known
             raise
         # The next read takes these from the cache, not the disk (see `snapshot.remember`).
         for write in writes:
-            scope: Scope = "town" if write.rig is None else "rig"
-            path = self._root / write.name
-            snapshot_cache.remember(path, scope, write.name, docs[write.rig], since)
+            info = written.get(write.rig)
+            if info is not None:
+                scope: Scope = "town" if write.rig is None else "rig"
+                path = self._root / write.name
+                snapshot_cache.remember(path, scope, write.name, docs[write.rig], info, since)
 
     def _baseline(self, snapshot: Snapshot) -> None:
         # Without load(), the first files read are what the store knows.
