@@ -63,6 +63,11 @@ class Target:
 Write = Callable[[Target, bytes], object]
 
 
+class SettingsChanged(SettingsConflict):
+    """A file's bytes are not those the change was planned on (someone edited it since):
+    the one conflict that planning again from a fresh read can resolve."""
+
+
 def write_target(target: Target, data: bytes) -> os.stat_result:
     """The writer of every settings file: atomic, relative to the folder's descriptor.
 
@@ -179,7 +184,7 @@ def _open_checked(root_fd: int, town_root: Path, item: FileWrite) -> SettingsFol
         raise StorageUnavailable(describe_failure(exc, item.name)) from exc
     if current != item.old:
         folder.close()
-        raise SettingsConflict(
+        raise SettingsChanged(
             f"{item.name} changed while the change was being prepared; nothing was written, "
             "try again"
         )

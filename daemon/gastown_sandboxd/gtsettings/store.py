@@ -1,10 +1,19 @@
 """gt's settings files on disk: the managed view, PATCHes as one transaction, others' edits.
 
-Every operation reads the files afresh (a town has a handful), in a worker thread. PATCHes
-are serialised; a PATCH reads every file, checks `If-Match` against the revision, refuses
-to touch a file it cannot read (409), validates the whole body (422), builds every new file,
-then writes them all or none (503). One `config.changed` event (`source: "api"`) follows per
-file written.
+Every operation reads the files (a town has a handful; `snapshot.py` caches what stat says
+is unchanged, and what the store itself just wrote) in a worker thread. PATCHes are
+serialised; a PATCH checks `If-Match` against the revision, refuses to touch a file it
+cannot read (409), validates the whole body (422), builds every new file, then writes them
+all or none (503). One `config.changed` event (`source: "api"`) follows per file it changed.
+
+Group commit: PATCHes that arrive while one is being written wait for it, then go as one
+group, in the order they came: each is checked and planned on what the ones before it left,
+and every file the group changes is written once (one `batch.write_all`: one intent journal
+for several files, one rename and two fsyncs per file). Each PATCH gets its own answer,
+revision and events, exactly as if they had come one after another; a refused one does not
+stop the others. The files on disk go from before the group to after it in one change, all
+or none, with the journal's guarantees across a SIGKILL; a failed write fails every PATCH of
+the group that changed something. One thread hop and one set of fsyncs serve the whole group.
 
 For the watcher the store remembers the content it last knew of each file and records a
 file's new content before writing it, so its own writes never come back as external edits;
@@ -41,7 +50,13 @@ from gastown_sandboxd.events.types import ConfigChanged, ConfigSource
 from gastown_sandboxd.gtsettings import journal
 from gastown_sandboxd.gtsettings import snapshot as snapshot_cache
 from gastown_sandboxd.gtsettings.apply import desired_patch
-from gastown_sandboxd.gtsettings.batch import FileWrite, Write, write_all, write_target
+from gastown_sandboxd.gtsettings.batch import (
+    FileWrite,
+    SettingsChanged,
+    Write,
+    write_all,
+    write_target,
+)
 from gastown_sandboxd.gtsettings.last_applied import LastApplied
 from gastown_sandboxd.gtsettings.layout import rig_names
 from gastown_sandboxd.gtsettings.patch import (
@@ -100,6 +115,35 @@ class PatchResult:
         }
 
 
+@dataclass(slots=True)
+class _Request:
+    """One PATCH waiting for its group (`SettingsStore.patch`), and then its outcome."""
+
+    body: Mapping[str, Any]
+    if_match: str | None
+    generation: int | None
+    taken: bool = False
+    result: PatchResult | None = None
+    error: BaseException | None = None
+    events: list[ConfigChanged] = dataclasses.field(default_factory=list)
+
+    def outcome(self) -> PatchResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One PATCH planned: the files after it, those it changes, its answer and events."""
+
+    after: Snapshot
+    docs: dict[str | None, FileState]
+    result: PatchResult
+    events: list[ConfigChanged]
+
+
 class SettingsStore:
     """The town's and the rigs' settings files; see the module docstring."""
 
@@ -118,6 +162,7 @@ class SettingsStore:
         self._write = write
         self._last_applied = last_applied or LastApplied(state_dir=None, town_id="")
         self._lock = anyio.Lock()
+        self._queue: list[_Request] = []
         self._known: dict[str | None, FileState] = {}
         self._loaded = False
         self._revision = revision(TownFiles())
@@ -194,13 +239,34 @@ class SettingsStore:
         Raises `PreconditionFailed`, `SettingsFileUnreadable`, `PatchInvalid`,
         `SettingsConflict` or `StorageUnavailable`; nothing is written then.
         """
-        async with self._lock:
-            result, events = await anyio.to_thread.run_sync(
-                self._patch_sync, body, if_match, generation
-            )
-            for event in events:
-                self._emit(event)
-            return result
+        request = _Request(body, if_match, generation)
+        self._queue.append(request)
+        try:
+            async with self._lock:
+                if not request.taken:
+                    await self._commit_group()
+        finally:
+            if not request.taken:  # cancelled while waiting: never applied
+                self._queue.remove(request)
+        return request.outcome()
+
+    async def _commit_group(self) -> None:
+        # Every PATCH queued so far, in the order they came, as one group; shielded, so each
+        # of them gets its outcome and its events however the caller is cancelled.
+        group, self._queue = self._queue, []
+        for request in group:
+            request.taken = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self._group_sync, group)
+            except BaseException as exc:
+                for request in group:  # no outcome can be trusted: every caller gets this
+                    if request.error is None:
+                        request.result, request.error, request.events = None, exc, []
+                raise
+            for request in group:
+                for event in request.events:
+                    self._emit(event)
 
     async def apply_desired(self, desired: Mapping[str, Any], generation: int) -> PatchResult:
         """Converge on the cloud's `desired` configuration (three-way merge, `apply.py`).
@@ -241,42 +307,99 @@ class SettingsStore:
         except OSError as exc:
             log.error("settings_journal_recovery_failed", error=str(exc))
 
-    def _patch_sync(
-        self, body: Mapping[str, Any], if_match: str | None, generation: int | None
-    ) -> tuple[PatchResult, list[ConfigChanged]]:
-        snapshot = self._read_snapshot()
-        result, events = self._change(snapshot, body, if_match, "api", generation)
-        if generation is not None:
-            self._last_applied.record_push(body, generation)
-        return result, events
+    def _group_sync(self, group: list[_Request]) -> None:
+        """Plan each PATCH of `group` in order on what the ones before it left, then write
+        every file they changed at once (one `write_all`: one journal, one set of renames).
+
+        Each PATCH gets its own answer, revision and events, as if the group had been sent
+        one after another; one refused (412, 409, 422) leaves the others to go on. A write
+        that fails fails every PATCH of the group that changed something, and nothing is
+        written. Bytes someone changed since they were read (`SettingsChanged`) make the
+        group plan once more from a fresh read first (the read cache may have served a file
+        that an edit within the same timestamp tick left with the same stat).
+        """
+        for attempt in (1, 2):
+            for request in group:
+                request.result, request.error, request.events = None, None, []
+            disk = self._read_snapshot()
+            self._baseline(disk)
+            self._revision = disk.revision()
+            after, changed, applied = self._plan_group(disk, group)
+            try:
+                self._commit(disk, changed)
+            except SettingsChanged as exc:
+                if attempt == 1:
+                    log.info("settings_changed_planning_again", error=exc.message)
+                    snapshot_cache.forget(self._root / relative_path(rig) for rig in disk.files)
+                    continue
+                _fail(applied, exc)
+                return
+            except Exception as exc:  # the answer of each PATCH that wrote
+                _fail(applied, exc)
+                return
+            self._revision = after.revision()
+            for request in group:
+                if request.result is not None and request.generation is not None:
+                    self._last_applied.record_push(request.body, request.generation)
+            return
+
+    def _plan_group(
+        self, disk: Snapshot, group: list[_Request]
+    ) -> tuple[Snapshot, dict[str | None, FileState], list[_Request]]:
+        # The files after the whole group, the new ones, and the PATCHes that changed any.
+        snapshot = disk
+        known = dict(self._known)
+        changed: dict[str | None, FileState] = {}
+        applied: list[_Request] = []
+        for request in group:
+            try:
+                change = self._change(
+                    snapshot, known, request.body, request.if_match, "api", request.generation
+                )
+            except Exception as exc:  # this PATCH's own answer
+                request.error = exc
+                continue
+            snapshot, request.result, request.events = change.after, change.result, change.events
+            changed.update(change.docs)
+            known.update(change.docs)
+            if change.docs:
+                applied.append(request)
+        return snapshot, changed, applied
 
     def _apply_desired_sync(
         self, desired: Mapping[str, Any], generation: int
     ) -> tuple[PatchResult, list[ConfigChanged]]:
         snapshot = self._read_snapshot()
+        self._baseline(snapshot)
+        self._revision = snapshot.revision()
         applied = self._last_applied.applied
-        if applied.generation is not None and generation < applied.generation:
+        stale = applied.generation is not None and generation < applied.generation
+        body: Mapping[str, Any] = {}
+        if stale:
             # Read before a newer push landed: applying it would undo that push.
             log.info("desired_config_stale", generation=generation, applied=applied.generation)
-            return self._change(snapshot, {}, None, "cloud", generation)
-        body = desired_patch(snapshot.town_files(), desired, applied.desired)
-        result, events = self._change(snapshot, body, None, "cloud", generation)
-        self._last_applied.record(generation, desired)
-        return result, events
+        else:
+            body = desired_patch(snapshot.town_files(), desired, applied.desired)
+        change = self._change(snapshot, dict(self._known), body, None, "cloud", generation)
+        self._commit(snapshot, change.docs)
+        self._revision = change.after.revision()
+        if not stale:
+            self._last_applied.record(generation, desired)
+        return change.result, change.events
 
     def _change(
         self,
         snapshot: Snapshot,
+        known: dict[str | None, FileState],
         body: Mapping[str, Any],
         if_match: str | None,
         source: str,
         generation: int | None,
-    ) -> tuple[PatchResult, list[ConfigChanged]]:
-        self._baseline(snapshot)
-        known_before = dict(self._known)
+    ) -> _Change:
+        """One PATCH planned on `snapshot` (what the disk holds, or what the PATCHes before it
+        in its group left): checks, new files, answer and events; nothing is written."""
         current = snapshot.town_files()
         before = snapshot.revision()
-        self._revision = before
         if if_match is not None and not _matches(if_match, before):
             raise PreconditionFailed(
                 f"If-Match {if_match.strip()[:80]} does not equal the current revision "
@@ -288,42 +411,42 @@ class SettingsStore:
         if problems:
             count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
             raise PatchInvalid(f"the PATCH was not applied: {count}", problems)
-        after = apply_patch(current, body)
-        writes, docs = self._plan(snapshot, after, touched)
-        if writes:
-            self._commit(writes, docs)
-        written = {**snapshot.files, **docs}
-        final = Snapshot(written)
-        self._revision = final.revision()
+        docs = self._plan(snapshot, apply_patch(current, body), touched)
+        final = Snapshot({**snapshot.files, **docs})
+        after = final.revision()
         town, rigs = final.view()
         events = []
         for rig, state in docs.items():
-            events += _unreported(rig, snapshot.files[rig], known_before, before)
-            event = _event(rig, snapshot.files[rig].doc, state.doc, self._revision, source)
+            events += _unreported(rig, snapshot.files[rig], known, before)
+            event = _event(rig, snapshot.files[rig].doc, state.doc, after, source)
             events.append(dataclasses.replace(event, generation=generation))
-        names = [write.name for write in writes]
-        result = PatchResult(bool(writes), self._revision, names, town, rigs)
-        return result, events
+        names = [relative_path(rig) for rig in docs]
+        return _Change(final, docs, PatchResult(bool(docs), after, names, town, rigs), events)
 
     def _plan(
         self, snapshot: Snapshot, after: TownFiles, touched: list[str | None]
-    ) -> tuple[list[FileWrite], dict[str | None, FileState]]:
-        writes: list[FileWrite] = []
+    ) -> dict[str | None, FileState]:
         docs: dict[str | None, FileState] = {}
         for rig in touched:
             old = snapshot.files[rig]
             new = after.town if rig is None else after.rigs.get(rig)
             if new is None or (old.doc is not None and same(old.doc, new)):
                 continue
-            data = render(new, original=old.raw, original_doc=old.doc)
-            writes.append(FileWrite(rig=rig, data=data, old=old.raw))
-            docs[rig] = FileState(raw=data, doc=new)
-        return writes, docs
+            docs[rig] = FileState(raw=render(new, original=old.raw, original_doc=old.doc), doc=new)
+        return docs
 
-    def _commit(self, writes: list[FileWrite], docs: dict[str | None, FileState]) -> None:
+    def _commit(self, disk: Snapshot, docs: dict[str | None, FileState]) -> None:
+        """Write `docs` over the files as `disk` holds them, all or none (`write_all`)."""
+        writes = [
+            FileWrite(rig=rig, data=state.raw, old=disk.files[rig].raw)
+            for rig, state in docs.items()
+            if state.raw is not None and state.raw != disk.files[rig].raw
+        ]
         known = dict(self._known)
         # Known before the write lands, so a watcher racing it sees no external edit.
         self._known.update(docs)
+        if not writes:
+            return
         for write in writes:
             note_own_write(self._root / write.name, write.data)
         since = snapshot_cache.epoch()
@@ -380,6 +503,12 @@ class SettingsStore:
         if rig_name_problem(parts[0]) is None and parts[0] not in NOT_RIGS:
             return {parts[0]}
         return set()
+
+
+def _fail(requests: list[_Request], exc: Exception) -> None:
+    # The write failed: no PATCH that changed something was applied, nor will be reported.
+    for request in requests:
+        request.result, request.error, request.events = None, exc, []
 
 
 def _touched(body: Mapping[str, Any], snapshot: Snapshot) -> list[str | None]:

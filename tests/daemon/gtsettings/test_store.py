@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from gastown_sandboxd.errors import (
     StorageUnavailable,
 )
 from gastown_sandboxd.events.types import DomainEvent
+from gastown_sandboxd.gtsettings import snapshot as snapshot_module
 from gastown_sandboxd.gtsettings.batch import Target, write_target
+from gastown_sandboxd.gtsettings.folders import read_settings_file
 from gastown_sandboxd.gtsettings.patch import managed_view
 from gastown_sandboxd.gtsettings.schema import pointer
 from gastown_sandboxd.gtsettings.store import SettingsStore
@@ -833,3 +836,216 @@ async def test_load_logs_unreadable_files(root: Path, events: Events) -> None:
     (root / "docs" / TOWN_FILE).write_bytes(RIG_SETTINGS)
     fields = await store.reconcile_external([root / "docs" / TOWN_FILE])
     assert [f["keys"] for f in fields] == [list(rig_doc())]
+
+
+# --- group commit -------------------------------------------------------------------------
+
+
+class GatedWrite:
+    """The atomic writer, holding its first write until `gate` is set."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[Path] = []
+
+    def __call__(self, target: Target, data: bytes) -> object:
+        self.calls.append(target.path)
+        self.entered.set()
+        self.gate.wait(10)
+        return write_target(target, data)
+
+
+async def _held(root: Path, events: Events) -> tuple[SettingsStore, GatedWrite]:
+    writer = GatedWrite()
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    return store, writer
+
+
+async def test_patches_that_arrive_during_a_write_go_as_one_group(
+    root: Path, events: Events
+) -> None:
+    """Three PATCHes queued behind a write are written together, each with its own answer,
+    revision and event, in the order they came, as if sent one after another."""
+    store, writer = await _held(root, events)
+    results: dict[str, Any] = {}
+
+    async def send(name: str, body: dict[str, Any]) -> None:
+        results[name] = await store.patch(body)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, "first", {"town": {"crew_agents": {"a": "codex"}}})
+        await anyio.to_thread.run_sync(writer.entered.wait, 10)
+        for name in ("b", "c", "d"):
+            tg.start_soon(send, name, {"town": {"crew_agents": {name: "gemini"}}})
+            await anyio.wait_all_tasks_blocked()
+        writer.gate.set()
+    assert writer.calls == [root / TOWN_FILE] * 2  # the first PATCH, then the group of three
+    town = json.loads((root / TOWN_FILE).read_bytes())
+    assert town["crew_agents"] == {"a": "codex", "b": "gemini", "c": "gemini", "d": "gemini"}
+    revisions = [results[name].revision for name in ("first", "b", "c", "d")]
+    assert len(set(revisions)) == 4
+    assert [(e["keys"], e["revision"], e["source"]) for e in events.fields] == [
+        (["crew_agents"], revision, "api") for revision in revisions
+    ]
+    assert results["d"].town["crew_agents"] == town["crew_agents"]
+    assert results["b"].town["crew_agents"] == {"a": "codex", "b": "gemini"}
+    assert store.revision == revisions[-1] == (await store.view()).revision
+    assert await store.reconcile_external() == []
+
+
+async def test_a_refused_patch_in_a_group_does_not_stop_the_others(
+    root: Path, events: Events
+) -> None:
+    """412 and 422 in the middle of a group: those two write nothing, the others land."""
+    store, writer = await _held(root, events)
+    seen = store.revision
+    outcomes: dict[str, Any] = {}
+
+    async def send(name: str, body: dict[str, Any], if_match: str | None = None) -> None:
+        try:
+            outcomes[name] = (await store.patch(body, if_match=if_match)).revision
+        except (PreconditionFailed, PatchInvalid) as exc:
+            outcomes[name] = exc.status
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, "first", {"town": {"crew_agents": {"a": "codex"}}})
+        await anyio.to_thread.run_sync(writer.entered.wait, 10)
+        queued = [
+            ("stale", {"town": {"crew_agents": {"s": "codex"}}}, seen),
+            ("invalid", {"town": {"crew_agents": {"i": "no-such-agent"}}}, None),
+            ("last", {"rigs": {RIGS[0]: {"agent": "codex"}}}, None),
+        ]
+        for name, body, if_match in queued:
+            tg.start_soon(send, name, body, if_match)
+            await anyio.wait_all_tasks_blocked()
+        writer.gate.set()
+    assert (outcomes["stale"], outcomes["invalid"]) == (412, 422)
+    assert outcomes["last"] == store.revision
+    town = json.loads((root / TOWN_FILE).read_bytes())
+    assert town["crew_agents"] == {"a": "codex"}
+    assert json.loads((root / RIGS[0] / TOWN_FILE).read_bytes())["agent"] == "codex"
+    assert [e["revision"] for e in events.fields] == [outcomes["first"], outcomes["last"]]
+
+
+async def test_if_match_within_a_group_sees_the_patches_before_it(
+    root: Path, events: Events
+) -> None:
+    """Two queued writers with the same If-Match: the first lands, the second is stale."""
+    store, writer = await _held(root, events)
+    outcomes: list[str] = []
+
+    async def send(n: int, if_match: str | None) -> None:
+        try:
+            await store.patch({"town": {"crew_agents": {f"w{n}": "codex"}}}, if_match=if_match)
+            outcomes.append(f"w{n}")
+        except PreconditionFailed:
+            outcomes.append("stale")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, 0, None)
+        await anyio.to_thread.run_sync(writer.entered.wait, 10)
+        seen = store.revision  # what a client read before the group
+        for n in (1, 2):
+            tg.start_soon(send, n, f'"{seen}"')
+            await anyio.wait_all_tasks_blocked()
+        writer.gate.set()
+    # The revision read before the first PATCH landed is stale for both queued writers.
+    assert sorted(outcomes) == ["stale", "stale", "w0"]
+
+
+async def test_a_failed_group_write_fails_every_patch_that_changed_something(
+    root: Path, events: Events
+) -> None:
+    """The group's write fails: each PATCH that changed a file gets the 503, a PATCH that
+    changed nothing still gets its answer, and nothing is written or reported."""
+
+    class FailSecond(GatedWrite):
+        def __call__(self, target: Target, data: bytes) -> object:
+            if self.calls:
+                self.calls.append(target.path)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().__call__(target, data)
+
+    writer = FailSecond()
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    outcomes: dict[str, Any] = {}
+
+    async def send(name: str, body: dict[str, Any]) -> None:
+        try:
+            outcomes[name] = (await store.patch(body)).changed
+        except StorageUnavailable as exc:
+            outcomes[name] = exc.status
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, "first", {"town": {"crew_agents": {"a": "codex"}}})
+        await anyio.to_thread.run_sync(writer.entered.wait, 10)
+        tg.start_soon(send, "town", {"town": {"crew_agents": {"b": "codex"}}})
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(send, "nothing", {"town": {"crew_agents": {"a": "codex"}}})
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(send, "rig", {"rigs": {RIGS[1]: {"agent": "codex"}}})
+        await anyio.wait_all_tasks_blocked()
+        before = _tree(root)
+        writer.gate.set()
+    assert outcomes == {"first": True, "town": 503, "nothing": False, "rig": 503}
+    # The first PATCH's write landed before the group's failed; nothing of the group did.
+    after = _tree(root)
+    assert after[str(TOWN_FILE)] != before[str(TOWN_FILE)]
+    assert json.loads(after[str(TOWN_FILE)])["crew_agents"] == {"a": "codex"}
+    assert after[f"{RIGS[1]}/{TOWN_FILE}"] == before[f"{RIGS[1]}/{TOWN_FILE}"]
+    assert len(events.seen) == 1
+    assert await store.reconcile_external() == []
+
+
+async def test_a_patch_cancelled_while_it_waits_is_never_applied(
+    root: Path, events: Events
+) -> None:
+    """Cancelled before its group was taken: nothing of it is written or reported."""
+    store, writer = await _held(root, events)
+    waiting = anyio.CancelScope()
+
+    async def cancellable() -> None:
+        with waiting:
+            await store.patch({"town": {"crew_agents": {"never": "codex"}}})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.patch, {"town": {"crew_agents": {"a": "codex"}}})
+        await anyio.to_thread.run_sync(writer.entered.wait, 10)
+        tg.start_soon(cancellable)
+        await anyio.wait_all_tasks_blocked()
+        waiting.cancel()
+        await anyio.wait_all_tasks_blocked()
+        writer.gate.set()
+    town = json.loads((root / TOWN_FILE).read_bytes())
+    assert town["crew_agents"] == {"a": "codex"}
+    assert len(events.seen) == 1
+    assert writer.calls == [root / TOWN_FILE]
+
+
+async def test_what_a_patch_wrote_is_not_read_again(
+    root: Path, store: SettingsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next PATCH and GET take the files the last PATCH wrote from the cache, and an edit
+    by someone else that the watcher names is read again."""
+    reads: list[Path] = []
+    real = read_settings_file
+
+    def counting(path: Path, *, rig: bool) -> bytes:
+        reads.append(path)
+        return real(path, rig=rig)
+
+    monkeypatch.setattr(snapshot_module, "read_settings_file", counting)
+    await store.patch({"town": {"crew_agents": {"a": "codex"}}})
+    reads.clear()
+    await store.patch({"town": {"crew_agents": {"a": "gemini"}}})
+    view = await store.view()
+    assert root / TOWN_FILE not in reads
+    assert view.town["crew_agents"] == {"a": "gemini"}
+    path = root / TOWN_FILE
+    with path.open("r+b") as handle:  # in place, same size
+        handle.write(path.read_bytes().replace(b'"gemini"', b'"kilo-x"'))
+    snapshot_module.forget([path])
+    assert (await store.view()).town["crew_agents"] == {"a": "kilo-x"}
