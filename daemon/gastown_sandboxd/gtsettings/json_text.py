@@ -8,9 +8,9 @@ what it did not change.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -52,20 +52,23 @@ def render(doc: Doc, *, original: bytes | None = None, original_doc: Doc | None 
     With `original` (the file's bytes before the change), each top-level key whose value
     did not change is written with the key and value text it had there. `original_doc`, the
     document parsed from `original`, saves the comparison of every value `doc` shares with
-    it (a merge keeps what it did not change: `merge_patch`).
+    it (a merge keeps what it did not change: `merge_patch`). The member texts of what it
+    renders are kept, so rendering over these bytes next time scans nothing.
     """
     kept = _top_level_texts(original) if original is not None else {}
     before = original_doc if original_doc is not None else {}
-    lines = []
+    members: dict[str, _Member] = {}
     for key, value in doc.items():
         old = kept.get(key)
-        if old is not None and (before.get(key) is value or same(old.value, value)):
-            lines.append(f"  {old.key_text}: {old.value_text}")
-        else:
-            lines.append(f"  {_dumps(key)}: {_dumps(value)}")
-    if not lines:
+        if old is None or not (before.get(key) is value or same(old.value, value)):
+            old = _Member(_dumps(key), _dumps(value), value)
+        members[key] = old
+    if not members:
         return b"{}\n"
-    return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
+    lines = ",\n".join(f"  {m.key_text}: {m.value_text}" for m in members.values())
+    data = ("{\n" + lines + "\n}\n").encode("utf-8")
+    _keep(data, members)
+    return data
 
 
 def same(left: Any, right: Any) -> bool:
@@ -89,15 +92,30 @@ class _Member:
     value: Any
 
 
-@functools.lru_cache(maxsize=16)
+# The member texts of the few files last rendered or read: the next PATCH renders over them.
+_MEMBERS: dict[bytes, dict[str, _Member]] = {}
+_MEMBERS_LOCK = threading.Lock()
+_KEPT = 16
+
+
+def _keep(data: bytes, members: dict[str, _Member]) -> None:
+    with _MEMBERS_LOCK:
+        _MEMBERS[data] = members
+        while len(_MEMBERS) > _KEPT:
+            del _MEMBERS[next(iter(_MEMBERS))]
+
+
 def _top_level_texts(original: bytes) -> dict[str, _Member]:
-    # Kept for the few files last written: the next PATCH renders over the same bytes.
-    # Callers only read the answer.
     # The exact text of each top-level member; nothing when the text is not a JSON object.
-    try:
-        return _scan_members(original.decode("utf-8"))
-    except (ValueError, IndexError, RecursionError):
-        return {}
+    # Callers only read the answer.
+    members = _MEMBERS.get(original)
+    if members is None:
+        try:
+            members = _scan_members(original.decode("utf-8"))
+        except (ValueError, IndexError, RecursionError):
+            members = {}
+        _keep(original, members)
+    return members
 
 
 def _scan_members(text: str) -> dict[str, _Member]:

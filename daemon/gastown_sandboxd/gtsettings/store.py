@@ -426,22 +426,29 @@ class SettingsStore:
     def _plan(
         self, snapshot: Snapshot, after: TownFiles, touched: list[str | None]
     ) -> dict[str | None, FileState]:
+        # The files the PATCH changes, as documents: rendered only when the group is written
+        # (`_commit`), so a PATCH in the middle of a group renders nothing.
         docs: dict[str | None, FileState] = {}
         for rig in touched:
             old = snapshot.files[rig]
             new = after.town if rig is None else after.rigs.get(rig)
             if new is None or (old.doc is not None and same(old.doc, new)):
                 continue
-            docs[rig] = FileState(raw=render(new, original=old.raw, original_doc=old.doc), doc=new)
+            docs[rig] = FileState(doc=new)
         return docs
 
-    def _commit(self, disk: Snapshot, docs: dict[str | None, FileState]) -> None:
-        """Write `docs` over the files as `disk` holds them, all or none (`write_all`)."""
-        writes = [
-            FileWrite(rig=rig, data=state.raw, old=disk.files[rig].raw)
-            for rig, state in docs.items()
-            if state.raw is not None and state.raw != disk.files[rig].raw
-        ]
+    def _commit(self, disk: Snapshot, planned: dict[str | None, FileState]) -> None:
+        """Render `planned` over the files as `disk` holds them and write them all or none
+        (`write_all`); every untouched top-level value keeps the text it has on disk."""
+        docs: dict[str | None, FileState] = {}
+        writes: list[FileWrite] = []
+        for rig, state in planned.items():
+            old = disk.files[rig]
+            assert state.doc is not None
+            data = render(state.doc, original=old.raw, original_doc=old.doc)
+            docs[rig] = FileState(raw=data, doc=state.doc, memo=_doc_memo(state))
+            if data != old.raw:
+                writes.append(FileWrite(rig=rig, data=data, old=old.raw))
         known = dict(self._known)
         # Known before the write lands, so a watcher racing it sees no external edit.
         self._known.update(docs)
@@ -503,6 +510,11 @@ class SettingsStore:
         if rig_name_problem(parts[0]) is None and parts[0] not in NOT_RIGS:
             return {parts[0]}
         return set()
+
+
+def _doc_memo(state: FileState) -> dict[str, str | None]:
+    # What was worked out from the document alone (not the digest of bytes it had none of).
+    return {key: value for key, value in state.memo.items() if key != "digest"}
 
 
 def _fail(requests: list[_Request], exc: Exception) -> None:
