@@ -227,7 +227,7 @@ class SettingsWatcher:
                         }
                         if changes and not await self._batch(changes, folders):
                             return
-                    await doorbell.wait(self._rings)
+                    await doorbell.wait(self._rings, self._own_writes)
                     timeout = RING_TIMEOUT_MS
 
     async def _watch_polled(
@@ -392,11 +392,23 @@ class _Doorbell:
             raise
         return cls(fd, watched)
 
-    async def wait(self, relevant: Callable[[Path], bool]) -> None:
+    async def wait(self, relevant: Callable[[Path], bool], own_writes: OwnWrites) -> None:
         """Return once the kernel reports a change of a path `relevant` accepts (asked once
-        per path and read; a lost queue always counts)."""
+        per path and read; a lost queue always counts).
+
+        Never while the daemon's own write is in flight (`own_writes`): a write that begins
+        stops the listening, and what the kernel queued meanwhile is read once it is done,
+        in one go, with no wake-up of its own."""
         while True:
-            await anyio.wait_readable(self._fd)
+            await _settled(own_writes)
+            with anyio.CancelScope() as listening:
+                withdraw = own_writes.on_begin(listening.cancel)
+                try:
+                    await anyio.wait_readable(self._fd)
+                finally:
+                    withdraw()
+            if listening.cancelled_caught:
+                continue
             paths = self._drain()
             if None in paths or any(relevant(path) for path in dict.fromkeys(paths) if path):
                 return
@@ -427,6 +439,13 @@ class _Doorbell:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+async def _settled(own_writes: OwnWrites) -> None:
+    # Returns once no write of the daemon's own is in flight (at once when none is).
+    done = anyio.Event()
+    if own_writes.when_settled(done.set):
+        await done.wait()
 
 
 def _libc() -> Any:

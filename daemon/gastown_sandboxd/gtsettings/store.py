@@ -78,7 +78,7 @@ from gastown_sandboxd.gtsettings.schema import (
     relative_path,
 )
 from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snapshot
-from gastown_sandboxd.own_writes import note_own_write
+from gastown_sandboxd.own_writes import OWN_WRITES, note_own_write
 
 log = structlog.get_logger(__name__)
 
@@ -161,7 +161,7 @@ class SettingsStore:
         self._extra_presets = tuple(extra_presets)
         self._write = write
         self._last_applied = last_applied or LastApplied(state_dir=None, town_id="")
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no yield to the loop when it is free
         self._queue: list[_Request] = []
         self._known: dict[str | None, FileState] = {}
         self._loaded = False
@@ -257,6 +257,7 @@ class SettingsStore:
         for request in group:
             request.taken = True
         with anyio.CancelScope(shield=True):
+            OWN_WRITES.begin()
             try:
                 await anyio.to_thread.run_sync(self._group_sync, group)
             except BaseException as exc:
@@ -264,6 +265,8 @@ class SettingsStore:
                     if request.error is None:
                         request.result, request.error, request.events = None, exc, []
                 raise
+            finally:
+                OWN_WRITES.end()
             for request in group:
                 for event in request.events:
                     self._emit(event)
@@ -277,9 +280,13 @@ class SettingsStore:
         what `patch` raises; nothing is written and the copy is kept then.
         """
         async with self._lock:
-            result, events = await anyio.to_thread.run_sync(
-                self._apply_desired_sync, desired, generation
-            )
+            OWN_WRITES.begin()
+            try:
+                result, events = await anyio.to_thread.run_sync(
+                    self._apply_desired_sync, desired, generation
+                )
+            finally:
+                OWN_WRITES.end()
             for event in events:
                 self._emit(event)
             return result
