@@ -56,6 +56,7 @@ import structlog
 from watchfiles import Change, awatch
 from watchfiles._rust_notify import RustNotify
 
+from gastown_sandboxd.gtsettings.journal import JOURNAL, ROLLBACK
 from gastown_sandboxd.gtsettings.schema import CONFIG, SETTINGS
 from gastown_sandboxd.gtsettings.snapshot import forget as forget_cached
 from gastown_sandboxd.own_writes import OWN_WRITES, OwnWrites
@@ -281,6 +282,8 @@ class SettingsWatcher:
     def _relevant_path(self, path: Path) -> bool:
         if is_temporary(path.name):
             return False
+        if path.name in (JOURNAL, ROLLBACK) and path.parent == self._town_root:
+            return False  # the store's own intent journal, made and dropped by each change
         return (
             path == self._env_file
             or path.name in (CONFIG, SETTINGS)

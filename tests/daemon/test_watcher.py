@@ -16,7 +16,9 @@ from structlog.testing import capture_logs
 from watchfiles import awatch as real_awatch
 from watchfiles._rust_notify import RustNotify
 
+from gastown_sandboxd import watcher as watcher_module
 from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.gtsettings.journal import JOURNAL, ROLLBACK
 from gastown_sandboxd.own_writes import OwnWrites
 from gastown_sandboxd.watcher import SettingsWatcher, is_temporary
 from tests.waiting import eventually
@@ -398,3 +400,45 @@ def test_own_writes_match_bytes_and_path_once() -> None:
     own.note("/gt/settings/config.json", b"a")
     assert not own.take("/gt/settings/config.json", None)
     assert len(own) == 0
+
+
+async def test_the_stores_journal_in_the_town_root_wakes_nothing(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """The intent journal a multi-file change makes and drops is neither a rig nor a change:
+    no callback, no new listing of the folders, no restart."""
+    async with watching(town_tree) as town:
+        for name in (JOURNAL, ROLLBACK):
+            write_atomic(town.root / name, b"{}")
+            (town.root / name).unlink()
+        await town.fence()
+        status = town.watcher.status()
+        assert town.calls.settings == []
+        assert (status["restarts"], status["changes_seen"]) == (0, 1)
+
+
+async def test_changes_during_the_stores_write_are_read_once_it_is_done(
+    town_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store writes (`begin` … `end`) the doorbell does not listen; then it reads
+    what queued: the store's own write is recognised, another edit made meanwhile reported."""
+    own = OwnWrites()
+    async with watching(town_tree, own_writes=own) as town:
+        # Once the fence's collect has timed out, the watcher listens on the doorbell only.
+        monkeypatch.setattr(watcher_module, "RING_TIMEOUT_MS", 20)
+        await town.fence()
+        await anyio.sleep(0.1)
+        own.begin()
+        mine, other = town.root / "settings" / "config.json", town.rig_file("alpha")
+        own.note(mine, b'{"mine": 1}')
+        write_atomic(mine, b'{"mine": 1}')
+        write_atomic(other, b'{"theirs": 1}')
+        await anyio.sleep(0.2)
+        if MODE.doorbell:
+            assert town.calls.settings == []  # nothing read while the write is in flight
+        own.end()
+        await eventually(lambda: other in town.calls.settings_paths)
+        await town.fence()
+        # Recognised by its bytes as the ring was read (watchfiles may still hand the path
+        # over beside the other edit: the store reads it again and finds it unchanged).
+        assert town.watcher.status()["own_writes"] == 1

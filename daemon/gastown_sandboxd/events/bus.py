@@ -248,6 +248,19 @@ class Subscription:
             subscriber.wakeup = anyio.Event()
             await subscriber.wakeup.wait()
 
+    async def wait(self) -> None:
+        """Return once `take_nowait` has something to give: an event, or the end.
+
+        Takes nothing, so a cancellation (a heartbeat's timeout) loses nothing; unlike
+        `__anext__` it does not yield to the loop first when something is already there.
+        """
+        subscriber = self._subscriber
+        if subscriber is None:
+            raise RuntimeError("use the subscription inside `async with`")
+        while not (self._replay or subscriber.buffer or subscriber.lagged or subscriber.closed):
+            subscriber.wakeup = anyio.Event()
+            await subscriber.wakeup.wait()
+
     def take_nowait(self) -> Event | None:
         """The next event if one is waiting, else None; raises as `__anext__` does at the end.
 

@@ -55,22 +55,35 @@ def control_frame(name: str, data: object) -> bytes:
 async def sse_stream(
     bus: EventBus, *, last_event_id: int | None, heartbeat: float = 15.0
 ) -> AsyncIterator[bytes]:
-    """Yield the SSE frames of the events after `last_event_id`, then live ones, until dropped."""
+    """Yield the SSE frames of the events after `last_event_id`, then live ones, until dropped.
+
+    Every event already waiting goes out as one chunk (a group of PATCHes emits several at
+    once): one write through the HTTP stack per wake-up, not one per event. Each event's
+    frame is encoded once, by the bus, for every subscriber (`Event.frame`). A timer is
+    armed only while there is nothing to send.
+    """
     async with bus.subscribe(last_event_id=last_event_id) as subscription:
         yield CONNECTED
         if subscription.gap is not None:
             yield control_frame("gap", subscription.gap.as_json())
         while True:
+            frames: list[bytes] = []
             try:
-                # A timer only when there is nothing to send yet: none per event in a burst.
                 event = subscription.take_nowait()
                 if event is None:
                     # Cancelling the wait is safe: the bus keeps the event until it is taken.
                     with anyio.move_on_after(heartbeat):
-                        event = await anext(subscription)
+                        await subscription.wait()
+                    event = subscription.take_nowait()
+                while event is not None:
+                    frames.append(event_frame(event))
+                    event = subscription.take_nowait()
             except StopAsyncIteration:
+                if frames:
+                    yield b"".join(frames)
                 return
             except SubscriberLagged as lagged:
-                yield control_frame("lagged", {"last_event_id": lagged.last_event_id})
+                frames.append(control_frame("lagged", {"last_event_id": lagged.last_event_id}))
+                yield b"".join(frames)
                 return
-            yield HEARTBEAT if event is None else event_frame(event)
+            yield b"".join(frames) if frames else HEARTBEAT

@@ -94,9 +94,23 @@ async def test_stream_ends_with_lagged_when_dropped() -> None:
     assert await anext(stream) == CONNECTED
     for _ in range(5):
         bus.emit("token.refreshed", {})
-    rest = [frame async for frame in stream]
-    assert [frame.split(b"\n")[0] for frame in rest] == [b"id: 1", b"id: 2", b"event: lagged"]
-    assert rest[-1] == b'event: lagged\ndata: {"last_event_id":2}\n\n'
+    rest = [chunk async for chunk in stream]
+    assert len(rest) == 1  # what was waiting goes out as one chunk
+    frames = [frame + b"\n\n" for frame in rest[0].split(b"\n\n") if frame]
+    assert [frame.split(b"\n")[0] for frame in frames] == [b"id: 1", b"id: 2", b"event: lagged"]
+    assert frames[-1] == b'event: lagged\ndata: {"last_event_id":2}\n\n'
+
+
+async def test_a_burst_goes_out_as_one_chunk_in_order() -> None:
+    """Events emitted together (a group of PATCHes) are one write, each frame as encoded once
+    by the bus; a later event is the next chunk."""
+    bus = EventBus()
+    stream = sse_stream(bus, last_event_id=None)
+    assert await anext(stream) == CONNECTED
+    burst = [bus.emit("token.refreshed", {"n": n}) for n in range(3)]
+    assert await anext(stream) == b"".join(event.frame for event in burst)
+    later = bus.emit("token.refreshed", {"n": 3})
+    assert await anext(stream) == later.frame
 
 
 async def test_stream_ends_when_the_bus_closes() -> None:
