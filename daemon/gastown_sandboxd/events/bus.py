@@ -79,17 +79,12 @@ class Gap:
 class _Subscriber:
     """A subscriber's mailbox, written by `emit` and read by its `Subscription`."""
 
-    __slots__ = ("buffer", "closed", "lagged", "wakeup")
+    __slots__ = ("buffer", "closed", "lagged")
 
     def __init__(self) -> None:
         self.buffer: deque[Event] = deque()
         self.lagged = False
         self.closed = False
-        self.wakeup: anyio.Event | None = None
-
-    def wake(self) -> None:
-        if self.wakeup is not None:
-            self.wakeup.set()
 
 
 class EventBus:
@@ -110,6 +105,9 @@ class EventBus:
         self._last_id = 0
         self._subscribers: set[_Subscriber] = set()
         self._closed = False
+        # One wake-up for every waiting subscriber, made by the first to wait and set (then
+        # dropped) by the next emit or close: not one anyio.Event per subscriber per event.
+        self._news: anyio.Event | None = None
         self.dropped_subscribers = 0
 
     @property
@@ -143,7 +141,7 @@ class EventBus:
                 self.dropped_subscribers += 1
             else:
                 subscriber.buffer.append(event)
-            subscriber.wake()
+        self._announce()
         return event
 
     def publish(self, event: DomainEvent) -> Event:
@@ -159,8 +157,19 @@ class EventBus:
         self._closed = True
         for subscriber in self._subscribers:
             subscriber.closed = True
-            subscriber.wake()
         self._subscribers.clear()
+        self._announce()
+
+    def _announce(self) -> None:
+        news, self._news = self._news, None
+        if news is not None:
+            news.set()
+
+    async def _next_news(self) -> None:
+        # Returns at the next emit or close (a checkpoint: it always waits).
+        if self._news is None:
+            self._news = anyio.Event()
+        await self._news.wait()
 
     async def wait_for(
         self,
@@ -245,8 +254,7 @@ class Subscription:
             event = self.take_nowait()
             if event is not None:
                 return event
-            subscriber.wakeup = anyio.Event()
-            await subscriber.wakeup.wait()
+            await self._bus._next_news()
 
     async def wait(self) -> None:
         """Return once `take_nowait` has something to give: an event, or the end.
@@ -258,8 +266,7 @@ class Subscription:
         if subscriber is None:
             raise RuntimeError("use the subscription inside `async with`")
         while not (self._replay or subscriber.buffer or subscriber.lagged or subscriber.closed):
-            subscriber.wakeup = anyio.Event()
-            await subscriber.wakeup.wait()
+            await self._bus._next_news()
 
     def take_nowait(self) -> Event | None:
         """The next event if one is waiting, else None; raises as `__anext__` does at the end.
