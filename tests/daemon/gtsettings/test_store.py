@@ -1049,3 +1049,29 @@ async def test_what_a_patch_wrote_is_not_read_again(
         handle.write(path.read_bytes().replace(b'"gemini"', b'"kilo-x"'))
     snapshot_module.forget([path])
     assert (await store.view()).town["crew_agents"] == {"a": "kilo-x"}
+
+
+async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """A cache entry whose stat an in-place edit kept (same tick, same size) plans the PATCH
+    on stale bytes: the write sees other bytes under its descriptor (`SettingsChanged`), the
+    group is planned again from the disk, the edit is reported, then the PATCH's change."""
+    await store.patch({"town": {"crew_agents": {"a": "codex"}}})
+    path = root / TOWN_FILE
+    edited = path.read_bytes().replace(b'"a": "codex"', b'"a": "kilo1"')
+    with path.open("r+b") as handle:
+        handle.write(edited)
+    info = path.stat()
+    key = os.path.abspath(path)
+    stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    _old_stamp, name, scope, stale = snapshot_module._cache[key]
+    snapshot_module._cache[key] = (stamp, name, scope, stale)  # as if the stat had not moved
+    result = await store.patch({"town": {"crew_agents": {"b": "codex"}}})
+    town = json.loads(path.read_bytes())
+    assert town["crew_agents"] == {"a": "kilo1", "b": "codex"}
+    assert [(e["source"], e["keys"]) for e in events.fields[1:]] == [
+        ("external", ["crew_agents"]),
+        ("api", ["crew_agents"]),
+    ]
+    assert result.revision == store.revision == (await store.view()).revision
