@@ -12,7 +12,8 @@ Baselines measured in the same run, on the same file system:
 
 Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
 back), and `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
-PATCHes are serialised by the daemon, so more clients add queueing, not throughput.
+PATCHes that arrive while one is being written are written together (group commit), so
+more clients share each write's fsyncs and thread hop.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
 
