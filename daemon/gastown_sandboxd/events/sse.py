@@ -61,6 +61,11 @@ async def sse_stream(
     once): one write through the HTTP stack per wake-up, not one per event. Each event's
     frame is encoded once, by the bus, for every subscriber (`Event.frame`). A timer is
     armed only while there is nothing to send.
+
+    Cost per subscriber per event, measured with 100 raw-socket readers in another process
+    (daemon CPU per PATCH with 100 readers less with 1): ~104 us before the bus's shared
+    wake-up and this loop, ~68 us after; what is left is mostly Starlette's StreamingResponse
+    and hypercorn/h11 (chunk framing, the send lock, one socket write per subscriber).
     """
     async with bus.subscribe(last_event_id=last_event_id) as subscription:
         yield CONNECTED

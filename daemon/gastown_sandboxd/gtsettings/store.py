@@ -14,6 +14,11 @@ revision and events, exactly as if they had come one after another; a refused on
 stop the others. The files on disk go from before the group to after it in one change, all
 or none, with the journal's guarantees across a SIGKILL; a failed write fails every PATCH of
 the group that changed something. One thread hop and one set of fsyncs serve the whole group.
+Measured on the development machine (2 shared cores, load average 1-2, `python -m bench
+--quick patch_bench`, the commit before against this one, back to back): `wrk` with 8
+connections 126 -> 441 PATCHes/s; daemon CPU per PATCH with 8 clients 5.0 -> 2.4 ms, with 32
+clients 5.8 -> 1.8 ms; one client every 50 ms 7.0 -> 5.3 ms, most of which is now HTTP (a
+bare GET /healthz at that cadence costs 1.0-1.4 ms there).
 
 For the watcher the store remembers the content it last knew of each file and records a
 file's new content before writing it, so its own writes never come back as external edits;
