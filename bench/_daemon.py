@@ -25,7 +25,8 @@ import httpx
 from tests.daemon.minting import mint
 from tests.fixtures.daemon import DAEMON_KEY, daemon_env
 
-# A port nothing listens on: a daemon holding a fresh token never calls its cloud.
+# A port nothing listens on: a daemon holding a fresh token does not refresh, but its sync of
+# the desired configuration retries there (after 5, 10, 20 … s; idle_bench uses a real cloud).
 NO_CLOUD = "http://127.0.0.1:9"
 READY_DEADLINE = 30.0
 STOP_DEADLINE = 10.0

@@ -1,7 +1,11 @@
 """What an idle daemon costs: wake-ups per second per thread, CPU, RSS, and RSS by import.
 
-One `gastown-sandboxd run` subprocess (a fresh 24 h token, so it never calls the cloud), with
-`NOTIFY_SOCKET` set to a datagram socket this process reads, as under systemd. Over a window
+One `gastown-sandboxd run` subprocess with a fresh 24 h token and a real cloud
+(`gastown-cloud serve`, its town created there): the start-up sync of the desired
+configuration succeeds, so the next is 5 min away and the refresh 12 h, as in a settled
+sandbox (against an unreachable cloud the sync retries after 5, 10, 20 … s, which an idle
+window would count). `NOTIFY_SOCKET` is set to a datagram socket this process reads, as under
+systemd. Over a window
 (20 s, 10 s with `--quick`) the bench reads `/proc/PID/task/*/stat` and `status` at both ends:
 context switches (voluntary + involuntary) per second per thread are its wake-ups.
 Baseline in the same run: a bare interpreter in an asyncio loop that sleeps, same window.
@@ -29,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import make_town
 
 from ._daemon import running_daemon
@@ -69,6 +74,14 @@ def _notify_socket(folder: Path) -> Iterator[tuple[str, socket.socket]]:
         yield str(path), sock
     finally:
         sock.close()
+
+
+@contextmanager
+def _stopping(cloud: CloudServer) -> Iterator[CloudServer]:
+    try:
+        yield cloud
+    finally:
+        cloud.stop()
 
 
 def _drain(sock: socket.socket) -> list[bytes]:
@@ -163,10 +176,22 @@ def run(quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="idle-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         ready_walls, ready_cpus = start_to_ready(workdir, starts)
-        with _notify_socket(workdir) as (address, sock):
+        cloud_folder = workdir / "cloud"
+        cloud_folder.mkdir()
+        cloud = launch_cloud(cloud_folder)
+        town_json, token = cloud.create_town(name="idle-bench")
+        with _notify_socket(workdir) as (address, sock), _stopping(cloud):
             env = {"NOTIFY_SOCKET": address}
             town = make_town(workdir / "town", ("alpha",))
-            with running_daemon(workdir / "home", town, town_id=TOWN_ID, env=env) as daemon:
+            with running_daemon(
+                workdir / "home",
+                town,
+                town_id=town_json["id"],
+                token=token,
+                cloud_url=cloud.url,
+                key=cloud.internal_key,
+                env=env,
+            ) as daemon:
                 rss_start = rss_kib(daemon.pid) / 1024
                 time.sleep(1.0)  # let start-up's last timers run out
                 _drain(sock)
