@@ -55,7 +55,7 @@ class LoadResult:
     wall: float = 0.0  # s, first PATCH sent to last event delivered
     latencies: list[float] = field(default_factory=list)  # ms per PATCH
     answers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # rig -> answers
-    answered_at: dict[str, float] = field(default_factory=dict)  # revision -> monotonic time
+    sent_at: dict[str, float] = field(default_factory=dict)  # revision -> monotonic time sent
     received: list[list[dict[str, Any]]] = field(default_factory=list)  # per subscriber
     delivered_at: dict[int, float] = field(default_factory=dict)  # event id -> last copy time
     errors: list[str] = field(default_factory=list)
@@ -68,13 +68,14 @@ class LoadResult:
         return self.patches / self.wall
 
     def fanout_ms(self) -> list[float]:
-        """Per event: from its PATCH's answer to the last subscriber's copy, in ms."""
+        """Per event: from its PATCH being sent to the last subscriber's copy, in ms (a group
+        commit sends a group's events before its answers, so the answer is no start line)."""
         delays = []
         for events in self.received[:1]:
             for event in events:
-                answered = self.answered_at.get(event.get("revision", ""))
-                if answered is not None and event["id"] in self.delivered_at:
-                    delays.append(max(0.0, self.delivered_at[event["id"]] - answered) * 1000)
+                sent = self.sent_at.get(event.get("revision", ""))
+                if sent is not None and event["id"] in self.delivered_at:
+                    delays.append(max(0.0, self.delivered_at[event["id"]] - sent) * 1000)
         return delays
 
 
@@ -164,7 +165,7 @@ async def _send(client: httpx.AsyncClient, result: LoadResult, rig: str, count: 
     """One PATCH client: `count` PATCHes of its rig, one after another."""
     answers = result.answers.setdefault(rig, [])
     for index in range(count):
-        began = time.perf_counter()
+        began, sent = time.perf_counter(), time.monotonic()
         answer = await client.patch("/config", json=patch_body(rig, index))
         result.latencies.append((time.perf_counter() - began) * 1000)
         if answer.status_code != 200:
@@ -172,7 +173,7 @@ async def _send(client: httpx.AsyncClient, result: LoadResult, rig: str, count: 
             return
         body = answer.json()
         answers.append(body)
-        result.answered_at[body["revision"]] = time.monotonic()
+        result.sent_at[body["revision"]] = sent
 
 
 def problems(result: LoadResult, town_root: Path) -> list[str]:
@@ -239,7 +240,7 @@ def run(quick: bool) -> list[Row]:
         Row("PATCH p99", percentile(loaded.latencies, 99), "ms",
             baseline(lambda r: percentile(r.latencies, 99))),
         Row("event fan-out p50", percentile(fanout, 50), "ms",
-            note="PATCH answered -> its event at the last of 100 subscribers"),
+            note="PATCH sent -> its event at the last of 100 subscribers"),
         Row("event fan-out p99", percentile(fanout, 99), "ms"),
         Row("events delivered", len(loaded.received) * PATCHES, "events",
             note="each subscriber got every config.changed once, in order"),
