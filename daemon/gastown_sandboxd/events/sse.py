@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 
 import anyio
 
@@ -53,9 +53,15 @@ def control_frame(name: str, data: object) -> bytes:
 
 
 async def sse_stream(
-    bus: EventBus, *, last_event_id: int | None, heartbeat: float = 15.0
-) -> AsyncIterator[bytes]:
+    bus: EventBus,
+    *,
+    last_event_id: int | None,
+    heartbeat: float = 15.0,
+    count: Callable[[int], None] | None = None,
+) -> AsyncGenerator[bytes, None]:
     """Yield the SSE frames of the events after `last_event_id`, then live ones, until dropped.
+
+    `count` is told +1 when the stream starts and -1 when it ends, however it ends.
 
     Every event already waiting goes out as one chunk (a group of PATCHes emits several at
     once): one write through the HTTP stack per wake-up, not one per event. Each event's
@@ -67,28 +73,34 @@ async def sse_stream(
     wake-up and this loop, ~68 us after; what is left is mostly Starlette's StreamingResponse
     and hypercorn/h11 (chunk framing, the send lock, one socket write per subscriber).
     """
-    async with bus.subscribe(last_event_id=last_event_id) as subscription:
-        yield CONNECTED
-        if subscription.gap is not None:
-            yield control_frame("gap", subscription.gap.as_json())
-        while True:
-            frames: list[bytes] = []
-            try:
-                event = subscription.take_nowait()
-                if event is None:
-                    # Cancelling the wait is safe: the bus keeps the event until it is taken.
-                    with anyio.move_on_after(heartbeat):
-                        await subscription.wait()
+    if count is not None:
+        count(1)
+    try:
+        async with bus.subscribe(last_event_id=last_event_id) as subscription:
+            yield CONNECTED
+            if subscription.gap is not None:
+                yield control_frame("gap", subscription.gap.as_json())
+            while True:
+                frames: list[bytes] = []
+                try:
                     event = subscription.take_nowait()
-                while event is not None:
-                    frames.append(event_frame(event))
-                    event = subscription.take_nowait()
-            except StopAsyncIteration:
-                if frames:
+                    if event is None:
+                        # Cancelling the wait is safe: the bus keeps the event until it is taken.
+                        with anyio.move_on_after(heartbeat):
+                            await subscription.wait()
+                        event = subscription.take_nowait()
+                    while event is not None:
+                        frames.append(event_frame(event))
+                        event = subscription.take_nowait()
+                except StopAsyncIteration:
+                    if frames:
+                        yield b"".join(frames)
+                    return
+                except SubscriberLagged as lagged:
+                    frames.append(control_frame("lagged", {"last_event_id": lagged.last_event_id}))
                     yield b"".join(frames)
-                return
-            except SubscriberLagged as lagged:
-                frames.append(control_frame("lagged", {"last_event_id": lagged.last_event_id}))
-                yield b"".join(frames)
-                return
-            yield b"".join(frames) if frames else HEARTBEAT
+                    return
+                yield b"".join(frames) if frames else HEARTBEAT
+    finally:
+        if count is not None:
+            count(-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,21 +288,22 @@ class _Routes:
         last = parse_last_event_id(
             request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         )
-        stream = sse_stream(self.ctx.bus, last_event_id=last, heartbeat=self.ctx.heartbeat)
+        # The stream counts itself as an SSE client (the bus also serves the hook dispatcher,
+        # which is not one): no generator wrapped around it on every chunk.
+        stream = sse_stream(
+            self.ctx.bus,
+            last_event_id=last,
+            heartbeat=self.ctx.heartbeat,
+            count=self._count_clients,
+        )
         return StreamingResponse(
-            self._counted(stream),
+            stream,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _counted(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Count SSE clients (the bus also serves the hook dispatcher, which is not one)."""
-        self.ctx.sse_clients.count += 1
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            self.ctx.sse_clients.count -= 1
+    def _count_clients(self, change: int) -> None:
+        self.ctx.sse_clients.count += change
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.ctx.registry), media_type=CONTENT_TYPE_LATEST)

@@ -54,7 +54,7 @@ async def _frames(bus: EventBus, count: int, **kwargs: object) -> list[bytes]:
                 if len(frames) == count:
                     break
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
     return frames
 
 
@@ -120,6 +120,29 @@ async def test_stream_ends_when_the_bus_closes() -> None:
     assert await anext(stream) == CONNECTED
     bus.close()
     assert [frame async for frame in stream] == []
+
+
+async def test_the_stream_counts_itself_open_until_it_ends_however_it_ends() -> None:
+    """`count` hears +1 at the first frame and -1 at the end: by the bus closing, by lagging,
+    and by the reader leaving (the generator closed mid-stream)."""
+    changes: list[int] = []
+    bus = EventBus(subscriber_buffer=2)
+    for ending in ("left", "lagged", "closed"):
+        stream = sse_stream(bus, last_event_id=None, count=changes.append)
+        assert changes.count(1) == changes.count(-1)
+        assert await anext(stream) == CONNECTED
+        assert sum(changes) == 1
+        if ending == "left":
+            await stream.aclose()
+        elif ending == "lagged":
+            for _ in range(5):
+                bus.emit("token.refreshed", {})
+            assert [chunk async for chunk in stream]
+        else:
+            bus.close()
+            assert [chunk async for chunk in stream] == []
+        assert sum(changes) == 0
+    assert changes == [1, -1] * 3
 
 
 def _app(bus: EventBus, heartbeat: float) -> Starlette:
