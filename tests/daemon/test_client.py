@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
 from gastown_sandboxd.events.bus import EventBus, Gap
 from gastown_sandboxd.events.sse import CONNECTED, HEARTBEAT, control_frame, event_frame
+from tests.fixtures.net import count_ca_loads
 
 
 def _chunk(data: bytes) -> bytes:
@@ -80,14 +79,7 @@ def test_the_socket_client_never_loads_the_ca_bundle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Unix socket never speaks TLS: each command's client skips the CA bundle."""
-    calls: list[object] = []
-    original = ssl.SSLContext.load_verify_locations
-
-    def counting(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
-        calls.append(args or kwargs)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    calls = count_ca_loads(monkeypatch)
     with DaemonClient(tmp_path / "none.sock") as client, pytest.raises(DaemonUnavailable):
         client.get("/status")
     assert calls == []

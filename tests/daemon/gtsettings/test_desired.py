@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import ssl
-from typing import Any
 
 import httpx
 import pytest
 
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
-from tests.fixtures.net import closed_port
+from tests.fixtures.net import closed_port, count_ca_loads
 
 KEY = "internal-key-0123456789"
 
@@ -112,14 +110,7 @@ async def test_the_ca_bundle_is_loaded_only_for_an_https_cloud(
 ) -> None:
     """No TLS is spoken to an http:// cloud, so its client never loads the CA bundle (a large
     part of an idle start's CPU); an https:// one does, once."""
-    calls: list[object] = []
-    original = ssl.SSLContext.load_verify_locations
-
-    def counting(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
-        calls.append(args or kwargs)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    calls = count_ca_loads(monkeypatch)
     url = f"{scheme}://127.0.0.1:{closed_port()}"
     async with DesiredConfigClient(base_url=url, internal_key="k", town_id="t") as client:
         for _ in range(2):
