@@ -184,14 +184,19 @@ async def run_hook(spec: HookSpec, event: Event) -> str:
     program = spec.command[0]
     env = {**os.environ, "GASTOWN_EVENT": event.type, "GASTOWN_EVENT_ID": str(event.id)}
     try:
-        process = await anyio.open_process(
-            spec.command,
-            stdin=subprocess.PIPE,
-            stdout=None,
-            stderr=None,
-            env=env,
-            start_new_session=True,
-        )
+        # Shielded: a cancellation while asyncio starts the process would leave it killed but
+        # never reaped (asyncio's own wait for it is cancelled too, and its exit can come after
+        # the loop is gone: a ResourceWarning seen once in a full run). Starting takes
+        # milliseconds; the kill and the reap below cover everything after.
+        with anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                spec.command,
+                stdin=subprocess.PIPE,
+                stdout=None,
+                stderr=None,
+                env=env,
+                start_new_session=True,
+            )
     except OSError as exc:
         log.warning("hook_start_failed", program=program, error=exc.strerror or str(exc))
         return "unstartable"
