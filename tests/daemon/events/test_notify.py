@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -377,27 +378,32 @@ while time.monotonic() < deadline:
 
 
 # Children inherit an ignored SIGHUP (`nohup make test`); the signal tests need its default.
+# The marker file says the default is back: a SIGHUP sent before would be lost.
 DEFAULT_SIGHUP = (
     "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-    "os.execvp(sys.argv[1], sys.argv[1:])"
+    "open(sys.argv[1], 'w').close(); os.execvp(sys.argv[2], sys.argv[2:])"
 )
 
 
 @asynccontextmanager
 async def child(argv: Sequence[str]) -> AsyncIterator[anyio.abc.Process]:
-    """A real child process with SIGHUP at its default, killed and reaped on exit."""
-    process = await anyio.open_process(
-        [sys.executable, "-c", DEFAULT_SIGHUP, *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    async with process:
-        try:
-            yield process
-        finally:
-            if process.returncode is None:
-                process.kill()
+    """A real child process with SIGHUP at its default (yielded once it is), killed and
+    reaped on exit."""
+    with tempfile.TemporaryDirectory(prefix="child-") as folder:
+        defaulted = Path(folder) / "sighup-default"
+        process = await anyio.open_process(
+            [sys.executable, "-c", DEFAULT_SIGHUP, str(defaulted), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        async with process:
+            try:
+                await eventually(defaulted.exists)
+                yield process
+            finally:
+                if process.returncode is None:
+                    process.kill()
 
 
 async def test_signal_follows_the_pid_file(tmp_path: Path) -> None:
