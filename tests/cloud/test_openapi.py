@@ -21,7 +21,7 @@ from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
 from tests.daemon.http.test_openapi import operations, routed
 from tests.e2e.test_openapi import valid_http_headers
-from tests.fixtures.cloud import CloudServer, launch_cloud
+from tests.fixtures.cloud import CloudServer
 
 KEY = "cloud-openapi-key-0123456789"
 EXAMPLES_PER_MODE = 12
@@ -80,14 +80,6 @@ def test_security_matches_the_routes() -> None:
     ):
         assert security.pop(("POST", route)) == [{"internalKey": [], "townToken": []}]
     assert all(value == [{"internalKey": []}] for value in security.values())
-
-
-@pytest.fixture(scope="module")
-def module_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
-    """One real cloud for the whole schemathesis run."""
-    server = launch_cloud(tmp_path_factory.mktemp("openapi-cloud"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
