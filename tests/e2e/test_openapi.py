@@ -24,7 +24,7 @@ from schemathesis.config import SchemathesisConfig
 
 from gastown_sandboxd.http.openapi import openapi_document
 from tests.daemon.http.test_openapi import operations
-from tests.fixtures.cloud import CloudServer, launch_cloud
+from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 
 from .gt_town import start_config_daemon
@@ -70,14 +70,6 @@ HYPOTHESIS = settings(
 
 
 # (c) schemathesis against a real daemon
-
-
-@pytest.fixture(scope="module")
-def module_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
-    """One real cloud for the whole run (only POST /token/refresh reaches it)."""
-    server = launch_cloud(tmp_path_factory.mktemp("openapi-cloud"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +140,16 @@ def call_and_validate(case: Any, live: DaemonProcess, requests_made: Counter[str
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def valid_http_headers(headers: Mapping[str, Any]) -> bool:
-    """Whether every header is an RFC 9110 field (token name, value without controls)."""
+    """Whether every header is an RFC 9110 field (token name, value without controls), and a
+    Content-Length is digits (§8.6: h11 refuses any other with a bare 400, as it should)."""
     return all(
-        _TOKEN.fullmatch(name) and isinstance(value, str) and _FIELD_VALUE.fullmatch(value)
+        _TOKEN.fullmatch(name)
+        and isinstance(value, str)
+        and _FIELD_VALUE.fullmatch(value)
+        and (name.lower() != "content-length" or _DIGITS.fullmatch(value.strip(" \t")))
         for name, value in headers.items()
     )
