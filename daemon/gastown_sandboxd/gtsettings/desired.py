@@ -20,6 +20,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
+from gastown_sandboxd._http import cloud_client
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 
 CONFIG_PATH = "/api/gastown/towns/{town}/config"
@@ -81,14 +82,8 @@ class DesiredConfigClient:
     def _http(self) -> httpx.AsyncClient:
         # Made at the first call, not at start: building its TLS context costs start-up time.
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._timeout),
-                transport=self._transport,
-                follow_redirects=False,
-                trust_env=False,
-                # No TLS is ever spoken to an http:// URL (no redirects): loading the CA bundle
-                # would cost ~40 % of an idle start's CPU after the imports, and 2.6-3.8 MiB.
-                verify=self._config_url.startswith("https://"),
+            self._client = cloud_client(
+                self._config_url, timeout=self._timeout, transport=self._transport
             )
         return self._client
 

@@ -21,6 +21,7 @@ from typing import Any, Self
 import anyio
 import httpx
 
+from gastown_sandboxd._http import cloud_client
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.errors import RefreshError
 from gastown_sandboxd.token.schedule import parse_retry_after
@@ -79,14 +80,7 @@ class CloudClient:
             self._shared = None
 
     def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout),
-            transport=self._transport,
-            follow_redirects=False,
-            trust_env=False,
-            # No TLS is ever spoken to an http:// URL (no redirects): skip loading the CA bundle.
-            verify=self._url.startswith("https://"),
-        )
+        return cloud_client(self._url, timeout=self._timeout, transport=self._transport)
 
     async def refresh(self, current_token: str | None) -> str:
         """A new token from the cloud, as text; raises `RefreshError` with a kind and reason.
