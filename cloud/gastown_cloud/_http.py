@@ -14,9 +14,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .admission import RefreshAdmission
-from .errors import ApiError
+from .errors import ApiError, TokenInvalid
 from .settings import CloudSettings
 from .store import Store, Town
+from .tokens import verify_gastown_token
 
 _M = TypeVar("_M", bound=pydantic.BaseModel)
 _DRAIN_BYTES = 4 * 1024 * 1024
@@ -124,3 +125,23 @@ def _too_large(limit: int) -> ApiError:
     message = f"The request body exceeds {limit // 1024} KiB."
     # The connection is closed after a 413: what is left of the body is not worth reading.
     return ApiError(413, "body_too_large", message, headers={"connection": "close"})
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None for none or another scheme."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def town_binding_problem(ctx: AppContext, town: Town, token: str) -> tuple[str, str] | None:
+    """None when `token` is well signed (expired is fine) for `town` and its owner; else the
+    reason and the message of the 403 (the refresh binding of CONTRACT §7)."""
+    try:
+        claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret, verify_exp=False)
+    except TokenInvalid as exc:
+        return exc.reason, f"The Bearer token is refused: {exc.message}."
+    if claims.town_id != town.id or claims.sub != town.user_id:
+        return "other_town", "The Bearer token belongs to another town or user."
+    return None

@@ -21,12 +21,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._http import AppContext, parse_object, read_body, validate
+from ._http import (
+    AppContext,
+    bearer_token,
+    parse_object,
+    read_body,
+    town_binding_problem,
+    validate,
+)
 from .desired import ConfigState, check_shape, etag, etag_matches, merge_patch, push_patch
-from .errors import ApiError, TokenInvalid
+from .errors import ApiError
 from .models import ConfigReport
 from .store import ConfigConflict, GenerationAhead, Town, TownConfig
-from .tokens import verify_gastown_token
 
 log = structlog.get_logger(__name__)
 
@@ -250,17 +256,11 @@ def _require_json_media_type(request: Request) -> None:
 
 def _require_town_bearer(ctx: AppContext, town: Town, authorization: str) -> None:
     """403 unless the Bearer token is well signed (expired is fine) for the town and its owner."""
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(authorization)
+    if token is None:
         _refuse(town, "not_bearer", "The Authorization header is not a Bearer token.")
-    try:
-        claims = verify_gastown_token(
-            token.strip(), secret=ctx.settings.nextauth_secret, verify_exp=False
-        )
-    except TokenInvalid as exc:
-        _refuse(town, exc.reason, f"The Bearer token is refused: {exc.message}.")
-    if claims.town_id != town.id or claims.sub != town.user_id:
-        _refuse(town, "other_town", "The Bearer token belongs to another town or user.")
+    if (problem := town_binding_problem(ctx, town, token)) is not None:
+        _refuse(town, *problem)
 
 
 def _refuse(town: Town, reason: str, message: str) -> NoReturn:

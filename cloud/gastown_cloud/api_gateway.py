@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._http import AppContext, validate
+from ._http import AppContext, bearer_token, validate
 from ._time import rfc3339
 from .completions import complete
 from .errors import ApiError, GatewayError, TokenInvalid
@@ -75,13 +75,13 @@ def gateway_routes(ctx: AppContext) -> list[Route]:
 
 def _authenticate(ctx: AppContext, request: Request) -> GastownClaims:
     """The verified claims of the Bearer token, or 401 in OpenAI's shape."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
         raise GatewayError(
             401, "authentication_error", "missing_token", "A Bearer gateway token is required."
         )
     try:
-        claims = verify_gastown_token(token.strip(), secret=ctx.settings.nextauth_secret)
+        claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret)
     except TokenInvalid as exc:
         log.warning("gateway_refused", reason=exc.reason)
         code = _TOKEN_CODES.get(exc.reason, "invalid_token")

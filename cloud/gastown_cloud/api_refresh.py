@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ._http import AppContext, validate
+from ._http import AppContext, bearer_token, town_binding_problem, validate
 from ._time import rfc3339
-from .errors import ApiError, TokenInvalid
+from .errors import ApiError
 from .models import RefreshInput
 from .store import Town
-from .tokens import fingerprint, mint_gastown_token, verify_gastown_token
+from .tokens import fingerprint, mint_gastown_token
 
 log = structlog.get_logger(__name__)
 _NO_STORE = {"cache-control": "no-store"}
@@ -56,8 +56,8 @@ async def _refresh(ctx: AppContext, request: Request, *, trpc: bool) -> Response
         )
     _admit(ctx, town_id)
     town = await ctx.town(town_id)
-    if bearer is not None:
-        _check_binding(ctx, town, bearer)
+    if bearer is not None and (problem := town_binding_problem(ctx, town, bearer)) is not None:
+        _refuse(town, *problem)
     if town.status == "stopped":
         raise ApiError(409, "town_stopped", "The town is stopped; start it to refresh its token.")
     if town.status == "destroyed":
@@ -92,24 +92,6 @@ def _admit(ctx: AppContext, town_id: str) -> None:
             f"The cloud admits {ctx.admission.rate} refreshes per second; retry after {wait} s."
         )
         raise ApiError(503, "busy", message, headers={"retry-after": str(wait)})
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header; None for none or another scheme."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def _check_binding(ctx: AppContext, town: Town, token: str) -> None:
-    """403 unless the Bearer token is well signed for this town and its owner."""
-    try:
-        claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret, verify_exp=False)
-    except TokenInvalid as exc:
-        _refuse(town, exc.reason, f"The Bearer token is refused: {exc.message}.")
-    if claims.town_id != town.id or claims.sub != town.user_id:
-        _refuse(town, "other_town", "The Bearer token belongs to another town or user.")
 
 
 def _refuse(town: Town, reason: str, message: str) -> NoReturn:
