@@ -20,8 +20,8 @@ import pytest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gastown_cloud.api_config import openapi_paths
 from gastown_cloud.app import create_app
+from gastown_cloud.openapi import openapi_document
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.store import Store
 from gastown_cloud.tokens import mint_gastown_token
@@ -523,10 +523,14 @@ async def test_real_server_keeps_a_change_until_the_sandbox_reports(
 
 
 def test_openapi_paths_describe_exactly_these_routes(tmp_path: Path) -> None:
-    """The OpenAPI fragment for the cloud's document names every config route and no other,
-    and documents every status the tests above make these routes answer."""
+    """The cloud's OpenAPI document names every config route and no other, and documents
+    every status the tests above make these routes answer."""
     town_path = "/api/gastown/towns/{town_id}"
-    paths = openapi_paths(town_path)
+    paths = {
+        path: item
+        for path, item in openapi_document()["paths"].items()
+        if path.startswith(town_path + "/config")
+    }
     documented = {(m.upper(), path) for path, item in paths.items() for m in item}
     settings = CloudSettings(nextauth_secret="s" * 40, internal_api_key="k" * 20, db=tmp_path / "x")
     app = create_app(settings, Store(settings.db))
