@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from tests.daemon.minting import mint
+from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import DAEMON_KEY, daemon_env
 
 # A port nothing listens on: a daemon holding a fresh token does not refresh, but its sync of
@@ -156,3 +157,14 @@ def tcp_client(
     return httpx.AsyncClient(
         base_url=url, headers=headers, limits=limits or httpx.Limits(), timeout=timeout
     )
+
+
+@contextmanager
+def running_cloud(folder: Path) -> Iterator[CloudServer]:
+    """A real `gastown-cloud serve` (24 h tokens) with its database in `folder`, stopped after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    server = launch_cloud(folder, token_lifetime=86400)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,12 @@ from typing import Any
 import anyio
 import httpx
 from tests.e2e.gt_town import free_port
-from tests.fixtures.cloud import CloudServer, launch_cloud
+from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import make_town
 
 from gastown_sandboxd.token.cloud import CloudClient
 
-from ._daemon import Daemon, running_daemon
+from ._daemon import Daemon, running_cloud, running_daemon
 from ._stats import cpu_seconds, percentile, rss_kib
 from ._table import Row, main_of
 
@@ -110,22 +110,12 @@ async def _direct_refreshes(
     return times
 
 
-@contextmanager
-def _cloud(workdir: Path) -> Iterator[CloudServer]:
-    server = launch_cloud(workdir / "cloud-home", token_lifetime=86400)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def run(quick: bool) -> list[Row]:
     """Measure everything; `quick` shortens the idle window to 10 s and takes fewer samples."""
     starts, idle, calls = (5, 10.0, 100) if quick else (15, 60.0, 200)
     with tempfile.TemporaryDirectory(prefix="daemon-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
-        (workdir / "cloud-home").mkdir()
-        with _cloud(workdir) as cloud, httpx.Client(timeout=5) as http:
+        with running_cloud(workdir / "cloud-home") as cloud, httpx.Client(timeout=5) as http:
             town, token = cloud.create_town(user_id="bench", organization_id="org-bench")
             rows = _startup_rows(workdir, cloud, town["id"], token, http, starts)
             with _daemon(workdir, cloud, town["id"], token, "idle", wait=True) as daemon:

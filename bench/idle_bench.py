@@ -33,10 +33,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import make_town
 
-from ._daemon import running_daemon
+from ._daemon import running_cloud, running_daemon
 from ._stats import cpu_seconds, rss_kib, thread_counters
 from ._table import Row, main_of
 
@@ -74,14 +73,6 @@ def _notify_socket(folder: Path) -> Iterator[tuple[str, socket.socket]]:
         yield str(path), sock
     finally:
         sock.close()
-
-
-@contextmanager
-def _stopping(cloud: CloudServer) -> Iterator[CloudServer]:
-    try:
-        yield cloud
-    finally:
-        cloud.stop()
 
 
 def _drain(sock: socket.socket) -> list[bytes]:
@@ -176,11 +167,8 @@ def run(quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="idle-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         ready_walls, ready_cpus = start_to_ready(workdir, starts)
-        cloud_folder = workdir / "cloud"
-        cloud_folder.mkdir()
-        cloud = launch_cloud(cloud_folder)
-        town_json, token = cloud.create_town(name="idle-bench")
-        with _notify_socket(workdir) as (address, sock), _stopping(cloud):
+        with _notify_socket(workdir) as (address, sock), running_cloud(workdir / "cloud") as cloud:
+            town_json, token = cloud.create_town(name="idle-bench")
             env = {"NOTIFY_SOCKET": address}
             town = make_town(workdir / "town", ("alpha",))
             with running_daemon(
