@@ -11,7 +11,8 @@ Baselines measured in the same run, on the same file system:
 - `SettingsStore.patch` in this process with no HTTP: read, validate, merge, render, write.
 
 Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
-back), and `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
+back) and per `GET /healthz` at that cadence (the HTTP floor no PATCH can go below), and
+`wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
 PATCHes that arrive while one is being written are written together (group commit), so
 more clients share each write's fsyncs and thread hop.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -103,6 +104,23 @@ async def paced_round(daemon: Daemon, count: int, interval: float) -> Sample:
         return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
 
 
+async def paced_healthz(daemon: Daemon, count: int, interval: float) -> Sample:
+    """`GET /healthz` at the same cadence: the daemon's HTTP floor (hypercorn, h11, Starlette
+    and the daemon's middleware, with no work behind the route)."""
+    latencies: list[float] = []
+    async with uds_client(daemon.socket, timeout=120) as http:
+        cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
+        for n in range(count):
+            await anyio.sleep(max(0.0, started + n * interval - time.perf_counter()))
+            begin = time.perf_counter()
+            answer = await http.get("/healthz")
+            latencies.append((time.perf_counter() - begin) * 1000)
+            if answer.status_code != 200:
+                raise RuntimeError(f"GET /healthz answered {answer.status_code}")
+        await anyio.sleep(interval)
+        return Sample(latencies, time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu)
+
+
 WRK_SCRIPT = """
 local threads = 0
 function setup(thread)
@@ -120,10 +138,19 @@ function request()
 end
 """
 
+# The same load on the cheapest route: what the HTTP stack alone serves.
+WRK_FLOOR_SCRIPT = """
+function request()
+  return wrk.format("GET", "/healthz", HEADERS)
+end
+"""
 
-def wrk_round(daemon: Daemon, connections: int, seconds: int) -> tuple[float, str] | None:
-    """`wrk` PATCHing over TCP with the key: (requests per second, its summary), or None
-    when wrk is not installed."""
+
+def wrk_round(
+    daemon: Daemon, connections: int, seconds: int, requests: str = WRK_SCRIPT
+) -> tuple[float, str] | None:
+    """`wrk` PATCHing over TCP with the key (or sending the `requests` of another script):
+    (requests per second, its summary), or None when wrk is not installed."""
     wrk = shutil.which("wrk")
     if wrk is None:
         return None
@@ -131,7 +158,7 @@ def wrk_round(daemon: Daemon, connections: int, seconds: int) -> tuple[float, st
         '{["Content-Type"] = "application/json", ["x-internal-api-key"] = "' + daemon.key + '"}'
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(f"HEADERS = {headers}\n{WRK_SCRIPT}")
+        script.write(f"HEADERS = {headers}\n{requests}")
     try:
         out = subprocess.run(
             [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script.name, daemon.url],
@@ -194,7 +221,9 @@ def run(quick: bool) -> list[Row]:
             for clients in LEVELS:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
             paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
+            floor = anyio.run(paced_healthz, daemon, 40 if quick else 200, 0.05)
             wrk = wrk_round(daemon, 8, 5 if quick else 15)
+            wrk_floor = wrk_round(daemon, 8, 5 if quick else 15, WRK_FLOOR_SCRIPT)
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
@@ -204,6 +233,11 @@ def run(quick: bool) -> list[Row]:
             "ms", rounds[1].cpu / len(rounds[1].latencies) * 1000,
             f"the dashboard's cadence, {len(paced.latencies)} PATCHes; baseline: back to back")
     )  # fmt: skip
+    rows.append(
+        Row("daemon CPU per GET /healthz, one every 50 ms", floor.cpu / len(floor.latencies) * 1000,
+            "ms", paced.cpu / len(paced.latencies) * 1000,
+            "the HTTP floor at the same cadence; baseline: the paced PATCH above")
+    )  # fmt: skip
     if wrk is None:
         rows.append(Row("PATCH throughput, 8 connections (wrk)", 0.0, "req/s", None,
                         "wrk is not installed (make bench installs it)"))  # fmt: skip
@@ -212,6 +246,10 @@ def run(quick: bool) -> list[Row]:
         rows.append(
             Row("PATCH throughput, 8 connections (wrk)", wrk[0], "req/s", direct.rate, note)
         )
+    if wrk is not None and wrk_floor is not None:
+        note = f"the HTTP floor, same load; {wrk_floor[1]}; baseline: the PATCHes above"
+        rows.append(Row("GET /healthz throughput, 8 connections (wrk)", wrk_floor[0], "req/s",
+                        wrk[0], note))  # fmt: skip
     return rows
 
 
