@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
+from gastown_sandboxd.gtsettings.apply import merge_patch_between
+from gastown_sandboxd.gtsettings.merge_patch import merge_patch as sandbox_merge_patch
 from gastown_sandboxd.gtsettings.schema import SECRET_ENV_NAMES
 from gastown_sandboxd.gtsettings.validation import contains_jwt
 
@@ -124,30 +126,9 @@ def _check_secrets(value: object, path: str, problems: list[Problem]) -> None:
 
 
 def merge_patch(target: object, patch: object) -> Any:
-    """RFC 7396: `patch` applied to `target`; neither is changed, the result shares nothing."""
-    if not isinstance(patch, dict):
-        return _copy(patch)
-    result = _copy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def diff_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch turning `old` into `new` (neither holds nulls, as merged objects don't)."""
-    patch: dict[str, Any] = {key: None for key in old if key not in new}
-    for key, value in new.items():
-        before = old.get(key)
-        if isinstance(value, dict) and isinstance(before, dict):
-            inner = diff_patch(before, value)
-            if inner:
-                patch[key] = inner
-        elif key not in old or before != value:
-            patch[key] = _copy(value)
-    return patch
+    """RFC 7396: `patch` applied to `target`, by the sandbox's own merge (the same key order);
+    neither is changed, and the result shares nothing with either (the cloud keeps it)."""
+    return _copy(sandbox_merge_patch(target, patch))
 
 
 def push_patch(
@@ -155,8 +136,10 @@ def push_patch(
 ) -> dict[str, Any]:
     """The patch that takes a sandbox standing on `base` to `desired`, which is `patch` merged
     into some later state: the difference, with `patch` laid over it so that the dashboard's own
-    deletions and settings reach the files too (applying `patch` again to `desired` is a no-op)."""
-    return _overlay(diff_patch(base, desired), patch)
+    deletions and settings reach the files too (applying `patch` again to `desired` is a no-op).
+    The difference is the sandbox's own (`merge_patch_between`): values of different JSON types
+    differ even where Python calls them equal (`1`, `1.0`, `true`)."""
+    return _overlay(merge_patch_between(base, desired), patch)
 
 
 def _overlay(under: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,12 @@ from gastown_cloud.desired import (
     ConfigState,
     check_shape,
     config_state,
-    diff_patch,
     etag,
     etag_matches,
     merge_patch,
     push_patch,
 )
+from gastown_sandboxd.gtsettings.apply import merge_patch_between
 
 KEYS = st.sampled_from(["a", "b", "c", "role_agents", "mayor"])
 LEAVES = st.one_of(st.integers(-3, 3), st.sampled_from(["x", "y"]), st.lists(st.integers(0, 2)))
@@ -54,8 +54,8 @@ def test_merge_is_idempotent_and_drops_nulls(target: dict[str, Any], patch: dict
 @given(OBJECTS, OBJECTS)
 def test_diff_turns_old_into_new(old: dict[str, Any], new: dict[str, Any]) -> None:
     """The diff, merged into `old`, gives `new`; equal objects give an empty diff."""
-    assert merge_patch(old, diff_patch(old, new)) == new
-    assert diff_patch(new, new) == {}
+    assert merge_patch(old, merge_patch_between(old, new)) == new
+    assert merge_patch_between(new, new) == {}
 
 
 @UNHURRIED
@@ -75,6 +75,18 @@ def test_push_patch_from_the_previous_state_is_the_patch(
 ) -> None:
     """A sandbox on the previous generation is sent exactly what the dashboard sent."""
     assert push_patch(old, merge_patch(old, patch), patch) == patch
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, True), (0, False), (1, 1.0), (1.0, 1)])
+def test_push_patch_changes_a_value_to_an_equal_one_of_another_json_type(
+    before: object, after: object
+) -> None:
+    """`true` is not `1` in JSON, though Python calls them equal: the push carries the change."""
+    base = {"town": {"role_effort": {"mayor": before}}}
+    desired = {"town": {"role_effort": {"mayor": after}}}
+    pushed = push_patch(base, desired, {})
+    assert pushed == desired
+    assert type(pushed["town"]["role_effort"]["mayor"]) is type(after)
 
 
 def test_merge_does_not_change_its_inputs() -> None:
