@@ -35,11 +35,10 @@ import httpx
 from httpx_sse import aconnect_sse
 from tests.fixtures.daemon import make_town
 
-from ._daemon import Daemon, running_daemon, tcp_client, uds_client
+from ._daemon import Daemon, running_cloud, running_daemon, tcp_client, uds_client
 from ._stats import cpu_seconds, percentile
 from ._table import Row, main_of
 
-TOWN_ID = "town-events-bench"
 READERS = 100
 WAIT = 30.0
 LIMITS = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
@@ -222,8 +221,14 @@ def run(quick: bool) -> list[Row]:
     """Measure everything once with one daemon; the rows are printed by the caller."""
     with tempfile.TemporaryDirectory(prefix="events-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
-        with running_daemon(workdir, make_town(workdir / "town"), town_id=TOWN_ID) as daemon:
-            return anyio.run(_measure, daemon, quick)
+        # A real cloud, as in production: the idle baseline has no sync retries to a closed port.
+        with running_cloud(workdir / "cloud") as cloud:
+            town, token = cloud.create_town(name="events-bench")
+            with running_daemon(
+                workdir, make_town(workdir / "town"), town_id=town["id"], token=token,
+                cloud_url=cloud.url,
+            ) as daemon:  # fmt: skip
+                return anyio.run(_measure, daemon, quick)
 
 
 if __name__ == "__main__":
