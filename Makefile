@@ -71,7 +71,7 @@ bytecode: $(STAMP)
 	$(BIN)/python -m compileall -q daemon cloud tests bench >/dev/null
 
 pytest: $(STAMP) tools npm bytecode
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --maxschedchunk 1
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --maxschedchunk 1 --durations 12
 
 test: lint typecheck pytest
 
