@@ -6,12 +6,16 @@ libraries load whenever they happen to be installed: httpx imports its own comma
 the library intends (httpx without its CLI, structlog with plain tracebacks). Measured on a
 2-core machine with all three installed: `import gastown_sandboxd.cli` 228 → 141 ms of CPU,
 the daemon's whole import 422 → 350 ms, on every start of the daemon and of each command.
-Only this entry does it: a program that imports the package keeps its own modules.
+Only this entry does it: a program that imports the package keeps its own modules. The
+entry, and `run` for the daemon's modules, import with the garbage collector paused
+(`_lazy.imports_without_gc`).
 """
 
 from __future__ import annotations
 
 import sys
+
+from gastown_sandboxd._lazy import imports_without_gc
 
 NEVER_USED = ("rich", "click", "pygments")
 
@@ -25,7 +29,8 @@ def hide_never_used() -> None:
 
 def main() -> int:
     hide_never_used()
-    from gastown_sandboxd.cli import main as cli_main
+    with imports_without_gc():
+        from gastown_sandboxd.cli import main as cli_main
 
     return cli_main()
 

@@ -1,13 +1,16 @@
-"""Faces that load their modules on first use (PEP 562's module `__getattr__`).
+"""What importing costs: faces that load their modules on first use (PEP 562's module
+`__getattr__`), and imports without the cyclic garbage collector.
 
 A room whose names are reached from light entries (an agent start, a `status` command) uses
-one, so that importing the room costs nothing until a name is used.
+a lazy face, so that importing the room costs nothing until a name is used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 
@@ -21,3 +24,26 @@ def lazy_names(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
         return getattr(importlib.import_module(f"{package}.{module}"), name)
 
     return getattr_
+
+
+@contextlib.contextmanager
+def imports_without_gc() -> Iterator[None]:
+    """Import with the cyclic garbage collector paused, then freeze what is alive.
+
+    Importing the daemon makes ~72,000 objects that live as long as the process (modules,
+    classes, functions), and the automatic collections it triggers on the way (97 young and 8
+    middle ones) walk them for almost nothing: 638 objects found. Measured on 2 cores, median
+    of 16 interleaved starts: the daemon's imports took 263 ms of CPU with the collector, 248
+    without. `gc.freeze()` then moves everything alive to the permanent generation, so no
+    later full collection walks it either. The cost: the ~680 objects of garbage cycles the
+    imports left are frozen with the rest and never freed. For process entries only; the
+    collector is left as it was found (a disabled one stays disabled).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import anyio
 
 from gastown_sandboxd import __version__, agents
+from gastown_sandboxd._lazy import imports_without_gc
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
 from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.options import (
@@ -241,9 +242,10 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from gastown_sandboxd.daemon import run_daemon
-    from gastown_sandboxd.ops.logs import configure_logging
-    from gastown_sandboxd.ops.socket_lock import check_free
+    with imports_without_gc():
+        from gastown_sandboxd.daemon import run_daemon
+        from gastown_sandboxd.ops.logs import configure_logging
+        from gastown_sandboxd.ops.socket_lock import check_free
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     flags["log_format"] = args.log_format

@@ -55,3 +55,47 @@ def test_the_command_runs_through_the_entry() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+
+
+GC_PROBE = """
+import gc, sys
+from gastown_sandboxd._lazy import imports_without_gc
+enabled_inside = []
+with imports_without_gc():
+    enabled_inside.append(gc.isenabled())
+    made_inside = [object(), {}]  # tracked by the collector
+# Frozen: in the permanent generation, in none of the three the collector walks.
+walked = any(made_inside is o for g in range(3) for o in gc.get_objects(generation=g))
+after = (gc.isenabled(), gc.get_freeze_count() > 0, not walked)
+gc.disable()
+with imports_without_gc():
+    pass
+print(enabled_inside[0], *after, gc.isenabled())
+"""
+
+
+def test_imports_run_without_the_collector_and_what_they_made_is_frozen() -> None:
+    """Inside `imports_without_gc` no collection runs; after it the collector is back as it
+    was (on, or off when it was off) and what was alive sits in the permanent generation."""
+    done = subprocess.run(
+        [sys.executable, "-c", GC_PROBE], capture_output=True, text=True, timeout=60, check=True
+    )
+    inside, enabled_after, frozen, not_walked, stays_off = done.stdout.split()
+    assert (inside, enabled_after, frozen, not_walked, stays_off) == (
+        "False", "True", "True", "True", "False"
+    )  # fmt: skip
+
+
+def test_the_entry_leaves_the_collector_on_for_the_command() -> None:
+    """After the entry's imports the command runs with the collector on, its imports frozen."""
+    code = (
+        "import gc, sys\n"
+        "from gastown_sandboxd import __main__ as entry\n"
+        "sys.argv = ['gastown-sandboxd', '--help']\n"
+        "try:\n    entry.main()\nexcept SystemExit:\n    pass\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 10000, file=sys.stderr)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stderr.split() == ["True", "True"]
