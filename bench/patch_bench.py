@@ -20,6 +20,7 @@ more clients share each write's fsyncs and thread hop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 from tests.daemon.gt_samples import build_town
 
 from gastown_sandboxd.atomic import write_atomic
@@ -65,24 +67,36 @@ def _body(client: int, n: int) -> dict[str, Any]:
 
 
 async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int) -> Sample:
-    """`clients` concurrent clients each sending `per_client` PATCHes; every one must apply."""
+    """`clients` concurrent clients each sending `per_client` PATCHes; every one must apply.
+
+    Every client is made and connected (one GET /healthz) before the clock starts: a client
+    still being set up would hold the event loop while the others' PATCHes wait."""
     latencies: list[float] = []
+    go = anyio.Event()
 
-    async def client(index: int) -> None:
-        async with uds_client(daemon.socket, timeout=120) as http:
-            for n in range(offset, offset + per_client):
-                started = time.perf_counter()
-                answer = await http.patch("/config", json=_body(index, n))
-                latencies.append((time.perf_counter() - started) * 1000)
-                if answer.status_code != 200 or not answer.json()["changed"]:
-                    raise RuntimeError(f"PATCH answered {answer.status_code}: {answer.text}")
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        await go.wait()
+        for n in range(offset, offset + per_client):
+            started = time.perf_counter()
+            answer = await http.patch("/config", json=_body(index, n))
+            latencies.append((time.perf_counter() - started) * 1000)
+            if answer.status_code != 200 or not answer.json()["changed"]:
+                raise RuntimeError(f"PATCH answered {answer.status_code}: {answer.text}")
 
-    cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for index in range(clients):
-            tg.start_soon(client, index)
-    wall = time.perf_counter() - started
-    return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
+    async with contextlib.AsyncExitStack() as stack:
+        https = [
+            await stack.enter_async_context(uds_client(daemon.socket, timeout=120))
+            for _ in range(clients)
+        ]
+        for http in https:
+            (await http.get("/healthz")).raise_for_status()
+        async with anyio.create_task_group() as tg:
+            for index, http in enumerate(https):
+                tg.start_soon(client, http, index)
+            cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
+            go.set()
+        wall = time.perf_counter() - started
+        return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
 
 
 async def paced_round(daemon: Daemon, count: int, interval: float) -> Sample:
