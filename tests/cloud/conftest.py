@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.fixtures.cloud import CloudServer, launch_cloud
+from tests.fixtures.net import tls
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +28,14 @@ FRESH = httpx.Limits(max_keepalive_connections=0)
 def api(shared_cloud: CloudServer) -> Iterator[httpx.Client]:
     """A client of the shared server that sends the internal key."""
     with httpx.Client(
-        base_url=shared_cloud.url, headers=shared_cloud.headers, timeout=10, limits=FRESH
-    ) as client:
+        base_url=shared_cloud.url, headers=shared_cloud.headers, timeout=10, limits=FRESH,
+        verify=tls(),
+    ) as client:  # fmt: skip
         yield client
 
 
 @pytest.fixture
 def anon(shared_cloud: CloudServer) -> Iterator[httpx.Client]:
     """A client of the shared server that sends no key."""
-    with httpx.Client(base_url=shared_cloud.url, timeout=10, limits=FRESH) as client:
+    with httpx.Client(base_url=shared_cloud.url, timeout=10, limits=FRESH, verify=tls()) as client:
         yield client

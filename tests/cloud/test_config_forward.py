@@ -14,6 +14,7 @@ import pytest
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from tests.fixtures.cloud import CloudServer
+from tests.fixtures.net import tls
 
 from .stand_in import APPLIED, StandIn, closed_url, sandbox
 
@@ -25,14 +26,18 @@ PATCH = {"town": {"default_agent": "kilo-sonnet", "role_agents": {"mayor": "clau
 async def _patch(
     cloud: CloudServer, town_id: str, content: bytes, **headers: str
 ) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=cloud.url, headers=cloud.headers, timeout=20) as client:
+    async with httpx.AsyncClient(
+        base_url=cloud.url, headers=cloud.headers, timeout=20, verify=tls()
+    ) as client:
         return await client.patch(
             f"/api/gastown/towns/{town_id}/config", content=content, headers=headers
         )
 
 
 async def _config(cloud: CloudServer, town_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=cloud.url, headers=cloud.headers, timeout=20) as client:
+    async with httpx.AsyncClient(
+        base_url=cloud.url, headers=cloud.headers, timeout=20, verify=tls()
+    ) as client:
         answer = await client.get(f"/api/gastown/towns/{town_id}/config")
     assert answer.status_code == 200, answer.text
     config: dict[str, Any] = answer.json()

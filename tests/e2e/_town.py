@@ -151,7 +151,8 @@ def wait_for_status(
     end = time.monotonic() + deadline
     last: dict[str, Any] = {}
     with httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://sandboxd"
+        transport=httpx.HTTPTransport(uds=str(daemon.socket), verify=False),
+        base_url="http://sandboxd",
     ) as client:
         while time.monotonic() < end:
             try:
@@ -235,7 +236,7 @@ class EventStream:
                 self._changed.wait(min(remaining, 0.5))
 
     def _read(self) -> None:
-        transport = httpx.HTTPTransport(uds=str(self._socket))
+        transport = httpx.HTTPTransport(uds=str(self._socket), verify=False)
         timeout = httpx.Timeout(5.0, read=1.0)
         with httpx.Client(transport=transport, base_url="http://sandboxd", timeout=timeout) as c:
             while not self._stop.is_set():

@@ -24,6 +24,7 @@ from tests.daemon.gt_samples import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+from tests.fixtures.net import tls
 
 from .gt_town import free_port, read_events, start_config_daemon
 
@@ -51,7 +52,9 @@ class Linked:
         headers = {"content-type": "application/json"}
         if if_match is not None:
             headers["if-match"] = if_match
-        with httpx.Client(base_url=self.cloud.url, headers=self.cloud.headers, timeout=20) as c:
+        with httpx.Client(
+            base_url=self.cloud.url, headers=self.cloud.headers, timeout=20, verify=tls()
+        ) as c:
             return c.patch(
                 f"/api/gastown/towns/{self.town_id}/config",
                 content=content if content is not None else json.dumps(body).encode(),
@@ -63,7 +66,9 @@ class Linked:
 
     def config(self) -> dict[str, Any]:
         """The town's desired configuration record in the cloud."""
-        with httpx.Client(base_url=self.cloud.url, headers=self.cloud.headers, timeout=20) as c:
+        with httpx.Client(
+            base_url=self.cloud.url, headers=self.cloud.headers, timeout=20, verify=tls()
+        ) as c:
             answer = c.get(f"/api/gastown/towns/{self.town_id}/config")
         assert answer.status_code == 200, answer.text
         config: dict[str, Any] = answer.json()

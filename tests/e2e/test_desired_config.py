@@ -22,6 +22,7 @@ import pytest
 from tests.daemon.gt_samples import FRONTEND_FILE, TOWN_FILE, make_config_town
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+from tests.fixtures.net import tls
 from tests.waiting import wait_until
 
 from .gt_town import free_port, read_events
@@ -79,11 +80,15 @@ class Sandbox:
         return result
 
     def dashboard_patch(self, body: Any) -> httpx.Response:
-        with httpx.Client(base_url=self.cloud.url, headers=self.cloud.headers, timeout=30) as c:
+        with httpx.Client(
+            base_url=self.cloud.url, headers=self.cloud.headers, timeout=30, verify=tls()
+        ) as c:
             return c.patch(f"/api/gastown/towns/{self.town_id}/config", json=body)
 
     def cloud_config(self) -> dict[str, Any]:
-        with httpx.Client(base_url=self.cloud.url, headers=self.cloud.headers, timeout=30) as c:
+        with httpx.Client(
+            base_url=self.cloud.url, headers=self.cloud.headers, timeout=30, verify=tls()
+        ) as c:
             answer = c.get(f"/api/gastown/towns/{self.town_id}/config")
         assert answer.status_code == 200, answer.text
         config: dict[str, Any] = answer.json()
