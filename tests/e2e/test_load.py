@@ -55,7 +55,7 @@ async def test_patches_from_32_clients_with_100_subscribers_lose_nothing(
         f"{LOAD_PATCHES} PATCHes, {CLIENTS} clients, {SUBSCRIBERS} subscribers: "
         f"{result.wall:.1f} s, {result.throughput:.0f} PATCH/s, daemon CPU "
         f"{result.cpu_seconds:.1f} s, RSS {result.rss_before_kib / 1024:.1f} -> "
-        f"{result.rss_after_kib / 1024:.1f} MiB"
+        f"{result.rss_after_kib / 1024:.1f} MiB, {result.resumed} readers came back after lagging"
     )
     assert problems(result, town) == []
     assert len(result.received) == SUBSCRIBERS
