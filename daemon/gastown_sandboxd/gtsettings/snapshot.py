@@ -25,7 +25,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,17 +132,40 @@ def read_snapshot(town_root: Path) -> Snapshot:
     A town file whose path leads out of the town root (a symlinked `settings` folder or
     file) is unreadable: nothing is read or written through it.
     """
+    snapshot = _snapshot(town_root, read_file)
+    assert snapshot is not None
+    return snapshot
+
+
+def cached_snapshot(town_root: Path) -> Snapshot | None:
+    """`read_snapshot` from the cache and stat alone, or None when some file would have to
+    be read (its bytes are not cached against the stat it has now).
+
+    No file is opened: two lstats, the listing of the town root, two lstats and a stat per
+    rig. Cheap enough for the event loop, where a hop to a worker thread costs more.
+    """
+    return _snapshot(town_root, _cached_file)
+
+
+def _snapshot(
+    town_root: Path, read: Callable[[str, Scope, str], FileState | None]
+) -> Snapshot | None:
     # Paths as strings: a Path is built only for a file that is read from the disk.
     root = os.path.abspath(town_root)
     town_file = os.path.join(root, SETTINGS, CONFIG)
+    town: FileState | None
     if _inside(root, town_file):
-        town = read_file(town_file, "town", TOWN_FILE)
+        town = read(town_file, "town", TOWN_FILE)
+        if town is None:
+            return None
     else:
         town = FileState(error=f"{TOWN_FILE} leads out of the town root through a symlink")
     files: dict[str | None, FileState] = {None: town}
     for rig in rig_names(town_root):
-        path = os.path.join(root, rig, SETTINGS, CONFIG)
-        files[rig] = read_file(path, "rig", relative_path(rig))
+        state = read(os.path.join(root, rig, SETTINGS, CONFIG), "rig", relative_path(rig))
+        if state is None:
+            return None
+        files[rig] = state
     return Snapshot(files)
 
 
@@ -192,6 +215,32 @@ def remember(
 def read_file(path: Path | str, scope: Scope, name: str) -> FileState:
     """One file: absent, parsed, or unreadable with the reason (named by `name`)."""
     key = os.path.abspath(path)
+    found = _lookup(key, scope, name)
+    if isinstance(found, FileState):
+        return found
+    before = found
+    stamp = (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+    read_at = time.time_ns()
+    state = _read_uncached(Path(key), scope, name)
+    if state.raw is not None and before.st_size == len(state.raw):
+        quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
+        with _cache_lock:
+            if quiet:
+                _cache[key] = (stamp, name, scope, state)
+            else:
+                _cache.pop(key, None)
+    return state
+
+
+def _cached_file(path: str, scope: Scope, name: str) -> FileState | None:
+    """`read_file` when stat alone tells (absent, unreadable, cached); None when it would read."""
+    found = _lookup(os.path.abspath(path), scope, name)
+    return found if isinstance(found, FileState) else None
+
+
+def _lookup(key: str, scope: Scope, name: str) -> FileState | os.stat_result:
+    """What stat tells of the file at `key`: absent, unreadable or cached as a state, or
+    else its stat, against which to read it."""
     try:
         before = os.stat(key)
     except (FileNotFoundError, NotADirectoryError):
@@ -204,16 +253,7 @@ def read_file(path: Path | str, scope: Scope, name: str) -> FileState:
         cached = _cache.get(key)
     if cached is not None and cached[0] == stamp and cached[1:3] == (name, scope):
         return cached[3]
-    read_at = time.time_ns()
-    state = _read_uncached(Path(key), scope, name)
-    if state.raw is not None and before.st_size == len(state.raw):
-        quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
-        with _cache_lock:
-            if quiet:
-                _cache[key] = (stamp, name, scope, state)
-            else:
-                _cache.pop(key, None)
-    return state
+    return before
 
 
 def _read_uncached(path: Path, scope: Scope, name: str) -> FileState:
