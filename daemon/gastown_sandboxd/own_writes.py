@@ -53,6 +53,11 @@ class OwnWrites:
 
         return withdraw
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a write begun with `begin` has not ended yet."""
+        return self._writing > 0
+
     def end(self) -> None:
         """The write begun last is done: call back whoever waits, once none is in flight."""
         self._writing -= 1

@@ -25,20 +25,28 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gastown_sandboxd.errors import SettingsFileUnreadable
 from gastown_sandboxd.gtsettings.folders import read_settings_file
-from gastown_sandboxd.gtsettings.layout import rig_names, rig_settings_file, town_settings_file
+from gastown_sandboxd.gtsettings.layout import rig_names
 from gastown_sandboxd.gtsettings.patch import (
     managed_view,
     parse_document,
     revision_of,
     view_text,
 )
-from gastown_sandboxd.gtsettings.schema import TOWN_FILE, Doc, Scope, TownFiles, relative_path
+from gastown_sandboxd.gtsettings.schema import (
+    CONFIG,
+    SETTINGS,
+    TOWN_FILE,
+    Doc,
+    Scope,
+    TownFiles,
+    relative_path,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +80,14 @@ class FileState:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Every settings file of the town, keyed by rig (None for the town)."""
+    """Every settings file of the town, keyed by rig (None for the town).
+
+    Never changed once made: its revision is worked out once and kept in `memo` (a PATCH
+    asks the snapshot it planned on and the one it left twice each).
+    """
 
     files: dict[str | None, FileState] = field(default_factory=dict)
+    memo: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def town_files(self) -> TownFiles:
         """The parsed files, unreadable ones by the digest of their bytes."""
@@ -83,13 +96,18 @@ class Snapshot:
         return TownFiles(town=town.doc, rigs=rigs, unreadable=self._unreadable())
 
     def revision(self) -> str:
-        """`patch.revision(self.town_files())`, from each file's kept part."""
+        """`patch.revision(self.town_files())`, from each file's kept part; worked out once."""
+        known = self.memo.get("revision")
+        if known is not None:
+            return known
         rigs = {
             rig: s.view_text("rig")
             for rig, s in self.files.items()
             if rig is not None and s.error is None and s.doc is not None
         }
-        return revision_of(self.files[None].view_text("town"), rigs, self._unreadable())
+        text = revision_of(self.files[None].view_text("town"), rigs, self._unreadable())
+        self.memo["revision"] = text
+        return text
 
     def _unreadable(self) -> dict[str, str]:
         return {
@@ -114,14 +132,40 @@ def read_snapshot(town_root: Path) -> Snapshot:
     A town file whose path leads out of the town root (a symlinked `settings` folder or
     file) is unreadable: nothing is read or written through it.
     """
-    town_file = town_settings_file(town_root)
-    if _inside(town_root, town_file):
-        town = read_file(town_file, "town", TOWN_FILE)
+    snapshot = _snapshot(town_root, read_file)
+    assert snapshot is not None
+    return snapshot
+
+
+def cached_snapshot(town_root: Path) -> Snapshot | None:
+    """`read_snapshot` from the cache and stat alone, or None when some file would have to
+    be read (its bytes are not cached against the stat it has now).
+
+    No file is opened: two lstats, the listing of the town root, two lstats and a stat per
+    rig. Cheap enough for the event loop, where a hop to a worker thread costs more.
+    """
+    return _snapshot(town_root, _cached_file)
+
+
+def _snapshot(
+    town_root: Path, read: Callable[[str, Scope, str], FileState | None]
+) -> Snapshot | None:
+    # Paths as strings: a Path is built only for a file that is read from the disk.
+    root = os.path.abspath(town_root)
+    town_file = os.path.join(root, SETTINGS, CONFIG)
+    town: FileState | None
+    if _inside(root, town_file):
+        town = read(town_file, "town", TOWN_FILE)
+        if town is None:
+            return None
     else:
         town = FileState(error=f"{TOWN_FILE} leads out of the town root through a symlink")
     files: dict[str | None, FileState] = {None: town}
     for rig in rig_names(town_root):
-        files[rig] = read_file(rig_settings_file(town_root, rig), "rig", relative_path(rig))
+        state = read(os.path.join(root, rig, SETTINGS, CONFIG), "rig", relative_path(rig))
+        if state is None:
+            return None
+        files[rig] = state
     return Snapshot(files)
 
 
@@ -168,11 +212,37 @@ def remember(
             _cache.pop(key, None)
 
 
-def read_file(path: Path, scope: Scope, name: str) -> FileState:
+def read_file(path: Path | str, scope: Scope, name: str) -> FileState:
     """One file: absent, parsed, or unreadable with the reason (named by `name`)."""
     key = os.path.abspath(path)
+    found = _lookup(key, scope, name)
+    if isinstance(found, FileState):
+        return found
+    before = found
+    stamp = (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+    read_at = time.time_ns()
+    state = _read_uncached(Path(key), scope, name)
+    if state.raw is not None and before.st_size == len(state.raw):
+        quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
+        with _cache_lock:
+            if quiet:
+                _cache[key] = (stamp, name, scope, state)
+            else:
+                _cache.pop(key, None)
+    return state
+
+
+def _cached_file(path: str, scope: Scope, name: str) -> FileState | None:
+    """`read_file` when stat alone tells (absent, unreadable, cached); None when it would read."""
+    found = _lookup(os.path.abspath(path), scope, name)
+    return found if isinstance(found, FileState) else None
+
+
+def _lookup(key: str, scope: Scope, name: str) -> FileState | os.stat_result:
+    """What stat tells of the file at `key`: absent, unreadable or cached as a state, or
+    else its stat, against which to read it."""
     try:
-        before = os.stat(path)
+        before = os.stat(key)
     except (FileNotFoundError, NotADirectoryError):
         forget([key])
         return FileState()
@@ -183,16 +253,7 @@ def read_file(path: Path, scope: Scope, name: str) -> FileState:
         cached = _cache.get(key)
     if cached is not None and cached[0] == stamp and cached[1:3] == (name, scope):
         return cached[3]
-    read_at = time.time_ns()
-    state = _read_uncached(path, scope, name)
-    if state.raw is not None and before.st_size == len(state.raw):
-        quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
-        with _cache_lock:
-            if quiet:
-                _cache[key] = (stamp, name, scope, state)
-            else:
-                _cache.pop(key, None)
-    return state
+    return before
 
 
 def _read_uncached(path: Path, scope: Scope, name: str) -> FileState:
@@ -208,16 +269,16 @@ def _read_uncached(path: Path, scope: Scope, name: str) -> FileState:
         return FileState(raw=raw, error=exc.message)
 
 
-def _inside(town_root: Path, path: Path) -> bool:
+def _inside(town_root: str, path: str) -> bool:
     # `settings` and `config.json` that are no symlinks cannot lead out (two lstats, where
     # the two realpaths below take one per component of the whole path).
-    if not (_is_link(path.parent) or _is_link(path)):
+    if not (_is_link(os.path.dirname(path)) or _is_link(path)):
         return True
     root = os.path.realpath(town_root)
     return os.path.realpath(path).startswith(root + os.sep)
 
 
-def _is_link(path: Path) -> bool:
+def _is_link(path: str) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:

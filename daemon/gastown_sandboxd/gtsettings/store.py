@@ -1,7 +1,8 @@
 """gt's settings files on disk: the managed view, PATCHes as one transaction, others' edits.
 
 Every operation reads the files (a town has a handful; `snapshot.py` caches what stat says
-is unchanged, and what the store itself just wrote) in a worker thread. PATCHes are
+is unchanged, and what the store itself just wrote) in a worker thread, except a view that
+the cache can serve from stats alone, which is read on the event loop. PATCHes are
 serialised; a PATCH checks `If-Match` against the revision, refuses to touch a file it
 cannot read (409), validates the whole body (422), builds every new file, then writes them
 all or none (503). One `config.changed` event (`source: "api"`) follows per file it changed.
@@ -82,7 +83,12 @@ from gastown_sandboxd.gtsettings.schema import (
     pointer,
     relative_path,
 )
-from gastown_sandboxd.gtsettings.snapshot import FileState, Snapshot, read_snapshot
+from gastown_sandboxd.gtsettings.snapshot import (
+    FileState,
+    Snapshot,
+    cached_snapshot,
+    read_snapshot,
+)
 from gastown_sandboxd.own_writes import OWN_WRITES, note_own_write
 
 log = structlog.get_logger(__name__)
@@ -218,7 +224,11 @@ class SettingsStore:
         Raises `SettingsFileUnreadable` (one detail per file) when a file cannot be read.
         """
         async with self._lock:  # never a view of a PATCH half-written
-            snapshot = await anyio.to_thread.run_sync(self._read_snapshot)
+            # What the cache holds against the stat each file has now is served on the loop:
+            # a hop to a worker thread costs more CPU than the stats (`cached_snapshot`).
+            snapshot = cached_snapshot(self._root)
+            if snapshot is None:
+                snapshot = await anyio.to_thread.run_sync(self._read_snapshot)
         unreadable = [
             Problem(_body_path(rig), state.error)
             for rig, state in snapshot.files.items()

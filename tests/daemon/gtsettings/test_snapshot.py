@@ -10,7 +10,7 @@ import pytest
 
 from gastown_sandboxd.gtsettings import snapshot
 from gastown_sandboxd.gtsettings.layout import rig_folder, rig_names
-from gastown_sandboxd.gtsettings.snapshot import forget, read_file, read_snapshot
+from gastown_sandboxd.gtsettings.snapshot import cached_snapshot, forget, read_file, read_snapshot
 
 TOWN = b'{"type": "town-settings", "version": 1, "default_agent": "claude"}\n'
 OTHER = b'{"type": "town-settings", "version": 1, "default_agent": "codex!"}\n'
@@ -116,3 +116,21 @@ def test_snapshot_and_rig_listing_agree_with_rig_folder(tmp_path: Path) -> None:
     assert rig_names(root) == ["alpha", "beta"]
     snapshot = read_snapshot(root)
     assert sorted(rig for rig in snapshot.files if rig is not None) == ["alpha", "beta"]
+
+
+@pytest.mark.usefixtures("no_quiet_wait")
+def test_a_cached_snapshot_is_served_from_stats_or_not_at_all(town_file: Path) -> None:
+    """`cached_snapshot` gives what `read_snapshot` would, or None when a file must be read."""
+    root = town_file.parent.parent
+    next_tick(town_file.parent)
+    forget([town_file])
+    assert cached_snapshot(root) is None  # never read: only a read can tell
+    read = read_snapshot(root)
+    served = cached_snapshot(root)
+    assert served is not None
+    assert served.files[None] is read.files[None]
+    assert served.revision() == read.revision()
+    next_tick(town_file.parent)
+    town_file.write_bytes(OTHER)  # a new stamp: the cached bytes no longer count
+    assert cached_snapshot(root) is None
+    assert read_snapshot(root).files[None].raw == OTHER
