@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,26 @@ def _body(client: int, n: int) -> dict[str, Any]:
     return {"town": {"crew_agents": {f"bench{client}": PRESETS[n % 2]}}}
 
 
+Send = Callable[[httpx.AsyncClient, int, int], Awaitable[httpx.Response]]
+
+
+def _patch(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Response]:
+    """Client `client`'s `n`th PATCH: its crew member flipped, so it always writes."""
+    return http.patch("/config", json=_body(client, n))
+
+
+def _healthz(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Response]:
+    """`GET /healthz`: the daemon's HTTP floor (hypercorn, h11, Starlette and the daemon's
+    middleware, with no work behind the route)."""
+    return http.get("/healthz")
+
+
+def _check(answer: httpx.Response) -> None:
+    # Every request must succeed, and a PATCH must have changed something.
+    if answer.status_code != 200 or not answer.json().get("changed", True):
+        raise RuntimeError(f"{answer.request.method} answered {answer.status_code}: {answer.text}")
+
+
 async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int) -> Sample:
     """`clients` concurrent clients each sending `per_client` PATCHes; every one must apply.
 
@@ -78,10 +99,9 @@ async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int
         await go.wait()
         for n in range(offset, offset + per_client):
             started = time.perf_counter()
-            answer = await http.patch("/config", json=_body(index, n))
+            answer = await _patch(http, index, n)
             latencies.append((time.perf_counter() - started) * 1000)
-            if answer.status_code != 200 or not answer.json()["changed"]:
-                raise RuntimeError(f"PATCH answered {answer.status_code}: {answer.text}")
+            _check(answer)
 
     async with contextlib.AsyncExitStack() as stack:
         https = [
@@ -99,8 +119,9 @@ async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int
         return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
 
 
-async def paced_round(daemon: Daemon, count: int, interval: float) -> Sample:
-    """One client sending a PATCH every `interval` seconds (the dashboard's cadence)."""
+async def paced_round(daemon: Daemon, count: int, interval: float, send: Send = _patch) -> Sample:
+    """One client sending a request every `interval` seconds (the dashboard's cadence): a
+    PATCH, or what `send` sends (`_healthz`: the HTTP floor at the same cadence)."""
     latencies: list[float] = []
     async with uds_client(daemon.socket, timeout=120) as http:
         cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
@@ -108,31 +129,13 @@ async def paced_round(daemon: Daemon, count: int, interval: float) -> Sample:
             due = started + n * interval
             await anyio.sleep(max(0.0, due - time.perf_counter()))
             begin = time.perf_counter()
-            answer = await http.patch("/config", json=_body(99, n))
+            answer = await send(http, 99, n)
             latencies.append((time.perf_counter() - begin) * 1000)
-            if answer.status_code != 200 or not answer.json()["changed"]:
-                raise RuntimeError(f"PATCH answered {answer.status_code}: {answer.text}")
+            _check(answer)
         # The watcher's handling of the last write is part of that PATCH's cost.
         await anyio.sleep(interval)
         wall = time.perf_counter() - started
         return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
-
-
-async def paced_healthz(daemon: Daemon, count: int, interval: float) -> Sample:
-    """`GET /healthz` at the same cadence: the daemon's HTTP floor (hypercorn, h11, Starlette
-    and the daemon's middleware, with no work behind the route)."""
-    latencies: list[float] = []
-    async with uds_client(daemon.socket, timeout=120) as http:
-        cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
-        for n in range(count):
-            await anyio.sleep(max(0.0, started + n * interval - time.perf_counter()))
-            begin = time.perf_counter()
-            answer = await http.get("/healthz")
-            latencies.append((time.perf_counter() - begin) * 1000)
-            if answer.status_code != 200:
-                raise RuntimeError(f"GET /healthz answered {answer.status_code}")
-        await anyio.sleep(interval)
-        return Sample(latencies, time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu)
 
 
 WRK_SCRIPT = """
@@ -235,7 +238,7 @@ def run(quick: bool) -> list[Row]:
             for clients in LEVELS:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
             paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
-            floor = anyio.run(paced_healthz, daemon, 40 if quick else 200, 0.05)
+            floor = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
             wrk = wrk_round(daemon, 8, 5 if quick else 15)
             wrk_floor = wrk_round(daemon, 8, 5 if quick else 15, WRK_FLOOR_SCRIPT)
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
