@@ -4,21 +4,16 @@ Like the daemon's entry (`gastown_sandboxd.__main__`), it hides rich, click and 
 importing: httpx would load its own command line with them whenever they are installed.
 Measured on 2 cores with all three installed: `import gastown_cloud.cli` 270 → 197 ms of CPU,
 on every `gastown-cloud` command and server start. It imports with the garbage collector
-paused, as the daemon's entry does (`gastown_sandboxd._lazy.imports_without_gc`).
+paused: both entries run through `gastown_sandboxd.__main__.run_entry`.
 """
 
 from __future__ import annotations
 
-from gastown_sandboxd.__main__ import hide_never_used
-from gastown_sandboxd._lazy import imports_without_gc
+from gastown_sandboxd.__main__ import run_entry
 
 
 def main() -> int:
-    hide_never_used()
-    with imports_without_gc():
-        from gastown_cloud.cli import main as cli_main
-
-    return cli_main()
+    return run_entry("gastown_cloud.cli")
 
 
 if __name__ == "__main__":

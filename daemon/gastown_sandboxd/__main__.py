@@ -13,6 +13,7 @@ entry, and `run` for the daemon's modules, import with the garbage collector pau
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from gastown_sandboxd._lazy import imports_without_gc
@@ -27,12 +28,19 @@ def hide_never_used() -> None:
             sys.modules[name] = None  # type: ignore[assignment]  # Python's "not importable"
 
 
-def main() -> int:
+def run_entry(cli: str) -> int:
+    """What a process entry does: hide `NEVER_USED`, import the command line module `cli`
+    with the collector paused, and return what its `main()` returns. The cloud's entry
+    (`gastown_cloud.__main__`) runs its own command line through it."""
     hide_never_used()
     with imports_without_gc():
-        from gastown_sandboxd.cli import main as cli_main
+        module = importlib.import_module(cli)
+    code: int = module.main()
+    return code
 
-    return cli_main()
+
+def main() -> int:
+    return run_entry("gastown_sandboxd.cli")
 
 
 if __name__ == "__main__":
