@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.fixtures.cloud import CloudServer
+from tests.fixtures.entry import run_help
 
 SECRET = "n" * 40
 KEY = "k" * 24
@@ -167,18 +168,6 @@ def test_the_entry_hides_what_the_cloud_never_uses() -> None:
     """`python -m gastown_cloud` runs through the entry, which keeps httpx from loading its
     own command line (click, rich, pygments) in a venv that has them, and imports with the
     garbage collector paused: the command runs with it on, the imports frozen."""
-    probe = (
-        "import gc, runpy, sys\n"
-        "sys.argv = ['gastown-cloud', '--help']\n"
-        "try:\n"
-        "    runpy.run_module('gastown_cloud', run_name='__main__')\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print(gc.isenabled(), gc.get_freeze_count() > 10000)\n"
-        "print([n for n in ('rich', 'click', 'pygments') if sys.modules.get(n) is not None])\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert "usage:" in done.stdout
-    assert done.stdout.strip().splitlines()[-2:] == ["True True", "[]"]
+    run = run_help("gastown_cloud", "gastown-cloud")
+    assert "usage:" in run.usage
+    assert (run.gc_on, run.frozen > 10000, run.loaded) == (True, True, [])

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from gastown_sandboxd.__main__ import NEVER_USED
+from tests.fixtures.entry import run_help
 
 PROBE = """
 import importlib.util, sys
@@ -48,18 +49,10 @@ def test_importing_the_package_hides_nothing() -> None:
 def test_the_command_runs_through_the_entry() -> None:
     """`python -m gastown_sandboxd --help` goes through `main` and prints the usage; the
     command runs with the garbage collector on and the entry's imports frozen."""
-    code = (
-        "import gc, runpy, sys\n"
-        "sys.argv = ['gastown-sandboxd', '--help']\n"
-        "try:\n    runpy.run_module('gastown_sandboxd', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "print(gc.isenabled(), gc.get_freeze_count() > 10000)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert "usage:" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "True True"
+    run = run_help("gastown_sandboxd", "gastown-sandboxd")
+    assert "usage:" in run.usage
+    assert run.gc_on
+    assert run.frozen > 10000
 
 
 GC_PROBE = """
