@@ -25,6 +25,7 @@ import httpx
 from tests.daemon.minting import mint
 from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import DAEMON_KEY, daemon_env
+from tests.fixtures.net import tls
 
 # A port nothing listens on: a daemon holding a fresh token does not refresh, but its sync of
 # the desired configuration retries there (after 5, 10, 20 … s; idle_bench uses a real cloud).
@@ -156,11 +157,11 @@ def tcp_client(
     url: str, key: str, *, timeout: float | httpx.Timeout, limits: httpx.Limits | None = None
 ) -> httpx.AsyncClient:
     """An async client of a daemon's TCP listener, sending `key`; no connection limit unless
-    given."""
+    given. It shares the tests' one TLS context (`tests/fixtures/net.py`)."""
     headers = {"x-internal-api-key": key}
     return httpx.AsyncClient(
         base_url=url, headers=headers, limits=limits or httpx.Limits(), timeout=timeout,
-        verify=url.startswith("https://"),
+        verify=tls(),
     )  # fmt: skip
 
 
