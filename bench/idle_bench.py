@@ -53,11 +53,11 @@ IMPORT_STEPS: tuple[tuple[str, str], ...] = (
     ("ssl", "import ssl"),
     ("anyio, structlog", "import anyio, structlog"),
     ("watchfiles", "import watchfiles"),
-    ("prometheus_client", "import prometheus_client"),
     ("starlette", "import starlette.applications, starlette.responses"),
     ("hypercorn", "import hypercorn.asyncio, hypercorn.config"),
     ("httpx", "import httpx"),
     ("gastown_sandboxd.daemon, cli", "import gastown_sandboxd.daemon, gastown_sandboxd.cli"),
+    ("+ prometheus_client (at the first scrape)", "import prometheus_client"),
     ("+ an httpx.AsyncClient()", "import httpx; httpx.AsyncClient()"),
 )
 

@@ -7,12 +7,10 @@ import re
 import tomllib
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from gastown_sandboxd.cli import build_parser
 from gastown_sandboxd.events.types import EVENT_TYPES
 from gastown_sandboxd.http.openapi import openapi_document
-from gastown_sandboxd.ops.metrics import DaemonMetrics
+from gastown_sandboxd.ops.metrics import DaemonMetrics, MetricsRegistry
 from gastown_sandboxd.token.refresher import token_metrics
 from tests.daemon.ops.test_metrics import components
 
@@ -65,7 +63,7 @@ def test_every_example_toml_key_is_in_the_settings_reference() -> None:
 
 def test_every_metric_is_listed(tmp_path: Path) -> None:
     """Each metric family the daemon exports appears under Operations."""
-    registry = CollectorRegistry()
+    registry = MetricsRegistry()
     bus, notifier, watcher = components(tmp_path)
     token_metrics(registry)
     DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)

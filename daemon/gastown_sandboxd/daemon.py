@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anyio
 import structlog
-from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.agents import AgentKeeper, check_shim_dir
@@ -36,7 +35,7 @@ from gastown_sandboxd.http import (
     describe,
     serve_socket,
 )
-from gastown_sandboxd.ops import DaemonMetrics, SocketLock, SystemdNotifier
+from gastown_sandboxd.ops import DaemonMetrics, MetricsRegistry, SocketLock, SystemdNotifier
 from gastown_sandboxd.options import Options, check_env_folder, check_town_root
 from gastown_sandboxd.token import CloudClient, TokenRefresher, read_token, token_metrics
 from gastown_sandboxd.watcher import SettingsWatcher
@@ -70,7 +69,7 @@ async def run_daemon(
     check_shim_dir(options.shim_dir)
     clock = clock or SystemClock()
     systemd = SystemdNotifier()
-    registry = CollectorRegistry()
+    registry = MetricsRegistry()
     bus = EventBus()
     store = SettingsStore(
         town_root=options.town_root,
@@ -136,7 +135,7 @@ async def run_daemon(
         registry=registry,
         clock=clock,
         watcher_status=watcher.status,
-        patch_counter=metrics.config_patches,
+        count_patch=metrics.count_patch,
         sse_clients=metrics.sse_clients,
         config_sync=config_sync,
         shim_dir=options.shim_dir,

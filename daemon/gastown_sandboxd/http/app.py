@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
@@ -30,7 +29,7 @@ from gastown_sandboxd.events import EventBus, parse_last_event_id, sse_stream
 from gastown_sandboxd.gtsettings import ConfigSync, SettingsStore
 from gastown_sandboxd.http.errors import error_response, exception_handlers
 from gastown_sandboxd.http.openapi import openapi_document
-from gastown_sandboxd.ops import SseClients
+from gastown_sandboxd.ops import MetricsRegistry, SseClients
 from gastown_sandboxd.token import LastError, TokenRefresher
 
 MAX_PATCH_BYTES = 64 * 1024
@@ -49,10 +48,10 @@ class ApiContext:
     refresher: TokenRefresher
     store: SettingsStore
     bus: EventBus
-    registry: CollectorRegistry
+    registry: MetricsRegistry
     clock: Clock
     watcher_status: Callable[[], Mapping[str, Any]]
-    patch_counter: Counter | None = None
+    count_patch: Callable[[int], None] | None = None
     heartbeat: float = 15.0
     sse_clients: SseClients = field(default_factory=SseClients)
     config_sync: ConfigSync | None = None
@@ -264,8 +263,8 @@ class _Routes:
         return {**status, "last_sync_at": _time(status["last_sync_at"])}
 
     def count_patch(self, status: int) -> None:
-        if self.ctx.patch_counter is not None:
-            self.ctx.patch_counter.labels(status=str(status)).inc()
+        if self.ctx.count_patch is not None:
+            self.ctx.count_patch(status)
 
     async def refresh_token(self, request: Request) -> Response:
         view = await self.ctx.refresher.refresh_now()
@@ -306,7 +305,8 @@ class _Routes:
         self.ctx.sse_clients.count += change
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.ctx.registry), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = self.ctx.registry.exposition()
+        return Response(body, media_type=content_type)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())

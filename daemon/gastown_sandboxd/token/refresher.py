@@ -23,7 +23,6 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import structlog
-from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd._types import Clock, Emit, SystemClock
 from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
@@ -34,7 +33,7 @@ from gastown_sandboxd.events.types import (
     TokenRefreshFailed,
     TownInactive,
 )
-from gastown_sandboxd.ops.metrics import TokenMetrics
+from gastown_sandboxd.ops.metrics import MetricsRegistry, TokenMetrics
 from gastown_sandboxd.token.claims import (
     Claims,
     TokenView,
@@ -79,7 +78,7 @@ class State(enum.StrEnum):
 REFRESH_RESULTS = (*(o.value for o in Outcome if o is not Outcome.STALE), "write_failed")
 
 
-def token_metrics(registry: CollectorRegistry, **kwargs: Any) -> TokenMetrics:
+def token_metrics(registry: MetricsRegistry, **kwargs: Any) -> TokenMetrics:
     """The refresher's metrics, labelled with its states (missing first) and results."""
     states = [State.MISSING.value, *(s.value for s in State if s is not State.MISSING)]
     return TokenMetrics(registry, states=states, results=REFRESH_RESULTS, **kwargs)

@@ -23,7 +23,6 @@ import anyio
 import httpx
 import pytest
 import structlog.testing
-from prometheus_client import CollectorRegistry
 from starlette.types import Message, Scope
 
 from gastown_sandboxd.errors import AtomicWriteError, DesiredConfigUnavailable, RefreshError
@@ -36,7 +35,7 @@ from gastown_sandboxd.gtsettings.store import SettingsStore
 from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.app import ApiContext, create_app
 from gastown_sandboxd.http.openapi import openapi_document
-from gastown_sandboxd.ops.metrics import DaemonMetrics
+from gastown_sandboxd.ops.metrics import DaemonMetrics, MetricsRegistry
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import fingerprint
 from gastown_sandboxd.token.refresher import TokenRefresher
@@ -119,7 +118,7 @@ class Town:
     clock: SimulatedClock
     cloud: ScriptedCloud
     bus: EventBus
-    registry: CollectorRegistry
+    registry: MetricsRegistry
     metrics: DaemonMetrics
     watcher: SettingsWatcher
     refresher: TokenRefresher
@@ -137,7 +136,7 @@ class Town:
             registry=self.registry,
             clock=self.clock,
             watcher_status=self.watcher.status,
-            patch_counter=self.metrics.config_patches,
+            count_patch=self.metrics.count_patch,
             sse_clients=self.metrics.sse_clients,
             config_sync=self.config_sync,
             cloud_url=CLOUD_URL,
@@ -217,7 +216,7 @@ async def running_town(
         on_settings_change=store.reconcile_external,
         on_env_change=refresher.reload_env_file,
     )
-    registry = CollectorRegistry()
+    registry = MetricsRegistry()
     notifier = Notifier(bus=bus, hooks=(), signals=())
     town = Town(
         root=root,

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
+from gastown_sandboxd.ops.metrics import MetricsRegistry
 from gastown_sandboxd.ops.systemd import SystemdNotifier
 from gastown_sandboxd.token.refresher import token_metrics
 
@@ -73,7 +73,7 @@ def test_state_changes_are_sent_once_each(notify_socket: tuple[socket.socket, st
     TokenMetrics hands it every state the refresher publishes."""
     sock, path = notify_socket
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
-    metrics = token_metrics(CollectorRegistry(), on_state=notifier.report_state)
+    metrics = token_metrics(MetricsRegistry(), on_state=notifier.report_state)
     for state in ("fresh", "fresh", "refreshing", "fresh", "fresh", "degraded"):
         metrics.set_state(state)
     sock.setblocking(False)

@@ -18,10 +18,10 @@ import httpx
 import jwt
 import pytest
 import structlog.testing
-from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.errors import AtomicWriteError, RefreshError, TokenError
 from gastown_sandboxd.events.types import DomainEvent
+from gastown_sandboxd.ops.metrics import MetricsRegistry
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import decode_unverified, fingerprint
 from gastown_sandboxd.token.cloud import CloudClient
@@ -90,7 +90,7 @@ class Rig:
         if env_text is not None:
             self.env.write_text(env_text)
         self.events: list[tuple[str, dict[str, Any]]] = []
-        self.registry = CollectorRegistry()
+        self.registry = MetricsRegistry()
         self.refresher = TokenRefresher(
             town_id=TOWN,
             env_file=self.env,

@@ -22,9 +22,9 @@ import anyio
 import httpx
 import jwt
 import structlog.testing
-from prometheus_client import CollectorRegistry
 
 from gastown_sandboxd.events.types import DomainEvent
+from gastown_sandboxd.ops.metrics import MetricsRegistry
 from gastown_sandboxd.token import envfile
 from gastown_sandboxd.token.claims import decode_unverified
 from gastown_sandboxd.token.cloud import CloudClient
@@ -191,7 +191,7 @@ async def test_simulated_week(tmp_path: Path) -> None:
         emit=emit,
         clock=clock,
         rng=random.Random(2026),
-        metrics=token_metrics(CollectorRegistry(), clock=clock),
+        metrics=token_metrics(MetricsRegistry(), clock=clock),
     )
     real_start = time.perf_counter()
     with structlog.testing.capture_logs() as logs:
