@@ -8,6 +8,10 @@ cloud) and, in this process, the SSE readers and the sender, all timed with `tim
   p50/p99 over every (PATCH, reader) pair, with 1 and with 100 readers (half on the socket,
   half on TCP with the key). Baselines: the PATCH's own answer time; the 1-reader figure.
   With 100 readers the figure includes this process parsing the 99 others' copies.
+- API → arrival: the same PATCHes, with 1 and with 100 subscribers on TCP that this process
+  reads as raw sockets with `SO_TIMESTAMPNS`: the kernel's receive time of each event at
+  each subscriber's socket, which this process's own work cannot delay (`StampedReader`).
+  Baselines: the PATCH's own answer; the 1-subscriber figure.
 - external edit → event: the bench renames a new town settings file into place (temporary
   file, fsync, rename) and times until one reader has the `config.changed`; the watcher's
   batching (debounce 50 ms, step 10 ms) is most of it.
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +48,11 @@ from ._table import Row, main_of
 
 READERS = 100
 WAIT = 30.0
+# SO_TIMESTAMPNS (Linux): each read also gives the CLOCK_REALTIME at which the kernel took in
+# the data it returns; AF_UNIX stream sockets give none, TCP ones do.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_STAMP = struct.Struct("qq")  # struct timespec
+_ID = re.compile(rb"^id: ([0-9]+)$", re.MULTILINE)
 LIMITS = httpx.Limits(max_connections=READERS + 10, max_keepalive_connections=READERS)
 
 
@@ -96,6 +108,85 @@ async def readers(daemon: Daemon, count: int) -> AsyncIterator[Receipts]:
             await tg.start(_read, uds if index % 2 == 0 else tcp, receipts)
         yield receipts
         tg.cancel_scope.cancel()
+
+
+class StampedReader:
+    """A raw TCP `GET /events` whose every read carries the kernel's receive time.
+
+    The time an event reaches a subscriber's socket, whatever this process is doing then: a
+    reader parsing with httpx in this process sees the event only after its turn in this
+    loop, behind the other readers' copies, so the 100-reader receipts above include this
+    process's own work. Here the kernel stamps the bytes as they arrive; this process may
+    read them later.
+    """
+
+    def __init__(self, address: tuple[str, int], key: str) -> None:
+        self._sock = socket.create_connection(address, timeout=WAIT)
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        request = f"GET /events HTTP/1.1\r\nHost: sandboxd\r\nx-internal-api-key: {key}\r\n\r\n"
+        self._sock.sendall(request.encode())
+        self._pending = b""
+        self.arrivals: dict[int, float] = {}  # event id → CLOCK_REALTIME of its arrival
+        head = b""
+        while b": connected" not in head:  # registered on the bus: the first frame is sent
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"the daemon closed the stream: {head[:200]!r}")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"GET /events answered {head[:80]!r}")
+        self._sock.setblocking(False)
+
+    async def read_until(self, event_id: int) -> float:
+        """The arrival time of event `event_id` (reading every event up to it)."""
+        while event_id not in self.arrivals:
+            await anyio.wait_readable(self._sock)
+            data, ancillary, _flags, _address = self._sock.recvmsg(65536, socket.CMSG_SPACE(16))
+            if not data:
+                raise RuntimeError("the daemon closed the stream")
+            stamps = [
+                _STAMP.unpack(payload[: _STAMP.size])
+                for level, kind, payload in ancillary
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS
+            ]
+            if not stamps:
+                raise RuntimeError("no receive time: SO_TIMESTAMPNS is not supported here")
+            seconds, nanoseconds = stamps[-1]
+            text, _, self._pending = (self._pending + data).rpartition(b"\n")
+            for match in _ID.finditer(text):
+                self.arrivals[int(match.group(1))] = seconds + nanoseconds / 1e9
+        return self.arrivals[event_id]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def stamped_fan_out(
+    daemon: Daemon, reader_count: int, patches: int
+) -> tuple[list[float], list[float]]:
+    """Milliseconds from sending each PATCH to its event's arrival at each of `reader_count`
+    TCP subscribers (kernel receive stamps), and to the PATCH's answer."""
+    host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+    subscribers = [StampedReader((host, int(port)), daemon.key) for _ in range(reader_count)]
+    arrivals: list[float] = []
+    answers: list[float] = []
+    try:
+        async with _uds(daemon) as api:
+            event_id = await _last_event_id(api)
+            for n in range(patches):
+                body = {"town": {"crew_agents": {f"stamped{reader_count}-{n}": "claude"}}}
+                sent_wall, sent = time.time(), time.perf_counter()
+                answer = await api.patch("/config", json=body)
+                answers.append((time.perf_counter() - sent) * 1000)
+                answer.raise_for_status()
+                event_id += 1
+                with anyio.fail_after(WAIT):
+                    for subscriber in subscribers:
+                        arrivals.append((await subscriber.read_until(event_id) - sent_wall) * 1000)
+    finally:
+        for subscriber in subscribers:
+            subscriber.close()
+    return arrivals, answers
 
 
 async def _last_event_id(api: httpx.AsyncClient) -> int:
@@ -191,6 +282,28 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
                 "ms",
                 percentile(one, percent),
                 f"baseline: 1 reader; {patches} × {READERS} receipts",
+            )
+        )
+    one_arrival, stamped_answers = await stamped_fan_out(daemon, 1, patches)
+    many_arrivals, _ = await stamped_fan_out(daemon, READERS, patches)
+    for percent in (50, 99):
+        rows.append(
+            Row(
+                f"PATCH → arrival p{percent}, 1 subscriber",
+                percentile(one_arrival, percent),
+                "ms",
+                percentile(stamped_answers, percent),
+                "kernel receive stamp on a TCP subscriber; baseline: the PATCH's own answer",
+            )
+        )
+    for percent in (50, 99):
+        rows.append(
+            Row(
+                f"PATCH → arrival p{percent}, {READERS} subscribers",
+                percentile(many_arrivals, percent),
+                "ms",
+                percentile(one_arrival, percent),
+                f"kernel receive stamps on {READERS} TCP subscribers; baseline: 1 subscriber",
             )
         )
     external = await edit_to_event(daemon, edits)
