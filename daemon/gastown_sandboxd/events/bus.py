@@ -108,6 +108,8 @@ class EventBus:
         # One wake-up for every waiting subscriber, made by the first to wait and set (then
         # dropped) by the next emit or close: not one anyio.Event per subscriber per event.
         self._news: anyio.Event | None = None
+        # The deadline the waiter keeping time for all the others waits for (`_next_news`).
+        self._timed: float | None = None
         self.dropped_subscribers = 0
 
     @property
@@ -165,11 +167,33 @@ class EventBus:
         if news is not None:
             news.set()
 
-    async def _next_news(self) -> None:
-        # Returns at the next emit or close (a checkpoint: it always waits).
+    async def _next_news(self, deadline: float | None = None) -> None:
+        """Return at the next emit or close (a checkpoint: it always waits), or once the loop
+        clock (`anyio.current_time`) reaches `deadline`, if it does first.
+
+        One timer for all the waiters, not one each: a waiter whose deadline is earlier than
+        the one being timed keeps time for everyone, and when its timer ends the wait (or it
+        is cancelled) it wakes every waiter, so each checks its own deadline and the earliest
+        of those still waiting keeps time next. A waiter whose deadline is not earlier only
+        waits for the news: an earlier timer is running. With 100 SSE streams, a timer
+        armed and cancelled per stream and event cost the daemon ~17 us per stream and
+        event (`move_on_after`); now one stream pays it.
+        """
         if self._news is None:
             self._news = anyio.Event()
-        await self._news.wait()
+        news = self._news
+        if deadline is None or (self._timed is not None and self._timed <= deadline):
+            await news.wait()
+            return
+        self._timed = deadline
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await news.wait()
+        finally:
+            if self._timed == deadline:
+                self._timed = None
+                if news is self._news:  # timed out or cancelled: the others must time again
+                    self._announce()
 
     async def wait_for(
         self,
@@ -256,17 +280,22 @@ class Subscription:
                 return event
             await self._bus._next_news()
 
-    async def wait(self) -> None:
-        """Return once `take_nowait` has something to give: an event, or the end.
+    async def wait(self, deadline: float | None = None) -> bool:
+        """True once `take_nowait` has something to give (an event, or the end); False when
+        the loop clock (`anyio.current_time`) reaches `deadline` first.
 
-        Takes nothing, so a cancellation (a heartbeat's timeout) loses nothing; unlike
-        `__anext__` it does not yield to the loop first when something is already there.
+        Takes nothing, so a cancellation loses nothing; unlike `__anext__` it does not yield
+        to the loop first when something is already there. Every waiting subscription shares
+        one timer (`EventBus._next_news`).
         """
         subscriber = self._subscriber
         if subscriber is None:
             raise RuntimeError("use the subscription inside `async with`")
         while not (self._replay or subscriber.buffer or subscriber.lagged or subscriber.closed):
-            await self._bus._next_news()
+            if deadline is not None and anyio.current_time() >= deadline:
+                return False
+            await self._bus._next_news(deadline)
+        return True
 
     def take_nowait(self) -> Event | None:
         """The next event if one is waiting, else None; raises as `__anext__` does at the end.

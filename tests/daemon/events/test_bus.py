@@ -284,3 +284,77 @@ async def test_wait_for_ends_when_the_bus_closes() -> None:
     bus.close()
     with pytest.raises(anyio.EndOfStream):
         await bus.wait_for("token.refreshed")
+
+
+async def _wait_until(
+    subscription: Subscription, deadline: float, ended: dict[str, tuple[bool, float]], name: str
+) -> None:
+    ready = await subscription.wait(deadline)
+    ended[name] = (ready, anyio.current_time())
+
+
+async def test_waits_end_each_at_its_own_deadline_on_one_timer() -> None:
+    """Three subscriptions waiting with different deadlines each end with False at its own
+    deadline, not before, in the order of their deadlines; an emit then ends a wait with True."""
+    bus = EventBus()
+    ended: dict[str, tuple[bool, float]] = {}
+    start = anyio.current_time()
+    deadlines = {"late": start + 0.15, "early": start + 0.05, "middle": start + 0.1}
+    async with (
+        bus.subscribe() as late,
+        bus.subscribe() as early,
+        bus.subscribe() as middle,
+        anyio.create_task_group() as tg,
+    ):
+        subscriptions = {"late": late, "early": early, "middle": middle}
+        for name, subscription in subscriptions.items():  # the latest deadline waits first
+            tg.start_soon(_wait_until, subscription, deadlines[name], ended, name)
+            await anyio.sleep(0)
+        with anyio.fail_after(5):
+            while len(ended) < 3:
+                await anyio.sleep(0.01)
+        assert all(not ready for ready, _ in ended.values())
+        assert all(ended[name][1] >= deadlines[name] for name in deadlines)
+        assert sorted(ended, key=lambda name: ended[name][1]) == ["early", "middle", "late"]
+        tg.start_soon(_wait_until, early, anyio.current_time() + 60, ended, "news")
+        await anyio.sleep(0)
+        bus.emit("token.refreshed", {})
+        with anyio.fail_after(5):
+            while "news" not in ended:
+                await anyio.sleep(0)
+        assert ended["news"][0] is True
+
+
+async def test_the_timekeeper_leaving_hands_the_timing_to_the_others() -> None:
+    """The wait keeping time for the others is cancelled (its client went away): the one
+    still waiting ends at its own deadline all the same."""
+    bus = EventBus()
+    ended: dict[str, tuple[bool, float]] = {}
+    start = anyio.current_time()
+    async with (
+        bus.subscribe() as leaving,
+        bus.subscribe() as staying,
+        anyio.create_task_group() as tg,
+    ):
+        async with anyio.create_task_group() as gone:
+            # The earlier deadline waits first: it times, the later one only waits for news.
+            gone.start_soon(_wait_until, leaving, start + 0.05, ended, "leaving")
+            await anyio.sleep(0)
+            tg.start_soon(_wait_until, staying, start + 0.1, ended, "staying")
+            await anyio.sleep(0)
+            gone.cancel_scope.cancel()
+        with anyio.fail_after(5):
+            while "staying" not in ended:
+                await anyio.sleep(0.01)
+    assert "leaving" not in ended
+    assert ended["staying"][0] is False
+    assert ended["staying"][1] >= start + 0.1
+
+
+async def test_a_deadline_already_passed_ends_the_wait_unless_something_waits() -> None:
+    bus = EventBus()
+    async with bus.subscribe() as subscription:
+        assert await subscription.wait(anyio.current_time() - 1) is False
+        bus.emit("token.refreshed", {})
+        assert await subscription.wait(anyio.current_time() - 1) is True
+        assert subscription.take_nowait() is not None
