@@ -291,11 +291,18 @@ class Subscription:
         subscriber = self._subscriber
         if subscriber is None:
             raise RuntimeError("use the subscription inside `async with`")
-        while not (self._replay or subscriber.buffer or subscriber.lagged or subscriber.closed):
+        while not self._ready(subscriber):
+            # A deadline already passed ends the first wait at once (its timer, or an earlier
+            # one, is due). The clock is read only after a wake-up that brought nothing.
+            await self._bus._next_news(deadline)
+            if self._ready(subscriber):
+                return True
             if deadline is not None and anyio.current_time() >= deadline:
                 return False
-            await self._bus._next_news(deadline)
         return True
+
+    def _ready(self, subscriber: _Subscriber) -> bool:
+        return bool(self._replay or subscriber.buffer or subscriber.lagged or subscriber.closed)
 
     def take_nowait(self) -> Event | None:
         """The next event if one is waiting, else None; raises as `__anext__` does at the end.
