@@ -3,7 +3,9 @@
 A real `gastown-sandboxd run` serves a realistic gt town (gt's town file, two rigs). Every
 PATCH sets one crew member's agent to the other of two presets, so each one changes the town
 file and is written (atomically, with fsync of file and folder) and announced as an event.
-Clients are httpx.AsyncClient on the local socket, each sending its PATCHes one after another.
+Clients are httpx.AsyncClient on the local socket, each sending its PATCHes one after another;
+one more round sends them from a raw HTTP/1.1 client on the socket (`raw_round`), whose
+latency is the daemon's answer time without httpx's own work in this process.
 
 Baselines measured in the same run, on the same file system:
 - `write_atomic` of the same bytes the daemon wrote (the two versions of the town file in
@@ -21,8 +23,10 @@ more clients share each write's fsyncs and thread hop.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -202,6 +206,46 @@ def direct_writes(path: Path, versions: tuple[bytes, bytes], count: int) -> Samp
     return Sample(latencies, time.perf_counter() - started)
 
 
+def raw_round(daemon: Daemon, count: int) -> Sample:
+    """PATCHes one after another from a raw HTTP/1.1 client on the socket: the daemon's own
+    answer time, without httpx's work in this process (about a quarter of the httpx
+    client's p50 here) between the clock and the socket."""
+    latencies = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        sock.connect(str(daemon.socket))
+        started, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
+        for n in range(count):
+            body = json.dumps(_body(0, n)).encode()
+            request = (
+                b"PATCH /config HTTP/1.1\r\nHost: sandboxd\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            ) % (len(body), body)
+            begin = time.perf_counter()
+            sock.sendall(request)
+            answer = _read_answer(sock)
+            latencies.append((time.perf_counter() - begin) * 1000)
+            if not answer.startswith(b"HTTP/1.1 200 "):
+                raise RuntimeError(f"PATCH answered {answer[:200]!r}")
+        return Sample(latencies, time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu)
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    # One whole answer framed by Content-Length (the daemon's JSON answers are).
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"the daemon closed the connection: {data[:200]!r}")
+        data += chunk
+        head, found, body = data.partition(b"\r\n\r\n")
+        if found:
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and len(body) >= int(value):
+                    return data
+
+
 async def store_patches(town_root: Path, count: int) -> Sample:
     """`SettingsStore.patch` of the same bodies, in this process, without HTTP."""
 
@@ -237,6 +281,7 @@ def run(quick: bool) -> list[Row]:
             rounds = {}
             for clients in LEVELS:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
+            raw = raw_round(daemon, total)
             paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
             floor = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
             wrk = wrk_round(daemon, 8, 5 if quick else 15)
@@ -245,6 +290,11 @@ def run(quick: bool) -> list[Row]:
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
     rows = _rows(rounds, direct, in_process, total, len(versions[0]))
+    rows.append(
+        Row("PATCH p50, 1 raw HTTP/1.1 client", percentile(raw.latencies, 50), "ms",
+            percentile(direct.latencies, 50),
+            f"{len(raw.latencies)} PATCHes on the socket, no httpx; baseline: write_atomic p50")
+    )  # fmt: skip
     rows.append(
         Row("daemon CPU per PATCH, one every 50 ms", paced.cpu / len(paced.latencies) * 1000,
             "ms", rounds[1].cpu / len(rounds[1].latencies) * 1000,
