@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+import httpx
+from bench._daemon import uds_client
 from bench.load_bench import (
     CLIENTS,
     SUBSCRIBERS,
@@ -20,16 +22,33 @@ from bench.load_bench import (
     LoadResult,
     Target,
     agent_name,
+    patch_body,
+    patch_client,
     problems,
     rig_names,
     storm,
 )
 
 from tests.daemon.minting import mint
-from tests.fixtures.daemon import DaemonFactory, make_town
+from tests.fixtures.daemon import DaemonFactory, DaemonProcess, make_town
 
 LOAD_PATCHES = int(os.environ.get("GASTOWN_LOAD_PATCHES", "500"))  # the bench does 1,000
 RSS_GROWTH_LIMIT_MIB = 200
+
+
+def start_daemon(daemon_factory: DaemonFactory, tmp_path: Path, rigs: int) -> DaemonProcess:
+    """A daemon with a fresh token, serving a town of `rigs` rigs named as the storm's."""
+    town = make_town(tmp_path / "town", tuple(rig_names(rigs)))
+    env_file = tmp_path / "home" / ".env.gateway"
+    env_file.parent.mkdir()
+    env_file.write_text(f"KILO_JWT={mint(time.time(), town_id=TOWN_ID)}\n")
+    return daemon_factory(
+        town_id=TOWN_ID,
+        cloud_url="http://127.0.0.1:9",
+        town_root=town,
+        env_file=env_file,
+        extra_env={"GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
+    )
 
 
 async def test_patches_from_32_clients_with_100_subscribers_lose_nothing(
@@ -37,17 +56,8 @@ async def test_patches_from_32_clients_with_100_subscribers_lose_nothing(
 ) -> None:
     """Every PATCH's change is on disk at the end, every subscriber (socket and TCP) gets each
     config.changed once and in order, and the daemon's memory stays bounded."""
-    town = make_town(tmp_path / "town", tuple(rig_names(CLIENTS)))
-    env_file = tmp_path / "home" / ".env.gateway"
-    env_file.parent.mkdir()
-    env_file.write_text(f"KILO_JWT={mint(time.time(), town_id=TOWN_ID)}\n")
-    daemon = daemon_factory(
-        town_id=TOWN_ID,
-        cloud_url="http://127.0.0.1:9",
-        town_root=town,
-        env_file=env_file,
-        extra_env={"GASTOWN_SANDBOXD_LOG_LEVEL": "info"},
-    )
+    daemon = start_daemon(daemon_factory, tmp_path, CLIENTS)
+    town = daemon.town_root
     target = Target(daemon.url, daemon.key, daemon.socket, daemon.process.pid, town)
     result = await storm(target, patches=LOAD_PATCHES, clients=CLIENTS, subscribers=SUBSCRIBERS)
     growth = (result.rss_after_kib - result.rss_before_kib) / 1024
@@ -91,3 +101,22 @@ def test_the_judge_of_a_storm_sees_a_lost_patch_and_a_missed_event(tmp_path: Pat
     assert any("r01" in problem for problem in problems(result, town))
     result.errors.append("r00 PATCH 1: 503")
     assert "r00 PATCH 1: 503" in problems(result, town)
+
+
+async def test_each_patch_of_the_storm_goes_on_a_connection_of_its_own(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """The daemon closes a connection idle for its keep-alive time, and on a busy machine a
+    storm's PATCH went into a kept connection just as it closed ("Server disconnected without
+    sending a response"; a PATCH is not retried). The storm's PATCH client keeps none: each
+    PATCH has a connection of its own, while a client with httpx's default limits reuses one."""
+    daemon = start_daemon(daemon_factory, tmp_path, 1)
+    timeout = httpx.Timeout(30.0)
+    async with patch_client(daemon.socket, timeout=timeout) as patching:
+        answers = [await patching.patch("/config", json=patch_body("r00", n)) for n in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    streams = {id(answer.extensions["network_stream"]) for answer in answers}
+    assert len(streams) == 3
+    async with uds_client(daemon.socket, timeout=timeout) as kept:
+        first, second = [await kept.get("/healthz") for _ in range(2)]
+    assert first.extensions["network_stream"] is second.extensions["network_stream"]
