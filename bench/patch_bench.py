@@ -211,11 +211,14 @@ def raw_round(daemon: Daemon, count: int) -> Sample:
     answer time, without httpx's work in this process (about a quarter of the httpx
     client's p50 here) between the clock and the socket."""
     latencies = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(60)
-        sock.connect(str(daemon.socket))
+    with contextlib.ExitStack() as stack:
+        sock = None
         started, cpu = time.perf_counter(), cpu_seconds(daemon.pid)
         for n in range(count):
+            if sock is None:
+                sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                sock.settimeout(60)
+                sock.connect(str(daemon.socket))
             body = json.dumps(_body(0, n)).encode()
             request = (
                 b"PATCH /config HTTP/1.1\r\nHost: sandboxd\r\n"
@@ -223,15 +226,18 @@ def raw_round(daemon: Daemon, count: int) -> Sample:
             ) % (len(body), body)
             begin = time.perf_counter()
             sock.sendall(request)
-            answer = _read_answer(sock)
+            answer, close = _read_answer(sock)
             latencies.append((time.perf_counter() - begin) * 1000)
             if not answer.startswith(b"HTTP/1.1 200 "):
                 raise RuntimeError(f"PATCH answered {answer[:200]!r}")
+            if close:  # hypercorn ends a connection after 1,000 requests
+                sock = None
         return Sample(latencies, time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu)
 
 
-def _read_answer(sock: socket.socket) -> bytes:
-    # One whole answer framed by Content-Length (the daemon's JSON answers are).
+def _read_answer(sock: socket.socket) -> tuple[bytes, bool]:
+    # One whole answer framed by Content-Length (the daemon's JSON answers are), and whether
+    # it closes the connection (`Connection: close`).
     data = b""
     while True:
         chunk = sock.recv(65536)
@@ -239,11 +245,14 @@ def _read_answer(sock: socket.socket) -> bytes:
             raise RuntimeError(f"the daemon closed the connection: {data[:200]!r}")
         data += chunk
         head, found, body = data.partition(b"\r\n\r\n")
-        if found:
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length" and len(body) >= int(value):
-                    return data
+        if not found:
+            continue
+        fields = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip().lower()
+        if len(body) >= int(fields.get(b"content-length", b"0")):
+            return data, fields.get(b"connection") == b"close"
 
 
 async def store_patches(town_root: Path, count: int) -> Sample:
