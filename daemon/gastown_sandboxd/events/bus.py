@@ -110,6 +110,7 @@ class EventBus:
         self._news: anyio.Event | None = None
         # The deadline the waiter keeping time for all the others waits for (`_next_news`).
         self._timed: float | None = None
+        self.deadline_rounds = 0
         self.dropped_subscribers = 0
 
     @property
@@ -168,16 +169,20 @@ class EventBus:
             news.set()
 
     async def _next_news(self, deadline: float | None = None) -> None:
-        """Return at the next emit or close (a checkpoint: it always waits), or once the loop
-        clock (`anyio.current_time`) reaches `deadline`, if it does first.
+        """Return at the next emit or close (a checkpoint: it always waits), or at the end of
+        a deadline round (`deadline_rounds` moves on).
 
         One timer for all the waiters, not one each: a waiter whose deadline is earlier than
-        the one being timed keeps time for everyone, and when its timer ends the wait (or it
-        is cancelled) it wakes every waiter, so each checks its own deadline and the earliest
-        of those still waiting keeps time next. A waiter whose deadline is not earlier only
-        waits for the news: an earlier timer is running. With 100 SSE streams, a timer
-        armed and cancelled per stream and event cost the daemon ~17 us per stream and
-        event (`move_on_after`); now one stream pays it.
+        the one being timed keeps time for everyone. When its timer fires, a deadline round
+        ends: `deadline_rounds` moves on and every waiter wakes, and `Subscription.wait`
+        ends every wait that has a deadline, due or not. So idle SSE streams send their
+        heartbeats together and stay in step: per round one timer and one wake-up per
+        stream, as with a timer each, and no timer at all per event. (Ending only the waits
+        that were due woke every stream once per distinct deadline: with 100 idle streams
+        the daemon used 0.95 % of a core instead of 0.15 %.) A timekeeper that is cancelled
+        (its client went) ends no round: it wakes the others to choose the next. With 100
+        SSE streams, a timer armed and cancelled per stream and event (`move_on_after`) cost
+        the daemon ~17 us per stream and event.
         """
         if self._news is None:
             self._news = anyio.Event()
@@ -186,14 +191,16 @@ class EventBus:
             await news.wait()
             return
         self._timed = deadline
-        try:
-            with anyio.CancelScope(deadline=deadline):
+        with anyio.CancelScope(deadline=deadline) as timer:
+            try:
                 await news.wait()
-        finally:
-            if self._timed == deadline:
-                self._timed = None
-                if news is self._news:  # timed out or cancelled: the others must time again
-                    self._announce()
+            finally:
+                if self._timed == deadline:
+                    self._timed = None
+                    if news is self._news:  # timed out or cancelled: the others go on
+                        if timer.cancel_called:
+                            self.deadline_rounds += 1
+                        self._announce()
 
     async def wait_for(
         self,
@@ -281,23 +288,29 @@ class Subscription:
             await self._bus._next_news()
 
     async def wait(self, deadline: float | None = None) -> bool:
-        """True once `take_nowait` has something to give (an event, or the end); False when
-        the loop clock (`anyio.current_time`) reaches `deadline` first.
+        """True once `take_nowait` has something to give (an event, or the end); False when,
+        before that, the loop clock (`anyio.current_time`) reaches `deadline` or a deadline
+        round ends: the earliest deadline of all the waiting subscriptions passed. So a wait
+        with a deadline ends at that deadline at the latest, and with every other wait that
+        has one, in step (`EventBus._next_news`).
 
         Takes nothing, so a cancellation loses nothing; unlike `__anext__` it does not yield
-        to the loop first when something is already there. Every waiting subscription shares
-        one timer (`EventBus._next_news`).
+        to the loop first when something is already there.
         """
         subscriber = self._subscriber
         if subscriber is None:
             raise RuntimeError("use the subscription inside `async with`")
+        bus = self._bus
         while not self._ready(subscriber):
             # A deadline already passed ends the first wait at once (its timer, or an earlier
             # one, is due). The clock is read only after a wake-up that brought nothing.
-            await self._bus._next_news(deadline)
+            rounds = bus.deadline_rounds
+            await bus._next_news(deadline)
             if self._ready(subscriber):
                 return True
-            if deadline is not None and anyio.current_time() >= deadline:
+            if deadline is not None and (
+                bus.deadline_rounds != rounds or anyio.current_time() >= deadline
+            ):
                 return False
         return True
 

@@ -7,7 +7,8 @@ Frames, in order:
 - `event: gap` with `{"last_event_id", "first_available_id"}` when the replay after
   `Last-Event-ID` is incomplete (see `events.Gap`);
 - `id: N` / `event: TYPE` / `data: <one-line JSON>` per event;
-- `: heartbeat` after `heartbeat` seconds without an event;
+- `: heartbeat` once `heartbeat` seconds passed without a frame, at the latest (idle streams
+  beat together, see `Subscription.wait`);
 - a last `event: lagged` with `{"last_event_id": N}` when the bus dropped this slow
   reader; the stream then ends and the client reconnects with `Last-Event-ID: N`.
 
@@ -66,8 +67,8 @@ async def sse_stream(
     Every event already waiting goes out as one chunk (a group of PATCHes emits several at
     once): one write through the HTTP stack per wake-up, not one per event. Each event's
     frame is encoded once, by the bus, for every subscriber (`Event.frame`). The heartbeat
-    needs no timer of its own: the bus times every stream's wait with one
-    (`Subscription.wait`).
+    needs no timer of its own: the bus times every stream's wait with one, and idle streams
+    send their heartbeats together (`Subscription.wait`).
 
     Cost per subscriber per event, measured with 100 raw-socket readers in another process
     (daemon CPU per PATCH with 100 readers less with 1): ~104 us before the bus's shared
