@@ -264,48 +264,18 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
     rows: list[Row] = []
     one, answers = await api_to_sse(daemon, 1, patches)
     many, _ = await api_to_sse(daemon, READERS, patches)
-    for percent in (50, 99):
-        rows.append(
-            Row(
-                f"PATCH → SSE p{percent}, 1 reader",
-                percentile(one, percent),
-                "ms",
-                percentile(answers, percent),
-                f"baseline: the PATCH's own answer; {patches} PATCHes",
-            )
-        )
-    for percent in (50, 99):
-        rows.append(
-            Row(
-                f"PATCH → SSE p{percent}, {READERS} readers",
-                percentile(many, percent),
-                "ms",
-                percentile(one, percent),
-                f"baseline: 1 reader; {patches} × {READERS} receipts",
-            )
-        )
+    rows += _fan_out_rows(
+        "SSE", ("reader", "readers"), one, answers, many,
+        (f"baseline: the PATCH's own answer; {patches} PATCHes",
+         f"baseline: 1 reader; {patches} × {READERS} receipts"),
+    )  # fmt: skip
     one_arrival, stamped_answers = await stamped_fan_out(daemon, 1, patches)
     many_arrivals, _ = await stamped_fan_out(daemon, READERS, patches)
-    for percent in (50, 99):
-        rows.append(
-            Row(
-                f"PATCH → arrival p{percent}, 1 subscriber",
-                percentile(one_arrival, percent),
-                "ms",
-                percentile(stamped_answers, percent),
-                "kernel receive stamp on a TCP subscriber; baseline: the PATCH's own answer",
-            )
-        )
-    for percent in (50, 99):
-        rows.append(
-            Row(
-                f"PATCH → arrival p{percent}, {READERS} subscribers",
-                percentile(many_arrivals, percent),
-                "ms",
-                percentile(one_arrival, percent),
-                f"kernel receive stamps on {READERS} TCP subscribers; baseline: 1 subscriber",
-            )
-        )
+    rows += _fan_out_rows(
+        "arrival", ("subscriber", "subscribers"), one_arrival, stamped_answers, many_arrivals,
+        ("kernel receive stamp on a TCP subscriber; baseline: the PATCH's own answer",
+         f"kernel receive stamps on {READERS} TCP subscribers; baseline: 1 subscriber"),
+    )  # fmt: skip
     external = await edit_to_event(daemon, edits)
     for percent in (50, 99):
         rows.append(
@@ -327,6 +297,29 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
             f"baseline: no reader; {window:.0f} s windows",
         )
     )
+    return rows
+
+
+def _fan_out_rows(
+    what: str,
+    nouns: tuple[str, str],
+    one: list[float],
+    answers: list[float],
+    many: list[float],
+    notes: tuple[str, str],
+) -> list[Row]:
+    """p50 and p99 of PATCH → `what` at 1 reader (baseline: the PATCH's own answer) and at
+    `READERS` (baseline: 1 reader)."""
+    rows = [
+        Row(f"PATCH → {what} p{percent}, 1 {nouns[0]}", percentile(one, percent), "ms",
+            percentile(answers, percent), notes[0])
+        for percent in (50, 99)
+    ]  # fmt: skip
+    rows += [
+        Row(f"PATCH → {what} p{percent}, {READERS} {nouns[1]}", percentile(many, percent), "ms",
+            percentile(one, percent), notes[1])
+        for percent in (50, 99)
+    ]  # fmt: skip
     return rows
 
 
