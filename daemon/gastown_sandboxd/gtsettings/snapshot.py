@@ -174,6 +174,13 @@ def _snapshot(
 QUIET_NS = 1_000_000_000
 
 _StatKey = tuple[int, int, int, int]
+
+
+def _stamp(info: os.stat_result) -> _StatKey:
+    # What a cached read is keyed on: inode, size, mtime and ctime.
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 _cache: dict[str, tuple[_StatKey, str, Scope, FileState]] = {}
 _cache_lock = threading.Lock()
 
@@ -204,10 +211,9 @@ def remember(
     came after `since` (an edit by someone else may have landed since the write began) or
     when the size is not the state's."""
     key = os.path.abspath(path)
-    stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     with _cache_lock:
         if since == _epoch and state.raw is not None and info.st_size == len(state.raw):
-            _cache[key] = (stamp, name, scope, state)
+            _cache[key] = (_stamp(info), name, scope, state)
         else:
             _cache.pop(key, None)
 
@@ -215,18 +221,16 @@ def remember(
 def read_file(path: Path | str, scope: Scope, name: str) -> FileState:
     """One file: absent, parsed, or unreadable with the reason (named by `name`)."""
     key = os.path.abspath(path)
-    found = _lookup(key, scope, name)
-    if isinstance(found, FileState):
-        return found
-    before = found
-    stamp = (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+    before = _lookup(key, scope, name)
+    if isinstance(before, FileState):
+        return before
     read_at = time.time_ns()
     state = _read_uncached(Path(key), scope, name)
     if state.raw is not None and before.st_size == len(state.raw):
         quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
         with _cache_lock:
             if quiet:
-                _cache[key] = (stamp, name, scope, state)
+                _cache[key] = (_stamp(before), name, scope, state)
             else:
                 _cache.pop(key, None)
     return state
@@ -248,10 +252,9 @@ def _lookup(key: str, scope: Scope, name: str) -> FileState | os.stat_result:
         return FileState()
     except OSError as exc:
         return FileState(error=f"{name} cannot be read: {exc.strerror or exc}")
-    stamp = (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
     with _cache_lock:
         cached = _cache.get(key)
-    if cached is not None and cached[0] == stamp and cached[1:3] == (name, scope):
+    if cached is not None and cached[0] == _stamp(before) and cached[1:3] == (name, scope):
         return cached[3]
     return before
 
