@@ -439,12 +439,14 @@ class _Doorbell:
                 offset += length
                 if mask & _IN_Q_OVERFLOW or wd not in self._folders:
                     lost = True
-                elif not (name.startswith(b".") and name.endswith(b".tmp")):
+                else:
                     names[wd, name] = None
         paths: list[Path | None] = [None] if lost else []
         for wd, name in names:
-            folder = self._folders[wd]
-            paths.append(folder / os.fsdecode(name) if name else folder)
+            text = os.fsdecode(name)
+            if not is_temporary(text):
+                folder = self._folders[wd]
+                paths.append(folder / text if text else folder)
         return paths
 
     def close(self) -> None:
