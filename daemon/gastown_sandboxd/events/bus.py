@@ -301,9 +301,11 @@ class Subscription:
         if subscriber is None:
             raise RuntimeError("use the subscription inside `async with`")
         bus = self._bus
-        while not self._ready(subscriber):
-            # A deadline already passed ends the first wait at once (its timer, or an earlier
-            # one, is due). The clock is read only after a wake-up that brought nothing.
+        # A deadline already passed ends the first wait at once (its timer, or an earlier
+        # one, is due). The clock is read only after a wake-up that brought nothing.
+        if self._ready(subscriber):
+            return True
+        while True:
             rounds = bus.deadline_rounds
             await bus._next_news(deadline)
             if self._ready(subscriber):
@@ -312,7 +314,6 @@ class Subscription:
                 bus.deadline_rounds != rounds or anyio.current_time() >= deadline
             ):
                 return False
-        return True
 
     def _ready(self, subscriber: _Subscriber) -> bool:
         return bool(self._replay or subscriber.buffer or subscriber.lagged or subscriber.closed)
