@@ -13,6 +13,8 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from starlette.types import ASGIApp
 
+from gastown_sandboxd._hypercorn import release_closed_idle_connections
+
 from .app import create_app
 from .settings import CloudSettings
 from .store import Store
@@ -48,6 +50,8 @@ async def serve_app(
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.graceful_timeout = 5.0
+    # A sandbox's refresh connection is released when it closes, not 5 s later (`_hypercorn`).
+    release_closed_idle_connections()
     await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
 

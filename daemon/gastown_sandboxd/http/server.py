@@ -6,6 +6,8 @@ connect) and handed to hypercorn as file descriptors. Hypercorn stops through
 `HttpLimits` refuses what h11 lets through: a header block over `MAX_HEADER_BYTES` that
 arrives in one read (h11 bounds only a block still incomplete), and a request framed by both
 `Content-Length` and `Transfer-Encoding` (400, connection closed: RFC 9112 §6.1).
+A connection its client closed is released at once, not at the end of the keep-alive time
+(`_hypercorn.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hypercorn.config import Config
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gastown_sandboxd._hypercorn import release_closed_idle_connections
 from gastown_sandboxd.http.errors import error_response
 from gastown_sandboxd.options import Listen
 
@@ -106,6 +109,7 @@ async def serve_socket(
 ) -> None:
     """Serve `app` on `sock` until `shutdown` is set; hypercorn takes ownership of `sock`."""
     config = hypercorn_config(sock.detach(), graceful_timeout=graceful_timeout)
+    release_closed_idle_connections()
     limited = HttpLimits(app)
     # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
     await serve(limited, config, shutdown_trigger=shutdown.wait, mode="asgi")  # type: ignore[arg-type]

@@ -1,11 +1,23 @@
-"""The daemon's sockets accept connections from the moment they are bound."""
+"""The daemon's sockets accept connections from the moment they are bound, and hypercorn
+releases a connection as soon as its client has closed it (`_hypercorn.py`)."""
 
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from gastown_sandboxd.http.server import bind_tcp, bind_unix
+import anyio
+import pytest
+from hypercorn.asyncio import serve
+from hypercorn.asyncio.tcp_server import TCPServer
+from starlette.types import Receive, Scope, Send
+
+from gastown_sandboxd.http import server
+from gastown_sandboxd.http.server import bind_tcp, bind_unix, hypercorn_config, serve_socket
 from gastown_sandboxd.options import parse_listen
 
 
@@ -35,3 +47,85 @@ def test_a_bound_unix_socket_already_listens(tmp_path: Path) -> None:
         assert path.stat().st_mode & 0o777 == 0o660
     finally:
         server.close()
+
+
+async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+Serve = Callable[[socket.socket, anyio.Event], Coroutine[Any, Any, None]]
+
+
+@asynccontextmanager
+async def _serving(tmp_path: Path, serve_on: Serve) -> AsyncIterator[Path]:
+    path = tmp_path / "s.sock"
+    sock = bind_unix(path)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(serve_on, sock, stop)
+        try:
+            yield path
+        finally:
+            stop.set()
+
+
+async def _closed_by_server_after_own_close(path: Path) -> float:
+    """One answered request, then the client shuts down its side (as httpx and anyio do when
+    they close): seconds until the server closes the connection too."""
+    async with await anyio.connect_unix(path) as stream:
+        await stream.send(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += await stream.receive()
+        assert answer.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        await stream.send_eof()
+        with pytest.raises(anyio.EndOfStream):
+            await stream.receive()
+        return time.monotonic() - started
+
+
+@pytest.mark.anyio
+async def test_a_connection_its_client_closed_is_released_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's server closes an idle connection as soon as the client has closed it, not
+    after the keep-alive time (set to 60 s here, so that the two cannot be confused)."""
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 60.0)
+
+    async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
+        await serve_socket(_hello, sock, stop)
+
+    async with _serving(tmp_path, serve_on) as path:
+        with anyio.fail_after(20):
+            for _ in range(3):
+                waited = await _closed_by_server_after_own_close(path)
+                print(f"closed by the server {waited * 1000:.1f} ms after the client's close")
+
+
+@pytest.mark.anyio
+async def test_hypercorn_alone_keeps_a_closed_connection_for_the_keep_alive_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault `_hypercorn.py` mends, shown on the pinned hypercorn with its own method:
+    the connection lives until the keep-alive timer ends. When a hypercorn release fixes the
+    fault, this test fails, and the mend can go."""
+    keep_alive = 1.0
+    unmended = getattr(TCPServer._read_data, "__wrapped__", TCPServer._read_data)
+    monkeypatch.setattr(TCPServer, "_read_data", unmended)
+
+    async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
+        config = hypercorn_config(sock.detach())
+        config.keep_alive_timeout = keep_alive
+        await serve(_hello, config, shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]
+
+    async with _serving(tmp_path, serve_on) as path:
+        with anyio.fail_after(20):
+            waited = await _closed_by_server_after_own_close(path)
+    print(f"closed by hypercorn alone {waited:.2f} s after the client's close")
+    assert waited >= keep_alive * 0.9
