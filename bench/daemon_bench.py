@@ -9,12 +9,17 @@ Real processes on 127.0.0.1: the cloud (`gastown-cloud serve`) and `gastown-sand
 - refresh: `POST /token/refresh` over the socket (daemon → cloud → env file), p50/p95/p99;
   baseline in the same run: `CloudClient.refresh` called directly, with no daemon.
 - push: `PUT /token` over TCP with a new token each time (check, atomic write with fsync).
+- short connections: N `GET /healthz` on the socket, each on a connection of its own that
+  the client closes after its answer (32 at a time, as the CLI, shims and the cloud's
+  pushes connect): the descriptors still open 0.2 s after the last, and RSS after them;
+  baseline: RSS before them. Before `_hypercorn.py`, each stayed open for the 5 s keep-alive.
 
 `python -m bench.daemon_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +39,7 @@ from tests.fixtures.daemon import make_town
 
 from gastown_sandboxd.token.cloud import CloudClient
 
-from ._daemon import Daemon, running_cloud, running_daemon
+from ._daemon import Daemon, running_cloud, running_daemon, uds_client
 from ._stats import cpu_seconds, percentile, rss_kib
 from ._table import Row, main_of
 
@@ -113,6 +118,7 @@ async def _direct_refreshes(
 def run(quick: bool) -> list[Row]:
     """Measure everything; `quick` shortens the idle window to 10 s and takes fewer samples."""
     starts, idle, calls = (5, 10.0, 100) if quick else (15, 60.0, 200)
+    connections = 500 if quick else 4000
     with tempfile.TemporaryDirectory(prefix="daemon-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         with running_cloud(workdir / "cloud-home") as cloud, httpx.Client(timeout=5) as http:
@@ -122,6 +128,7 @@ def run(quick: bool) -> list[Row]:
                 rows += _idle_rows(daemon.pid, idle)
                 rows += _refresh_rows(daemon, cloud, town["id"], token, calls)
                 rows += _push_rows(daemon, cloud, town["id"], calls)
+                rows += _connection_rows(daemon, connections)
     return rows
 
 
@@ -194,6 +201,35 @@ def _push_rows(daemon: Daemon, cloud: CloudServer, town_id: str, calls: int) -> 
         Row("push p95", p95, "ms", note="checked, then written atomically with fsync"),
         Row("push p99", p99, "ms"),
     ]
+
+
+async def _short_connections(daemon: Daemon, count: int, at_once: int) -> None:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with uds_client(daemon.socket, timeout=15, limits=limits) as local:
+        gate = anyio.Semaphore(at_once)
+
+        async def one() -> None:
+            async with gate:
+                (await local.get("/healthz")).raise_for_status()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(count):
+                group.start_soon(one)
+
+
+def _connection_rows(daemon: Daemon, count: int) -> list[Row]:
+    descriptors = Path(f"/proc/{daemon.pid}/fd")
+    fds, rss_before = len(os.listdir(descriptors)), rss_kib(daemon.pid) / 1024
+    anyio.run(_short_connections, daemon, count, 32)
+    time.sleep(0.2)
+    still_open = len(os.listdir(descriptors)) - fds
+    rss_after = rss_kib(daemon.pid) / 1024
+    note = f"{count} GET /healthz, a connection each, 32 at a time"
+    return [
+        Row("connections still open 0.2 s after their close", still_open, "", note=note),
+        Row(f"RSS after {count} short connections", rss_after, "MiB", rss_before,
+            "baseline: RSS before them"),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
