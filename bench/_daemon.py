@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from tests.daemon.minting import mint
 from tests.fixtures.cloud import CloudServer, launch_cloud
-from tests.fixtures.daemon import DAEMON_KEY, daemon_env
+from tests.fixtures.daemon import DAEMON_KEY, client_limits, daemon_env
 from tests.fixtures.net import tls
 
 # A port nothing listens on: a daemon holding a fresh token does not refresh, but its sync of
@@ -144,11 +144,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def uds_client(
     socket: Path, *, timeout: float | httpx.Timeout, limits: httpx.Limits | None = None
 ) -> httpx.AsyncClient:
-    """An async client of a daemon's local socket (no key); no connection limit unless given.
+    """An async client of a daemon's local socket (no key); no connection limit unless given,
+    idle connections kept for half the daemon's keep-alive time (`client_limits`).
     No TLS on a Unix socket, so no CA bundle: loading one took ~25 ms of the bench's CPU per
     client, which the first PATCHes of a many-client round used to wait for."""
     transport = httpx.AsyncHTTPTransport(
-        uds=str(socket), limits=limits or httpx.Limits(), verify=False
+        uds=str(socket), limits=limits or client_limits(), verify=False
     )
     return httpx.AsyncClient(transport=transport, base_url="http://sandboxd", timeout=timeout)
 
@@ -157,10 +158,11 @@ def tcp_client(
     url: str, key: str, *, timeout: float | httpx.Timeout, limits: httpx.Limits | None = None
 ) -> httpx.AsyncClient:
     """An async client of a daemon's TCP listener, sending `key`; no connection limit unless
-    given. It shares the tests' one TLS context (`tests/fixtures/net.py`)."""
+    given, idle connections kept as `uds_client` keeps them.
+    It shares the tests' one TLS context (`tests/fixtures/net.py`)."""
     headers = {"x-internal-api-key": key}
     return httpx.AsyncClient(
-        base_url=url, headers=headers, limits=limits or httpx.Limits(), timeout=timeout,
+        base_url=url, headers=headers, limits=limits or client_limits(), timeout=timeout,
         verify=tls(),
     )  # fmt: skip
 

@@ -24,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from httpx_sse import aconnect_sse
 
 from tests.fixtures.cloud import CloudServer
-from tests.fixtures.daemon import DaemonFactory, DaemonProcess, make_town
+from tests.fixtures.daemon import DaemonFactory, DaemonProcess, client_limits, make_town
 from tests.waiting import eventually_async
 
 USER = "user-events"
@@ -67,7 +67,7 @@ class Town:
         """An async client of the daemon's Unix socket (no key needed there)."""
         return httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(
-                uds=str(self.daemon.socket), limits=httpx.Limits(**limits)
+                uds=str(self.daemon.socket), limits=client_limits(**limits)
             ),
             base_url="http://sandboxd",
             timeout=httpx.Timeout(30.0),
@@ -78,7 +78,7 @@ class Town:
         return httpx.AsyncClient(
             base_url=self.daemon.url,
             headers={"x-internal-api-key": self.daemon.key},
-            limits=httpx.Limits(**limits),
+            limits=client_limits(**limits),
             timeout=httpx.Timeout(30.0),
         )
 
