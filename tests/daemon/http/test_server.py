@@ -74,28 +74,35 @@ async def _serving(tmp_path: Path, serve_on: Serve) -> AsyncIterator[Path]:
             stop.set()
 
 
-async def _closed_by_server_after_own_close(path: Path) -> float:
-    """One answered request, then the client shuts down its side (as httpx and anyio do when
-    they close): seconds until the server closes the connection too."""
+async def _closed_by_server_after_own_close(path: Path, *, before_the_answer: bool) -> float:
+    """One request, and the client shuts down its side (as httpx and anyio do when they close)
+    after its answer, or `before_the_answer` (a client that sends its request and is done):
+    seconds from that shutdown until the server has sent the whole answer and closed too."""
     async with await anyio.connect_unix(path) as stream:
         await stream.send(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
         answer = b""
+        if before_the_answer:
+            started = time.monotonic()
+            await stream.send_eof()
         while not answer.endswith(b"ok"):
             answer += await stream.receive()
         assert answer.startswith(b"HTTP/1.1 200")
-        started = time.monotonic()
-        await stream.send_eof()
+        if not before_the_answer:
+            started = time.monotonic()
+            await stream.send_eof()
         with pytest.raises(anyio.EndOfStream):
             await stream.receive()
         return time.monotonic() - started
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("before_the_answer", [False, True], ids=["after", "before"])
 async def test_a_connection_its_client_closed_is_released_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before_the_answer: bool
 ) -> None:
-    """The daemon's server closes an idle connection as soon as the client has closed it, not
-    after the keep-alive time (set to 60 s here, so that the two cannot be confused)."""
+    """The daemon's server answers, then closes a connection as soon as the client has closed
+    its side, whether before or after the answer, not after the keep-alive time (set to 60 s
+    here, so that the two cannot be confused)."""
     monkeypatch.setattr(server, "HEADER_TIMEOUT", 60.0)
 
     async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
@@ -104,20 +111,24 @@ async def test_a_connection_its_client_closed_is_released_at_once(
     async with _serving(tmp_path, serve_on) as path:
         with anyio.fail_after(20):
             for _ in range(3):
-                waited = await _closed_by_server_after_own_close(path)
+                waited = await _closed_by_server_after_own_close(
+                    path, before_the_answer=before_the_answer
+                )
                 print(f"closed by the server {waited * 1000:.1f} ms after the client's close")
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("before_the_answer", [False, True], ids=["after", "before"])
 async def test_hypercorn_alone_keeps_a_closed_connection_for_the_keep_alive_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before_the_answer: bool
 ) -> None:
-    """The fault `_hypercorn.py` mends, shown on the pinned hypercorn with its own method:
+    """The fault `_hypercorn.py` mends, shown on the pinned hypercorn with its own methods:
     the connection lives until the keep-alive timer ends. When a hypercorn release fixes the
     fault, this test fails, and the mend can go."""
     keep_alive = 1.0
-    unmended = getattr(TCPServer._read_data, "__wrapped__", TCPServer._read_data)
-    monkeypatch.setattr(TCPServer, "_read_data", unmended)
+    for name in ("_read_data", "protocol_send"):
+        method = getattr(TCPServer, name)
+        monkeypatch.setattr(TCPServer, name, getattr(method, "__wrapped__", method))
 
     async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
         config = hypercorn_config(sock.detach())
@@ -126,6 +137,8 @@ async def test_hypercorn_alone_keeps_a_closed_connection_for_the_keep_alive_time
 
     async with _serving(tmp_path, serve_on) as path:
         with anyio.fail_after(20):
-            waited = await _closed_by_server_after_own_close(path)
+            waited = await _closed_by_server_after_own_close(
+                path, before_the_answer=before_the_answer
+            )
     print(f"closed by hypercorn alone {waited:.2f} s after the client's close")
     assert waited >= keep_alive * 0.9
