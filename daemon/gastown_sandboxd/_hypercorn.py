@@ -16,8 +16,8 @@ Measured on the daemon before the mend (`bench/daemon_bench.py` keeps a row of i
 httpx connections one after another, each closed after its answer, were all still open
 0.2 s later; RSS went 38 → 70 MiB after 8,000 PATCHes on connections of their own (32 at a
 time), and 38 → 77 MiB after 8,000 `GET /healthz`. The cloud would keep every sandbox's
-refresh connection 5 s longer than it needs: with 100,000 sandboxes retrying every 30 s
-after an outage (3,333 calls a second), some 16,700 descriptors at a time.
+refresh connection 5 s longer than it needs: at the ~400,000 calls a minute of 100,000
+sandboxes late in a long outage (`bench/fleet.py`), some 33,000 descriptors at a time.
 
 The mend: once the read loop has ended, stop the idle task, and start none after that.
 Nothing can come on a connection whose client has closed. An answer still being sent is
