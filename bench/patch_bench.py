@@ -38,6 +38,7 @@ from typing import Any
 import anyio
 import httpx
 from tests.daemon.gt_samples import build_town
+from tests.fixtures.net import read_answer
 
 from gastown_sandboxd.atomic import write_atomic
 from gastown_sandboxd.events.types import DomainEvent
@@ -226,33 +227,13 @@ def raw_round(daemon: Daemon, count: int) -> Sample:
             ) % (len(body), body)
             begin = time.perf_counter()
             sock.sendall(request)
-            answer, close = _read_answer(sock)
+            answer, close = read_answer(sock)
             latencies.append((time.perf_counter() - begin) * 1000)
             if not answer.startswith(b"HTTP/1.1 200 "):
                 raise RuntimeError(f"PATCH answered {answer[:200]!r}")
             if close:  # hypercorn ends a connection after 1,000 requests
                 sock = None
         return Sample(latencies, time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu)
-
-
-def _read_answer(sock: socket.socket) -> tuple[bytes, bool]:
-    # One whole answer framed by Content-Length (the daemon's JSON answers are), and whether
-    # it closes the connection (`Connection: close`).
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise RuntimeError(f"the daemon closed the connection: {data[:200]!r}")
-        data += chunk
-        head, found, body = data.partition(b"\r\n\r\n")
-        if not found:
-            continue
-        fields = {}
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            fields[name.strip().lower()] = value.strip().lower()
-        if len(body) >= int(fields.get(b"content-length", b"0")):
-            return data, fields.get(b"connection") == b"close"
 
 
 async def store_patches(town_root: Path, count: int) -> Sample:

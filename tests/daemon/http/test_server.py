@@ -4,13 +4,14 @@ releases a connection as soon as its client has closed it (`_hypercorn.py`)."""
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import TCPServer
@@ -19,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gastown_sandboxd.http import server
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, hypercorn_config, serve_socket
 from gastown_sandboxd.options import parse_listen
+from tests.fixtures.net import seconds_to_release
 
 
 def test_a_bound_tcp_socket_already_listens() -> None:
@@ -74,25 +76,11 @@ async def _serving(tmp_path: Path, serve_on: Serve) -> AsyncIterator[Path]:
             stop.set()
 
 
-async def _closed_by_server_after_own_close(path: Path, *, before_the_answer: bool) -> float:
-    """One request, and the client shuts down its side (as httpx and anyio do when they close)
-    after its answer, or `before_the_answer` (a client that sends its request and is done):
-    seconds from that shutdown until the server has sent the whole answer and closed too."""
-    async with await anyio.connect_unix(path) as stream:
-        await stream.send(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
-        answer = b""
-        if before_the_answer:
-            started = time.monotonic()
-            await stream.send_eof()
-        while not answer.endswith(b"ok"):
-            answer += await stream.receive()
-        assert answer.startswith(b"HTTP/1.1 200")
-        if not before_the_answer:
-            started = time.monotonic()
-            await stream.send_eof()
-        with pytest.raises(anyio.EndOfStream):
-            await stream.receive()
-        return time.monotonic() - started
+async def _released(path: Path, *, before_the_answer: bool) -> float:
+    # `seconds_to_release` in a worker thread: the server runs on this test's loop.
+    request = b"GET / HTTP/1.1\r\nHost: s\r\n\r\n"
+    release = partial(seconds_to_release, before_the_answer=before_the_answer)
+    return await anyio.to_thread.run_sync(release, str(path), request, 20.0)
 
 
 @pytest.mark.anyio
@@ -111,9 +99,7 @@ async def test_a_connection_its_client_closed_is_released_at_once(
     async with _serving(tmp_path, serve_on) as path:
         with anyio.fail_after(20):
             for _ in range(3):
-                waited = await _closed_by_server_after_own_close(
-                    path, before_the_answer=before_the_answer
-                )
+                waited = await _released(path, before_the_answer=before_the_answer)
                 print(f"closed by the server {waited * 1000:.1f} ms after the client's close")
 
 
@@ -137,8 +123,6 @@ async def test_hypercorn_alone_keeps_a_closed_connection_for_the_keep_alive_time
 
     async with _serving(tmp_path, serve_on) as path:
         with anyio.fail_after(20):
-            waited = await _closed_by_server_after_own_close(
-                path, before_the_answer=before_the_answer
-            )
+            waited = await _released(path, before_the_answer=before_the_answer)
     print(f"closed by hypercorn alone {waited:.2f} s after the client's close")
     assert waited >= keep_alive * 0.9
