@@ -141,6 +141,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+# Each request on a connection of its own, closed after its answer (as the cloud pushes).
+ONE_CONNECTION_EACH = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+
+
 def uds_client(
     socket: Path, *, timeout: float | httpx.Timeout, limits: httpx.Limits | None = None
 ) -> httpx.AsyncClient:

@@ -39,7 +39,7 @@ from tests.fixtures.daemon import make_town
 
 from gastown_sandboxd.token.cloud import CloudClient
 
-from ._daemon import Daemon, running_cloud, running_daemon, uds_client
+from ._daemon import ONE_CONNECTION_EACH, Daemon, running_cloud, running_daemon, uds_client
 from ._stats import cpu_seconds, percentile, rss_kib
 from ._table import Row, main_of
 
@@ -204,8 +204,7 @@ def _push_rows(daemon: Daemon, cloud: CloudServer, town_id: str, calls: int) -> 
 
 
 async def _short_connections(daemon: Daemon, count: int, at_once: int) -> None:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with uds_client(daemon.socket, timeout=15, limits=limits) as local:
+    async with uds_client(daemon.socket, timeout=15, limits=ONE_CONNECTION_EACH) as local:
         gate = anyio.Semaphore(at_once)
 
         async def one() -> None:

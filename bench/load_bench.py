@@ -26,7 +26,7 @@ import httpx
 from httpx_sse import aconnect_sse
 from tests.fixtures.daemon import make_town
 
-from ._daemon import running_daemon, tcp_client, uds_client
+from ._daemon import ONE_CONNECTION_EACH, running_daemon, tcp_client, uds_client
 from ._stats import cpu_seconds, percentile, rss_kib
 from ._table import Row, main_of
 
@@ -148,8 +148,7 @@ def patch_client(socket: Path, *, timeout: httpx.Timeout) -> httpx.AsyncClient:
     connection under a PATCH). A new connection has the whole timer for its request head: in
     36 storms the daemon had each head within 1.6 s of the connect, and none failed.
     """
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    return uds_client(socket, timeout=timeout, limits=limits)
+    return uds_client(socket, timeout=timeout, limits=ONE_CONNECTION_EACH)
 
 
 async def _await_subscribers(client: httpx.AsyncClient, count: int) -> None:
