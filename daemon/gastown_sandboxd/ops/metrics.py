@@ -109,6 +109,16 @@ class LatencyHistogram:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
+def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:
+    """A counter family with one sample per value of `label`, from `counts`."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
+
+
 class TokenMetrics:
     """The token's expiry, the refresh attempts and their latency, the refresher's state."""
 
@@ -153,7 +163,6 @@ class TokenMetrics:
 
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import (
-            CounterMetricFamily,
             GaugeMetricFamily,
             StateSetMetricFamily,
         )
@@ -170,12 +179,9 @@ class TokenMetrics:
             "Seconds until the held token expires, at scrape time (0 when none or expired).",
             value=left,
         )
-        attempts = CounterMetricFamily(
-            name + "refresh_attempts", "Refresh attempts by result.", labels=["result"]
+        yield _by_label(
+            name + "refresh_attempts", "Refresh attempts by result.", "result", self.attempts
         )
-        for result, count in self.attempts.items():
-            attempts.add_metric([result], count)
-        yield attempts
         yield self.latency.family(
             name + "refresh_duration_seconds", "Time a refresh call to the cloud took."
         )
@@ -224,12 +230,12 @@ class DaemonMetrics:
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        patches = CounterMetricFamily(
-            PREFIX + "config_patches", "PATCH /config requests by HTTP status.", labels=["status"]
+        yield _by_label(
+            PREFIX + "config_patches",
+            "PATCH /config requests by HTTP status.",
+            "status",
+            self.config_patches,
         )
-        for status, count in self.config_patches.items():
-            patches.add_metric([status], count)
-        yield patches
         yield GaugeMetricFamily(
             PREFIX + "event_subscribers",
             "Open event subscriptions (SSE, hooks).",
