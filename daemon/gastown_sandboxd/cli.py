@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -449,7 +448,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         report["claims"] = None
         report["problem"] = str(exc)
     else:
-        report["claims"] = dataclasses.asdict(claims)
+        report["claims"] = claims._asdict()
         # Whole seconds, rounded down: a token "expires in 0" only in its last second.
         report["expires_in"] = math.floor(claims.exp - now) if isinstance(claims.exp, int) else None
     reasons = acceptability_reasons(token, town_id=options.town_id or "", now=now)

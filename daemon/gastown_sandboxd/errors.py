@@ -20,8 +20,7 @@ GastownError
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class GastownError(Exception):
@@ -81,9 +80,13 @@ class RefreshError(GastownError):
         super().__init__(f"refresh failed ({kind}): {reason}")
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One problem of a request body, located by a JSON pointer."""
+class Problem(NamedTuple):
+    """One problem of a request body, located by a JSON pointer.
+
+    A `NamedTuple`, as are the records of the token rules (`token/claims.py`,
+    `token/envfile.py`): this module is on the agents' light path, and `dataclasses` would
+    import `inspect` into every agent start and helper call.
+    """
 
     path: str
     message: str

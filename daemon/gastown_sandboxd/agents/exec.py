@@ -19,17 +19,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.errors import TokenError
 from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, decode_unverified
 from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env_values
-
-if TYPE_CHECKING:
-    pass
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
@@ -53,8 +49,7 @@ def _say(message: str) -> None:
     print(f"gastown-sandboxd: {message}", file=sys.stderr)
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     """The env file and socket a command uses, and the town when one is configured."""
 
     env_file: Path

@@ -6,17 +6,19 @@ signature's length: an HS256 signature is 32 bytes, 43 unpadded base64url charac
 token cut short inside its signature (a close-delimited body that lost its tail still matches
 the three-segment pattern) is refused as `bad_signature`. Every segment must be canonical
 base64url: no padding, length mod 4 != 1, unused trailing bits zero.
+
+Every agent start through a shim and every call of Claude Code's helper reads these rules, so
+they import little: records are `NamedTuple`s, not dataclasses (`dataclasses` imports
+`inspect`), and `hashlib` (which loads OpenSSL) only when a fingerprint is asked for.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 from gastown_sandboxd.errors import TokenError
 
@@ -31,8 +33,7 @@ MAX_IAT_AHEAD = 300
 MAX_EXPIRY_MARGIN = 60
 
 
-@dataclass(frozen=True, slots=True)
-class Claims:
+class Claims(NamedTuple):
     """The claims the sandbox reads; `organization_id` is None unless a string."""
 
     sub: str
@@ -47,8 +48,7 @@ class Claims:
         return self.exp - self.iat
 
 
-@dataclass(frozen=True, slots=True)
-class TokenView:
+class TokenView(NamedTuple):
     """What may be shown of a token: its claims and fingerprint, never the token."""
 
     sub: str
@@ -84,6 +84,8 @@ class TokenView:
 
 def fingerprint(token: str) -> str:
     """The last 8 hex characters of the token's SHA-256: how logs and APIs name a token."""
+    import hashlib
+
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[-8:]
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 TOKEN_KEY = "KILO_JWT"  # noqa: S105 - the name of the variable, not a secret
 ENV_FILE_MODE = 0o600
@@ -18,9 +18,11 @@ ENV_FILE_MODE = 0o600
 _ASSIGNMENT = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 
 
-@dataclass(frozen=True, slots=True)
-class EnvFile:
-    """The lines of an env file, each with its own line ending, exactly as read."""
+class EnvFile(NamedTuple):
+    """The lines of an env file, each with its own line ending, exactly as read.
+
+    A `NamedTuple` for the agents' light path, as `token/claims.py` says.
+    """
 
     lines: tuple[str, ...] = ()
 

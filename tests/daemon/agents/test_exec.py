@@ -206,3 +206,32 @@ def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
     assert done.returncode == 127
     assert done.stderr.count("\n") == 1
     assert "no-such-agent-cli" in done.stderr
+
+
+# What the light entry must not load: each is paid by every agent start and helper call.
+# dataclasses brings inspect (10-14 ms on 2 cores), hashlib OpenSSL; the rest are the daemon's.
+NOT_ON_THE_LIGHT_PATH = ("dataclasses", "inspect", "hashlib", "httpx", "anyio", "structlog")
+LIGHT_PROBE = """
+import sys
+from gastown_sandboxd.agents.exec import main
+code = main(sys.argv[1:])
+loaded = [name for name in {names!r} if name in sys.modules]
+print(code, ",".join(loaded), file=sys.stderr)
+"""
+
+
+def test_the_helper_loads_nothing_heavy_to_print_the_token(tmp_path: Path) -> None:
+    """`token` as Claude Code runs it (`python -I`, a fresh token, both paths given) prints the
+    token having imported none of `NOT_ON_THE_LIGHT_PATH`."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
+    probe = LIGHT_PROBE.format(names=NOT_ON_THE_LIGHT_PATH)
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", probe, "token", *paths],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.stdout, done.stderr) == (CURRENT + "\n", "0 \n")
