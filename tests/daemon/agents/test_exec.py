@@ -210,28 +210,41 @@ def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
 
 # What the light entry must not load: each is paid by every agent start and helper call.
 # dataclasses brings inspect (10-14 ms on 2 cores), hashlib OpenSSL; the rest are the daemon's.
-NOT_ON_THE_LIGHT_PATH = ("dataclasses", "inspect", "hashlib", "httpx", "anyio", "structlog")
-LIGHT_PROBE = """
-import sys
-from gastown_sandboxd.agents.exec import main
-code = main(sys.argv[1:])
-loaded = [name for name in {names!r} if name in sys.modules]
-print(code, ",".join(loaded), file=sys.stderr)
-"""
+NOT_ON_THE_LIGHT_PATH = {"dataclasses", "inspect", "hashlib", "httpx", "anyio", "structlog"}
 
 
-def test_the_helper_loads_nothing_heavy_to_print_the_token(tmp_path: Path) -> None:
-    """`token` as Claude Code runs it (`python -I`, a fresh token, both paths given) prints the
-    token having imported none of `NOT_ON_THE_LIGHT_PATH`."""
-    env_file = tmp_path / ".env.gateway"
-    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+def _helper(tmp_path: Path, env_file: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`token` through the light entry, as Claude Code runs its helper (`python -I -m …`)."""
     paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
-    probe = LIGHT_PROBE.format(names=NOT_ON_THE_LIGHT_PATH)
-    done = subprocess.run(
-        [sys.executable, "-I", "-c", probe, "token", *paths],
+    return subprocess.run(
+        [sys.executable, "-I", *flags, "-m", "gastown_sandboxd.agents", "token", *paths],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert (done.stdout, done.stderr) == (CURRENT + "\n", "0 \n")
+
+
+def test_the_helper_prints_the_token_having_loaded_nothing_heavy(tmp_path: Path) -> None:
+    """The helper's real entry prints the token and exits 0 (its ending skips the
+    interpreter's finalization, so this also proves stdout was flushed), and `-X importtime`
+    names none of `NOT_ON_THE_LIGHT_PATH` among what it imported."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    done = _helper(tmp_path, env_file, "-X", "importtime")
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert (done.returncode, done.stdout) == (0, CURRENT + "\n")
+    assert [line for line in lines if not line.startswith("import time:")] == []
+    assert "gastown_sandboxd.token.claims" in imported
+    assert imported & NOT_ON_THE_LIGHT_PATH == set()
+
+
+def test_the_helper_with_no_acceptable_token_exits_1_with_one_line(tmp_path: Path) -> None:
+    """Expired token, no daemon: the light entry exits 1, stdout empty, one line on stderr."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={STALE}\n")
+    done = _helper(tmp_path, env_file)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.count("\n") == 2, done.stderr  # the daemon is away; nothing acceptable
+    assert "no acceptable token" in done.stderr
