@@ -8,10 +8,8 @@ Exit codes: 0 success, 1 a runtime failure, 2 bad usage or options. Output into 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import logging
 import math
 import os
 import select
@@ -22,12 +20,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 
 from gastown_sandboxd import __version__, agents
-from gastown_sandboxd._lazy import imports_without_gc
+from gastown_sandboxd._lazy import exit_without_teardown, imports_without_gc
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
 from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.options import (
@@ -269,21 +267,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"gastown-sandboxd: cannot start: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return _exit_now(EXIT_OK)
-
-
-def _exit_now(code: int) -> NoReturn:
-    """Leave without the interpreter's tear-down of every module.
-
-    The daemon has stopped: its files are written and closed, its hooks killed. Tearing down
-    ~300 modules took ~110 ms of the stop (and several times that on a loaded host, measured
-    in bench/ops_bench.py); a supervisor waits for the process, not for that.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
+    return exit_without_teardown(EXIT_OK)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
