@@ -13,8 +13,10 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 HELPER_KEY = "apiKeyHelper"
 TTL_VARIABLE = "CLAUDE_CODE_API_KEY_HELPER_TTL_MS"
@@ -28,11 +30,18 @@ class SettingsNotJson(ValueError):
 
 def settings_path(env: Mapping[str, str]) -> Path:
     """`$CLAUDE_CONFIG_DIR/settings.json`, else `~/.claude/settings.json` (Claude Code's order)."""
+    from pathlib import Path
+
+    return Path(_settings_file(env))
+
+
+def _settings_file(env: Mapping[str, str]) -> str:
+    """`settings_path` as text: the light path reads it without importing pathlib."""
     folder = env.get("CLAUDE_CONFIG_DIR")
     if folder:
-        return Path(folder) / "settings.json"
+        return os.path.join(folder, "settings.json")
     home = env.get("HOME") or os.path.expanduser("~")
-    return Path(home) / ".claude" / "settings.json"
+    return os.path.join(home, ".claude", "settings.json")
 
 
 def helper_command(*, python: str, env_file: Path, socket: Path) -> str:
@@ -81,7 +90,8 @@ def with_helper(text: str, command: str) -> str | None:
 def helper_in_place(env: Mapping[str, str]) -> bool:
     """True when the Claude settings that `env` selects hold the daemon's helper."""
     try:
-        text = settings_path(env).read_text(encoding="utf-8")
+        with open(_settings_file(env), encoding="utf-8") as handle:
+            text = handle.read()
         return is_daemon_helper(parse_settings(text).get(HELPER_KEY))
     except (OSError, UnicodeDecodeError, SettingsNotJson):
         return False

@@ -10,6 +10,7 @@ exits 1 with nothing on stdout.
 
 Every agent start through a shim runs this module, so it imports the standard library and the
 token rules alone; the socket client (httpx) and the option loader only when it must use them.
+It keeps paths as text: `pathlib` is imported only where a `Path` is handed to those.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.errors import TokenError
 from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, decode_unverified
 from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env_values
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from _typeshed import StrPath
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
@@ -52,16 +57,23 @@ def _say(message: str) -> None:
 class Where(NamedTuple):
     """The env file and socket a command uses, and the town when one is configured."""
 
-    env_file: Path
-    socket: Path
+    env_file: str
+    socket: str
     town_id: str | None
+
+
+def _path(text: str) -> Path:
+    """`--config`'s type: a `Path`, with pathlib imported only when the option is given."""
+    from pathlib import Path
+
+    return Path(text)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `exec` and `token` share (also used by `gastown-sandboxd`'s parser)."""
     parser.add_argument(
         "--config",
-        type=Path,
+        type=_path,
         metavar="FILE",
         help="TOML options file (default /etc/gastown-sandboxd/config.toml when it exists)",
     )
@@ -117,7 +129,7 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     if not usable(token, where.town_id):
         # An expired token still goes out: it fails as loudly as none, and says which one.
         say("no unexpired token after asking the daemon; running the command anyway")
-    program = Path(argv[0]).name
+    program = os.path.basename(argv[0])
     env = agent_environment(
         os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
     )
@@ -154,7 +166,7 @@ def locate(env_file: str | None, socket: str | None, config_file: Path | None) -
     With both paths given (as shims and the helper give them) nothing else is read.
     """
     if env_file and socket and config_file is None:
-        return Where(Path(env_file), Path(socket), os.environ.get("TOWN_ID") or None)
+        return Where(env_file, socket, os.environ.get("TOWN_ID") or None)
     from gastown_sandboxd.client import running_daemon_env_file
     from gastown_sandboxd.options import load_client_options
 
@@ -163,7 +175,7 @@ def locate(env_file: str | None, socket: str | None, config_file: Path | None) -
     named = options.env_file
     if not options.env_file_given:
         named = running_daemon_env_file(options.socket) or options.env_file
-    return Where(named, options.socket, options.town_id)
+    return Where(os.fspath(named), os.fspath(options.socket), options.town_id)
 
 
 def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str | None]:
@@ -185,6 +197,8 @@ def resolve_command(command: str, search_path: str) -> str:
     """
     if "/" in command:
         return command
+    from pathlib import Path
+
     from gastown_sandboxd.agents.shims import is_shim
 
     for folder in search_path.split(os.pathsep):
@@ -195,10 +209,11 @@ def resolve_command(command: str, search_path: str) -> str:
     return command
 
 
-def read_values(path: Path) -> dict[str, str]:
+def read_values(path: StrPath) -> dict[str, str]:
     """Every variable the env file sets; empty when it cannot be read."""
     try:
-        return read_env_values(path.read_text(encoding="utf-8", errors="surrogateescape"))
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            return read_env_values(handle.read())
     except OSError:
         return {}
 
@@ -254,11 +269,13 @@ def agent_environment(
     return env
 
 
-def _ask_daemon_to_refresh(socket: Path, *, say: Say) -> None:
+def _ask_daemon_to_refresh(socket: str, *, say: Say) -> None:
+    from pathlib import Path
+
     from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
 
     try:
-        with DaemonClient(socket, timeout=REFRESH_WAIT) as client:
+        with DaemonClient(Path(socket), timeout=REFRESH_WAIT) as client:
             client.post("/token/refresh", ok=(200, 409, 502))
     except DaemonUnavailable as exc:
         say(str(exc))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 TOKEN_KEY = "KILO_JWT"  # noqa: S105 - the name of the variable, not a secret
 ENV_FILE_MODE = 0o600
@@ -79,20 +81,21 @@ def read_env_values(text: str) -> dict[str, str]:
     return values
 
 
-def read_env(path: Path) -> EnvFile:
+def read_env(path: StrPath) -> EnvFile:
     """The env file at `path`; an empty one when it does not exist."""
     try:
-        return EnvFile.from_bytes(Path(path).read_bytes())
+        with open(path, "rb") as handle:
+            return EnvFile.from_bytes(handle.read())
     except FileNotFoundError:
         return EnvFile()
 
 
-def read_token(path: Path) -> str | None:
+def read_token(path: StrPath) -> str | None:
     """The `KILO_JWT` value of the env file at `path`, None when absent or empty."""
     return read_env(path).get(TOKEN_KEY) or None
 
 
-async def write_token(path: Path, token: str) -> bool:
+async def write_token(path: StrPath, token: str) -> bool:
     """Set `KILO_JWT=token` in the env file atomically (mode 0600); False when unchanged.
 
     The caller must have checked the token: this writes what it is given.
@@ -100,17 +103,19 @@ async def write_token(path: Path, token: str) -> bool:
     # Imported here: agent shims read env files with the standard library alone (start-up cost).
     import anyio.to_thread
 
-    return await anyio.to_thread.run_sync(_write_token_sync, Path(path), token)
+    return await anyio.to_thread.run_sync(_write_token_sync, path, token)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> bool:
+def write_atomic(path: StrPath, data: bytes, *, mode: int | None = None) -> bool:
     """`atomic.write_atomic`, imported on first write (readers of the file never pay for it)."""
+    from pathlib import Path
+
     from gastown_sandboxd.atomic import write_atomic as write
 
-    return write(path, data, mode=mode)
+    return write(Path(path), data, mode=mode)
 
 
-def _write_token_sync(path: Path, token: str) -> bool:
+def _write_token_sync(path: StrPath, token: str) -> bool:
     current = read_env(path)
     old = current.to_bytes()
     new = current.with_value(TOKEN_KEY, token).to_bytes()

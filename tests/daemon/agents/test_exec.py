@@ -209,8 +209,12 @@ def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
 
 
 # What the light entry must not load: each is paid by every agent start and helper call.
-# dataclasses brings inspect (10-14 ms on 2 cores), hashlib OpenSSL; the rest are the daemon's.
-NOT_ON_THE_LIGHT_PATH = {"dataclasses", "inspect", "hashlib", "httpx", "anyio", "structlog"}
+# dataclasses brings inspect (10-14 ms on 2 cores), hashlib OpenSSL, pathlib urllib.parse and
+# ipaddress (5-9 ms); the rest are the daemon's.
+NOT_ON_THE_LIGHT_PATH = {
+    *("dataclasses", "inspect", "hashlib", "pathlib"),
+    *("httpx", "anyio", "structlog"),
+}
 
 
 def _helper(tmp_path: Path, env_file: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -237,6 +241,34 @@ def test_the_helper_prints_the_token_having_loaded_nothing_heavy(tmp_path: Path)
     assert (done.returncode, done.stdout) == (0, CURRENT + "\n")
     assert [line for line in lines if not line.startswith("import time:")] == []
     assert "gastown_sandboxd.token.claims" in imported
+    assert imported & NOT_ON_THE_LIGHT_PATH == set()
+
+
+def test_a_shim_starting_claude_loads_nothing_heavy(tmp_path: Path) -> None:
+    """`exec` of claude by absolute path, as a shim runs it, with the daemon's helper in Claude's
+    settings: claude starts on its helper, and the light entry imported none of
+    `NOT_ON_THE_LIGHT_PATH` on the way."""
+    claude = tmp_path / "bin" / "claude"
+    claude.parent.mkdir()
+    printed = '"$KILOCODE_TOKEN" "${ANTHROPIC_AUTH_TOKEN-unset}"'
+    claude.write_text(f'#!/bin/sh\nprintf "%s|%s" {printed}\n')
+    claude.chmod(0o755)
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
+    light = [sys.executable, "-I", "-X", "importtime", "-m", "gastown_sandboxd.agents", "exec"]
+    done = subprocess.run(
+        [*light, *paths, "--", str(claude)],
+        env={"PATH": "/usr/bin:/bin", **_helper_home(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert (done.returncode, done.stdout) == (0, f"{CURRENT}|unset")
+    assert "gastown_sandboxd.agents.claude" in imported
     assert imported & NOT_ON_THE_LIGHT_PATH == set()
 
 
