@@ -1,13 +1,17 @@
-"""The process entry: it hides the packages the daemon never uses, and only in its process."""
+"""The process entry: it hides the packages the daemon never uses, and only in its process;
+`exec` and `token` go to the agents' light entry."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from gastown_sandboxd.__main__ import NEVER_USED
+from tests.daemon.minting import mint
 from tests.fixtures.entry import run_help
 
 PROBE = """
@@ -82,3 +86,40 @@ def test_imports_run_without_the_collector_and_what_they_made_is_frozen() -> Non
     assert (inside, enabled_after, frozen, not_walked, stays_off) == (
         "False", "True", "True", "True", "False"
     )  # fmt: skip
+
+
+def test_exec_and_token_go_to_the_light_entry(tmp_path: Path) -> None:
+    """`gastown-sandboxd token` prints the token through the agents' light entry: the command
+    line module and the daemon's libraries are never imported."""
+    token = mint(time.time())
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={token}\n")
+    paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gastown_sandboxd", "token", *paths],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert (done.returncode, done.stdout) == (0, token + "\n")
+    assert "gastown_sandboxd.agents.exec" in imported
+    assert imported & {"gastown_sandboxd.cli", "anyio", "httpx", "structlog"} == set()
+
+
+def test_options_before_the_command_still_reach_the_command_line() -> None:
+    """Only a first word of `exec` or `token` takes the light entry: `--version` first is the
+    command line's own, and `exec --help` is the same grammar's help."""
+    version = subprocess.run(
+        [sys.executable, "-m", "gastown_sandboxd", "--version"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert version.stdout.startswith("gastown-sandboxd ")
+    help_ = subprocess.run(
+        [sys.executable, "-m", "gastown_sandboxd", "exec", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert help_.stdout.startswith("usage: gastown-sandboxd exec ")
+    assert "--helper-ttl-ms" in help_.stdout

@@ -310,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_exec(args) if args.command == "exec" else run_token(args)
     except OptionsError as exc:
-        _say(str(exc))
+        for line in str(exc).splitlines():
+            _say(line)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
