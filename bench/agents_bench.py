@@ -10,8 +10,10 @@ from the children's rusage: a busy machine stretches wall time far more than CPU
 - shim (kilo): the daemon-written shim, `/bin/sh` → `python -I -m gastown_sandboxd.agents exec`
   → the binary, with a fresh token in the env file (no socket call);
 - shim (claude): the same, plus reading Claude Code's settings for the daemon's helper;
-- `gastown-sandboxd exec`: the full command line (its imports) wrapping the binary, what a
-  gt `exec_wrapper` costs; shown beside the shim to say why shims use the light entry;
+- `gastown-sandboxd exec`: the console script wrapping the binary, what a legacy gt
+  `exec_wrapper` costs; its entry sends `exec` and `token` to the light entry;
+- `exec` through the whole command line (`cli.main`, with all its imports), as the console
+  script ran it before that: shown beside the two to say why they take the light entry;
 - `token` (apiKeyHelper): what Claude Code pays each helper TTL.
 
 `python -m bench.agents_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -36,6 +38,12 @@ from gastown_sandboxd.agents.shims import ShimSpec, sync_shims
 
 from ._stats import percentile
 from ._table import Row, main_of
+
+# The command line as the console script ran `exec` before its entry sent it to the light one.
+WHOLE_COMMAND_LINE = (
+    "import sys; from gastown_sandboxd.__main__ import run_entry; "
+    "sys.exit(run_entry('gastown_sandboxd.cli'))"
+)
 
 
 def _time(argv: Sequence[str], env: dict[str, str], runs: int) -> tuple[list[float], float]:
@@ -80,7 +88,10 @@ def run(quick: bool) -> list[Row]:
             "Python start (-I -c pass)": [sys.executable, "-I", "-c", "pass"],
             "shim (kilo)": [str(shims / "kilo")],
             "shim (claude, helper check)": [str(shims / "claude")],
-            "gastown-sandboxd exec (full CLI)": [str(cli), "exec", *paths, "--", bare],
+            "gastown-sandboxd exec": [str(cli), "exec", *paths, "--", bare],
+            "exec through the whole command line": [
+                *(sys.executable, "-c", WHOLE_COMMAND_LINE, "exec", *paths, "--", bare)
+            ],
             "token (apiKeyHelper)": [*light, "token", *paths],
         }
         timed = {name: _time(argv, env, runs) for name, argv in cases.items()}
