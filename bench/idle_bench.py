@@ -54,7 +54,8 @@ IMPORT_STEPS: tuple[tuple[str, str], ...] = (
     ("anyio, structlog", "import anyio, structlog"),
     ("watchfiles", "import watchfiles"),
     ("starlette", "import starlette.applications, starlette.responses"),
-    ("hypercorn", "import hypercorn.asyncio, hypercorn.config"),
+    # As the servers import it: HTTP/2 and WebSocket left to their first use (`_hypercorn.py`).
+    ("hypercorn", "import gastown_sandboxd._hypercorn"),
     ("httpx", "import httpx"),
     ("gastown_sandboxd.daemon, cli", "import gastown_sandboxd.daemon, gastown_sandboxd.cli"),
     ("+ prometheus_client (at the first scrape)", "import prometheus_client"),

@@ -9,11 +9,9 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 import structlog
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from starlette.types import ASGIApp
 
-from gastown_sandboxd._hypercorn import release_closed_idle_connections
+from gastown_sandboxd._hypercorn import Config, release_closed_idle_connections, serve
 
 from .app import create_app
 from .settings import CloudSettings

@@ -402,3 +402,41 @@ def test_a_connection_its_client_closed_is_released_at_once(
         "the daemon's descriptors back to their number before",
         deadline=HEADER_TIMEOUT / 2,
     )
+
+
+def test_http2_and_websocket_are_served_as_before_though_loaded_on_first_use(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """The daemon imports hypercorn's HTTP/2 and WebSocket modules on first use
+    (`_hypercorn.py`), and real curl gets what it got when they were loaded at start: HTTP/2
+    with prior knowledge and the `Upgrade: h2c` switch answer `/healthz`; a WebSocket
+    handshake gets 403 (no route takes one)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed (make test installs it)")
+    daemon = _daemon(daemon_factory, tmp_path)
+    handshake = ["-H", "Connection: Upgrade", "-H", "Upgrade: websocket"]
+    handshake += [
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: c2FuZGJveGQtdGVzdA==",
+    ]
+    answers = {}
+    for case, flags in {
+        "http2 prior knowledge": ["--http2-prior-knowledge"],
+        "h2c upgrade": ["--http2"],
+        "websocket": handshake,
+    }.items():
+        done = subprocess.run(
+            [curl, "-sS", "-i", "--max-time", "10", *flags, f"{daemon.url}/healthz"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        answers[case] = (lines[0].strip(), lines[-1].strip())
+    assert answers == {
+        "http2 prior knowledge": ("HTTP/2 200", '{"status":"ok"}'),
+        "h2c upgrade": ("HTTP/1.1 101", '{"status":"ok"}'),
+        "websocket": ("HTTP/1.1 403", ""),
+    }

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import anyio
 import structlog
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gastown_sandboxd._hypercorn import release_closed_idle_connections
+from gastown_sandboxd._hypercorn import Config, release_closed_idle_connections, serve
 from gastown_sandboxd.http.errors import error_response
 from gastown_sandboxd.options import Listen
 

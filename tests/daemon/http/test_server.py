@@ -3,7 +3,11 @@ releases a connection as soon as its client has closed it (`_hypercorn.py`)."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
+import types
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,6 +21,7 @@ from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from starlette.types import Receive, Scope, Send
 
+from gastown_sandboxd._hypercorn import load_deferred
 from gastown_sandboxd.http import server
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, hypercorn_config, serve_socket
 from gastown_sandboxd.options import parse_listen
@@ -126,3 +131,41 @@ async def test_hypercorn_alone_keeps_a_closed_connection_for_the_keep_alive_time
             waited = await _released(path, before_the_answer=before_the_answer)
     print(f"closed by hypercorn alone {waited:.2f} s after the client's close")
     assert waited >= keep_alive * 0.9
+
+
+DEFERRED_PROBE = """
+import json, sys
+import gastown_sandboxd.daemon, gastown_cloud.server
+from gastown_sandboxd import _hypercorn
+unused = ("wsproto", "h2.connection", "hpack", "priority")
+placeholders = [hasattr(sys.modules[m], "_sandboxd_placeholder") for m in _hypercorn.DEFERRED]
+loaded = [m for m in unused if m in sys.modules]
+real = _hypercorn.load_deferred("hypercorn.protocol.ws_stream")
+print(json.dumps([placeholders, loaded, real.WSStream.__module__, "wsproto" in sys.modules]))
+"""
+
+
+def test_the_servers_import_hypercorn_without_http2_and_websocket() -> None:
+    """Importing the daemon and the cloud's server leaves placeholders for hypercorn's HTTP/2
+    protocol and WebSocket stream, so h2, hpack, priority and wsproto stay unloaded;
+    `load_deferred` then brings in the real module (the e2e test serves both through curl)."""
+    done = subprocess.run(
+        [sys.executable, "-c", DEFERRED_PROBE],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    placeholders, loaded, loaded_from, wsproto_after = json.loads(done.stdout)
+    assert (placeholders, loaded) == ([True, True], [])
+    assert (loaded_from, wsproto_after) == ("hypercorn.protocol.ws_stream", True)
+
+
+def test_a_deferred_module_that_fails_to_load_keeps_its_placeholder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`load_deferred` of a module that cannot be imported raises, and the placeholder stays."""
+    placeholder = types.ModuleType("gastown_no_such_module")
+    placeholder._sandboxd_placeholder = True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gastown_no_such_module", placeholder)
+    with pytest.raises(ModuleNotFoundError):
+        load_deferred("gastown_no_such_module")
+    assert sys.modules["gastown_no_such_module"] is placeholder
+    assert load_deferred("hypercorn.config") is sys.modules["hypercorn.config"]
