@@ -12,7 +12,7 @@ import pytest
 
 from gastown_sandboxd.__main__ import NEVER_USED
 from tests.daemon.minting import mint
-from tests.fixtures.entry import run_help
+from tests.fixtures.entry import run_help, run_importing
 
 PROBE = """
 import importlib.util, sys
@@ -95,18 +95,10 @@ def test_exec_and_token_go_to_the_light_entry(tmp_path: Path) -> None:
     env_file = tmp_path / ".env.gateway"
     env_file.write_text(f"KILO_JWT={token}\n")
     paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "gastown_sandboxd", "token", *paths],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    lines = done.stderr.splitlines()
-    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
-    assert (done.returncode, done.stdout) == (0, token + "\n")
-    assert "gastown_sandboxd.agents.exec" in imported
-    assert imported & {"gastown_sandboxd.cli", "anyio", "httpx", "structlog"} == set()
+    done = run_importing([], ["-m", "gastown_sandboxd", "token", *paths])
+    assert (done.returncode, done.stdout, done.stderr) == (0, token + "\n", "")
+    assert "gastown_sandboxd.agents.exec" in done.imported
+    assert done.imported & {"gastown_sandboxd.cli", "anyio", "httpx", "structlog"} == set()
 
 
 def test_options_before_the_command_still_reach_the_command_line() -> None:

@@ -21,6 +21,7 @@ from gastown_sandboxd.agents.exec import (
 )
 from gastown_sandboxd.agents.shims import SHIM_MARKER
 from tests.daemon.minting import mint
+from tests.fixtures.entry import run_importing
 
 NOW = time.time()
 CURRENT = mint(NOW)
@@ -217,11 +218,11 @@ NOT_ON_THE_LIGHT_PATH = {
 }
 
 
-def _helper(tmp_path: Path, env_file: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+def _helper(tmp_path: Path, env_file: Path) -> subprocess.CompletedProcess[str]:
     """`token` through the light entry, as Claude Code runs its helper (`python -I -m …`)."""
     paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
     return subprocess.run(
-        [sys.executable, "-I", *flags, "-m", "gastown_sandboxd.agents", "token", *paths],
+        [sys.executable, "-I", "-m", "gastown_sandboxd.agents", "token", *paths],
         capture_output=True,
         text=True,
         timeout=30,
@@ -235,13 +236,11 @@ def test_the_helper_prints_the_token_having_loaded_nothing_heavy(tmp_path: Path)
     names none of `NOT_ON_THE_LIGHT_PATH` among what it imported."""
     env_file = tmp_path / ".env.gateway"
     env_file.write_text(f"KILO_JWT={CURRENT}\n")
-    done = _helper(tmp_path, env_file, "-X", "importtime")
-    lines = done.stderr.splitlines()
-    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
-    assert (done.returncode, done.stdout) == (0, CURRENT + "\n")
-    assert [line for line in lines if not line.startswith("import time:")] == []
-    assert "gastown_sandboxd.token.claims" in imported
-    assert imported & NOT_ON_THE_LIGHT_PATH == set()
+    paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
+    done = run_importing(["-I"], ["-m", "gastown_sandboxd.agents", "token", *paths])
+    assert (done.returncode, done.stdout, done.stderr) == (0, CURRENT + "\n", "")
+    assert "gastown_sandboxd.token.claims" in done.imported
+    assert done.imported & NOT_ON_THE_LIGHT_PATH == set()
 
 
 def test_a_shim_starting_claude_loads_nothing_heavy(tmp_path: Path) -> None:
@@ -256,20 +255,14 @@ def test_a_shim_starting_claude_loads_nothing_heavy(tmp_path: Path) -> None:
     env_file = tmp_path / ".env.gateway"
     env_file.write_text(f"KILO_JWT={CURRENT}\n")
     paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
-    light = [sys.executable, "-I", "-X", "importtime", "-m", "gastown_sandboxd.agents", "exec"]
-    done = subprocess.run(
-        [*light, *paths, "--", str(claude)],
+    done = run_importing(
+        ["-I"],
+        ["-m", "gastown_sandboxd.agents", "exec", *paths, "--", str(claude)],
         env={"PATH": "/usr/bin:/bin", **_helper_home(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
     )
-    lines = done.stderr.splitlines()
-    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
-    assert (done.returncode, done.stdout) == (0, f"{CURRENT}|unset")
-    assert "gastown_sandboxd.agents.claude" in imported
-    assert imported & NOT_ON_THE_LIGHT_PATH == set()
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{CURRENT}|unset", "")
+    assert "gastown_sandboxd.agents.claude" in done.imported
+    assert done.imported & NOT_ON_THE_LIGHT_PATH == set()
 
 
 def test_the_helper_with_no_acceptable_token_exits_1_with_one_line(tmp_path: Path) -> None:
