@@ -11,7 +11,7 @@ import anyio.abc
 import structlog
 from starlette.types import ASGIApp
 
-from gastown_sandboxd._hypercorn import Config, release_closed_idle_connections, serve
+from gastown_sandboxd._hypercorn import Config, serve
 
 from .app import create_app
 from .settings import CloudSettings
@@ -49,8 +49,7 @@ async def serve_app(
     config.accesslog = None
     config.graceful_timeout = 5.0
     # A sandbox's refresh connection is released when it closes, not 5 s later (`_hypercorn`).
-    release_closed_idle_connections()
-    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    await serve(app, config, shutdown_trigger=shutdown_trigger)
 
 
 class Server:

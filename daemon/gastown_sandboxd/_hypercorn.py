@@ -1,5 +1,5 @@
 """hypercorn as both servers (the daemon's and the cloud's) use it: `serve` and `Config` come
-from here, with HTTP/2 and WebSocket loaded on first use, and with one mend.
+from here, with HTTP/2 and WebSocket loaded on first use, and `serve` applies the one mend.
 
 **HTTP/2 and WebSocket load on first use.** hypercorn's protocol package imports its HTTP/2
 protocol (h2's connection, hpack, priority; its type hints still load h2's events) and its
@@ -49,6 +49,8 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.types import ASGIApp
+
 # The modules left unloaded until first use, each with the one name hypercorn takes from it.
 DEFERRED = {"hypercorn.protocol.h2": "H2Protocol", "hypercorn.protocol.ws_stream": "WSStream"}
 # Set on a placeholder module; on the class once mended, and on a connection once its client
@@ -97,12 +99,22 @@ def load_deferred(module: str) -> types.ModuleType:
 defer_unused_protocols()
 
 # After the placeholders: these import hypercorn's protocol package.
-from hypercorn.asyncio import serve  # noqa: E402
+from hypercorn.asyncio import serve as hypercorn_serve  # noqa: E402
 from hypercorn.asyncio.tcp_server import TCPServer  # noqa: E402
 from hypercorn.config import Config  # noqa: E402
 from hypercorn.events import Event, Updated  # noqa: E402
 
 __all__ = ["Config", "load_deferred", "release_closed_idle_connections", "serve"]
+
+
+async def serve(
+    app: ASGIApp, config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]]
+) -> None:
+    """hypercorn's `serve` of an ASGI app until `shutdown_trigger` returns, with `TCPServer`
+    mended first (`release_closed_idle_connections`)."""
+    release_closed_idle_connections()
+    # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, mode="asgi")  # type: ignore[arg-type]
 
 
 def release_closed_idle_connections() -> None:

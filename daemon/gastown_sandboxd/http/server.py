@@ -24,7 +24,7 @@ import structlog
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gastown_sandboxd._hypercorn import Config, release_closed_idle_connections, serve
+from gastown_sandboxd._hypercorn import Config, serve
 from gastown_sandboxd.http.errors import error_response
 from gastown_sandboxd.options import Listen
 
@@ -107,10 +107,7 @@ async def serve_socket(
 ) -> None:
     """Serve `app` on `sock` until `shutdown` is set; hypercorn takes ownership of `sock`."""
     config = hypercorn_config(sock.detach(), graceful_timeout=graceful_timeout)
-    release_closed_idle_connections()
-    limited = HttpLimits(app)
-    # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
-    await serve(limited, config, shutdown_trigger=shutdown.wait, mode="asgi")  # type: ignore[arg-type]
+    await serve(HttpLimits(app), config, shutdown_trigger=shutdown.wait)
 
 
 class HttpLimits:
