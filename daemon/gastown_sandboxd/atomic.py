@@ -18,17 +18,21 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from gastown_sandboxd.errors import AtomicWriteError
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
 
 log = structlog.get_logger(__name__)
 
 _IN_PLACE_ERRNOS = frozenset({errno.EBUSY, errno.EXDEV})
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> bool:
+def write_atomic(path: StrPath, data: bytes, *, mode: int | None = None) -> bool:
     """Replace `path` with `data` atomically; return True when the in-place fallback was used.
 
     `mode` None keeps the mode of an existing file (0644 for a new one). Raises

@@ -14,6 +14,7 @@ from gastown_sandboxd.errors import GastownError
 
 if TYPE_CHECKING:
     import httpx
+    from _typeshed import StrPath
 
 
 class DaemonUnavailable(GastownError):
@@ -33,11 +34,11 @@ def running_daemon_env_file(socket: Path) -> Path | None:
 class DaemonClient:
     """`with DaemonClient(socket) as c: c.get("/status")`."""
 
-    def __init__(self, socket: Path, *, timeout: float | None = 10.0) -> None:
+    def __init__(self, socket: StrPath, *, timeout: float | None = 10.0) -> None:
         # Imported here: `exec` and the daemon itself rarely need an HTTP client (2-3 MiB).
         import httpx
 
-        self._socket = socket
+        self._socket = Path(socket)
         self._http: httpx.Client = httpx.Client(
             # A Unix socket never speaks TLS: skip loading the CA bundle on every command.
             transport=httpx.HTTPTransport(uds=str(socket), verify=False),

@@ -270,12 +270,10 @@ def agent_environment(
 
 
 def _ask_daemon_to_refresh(socket: str, *, say: Say) -> None:
-    from pathlib import Path
-
     from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
 
     try:
-        with DaemonClient(Path(socket), timeout=REFRESH_WAIT) as client:
+        with DaemonClient(socket, timeout=REFRESH_WAIT) as client:
             client.post("/token/refresh", ok=(200, 409, 502))
     except DaemonUnavailable as exc:
         say(str(exc))

@@ -108,11 +108,9 @@ async def write_token(path: StrPath, token: str) -> bool:
 
 def write_atomic(path: StrPath, data: bytes, *, mode: int | None = None) -> bool:
     """`atomic.write_atomic`, imported on first write (readers of the file never pay for it)."""
-    from pathlib import Path
-
     from gastown_sandboxd.atomic import write_atomic as write
 
-    return write(Path(path), data, mode=mode)
+    return write(path, data, mode=mode)
 
 
 def _write_token_sync(path: StrPath, token: str) -> bool:
