@@ -21,7 +21,7 @@ from gastown_sandboxd.agents.exec import (
 )
 from gastown_sandboxd.agents.shims import SHIM_MARKER
 from tests.daemon.minting import mint
-from tests.fixtures.entry import run_importing
+from tests.fixtures.entry import ImportingRun, run_importing
 
 NOW = time.time()
 CURRENT = mint(NOW)
@@ -218,16 +218,10 @@ NOT_ON_THE_LIGHT_PATH = {
 }
 
 
-def _helper(tmp_path: Path, env_file: Path) -> subprocess.CompletedProcess[str]:
+def _helper(tmp_path: Path, env_file: Path) -> ImportingRun:
     """`token` through the light entry, as Claude Code runs its helper (`python -I -m …`)."""
     paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
-    return subprocess.run(
-        [sys.executable, "-I", "-m", "gastown_sandboxd.agents", "token", *paths],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return run_importing(["-I"], ["-m", "gastown_sandboxd.agents", "token", *paths])
 
 
 def test_the_helper_prints_the_token_having_loaded_nothing_heavy(tmp_path: Path) -> None:
@@ -236,8 +230,7 @@ def test_the_helper_prints_the_token_having_loaded_nothing_heavy(tmp_path: Path)
     names none of `NOT_ON_THE_LIGHT_PATH` among what it imported."""
     env_file = tmp_path / ".env.gateway"
     env_file.write_text(f"KILO_JWT={CURRENT}\n")
-    paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
-    done = run_importing(["-I"], ["-m", "gastown_sandboxd.agents", "token", *paths])
+    done = _helper(tmp_path, env_file)
     assert (done.returncode, done.stdout, done.stderr) == (0, CURRENT + "\n", "")
     assert "gastown_sandboxd.token.claims" in done.imported
     assert done.imported & NOT_ON_THE_LIGHT_PATH == set()
