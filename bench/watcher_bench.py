@@ -2,11 +2,14 @@
 
 Each configuration runs `SettingsWatcher` alone in a child process on a small town (town
 settings folder, one rig); this process reads the child's per-thread context switches over an
-idle window (10 s, 5 s with `--quick`), then the child renames a new rig settings file into
+idle window (10 s, 5 s with `--quick`) and over half as long while this process appends a
+line to a file beside the env file 20 times a second (a shell's history in the home folder,
+where the env file lives by default), then the child renames a new rig settings file into
 place (temporary file, fsync, rename, as gt and editors do) and times each until its callback.
 Configurations: the inotify doorbell (the default on Linux) at steps 10 and 50 ms, and the
 polled fallback (watchfiles' own loop) at steps 10, 50, 100 and 250 ms. Baseline of each
-row: the polled loop at the old default step of 10 ms, measured in the same run.
+row: the polled loop at the old default step of 10 ms, measured in the same run; of the rows
+with appends, the appends per second (a watch on that folder's writes wakes for each).
 
 `python -m bench.watcher_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
@@ -89,8 +92,30 @@ def _town(root: Path) -> None:
     (root / "home" / ".env.gateway").write_text("KILO_JWT=x\n")
 
 
-def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, list[float]]:
-    """(idle wake-ups per second of the child, edit → callback latencies in ms)."""
+APPENDS_PER_S = 20
+
+
+def _wakeups(pid: int, window: float, busy: Path | None = None) -> float:
+    """The child's wake-ups per second over `window`; with `busy`, this process appends a
+    line to that file `APPENDS_PER_S` times a second meanwhile (a shell's history, say)."""
+    before, started = thread_counters(pid), time.perf_counter()
+    if busy is None:
+        time.sleep(window)
+    else:
+        with busy.open("a") as history:
+            for n in range(int(window * APPENDS_PER_S)):
+                time.sleep(max(0.0, started + n / APPENDS_PER_S - time.perf_counter()))
+                history.write("ls\n")
+                history.flush()
+        time.sleep(max(0.0, started + window - time.perf_counter()))
+    after, elapsed = thread_counters(pid), time.perf_counter() - started
+    switches = sum(s for _, _, s in after.values()) - sum(s for _, _, s in before.values())
+    return switches / elapsed
+
+
+def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, float, list[float]]:
+    """(idle wake-ups per second of the child, its wake-ups per second while another process
+    appends to a file beside the env file, edit → callback latencies in ms)."""
     with tempfile.TemporaryDirectory(prefix="watcher-bench-") as tmp:
         root = Path(tmp)
         _town(root)
@@ -107,27 +132,25 @@ def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, lis
             if not line:
                 raise RuntimeError("the watcher child did not start")
             time.sleep(0.5)  # past start-up
-            before, started = thread_counters(child.pid), time.perf_counter()
-            time.sleep(window)
-            after, elapsed = thread_counters(child.pid), time.perf_counter() - started
+            idle = _wakeups(child.pid, window)
+            busy = _wakeups(child.pid, window / 2, root / "home" / ".bash_history")
             child.stdin.write("go\n")
             child.stdin.flush()
             line = child.stdout.readline()
             while line and not line.startswith("result "):  # the watcher's log lines
                 line = child.stdout.readline()
             latencies = json.loads(line.removeprefix("result "))
-    switches = sum(s for _, _, s in after.values()) - sum(s for _, _, s in before.values())
-    return switches / elapsed, latencies
+    return idle, busy, latencies
 
 
 def run(quick: bool) -> list[Row]:
     """Every configuration, one after another; the baseline is the first (polled, 10 ms)."""
     window, edits = (5.0, 20) if quick else (10.0, 40)
     results = {config: measure(*config, window, edits) for config in CONFIGS}
-    base_wakeups, base_latencies = results[CONFIGS[0]]
+    base_wakeups, _, base_latencies = results[CONFIGS[0]]
     base_p50 = percentile(base_latencies, 50)
     rows = []
-    for (mode, step), (wakeups, latencies) in results.items():
+    for (mode, step), (wakeups, busy, latencies) in results.items():
         note = (
             f"{window:.0f} s idle; baseline: polled, step 10 ms"
             if (mode, step) == CONFIGS[0]
@@ -135,6 +158,9 @@ def run(quick: bool) -> list[Row]:
         )
         rows += [
             Row(f"{mode}, step {step} ms: idle wake-ups", wakeups, "/s", base_wakeups, note),
+            Row(f"{mode}, step {step} ms: wake-ups while a file beside the env file is appended "
+                f"to {APPENDS_PER_S} times a second", busy, "/s", APPENDS_PER_S,
+                "baseline: the appends" if (mode, step) == CONFIGS[0] else ""),
             Row(f"{mode}, step {step} ms: rename → callback p50", percentile(latencies, 50), "ms",
                 base_p50, f"{edits} renames" if (mode, step) == CONFIGS[0] else ""),
             Row(f"{mode}, step {step} ms: rename → callback p99", percentile(latencies, 99), "ms"),

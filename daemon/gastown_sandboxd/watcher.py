@@ -26,13 +26,23 @@ Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores, 
 wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms` while
 `RustNotify.watch` runs, whether or not anything happened: step 10 ms 100/s and 20 ms,
 50 ms 21/s and 62 ms, 100 ms 11/s and 149 ms, 250 ms about 5/s and 430 ms.
-So on Linux the watcher keeps a second inotify descriptor on the same folders, the doorbell,
-that the event loop waits on: no wake-up until the kernel has an event for a relevant name.
-Only then does it run `RustNotify.watch`, which hands over what watchfiles collected once a
-`step_ms` passes with no new change (or `debounce_ms` into a busy burst). Idle, the watcher
-costs no wake-up at all, and with step 10 ms an edit reaches its callback in ~25 ms (two
-steps). A ring whose change an earlier `watch` already took ends after `RING_TIMEOUT_MS`
-with nothing. Without inotify (another OS, or watchfiles forced to poll by
+So on Linux the watcher keeps its own inotify descriptor, the doorbell, that the event loop
+waits on: no wake-up until the kernel has an event for a relevant name. A ring of a settings
+file runs `RustNotify.watch`, which hands over what watchfiles collected once a `step_ms`
+passes with no new change (or `debounce_ms` into a busy burst); watchfiles watches only the
+settings folders. The env file and the entries of the other folders are known from the ring
+itself, gathered with the same step and limit (`_Doorbell.settle`). Idle, the watcher costs no
+wake-up at all, and with step 10 ms an edit reaches its callback in ~25 ms (two steps). A
+ring whose change an earlier `watch` already took ends after `RING_TIMEOUT_MS` with nothing.
+
+What wakes it: in the settings folders, any change; in the town root, the rig folders and the
+env file's folder, only entries coming, going or renamed; and the env file itself (a watch on
+its inode, set again on each file renamed over it), written in place or going. The env file's
+folder is the home folder by default, where a shell's history and the agents' own state are
+written: measured by `bench/watcher_bench.py`, another process appending to a file there 20
+times a second woke the watcher 40.8 times a second (its loop and watchfiles' thread, each
+once per append) when all five folders were watched for writes and watchfiles watched them
+all; 0.4 times a second now. Without inotify (another OS, or watchfiles forced to poll by
 `WATCHFILES_FORCE_POLLING`), `awatch` polls as before with `poll_step_ms`, by default
 `POLL_STEP_MS` = 250 ms: the step that keeps to about 5 wake-ups/s while edits are still
 seen within the 500 ms the design allows for edits by people and by gt's CLI.
@@ -199,11 +209,14 @@ class SettingsWatcher:
         outcome: _Outcome,
         task_status: anyio.abc.TaskStatus[_Outcome],
     ) -> None:
-        """Sleep on the doorbell; on a ring, let watchfiles collect the batch."""
-        paths = sorted(str(folder) for folder in folders)
-        # watchfiles first: whatever rings the doorbell is then also in its set.
-        with RustNotify(paths, False, False, 0, False, False) as notify:
-            doorbell = _Doorbell.open(folders)
+        """Sleep on the doorbell; on a ring of a settings file, let watchfiles collect the
+        batch; the env file and the folders' names are known from the ring itself."""
+        settings = frozenset(folder for folder in folders if folder.name == SETTINGS)
+        # watchfiles first: whatever rings the doorbell in a settings folder is then also in
+        # its set. It watches only these: every folder it watches wakes its thread for every
+        # change of any file there.
+        with RustNotify(sorted(map(str, settings)), False, False, 0, False, False) as notify:
+            doorbell = _Doorbell.open(folders, content=settings, file=self._env_file)
             if doorbell is None:  # no inotify here after all: poll from now on
                 self._doorbell = False
                 self.mode = "polled"
@@ -214,21 +227,31 @@ class SettingsWatcher:
                 task_status.started(outcome)
                 # The first collect takes what came while the two were being set up.
                 timeout = 2 * self._step_ms
+                ring = _Ring(collect=True)
                 while True:
-                    raw = await anyio.to_thread.run_sync(
-                        notify.watch, self._debounce_ms, self._step_ms, timeout, stop
-                    )
-                    if raw == "stop":
-                        return
-                    if not isinstance(raw, str):
-                        changes = {
-                            (Change(change), path)
-                            for change, path in raw
-                            if self._relevant(Change(change), path)
-                        }
-                        if changes and not await self._batch(changes, folders):
+                    changes = {(Change.modified, str(path)) for path in ring.paths}
+                    if ring.lost:  # anything may have changed: the env file, the folders
+                        changes.add((Change.modified, str(self._env_file)))
+                        changes.add((Change.modified, str(self._town_root)))
+                    if ring.collect or ring.lost:
+                        raw = await anyio.to_thread.run_sync(
+                            notify.watch, self._debounce_ms, self._step_ms, timeout, stop
+                        )
+                        if raw == "stop":
                             return
-                    await doorbell.wait(self._rings, self._own_writes)
+                        if not isinstance(raw, str):
+                            changes.update(
+                                (Change(change), path)
+                                for change, path in raw
+                                if self._relevant(Change(change), path)
+                            )
+                    if changes and not await self._batch(changes, folders):
+                        return
+                    ring = await doorbell.wait(self._rings, self._own_writes)
+                    if not (ring.collect or ring.lost):  # the rest of the same burst
+                        await doorbell.settle(
+                            ring, self._rings, self._own_writes, self._step_ms, self._debounce_ms
+                        )
                     timeout = RING_TIMEOUT_MS
 
     async def _watch_polled(
@@ -339,10 +362,11 @@ class SettingsWatcher:
             await self._settings_changed(present)
 
 
-# inotify(7): what makes the doorbell ring. IN_CLOSE_WRITE is left out (watchfiles ignores
-# it); a write shows as IN_MODIFY, a rename as IN_MOVED_FROM/TO.
+# inotify(7): what makes the doorbell ring. IN_CLOSE_WRITE is left out of the folders' masks
+# (watchfiles ignores it); a write shows as IN_MODIFY, a rename as IN_MOVED_FROM/TO.
 _IN_MODIFY = 0x2
 _IN_ATTRIB = 0x4
+_IN_CLOSE_WRITE = 0x8
 _IN_MOVED_FROM = 0x40
 _IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
@@ -350,27 +374,61 @@ _IN_DELETE = 0x200
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
 _IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
 _IN_ONLYDIR = 0x01000000
 _IN_EXCL_UNLINK = 0x04000000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
-_MASK = (
-    _IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
-    | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_EXCL_UNLINK
+# Names: the town root, the rig folders and the env file's folder, where only entries coming
+# and going matter; that folder is often a busy home folder, where a write to another file
+# (shell history, an agent's state) must not wake the loop.
+_NAMES_MASK = (
+    _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
+    | _IN_ONLYDIR | _IN_EXCL_UNLINK
 )  # fmt: skip
+# Content: the settings folders, whose files may also be written in place.
+_CONTENT_MASK = _NAMES_MASK | _IN_MODIFY | _IN_ATTRIB
+# The env file itself (its inode, watched again on each file that replaces it): written in
+# place, or going.
+_FILE_MASK = _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_DELETE_SELF | _IN_MOVE_SELF
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
 
 
-class _Doorbell:
-    """A non-blocking inotify descriptor on the watched folders, read on the event loop."""
+class _Ring:
+    """What one ring brought: the paths known from the ring itself (the env file, entries
+    of the town root and the rig folders), whether watchfiles must collect (a settings file
+    changed), and whether the queue was lost (anything may have changed)."""
 
-    def __init__(self, fd: int, folders: dict[int, Path]) -> None:
+    __slots__ = ("collect", "lost", "paths")
+
+    def __init__(self, *, collect: bool = False) -> None:
+        self.paths: set[Path] = set()
+        self.collect = collect
+        self.lost = False
+
+    def add(self, other: _Ring) -> None:
+        self.paths |= other.paths
+        self.collect = self.collect or other.collect
+        self.lost = self.lost or other.lost
+
+
+class _Doorbell:
+    """A non-blocking inotify descriptor on the watched folders and the env file, read on
+    the event loop."""
+
+    def __init__(self, libc: Any, fd: int, places: dict[int, Path], file: Path) -> None:
+        self._libc = libc
         self._fd = fd
-        self._folders = folders
+        self._places = places  # watch descriptor -> its folder, or the env file
+        self._file = file
+        self._file_wd: int | None = None
 
     @classmethod
-    def open(cls, folders: Iterable[Path]) -> _Doorbell | None:
-        """Watch `folders`; None when inotify is not there; OSError when a folder is not."""
+    def open(
+        cls, folders: Iterable[Path], *, content: frozenset[Path], file: Path
+    ) -> _Doorbell | None:
+        """Watch `folders` (`content` ones for writes too) and the file `file`, when it is
+        there; None when inotify is not there; OSError when a folder is not."""
         libc = _libc()
         if libc is None:
             return None
@@ -378,22 +436,37 @@ class _Doorbell:
         if fd < 0:
             log.warning("watcher_doorbell_unavailable", error=os.strerror(ctypes.get_errno()))
             return None
-        watched: dict[int, Path] = {}
+        places: dict[int, Path] = {}
         try:
             for folder in folders:
-                wd = libc.inotify_add_watch(fd, os.fsencode(folder), _MASK)
+                mask = _CONTENT_MASK if folder in content else _NAMES_MASK
+                wd = libc.inotify_add_watch(fd, os.fsencode(folder), mask)
                 if wd < 0:
                     code = ctypes.get_errno()
                     raise OSError(code, os.strerror(code), str(folder))
-                watched[wd] = folder
+                places[wd] = folder
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, watched)
+        doorbell = cls(libc, fd, places, file)
+        doorbell._watch_file()
+        return doorbell
 
-    async def wait(self, relevant: Callable[[Path], bool], own_writes: OwnWrites) -> None:
+    def _watch_file(self) -> None:
+        # The env file's inode now: a file renamed over it is a new inode. None there, no
+        # watch: its folder reports the name coming back.
+        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(self._file), _FILE_MASK)
+        if wd < 0 or wd == self._file_wd:
+            return
+        if self._file_wd is not None:  # the replaced inode; its events are dropped
+            self._libc.inotify_rm_watch(self._fd, self._file_wd)
+            self._places.pop(self._file_wd, None)
+        self._file_wd = wd
+        self._places[wd] = self._file
+
+    async def wait(self, relevant: Callable[[Path], bool], own_writes: OwnWrites) -> _Ring:
         """Return once the kernel reports a change of a path `relevant` accepts (asked once
-        per path and read; a lost queue always counts).
+        per path and read; a lost queue always counts), with every such path queued by then.
 
         Never while the daemon's own write is in flight (`own_writes`): a write that begins
         stops the listening, and what the kernel queued meanwhile is read once it is done,
@@ -406,9 +479,9 @@ class _Doorbell:
         while True:  # what is queued first, then listen
             if own_writes.in_flight:
                 await _settled(own_writes)
-            paths = self._drain()
-            if None in paths or any(relevant(path) for path in paths if path):
-                return
+            ring = self._drain(relevant)
+            if ring.lost or ring.collect or ring.paths:
+                return ring
             with anyio.CancelScope() as listening:
                 withdraw = own_writes.on_begin(listening.cancel)
                 try:
@@ -416,11 +489,33 @@ class _Doorbell:
                 finally:
                     withdraw()
 
-    def _drain(self) -> list[Path | None]:
-        """The paths of the queued events, each once and in the order first seen, leaving out
-        temporary files of atomic writes; None for a lost queue (everything may have changed)."""
+    async def settle(
+        self,
+        ring: _Ring,
+        relevant: Callable[[Path], bool],
+        own_writes: OwnWrites,
+        step_ms: int,
+        limit_ms: int,
+    ) -> None:
+        """Add to `ring` what rings next, until `step_ms` pass without a ring or `limit_ms`
+        since the first: a burst (a file written in place, a rig made) is one batch, as
+        watchfiles' step makes it. Ends early once a settings file rings: watchfiles
+        collects the rest."""
+        deadline = anyio.current_time() + limit_ms / 1000
+        while not (ring.collect or ring.lost):
+            quiet = min(step_ms / 1000, deadline - anyio.current_time())
+            if quiet <= 0:
+                return
+            with anyio.move_on_after(quiet):
+                ring.add(await self.wait(relevant, own_writes))
+                continue
+            return
+
+    def _drain(self, relevant: Callable[[Path], bool]) -> _Ring:
+        """The ring of the queued events: each path once, temporary files of atomic writes
+        left out by name before any path is built."""
         names: dict[tuple[int, bytes], None] = {}
-        lost = False
+        ring = _Ring()
         while True:
             try:
                 buffer = os.read(self._fd, 64 * 1024)
@@ -437,17 +532,28 @@ class _Doorbell:
                 offset += size
                 name = buffer[offset : offset + length].rstrip(b"\0")
                 offset += length
-                if mask & _IN_Q_OVERFLOW or wd not in self._folders:
-                    lost = True
-                else:
+                if mask & _IN_Q_OVERFLOW:
+                    ring.lost = True
+                elif mask & _IN_IGNORED and wd == self._file_wd:
+                    self._file_wd = None  # the env file's inode went (reported as it went)
+                    del self._places[wd]
+                elif wd in self._places:  # not a watch dropped already (a replaced inode)
                     names[wd, name] = None
-        paths: list[Path | None] = [None] if lost else []
         for wd, name in names:
             text = os.fsdecode(name)
-            if not is_temporary(text):
-                folder = self._folders[wd]
-                paths.append(folder / text if text else folder)
-        return paths
+            if is_temporary(text):
+                continue
+            place = self._places.get(wd, self._file)
+            path = place / text if text else place
+            if path == self._file and text:
+                self._watch_file()  # a file came to the env file's name (or went)
+            if not relevant(path):
+                continue
+            if _is_settings_file(path):
+                ring.collect = True
+            else:
+                ring.paths.add(path)
+        return ring
 
     def close(self) -> None:
         os.close(self._fd)
@@ -483,11 +589,12 @@ def _libc() -> Any:
     """libc's inotify functions through ctypes, or None where there are none."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        init, add = libc.inotify_init1, libc.inotify_add_watch
+        init, add, remove = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
     except (OSError, AttributeError):
         return None
     init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
     add.argtypes, add.restype = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32], ctypes.c_int
+    remove.argtypes, remove.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return libc
 
 

@@ -442,3 +442,71 @@ async def test_changes_during_the_stores_write_are_read_once_it_is_done(
         # Recognised by its bytes as the ring was read (watchfiles may still hand the path
         # over beside the other edit: the store reads it again and finds it unchanged).
         assert town.watcher.status()["own_writes"] == 1
+
+
+def _open_doorbell(root: Path, env_file: Path) -> watcher_module._Doorbell:
+    # The doorbell on the folders the watcher watches in `town_tree`, as `_watch_rung` opens it.
+    settings = frozenset({root / "settings", root / "alpha" / "settings"})
+    doorbell = watcher_module._Doorbell.open(
+        settings | {root, root / "alpha", env_file.parent}, content=settings, file=env_file
+    )
+    assert doorbell is not None
+    return doorbell
+
+
+def test_writes_to_other_files_of_the_watched_folders_ring_nothing(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """A busy home folder (the env file's) and the town's folders: writes to other files
+    there (a shell's history, notes in the town root or a rig folder) queue nothing on the
+    doorbell, so they never wake the loop; only entries coming and going do. Read straight
+    from the kernel's queue: the events of a write are queued by the time it returns."""
+    root, env_file = town_tree
+    others = [env_file.parent / ".bash_history", root / "README.md", root / "alpha" / "notes.txt"]
+    for other in others:
+        other.write_text("")
+    heard: list[Path] = []
+
+    def hear(path: Path) -> bool:
+        heard.append(path)
+        return True
+
+    doorbell = _open_doorbell(root, env_file)
+    try:
+        for other in others:
+            with other.open("a") as handle:
+                handle.write("ls\n")
+        other = others[0]
+        other.chmod(0o600)
+        ring = doorbell._drain(hear)
+        assert (heard, ring.paths, ring.collect, ring.lost) == ([], set(), False, False)
+        (env_file.parent / "new-file").write_text("")  # an entry coming rings
+        assert doorbell._drain(hear).paths == {env_file.parent / "new-file"}
+    finally:
+        doorbell.close()
+
+
+def test_the_env_file_is_heard_in_place_and_after_it_is_replaced(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """The env file's own inode is watched: an edit in place rings; so does its replacement
+    by rename, after which the new file is the one watched and the old one, moved away, is
+    not. A settings file written in place makes watchfiles collect."""
+    root, env_file = town_tree
+    doorbell = _open_doorbell(root, env_file)
+    try:
+        run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=b\n")
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        moved = env_file.parent / "old.env"
+        env_file.rename(moved)
+        run_writer(ATOMIC_WRITE, env_file, "KILO_JWT=c\n")
+        assert doorbell._drain(lambda path: True).paths == {env_file, moved}  # both names
+        run_writer(IN_PLACE_WRITE, moved, "KILO_JWT=old\n")
+        assert doorbell._drain(lambda path: True).paths == set()
+        run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=d\n")
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        run_writer(IN_PLACE_WRITE, root / "settings" / "config.json", "{}")
+        ring = doorbell._drain(lambda path: True)
+        assert (ring.collect, ring.paths) == (True, set())
+    finally:
+        doorbell.close()
