@@ -457,12 +457,13 @@ def _open_doorbell(root: Path, env_file: Path) -> watcher_module._Doorbell:
 def test_writes_to_other_files_of_the_watched_folders_ring_nothing(
     town_tree: tuple[Path, Path],
 ) -> None:
-    """A busy home folder (the env file's) and the town's folders: writes to other files
-    there (a shell's history, notes in the town root or a rig folder) queue nothing on the
-    doorbell, so they never wake the loop; only entries coming and going do. Read straight
-    from the kernel's queue: the events of a write are queued by the time it returns."""
+    """Busy folders: writes to files that are not the watcher's (gt's event log in the town
+    root, which gt appends every event of the town to; a shell's history beside the env file,
+    in the home folder; notes in a rig folder) queue nothing on the doorbell, so they never
+    wake the loop; only entries coming and going do. Read straight from the kernel's queue:
+    the events of a write are queued by the time it returns."""
     root, env_file = town_tree
-    others = [env_file.parent / ".bash_history", root / "README.md", root / "alpha" / "notes.txt"]
+    others = [root / ".events.jsonl", env_file.parent / ".bash_history", root / "alpha" / "notes"]
     for other in others:
         other.write_text("")
     heard: list[Path] = []
@@ -475,9 +476,8 @@ def test_writes_to_other_files_of_the_watched_folders_ring_nothing(
     try:
         for other in others:
             with other.open("a") as handle:
-                handle.write("ls\n")
-        other = others[0]
-        other.chmod(0o600)
+                handle.write("{}\n")
+        others[1].chmod(0o600)
         ring = doorbell._drain(hear)
         assert (heard, ring.paths, ring.collect, ring.lost) == ([], set(), False, False)
         (env_file.parent / "new-file").write_text("")  # an entry coming rings

@@ -417,6 +417,33 @@ async def _more(api: httpx.AsyncClient, than: int) -> bool:
     return await settings_changes_seen(api) > than
 
 
+async def test_appends_to_gt_event_log_and_a_shell_history_are_not_looked_at(
+    town: Town,
+) -> None:
+    """gt appends every event of the town to `.events.jsonl` in the town root, and a shell
+    keeps its history beside the env file: bash appending to both, 50 times each, is nothing
+    the daemon's watcher looks at. Each edit of a settings file in place is one change seen
+    before the appends and one after, so the appends in between added none."""
+    town_file = town.root / "settings" / "config.json"
+    logs = [town.root / ".events.jsonl", town.daemon.env_file.parent / ".bash_history"]
+    for log in logs:
+        log.touch()  # made before the first edit is seen: an entry coming is looked at
+    append = 'for i in $(seq 50); do for f in "$@"; do echo "{}" >> "$f"; done; done'
+    async with town.uds() as api, event_stream(api) as events:
+        seen = []
+        for n in range(3):
+            if n == 2:
+                subprocess.run(["bash", "-c", append, "bash", *map(str, logs)], check=True)
+            write_by_other_process(
+                town_file, gt_file("town-settings", theme=f"t{n}"), in_place=True
+            )
+            assert config_fields(await next_event(events)) == external(None, ["theme"])
+            status = await get_json(api, "/status")
+            seen.append(status["watcher"]["changes_seen"])
+        assert seen[2] - seen[1] == seen[1] - seen[0]
+        assert status["watcher"]["restarts"] == 0
+
+
 async def test_rig_created_after_start_is_watched(town: Town) -> None:
     """A rig folder made after start-up whose settings another process writes is watched: an
     external event for the new file, a PATCH to that rig works, and later edits are seen."""
