@@ -2,23 +2,22 @@
 
 Each configuration runs `SettingsWatcher` alone in a child process on a small town (town
 settings folder, one rig); this process reads the child's per-thread context switches over an
-idle window (10 s, 5 s with `--quick`) and over half as long while this process appends a
-line 20 times a second to each of two files that are not the watcher's: gt's event log in the
-town root (`.events.jsonl`, where gt appends every event of the town) and a shell's history
-beside the env file (the home folder, by default). Then the child renames a new rig settings
-file into place (temporary file, fsync, rename, as gt and editors do) and times each until
-its callback. Configurations: the inotify doorbell (the default on Linux) at steps 10 and
-50 ms, and the polled fallback (watchfiles' own loop) at steps 10, 50, 100 and 250 ms.
-Baseline of each row: the polled loop at the old default step of 10 ms, measured in the same
-run; of the rows with appends, the appends per second (a watch on those folders' writes
-wakes for each).
+idle window (10 s, 5 s with `--quick`) and over half as long while this process writes, 20
+times a second each, three files that are not the watcher's: gt's event log in the town root
+(`.events.jsonl`, where gt appends every event of the town), and in the home folder (the env
+file's, by default) a shell's history and Claude Code's state file (`.claude.json`, replaced
+by rename as the real CLI does). Then the child renames a new rig settings file into place
+(temporary file, fsync, rename, as gt and editors do) and times each until its callback.
+Configurations: the inotify doorbell (the default on Linux) at steps 10 and 50 ms, and the
+polled fallback (watchfiles' own loop) at steps 10, 50, 100 and 250 ms. Baseline of each row:
+the polled loop at the old default step of 10 ms, measured in the same run; of the rows with
+writes, the writes per second.
 
 `python -m bench.watcher_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 import anyio
 
@@ -95,24 +95,40 @@ def _town(root: Path) -> None:
     (root / "home" / ".env.gateway").write_text("KILO_JWT=x\n")
 
 
-APPENDS_PER_S = 20
+WRITES_PER_S = 20
 
 
-def _wakeups(pid: int, window: float, busy: tuple[Path, ...] = ()) -> float:
-    """The child's wake-ups per second over `window`; meanwhile this process appends a line
-    to each file of `busy` `APPENDS_PER_S` times a second."""
+def _wakeups(pid: int, window: float, home: Path | None = None, town: Path | None = None) -> float:
+    """The child's wake-ups per second over `window`; with `home` and `town`, this process
+    meanwhile writes `WRITES_PER_S` times a second each of three files that are not the
+    watcher's (`_busy`)."""
     before, started = thread_counters(pid), time.perf_counter()
-    with contextlib.ExitStack() as files:
-        handles = [files.enter_context(path.open("a")) for path in busy]
-        for n in range(int(window * APPENDS_PER_S) if busy else 0):
-            time.sleep(max(0.0, started + n / APPENDS_PER_S - time.perf_counter()))
-            for handle in handles:
-                handle.write("{}\n")
-                handle.flush()
+    if home is not None and town is not None:
+        with (
+            (town / ".events.jsonl").open("a") as log,
+            (home / ".bash_history").open("a") as history,
+        ):
+            for n in range(int(window * WRITES_PER_S)):
+                time.sleep(max(0.0, started + n / WRITES_PER_S - time.perf_counter()))
+                _busy(n, log, history, home)
     time.sleep(max(0.0, started + window - time.perf_counter()))
     after, elapsed = thread_counters(pid), time.perf_counter() - started
     switches = sum(s for _, _, s in after.values()) - sum(s for _, _, s in before.values())
     return switches / elapsed
+
+
+def _busy(n: int, log: TextIO, history: TextIO, home: Path) -> None:
+    # gt appends an event to its log in the town root; a shell its history in the home
+    # folder, where Claude Code replaces its state file as it does (seen with inotify
+    # beside the real CLI): a lock file, a temporary file renamed over it, the lock removed.
+    for handle in (log, history):
+        handle.write("{}\n")
+        handle.flush()
+    lock, temporary = home / ".claude.json.lock", home / f".claude.json.tmp.{n}"
+    lock.write_text("")
+    temporary.write_text("{}")
+    temporary.replace(home / ".claude.json")
+    lock.unlink()
 
 
 def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, float, list[float]]:
@@ -121,7 +137,6 @@ def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, flo
     with tempfile.TemporaryDirectory(prefix="watcher-bench-") as tmp:
         root = Path(tmp)
         _town(root)
-        events = root / "town" / ".events.jsonl"  # gt appends every event of the town here
         argv = [sys.executable, "-m", "bench.watcher_bench", "--child", tmp, mode, str(step)]
         argv.append(str(edits))
         with subprocess.Popen(
@@ -136,7 +151,7 @@ def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, flo
                 raise RuntimeError("the watcher child did not start")
             time.sleep(0.5)  # past start-up
             idle = _wakeups(child.pid, window)
-            busy = _wakeups(child.pid, window / 2, (root / "home" / ".bash_history", events))
+            busy = _wakeups(child.pid, window / 2, root / "home", root / "town")
             child.stdin.write("go\n")
             child.stdin.flush()
             line = child.stdout.readline()
@@ -161,9 +176,10 @@ def run(quick: bool) -> list[Row]:
         )
         rows += [
             Row(f"{mode}, step {step} ms: idle wake-ups", wakeups, "/s", base_wakeups, note),
-            Row(f"{mode}, step {step} ms: wake-ups while gt's event log and a shell's history "
-                f"are appended to, {APPENDS_PER_S} times a second each", busy, "/s",
-                2 * APPENDS_PER_S, "baseline: the appends" if (mode, step) == CONFIGS[0] else ""),
+            Row(f"{mode}, step {step} ms: wake-ups while gt's event log, a shell's history and "
+                f"Claude Code's state file are written, {WRITES_PER_S} times a second each",
+                busy, "/s", 3 * WRITES_PER_S,
+                "baseline: the writes" if (mode, step) == CONFIGS[0] else ""),
             Row(f"{mode}, step {step} ms: rename → callback p50", percentile(latencies, 50), "ms",
                 base_p50, f"{edits} renames" if (mode, step) == CONFIGS[0] else ""),
             Row(f"{mode}, step {step} ms: rename → callback p99", percentile(latencies, 99), "ms"),

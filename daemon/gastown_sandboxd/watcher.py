@@ -35,17 +35,16 @@ itself, gathered with the same step and limit (`_Doorbell.settle`). Idle, the wa
 wake-up at all, and with step 10 ms an edit reaches its callback in ~25 ms (two steps). A
 ring whose change an earlier `watch` already took ends after `RING_TIMEOUT_MS` with nothing.
 
-What wakes it: in the settings folders, any change; in the town root, the rig folders and the
-env file's folder, only entries coming, going or renamed; and the env file itself (a watch on
-its inode, set again on each file renamed over it), written in place or going. The env file's
-folder is the home folder by default, where a shell's history and the agents' own state are
-written: measured by `bench/watcher_bench.py`, another process appending to a file there 20
-times a second woke the watcher 40.8 times a second (its loop and watchfiles' thread, each
-once per append) when all five folders were watched for writes and watchfiles watched them
-all; 0.4 times a second now. Without inotify (another OS, or watchfiles forced to poll by
-`WATCHFILES_FORCE_POLLING`), `awatch` polls as before with `poll_step_ms`, by default
-`POLL_STEP_MS` = 250 ms: the step that keeps to about 5 wake-ups/s while edits are still
-seen within the 500 ms the design allows for edits by people and by gt's CLI.
+What wakes it: in the settings folders, any change; in the town root and the rig folders,
+only entries coming, going or renamed; and the env file itself, through a watch on its inode,
+set again on each file renamed over it: written in place, replaced, or going. Its folder is
+watched (for its name) only while it is missing. That folder is the home folder by default,
+where a shell keeps its history and Claude Code replaces its state file (`.claude.json`) as
+it runs, and gt appends every event of the town to its log in the town root
+(`.events.jsonl`). Measured by `bench/watcher_bench.py` with those three files written 20
+times a second each: 247 wake-ups a second (the loop, watchfiles' collect and its thread)
+when every folder was watched for writes, the env file's folder included, and watchfiles
+watched them all; 0.8 now.
 """
 
 from __future__ import annotations
@@ -146,14 +145,19 @@ class SettingsWatcher:
         }
 
     def wanted_folders(self) -> frozenset[Path]:
-        """The existing folders to watch now."""
-        wanted = {self._town_root, self._env_file.parent}
+        """The existing folders to watch now: the town's and the env file's."""
+        wanted = self._town_folders() | {self._env_file.parent}
+        return frozenset(folder for folder in wanted if folder.is_dir())
+
+    def _town_folders(self) -> set[Path]:
+        # The town root and the store's folders, existing or not.
+        wanted = {self._town_root}
         try:
             wanted.update(_absolute(folder) for folder in self._folders())
         except Exception as exc:  # the store's listing failed: keep what we know
             log.warning("watcher_folders_failed", error=str(exc))
             wanted.update(self._watched)
-        return frozenset(folder for folder in wanted if folder.is_dir())
+        return wanted
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -216,7 +220,9 @@ class SettingsWatcher:
         # its set. It watches only these: every folder it watches wakes its thread for every
         # change of any file there.
         with RustNotify(sorted(map(str, settings)), False, False, 0, False, False) as notify:
-            doorbell = _Doorbell.open(folders, content=settings, file=self._env_file)
+            # The env file's folder is watched for the env file alone only while it is missing.
+            town = folders & self._town_folders()
+            doorbell = _Doorbell.open(town, content=settings, file=self._env_file)
             if doorbell is None:  # no inotify here after all: poll from now on
                 self._doorbell = False
                 self.mode = "polled"
@@ -379,9 +385,9 @@ _IN_ONLYDIR = 0x01000000
 _IN_EXCL_UNLINK = 0x04000000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
-# Names: the town root, the rig folders and the env file's folder, where only entries coming
-# and going matter; that folder is often a busy home folder, where a write to another file
-# (shell history, an agent's state) must not wake the loop.
+# Names: the town root and the rig folders, where only entries coming and going matter (gt
+# appends every event of the town to a file in the town root); also the env file's folder,
+# while the env file is missing.
 _NAMES_MASK = (
     _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
     | _IN_ONLYDIR | _IN_EXCL_UNLINK
@@ -389,7 +395,7 @@ _NAMES_MASK = (
 # Content: the settings folders, whose files may also be written in place.
 _CONTENT_MASK = _NAMES_MASK | _IN_MODIFY | _IN_ATTRIB
 # The env file itself (its inode, watched again on each file that replaces it): written in
-# place, or going.
+# place, replaced (its link count drops), or going. Not its folder, often a busy home folder.
 _FILE_MASK = _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_DELETE_SELF | _IN_MOVE_SELF
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
 
@@ -422,13 +428,17 @@ class _Doorbell:
         self._places = places  # watch descriptor -> its folder, or the env file
         self._file = file
         self._file_wd: int | None = None
+        # The env file's folder, watched for names while the env file is missing (unless it
+        # is one of the town's folders, watched anyway).
+        self._shared = file.parent in places.values()
+        self._folder_wd: int | None = None
 
     @classmethod
     def open(
         cls, folders: Iterable[Path], *, content: frozenset[Path], file: Path
     ) -> _Doorbell | None:
-        """Watch `folders` (`content` ones for writes too) and the file `file`, when it is
-        there; None when inotify is not there; OSError when a folder is not."""
+        """Watch `folders` (`content` ones for writes too) and the file `file`; None when
+        inotify is not there; OSError when a folder is not."""
         libc = _libc()
         if libc is None:
             return None
@@ -449,20 +459,41 @@ class _Doorbell:
             os.close(fd)
             raise
         doorbell = cls(libc, fd, places, file)
-        doorbell._watch_file()
+        doorbell.watch_file()
         return doorbell
 
-    def _watch_file(self) -> None:
-        # The env file's inode now: a file renamed over it is a new inode. None there, no
-        # watch: its folder reports the name coming back.
-        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(self._file), _FILE_MASK)
-        if wd < 0 or wd == self._file_wd:
-            return
-        if self._file_wd is not None:  # the replaced inode; its events are dropped
-            self._libc.inotify_rm_watch(self._fd, self._file_wd)
-            self._places.pop(self._file_wd, None)
-        self._file_wd = wd
-        self._places[wd] = self._file
+    def watch_file(self) -> bool:
+        """Watch the env file's inode as it is now (a file renamed over it is a new inode);
+        while there is none, its folder, for the name coming back. True when the file is
+        there, or came while its folder was being watched (its event may be lost then)."""
+        wd = self._add(self._file, _FILE_MASK)
+        if wd is None and self._folder_wd is None and not self._shared:
+            self._folder_wd = self._add(self._file.parent, _NAMES_MASK)
+            if self._folder_wd is not None:
+                self._places[self._folder_wd] = self._file.parent
+            wd = self._add(self._file, _FILE_MASK)  # it may have come meanwhile
+        if wd is None:  # not there: an inode moved elsewhere is no longer the env file
+            self._drop(self._file_wd)
+            self._file_wd = None
+            return False
+        if wd != self._file_wd:
+            self._drop(self._file_wd)  # the replaced inode
+            self._file_wd = wd
+            self._places[wd] = self._file
+        if self._folder_wd is not None:
+            self._drop(self._folder_wd)
+            self._folder_wd = None
+        return True
+
+    def _add(self, path: Path, mask: int) -> int | None:
+        wd: int = self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask)
+        return None if wd < 0 else wd
+
+    def _drop(self, wd: int | None) -> None:
+        # Its events still queued, and its IN_IGNORED, are dropped by the drain.
+        if wd is not None:
+            self._libc.inotify_rm_watch(self._fd, wd)
+            self._places.pop(wd, None)
 
     async def wait(self, relevant: Callable[[Path], bool], own_writes: OwnWrites) -> _Ring:
         """Return once the kernel reports a change of a path `relevant` accepts (asked once
@@ -539,20 +570,29 @@ class _Doorbell:
                     del self._places[wd]
                 elif wd in self._places:  # not a watch dropped already (a replaced inode)
                     names[wd, name] = None
+        file_changed = False
         for wd, name in names:
             text = os.fsdecode(name)
             if is_temporary(text):
                 continue
             place = self._places.get(wd, self._file)
             path = place / text if text else place
-            if path == self._file and text:
-                self._watch_file()  # a file came to the env file's name (or went)
+            if path == self._file:
+                file_changed = True
+                continue
             if not relevant(path):
                 continue
             if _is_settings_file(path):
                 ring.collect = True
             else:
                 ring.paths.add(path)
+        # The env file, whatever happened to it (written, replaced, gone, back), is watched as
+        # it is now before anyone reads it. One that came back while its folder's watch was
+        # being set up is reported too: its own event may have come before that watch.
+        if file_changed or self._file_wd is None:
+            there = self.watch_file()
+            if (file_changed or there) and relevant(self._file):
+                ring.paths.add(self._file)
         return ring
 
     def close(self) -> None:

@@ -445,10 +445,11 @@ async def test_changes_during_the_stores_write_are_read_once_it_is_done(
 
 
 def _open_doorbell(root: Path, env_file: Path) -> watcher_module._Doorbell:
-    # The doorbell on the folders the watcher watches in `town_tree`, as `_watch_rung` opens it.
+    # The doorbell on the town's folders in `town_tree` and the env file, as `_watch_rung`
+    # opens it.
     settings = frozenset({root / "settings", root / "alpha" / "settings"})
     doorbell = watcher_module._Doorbell.open(
-        settings | {root, root / "alpha", env_file.parent}, content=settings, file=env_file
+        settings | {root, root / "alpha"}, content=settings, file=env_file
     )
     assert doorbell is not None
     return doorbell
@@ -457,13 +458,15 @@ def _open_doorbell(root: Path, env_file: Path) -> watcher_module._Doorbell:
 def test_writes_to_other_files_of_the_watched_folders_ring_nothing(
     town_tree: tuple[Path, Path],
 ) -> None:
-    """Busy folders: writes to files that are not the watcher's (gt's event log in the town
-    root, which gt appends every event of the town to; a shell's history beside the env file,
-    in the home folder; notes in a rig folder) queue nothing on the doorbell, so they never
-    wake the loop; only entries coming and going do. Read straight from the kernel's queue:
-    the events of a write are queued by the time it returns."""
+    """Busy folders: writes to files that are not the watcher's queue nothing on the
+    doorbell, so they never wake the loop. gt appends every event of the town to its log in
+    the town root; a shell keeps its history beside the env file, in the home folder, where
+    Claude Code also replaces `.claude.json` (lock file, temporary file, rename) as it runs;
+    there are notes in a rig folder. Entries coming and going in the town root do ring. Read
+    straight from the kernel's queue: the events of a write are queued when it returns."""
     root, env_file = town_tree
-    others = [root / ".events.jsonl", env_file.parent / ".bash_history", root / "alpha" / "notes"]
+    home = env_file.parent
+    others = [root / ".events.jsonl", home / ".bash_history", root / "alpha" / "notes"]
     for other in others:
         other.write_text("")
     heard: list[Path] = []
@@ -478,32 +481,49 @@ def test_writes_to_other_files_of_the_watched_folders_ring_nothing(
             with other.open("a") as handle:
                 handle.write("{}\n")
         others[1].chmod(0o600)
+        (home / ".claude.json.lock").write_text("")
+        (home / ".claude.json.tmp.1").write_text("{}")
+        (home / ".claude.json.tmp.1").rename(home / ".claude.json")
+        (home / ".claude.json.lock").unlink()
         ring = doorbell._drain(hear)
         assert (heard, ring.paths, ring.collect, ring.lost) == ([], set(), False, False)
-        (env_file.parent / "new-file").write_text("")  # an entry coming rings
-        assert doorbell._drain(hear).paths == {env_file.parent / "new-file"}
+        (root / "new-rig").mkdir()
+        assert doorbell._drain(hear).paths == {root / "new-rig"}
     finally:
         doorbell.close()
 
 
-def test_the_env_file_is_heard_in_place_and_after_it_is_replaced(
-    town_tree: tuple[Path, Path],
-) -> None:
-    """The env file's own inode is watched: an edit in place rings; so does its replacement
-    by rename, after which the new file is the one watched and the old one, moved away, is
-    not. A settings file written in place makes watchfiles collect."""
+def test_the_env_file_is_heard_however_it_changes(town_tree: tuple[Path, Path]) -> None:
+    """The env file's own inode is watched, not its folder: an edit in place rings, and so
+    does a replacement by rename, after which the new file is the one watched and the one
+    moved away is not. Deleted, the file's folder is watched until it is back, then no
+    longer. A settings file written in place makes watchfiles collect."""
     root, env_file = town_tree
+    home = env_file.parent
     doorbell = _open_doorbell(root, env_file)
     try:
         run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=b\n")
         assert doorbell._drain(lambda path: True).paths == {env_file}
-        moved = env_file.parent / "old.env"
+        run_writer(ATOMIC_WRITE, env_file, "KILO_JWT=c\n")  # renamed over it
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=d\n")
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        moved = home / "old.env"
         env_file.rename(moved)
-        run_writer(ATOMIC_WRITE, env_file, "KILO_JWT=c\n")
-        assert doorbell._drain(lambda path: True).paths == {env_file, moved}  # both names
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        run_writer(IN_PLACE_WRITE, moved, "KILO_JWT=old\n")
+        (home / "notes").write_text("")  # the folder is watched now: an entry rings
+        assert doorbell._drain(lambda path: True).paths == {home / "notes"}
+        run_writer(ATOMIC_WRITE, env_file, "KILO_JWT=e\n")
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        (home / "more-notes").write_text("")  # back, and the folder unwatched again
         run_writer(IN_PLACE_WRITE, moved, "KILO_JWT=old\n")
         assert doorbell._drain(lambda path: True).paths == set()
-        run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=d\n")
+        env_file.unlink()
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=f\n")
+        assert doorbell._drain(lambda path: True).paths == {env_file}
+        run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=g\n")
         assert doorbell._drain(lambda path: True).paths == {env_file}
         run_writer(IN_PLACE_WRITE, root / "settings" / "config.json", "{}")
         ring = doorbell._drain(lambda path: True)

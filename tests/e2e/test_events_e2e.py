@@ -417,23 +417,32 @@ async def _more(api: httpx.AsyncClient, than: int) -> bool:
     return await settings_changes_seen(api) > than
 
 
-async def test_appends_to_gt_event_log_and_a_shell_history_are_not_looked_at(
+async def test_writes_to_other_files_of_the_town_and_the_home_folder_are_not_looked_at(
     town: Town,
 ) -> None:
-    """gt appends every event of the town to `.events.jsonl` in the town root, and a shell
-    keeps its history beside the env file: bash appending to both, 50 times each, is nothing
-    the daemon's watcher looks at. Each edit of a settings file in place is one change seen
-    before the appends and one after, so the appends in between added none."""
+    """gt appends every event of the town to `.events.jsonl` in the town root; beside the env
+    file, in the home folder, a shell keeps its history and Claude Code replaces its state
+    file (a lock file, a temporary file renamed over it). bash doing all three, 50 times each,
+    is nothing the daemon's watcher looks at: each edit of a settings file is one change seen
+    before these writes and one after, so the writes in between added none."""
     town_file = town.root / "settings" / "config.json"
-    logs = [town.root / ".events.jsonl", town.daemon.env_file.parent / ".bash_history"]
-    for log in logs:
-        log.touch()  # made before the first edit is seen: an entry coming is looked at
-    append = 'for i in $(seq 50); do for f in "$@"; do echo "{}" >> "$f"; done; done'
+    home = town.daemon.env_file.parent
+    (town.root / ".events.jsonl").touch()  # before the first edit: an entry coming is seen
+    writes = """
+    for i in $(seq 50); do
+        echo "{}" >> "$1/.events.jsonl"
+        echo "ls" >> "$2/.bash_history"
+        touch "$2/.claude.json.lock"
+        echo "{}" > "$2/.claude.json.tmp.$i"
+        mv "$2/.claude.json.tmp.$i" "$2/.claude.json"
+        rm "$2/.claude.json.lock"
+    done
+    """
     async with town.uds() as api, event_stream(api) as events:
         seen = []
         for n in range(3):
             if n == 2:
-                subprocess.run(["bash", "-c", append, "bash", *map(str, logs)], check=True)
+                subprocess.run(["bash", "-c", writes, "bash", town.root, home], check=True)
             write_by_other_process(
                 town_file, gt_file("town-settings", theme=f"t{n}"), in_place=True
             )
