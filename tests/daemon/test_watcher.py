@@ -418,14 +418,12 @@ async def test_the_stores_journal_in_the_town_root_wakes_nothing(
 
 
 async def test_changes_during_the_stores_write_are_read_once_it_is_done(
-    town_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    town_tree: tuple[Path, Path],
 ) -> None:
     """While the store writes (`begin` … `end`) the doorbell does not listen; then it reads
     what queued: the store's own write is recognised, another edit made meanwhile reported."""
     own = OwnWrites()
     async with watching(town_tree, own_writes=own) as town:
-        # Once the fence's collect has timed out, the watcher listens on the doorbell only.
-        monkeypatch.setattr(watcher_module, "RING_TIMEOUT_MS", 20)
         await town.fence()
         await anyio.sleep(0.1)
         own.begin()
@@ -485,10 +483,10 @@ def test_writes_to_other_files_of_the_watched_folders_ring_nothing(
         (home / ".claude.json.tmp.1").write_text("{}")
         (home / ".claude.json.tmp.1").rename(home / ".claude.json")
         (home / ".claude.json.lock").unlink()
-        ring = doorbell._drain(hear)
+        ring = doorbell.drain(hear)
         assert (heard, ring.paths, ring.collect, ring.lost) == ([], set(), False, False)
         (root / "new-rig").mkdir()
-        assert doorbell._drain(hear).paths == {root / "new-rig"}
+        assert doorbell.drain(hear).paths == {root / "new-rig"}
     finally:
         doorbell.close()
 
@@ -497,36 +495,36 @@ def test_the_env_file_is_heard_however_it_changes(town_tree: tuple[Path, Path]) 
     """The env file's own inode is watched, not its folder: an edit in place rings, and so
     does a replacement by rename, after which the new file is the one watched and the one
     moved away is not. Deleted, the file's folder is watched until it is back, then no
-    longer. A settings file written in place makes watchfiles collect."""
+    longer. A settings file written in place rings, and makes watchfiles collect."""
     root, env_file = town_tree
     home = env_file.parent
     doorbell = _open_doorbell(root, env_file)
     try:
         run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=b\n")
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         run_writer(ATOMIC_WRITE, env_file, "KILO_JWT=c\n")  # renamed over it
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=d\n")
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         moved = home / "old.env"
         env_file.rename(moved)
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         run_writer(IN_PLACE_WRITE, moved, "KILO_JWT=old\n")
         (home / "notes").write_text("")  # the folder is watched now: an entry rings
-        assert doorbell._drain(lambda path: True).paths == {home / "notes"}
+        assert doorbell.drain(lambda path: True).paths == {home / "notes"}
         run_writer(ATOMIC_WRITE, env_file, "KILO_JWT=e\n")
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         (home / "more-notes").write_text("")  # back, and the folder unwatched again
         run_writer(IN_PLACE_WRITE, moved, "KILO_JWT=old\n")
-        assert doorbell._drain(lambda path: True).paths == set()
+        assert doorbell.drain(lambda path: True).paths == set()
         env_file.unlink()
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=f\n")
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         run_writer(IN_PLACE_WRITE, env_file, "KILO_JWT=g\n")
-        assert doorbell._drain(lambda path: True).paths == {env_file}
+        assert doorbell.drain(lambda path: True).paths == {env_file}
         run_writer(IN_PLACE_WRITE, root / "settings" / "config.json", "{}")
-        ring = doorbell._drain(lambda path: True)
-        assert (ring.collect, ring.paths) == (True, set())
+        ring = doorbell.drain(lambda path: True)
+        assert (ring.collect, ring.paths) == (True, {root / "settings" / "config.json"})
     finally:
         doorbell.close()
