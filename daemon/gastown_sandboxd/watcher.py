@@ -44,10 +44,10 @@ watchfiles (~100 more wake-ups).
 What wakes it: in the settings folders, any change; in the town root and the rig folders,
 only entries coming, going or renamed; and the env file itself, through a watch on its inode,
 set again on each file renamed over it: written in place, replaced, or going. Its folder is
-watched (for its name) only while it is missing. That folder is the home folder by default,
-where a shell keeps its history and Claude Code replaces its state file (`.claude.json`) as
-it runs, and gt appends every event of the town to its log in the town root
-(`.events.jsonl`). Measured by `bench/watcher_bench.py` with those three files written 20
+watched (for its name) only while it is missing or a symlink. That folder is the home folder
+by default, where a shell keeps its history and Claude Code replaces its state file
+(`.claude.json`) as it runs, and gt appends every event of the town to its log in the town
+root (`.events.jsonl`). Measured by `bench/watcher_bench.py` with those three files written 20
 times a second each: 247 wake-ups a second (the loop, watchfiles' collect and its thread)
 when every folder was watched for writes, the env file's folder included, and watchfiles
 watched them all; 0.8 now.
@@ -397,7 +397,7 @@ _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 # Names: the town root and the rig folders, where only entries coming and going matter (gt
 # appends every event of the town to a file in the town root); also the env file's folder,
-# while the env file is missing.
+# while the env file is missing or a symlink.
 _NAMES_MASK = (
     _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
     | _IN_ONLYDIR | _IN_EXCL_UNLINK
@@ -438,8 +438,8 @@ class _Doorbell:
         self._places = places  # watch descriptor -> its folder, or the env file
         self._file = file
         self._file_wd: int | None = None
-        # The env file's folder, watched for names while the env file is missing (unless it
-        # is one of the town's folders, watched anyway).
+        # The env file's folder, watched for names while the env file is missing or a symlink
+        # (unless it is one of the town's folders, watched anyway).
         self._shared = file.parent in places.values()
         self._folder_wd: int | None = None
 
@@ -473,15 +473,18 @@ class _Doorbell:
         return doorbell
 
     def watch_file(self) -> bool:
-        """Watch the env file's inode as it is now (a file renamed over it is a new inode);
-        while there is none, its folder, for the name coming back. True when the file is
-        there, or came while its folder was being watched (its event may be lost then)."""
+        """Watch the env file's inode as it is now (a file renamed over it is a new inode;
+        a symlink's target); its folder too, for the name, while there is no file or it is
+        a symlink (re-pointing a link changes no inode watched here). True when the file is
+        there (it may have come while its folder's watch was being set up, unseen)."""
         wd = self._add(self._file, _FILE_MASK)
-        if wd is None and self._folder_wd is None and not self._shared:
+        linked = self._file.is_symlink()
+        if (wd is None or linked) and self._folder_wd is None and not self._shared:
             self._folder_wd = self._add(self._file.parent, _NAMES_MASK)
             if self._folder_wd is not None:
                 self._places[self._folder_wd] = self._file.parent
-            wd = self._add(self._file, _FILE_MASK)  # it may have come meanwhile
+            if wd is None:
+                wd = self._add(self._file, _FILE_MASK)  # it may have come meanwhile
         if wd is None:  # not there: an inode moved elsewhere is no longer the env file
             self._drop(self._file_wd)
             self._file_wd = None
@@ -490,7 +493,7 @@ class _Doorbell:
             self._drop(self._file_wd)  # the replaced inode
             self._file_wd = wd
             self._places[wd] = self._file
-        if self._folder_wd is not None:
+        if self._folder_wd is not None and not linked:
             self._drop(self._folder_wd)
             self._folder_wd = None
         return True
@@ -580,7 +583,7 @@ class _Doorbell:
                     del self._places[wd]
                 elif wd in self._places:  # not a watch dropped already (a replaced inode)
                     names[wd, name] = None
-        file_changed = False
+        file_changed = ring.lost  # a lost queue may have held the env file's events
         for wd, name in names:
             text = os.fsdecode(name)
             if is_temporary(text):

@@ -528,3 +528,32 @@ def test_the_env_file_is_heard_however_it_changes(town_tree: tuple[Path, Path]) 
         assert (ring.collect, ring.paths) == (True, {root / "settings" / "config.json"})
     finally:
         doorbell.close()
+
+
+def test_a_symlinked_env_file_is_heard_when_its_link_is_pointed_elsewhere(
+    town_tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An env file that is a symlink (a secrets mount, say): its target's edits ring, and so
+    does the link pointed at another file, which changes no inode the watch follows; its
+    folder is watched for that, and the new target is the one watched."""
+    root, env_file = town_tree
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    first, second = secrets / "first", secrets / "second"
+    first.write_text("KILO_JWT=one\n")
+    second.write_text("KILO_JWT=two\n")
+    env_file.unlink()
+    env_file.symlink_to(first)
+    doorbell = _open_doorbell(root, env_file)
+    try:
+        run_writer(IN_PLACE_WRITE, first, "KILO_JWT=one-b\n")
+        assert doorbell.drain(lambda path: True).paths == {env_file}
+        relink = env_file.parent / ".env.gateway.link"
+        relink.symlink_to(second)
+        relink.replace(env_file)  # as `ln -sfn` does it atomically
+        assert env_file in doorbell.drain(lambda path: True).paths
+        run_writer(IN_PLACE_WRITE, first, "KILO_JWT=one-c\n")  # no longer the env file
+        run_writer(IN_PLACE_WRITE, second, "KILO_JWT=two-b\n")
+        assert doorbell.drain(lambda path: True).paths == {env_file}
+    finally:
+        doorbell.close()
