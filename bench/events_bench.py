@@ -15,6 +15,9 @@ cloud) and, in this process, the SSE readers and the sender, all timed with `tim
 - external edit → event: the bench renames a new town settings file into place (temporary
   file, fsync, rename) and times until one reader has the `config.changed`; the watcher's
   batching (debounce 50 ms, step 10 ms) is most of it.
+- a rewrite in place → wake-ups: bash rewrites the town settings file with the same bytes,
+  a backup copy beside it, as a script or an editor saving without a change does; the
+  daemon's context switches, all threads, over the 1.5 s after each, beside 1.5 s with none.
 - idle CPU: utime + stime of the daemon from /proc/PID/stat over a window (60 s, 10 s with
   `--quick`) with 100 idle readers, beside the same window with none, in the same run.
 
@@ -43,7 +46,7 @@ from httpx_sse import aconnect_sse
 from tests.fixtures.daemon import make_town
 
 from ._daemon import Daemon, running_cloud, running_daemon, tcp_client, uds_client
-from ._stats import cpu_seconds, percentile
+from ._stats import cpu_seconds, percentile, thread_counters
 from ._table import Row, main_of
 
 READERS = 100
@@ -244,6 +247,33 @@ async def edit_to_event(daemon: Daemon, edits: int) -> list[float]:
     return latencies
 
 
+# A rewrite in place with the same bytes, a backup copy beside the file, as a script or an
+# editor saving without a change does: the store reads it and finds nothing to report.
+REWRITE_IN_PLACE = 'cat "$1" > "$1.orig" && cat "$1.orig" > "$1" && rm "$1.orig"'
+EDIT_PAUSE = 1.5  # s after each rewrite: far longer than its collect
+
+
+async def wakeups_per_rewrite(daemon: Daemon, rewrites: int) -> tuple[float, float]:
+    """The daemon's wake-ups (all its threads) per rewrite of the town settings file by bash
+    (`REWRITE_IN_PLACE`), over `EDIT_PAUSE` after each; and per `EDIT_PAUSE` with none."""
+    path = daemon.town_root / "settings" / "config.json"
+
+    def switches() -> int:
+        return sum(count for _, _, count in thread_counters(daemon.pid).values())
+
+    if not path.exists():  # its first write is an edit too: done before the baseline
+        path.write_text(json.dumps({"type": "town-settings", "version": 1}))
+        await anyio.sleep(EDIT_PAUSE)
+    before = switches()
+    await anyio.sleep(2 * EDIT_PAUSE)
+    idle = (switches() - before) / 2
+    before = switches()
+    for _ in range(rewrites):
+        await anyio.run_process(["bash", "-c", REWRITE_IN_PLACE, "bash", str(path)])
+        await anyio.sleep(EDIT_PAUSE)
+    return (switches() - before) / rewrites, idle
+
+
 async def idle_cpu(daemon: Daemon, reader_count: int, window: float) -> float:
     """The daemon's CPU use, in percent of one core, over `window` seconds with idle readers."""
     async with _uds(daemon) as api, readers(daemon, reader_count):
@@ -286,6 +316,16 @@ async def _measure(daemon: Daemon, quick: bool) -> list[Row]:
                 note=f"{edits} edits; watcher debounce 50 ms, step 10 ms",
             )
         )
+    per_rewrite, per_pause = await wakeups_per_rewrite(daemon, 5 if quick else 10)
+    rows.append(
+        Row(
+            "settings file rewritten in place with the same bytes (bash): daemon wake-ups",
+            per_rewrite,
+            "/rewrite",
+            per_pause,
+            f"all threads, {EDIT_PAUSE} s after each; baseline: {EDIT_PAUSE} s with none",
+        )
+    )
     idle = await idle_cpu(daemon, 0, window)
     busy = await idle_cpu(daemon, READERS, window)
     rows.append(
