@@ -36,10 +36,10 @@ yet (its thread held up), is neither collected for long nor lost. The env file a
 entries of the other folders are known from the ring itself, gathered with the same step and
 limit (`_Doorbell.settle`). Idle, the watcher costs no wake-up at all, and with step 10 ms an
 edit reaches its callback in ~25 ms (two steps). After a collect, what the doorbell queued
-meanwhile (the rest of the same write) joins the batch instead of ringing again. An edit of
-the town's settings file in place by bash woke a daemon process 27-36 times in all (three
-edits); when the rest of a write rang on its own, a second collect waited up to 1 s for
-watchfiles (~100 more wake-ups).
+meanwhile (the rest of the same write) joins the batch instead of ringing again. A rewrite
+of the town's settings file in place by bash (`bench/events_bench.py`) wakes a daemon process
+~27 times in all; when the rest of a write rang on its own, a second collect waited up to 1 s
+for watchfiles (~127).
 
 What wakes it: in the settings folders, any change; in the town root and the rig folders,
 only entries coming, going or renamed; and the env file itself, through a watch on its inode,
