@@ -109,6 +109,13 @@ class Sandbox:
         with self.daemon.local(timeout=30) as client:
             return client.post("/config/sync")
 
+    def start_sync_done(self) -> None:
+        """Wait until the daemon's sync at start has ended: one still running when a test
+        edits a file by hand would put the cloud's keys back before the test's own sync."""
+        wait_until(
+            lambda: self.status()["config_sync"]["last_sync_at"], "the sync at start", deadline=15
+        )
+
     def status(self) -> dict[str, Any]:
         assert self.daemon is not None
         with self.daemon.local() as client:
@@ -188,6 +195,7 @@ def test_a_hand_edit_of_a_cloud_key_is_put_back_and_a_hand_added_key_kept(
     the next sync puts the first back and keeps the second."""
     sandbox.start()
     assert sandbox.dashboard_patch(CHANGE).status_code == 200
+    sandbox.start_sync_done()
     edited = sandbox.doc()
     edited["default_agent"] = "claude"
     edited["role_effort"]["crew"] = "low"
