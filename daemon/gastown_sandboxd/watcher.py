@@ -150,18 +150,18 @@ class SettingsWatcher:
 
     def wanted_folders(self) -> frozenset[Path]:
         """The existing folders to watch now: the town's and the env file's."""
-        wanted = self._town_folders() | {self._env_file.parent}
-        return frozenset(folder for folder in wanted if folder.is_dir())
+        return self._wanted()[0]
 
-    def _town_folders(self) -> set[Path]:
-        # The town root and the store's folders, existing or not.
-        wanted = {self._town_root}
+    def _wanted(self) -> tuple[frozenset[Path], frozenset[Path]]:
+        # `wanted_folders()`, and which of them are the town's (its root, the store's folders).
+        town = {self._town_root}
         try:
-            wanted.update(_absolute(folder) for folder in self._folders())
+            town.update(_absolute(folder) for folder in self._folders())
         except Exception as exc:  # the store's listing failed: keep what we know
             log.warning("watcher_folders_failed", error=str(exc))
-            wanted.update(self._watched)
-        return wanted
+            town.update(self._watched)
+        folders = frozenset(folder for folder in town | {self._env_file.parent} if folder.is_dir())
+        return folders, folders & town
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -171,9 +171,9 @@ class SettingsWatcher:
         first = True
         try:
             while True:
-                folders = self.wanted_folders()
+                folders, town = self._wanted()
                 async with anyio.create_task_group() as tg:
-                    outcome = await tg.start(self._watch, folders)
+                    outcome = await tg.start(self._watch, folders, town)
                     previous, self._watched = self._watched, folders
                     if first:
                         task_status.started()
@@ -190,7 +190,11 @@ class SettingsWatcher:
             self._running = False
 
     async def _watch(
-        self, folders: frozenset[Path], *, task_status: anyio.abc.TaskStatus[_Outcome]
+        self,
+        folders: frozenset[Path],
+        town: frozenset[Path],
+        *,
+        task_status: anyio.abc.TaskStatus[_Outcome],
     ) -> None:
         outcome = _Outcome()
         stop = anyio.Event()
@@ -198,7 +202,7 @@ class SettingsWatcher:
             tg.start_soon(_set_when_cancelled, stop)
             try:
                 if self._doorbell:
-                    await self._watch_rung(folders, stop, outcome, task_status)
+                    await self._watch_rung(folders, town, stop, outcome, task_status)
                 else:
                     await self._watch_polled(folders, stop, outcome, task_status)
             except (OSError, RuntimeError) as exc:  # a folder vanished, inotify limits, …
@@ -213,6 +217,7 @@ class SettingsWatcher:
     async def _watch_rung(
         self,
         folders: frozenset[Path],
+        town: frozenset[Path],
         stop: anyio.Event,
         outcome: _Outcome,
         task_status: anyio.abc.TaskStatus[_Outcome],
@@ -224,8 +229,8 @@ class SettingsWatcher:
         # its set. It watches only these: every folder it watches wakes its thread for every
         # change of any file there.
         with RustNotify(sorted(map(str, settings)), False, False, 0, False, False) as notify:
-            # The env file's folder is watched for the env file alone only while it is missing.
-            town = folders & self._town_folders()
+            # The env file's folder (unless it is the town's) is watched for the env file
+            # alone, and only while it is missing or a symlink.
             doorbell = _Doorbell.open(town, content=settings, file=self._env_file)
             if doorbell is None:  # no inotify here after all: poll from now on
                 self._doorbell = False
