@@ -244,7 +244,7 @@ class SettingsWatcher:
                 ring = _Ring(collect=True)
                 while True:
                     changes: set[tuple[Change, str]] = set()
-                    if ring.collect or ring.lost:
+                    if ring.collect:
                         # Two steps are enough: the ring's own paths are in the batch, so a
                         # change watchfiles handed over already, or has not read yet, is lost
                         # neither way.
@@ -263,14 +263,19 @@ class SettingsWatcher:
                         # meanwhile) belongs to this batch, not to a ring of its own.
                         if not self._own_writes.in_flight:
                             ring.add(doorbell.drain(self._rings))
-                    changes.update((Change.modified, str(path)) for path in ring.paths)
-                    if ring.lost:  # anything may have changed: the env file, the folders
-                        changes.add((Change.modified, str(self._env_file)))
+                    # A path watchfiles reported is one change, not two.
+                    reported = {path for _, path in changes}
+                    changes.update(
+                        (Change.modified, path)
+                        for path in map(str, ring.paths)
+                        if path not in reported
+                    )
+                    if ring.lost:  # the folders may have changed too (the drain named the env file)
                         changes.add((Change.modified, str(self._town_root)))
                     if changes and not await self._batch(changes, folders):
                         return
                     ring = await doorbell.wait(self._rings, self._own_writes)
-                    if not (ring.collect or ring.lost):  # the rest of the same burst
+                    if not ring.collect:  # the rest of the same burst
                         await doorbell.settle(
                             ring, self._rings, self._own_writes, self._step_ms, self._debounce_ms
                         )
@@ -417,8 +422,8 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-p
 
 class _Ring:
     """What one ring brought: its paths (settings files, the env file, entries of the town
-    root and the rig folders), whether watchfiles must collect (a settings file changed),
-    and whether the queue was lost (anything may have changed)."""
+    root and the rig folders), whether watchfiles must collect (a settings file changed, or
+    the queue was lost), and whether the queue was lost (anything may have changed)."""
 
     __slots__ = ("collect", "lost", "paths")
 
@@ -529,7 +534,7 @@ class _Doorbell:
             if own_writes.in_flight:
                 await _settled(own_writes)
             ring = self.drain(relevant)
-            if ring.lost or ring.collect or ring.paths:
+            if ring.collect or ring.paths:
                 return ring
             with anyio.CancelScope() as listening:
                 withdraw = own_writes.on_begin(listening.cancel)
@@ -551,7 +556,7 @@ class _Doorbell:
         watchfiles' step makes it. Ends early once a settings file rings: watchfiles
         collects the rest."""
         deadline = anyio.current_time() + limit_ms / 1000
-        while not (ring.collect or ring.lost):
+        while not ring.collect:
             quiet = min(step_ms / 1000, deadline - anyio.current_time())
             if quiet <= 0:
                 return
@@ -582,7 +587,7 @@ class _Doorbell:
                 name = buffer[offset : offset + length].rstrip(b"\0")
                 offset += length
                 if mask & _IN_Q_OVERFLOW:
-                    ring.lost = True
+                    ring.lost = ring.collect = True
                 elif mask & _IN_IGNORED and wd == self._file_wd:
                     self._file_wd = None  # the env file's inode went (reported as it went)
                     del self._places[wd]
