@@ -31,6 +31,11 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def switches(pid: int) -> int:
+    """Context switches of all of `pid`'s threads now (`thread_counters`): its wake-ups."""
+    return sum(count for _, _, count in thread_counters(pid).values())
+
+
 def thread_counters(pid: int) -> dict[int, tuple[str, float, int]]:
     """Per thread of `pid`: (name, CPU seconds, context switches voluntary + involuntary).
 

@@ -46,7 +46,7 @@ from httpx_sse import aconnect_sse
 from tests.fixtures.daemon import make_town
 
 from ._daemon import Daemon, running_cloud, running_daemon, tcp_client, uds_client
-from ._stats import cpu_seconds, percentile, thread_counters
+from ._stats import cpu_seconds, percentile, switches
 from ._table import Row, main_of
 
 READERS = 100
@@ -257,21 +257,17 @@ async def wakeups_per_rewrite(daemon: Daemon, rewrites: int) -> tuple[float, flo
     """The daemon's wake-ups (all its threads) per rewrite of the town settings file by bash
     (`REWRITE_IN_PLACE`), over `EDIT_PAUSE` after each; and per `EDIT_PAUSE` with none."""
     path = daemon.town_root / "settings" / "config.json"
-
-    def switches() -> int:
-        return sum(count for _, _, count in thread_counters(daemon.pid).values())
-
     if not path.exists():  # its first write is an edit too: done before the baseline
         path.write_text(json.dumps({"type": "town-settings", "version": 1}))
         await anyio.sleep(EDIT_PAUSE)
-    before = switches()
+    before = switches(daemon.pid)
     await anyio.sleep(2 * EDIT_PAUSE)
-    idle = (switches() - before) / 2
-    before = switches()
+    idle = (switches(daemon.pid) - before) / 2
+    before = switches(daemon.pid)
     for _ in range(rewrites):
         await anyio.run_process(["bash", "-c", REWRITE_IN_PLACE, "bash", str(path)])
         await anyio.sleep(EDIT_PAUSE)
-    return (switches() - before) / rewrites, idle
+    return (switches(daemon.pid) - before) / rewrites, idle
 
 
 async def idle_cpu(daemon: Daemon, reader_count: int, window: float) -> float:

@@ -29,7 +29,7 @@ from typing import TextIO
 
 import anyio
 
-from ._stats import percentile, thread_counters
+from ._stats import percentile, switches
 from ._table import Row, main_of
 
 CONFIGS: tuple[tuple[str, int], ...] = (
@@ -102,7 +102,7 @@ def _wakeups(pid: int, window: float, home: Path | None = None, town: Path | Non
     """The child's wake-ups per second over `window`; with `home` and `town`, this process
     meanwhile writes `WRITES_PER_S` times a second each of three files that are not the
     watcher's (`_busy`)."""
-    before, started = thread_counters(pid), time.perf_counter()
+    before, started = switches(pid), time.perf_counter()
     if home is not None and town is not None:
         with (
             (town / ".events.jsonl").open("a") as log,
@@ -112,9 +112,7 @@ def _wakeups(pid: int, window: float, home: Path | None = None, town: Path | Non
                 time.sleep(max(0.0, started + n / WRITES_PER_S - time.perf_counter()))
                 _busy(n, log, history, home)
     time.sleep(max(0.0, started + window - time.perf_counter()))
-    after, elapsed = thread_counters(pid), time.perf_counter() - started
-    switches = sum(s for _, _, s in after.values()) - sum(s for _, _, s in before.values())
-    return switches / elapsed
+    return (switches(pid) - before) / (time.perf_counter() - started)
 
 
 def _busy(n: int, log: TextIO, history: TextIO, home: Path) -> None:
@@ -132,8 +130,8 @@ def _busy(n: int, log: TextIO, history: TextIO, home: Path) -> None:
 
 
 def measure(mode: str, step: int, window: float, edits: int) -> tuple[float, float, list[float]]:
-    """(idle wake-ups per second of the child, its wake-ups per second while another process
-    appends to a file beside the env file, edit → callback latencies in ms)."""
+    """(idle wake-ups per second of the child, its wake-ups per second while other files are
+    written (`_busy`), rename → callback latencies in ms)."""
     with tempfile.TemporaryDirectory(prefix="watcher-bench-") as tmp:
         root = Path(tmp)
         _town(root)
