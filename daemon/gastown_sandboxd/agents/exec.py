@@ -284,27 +284,60 @@ def _ask_daemon_to_refresh(socket: str, *, say: Say) -> None:
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The light entry's parser: `python -m gastown_sandboxd.agents exec|token …`."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The light entry's parser: `python -m gastown_sandboxd.agents exec|token …`.
+
+    Given the `command` the arguments start with, only that command's parser is built (an
+    agent start or a helper run builds one, not both); otherwise both, for help and errors.
+    """
     parser = argparse.ArgumentParser(
         prog="gastown-sandboxd",
         description="The agent commands of gastown-sandboxd, without the daemon's imports.",
+        formatter_class=help_formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    exec_ = commands.add_parser("exec", help="run a command with the current token")
-    exec_.description = EXEC_COMMAND_HELP
-    add_exec_arguments(exec_)
-    token = commands.add_parser("token", help="print the current token")
-    token.description = PRINT_COMMAND_HELP
-    add_common_arguments(token)
+    if command in (None, "exec"):
+        exec_ = commands.add_parser(
+            "exec", help="run a command with the current token", formatter_class=help_formatter
+        )
+        exec_.description = EXEC_COMMAND_HELP
+        add_exec_arguments(exec_)
+    if command in (None, "token"):
+        token = commands.add_parser(
+            "token", help="print the current token", formatter_class=help_formatter
+        )
+        token.description = PRINT_COMMAND_HELP
+        add_common_arguments(token)
     return parser
+
+
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's own formatter, as wide as the terminal, found without `shutil`.
+
+    argparse makes a formatter for every argument it adds, and one given no width imports
+    `shutil` (with `bz2`, `lzma` and `fnmatch`) to ask the terminal's width: a few ms of
+    every agent start. The width comes from the same places (`COLUMNS`, then the terminal
+    on stdout, else 80), less the 2 argparse takes off.
+    """
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return argparse.HelpFormatter(prog, width=(columns or 80) - 2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of shims and of Claude Code's helper; same grammar as `gastown-sandboxd`."""
     from gastown_sandboxd.errors import OptionsError
 
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = words[0] if words and words[0] in ("exec", "token") else None
+    args = build_parser(command).parse_args(argv)
     try:
         return run_exec(args) if args.command == "exec" else run_token(args)
     except OptionsError as exc:

@@ -14,6 +14,8 @@ import pytest
 from gastown_sandboxd.agents.claude import TTL_VARIABLE, helper_command
 from gastown_sandboxd.agents.exec import (
     agent_environment,
+    build_parser,
+    help_formatter,
     is_gateway_token,
     read_values,
     resolve_command,
@@ -209,11 +211,42 @@ def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
     assert "no-such-agent-cli" in done.stderr
 
 
+def test_a_command_builds_only_its_own_parser_and_help_names_both(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`token` and `exec` parse with their own parser alone; without a command, the parser
+    has both, so `--help` and a usage error name them."""
+    args = build_parser("token").parse_args(["token", "--env-file", "e", "--socket", "s"])
+    assert (args.command, args.env_file, args.socket) == ("token", "e", "s")
+    args = build_parser("exec").parse_args(["exec", "--socket", "s", "--", "kilo", "-v"])
+    assert (args.command, args.argv) == ("exec", ["--", "kilo", "-v"])
+    with pytest.raises(SystemExit):
+        build_parser("token").parse_args(["exec", "--", "kilo"])
+    assert "invalid choice: 'exec'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    listed = capsys.readouterr().out
+    assert "    exec " in listed
+    assert "    token " in listed
+
+
+@pytest.mark.parametrize(("columns", "width"), [("100", 98), ("0", 78), ("wide", 78), ("", 78)])
+def test_help_is_as_wide_as_columns_says_else_80(
+    monkeypatch: pytest.MonkeyPatch, columns: str, width: int
+) -> None:
+    """argparse's rule without `shutil`: `COLUMNS`, then the terminal (none under pytest's
+    capture), else 80; less the 2 argparse takes off."""
+    monkeypatch.setenv("COLUMNS", columns)
+    formatter = help_formatter("gastown-sandboxd")
+    assert formatter._width == width
+
+
 # What the light entry must not load: each is paid by every agent start and helper call.
 # dataclasses brings inspect (10-14 ms on 2 cores), hashlib OpenSSL, pathlib urllib.parse and
-# ipaddress (5-9 ms); the rest are the daemon's.
+# ipaddress (5-9 ms), shutil bz2, lzma and fnmatch (argparse imports it for the terminal's
+# width unless given one: `help_formatter`); the rest are the daemon's.
 NOT_ON_THE_LIGHT_PATH = {
-    *("dataclasses", "inspect", "hashlib", "pathlib"),
+    *("dataclasses", "inspect", "hashlib", "pathlib", "shutil"),
     *("httpx", "anyio", "structlog"),
 }
 
