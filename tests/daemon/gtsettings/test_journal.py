@@ -217,6 +217,32 @@ def test_a_rig_folder_that_is_a_symlink_at_write_time_is_refused(
     assert (root / TOWN_FILE).read_bytes() == TOWN_SETTINGS
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_settings_file_that_is_no_regular_file_at_write_time_is_refused(
+    root: Path, tmp_path: Path, kind: str
+) -> None:
+    """config.json swapped for a symlink (to a file outside the town) or a FIFO after the
+    change was planned: 409 naming the file, nothing written, the outside file untouched."""
+    outside = tmp_path / "outside.json"
+    outside.write_bytes(RIG_SETTINGS)
+    target = root / "docs" / TOWN_FILE
+    target.unlink()
+    if kind == "symlink":
+        target.symlink_to(outside)
+    else:
+        os.mkfifo(target)
+    writes = [FileWrite(None, NEW_TOWN, TOWN_SETTINGS), FileWrite("docs", NEW_RIG, RIG_SETTINGS)]
+    with pytest.raises(SettingsConflict) as caught:
+        write_all(root, writes)
+    assert caught.value.status == 409
+    assert caught.value.message == (
+        "docs/settings/config.json is not a regular file any more; nothing was written"
+    )
+    assert outside.read_bytes() == RIG_SETTINGS
+    assert (root / TOWN_FILE).read_bytes() == TOWN_SETTINGS
+    assert leftovers(root) == []
+
+
 def test_a_swap_after_the_folder_was_opened_cannot_redirect_the_write(
     root: Path, tmp_path: Path
 ) -> None:

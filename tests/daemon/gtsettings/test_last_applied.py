@@ -1,11 +1,15 @@
-"""The last-applied copy's folder, as `check` reports it."""
+"""The last-applied copy: kept across runs, refused when unreadable, and its folder as
+`check` reports it."""
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from gastown_sandboxd.gtsettings.last_applied import LastApplied
 
@@ -37,3 +41,60 @@ def test_a_folder_without_write_permission_is_named(tmp_path: Path) -> None:
         assert problem == f"{locked / 'state'} cannot be created (in {locked})"
     finally:
         locked.chmod(0o700)
+
+
+def test_the_copy_one_run_records_is_the_one_the_next_run_loads(tmp_path: Path) -> None:
+    """Written 0600 with its nulls dropped (a null removes a key, it is never a value); an
+    unchanged copy is not written again."""
+    first = copy_in(tmp_path)
+    assert first.record(3, {"town": {"default_agent": "codex", "default_model": None}})
+    assert first.path is not None
+    assert stat.S_IMODE(first.path.stat().st_mode) == 0o600
+    assert not first.record(3, {"town": {"default_agent": "codex"}})
+    loaded = copy_in(tmp_path).load()
+    assert (loaded.generation, loaded.desired) == (3, {"town": {"default_agent": "codex"}})
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[3]",
+        b'{"town_id": "town-1", "generation": "3", "desired": {}}',
+        b'{"town_id": "town-1", "generation": 3, "desired": []}',
+        b'{"town_id": "town-1", "desired": {}}',
+    ],
+    ids=["not-json", "not-an-object", "generation-text", "desired-list", "no-generation"],
+)
+def test_a_copy_that_cannot_be_read_counts_as_none_and_is_logged(
+    tmp_path: Path, content: bytes
+) -> None:
+    """The next sync then sets what the cloud wants and removes nothing; the file is left
+    for whoever wants to look at it (the next record replaces it)."""
+    path = tmp_path / "desired-config.json"
+    path.write_bytes(content)
+    with capture_logs() as logs:
+        loaded = copy_in(tmp_path).load()
+    assert (loaded.generation, loaded.desired) == (None, {})
+    assert [entry["event"] for entry in logs] == ["last_applied_unreadable"]
+    assert path.read_bytes() == content
+
+
+def test_a_copy_that_is_a_folder_counts_as_none_and_is_logged(tmp_path: Path) -> None:
+    (tmp_path / "desired-config.json").mkdir()
+    with capture_logs() as logs:
+        loaded = copy_in(tmp_path).load()
+    assert loaded.generation is None
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("last_applied_unreadable", "Is a directory")
+    ]
+
+
+def test_a_copy_of_the_town_is_used_and_one_of_another_town_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "desired-config.json"
+    document = {"format": 1, "town_id": "town-2", "generation": 5, "desired": {"town": {}}}
+    path.write_text(json.dumps(document))
+    with capture_logs() as logs:
+        assert copy_in(tmp_path).load().generation is None
+    assert [entry["event"] for entry in logs] == ["last_applied_of_another_town"]
+    assert LastApplied(state_dir=tmp_path, town_id="town-2").load().generation == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class FakeCloud:
         self.reports: list[dict[str, Any]] = []
         self.bearers: list[str | None] = []
         self.fail: DesiredConfigUnavailable | None = None
+        self.fail_report: DesiredConfigUnavailable | None = None
         self.fetched = anyio.Event()
 
     def change(self, desired: dict[str, Any]) -> None:
@@ -69,6 +71,8 @@ class FakeCloud:
         revision: str,
         error: dict[str, Any] | None,
     ) -> None:
+        if self.fail_report is not None:
+            raise self.fail_report
         self.reports.append(
             {"observedGeneration": observed_generation, "revision": revision, "error": error}
         )
@@ -156,6 +160,50 @@ async def test_a_sync_applies_desired_reports_it_and_keeps_the_last_applied_copy
     assert kept.stat().st_mode & 0o777 == 0o600
 
 
+async def test_a_report_the_cloud_did_not_take_is_sent_again_by_the_next_sync(
+    root: Path, store: SettingsStore
+) -> None:
+    """The files are applied and the copy kept; the cloud still shows the generation
+    pending, so the next sync, with nothing left to write, reports it."""
+    cloud = FakeCloud()
+    cloud.fail_report = DesiredConfigUnavailable(503, "unreachable", "the cloud is away")
+    sync = make_sync(store, cloud)
+    with capture_logs() as logs:
+        first = await sync.sync_now()
+    assert (first.state, first.changed, first.reported) == (SyncState.APPLIED, True, False)
+    assert doc(root)["default_agent"] == "codex"
+    assert store.last_applied.applied.generation == 1
+    assert [(e["event"], e["reason"]) for e in logs if e["log_level"] == "warning"] == [
+        ("config_sync_report_failed", "unreachable")
+    ]
+    assert (cloud.reports, cloud.state) == ([], "pending")
+    cloud.fail_report = None
+    before = stats(root)
+    second = await sync.sync_now()
+    assert (second.changed, second.reported) == (False, True)
+    assert stats(root) == before
+    assert cloud.reports == [{"observedGeneration": 1, "revision": store.revision, "error": None}]
+
+
+async def test_an_env_file_that_cannot_be_read_syncs_without_a_bearer(
+    root: Path, store: SettingsStore
+) -> None:
+    """The cloud decides what a call without the town's token gets; the sync still runs."""
+
+    def unreadable() -> str | None:
+        raise PermissionError(13, "Permission denied")
+
+    cloud = FakeCloud()
+    sync = ConfigSync(store=store, source=cloud, bearer=unreadable)
+    with capture_logs() as logs:
+        result = await sync.sync_now()
+    assert result.state is SyncState.APPLIED
+    assert cloud.bearers == [None]
+    assert ("config_sync_token_unreadable", "Permission denied") in [
+        (e["event"], e.get("error")) for e in logs
+    ]
+
+
 async def test_a_sync_with_nothing_to_do_writes_nothing_emits_nothing_reports_nothing(
     root: Path, store: SettingsStore, events: Events, tmp_path: Path
 ) -> None:
@@ -208,6 +256,34 @@ async def test_a_key_the_cloud_drops_is_removed_at_the_next_generation(
     assert "role_effort" not in doc(root) or "mayor" not in doc(root)["role_effort"]
     assert "agent" not in doc(root, "docs")
     assert doc(root)["default_agent"] == "codex"
+
+
+async def test_a_restart_keeps_which_keys_were_the_clouds(
+    root: Path, tmp_path: Path, events: Events
+) -> None:
+    """A key the cloud dropped while the daemon was away is removed by the next run, which
+    knows from the copy the last run kept that the key was the cloud's. The same files with
+    the copy lost (a new state folder) keep it: the merge removes only what it knows."""
+
+    async def run(town: Path, state: Path) -> SettingsStore:
+        last = LastApplied(state_dir=state, town_id="town-1")
+        store = SettingsStore(town_root=town, emit=events, last_applied=last)
+        await store.load()
+        return store
+
+    cloud = FakeCloud()
+    await make_sync(await run(root, tmp_path / "state"), cloud).sync_now()
+    assert doc(root, "docs")["agent"] == "codex"
+    lost = tmp_path / "copy" / "town"
+    shutil.copytree(root, lost)
+    cloud.change({"town": {"default_agent": "codex"}, "rigs": {}})
+    for town, state in ((root, tmp_path / "state"), (lost, tmp_path / "new-state")):
+        result = await make_sync(await run(town, state), cloud).sync_now()
+        assert (result.state, result.generation) == (SyncState.APPLIED, 2)
+    assert "agent" not in doc(root, "docs")
+    assert "mayor" not in doc(root).get("role_effort", {})
+    assert doc(lost, "docs")["agent"] == "codex"
+    assert doc(lost)["role_effort"]["mayor"] == "high"
 
 
 async def test_a_desired_configuration_the_checks_refuse_writes_nothing_and_is_reported(
@@ -315,6 +391,40 @@ async def test_the_loop_syncs_at_start_every_interval_jittered_and_when_woken(
     assert status["generation"] == 1
     assert status["state"] == "applied"
     assert status["last_sync_at"] == clock.time()
+
+
+async def test_a_sync_that_crashes_is_logged_and_the_loop_goes_on(
+    root: Path, store: SettingsStore
+) -> None:
+    """A bug in one sync (here the cloud's answer raises what no sync expects) is logged
+    with its traceback; the loop sleeps and syncs again, and that sync applies."""
+    cloud = FakeCloud()
+    real_fetch = cloud.fetch
+
+    async def fetch(bearer: str | None) -> DesiredConfig:
+        if cloud.fetches == 0:
+            cloud.fetches += 1
+            raise RuntimeError("a bug")
+        return await real_fetch(bearer)
+
+    cloud.fetch = fetch  # type: ignore[method-assign]
+    clock = RecordingClock()
+    sync = make_sync(store, cloud, clock=clock, interval=300.0)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(sync.run)
+            with anyio.fail_after(10):
+                while not clock.asked:
+                    await anyio.sleep(0.01)
+            clock.advance(clock.asked[0])
+            with anyio.fail_after(10):
+                while sync.status()["state"] != "applied":
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    crashes = [e for e in logs if e["event"] == "config_sync_crashed"]
+    assert len(crashes) == 1
+    assert crashes[0]["exc_info"] is True
+    assert doc(root)["default_agent"] == "codex"
 
 
 async def test_a_new_interval_replans_the_nap_without_a_sync(store: SettingsStore) -> None:
