@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from gastown_sandboxd.atomic import write_atomic_at
 from gastown_sandboxd.errors import SettingsConflict
 from gastown_sandboxd.gtsettings import journal
 from gastown_sandboxd.gtsettings.batch import FileWrite, Target, write_all, write_target
@@ -113,6 +114,65 @@ def test_a_file_edited_by_someone_else_after_the_crash_is_left_alone(root: Path)
     assert recovery.left_alone == ["docs/settings/config.json"]
     assert (root / "docs" / TOWN_FILE).read_bytes() == b'{"type": "rig-settings", "agent": "mine"}'
     assert (root / TOWN_FILE).read_bytes() == NEW_TOWN
+
+
+def test_a_rig_folder_swapped_for_a_symlink_after_the_crash_is_left_alone(
+    root: Path, tmp_path: Path
+) -> None:
+    """Recovery never follows a symlink out of the town: that rig is logged and named, the
+    outside file keeps its bytes, and the other files are rolled forward."""
+    journal_of(root, four_files())
+    outside = tmp_path / "outside"
+    (outside / "settings").mkdir(parents=True)
+    (outside / TOWN_FILE).write_bytes(RIG_SETTINGS)
+    os.rename(root / "docs", tmp_path / "docs-real")
+    os.symlink(outside, root / "docs")
+    with capture_logs() as logs:
+        recovery = journal.recover(root)
+    assert recovery is not None
+    assert recovery.left_alone == ["docs/settings/config.json"]
+    assert (outside / TOWN_FILE).read_bytes() == RIG_SETTINGS
+    assert (root / TOWN_FILE).read_bytes() == NEW_TOWN
+    assert (root / "frontend" / TOWN_FILE).read_bytes() == NEW_RIG
+    events = [log["event"] for log in logs]
+    assert events == ["settings_journal_folder_unusable", "settings_journal_recovered"]
+    assert leftovers(root) == []
+
+
+def test_a_new_rig_file_whose_folder_was_never_made_is_made_by_the_roll_forward(
+    root: Path,
+) -> None:
+    """The crash came after the journal and before the new rig's `settings` folder was
+    made: rolling forward makes the folder and the file."""
+    (root / "newrig").mkdir()
+    journal_of(root, [*four_files(), JournalEntry("newrig", None, NEW_RIG, made_folder=True)])
+    recovery = journal.recover(root)
+    assert recovery is not None
+    assert "newrig/settings/config.json" in recovery.rewritten
+    assert (root / "newrig" / TOWN_FILE).read_bytes() == NEW_RIG
+
+
+def test_a_file_the_replay_cannot_write_is_left_alone_and_logged(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write refused during recovery (the disk full, say) stops only that file: it is
+    named, and the daemon starts with the others recovered."""
+
+    def refuse_docs(dir_fd: int, name: str, data: bytes, **kwargs: object) -> object:
+        if "docs" in str(kwargs.get("folder")):
+            raise OSError(28, "No space left on device")
+        return write_atomic_at(dir_fd, name, data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal, "write_atomic_at", refuse_docs)
+    journal_of(root, four_files())
+    with capture_logs() as logs:
+        recovery = journal.recover(root)
+    assert recovery is not None
+    assert recovery.left_alone == ["docs/settings/config.json"]
+    assert (root / "docs" / TOWN_FILE).read_bytes() == RIG_SETTINGS
+    assert (root / "backend" / TOWN_FILE).read_bytes() == NEW_RIG
+    failed = [log for log in logs if log["event"] == "settings_journal_replay_failed"]
+    assert [log["error"] for log in failed] == ["[Errno 28] No space left on device"]
 
 
 def test_an_unreadable_journal_is_dropped_and_nothing_changes(root: Path) -> None:
