@@ -51,6 +51,18 @@ root (`.events.jsonl`). Measured by `bench/watcher_bench.py` with those three fi
 times a second each: 247 wake-ups a second (the loop, watchfiles' collect and its thread)
 when every folder was watched for writes, the env file's folder included, and watchfiles
 watched them all; 0.8 now.
+
+When inotify is used up (`inotify_init1` or `inotify_add_watch` refused with EMFILE, ENFILE,
+ENOSPC or ENOMEM: the user's 128 instances or its watches, shared by every program of the
+sandbox, agents' dev servers and editors included), the watch cannot be set up, and retrying
+it every second would log a warning every second and see nothing until other programs give
+inotify back. So the watcher polls by stat (`/status` mode `stat`, `_watch_by_stat`): every
+`poll_step_ms` (250 ms) it compares the whole stat of the env file and of each settings file
+with the last, logs once, and asks inotify again every `inotify_retry_s` (60 s). watchfiles'
+own polling cannot stand in: it compares whole seconds of mtime and misses an edit in the
+second of the one before. Measured with a real daemon in a user namespace whose inotify
+instances are 0: before, 8 `watcher_failed` warnings in 8 s and an edit never seen; now one
+`watcher_inotify_used_up` and the edit seen.
 """
 
 from __future__ import annotations
@@ -80,6 +92,12 @@ log = structlog.get_logger(__name__)
 
 # The step of the polled fallback: ~5 wake-ups/s, an edit seen in under 500 ms.
 POLL_STEP_MS = 250
+# Without inotify to be had (its instances or watches used up), how long the watcher polls
+# by stat before it asks inotify again.
+INOTIFY_RETRY_S = 60.0
+# inotify_init1 / inotify_add_watch failing with these: the user's instances (128 by default)
+# or watches used up, or the kernel's memory; other programs may give them back.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM})
 
 
 def is_temporary(path: str) -> bool:
@@ -109,6 +127,7 @@ class SettingsWatcher:
         retry_delay: float = 1.0,
         doorbell: bool = True,
         own_writes: OwnWrites = OWN_WRITES,
+        inotify_retry_s: float = INOTIFY_RETRY_S,
     ) -> None:
         """`doorbell=False` forces the polled fallback (`awatch` with `poll_step_ms`)."""
         self._town_root = _absolute(town_root)
@@ -125,6 +144,11 @@ class SettingsWatcher:
         self._running = False
         self._watched: frozenset[Path] = frozenset()
         self.mode = "doorbell" if self._doorbell else "polled"
+        # Set while inotify is used up: the watch polls by stat (mode "stat") and asks
+        # inotify again after INOTIFY_RETRY_S.
+        self._without_inotify = False
+        self._used_up_told = False  # logged; told again once inotify is back
+        self.inotify_retry_s = inotify_retry_s
         self.restarts = 0
         self.changes_seen = 0
         self.settings_changes = 0
@@ -175,6 +199,10 @@ class SettingsWatcher:
                 async with anyio.create_task_group() as tg:
                     outcome = await tg.start(self._watch, folders, town)
                     previous, self._watched = self._watched, folders
+                    if outcome.started and self._used_up_told and not self._without_inotify:
+                        self._used_up_told = False
+                        log.info("watcher_inotify_back", mode=self.mode)
+                        await self._catch_up(folders, town)
                     if first:
                         task_status.started()
                     else:
@@ -184,7 +212,7 @@ class SettingsWatcher:
                     if self.wanted_folders() != folders:
                         tg.cancel_scope.cancel()
                 first = False
-                if outcome.failed:
+                if outcome.failed and not outcome.retry_now:
                     await anyio.sleep(self._retry_delay)
         finally:
             self._running = False
@@ -201,15 +229,30 @@ class SettingsWatcher:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_set_when_cancelled, stop)
             try:
-                if self._doorbell:
+                if self._without_inotify:
+                    await self._watch_by_stat(stop, outcome, task_status)
+                elif self._doorbell:
                     await self._watch_rung(folders, town, stop, outcome, task_status)
                 else:
                     await self._watch_polled(folders, stop, outcome, task_status)
             except (OSError, RuntimeError) as exc:  # a folder vanished, inotify limits, …
                 self.errors += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                outcome.failed = True
-                log.warning("watcher_failed", error=self._last_error)
+                if not self._without_inotify and _inotify_used_up(self._town_root):
+                    # Not a fault of the watch: retrying it every second would fail and log
+                    # the same until other programs give inotify back. Poll by stat now.
+                    self._without_inotify = outcome.retry_now = True
+                    if not self._used_up_told:  # once, not at every retry of inotify
+                        self._used_up_told = True
+                        log.warning(
+                            "watcher_inotify_used_up",
+                            error=self._last_error,
+                            effect=f"polling by stat every {self._poll_step_ms} ms; inotify "
+                            f"is asked again every {self.inotify_retry_s:.0f} s",
+                        )
+                else:
+                    outcome.failed = True
+                    log.warning("watcher_failed", error=self._last_error)
                 if not outcome.started:
                     task_status.started(outcome)
             tg.cancel_scope.cancel()
@@ -234,10 +277,10 @@ class SettingsWatcher:
             doorbell = _Doorbell.open(town, content=settings, file=self._env_file)
             if doorbell is None:  # no inotify here after all: poll from now on
                 self._doorbell = False
-                self.mode = "polled"
                 await self._watch_polled(folders, stop, outcome, task_status)
                 return
             with contextlib.closing(doorbell):
+                self.mode = "doorbell"
                 outcome.started = True
                 task_status.started(outcome)
                 # The first collect takes what came while the two were being set up.
@@ -297,12 +340,78 @@ class SettingsWatcher:
         )
         # awatch registers its watches on the first __anext__, before it first suspends,
         # so the caller resumes from start() only once they are in place.
+        self.mode = "polled"
         outcome.started = True
         task_status.started(outcome)
         async with contextlib.aclosing(changes_iter):
             async for changes in changes_iter:
                 if not await self._batch(changes, folders):
                     return
+
+    async def _watch_by_stat(
+        self,
+        stop: anyio.Event,
+        outcome: _Outcome,
+        task_status: anyio.abc.TaskStatus[_Outcome],
+    ) -> None:
+        """Without inotify: every `poll_step_ms`, the stat of the env file and of each
+        settings file (of the folders wanted now) against the last; what differs is routed.
+
+        watchfiles' own polling cannot stand in: it compares whole seconds of mtime, so an
+        edit in the second of the one before is never seen. The stat here is compared whole
+        (inode, size, mtime and ctime in ns). After `inotify_retry_s` the watch ends and the
+        next one asks inotify again. What may have changed while the way of watching
+        changed is read once more at both ends (`_catch_up`).
+        """
+        self.mode = "stat"
+        outcome.started = True
+        task_status.started(outcome)
+        folders, town = self._wanted()
+        seen = self._stamps(folders, town)
+        await self._catch_up(folders, town)
+        with anyio.move_on_after(self.inotify_retry_s):
+            while not stop.is_set():
+                await anyio.sleep(self._poll_step_ms / 1000)
+                await _settled(self._own_writes)
+                folders, town = self._wanted()
+                now = self._stamps(folders, town)
+                changes = {
+                    (_kind(seen.get(path), now.get(path)), str(path))
+                    for path in seen.keys() | now.keys()
+                    if seen.get(path) != now.get(path)
+                }
+                seen = now
+                if changes:
+                    await self._route(changes, folders)
+        # Time to ask inotify again; if it is still used up, the next watch comes back here.
+        self._without_inotify, outcome.retry_now = False, True
+
+    def _stamps(
+        self, folders: frozenset[Path], town: frozenset[Path]
+    ) -> dict[Path, tuple[int, int, int, int] | None]:
+        # The env file (through a symlink: its target) and the settings file of each settings
+        # folder of the town; None for one that is not there.
+        paths = [self._env_file, *(f / CONFIG for f in town if f.name == SETTINGS)]
+        stamps: dict[Path, tuple[int, int, int, int] | None] = {}
+        for path in paths:
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamps[path] = None
+            else:
+                stamps[path] = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        return stamps
+
+    async def _catch_up(self, folders: frozenset[Path], town: frozenset[Path]) -> None:
+        """Have every settings file and the env file read once more: an edit made between
+        two ways of watching is seen by neither. The store and the refresher compare with
+        what they hold, so this reports only what really changed, and logs nothing else."""
+        await _settled(self._own_writes)
+        present = {f / CONFIG for f in town if f.name == SETTINGS and (f / CONFIG).is_file()}
+        if present:
+            forget_cached(present)
+            await _call_safely("on_settings_change", self._on_settings_change, present)
+        await _call_safely("on_env_change", self._on_env_change)
 
     async def _batch(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> bool:
         """Route one batch; False when the folders to watch changed (watching restarts)."""
@@ -464,7 +573,10 @@ class _Doorbell:
             return None
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            log.warning("watcher_doorbell_unavailable", error=os.strerror(ctypes.get_errno()))
+            code = ctypes.get_errno()
+            if code in _EXHAUSTED:  # there is inotify, but none to spare right now
+                raise OSError(code, os.strerror(code), "inotify_init1")
+            log.warning("watcher_doorbell_unavailable", error=os.strerror(code))
             return None
         places: dict[int, Path] = {}
         try:
@@ -646,6 +758,22 @@ async def _settled(own_writes: OwnWrites) -> None:
         await done.wait()
 
 
+def _inotify_used_up(folder: Path) -> bool:
+    """Whether inotify is there but has no instance or watch to spare now: asked of the
+    kernel with one instance and one watch of `folder`, both given back at once."""
+    libc = _libc()
+    if libc is None:
+        return False
+    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        return ctypes.get_errno() in _EXHAUSTED
+    try:
+        wd = libc.inotify_add_watch(fd, os.fsencode(folder), _NAMES_MASK)
+        return wd < 0 and ctypes.get_errno() in _EXHAUSTED
+    finally:
+        os.close(fd)
+
+
 def _libc() -> Any:
     """libc's inotify functions through ctypes, or None where there are none."""
     try:
@@ -659,11 +787,19 @@ def _libc() -> Any:
     return libc
 
 
+def _kind(before: object, after: object) -> Change:
+    """The change between two stamps of a path (None: not there)."""
+    if before is None:
+        return Change.added
+    return Change.deleted if after is None else Change.modified
+
+
 class _Outcome:
-    __slots__ = ("failed", "started")
+    __slots__ = ("failed", "retry_now", "started")
 
     def __init__(self) -> None:
         self.failed = False
+        self.retry_now = False  # watch again at once (the way to watch changed)
         self.started = False
 
 

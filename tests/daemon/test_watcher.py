@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import operator
 import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -21,6 +25,7 @@ from gastown_sandboxd.atomic import write_atomic
 from gastown_sandboxd.gtsettings.journal import JOURNAL, ROLLBACK
 from gastown_sandboxd.own_writes import OwnWrites
 from gastown_sandboxd.watcher import SettingsWatcher, is_temporary
+from gastown_sandboxd.watcher import _libc as real_libc
 from tests.waiting import eventually
 
 ATOMIC_WRITE = """
@@ -359,6 +364,73 @@ async def test_watch_set_up_failure_is_retried(
     assert status["errors"] == 1
     assert "FileNotFoundError" in str(status["last_error"])
     assert any(log["event"] == "watcher_failed" for log in logs)
+
+
+class InotifyUsedUp:
+    """libc's inotify as the watcher calls it, with no instance to spare while `used_up`
+    (EMFILE: the user's 128 instances, shared by every program of the sandbox)."""
+
+    def __init__(self) -> None:
+        self.used_up = True
+        self.refused = 0
+        self._libc = real_libc()
+
+    def inotify_init1(self, flags: int) -> int:
+        if self.used_up:
+            self.refused += 1
+            ctypes.set_errno(errno.EMFILE)
+            return -1
+        fd: int = self._libc.inotify_init1(flags)
+        return fd
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._libc, name)
+
+
+class ReadingCalls(Calls):
+    """The callbacks, reading each settings file named as the store does (a file read once
+    more while the way of watching changes is then told from an edit by its bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[str] = []
+
+    async def on_settings_change(self, paths: set[Path]) -> None:
+        await super().on_settings_change(paths)
+        self.read += [path.read_text() for path in sorted(paths)]
+
+
+async def test_with_inotify_used_up_the_watcher_polls_by_stat_until_it_is_back(
+    town_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, watch_mode: str
+) -> None:
+    """No inotify instance to spare: logged once (not at each time inotify is asked again),
+    `/status` says stat, and edits are seen, two in the same second included. Once inotify
+    is back, the watcher returns to it. A watcher already watching asks for nothing more."""
+    libc = InotifyUsedUp()
+    monkeypatch.setattr(watcher_module, "_libc", lambda: libc)
+    calls = ReadingCalls()
+    with capture_logs() as logs:
+        async with watching(town_tree, calls=calls, inotify_retry_s=0.2) as town:
+            rig_file = town.rig_file("alpha")
+            if watch_mode == "doorbell":
+                await eventually(lambda: town.watcher.status()["mode"] == "stat")
+            for edit in ('{"a": 1}', '{"a": 2}'):  # well within one second
+                run_writer(IN_PLACE_WRITE, rig_file, edit)
+                await eventually(partial(operator.contains, calls.read, edit))
+            if watch_mode == "doorbell":
+                refused = libc.refused
+                await eventually(lambda: libc.refused >= refused + 2)  # asked, still used up
+            libc.used_up = False
+            await eventually(lambda: town.watcher.status()["mode"] == watch_mode)
+            run_writer(IN_PLACE_WRITE, rig_file, '{"a": 3}')
+            await eventually(lambda: '{"a": 3}' in calls.read)
+    assert town.calls.settings_paths <= {rig_file, town.root / "settings" / "config.json"}
+    told = [log["event"] for log in logs if log["event"].startswith("watcher_inotify")]
+    if watch_mode == "doorbell":
+        assert told == ["watcher_inotify_used_up", "watcher_inotify_back"]
+        assert "watcher_failed" not in [log["event"] for log in logs]
+    else:
+        assert (libc.refused, told) == (0, [])
 
 
 async def test_the_daemons_own_write_is_dropped_and_others_still_seen(
