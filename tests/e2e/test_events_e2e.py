@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -100,6 +100,13 @@ def write_by_other_process(path: Path, text: str, *, in_place: bool = False) -> 
 @pytest.fixture
 def town(cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path) -> Town:
     """A daemon for a fresh town with one rig that already has settings, and its token."""
+    return start_town(cloud, daemon_factory, tmp_path)
+
+
+def start_town(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, wrapper: Sequence[str] = ()
+) -> Town:
+    """The `town` fixture's town, its daemon run through `wrapper` (see `daemon_factory`)."""
     town_json, token = cloud.create_town(user_id=USER, name="events")
     root = make_town(tmp_path / "town", rigs=(RIG,))
     (root / "settings" / "config.json").write_text(gt_file("town-settings", theme="dark"))
@@ -114,6 +121,7 @@ def town(cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path) -> T
         town_root=root,
         env_file=env_file,
         extra_env={"INTERNAL_API_KEY": cloud.internal_key},
+        wrapper=wrapper,
     )
     return Town(cloud=cloud, town_id=town_json["id"], daemon=daemon)
 
@@ -451,6 +459,36 @@ async def test_writes_to_other_files_of_the_town_and_the_home_folder_are_not_loo
             seen.append(status["watcher"]["changes_seen"])
         assert seen[2] - seen[1] == seen[1] - seen[0]
         assert status["watcher"]["restarts"] == 0
+
+
+# Runs a command in a user namespace of its own whose inotify instances are 0: inotify_init1
+# fails with EMFILE, as when the user's 128 are used up by other programs of the sandbox, and
+# nothing outside the namespace is touched (the limit is the namespace's own).
+WITHOUT_INOTIFY = (
+    *("unshare", "--user", "--map-root-user", "sh", "-c"),
+    *('echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh"),
+)
+
+
+async def test_with_inotify_used_up_a_daemon_still_sees_every_edit(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A real daemon with no inotify instance to be had: it says so once, `/status` shows
+    the watcher polling by stat, and edits by others are events as before, two in the same
+    second included (watchfiles' own polling compares whole seconds and misses the second)."""
+    probe = subprocess.run([*WITHOUT_INOTIFY, "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespace with its own inotify limit here: {probe.stderr!r}")
+    town = start_town(cloud, daemon_factory, tmp_path, wrapper=WITHOUT_INOTIFY)
+    town_file = town.root / "settings" / "config.json"
+    async with town.uds() as api, event_stream(api) as events:
+        assert (await get_json(api, "/status"))["watcher"]["mode"] == "stat"
+        for theme in ("one", "two"):
+            write_by_other_process(town_file, gt_file("town-settings", theme=theme), in_place=True)
+            assert config_fields(await next_event(events)) == external(None, ["theme"])
+    told = [record["event"] for record in town.daemon.logs()]
+    assert told.count("watcher_inotify_used_up") == 1
+    assert "watcher_failed" not in told
 
 
 async def test_rig_created_after_start_is_watched(town: Town) -> None:
