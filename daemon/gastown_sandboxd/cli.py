@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="check the options without starting",
-        description="Check every option (flags, environment, TOML file), the town root and the "
-        "env file's folder as `run` would, without starting; report every problem at once. "
+        description="Check every option (flags, environment, TOML file), the town root, the "
+        "env file's folder and the socket's path as `run` would, without starting; report "
+        "every problem at once. "
         "Exit 0 when all is well, 2 when anything is wrong.",
     )
     _add_config(check)

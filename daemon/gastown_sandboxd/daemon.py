@@ -36,7 +36,12 @@ from gastown_sandboxd.http import (
     serve_socket,
 )
 from gastown_sandboxd.ops import DaemonMetrics, MetricsRegistry, SocketLock, SystemdNotifier
-from gastown_sandboxd.options import Options, check_env_folder, check_town_root
+from gastown_sandboxd.options import (
+    Options,
+    check_env_folder,
+    check_socket_path,
+    check_town_root,
+)
 from gastown_sandboxd.token import CloudClient, TokenRefresher, read_token, token_metrics
 from gastown_sandboxd.watcher import SettingsWatcher
 
@@ -66,6 +71,7 @@ async def run_daemon(
         log.warning("option_deprecated", change=deprecation, config_file=str(options.config_file))
     check_town_root(options.town_root)
     check_env_folder(options.env_file)
+    check_socket_path(options.socket)
     check_shim_dir(options.shim_dir)
     clock = clock or SystemClock()
     systemd = SystemdNotifier()

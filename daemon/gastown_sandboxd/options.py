@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -318,6 +319,7 @@ def load_options(
     if check_paths:
         problems.take(lambda: check_town_root(options.town_root), None)
         problems.take(lambda: check_env_folder(options.env_file), None)
+        problems.take(lambda: check_socket_path(options.socket), None)
     problems.raise_any()
     return options
 
@@ -413,6 +415,29 @@ def check_env_folder(env_file: Path) -> None:
             setting,
             f"its folder {folder} does not exist",
             f"create it (mkdir -p {folder}) or set GASTOWN_ENV_FILE",
+        )
+
+
+def check_socket_path(path: Path) -> None:
+    """Nothing at the socket's path, or a socket (a stale one is replaced at start); anything
+    else there is not the daemon's to remove, so it cannot start: `OptionsError`."""
+    setting = "local socket (GASTOWN_SANDBOXD_SOCKET)"
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OptionsError(
+            setting,
+            f"{path} cannot be reached ({exc.strerror})",
+            "give the daemon's user access to its folder, or set --socket",
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
+        raise OptionsError(
+            setting,
+            f"{path} is a {kind}, not a socket (it is left as it is)",
+            "remove it, or give the daemon another socket (--socket)",
         )
 
 

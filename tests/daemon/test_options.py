@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.options import (
     Listen,
     Secret,
+    check_socket_path,
     load_client_options,
     load_options,
     parse_duration,
@@ -277,6 +279,24 @@ def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
     assert "GT_TOWN_ROOT" in lines[0]
     assert "GASTOWN_ENV_FILE" in lines[1]
     assert f"mkdir -p {tmp_path / 'no-folder'}" in lines[1]
+
+
+def test_the_socket_path_may_hold_nothing_or_a_socket_but_nothing_else(tmp_path: Path) -> None:
+    """A stale socket is the daemon's to replace; a file there is someone else's."""
+    path = tmp_path / "d.sock"
+    check_socket_path(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(path))
+    check_socket_path(path)
+    path.unlink()
+    path.write_text("")
+    with pytest.raises(OptionsError) as caught:
+        check_socket_path(path)
+    assert caught.value.setting == "local socket (GASTOWN_SANDBOXD_SOCKET)"
+    assert str(caught.value).endswith(
+        f"{path} is a file, not a socket (it is left as it is); remove it, or give the "
+        "daemon another socket (--socket)"
+    )
 
 
 def test_state_folder_and_sync_interval_defaults() -> None:

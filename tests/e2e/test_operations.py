@@ -291,6 +291,34 @@ def test_a_missing_env_file_folder_stops_start_up_with_one_line(tmp_path: Path) 
     assert not (tmp_path / "d.sock").exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "folder", "symlink"])
+def test_what_is_not_a_socket_at_the_socket_path_stops_run_and_check_and_is_kept(
+    tmp_path: Path, kind: str
+) -> None:
+    """`run` and `check` both exit 2 with one line naming it (run used to fail with exit 1
+    and "Address already in use", and check to pass); what is there is someone else's and
+    is left as it was. A stale socket, by contrast, is replaced at start."""
+    env = _base_env(tmp_path)
+    path = Path(env["GASTOWN_SANDBOXD_SOCKET"])
+    if kind == "file":
+        path.write_text("precious\n")
+    elif kind == "folder":
+        path.mkdir()
+        (path / "inside").write_text("precious\n")
+    else:
+        path.symlink_to(tmp_path / "elsewhere")
+    for done in (_run(env), cli("check", env=env)):
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert f"{path} is a {kind}, not a socket (it is left as it is)" in line
+    if kind == "file":
+        assert path.read_text() == "precious\n"
+    elif kind == "folder":
+        assert [p.name for p in path.iterdir()] == ["inside"]
+    else:
+        assert os.readlink(path) == str(tmp_path / "elsewhere")
+
+
 def test_check_reports_every_problem_in_one_run(tmp_path: Path) -> None:
     """Three settings missing, no town root, no env-file folder and a bad hook: one `check`
     run, exit 2, one line each; nothing is started or written."""
