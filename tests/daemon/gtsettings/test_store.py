@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import threading
 from pathlib import Path
@@ -630,6 +631,51 @@ async def test_a_settings_path_that_cannot_be_read_is_unreadable(
     with pytest.raises(SettingsFileUnreadable):
         await store.view()
     assert path.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["too large", "fifo"])
+async def test_a_settings_file_too_large_or_no_regular_file_is_never_read_whole(
+    root: Path, store: SettingsStore, kind: str
+) -> None:
+    """Past 16 MiB a file is not read into memory (no settings file is that large), and a
+    FIFO is not opened for a read that could block: each is unreadable, named with why, and
+    left as it is."""
+    path = root / "docs" / TOWN_FILE
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+        why = "is not a regular file"
+    else:
+        with path.open("wb") as big:
+            big.truncate(16 * 1024 * 1024 + 1)
+        why = "is larger than a settings file can be"
+    with pytest.raises(SettingsFileUnreadable) as caught:
+        await store.patch({"rigs": {"docs": {"agent": "codex"}}})
+    assert caught.value.status == 409
+    assert why in caught.value.message
+    if kind == "fifo":
+        assert stat.S_ISFIFO(path.lstat().st_mode)
+    else:
+        assert path.stat().st_size == 16 * 1024 * 1024 + 1
+
+
+async def test_a_town_settings_folder_leading_out_of_the_town_is_never_read_or_written(
+    root: Path, tmp_path: Path, events: Events
+) -> None:
+    """`settings` of the town swapped for a symlink to a folder elsewhere: the town file is
+    unreadable (it leads out through a symlink), every PATCH that needs it is refused, and
+    the file out there keeps its bytes."""
+    outside = tmp_path / "outside"
+    shutil.move(root / "settings", outside)
+    (root / "settings").symlink_to(outside)
+    store = SettingsStore(town_root=root, emit=events)
+    await store.load()
+    with pytest.raises(SettingsFileUnreadable) as caught:
+        await store.patch({"town": {"default_agent": "codex"}})
+    assert "leads out of the town root through a symlink" in caught.value.message
+    assert [d.path for d in caught.value.details] == ["/town"]
+    assert (outside / "config.json").read_bytes() == TOWN_SETTINGS
+    assert events.seen == []
 
 
 async def test_an_unreadable_town_file_blocks_every_patch_that_needs_it(
