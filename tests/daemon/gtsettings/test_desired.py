@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from gastown_sandboxd.errors import DesiredConfigUnavailable
-from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
+from gastown_sandboxd.gtsettings.desired import MAX_BODY_BYTES, DesiredConfigClient
 from tests.fixtures.net import closed_port, count_ca_loads
 
 KEY = "internal-key-0123456789"
@@ -80,6 +81,47 @@ async def test_bad_answers_are_mapped_to_a_gateway_status(
             await client.fetch(None)
     assert (caught.value.status, caught.value.reason) == (expected, reason)
     assert "not json" not in caught.value.message
+
+
+async def _chunks(size: int) -> AsyncIterator[bytes]:
+    for _ in range(size // 4096 + 1):
+        yield b" " * 4096
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "reason"),
+    [
+        ({"content-encoding": "gzip"}, b"{}", "content_encoding"),
+        ({"content-length": str(MAX_BODY_BYTES + 1)}, b"", "body_too_large"),
+        ({}, None, "body_too_large"),
+    ],
+    ids=["compressed", "declared-too-large", "streamed-too-large"],
+)
+async def test_an_answer_that_could_grow_past_the_cap_is_not_read(
+    headers: dict[str, str], content: bytes | None, reason: str
+) -> None:
+    """A compressed answer could expand past the cap, so it is refused unread; a body past
+    the cap, declared or as it streams in (None), is refused before it is all held: 502."""
+    body: bytes | AsyncIterator[bytes] = _chunks(MAX_BODY_BYTES + 1) if content is None else content
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        response = httpx.Response(200, content=body)
+        response.headers.update(headers)
+        return response
+
+    async with client_for(httpx.MockTransport(answer)) as client:
+        with pytest.raises(DesiredConfigUnavailable) as caught:
+            await client.fetch("t")
+    assert (caught.value.status, caught.value.reason) == (502, reason)
+
+
+async def test_a_report_the_cloud_refuses_is_a_gateway_status() -> None:
+    """The status the sync sends is refused (500): a 502 saying so, for the sync to retry."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(500, json={}))
+    async with client_for(transport) as client:
+        with pytest.raises(DesiredConfigUnavailable) as caught:
+            await client.report("t", observed_generation=1, revision="r", error=None)
+    assert (caught.value.status, caught.value.reason) == (502, "http_500")
 
 
 @pytest.mark.parametrize(
