@@ -94,6 +94,49 @@ def test_settings_that_are_not_json_are_never_overwritten_and_logged_once(
     assert warnings[0]["path"] == str(path)
 
 
+def test_a_shim_folder_gone_after_start_is_logged_once_and_made_good_when_back(
+    tmp_path: Path,
+) -> None:
+    """The shim folder replaced by a file (another program, a clean-up script): one warning
+    however often the keeper looks, no shim written elsewhere; once the folder is back,
+    the shim is written again. A shim that is gone is written again too."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    keeper.sync()
+    shims = tmp_path / "shims"
+    (shims / "claude").unlink()
+    shims.rmdir()
+    shims.write_text("not a folder")
+    with capture_logs() as logs:
+        for _ in range(3):
+            keeper.sync()
+    assert [(e["event"], e["folder"]) for e in logs] == [("agent_shims_failed", str(shims))]
+    assert shims.read_text() == "not a folder"
+    shims.unlink()
+    shims.mkdir()
+    with capture_logs() as logs:
+        keeper.sync()
+    assert [e["event"] for e in logs] == ["agent_shim_written"]
+    assert (shims / "claude").read_text().startswith("#!/bin/sh\n")
+
+
+def test_a_file_where_claudes_folder_should_be_is_left_alone_and_logged_once(
+    tmp_path: Path,
+) -> None:
+    """`~/.claude` is a file: its settings cannot be read, so nothing is written; one
+    warning however often the keeper looks."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".claude").write_text("a file where Claude's folder should be")
+    with capture_logs() as logs:
+        for _ in range(3):
+            keeper.sync()
+    told = [e for e in logs if e["event"].startswith("claude_settings")]
+    assert [(e["event"], e["log_level"]) for e in told] == [
+        ("claude_settings_unreadable", "warning")
+    ]
+    assert (tmp_path / "home" / ".claude").read_text() == "a file where Claude's folder should be"
+
+
 def test_an_absent_cli_gets_no_shim_and_is_logged_once(tmp_path: Path) -> None:
     """Absent CLIs: no shim, one `agent_cli_absent` each however often the keeper looks."""
     keeper = _keeper(tmp_path, path=_real_claude(tmp_path), names=("claude", "codex", "gemini"))
