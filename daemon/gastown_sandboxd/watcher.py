@@ -1,8 +1,9 @@
 """The watcher: external edits of the settings files and of the env file.
 
 Folders are watched, never files (atomic writers rename over them), and never recursively
-(rigs hold large worktrees): the town root itself (rigs appearing and going), the env file's
-folder, and the folders `folders()` names now (town settings folder, each rig folder, each
+(rigs hold large worktrees): the town root itself (rigs appearing and going; while it is
+gone, its parent, for its name to come back), the env file's folder, and the folders
+`folders()` names now (town settings folder, each rig folder, each
 rig's settings folder). Only existing folders can be watched, so after a batch that may change
 the set (anything but a settings file or the env file) the wanted set is computed again; when
 it differs, watching restarts with the new set, and a settings folder new to the set that
@@ -184,6 +185,10 @@ class SettingsWatcher:
         except Exception as exc:  # the store's listing failed: keep what we know
             log.warning("watcher_folders_failed", error=str(exc))
             town.update(self._watched)
+        if not self._town_root.is_dir():
+            # Gone (removed to be made again: a reinstall, a restore) or not made yet: its
+            # parent is watched for its name, or its return would go unseen.
+            town.add(self._town_root.parent)
         folders = frozenset(folder for folder in town | {self._env_file.parent} if folder.is_dir())
         return folders, folders & town
 
@@ -446,6 +451,7 @@ class SettingsWatcher:
             path == self._env_file
             or path.name in (CONFIG, SETTINGS)
             or path.parent == self._town_root
+            or path == self._town_root  # back in its parent, watched while it was gone
             or path in self._watched  # a watched folder itself went
         )
 

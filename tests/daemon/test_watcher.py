@@ -228,6 +228,24 @@ async def test_rig_arriving_with_its_settings_is_reported(
         await eventually(lambda: len(town.calls.settings) == 2)
 
 
+async def test_a_town_root_removed_and_made_again_is_watched_again(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """The town root removed and made again in its place (a reinstall, a restore): while it
+    is gone its parent is watched for its name; once it is back, its settings are watched
+    again and an edit by another process is seen."""
+    async with watching(town_tree) as town:
+        town_file = town.root / "settings" / "config.json"
+        shutil.rmtree(town.root)
+        await eventually(lambda: town.watches(town.root.parent))
+        before = len(town.calls.settings)
+        (town.root / "settings").mkdir(parents=True)
+        await eventually(lambda: town.watches(town_file.parent))
+        assert not town.watches(town.root.parent)
+        run_writer(IN_PLACE_WRITE, town_file, '{"back": true}')
+        await eventually(lambda: town_file in set().union(*town.calls.settings[before:]))
+
+
 async def test_rig_made_in_one_go_is_not_missed(town_tree: tuple[Path, Path]) -> None:
     """Folder, settings folder and file created back to back still reach the callback."""
     async with watching(town_tree) as town:
