@@ -55,8 +55,42 @@ def validate_patch(
 ) -> list[Problem]:
     """Every problem of `body` against the town as `current` holds it; [] when it may apply."""
     checker = _Checker(current, frozenset(PRESETS) | frozenset(extra_presets))
+    _unicode_problems(body, "", checker.problems)
     checker.check(body)
-    return checker.problems
+    # A lone surrogate in a key would make the answer itself unwritable as UTF-8.
+    return [Problem(_printable(p.path), _printable(p.message)) for p in checker.problems]
+
+
+def _unicode_problems(value: Any, path: str, problems: list[Problem]) -> None:
+    """Strings, keys too, that are not Unicode: a lone surrogate (`"\\ud800"` is JSON that
+    decodes to one) cannot be written as UTF-8, so no settings file can hold it."""
+    if isinstance(value, str):
+        if not _is_unicode(value):
+            problems.append(Problem(path, f"is {_LONE_SURROGATE}; send the text as Unicode"))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            child = path + pointer(str(key))
+            if isinstance(key, str) and not _is_unicode(key):
+                problems.append(Problem(child, f"this key is {_LONE_SURROGATE}"))
+            _unicode_problems(item, child, problems)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _unicode_problems(item, f"{path}/{index}", problems)
+
+
+_LONE_SURROGATE = "not Unicode: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text if _is_unicode(text) else text.encode("utf-8", "backslashreplace").decode()
 
 
 def contains_jwt(value: str) -> bool:

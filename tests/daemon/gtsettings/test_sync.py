@@ -311,6 +311,25 @@ async def test_a_desired_configuration_the_checks_refuse_writes_nothing_and_is_r
     assert cloud.reports[-1]["error"] is None
 
 
+async def test_a_desired_value_that_is_not_unicode_is_reported_failed_and_writes_nothing(
+    root: Path, store: SettingsStore
+) -> None:
+    """The cloud's answer decodes to a lone surrogate: refused like a PATCH with one (no file
+    could hold it as UTF-8), and the report the cloud gets says where, writable as JSON."""
+    cloud = FakeCloud()
+    cloud.desired = json.loads('{"town": {"default_agent": "co\\ud800dex"}, "rigs": {}}')
+    before = stats(root)
+    result = await make_sync(store, cloud).sync_now()
+    assert result.state is SyncState.FAILED
+    assert stats(root) == before
+    assert result.error is not None
+    said = {(d["path"], d["message"].split(":")[0]) for d in result.error["details"]}
+    assert ("/town/default_agent", "is not Unicode") in said
+    (report,) = cloud.reports
+    assert report["error"] == result.error
+    assert json.dumps(report, ensure_ascii=False).encode("utf-8")  # as httpx would send it
+
+
 async def test_an_unreachable_cloud_writes_nothing_and_retries_sooner(
     root: Path, store: SettingsStore
 ) -> None:

@@ -715,6 +715,26 @@ async def test_invalid_patch_is_422_with_every_problem_at_its_pointer(town: Town
     assert town.patches(422) == 1
 
 
+async def test_a_lone_surrogate_is_422_at_its_pointer_and_writes_nothing(town: Town) -> None:
+    """`"\\ud800"` is JSON that decodes to no Unicode text: it could never be written as
+    UTF-8 (a 500 before), so the PATCH is refused with where it stands, in a value or a key,
+    and the answer names the key with the escape rather than the bad character."""
+    raw = (
+        b'{"town": {"agents": {"odd": {"command": "claude", "initial_prompt": "a\\ud800b"}}},'
+        b' "rigs": {"frontend": {"role_agents": {"\\udfff": "claude"}}}}'
+    )
+    async with town.local() as client:
+        answer = await client.patch(
+            "/config", content=raw, headers={"content-type": "application/json"}
+        )
+    error = error_of(answer, 422, "invalid_patch")
+    said = {(detail["path"], detail["message"].split(":")[0]) for detail in error["details"]}
+    assert ("/town/agents/odd/initial_prompt", "is not Unicode") in said
+    assert ("/rigs/frontend/role_agents/\\udfff", "this key is not Unicode") in said
+    assert town.read(TOWN_FILE) == TOWN_SETTINGS
+    assert town.read(FRONTEND_FILE) == RIG_SETTINGS
+
+
 async def test_secrets_in_agent_env_are_refused_without_echoing_them(town: Town) -> None:
     """A JWT value or a literal ANTHROPIC_API_KEY in env is 422; neither the answer nor a log
     event carries it."""
