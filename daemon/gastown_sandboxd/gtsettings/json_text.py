@@ -1,9 +1,11 @@
 """Reading and writing gt's settings JSON, keeping every untouched top-level value byte-exact.
 
-gt writes two-space indented JSON (Go's `MarshalIndent`, which escapes `<`, `>` and `&`).
-`render` writes a changed value as `json.dumps(indent=2, ensure_ascii=False)` does, and an
-unchanged top-level value as the very text it had in the file, so a PATCH never rewrites
-what it did not change.
+gt writes two-space indented JSON (Go's `MarshalIndent`). `render` writes a changed value
+as gt would: `json.dumps(indent=2, ensure_ascii=False)`, with `<`, `>`, `&`, U+2028 and
+U+2029 escaped as Go escapes them; and an unchanged top-level value as the very text it had
+in the file, so a PATCH never rewrites what it did not change. Proven against Go's own
+encoder (`tests/daemon/gtsettings/test_go_format.py`): a document of keys in Go's order
+renders as `MarshalIndent` writes it, byte for byte.
 """
 
 from __future__ import annotations
@@ -151,9 +153,17 @@ def _skip(text: str, index: int) -> int:
     return match.end() if match else index
 
 
+# What Go's encoder escapes that json.dumps writes as it is: HTML's three, and the two line
+# separators JavaScript does not allow in a string. Only strings can hold them.
+_GO_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
 def _dumps(value: Any) -> str:
     # Nested lines move two spaces right: the value sits one level inside the document.
-    return json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+    text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+    return text.translate(_GO_ESCAPES)
 
 
 def _reject_constant(name: str) -> NoReturn:
