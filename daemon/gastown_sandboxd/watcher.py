@@ -3,12 +3,12 @@
 Folders are watched, never files (atomic writers rename over them), and never recursively
 (rigs hold large worktrees): the town root itself (rigs appearing and going; while it is
 gone, its parent, for its name to come back), the env file's folder, and the folders
-`folders()` names now (town settings folder, each rig folder, each
-rig's settings folder). Only existing folders can be watched, so after a batch that may change
-the set (anything but a settings file or the env file) the wanted set is computed again; when
-it differs, watching restarts with the new set, and a settings folder new to the set that
-already holds `config.json` is reported as changed (a rig that arrived with its settings; the
-store decides whether it is external).
+`folders()` names now (town settings folder, each rig folder, each rig's settings folder).
+Only existing folders can be watched, so after a batch that may change the set (anything but
+a settings file or the env file) the wanted set is computed again; when it differs, watching
+restarts with the new set, and a settings folder new to the set that already holds
+`config.json` is reported as changed (a rig that arrived with its settings; the store
+decides whether it is external).
 
 Routing of one batch: `<folder named settings>/config.json` → `on_settings_change(paths)`;
 the env file → `on_env_change()`. Every change kind counts (an atomic rename into place is
@@ -62,11 +62,10 @@ inotify back. So the watcher polls by stat (`/status` mode `stat`, `_watch_by_st
 with the last (and lists the folders every fourth step), logs once, and asks inotify again
 every `inotify_retry_s` (60 s). Measured on a daemon process in that mode, over 20 s idle:
 ~5 wake-ups a second; 0.25 % of a core with 2 rigs, 0.45 % with 32 (1.25 % when it listed
-the folders at every step). watchfiles'
-own polling cannot stand in: it compares whole seconds of mtime and misses an edit in the
-second of the one before. Measured with a real daemon in a user namespace whose inotify
-instances are 0: before, 8 `watcher_failed` warnings in 8 s and an edit never seen; now one
-`watcher_inotify_used_up` and the edit seen.
+the folders at every step). watchfiles' own polling cannot stand in: it compares whole
+seconds of mtime and misses an edit in the second of the one before. Measured with a real
+daemon in a user namespace whose inotify instances are 0: before, 8 `watcher_failed`
+warnings in 8 s and an edit never seen; now one `watcher_inotify_used_up` and the edit seen.
 """
 
 from __future__ import annotations
@@ -388,7 +387,7 @@ class SettingsWatcher:
                 polls += 1
                 if polls % STAT_LIST_EVERY == 0:  # the folders (rigs come and go) less often
                     folders, town = self._wanted()
-                    paths = self._stamped(town)
+                    paths, self._watched = self._stamped(town), folders
                 now = _stamps(paths)
                 changes = {
                     (_kind(seen.get(path), now.get(path)), str(path))
