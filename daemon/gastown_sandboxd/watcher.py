@@ -88,6 +88,7 @@ from watchfiles._rust_notify import RustNotify
 
 from gastown_sandboxd.gtsettings.journal import JOURNAL, ROLLBACK
 from gastown_sandboxd.gtsettings.schema import CONFIG, SETTINGS
+from gastown_sandboxd.gtsettings.snapshot import StatKey, stat_key
 from gastown_sandboxd.gtsettings.snapshot import forget as forget_cached
 from gastown_sandboxd.own_writes import OWN_WRITES, OwnWrites
 
@@ -403,17 +404,16 @@ class SettingsWatcher:
     def _stamped(self, town: frozenset[Path]) -> list[Path]:
         """What polling by stat looks at: the env file (through a symlink: its target) and
         the settings file of each settings folder of the town."""
-        return [self._env_file, *(f / CONFIG for f in town if f.name == SETTINGS)]
+        return [self._env_file, *_config_files(town)]
 
     async def _catch_up(self, folders: frozenset[Path], town: frozenset[Path]) -> None:
         """Have every settings file and the env file read once more: an edit made between
         two ways of watching is seen by neither. The store and the refresher compare with
         what they hold, so this reports only what really changed, and logs nothing else."""
         await _settled(self._own_writes)
-        present = {f / CONFIG for f in town if f.name == SETTINGS and (f / CONFIG).is_file()}
+        present = {path for path in _config_files(town) if path.is_file()}
         if present:
-            forget_cached(present)
-            await _call_safely("on_settings_change", self._on_settings_change, present)
+            await self._read_again(present)
         await _call_safely("on_env_change", self._on_env_change)
 
     async def _batch(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> bool:
@@ -485,17 +485,16 @@ class SettingsWatcher:
         return self._own_writes.take(path, _read_quickly(path))
 
     async def _settings_changed(self, paths: set[Path]) -> None:
+        log.info("settings_files_changed", paths=sorted(str(path) for path in paths))
+        await self._read_again(paths)
+
+    async def _read_again(self, paths: set[Path]) -> None:
         # A path the watcher names is always read again (an edit can keep size and stamps).
         forget_cached(paths)
-        log.info("settings_files_changed", paths=sorted(str(path) for path in paths))
         await _call_safely("on_settings_change", self._on_settings_change, paths)
 
     async def _report_present(self, added: frozenset[Path]) -> None:
-        present = {
-            folder / CONFIG
-            for folder in added
-            if _is_settings_file(folder / CONFIG) and (folder / CONFIG).is_file()
-        }
+        present = {path for path in _config_files(added) if path.is_file()}
         if present:
             self.settings_changes += 1
             await self._settings_changed(present)
@@ -791,16 +790,19 @@ def _libc() -> Any:
     return libc
 
 
-def _stamps(paths: Iterable[Path]) -> dict[Path, tuple[int, int, int, int] | None]:
-    """The whole stat of each path (None for one that is not there)."""
-    stamps: dict[Path, tuple[int, int, int, int] | None] = {}
+def _config_files(folders: Iterable[Path]) -> list[Path]:
+    """The settings file of each settings folder among `folders` (there or not)."""
+    return [folder / CONFIG for folder in folders if folder.name == SETTINGS]
+
+
+def _stamps(paths: Iterable[Path]) -> dict[Path, StatKey | None]:
+    """The whole stat of each path, as the read cache keys it (None: not there)."""
+    stamps: dict[Path, StatKey | None] = {}
     for path in paths:
         try:
-            info = os.stat(path)
+            stamps[path] = stat_key(os.stat(path))
         except OSError:
             stamps[path] = None
-        else:
-            stamps[path] = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     return stamps
 
 

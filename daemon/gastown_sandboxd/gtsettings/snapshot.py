@@ -173,15 +173,16 @@ def _snapshot(
 # move in coarse ticks: a same-size in-place edit within one would keep the key).
 QUIET_NS = 1_000_000_000
 
-_StatKey = tuple[int, int, int, int]
+StatKey = tuple[int, int, int, int]
 
 
-def _stamp(info: os.stat_result) -> _StatKey:
-    # What a cached read is keyed on: inode, size, mtime and ctime.
+def stat_key(info: os.stat_result) -> StatKey:
+    """What tells a file unchanged without reading it: inode, size, mtime and ctime (ns).
+    A cached read is keyed on it, and the watcher polling by stat compares it."""
     return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
-_cache: dict[str, tuple[_StatKey, str, Scope, FileState]] = {}
+_cache: dict[str, tuple[StatKey, str, Scope, FileState]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -213,7 +214,7 @@ def remember(
     key = os.path.abspath(path)
     with _cache_lock:
         if since == _epoch and state.raw is not None and info.st_size == len(state.raw):
-            _cache[key] = (_stamp(info), name, scope, state)
+            _cache[key] = (stat_key(info), name, scope, state)
         else:
             _cache.pop(key, None)
 
@@ -230,7 +231,7 @@ def read_file(path: Path | str, scope: Scope, name: str) -> FileState:
         quiet = read_at - max(before.st_mtime_ns, before.st_ctime_ns) > QUIET_NS
         with _cache_lock:
             if quiet:
-                _cache[key] = (_stamp(before), name, scope, state)
+                _cache[key] = (stat_key(before), name, scope, state)
             else:
                 _cache.pop(key, None)
     return state
@@ -254,7 +255,7 @@ def _lookup(key: str, scope: Scope, name: str) -> FileState | os.stat_result:
         return FileState(error=f"{name} cannot be read: {exc.strerror or exc}")
     with _cache_lock:
         cached = _cache.get(key)
-    if cached is not None and cached[0] == _stamp(before) and cached[1:3] == (name, scope):
+    if cached is not None and cached[0] == stat_key(before) and cached[1:3] == (name, scope):
         return cached[3]
     return before
 
