@@ -55,9 +55,12 @@ def validate_patch(
 ) -> list[Problem]:
     """Every problem of `body` against the town as `current` holds it; [] when it may apply."""
     checker = _Checker(current, frozenset(PRESETS) | frozenset(extra_presets))
-    if not _all_unicode(body):  # one pass in C (5 us for a dashboard's body); then find where
+    unicode = _all_unicode(body)  # one pass in C (5 us for a dashboard's body)
+    if not unicode:
         _unicode_problems(body, "", checker.problems)
     checker.check(body)
+    if unicode:
+        return checker.problems
     # A lone surrogate in a key would make the answer itself unwritable as UTF-8.
     return [Problem(_printable(p.path), _printable(p.message)) for p in checker.problems]
 
