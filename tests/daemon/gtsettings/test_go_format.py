@@ -11,6 +11,7 @@ format: since Go 1.22 the encoder writes `\\b` and `\\f` as Python does, not as 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -46,11 +47,16 @@ def go_marshal(binary: Path, documents: list[Any]) -> list[bytes]:
         [binary], input=json.dumps(documents).encode(), capture_output=True, check=True
     )
     texts = done.stdout.split(b"\0")[:-1]
-    version = subprocess.run(["go", "version"], capture_output=True, text=True, check=True)
-    minor = int(re.search(r"go1\.(\d+)", version.stdout).group(1))  # type: ignore[union-attr]
-    if minor < 22:
+    if go_minor() < 22:
         texts = [t.replace(b"\\u0008", b"\\b").replace(b"\\u000c", b"\\f") for t in texts]
     return [text + b"\n" for text in texts]
+
+
+@functools.cache
+def go_minor() -> int:
+    """The minor version of the Go that built the program (asked once)."""
+    version = subprocess.run(["go", "version"], capture_output=True, text=True, check=True)
+    return int(re.search(r"go1\.(\d+)", version.stdout).group(1))  # type: ignore[union-attr]
 
 
 def _sorted(value: Any) -> Any:
