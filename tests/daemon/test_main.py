@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gastown_sandboxd.__main__ import NEVER_USED
+from gastown_sandboxd.cli import build_parser
 from tests.daemon.minting import mint
 from tests.fixtures.entry import run_help, run_importing
 
@@ -115,3 +117,24 @@ def test_options_before_the_command_still_reach_the_command_line() -> None:
     )  # fmt: skip
     assert help_.stdout.startswith("usage: gastown-sandboxd exec ")
     assert "--helper-ttl-ms" in help_.stdout
+
+
+def test_each_command_built_alone_is_the_command_of_the_whole_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command line builds only the parser of the command its arguments start with; that
+    parser's help (every option, default and text) is the one the whole parser has."""
+    monkeypatch.setenv("COLUMNS", "100")
+    whole = _commands(build_parser())
+    assert set(whole) == {
+        *("run", "check", "status", "events", "refresh", "inspect-token", "exec", "token"),
+    }
+    for name, parser in whole.items():
+        alone = _commands(build_parser(name))
+        assert list(alone) == [name]
+        assert alone[name].format_help() == parser.format_help(), name
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         PRINT_COMMAND_HELP,
         add_common_arguments,
         add_exec_arguments,
+        help_formatter,
         run_exec,
         run_token,
     )
@@ -29,6 +30,7 @@ __all__ = [
     "add_common_arguments",
     "add_exec_arguments",
     "check_shim_dir",
+    "help_formatter",
     "run_exec",
     "run_token",
 ]
@@ -40,6 +42,7 @@ _WHERE = {
     "add_common_arguments": "exec",
     "add_exec_arguments": "exec",
     "check_shim_dir": "shims",
+    "help_formatter": "exec",
     "run_exec": "exec",
     "run_token": "exec",
 }
