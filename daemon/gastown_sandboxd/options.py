@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +187,8 @@ def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any]
         if not DEFAULT_CONFIG_FILE.is_file():
             return {}, None
         path = DEFAULT_CONFIG_FILE
+    import tomllib  # only with a file: ~4 ms of each command otherwise
+
     path = _expand(str(path), env)
     try:
         with path.open("rb") as handle:

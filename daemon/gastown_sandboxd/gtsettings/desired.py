@@ -14,14 +14,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 import anyio
-import httpx
 
 from gastown_sandboxd._http import cloud_client
 from gastown_sandboxd.errors import DesiredConfigUnavailable
+
+if TYPE_CHECKING:
+    import httpx  # imported at the first call (`cloud_client`)
 
 CONFIG_PATH = "/api/gastown/towns/{town}/config"
 STATUS_PATH = "/api/gastown/towns/{town}/config/status"
@@ -118,6 +120,8 @@ class DesiredConfigClient:
         payload: object,
         timeout: float | None = None,
     ) -> tuple[int, bytes]:
+        import httpx
+
         timeout = self._timeout if timeout is None else timeout
         headers = {
             "x-internal-api-key": self._key,

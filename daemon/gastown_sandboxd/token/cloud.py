@@ -7,24 +7,26 @@ token before anything is written. Error reasons are short codes; bodies are neve
 Memory: a refresh comes every few hours, so nothing of it is kept in between: each refresh
 makes its own `httpx.AsyncClient` and closes it, so its SSL context with the CA bundle
 (2-4 MiB) lives only during the call; an `http://` cloud gets no CA bundle at all (it never
-speaks TLS: redirects are not followed). httpx itself is imported at start: importing it at
-the first refresh (3.4 MiB less RSS until then) made that refresh ~100 ms slower, too slow for
-the fault suite's kill loops, which need a refresh to finish within a 200 ms life.
+speaks TLS: redirects are not followed). httpx itself is imported by the first call to the cloud
+(`_http.cloud_client`), once the daemon serves: the sync of the desired configuration at
+start, or a refresh when the token is not fresh, whichever comes first.
 """
 
 from __future__ import annotations
 
 import json
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
-import httpx
 
 from gastown_sandboxd._http import cloud_client
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.errors import RefreshError
 from gastown_sandboxd.token.schedule import parse_retry_after
+
+if TYPE_CHECKING:
+    import httpx  # imported at the first call (`cloud_client`)
 
 REFRESH_PATH = "/api/gastown/refresh-token"
 MAX_BODY_BYTES = 64 * 1024
@@ -97,6 +99,8 @@ class CloudClient:
             headers["Authorization"] = f"Bearer {current_token}"
         if self._closed:
             raise RuntimeError("the cloud client is closed")
+        import httpx
+
         if self._transport is None:
             http = self._client()
         else:
@@ -199,6 +203,8 @@ def _token_in(document: Any) -> str | None:
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ConnectError):
         return "connect_error"
     if isinstance(exc, httpx.ProtocolError):
