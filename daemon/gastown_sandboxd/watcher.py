@@ -104,6 +104,8 @@ STAT_LIST_EVERY = 4
 # inotify_init1 / inotify_add_watch failing with these: the user's instances (128 by default)
 # or watches used up, or the kernel's memory; other programs may give them back.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM})
+# What `_inotify_used_up` watches for a moment: the file system's root, always there.
+INOTIFY_PROBE = Path("/")
 
 
 def is_temporary(path: str) -> bool:
@@ -248,7 +250,7 @@ class SettingsWatcher:
             except (OSError, RuntimeError) as exc:  # a folder vanished, inotify limits, …
                 self.errors += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                if not self._without_inotify and _inotify_used_up(self._town_root):
+                if not self._without_inotify and _inotify_used_up():
                     # Not a fault of the watch: retrying it every second would fail and log
                     # the same until other programs give inotify back. Poll by stat now.
                     self._without_inotify = outcome.retry_now = True
@@ -761,9 +763,14 @@ async def _settled(own_writes: OwnWrites) -> None:
         await done.wait()
 
 
-def _inotify_used_up(folder: Path) -> bool:
+def _inotify_used_up() -> bool:
     """Whether inotify is there but has no instance or watch to spare now: asked of the
-    kernel with one instance and one watch of `folder`, both given back at once."""
+    kernel with one instance and one watch of `INOTIFY_PROBE`, both given back at once.
+
+    The probe is a folder that is always there: the kernel looks the path up before it
+    counts the watches, so a watch of a folder that is gone (a town root while it is made
+    again) fails with ENOENT and never tells that the watches are used up.
+    """
     libc = _libc()
     if libc is None:
         return False
@@ -771,7 +778,7 @@ def _inotify_used_up(folder: Path) -> bool:
     if fd < 0:
         return ctypes.get_errno() in _EXHAUSTED
     try:
-        wd = libc.inotify_add_watch(fd, os.fsencode(folder), _NAMES_MASK)
+        wd = libc.inotify_add_watch(fd, os.fsencode(INOTIFY_PROBE), _NAMES_MASK)
         return wd < 0 and ctypes.get_errno() in _EXHAUSTED
     finally:
         os.close(fd)
