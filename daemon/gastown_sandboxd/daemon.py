@@ -35,6 +35,7 @@ from gastown_sandboxd.http import (
     describe,
     serve_socket,
 )
+from gastown_sandboxd.http.local_socket import LocalSocket
 from gastown_sandboxd.ops import DaemonMetrics, MetricsRegistry, SocketLock, SystemdNotifier
 from gastown_sandboxd.options import (
     Options,
@@ -169,9 +170,10 @@ async def run_daemon(
         config_sync.set_interval(new.config_sync_interval)
         current[0] = new
 
-    async with _owning(lock), client, desired_client, anyio.create_task_group() as tg:
+    local = LocalSocket(unix, lock)
+    async with _owning(lock, local), client, desired_client, anyio.create_task_group() as tg:
         await tg.start(_stop_on_signal, shutdown, bus)
-        await tg.start(_reload_on_signal, lambda: current[0], reload, apply)
+        await tg.start(_reload_on_signal, lambda: current[0], reload, apply, local.check_now)
         await store.load()
         await anyio.to_thread.run_sync(
             _remove_stale_temporaries, options.env_file, store.watched_folders()
@@ -182,12 +184,12 @@ async def run_daemon(
         await tg.start(watcher.run)
         await tg.start(systemd.run_watchdog)
         async with anyio.create_task_group() as servers:
-            for app, sock in (
-                (create_app(ctx, key=options.internal_key.reveal()), tcp),
-                (create_app(ctx, key=None), unix),
-            ):
-                log.info("api_listening", address=describe(sock))
-                servers.start_soon(serve_socket, app, sock, shutdown)
+            log.info("api_listening", address=describe(tcp))
+            servers.start_soon(
+                serve_socket, create_app(ctx, key=options.internal_key.reveal()), tcp, shutdown
+            )
+            log.info("api_listening", address=describe(unix))
+            await servers.start(local.run, create_app(ctx, key=None), shutdown)
             systemd.notify("READY=1", f"STATUS=serving; token {refresher.status().state}")
             log.info("daemon_ready", town_id=options.town_id, state=refresher.status().state)
             task_status.started()
@@ -199,12 +201,12 @@ async def run_daemon(
 
 
 @contextlib.asynccontextmanager
-async def _owning(lock: SocketLock) -> AsyncIterator[None]:
-    """At the end, remove the socket (ours: we hold its lock), then drop the lock."""
+async def _owning(lock: SocketLock, local: LocalSocket) -> AsyncIterator[None]:
+    """At the end, remove the socket (if it is the one served), then drop the lock."""
     try:
         yield
     finally:
-        _remove_socket(lock.socket_path)
+        local.remove()
         lock.release()
 
 
@@ -229,10 +231,12 @@ async def _reload_on_signal(
     current: Callable[[], Options],
     reload: Callable[[], Options] | None,
     apply: Callable[[Options], None],
+    check_socket: Callable[[], None],
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """On each SIGHUP, read the options again and apply what can change in place.
+    """On each SIGHUP, read the options again and apply what can change in place, and look
+    at the local socket's path at once (`LocalSocket.check_now`).
 
     The handler is installed explicitly, so SIGHUP reloads even when the daemon was started
     with it ignored (`nohup`): its default action would otherwise end the daemon.
@@ -240,6 +244,7 @@ async def _reload_on_signal(
     with anyio.open_signal_receiver(RELOAD_SIGNAL) as signals:
         task_status.started()
         async for _ in signals:
+            check_socket()
             await reload_options(current(), reload, apply)
 
 
@@ -284,8 +289,3 @@ def _remove_stale_temporaries(env_file: Path, folders: list[Path]) -> None:
     remove_stale_temporaries(env_file)
     for folder in folders:
         remove_stale_temporaries(folder / CONFIG)
-
-
-def _remove_socket(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()

@@ -434,12 +434,16 @@ def check_socket_path(path: Path) -> None:
             "give the daemon's user access to its folder, or set --socket",
         ) from None
     if not stat.S_ISSOCK(mode):
-        kind = "folder" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
         raise OptionsError(
             setting,
-            f"{path} is a {kind}, not a socket (it is left as it is)",
+            f"{path} is a {not_a_socket(mode)}, not a socket (it is left as it is)",
             "remove it, or give the daemon another socket (--socket)",
         )
+
+
+def not_a_socket(mode: int) -> str:
+    """What is at a socket's path instead of a socket, by its `st_mode`, as one word."""
+    return "folder" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
 
 
 def load_client_options(

@@ -123,6 +123,29 @@ def test_a_socket_left_by_a_killed_daemon_is_reclaimed(
     assert not lock.exists()
 
 
+def test_a_socket_removed_while_serving_is_bound_again_and_reached_by_the_cli(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A clean-up of its folder removes the socket and its lock while the daemon runs:
+    `status` cannot reach it. SIGHUP (or the next look, every 30 s) binds both again:
+    `status` reaches the daemon, the lock names its pid, and a stop removes both."""
+    daemon = _daemon(daemon_factory, tmp_path)
+    lock = Path(f"{daemon.socket}.lock")
+    daemon.socket.unlink()
+    lock.unlink()
+    env = client_env(daemon, TOWN)
+    assert cli("status", env=env).returncode == 1
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for_log("local_socket_bound_again", found="nothing")
+    done = cli("status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["town_id"] == TOWN
+    assert lock.read_text().strip() == str(daemon.process.pid)
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+    assert not lock.exists()
+
+
 def test_a_socket_served_without_a_lock_is_refused_too(tmp_path: Path, short_tmp: Path) -> None:
     """Something else accepting on the socket (no lock file): exit 2 naming its pid (ours)."""
     path = short_tmp / "taken.sock"

@@ -2,7 +2,7 @@
 
 `app.py` holds the routes and the key check, `errors.py` the error body and one exception
 handler per error class, `openapi.py` the OpenAPI document, and `server.py` the sockets and
-hypercorn that serve the app.
+hypercorn that serve the app, `local_socket.py` the local socket kept at its path.
 """
 
 from gastown_sandboxd.http.app import ApiContext, create_app

@@ -52,6 +52,32 @@ class SocketLock:
 
     def acquire(self) -> None:
         """Take the lock and write our pid; raise `SocketInUse` when another daemon has it."""
+        self._fd = fd = self._lock_file()
+        peer = serving_pid(self.socket_path)
+        if peer is not None:
+            self.release()
+            raise SocketInUse(self.socket_path, peer or None)
+        _write_pid(fd)
+
+    def reclaim(self) -> bool:
+        """Whether the lock is still ours: True while its file is the one we locked; if that
+        file was removed (a clean-up of its folder), the lock is taken again on a new one.
+        False when another daemon has taken it meanwhile, or it cannot be made (OSError)."""
+        if self._fd is None:
+            return False
+        if _same_file(self._fd, self.path):
+            return True
+        try:
+            fd = self._lock_file()
+        except (SocketInUse, OSError):
+            return False
+        os.close(self._fd)
+        self._fd = fd
+        _write_pid(fd)
+        return True
+
+    def _lock_file(self) -> int:
+        """A descriptor of the lock file at `path`, locked; `SocketInUse` when it is held."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
@@ -66,15 +92,8 @@ class SocketLock:
                 raise
             # The file we locked may have been unlinked by an owner that was just leaving.
             if _same_file(fd, self.path):
-                break
+                return fd
             os.close(fd)
-        self._fd = fd
-        peer = serving_pid(self.socket_path)
-        if peer is not None:
-            self.release()
-            raise SocketInUse(self.socket_path, peer or None)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (so no waiter locks an unlinked file)."""
@@ -135,6 +154,11 @@ def serving_pid(socket_path: Path) -> int | None:
         except OSError:
             return 0
         return int(pid)
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def _read_pid(fd: int) -> int | None:
