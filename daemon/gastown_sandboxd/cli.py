@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from gastown_sandboxd import __version__, agents
 from gastown_sandboxd._lazy import exit_without_teardown, imports_without_gc
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
@@ -268,6 +266,8 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     with imports_without_gc():
+        import anyio
+
         from gastown_sandboxd.daemon import run_daemon
         from gastown_sandboxd.ops.logs import configure_logging
         from gastown_sandboxd.ops.socket_lock import check_free

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from gastown_sandboxd.errors import OptionsError, OptionsProblems
-from gastown_sandboxd.events import notify
-from gastown_sandboxd.events.notify import HookSpec, SignalSpec
+from gastown_sandboxd.events import specs
+from gastown_sandboxd.events.specs import HookSpec, SignalSpec
 from gastown_sandboxd.events.types import EVENT_TYPES
 from gastown_sandboxd.token.schedule import SchedulePolicy
 
@@ -137,7 +137,7 @@ class ClientOptions:
 def parse_duration(value: object, *, setting: str) -> float:
     """Seconds from `30`, `2.5`, `"500ms"`, `"30s"`, `"5m"` or `"1h"`; must be positive."""
     try:
-        seconds = notify.parse_duration(value)  # type: ignore[arg-type]
+        seconds = specs.parse_duration(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise OptionsError(
             setting, f"{value!r} is not a duration", 'write it like "30s" or "500ms"'
@@ -717,7 +717,7 @@ def _signal(index: int, item: object, env: Mapping[str, str]) -> SignalSpec:
         raise OptionsError(f"{where}.pid_file", "is missing", "name the pid file to read")
     name = item.get("signal", "SIGHUP")
     try:
-        signum = notify.parse_signal(name)
+        signum = specs.parse_signal(name)
     except ValueError:
         raise OptionsError(
             f"{where}.signal", f"{name!r} is not a signal", 'write e.g. "SIGHUP"'

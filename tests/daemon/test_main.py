@@ -138,3 +138,23 @@ def test_each_command_built_alone_is_the_command_of_the_whole_parser(
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(commands.choices)
+
+
+def test_a_command_that_asks_the_daemon_loads_none_of_the_daemons_machinery(
+    tmp_path: Path,
+) -> None:
+    """`status` reads the options (events' types and hook specs among them) and asks the
+    socket: neither structlog, asyncio nor the bus and the notifier are imported on the way.
+    With no daemon there, it says so and exits 1."""
+    done = run_importing([], ["-m", "gastown_sandboxd", "status", "--socket", str(tmp_path / "s")])
+    assert done.returncode == 1
+    assert "cannot reach the daemon" in done.stderr
+    assert "gastown_sandboxd.options" in done.imported
+    assert "gastown_sandboxd.events.specs" in done.imported
+    machinery = {
+        "structlog",
+        "asyncio",
+        "gastown_sandboxd.events.bus",
+        "gastown_sandboxd.events.notify",
+    }
+    assert done.imported & machinery == set()

@@ -18,16 +18,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from gastown_sandboxd.events.bus import EventBus
-from gastown_sandboxd.events.notify import (
-    HookSpec,
-    Notifier,
-    SignalSpec,
-    hook_backoff,
-    parse_duration,
-    parse_signal,
-    read_pid,
-    run_hook,
-)
+from gastown_sandboxd.events.notify import Notifier, hook_backoff, read_pid, run_hook
+from gastown_sandboxd.events.specs import HookSpec, SignalSpec, parse_duration, parse_signal
 from tests.waiting import eventually
 
 ALL = frozenset({"token.refreshed", "config.changed"})

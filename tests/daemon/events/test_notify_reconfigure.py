@@ -13,7 +13,8 @@ from pathlib import Path
 import anyio
 
 from gastown_sandboxd.events.bus import EventBus
-from gastown_sandboxd.events.notify import HookSpec, Notifier, SignalSpec
+from gastown_sandboxd.events.notify import Notifier
+from gastown_sandboxd.events.specs import HookSpec, SignalSpec
 
 EVENTS = frozenset({"config.changed"})
 APPEND = (
