@@ -12,7 +12,7 @@ Real processes on 127.0.0.1: the cloud (`gastown-cloud serve`) and `gastown-sand
 - push: `PUT /token` over TCP with a new token each time (check, atomic write with fsync).
 - short connections: N `GET /healthz` on the socket, each on a connection of its own that
   the client closes after its answer (32 at a time, as the CLI, shims and the cloud's
-  pushes connect): the descriptors still open 0.2 s after the last, and RSS after them;
+  pushes connect): the sockets of the run still open 0.2 s after the last, and RSS after them;
   baseline: RSS before them. Before `_hypercorn.py`, each stayed open for the 5 s keep-alive.
 
 `python -m bench.daemon_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -223,12 +223,27 @@ async def _short_connections(daemon: Daemon, count: int, at_once: int) -> None:
                 group.start_soon(one)
 
 
+def _sockets(pid: int) -> set[str]:
+    """The sockets a process holds open now, by inode (`socket:[N]`)."""
+    descriptors = Path(f"/proc/{pid}/fd")
+    held = set()
+    for name in os.listdir(descriptors):
+        try:
+            target = os.readlink(descriptors / name)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:"):
+            held.add(target)
+    return held
+
+
 def _connection_rows(daemon: Daemon, count: int) -> list[Row]:
-    descriptors = Path(f"/proc/{daemon.pid}/fd")
-    fds, rss_before = len(os.listdir(descriptors)), rss_kib(daemon.pid) / 1024
+    # Sockets new since before the run: a connection of an earlier row closing meanwhile (at
+    # the end of its keep-alive) is not counted against this one.
+    before, rss_before = _sockets(daemon.pid), rss_kib(daemon.pid) / 1024
     anyio.run(_short_connections, daemon, count, 32)
     time.sleep(0.2)
-    still_open = len(os.listdir(descriptors)) - fds
+    still_open = len(_sockets(daemon.pid) - before)
     rss_after = rss_kib(daemon.pid) / 1024
     note = f"{count} GET /healthz, a connection each, 32 at a time"
     return [
