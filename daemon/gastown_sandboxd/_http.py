@@ -1,30 +1,21 @@
 """The HTTP client the daemon calls its cloud with: one configuration for every such call.
 
-httpx is imported by the first call (`import_httpx`), not at start. The daemon's first calls
-(the sync of the desired configuration, and a refresh when the token is not fresh) come once
-it serves, so its ~25 ms import is no longer before READY. The same import, moved: the CPU of
-a start is the same. It runs in a worker thread, so that the event loop goes on serving
-meanwhile: imported on the loop, it held a SIGTERM just after READY until it was done (the
-stop of a daemon just started took 114 ms instead of 64, `bench/ops_bench.py`).
+httpx is imported at the first call, not at start. The daemon's first calls (the sync of the
+desired configuration, and a refresh when the token is not fresh) come once it serves, so
+its ~25 ms import is no longer before READY. The same import, moved: the CPU of a start is
+the same, and for those ~25 ms right after READY the event loop is busy with it (a SIGTERM
+sent just then is handled after it: 114 ms from signal to exit against 64, ops_bench).
+Imported in a worker thread instead, the loop went on serving, but under load the first
+sync and refresh came so late that the kill loops' daemons (tests/faults) got no sync done
+in their short lives: on 2 cores the import then shares the GIL with every request.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import TYPE_CHECKING
-
-import anyio.to_thread
 
 if TYPE_CHECKING:
     import httpx
-
-
-async def import_httpx() -> None:
-    """Import httpx in a worker thread, the first time; a stop meanwhile does not wait for
-    it (the thread is abandoned, and the process ends without it)."""
-    if "httpx" not in sys.modules:
-        await anyio.to_thread.run_sync(importlib.import_module, "httpx", abandon_on_cancel=True)
 
 
 def cloud_client(

@@ -448,9 +448,7 @@ def test_the_daemon_serves_before_it_imports_httpx_and_its_first_call_to_the_clo
 ) -> None:
     """`-X importtime` on a real daemon: no line names an httpx module before
     `daemon_ready`, so its import is not on the way to READY. The sync at start, its first
-    call to the (closed) cloud, imports it and reports httpx's refused connection as before.
-    (`importlib.import_module` has no line of its own for the module it is given: its
-    modules' lines are looked for.)"""
+    call to the (closed) cloud, imports it and reports httpx's refused connection as before."""
     daemon = _daemon(daemon_factory, tmp_path, extra_env={"PYTHONPROFILEIMPORTTIME": "1"})
     daemon.wait_for_log("config_sync_unreachable", reason="connect_error")
     before, ready, after = daemon.log_text().partition('"event": "daemon_ready"')

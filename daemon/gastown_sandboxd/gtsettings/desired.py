@@ -19,11 +19,11 @@ from urllib.parse import quote
 
 import anyio
 
-from gastown_sandboxd._http import cloud_client, import_httpx
+from gastown_sandboxd._http import cloud_client
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 
 if TYPE_CHECKING:
-    import httpx  # imported by the first call (`import_httpx`)
+    import httpx  # imported at the first call (`cloud_client`)
 
 CONFIG_PATH = "/api/gastown/towns/{town}/config"
 STATUS_PATH = "/api/gastown/towns/{town}/config/status"
@@ -120,7 +120,6 @@ class DesiredConfigClient:
         payload: object,
         timeout: float | None = None,
     ) -> tuple[int, bytes]:
-        await import_httpx()
         import httpx
 
         timeout = self._timeout if timeout is None else timeout

@@ -8,7 +8,7 @@ Memory: a refresh comes every few hours, so nothing of it is kept in between: ea
 makes its own `httpx.AsyncClient` and closes it, so its SSL context with the CA bundle
 (2-4 MiB) lives only during the call; an `http://` cloud gets no CA bundle at all (it never
 speaks TLS: redirects are not followed). httpx itself is imported by the first call to the cloud
-(`_http.import_httpx`), once the daemon serves: the sync of the desired configuration at
+(`_http.cloud_client`), once the daemon serves: the sync of the desired configuration at
 start, or a refresh when the token is not fresh, whichever comes first.
 """
 
@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
-from gastown_sandboxd._http import cloud_client, import_httpx
+from gastown_sandboxd._http import cloud_client
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.errors import RefreshError
 from gastown_sandboxd.token.schedule import parse_retry_after
 
 if TYPE_CHECKING:
-    import httpx  # imported by the first call (`import_httpx`)
+    import httpx  # imported at the first call (`cloud_client`)
 
 REFRESH_PATH = "/api/gastown/refresh-token"
 MAX_BODY_BYTES = 64 * 1024
@@ -99,7 +99,6 @@ class CloudClient:
             headers["Authorization"] = f"Bearer {current_token}"
         if self._closed:
             raise RuntimeError("the cloud client is closed")
-        await import_httpx()
         import httpx
 
         if self._transport is None:
