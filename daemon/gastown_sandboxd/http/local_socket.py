@@ -119,7 +119,12 @@ class LocalSocket:
         if found is not None and (pid := serving_pid(self.path)) is not None:
             self._tell("local_socket_path_taken", what="a socket another process serves", pid=pid)
             return None
-        if not self._lock.reclaim():
+        try:
+            ours = self._lock.reclaim()
+        except OSError as exc:
+            self._tell("local_socket_lock_failed", error=exc.strerror)
+            return None
+        if not ours:
             self._tell("local_socket_lock_taken", pid=owner_pid(self.path))
             return None
         try:

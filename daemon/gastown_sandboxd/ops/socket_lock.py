@@ -61,15 +61,16 @@ class SocketLock:
 
     def reclaim(self) -> bool:
         """Whether the lock is still ours: True while its file is the one we locked; if that
-        file was removed (a clean-up of its folder), the lock is taken again on a new one.
-        False when another daemon has taken it meanwhile, or it cannot be made (OSError)."""
+        file was removed (a clean-up of its folder), the lock is taken again on a new one,
+        its folder made again if need be. False when another daemon has taken it meanwhile;
+        OSError when it cannot be made."""
         if self._fd is None:
             return False
         if _same_file(self._fd, self.path):
             return True
         try:
             fd = self._lock_file()
-        except (SocketInUse, OSError):
+        except SocketInUse:
             return False
         os.close(self._fd)
         self._fd = fd

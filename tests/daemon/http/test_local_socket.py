@@ -239,3 +239,45 @@ async def test_a_bind_that_fails_is_told_and_tried_again_at_the_next_look(
         ("local_socket_bind_failed", os.strerror(errno.ENOSPC)),
         ("local_socket_bound_again", None),
     ]
+
+
+async def test_a_socket_folder_removed_with_all_in_it_is_made_again(short_tmp: Path) -> None:
+    """The socket's whole folder removed (as a runtime folder is at logout): the next look
+    makes the folder, the lock and the socket again, and the socket answers."""
+    path = short_tmp / "run" / "d.sock"
+    path.parent.mkdir()
+    async with serving(path) as local:
+        shutil.rmtree(path.parent)
+        await looked(local)
+        assert await answers(path)
+        assert (path.parent / "d.sock.lock").read_text() == f"{os.getpid()}\n"
+
+
+async def test_a_lock_that_cannot_be_made_again_is_told_and_tried_at_the_next_look(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its lock file gone and not to be made (here: permission refused) is logged with its
+    reason, and nothing is bound without it; the next look, allowed, binds."""
+    path = short_tmp / "d.sock"
+    real_open = os.open
+
+    def refused(file: object, flags: int, *args: object, **kwargs: object) -> int:
+        if str(file).endswith(".lock"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    with capture_logs() as logs:
+        async with serving(path) as local:
+            path.unlink()
+            (short_tmp / "d.sock.lock").unlink()
+            monkeypatch.setattr(os, "open", refused)
+            await looked(local)
+            monkeypatch.undo()
+            assert not path.exists()
+            await looked(local)
+            assert await answers(path)
+    told = [(log["event"], log.get("error")) for log in logs if log["event"].startswith("local_")]
+    assert told == [
+        ("local_socket_lock_failed", os.strerror(errno.EACCES)),
+        ("local_socket_bound_again", None),
+    ]
