@@ -131,22 +131,6 @@ async def run_daemon(
     )
     notifier = Notifier(bus=bus, hooks=options.hooks, signals=options.signals)
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
-    ctx = ApiContext(
-        town_id=options.town_id,
-        cloud_url=options.cloud_url,
-        env_file=options.env_file,
-        town_root=options.town_root,
-        refresher=refresher,
-        store=store,
-        bus=bus,
-        registry=registry,
-        clock=clock,
-        watcher_status=watcher.status,
-        count_patch=metrics.count_patch,
-        sse_clients=metrics.sse_clients,
-        config_sync=config_sync,
-        shim_dir=options.shim_dir,
-    )
     lock = SocketLock(options.socket)
     lock.acquire()
     try:
@@ -171,6 +155,23 @@ async def run_daemon(
         current[0] = new
 
     local = LocalSocket(unix, lock)
+    ctx = ApiContext(
+        town_id=options.town_id,
+        cloud_url=options.cloud_url,
+        env_file=options.env_file,
+        town_root=options.town_root,
+        refresher=refresher,
+        store=store,
+        bus=bus,
+        registry=registry,
+        clock=clock,
+        watcher_status=watcher.status,
+        count_patch=metrics.count_patch,
+        sse_clients=metrics.sse_clients,
+        config_sync=config_sync,
+        shim_dir=options.shim_dir,
+        local_socket_status=local.status,
+    )
     async with _owning(lock, local), client, desired_client, anyio.create_task_group() as tg:
         await tg.start(_stop_on_signal, shutdown, bus)
         await tg.start(_reload_on_signal, lambda: current[0], reload, apply, local.check_now)

@@ -139,7 +139,11 @@ def test_a_socket_removed_while_serving_is_bound_again_and_reached_by_the_cli(
     daemon.wait_for_log("local_socket_bound_again", found="nothing")
     done = cli("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["town_id"] == TOWN
+    status = json.loads(done.stdout)
+    assert status["town_id"] == TOWN
+    local = status["local_socket"]
+    assert (local["path"], local["bound_again"], local["problem"]) == (str(daemon.socket), 1, None)
+    assert local["checks"] >= 1  # the SIGHUP's, and any look every 30 s since
     assert lock.read_text().strip() == str(daemon.process.pid)
     assert daemon.stop() == 0
     assert not daemon.socket.exists()

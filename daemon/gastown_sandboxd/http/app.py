@@ -59,6 +59,7 @@ class ApiContext:
     cloud_url: str = ""
     env_file: Path | None = None
     shim_dir: Path | None = None
+    local_socket_status: Callable[[], Mapping[str, Any]] | None = None
 
 
 def _time(timestamp: float | None) -> str | None:
@@ -227,6 +228,9 @@ class _Routes:
             "subscribers": self.ctx.sse_clients.count,
             "env_file": str(self.ctx.env_file) if self.ctx.env_file else None,
             "shim_dir": str(self.ctx.shim_dir) if self.ctx.shim_dir else None,
+            "local_socket": (
+                dict(self.ctx.local_socket_status()) if self.ctx.local_socket_status else None
+            ),
         }
         return JSONResponse(body)
 

@@ -52,7 +52,17 @@ class LocalSocket:
         self._interval = interval
         self._identity = _identity(self.path)
         self._wake = anyio.Event()
-        self._told: str | None = None  # what was last logged of the path, told once
+        self._told: dict[str, object] | None = None  # what the last look found in its way
+
+    def status(self) -> dict[str, object]:
+        """For `/status`: the path, the looks, the bindings again, and what the last look
+        found in its way (None while the path names the socket served)."""
+        return {
+            "path": str(self.path),
+            "checks": self.checks,
+            "bound_again": self.bound_again,
+            "problem": self._told,
+        }
 
     def check_now(self) -> None:
         """Look at the path now, not at the next check."""
@@ -143,8 +153,8 @@ class LocalSocket:
         return sock
 
     def _tell(self, event: str, **fields: object) -> None:
-        """Log `event` once while it stays what the checks find."""
-        told = f"{event} {sorted(fields.items())}"
+        """Log `event` once while it stays what the looks find."""
+        told = {"event": event, **fields}
         if told != self._told:
             self._told = told
             log.warning(event, socket=str(self.path), effect="left as it is", **fields)

@@ -139,6 +139,7 @@ _SCHEMAS: dict[str, Any] = {
             "shim_dir",
             "watcher",
             "subscribers",
+            "local_socket",
         ],
         "properties": {
             "town_id": {"type": "string"},
@@ -172,6 +173,29 @@ _SCHEMAS: dict[str, Any] = {
             "subscribers": {"type": "integer", "minimum": 0},
             "env_file": _NULLABLE_STRING,
             "shim_dir": _NULLABLE_STRING,
+            "local_socket": {"oneOf": [_ref("LocalSocketStatus"), {"type": "null"}]},
+        },
+    },
+    "LocalSocketStatus": {
+        "type": "object",
+        "description": "The local socket kept at its path: how often the path was looked at, "
+        "how often the socket was bound again, and what the last look found in its way.",
+        "required": ["path", "checks", "bound_again", "problem"],
+        "properties": {
+            "path": {"type": "string"},
+            "checks": {"type": "integer", "minimum": 0},
+            "bound_again": {"type": "integer", "minimum": 0},
+            "problem": {
+                "description": "null while the path names the socket served",
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["event"],
+                        "properties": {"event": {"type": "string"}},
+                    },
+                    {"type": "null"},
+                ],
+            },
         },
     },
     "ConfigSyncStatus": {

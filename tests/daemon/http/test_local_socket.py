@@ -124,8 +124,9 @@ async def test_a_socket_nobody_serves_at_the_path_is_replaced(short_tmp: Path) -
 
 
 async def test_a_file_put_at_the_path_is_left_as_it_is_and_told_once(short_tmp: Path) -> None:
-    """A file where the socket was is not the daemon's to remove: left with its bytes,
-    logged once over three looks, and left at the end too."""
+    """A file where the socket was is not the daemon's to remove: left with its bytes, and
+    logged once over three looks; `status()` names it. Once the file is gone, the next look
+    binds the socket again and the problem is cleared."""
     path = short_tmp / "d.sock"
     with capture_logs() as logs:
         async with serving(path) as local:
@@ -133,9 +134,18 @@ async def test_a_file_put_at_the_path_is_left_as_it_is_and_told_once(short_tmp: 
             path.write_text("someone's notes")
             await looked(local, 3)
             assert path.read_text() == "someone's notes"
+            assert local.status() == {
+                "path": str(path),
+                "checks": 3,
+                "bound_again": 0,
+                "problem": {"event": "local_socket_path_taken", "what": "a file"},
+            }
+            path.unlink()
+            await looked(local)
+            assert local.status()["bound_again"] == 1
+            assert local.status()["problem"] is None
     told = [(log["event"], log.get("what")) for log in logs if log["event"].startswith("local_")]
-    assert told == [("local_socket_path_taken", "a file")]
-    assert path.read_text() == "someone's notes"
+    assert told == [("local_socket_path_taken", "a file"), ("local_socket_bound_again", None)]
 
 
 async def test_a_socket_another_process_serves_is_left_to_it(short_tmp: Path) -> None:
