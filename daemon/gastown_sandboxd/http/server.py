@@ -13,8 +13,10 @@ A connection its client closed is released at once, not at the end of the keep-a
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import secrets
 import socket
 import stat
 from pathlib import Path
@@ -38,6 +40,8 @@ MAX_HEADER_BYTES = 16 * 1024
 # Listening from the moment of binding: a client that connects once `daemon_ready` is logged
 # (or READY=1 sent) queues in the backlog rather than being refused before hypercorn starts.
 BACKLOG = 128
+# Random temporary names tried for a bind before giving up (each taken one: EADDRINUSE).
+_TEMPORARY_NAMES = 5
 
 
 def bind_tcp(listen: Listen) -> socket.socket:
@@ -57,27 +61,50 @@ def bind_tcp(listen: Listen) -> socket.socket:
 
 
 def bind_unix(path: Path, mode: int = SOCKET_MODE) -> socket.socket:
-    """A Unix socket at `path` with `mode`, replacing a stale socket but nothing else.
+    """A listening Unix socket at `path` with `mode`, replacing a stale socket but nothing
+    else (OSError EADDRINUSE, and it is left as it is).
 
-    The caller holds the socket's lock (`ops.socket_lock`), so a socket already there is stale.
+    The caller holds the socket's lock (`ops.socket_lock`), so a socket already there is
+    stale. The socket is bound at a short temporary name beside `path`, given `mode`, then
+    renamed over `path`: it has its mode from the moment it has its name, and the process's
+    umask is never changed. The umask is shared by every thread: set for a bind while the
+    daemon runs (`local_socket.py` binds again), a folder a worker thread made meanwhile would
+    have taken the socket's mask and lost its x bits. The temporary name is no longer than
+    the socket's own name once that has 5 characters or more, so a path that fits fits both.
     """
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
+    found = _lstat(path)
+    if found is not None and not stat.S_ISSOCK(found.st_mode):
+        raise OSError(errno.EADDRINUSE, "something that is not a socket is there", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The umask makes the socket 0660 from its first moment; chmod below makes it exact.
-    old_umask = os.umask(0o777 & ~mode)
+    temporary = path
     try:
-        sock.bind(str(path))
+        for attempt in range(_TEMPORARY_NAMES):
+            hexes = max(4, min(12, len(path.name) - 1))
+            temporary = path.with_name("." + secrets.token_hex(6)[:hexes])
+            try:
+                sock.bind(str(temporary))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or attempt == _TEMPORARY_NAMES - 1:
+                    raise
+        os.chmod(temporary, mode)
+        os.rename(temporary, path)
     except OSError as exc:
         sock.close()
+        if temporary != path:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
         raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, mode)
     sock.listen(BACKLOG)
     return sock
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
 
 
 def hypercorn_config(fd: int, *, graceful_timeout: float = 1.0) -> Config:

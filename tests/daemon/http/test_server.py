@@ -3,7 +3,9 @@ releases a connection as soon as its client has closed it (`_hypercorn.py`)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -54,6 +56,51 @@ def test_a_bound_unix_socket_already_listens(tmp_path: Path) -> None:
         assert path.stat().st_mode & 0o777 == 0o660
     finally:
         server.close()
+
+
+def test_the_local_socket_is_bound_without_touching_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The umask is the whole process's: `bind_unix` never sets it (a folder a worker thread
+    makes meanwhile would take the socket's mask), and leaves no temporary name behind."""
+    calls: list[int] = []
+
+    def umask(mask: int) -> int:
+        calls.append(mask)
+        return 0o022
+
+    monkeypatch.setattr(os, "umask", umask)
+    server = bind_unix(tmp_path / "d.sock")
+    server.close()
+    assert calls == []
+    assert (tmp_path / "d.sock").stat().st_mode & 0o777 == 0o660
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["d.sock"]
+
+
+def test_a_stale_socket_is_replaced_in_one_step_and_anything_else_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A socket nobody serves is replaced by a rename (its path never missing); a file at
+    the path is refused with EADDRINUSE and kept with its bytes."""
+    path = tmp_path / "d.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(path))
+    inode = path.stat().st_ino
+    server = bind_unix(path)
+    try:
+        assert path.stat().st_ino != inode
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(path))
+    finally:
+        server.close()
+    path.unlink()
+    path.write_text("notes")
+    with pytest.raises(OSError, match="not a socket") as refused:
+        bind_unix(path)
+    assert (refused.value.errno, refused.value.filename) == (errno.EADDRINUSE, str(path))
+    assert path.read_text() == "notes"
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["d.sock"]
 
 
 async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
