@@ -193,10 +193,8 @@ async def stamped_fan_out(
 
 
 async def _last_event_id(api: httpx.AsyncClient) -> int:
-    for line in (await api.get("/metrics")).text.splitlines():
-        if line.startswith("gastown_sandboxd_events_total "):
-            return int(float(line.split()[1]))
-    raise RuntimeError("no gastown_sandboxd_events_total in /metrics")
+    last: int = (await api.get("/status")).json()["last_event_id"]
+    return last
 
 
 async def api_to_sse(

@@ -19,7 +19,7 @@ from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.agents import AgentKeeper, check_shim_dir
 from gastown_sandboxd.atomic import remove_stale_temporaries
 from gastown_sandboxd.errors import OptionsError
-from gastown_sandboxd.events import EventBus, Notifier
+from gastown_sandboxd.events import EventBus, Notifier, run_first_id
 from gastown_sandboxd.gtsettings import (
     CONFIG,
     ConfigSync,
@@ -77,7 +77,7 @@ async def run_daemon(
     clock = clock or SystemClock()
     systemd = SystemdNotifier()
     registry = MetricsRegistry()
-    bus = EventBus()
+    bus = EventBus(first_id=run_first_id(clock.time()))
     store = SettingsStore(
         town_root=options.town_root,
         emit=bus.publish,

@@ -21,7 +21,7 @@ import anyio.abc
 import httpx
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
-from httpx_sse import aconnect_sse
+from httpx_sse import aconnect_sse, connect_sse
 
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, client_limits, make_town
@@ -133,15 +133,6 @@ async def get_json(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
     return body
 
 
-async def metric(client: httpx.AsyncClient, name: str) -> float:
-    """One sample of /metrics by its full name (`gastown_sandboxd_events_total`)."""
-    answer = await client.get("/metrics")
-    for line in answer.text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.split(" ")[1])
-    raise AssertionError(f"no metric {name} in:\n{answer.text}")
-
-
 async def patch(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
     answer = await client.patch("/config", json=body)
     assert answer.status_code == 200, answer.text
@@ -251,7 +242,7 @@ async def test_hundred_subscribers_get_every_event_once_in_order(town: Town) -> 
     uds = town.uds(max_connections=SUBSCRIBERS + 10, max_keepalive_connections=SUBSCRIBERS)
     tcp = town.tcp(max_connections=SUBSCRIBERS + 10, max_keepalive_connections=SUBSCRIBERS)
     async with uds, tcp, town.uds() as api:
-        base = int(await metric(api, "gastown_sandboxd_events_total"))
+        base = (await get_json(api, "/status"))["last_event_id"]
         last = base + EVENTS
         subs = [
             Subscriber(
@@ -597,7 +588,7 @@ def _cli(town: Town, *args: str) -> subprocess.Popen[str]:
 def test_events_command_prints_json_lines_and_filters(town: Town) -> None:
     """`events --count N` prints N live events as JSON lines; `--type` keeps only that type."""
     api = town.daemon.local()
-    first_id = int(_sync_metric(api, "gastown_sandboxd_events_total")) + 1
+    first_id = api.get("/status").json()["last_event_id"] + 1
     with _cli(town, "--count", "3") as live:
         deadline = time.monotonic() + EVENT_WAIT
         while api.get("/status").json()["subscribers"] < 1:
@@ -627,8 +618,56 @@ def test_events_command_prints_json_lines_and_filters(town: Town) -> None:
     assert only["type"] == "token.refreshed"
 
 
-def _sync_metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.split(" ")[1])
-    raise AssertionError(f"no metric {name}")
+# --- event ids across runs -----------------------------------------------------------------
+
+
+def test_a_client_back_after_a_restart_is_told_of_the_gap_and_misses_no_new_event(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A client whose last id came from the daemon's previous run comes back after a
+    restart that has already emitted more events than that run did: it is told of the gap,
+    then gets every event of the new run, all with ids above its own. (With ids restarting
+    at 1, the new run had passed its id and replayed only what followed: it never saw the
+    new run's first events.) /metrics still counts the run's events."""
+    town = start_town(cloud, daemon_factory, tmp_path)
+    with town.daemon.local() as api:
+        for agent in ("claude", "codex"):
+            assert api.patch("/config", json={"town": {"crew_agents": {"r": agent}}}).is_success
+        seen = api.get("/status").json()["last_event_id"]
+    assert town.daemon.stop() == 0
+    again = daemon_factory(
+        town_id=town.town_id,
+        cloud_url=cloud.url,
+        town_root=town.daemon.town_root,
+        env_file=town.daemon.env_file,
+        extra_env={"INTERNAL_API_KEY": cloud.internal_key},
+        name="d0",
+    )
+    assert again.socket == town.daemon.socket
+    with again.local() as api:
+        revisions = []
+        for agent in ("claude", "codex", "claude", "codex"):
+            answer = api.patch("/config", json={"town": {"crew_agents": {"r": agent}}})
+            revisions.append(answer.json()["revision"])
+        status = api.get("/status").json()
+        frames: list[tuple[str, dict[str, Any]]] = []
+        headers = {"Last-Event-ID": str(seen)}
+        with connect_sse(api, "GET", "/events", headers=headers) as source:
+            for sse in source.iter_sse():
+                if sse.data:
+                    frames.append((sse.event, json.loads(sse.data)))
+                if sum(1 for _, event in frames if event.get("revision") in revisions) == 4:
+                    break
+        events_total = [
+            line for line in api.get("/metrics").text.splitlines()
+            if line.startswith("gastown_sandboxd_events_total ")
+        ]  # fmt: skip
+    (kind, gap), *events = frames
+    assert (kind, gap["last_event_id"]) == ("gap", seen)
+    assert gap["first_available_id"] > seen
+    assert all(event["id"] > seen for _, event in events)
+    assert [event["revision"] for _, event in events if "revision" in event][-4:] == revisions
+    assert [event["id"] for _, event in events] == list(
+        range(gap["first_available_id"], status["last_event_id"] + 1)
+    )
+    assert events_total == [f"gastown_sandboxd_events_total {float(len(events))}"]

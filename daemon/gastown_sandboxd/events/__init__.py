@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from gastown_sandboxd._lazy import lazy_names
 
 if TYPE_CHECKING:
-    from gastown_sandboxd.events.bus import Event, EventBus
+    from gastown_sandboxd.events.bus import Event, EventBus, run_first_id
     from gastown_sandboxd.events.notify import Notifier
     from gastown_sandboxd.events.specs import HookSpec, SignalSpec
     from gastown_sandboxd.events.sse import parse_last_event_id, sse_stream
@@ -47,12 +47,14 @@ __all__ = [
     "TokenRefreshed",
     "TownInactive",
     "parse_last_event_id",
+    "run_first_id",
     "sse_stream",
 ]
 
 _WHERE = {
     "Event": "bus",
     "EventBus": "bus",
+    "run_first_id": "bus",
     "Notifier": "notify",
     "HookSpec": "specs",
     "SignalSpec": "specs",

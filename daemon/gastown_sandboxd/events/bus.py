@@ -1,7 +1,8 @@
 """The event bus: numbered events, a replay ring, and bounded per-subscriber buffers.
 
-`emit` is synchronous and never waits: it numbers the event (1, 2, 3…), keeps it in a ring of
-the last `history` events and appends it to every subscriber's buffer. Call it from the event
+`emit` is synchronous and never waits: it numbers the event (`first_id`, then one more
+each time), keeps it in a ring of the last `history` events and appends it to every
+subscriber's buffer. Call it from the event
 loop's thread. A subscriber whose buffer already holds `subscriber_buffer` undelivered events
 is dropped at once, so a slow reader never holds back `emit` or the other readers.
 
@@ -14,9 +15,17 @@ each exactly once and in order. Its iterator ends in one of three ways:
 - the bus closed (`EventBus.close()`, at shutdown): `StopAsyncIteration` after the buffer;
 - never otherwise.
 
+Ids across runs: the daemon numbers each run from the microsecond it started
+(`run_first_id`), so an id is never given twice and a later run's ids are higher. A client
+that comes back after a restart with its last id is then always told apart: its id is below
+this run's first. With ids restarting at 1 in each run, a new run that had passed the old
+id replayed only what followed it, and the client never saw the new run's first events.
+
 Gap: when the events right after `last_event_id` have already left the ring, or the id is
-ahead of the newest event (it came from an earlier run of the daemon, whose ids restarted),
-the subscription replays the whole ring and reports what was lost in `Subscription.gap`.
+from an earlier run (below `first_id`) or ahead of the newest event (a clock set back
+between runs), the subscription replays the whole ring and reports what was lost in
+`Subscription.gap`. `last_event_id` 0 asks for every event of this run: no gap while the
+ring still holds the first.
 """
 
 from __future__ import annotations
@@ -87,6 +96,13 @@ class _Subscriber:
         self.closed = False
 
 
+def run_first_id(now: float) -> int:
+    """The first event id of a run started at `now` (Unix seconds): its microsecond. A run
+    emits fewer than one event a microsecond, so the next run's ids are higher, and they stay
+    below JavaScript's 2**53 (its largest exact integer) until the year 2255."""
+    return max(1, int(now * 1_000_000))
+
+
 class EventBus:
     """Numbers, keeps and fans out events; satisfies the `Emit` protocol through `emit`."""
 
@@ -96,13 +112,16 @@ class EventBus:
         history: int = 1000,
         subscriber_buffer: int = 256,
         now: Callable[[], float] = time.time,
+        first_id: int = 1,
     ) -> None:
         if history < 1 or subscriber_buffer < 1:
             raise ValueError("history and subscriber_buffer must be at least 1")
         self._ring: deque[Event] = deque(maxlen=history)
         self._buffer_size = subscriber_buffer
         self._now = now
-        self._last_id = 0
+        self._first_id = first_id
+        self._last_id = first_id - 1
+        self._published = 0
         self._subscribers: set[_Subscriber] = set()
         self._closed = False
         # One wake-up for every waiting subscriber, made by the first to wait and set (then
@@ -115,8 +134,13 @@ class EventBus:
 
     @property
     def last_id(self) -> int:
-        """The id of the newest event, 0 before the first."""
+        """The id of the newest event; one less than `first_id` before the first."""
         return self._last_id
+
+    @property
+    def published(self) -> int:
+        """How many events were emitted."""
+        return self._published
 
     @property
     def subscriber_count(self) -> int:
@@ -135,6 +159,7 @@ class EventBus:
         # A JSON round trip both checks the fields and detaches them from the caller's objects.
         frozen = MappingProxyType(json.loads(json.dumps(dict(fields))))
         self._last_id += 1
+        self._published += 1
         event = Event(self._last_id, type, rfc3339(self._now()), frozen)
         self._ring.append(event)
         for subscriber in tuple(self._subscribers):
@@ -234,6 +259,8 @@ class EventBus:
             return [], None
         last_event_id = max(0, last_event_id)
         first_id = self._ring[0].id if self._ring else self._last_id + 1
+        if last_event_id == 0 and first_id == self._first_id:
+            return list(self._ring), None  # every event of this run, none dropped yet
         if last_event_id > self._last_id or last_event_id + 1 < first_id:
             return list(self._ring), Gap(last_event_id, first_id)
         return list(islice(self._ring, last_event_id + 1 - first_id, None)), None

@@ -226,6 +226,7 @@ class _Routes:
             "config_sync": self._sync_status(),
             "watcher": dict(self.ctx.watcher_status()),
             "subscribers": self.ctx.sse_clients.count,
+            "last_event_id": self.ctx.bus.last_id,
             "env_file": str(self.ctx.env_file) if self.ctx.env_file else None,
             "shim_dir": str(self.ctx.shim_dir) if self.ctx.shim_dir else None,
             "local_socket": (

@@ -139,6 +139,7 @@ _SCHEMAS: dict[str, Any] = {
             "shim_dir",
             "watcher",
             "subscribers",
+            "last_event_id",
             "local_socket",
         ],
         "properties": {
@@ -171,6 +172,12 @@ _SCHEMAS: dict[str, Any] = {
             "config_sync": _ref("ConfigSyncStatus"),
             "watcher": {"type": "object"},
             "subscribers": {"type": "integer", "minimum": 0},
+            "last_event_id": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "the newest event's id (one less than this run's first before "
+                "any): ids count up from the microsecond the daemon started",
+            },
             "env_file": _NULLABLE_STRING,
             "shim_dir": _NULLABLE_STRING,
             "local_socket": {"oneOf": [_ref("LocalSocketStatus"), {"type": "null"}]},

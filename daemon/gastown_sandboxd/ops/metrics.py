@@ -247,7 +247,7 @@ class DaemonMetrics:
             value=self.sse_clients.count,
         )
         yield CounterMetricFamily(
-            PREFIX + "events", "Events emitted since start.", value=self._bus.last_id
+            PREFIX + "events", "Events emitted since start.", value=self._bus.published
         )
         yield CounterMetricFamily(
             PREFIX + "event_subscribers_dropped",

@@ -9,7 +9,7 @@ import pytest
 
 from gastown_sandboxd._types import Emit, rfc3339
 from gastown_sandboxd.errors import SubscriberLagged
-from gastown_sandboxd.events.bus import Event, EventBus, Gap, Subscription
+from gastown_sandboxd.events.bus import Event, EventBus, Gap, Subscription, run_first_id
 from gastown_sandboxd.events.types import EVENT_TYPES, TownInactive
 
 
@@ -163,8 +163,9 @@ async def test_gap_when_the_ring_no_longer_holds_the_next_event() -> None:
         assert await _take(subscription, 5) == [6, 7, 8, 9, 10]
 
 
-async def test_gap_when_the_id_comes_from_an_earlier_run() -> None:
-    """An id ahead of the newest event (ids restarted) replays everything and reports a gap."""
+async def test_gap_when_the_id_is_ahead_of_the_newest() -> None:
+    """An id ahead of the newest event (a clock set back between runs, or ids that restart)
+    replays everything and reports a gap."""
     bus = EventBus()
     bus.emit("token.refreshed", {})
     bus.emit("token.refreshed", {})
@@ -173,6 +174,51 @@ async def test_gap_when_the_id_comes_from_an_earlier_run() -> None:
         assert await _take(subscription, 2) == [1, 2]
     async with EventBus().subscribe(last_event_id=7) as empty:
         assert empty.gap == Gap(after_id=7, first_id=1)
+
+
+def test_a_run_numbers_its_events_from_its_microsecond_and_counts_them_apart() -> None:
+    """`run_first_id` is the start's microsecond (1 at the epoch and before); ids count up
+    from `first_id`, `last_id` is one less before any, and `published` counts events."""
+    assert run_first_id(1_797_000_000.25) == 1_797_000_000_250_000
+    assert run_first_id(0.0) == 1
+    bus = EventBus(first_id=run_first_id(1_797_000_000.0))
+    assert (bus.last_id, bus.published) == (1_796_999_999_999_999, 0)
+    ids = [bus.emit("token.refreshed", {}).id for _ in range(3)]
+    assert ids == [1_797_000_000_000_000, 1_797_000_000_000_001, 1_797_000_000_000_002]
+    assert (bus.last_id, bus.published) == (ids[-1], 3)
+
+
+async def test_a_client_of_an_earlier_run_gets_a_gap_even_when_this_run_passed_its_id() -> None:
+    """The last id of a client of the run before is below this run's first, however many
+    events this run has emitted: the whole ring and a gap, never a replay that skips this
+    run's first events. With ids from 1 in each run, the same client was replayed only the
+    events after its id."""
+    before, after = EventBus(first_id=run_first_id(100.0)), EventBus(first_id=run_first_id(101.0))
+    seen = [before.emit("token.refreshed", {}).id for _ in range(2)][-1]
+    ids = [after.emit("config.changed", {}).id for _ in range(3)]
+    async with after.subscribe(last_event_id=seen) as subscription:
+        assert subscription.gap == Gap(after_id=seen, first_id=ids[0])
+        assert await _take(subscription, 3) == ids
+    restarting = EventBus()  # ids from 1, as each run had them
+    for _ in range(3):
+        restarting.emit("config.changed", {})
+    async with restarting.subscribe(last_event_id=2) as skipped:
+        assert (skipped.gap, await _take(skipped, 1)) == (None, [3])
+
+
+async def test_zero_asks_for_every_event_of_this_run() -> None:
+    """Last-Event-ID 0, with ids from a microsecond: every event of this run and no gap while
+    the ring holds its first; once the first has left the ring, a gap."""
+    bus = EventBus(first_id=1_000, history=2)
+    bus.emit("token.refreshed", {})
+    bus.emit("token.refreshed", {})
+    async with bus.subscribe(last_event_id=0) as subscription:
+        assert subscription.gap is None
+        assert await _take(subscription, 2) == [1_000, 1_001]
+    bus.emit("token.refreshed", {})
+    async with bus.subscribe(last_event_id=0) as late:
+        assert late.gap == Gap(after_id=0, first_id=1_001)
+        assert await _take(late, 2) == [1_001, 1_002]
 
 
 async def test_slow_subscriber_is_dropped_and_can_resume() -> None:
