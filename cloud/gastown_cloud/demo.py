@@ -120,6 +120,7 @@ class EventTail:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.received = 0
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
 
@@ -138,7 +139,11 @@ class EventTail:
                 event = self.events.get(timeout=max(0.01, end - time.monotonic()))
             except queue.Empty:
                 raise RuntimeError(f"no {kind} event within {deadline:.0f} s") from None
-            say(f"subscriber got event #{event['id']} {event['type']}", detail=_event_line(event))
+            self.received += 1
+            say(
+                f"subscriber got its event #{self.received}, {event['type']}",
+                detail=f"id {event['id']}: {_event_line(event)}",
+            )
             if event["type"] == kind:
                 return event
 

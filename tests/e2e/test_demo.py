@@ -38,7 +38,7 @@ def test_demo_runs_to_the_end_and_cleans_up(request: pytest.FixtureRequest) -> N
         "the cloud forwarded it to the sandbox: HTTP 200",
         # The settings view shows the agent the PATCH just wrote, with its wrapper.
         '"kilo-sonnet": {\n                  "provider": "claude"',
-        "subscriber got event #3 config.changed",
+        "subscriber got its event #3, config.changed",
         "the agent's answer",
         '"userId": "user-ada"',
         "done: nothing left running",
