@@ -42,6 +42,7 @@ from tests.e2e._town import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, make_town
+from tests.waiting import wait_until
 
 MODEL = "anthropic/claude-sonnet-4.5"
 PRINT_TOKENS = 'printf "%s %s" "$ANTHROPIC_AUTH_TOKEN" "$KILOCODE_TOKEN"'
@@ -173,6 +174,11 @@ def test_a_stopped_then_destroyed_town_goes_inactive_and_a_forced_refresh_recove
         inactive = "gastown_sandboxd_token_refresh_attempts_total"
 
         cloud.set_status(town.id, "start")
+        # The cloud mints by the second: in the second of the town's own token it would hand
+        # that one back, which the daemon keeps with the schedule it had (a run that fit in
+        # one second failed the check of the next refresh below). A new second, a new token.
+        iat = decode_unverified(town.token).iat
+        wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
         # The attempts counted by the daemon: only the forced one while the town was stopped.
         assert metric_value(tcp.get("/metrics").text, inactive, result="inactive") == 1
         answer = local.post("/token/refresh")
