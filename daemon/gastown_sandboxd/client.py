@@ -23,6 +23,8 @@ class DaemonUnavailable(GastownError):
 
 def running_daemon_env_file(socket: Path) -> Path | None:
     """The env file the daemon on `socket` writes (its `/status`); None when none answers."""
+    import httpx  # as `DaemonClient` does; named here for its errors below
+
     try:
         with DaemonClient(socket, timeout=5.0) as client:
             value = client.get("/status").get("env_file")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.client import DaemonClient, DaemonUnavailable
+from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
 from gastown_sandboxd.events.bus import EventBus, Gap
 from gastown_sandboxd.events.sse import CONNECTED, HEARTBEAT, control_frame, event_frame
 from tests.fixtures.net import count_ca_loads
@@ -83,3 +83,12 @@ def test_the_socket_client_never_loads_the_ca_bundle(
     with DaemonClient(tmp_path / "none.sock") as client, pytest.raises(DaemonUnavailable):
         client.get("/status")
     assert calls == []
+
+
+def test_no_daemon_on_the_socket_names_no_env_file(short_tmp: Path) -> None:
+    """Nothing at the socket, or a socket nobody serves: no env file is named (None), and
+    the caller falls back to its own; never an error of the client's own making."""
+    assert running_daemon_env_file(short_tmp / "none.sock") is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(short_tmp / "stale.sock"))
+        assert running_daemon_env_file(short_tmp / "stale.sock") is None

@@ -13,6 +13,7 @@ import pytest
 
 from gastown_sandboxd.__main__ import NEVER_USED
 from gastown_sandboxd.cli import build_parser
+from gastown_sandboxd.token.claims import fingerprint
 from tests.daemon.minting import mint
 from tests.fixtures.entry import run_help, run_importing
 
@@ -158,3 +159,24 @@ def test_a_command_that_asks_the_daemon_loads_none_of_the_daemons_machinery(
         "gastown_sandboxd.events.notify",
     }
     assert done.imported & machinery == set()
+
+
+@pytest.mark.parametrize("command", ["token", "inspect-token"])
+def test_with_no_daemon_and_no_env_file_named_the_default_env_file_is_read(
+    tmp_path: Path, command: str
+) -> None:
+    """`token` (the light entry) and `inspect-token` with neither a daemon on the socket nor
+    an env file named: they ask the socket, find nobody, and read `~/.env.gateway`."""
+    token = mint(time.time())
+    (tmp_path / ".env.gateway").write_text(f"KILO_JWT={token}\n")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "GASTOWN_SANDBOXD_SOCKET": str(tmp_path / "none.sock"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gastown_sandboxd", command],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (token + "\n" if command == "token" else fingerprint(token)) in done.stdout
