@@ -2,9 +2,9 @@
 
 `emit` is synchronous and never waits: it numbers the event (`first_id`, then one more
 each time), keeps it in a ring of the last `history` events and appends it to every
-subscriber's buffer. Call it from the event
-loop's thread. A subscriber whose buffer already holds `subscriber_buffer` undelivered events
-is dropped at once, so a slow reader never holds back `emit` or the other readers.
+subscriber's buffer. Call it from the event loop's thread. A subscriber whose buffer already
+holds `subscriber_buffer` undelivered events is dropped at once, so a slow reader never holds
+back `emit` or the other readers.
 
 A subscription first replays the ring's events after `last_event_id`, then delivers live ones,
 each exactly once and in order. Its iterator ends in one of three ways:
@@ -121,7 +121,6 @@ class EventBus:
         self._now = now
         self._first_id = first_id
         self._last_id = first_id - 1
-        self._published = 0
         self._subscribers: set[_Subscriber] = set()
         self._closed = False
         # One wake-up for every waiting subscriber, made by the first to wait and set (then
@@ -139,8 +138,8 @@ class EventBus:
 
     @property
     def published(self) -> int:
-        """How many events were emitted."""
-        return self._published
+        """How many events were emitted: ids are consecutive from `first_id`."""
+        return self._last_id - self._first_id + 1
 
     @property
     def subscriber_count(self) -> int:
@@ -159,7 +158,6 @@ class EventBus:
         # A JSON round trip both checks the fields and detaches them from the caller's objects.
         frozen = MappingProxyType(json.loads(json.dumps(dict(fields))))
         self._last_id += 1
-        self._published += 1
         event = Event(self._last_id, type, rfc3339(self._now()), frozen)
         self._ring.append(event)
         for subscriber in tuple(self._subscribers):
