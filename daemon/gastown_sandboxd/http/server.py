@@ -77,10 +77,10 @@ def bind_unix(path: Path, mode: int = SOCKET_MODE) -> socket.socket:
         raise OSError(errno.EADDRINUSE, "something that is not a socket is there", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hexes = max(4, min(12, len(path.name) - 1))  # the temporary name's length, less its dot
     temporary = path
     try:
         for attempt in range(_TEMPORARY_NAMES):
-            hexes = max(4, min(12, len(path.name) - 1))
             temporary = path.with_name("." + secrets.token_hex(6)[:hexes])
             try:
                 sock.bind(str(temporary))
