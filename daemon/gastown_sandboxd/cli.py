@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gastown_sandboxd import __version__, agents
 from gastown_sandboxd._lazy import exit_without_teardown, imports_without_gc
@@ -91,15 +91,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (add, summary, description) in _COMMANDS.items():
+    for name, spec in _COMMANDS.items():
         if command in (None, name):
             sub = commands.add_parser(
                 name,
-                help=summary,
-                description=description,
+                help=spec.summary,
+                description=spec.description,
                 formatter_class=agents.help_formatter,
             )
-            add(sub)
+            spec.add_arguments(sub)
     return parser
 
 
@@ -174,48 +174,6 @@ def _add_client(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# name → (what adds its arguments, its line in the command list, its description)
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] = {
-    "run": (
-        _add_run,
-        "run the daemon in the foreground",
-        "Run the daemon: refresh the token, serve the API on the listen address and the local "
-        "socket, watch the settings files. Stops on SIGTERM or SIGINT.",
-    ),
-    "check": (
-        _add_check,
-        "check the options without starting",
-        "Check every option (flags, environment, TOML file), the town root, the env file's "
-        "folder and the socket's path as `run` would, without starting; report every problem "
-        "at once. Exit 0 when all is well, 2 when anything is wrong.",
-    ),
-    "status": (
-        _add_status,
-        "show the daemon's status",
-        "Ask the daemon over the local socket for its status.",
-    ),
-    "events": (
-        _add_events,
-        "print the event stream",
-        "Print the daemon's events, one JSON object per line, until interrupted.",
-    ),
-    "refresh": (
-        _add_client,
-        "refresh the token now",
-        "Ask the daemon to refresh the token now and print its metadata.",
-    ),
-    "inspect-token": (
-        _add_inspect,
-        "show a token's claims and acceptability",
-        "Show the claims, expiry and acceptability of a token: from FILE (an env file with "
-        "KILO_JWT= or a file holding the bare token), '-' for stdin, or the env file by "
-        "default. Never prints the token or its signature.",
-    ),
-    "exec": (_add_exec, "run a command with the current token", agents.EXEC_COMMAND_HELP),
-    "token": (agents.add_common_arguments, "print the current token", agents.PRINT_COMMAND_HELP),
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _dispatch(argv)
@@ -232,8 +190,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     command = words[0] if words and words[0] in _COMMANDS else None
     args = build_parser(command).parse_args(words)
     try:
-        handler = _HANDLERS[args.command]
-        return handler(args)
+        return _COMMANDS[args.command].run(args)
     except OptionsError as exc:
         for line in str(exc).splitlines():
             print(f"gastown-sandboxd: {line}", file=sys.stderr)
@@ -485,13 +442,68 @@ def _read_token_source(source: str) -> str | None:
     return values.get("KILO_JWT")
 
 
-_HANDLERS = {
-    "run": _cmd_run,
-    "check": _cmd_check,
-    "status": _cmd_status,
-    "events": _cmd_events,
-    "refresh": _cmd_refresh,
-    "inspect-token": _cmd_inspect,
-    "exec": agents.run_exec,
-    "token": agents.run_token,
+class Command(NamedTuple):
+    """One command: what adds its arguments, what runs it, its line in the command list,
+    and its description."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    summary: str
+    description: str
+
+
+_COMMANDS: dict[str, Command] = {
+    "run": Command(
+        _add_run,
+        _cmd_run,
+        "run the daemon in the foreground",
+        "Run the daemon: refresh the token, serve the API on the listen address and the local "
+        "socket, watch the settings files. Stops on SIGTERM or SIGINT.",
+    ),
+    "check": Command(
+        _add_check,
+        _cmd_check,
+        "check the options without starting",
+        "Check every option (flags, environment, TOML file), the town root, the env file's "
+        "folder and the socket's path as `run` would, without starting; report every problem "
+        "at once. Exit 0 when all is well, 2 when anything is wrong.",
+    ),
+    "status": Command(
+        _add_status,
+        _cmd_status,
+        "show the daemon's status",
+        "Ask the daemon over the local socket for its status.",
+    ),
+    "events": Command(
+        _add_events,
+        _cmd_events,
+        "print the event stream",
+        "Print the daemon's events, one JSON object per line, until interrupted.",
+    ),
+    "refresh": Command(
+        _add_client,
+        _cmd_refresh,
+        "refresh the token now",
+        "Ask the daemon to refresh the token now and print its metadata.",
+    ),
+    "inspect-token": Command(
+        _add_inspect,
+        _cmd_inspect,
+        "show a token's claims and acceptability",
+        "Show the claims, expiry and acceptability of a token: from FILE (an env file with "
+        "KILO_JWT= or a file holding the bare token), '-' for stdin, or the env file by "
+        "default. Never prints the token or its signature.",
+    ),
+    "exec": Command(
+        _add_exec,
+        agents.run_exec,
+        "run a command with the current token",
+        agents.EXEC_COMMAND_HELP,
+    ),
+    "token": Command(
+        agents.add_common_arguments,
+        agents.run_token,
+        "print the current token",
+        agents.PRINT_COMMAND_HELP,
+    ),
 }
