@@ -141,6 +141,12 @@ def _add_events(events: argparse.ArgumentParser) -> None:
         help="only this event type (repeatable)",
     )
     events.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    events.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_false",
+        help="end when the daemon ends the stream (a stop, a restart) instead of resuming",
+    )
 
 
 def _add_inspect(inspect: argparse.ArgumentParser) -> None:
@@ -338,7 +344,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     seen = 0
     _end_when_the_reader_leaves()
     with DaemonClient(_client_options(args).socket, timeout=None) as client:
-        for event in client.events(last_event_id=args.last_event_id):
+        for event in client.events(last_event_id=args.last_event_id, follow=args.follow):
             if wanted and event.get("type") not in wanted:
                 continue
             print(json.dumps(event), flush=True)
@@ -478,7 +484,8 @@ _COMMANDS: dict[str, Command] = {
         _add_events,
         _cmd_events,
         "print the event stream",
-        "Print the daemon's events, one JSON object per line, until interrupted.",
+        "Print the daemon's events, one JSON object per line, until interrupted. When the "
+        "daemon stops or restarts, wait for it and resume after the last event printed.",
     ),
     "refresh": Command(
         _add_client,

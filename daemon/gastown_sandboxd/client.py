@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -75,15 +76,62 @@ class DaemonClient:
     def post(self, path: str, *, ok: Collection[int] = (200,)) -> dict[str, Any]:
         return self._request("POST", path, ok=ok)
 
-    def events(self, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
-        """Every event from the stream as a dict; ends when the daemon closes it."""
+    def events(
+        self,
+        *,
+        last_event_id: int | None = None,
+        follow: bool = False,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> Iterator[dict[str, Any]]:
+        """Every event from the stream as a dict, after `last_event_id` (None: from now on).
+
+        Without `follow` it ends when the daemon closes the stream (a stop, a restart, the
+        socket bound again), and falling behind the stream raises `DaemonUnavailable`.
+
+        With `follow` it goes on across those: once a stream was open, each end or break is
+        followed by a new connection that resumes after the last event yielded (ids are
+        unique across the daemon's runs, so a new run's events are all replayed, after a gap
+        notice), waiting `RECONNECT_FIRST_S` and twice as long at each failed try, up to
+        `RECONNECT_CAP_S` (`sleep` waits). Without `last_event_id` it starts from the run's
+        newest event as `/status` tells it, so that a break before the first event still
+        resumes where the stream began. One line on stderr when the stream is lost and one
+        when it is back. Only a daemon that cannot be reached at the start raises.
+        """
+        if not follow:
+            yield from self._stream(last_event_id)
+            return
+        if last_event_id is None:
+            newest = self.get("/status").get("last_event_id")
+            last_event_id = newest if isinstance(newest, int) else None
+        state = _Following(last_event_id)
+        while True:
+            try:
+                for event in self._stream(state.last_id, opened=state.opened):
+                    state.last_id = event.get("id", state.last_id)
+                    yield event
+                why = "the daemon ended it"
+            except DaemonUnavailable as exc:
+                if not state.reached:
+                    raise
+                why = str(exc)
+            sleep(state.lost(why))
+
+    def _stream(
+        self, last_event_id: int | None, *, opened: Callable[[], object] = lambda: None
+    ) -> Iterator[dict[str, Any]]:
+        """One connection's events; `opened` is called once the daemon has answered."""
         import httpx
-        from httpx_sse import connect_sse  # only the `events` command needs it
+        from httpx_sse import SSEError, connect_sse  # only the `events` command needs it
 
         headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
         self._check_socket()
         try:
             with connect_sse(self._http, "GET", "/events", headers=headers) as source:
+                if source.response.status_code != 200:
+                    raise DaemonUnavailable(
+                        f"the daemon answered {source.response.status_code} to GET /events"
+                    )
+                opened()
                 for sse in source.iter_sse():
                     if not sse.data:
                         # httpx-sse turns a heartbeat comment after an `id:` into an empty event.
@@ -102,6 +150,8 @@ class DaemonClient:
                         )
                         continue
                     yield json.loads(sse.data)
+        except SSEError as exc:
+            raise DaemonUnavailable(f"GET /events answered no event stream: {exc}") from None
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from None
 
@@ -126,6 +176,41 @@ class DaemonClient:
 
     def _unavailable(self, exc: Exception) -> DaemonUnavailable:
         return DaemonUnavailable(_unreachable(self._socket, str(exc)))
+
+
+# `DaemonClient.events(follow=True)`: the first wait before connecting again, doubled at
+# each failed try up to the cap. A restart by systemd or supervisord takes ~0.3 s to READY.
+RECONNECT_FIRST_S = 0.25
+RECONNECT_CAP_S = 4.0
+
+
+class _Following:
+    """What `events(follow=True)` keeps between its connections."""
+
+    def __init__(self, last_id: int | None) -> None:
+        self.last_id = last_id
+        self.reached = False  # some stream was open: from now on a break is waited out
+        self._gone = False  # told on stderr that the stream was lost, not yet that it is back
+        self._wait = RECONNECT_FIRST_S
+
+    def opened(self) -> None:
+        self.reached = True
+        self._wait = RECONNECT_FIRST_S
+        if self._gone:
+            self._gone = False
+            print("gastown-sandboxd: the event stream is back", file=sys.stderr)
+
+    def lost(self, why: str) -> float:
+        """Tell of the loss once (not at each try); the seconds to wait before the next."""
+        if not self._gone:
+            self._gone = True
+            after = "" if self.last_id is None else f" after event {self.last_id}"
+            print(
+                f"gastown-sandboxd: the event stream ended ({why}); resuming{after}",
+                file=sys.stderr,
+            )
+        wait, self._wait = self._wait, min(self._wait * 2, RECONNECT_CAP_S)
+        return wait
 
 
 def _unreachable(socket: Path, reason: str) -> str:

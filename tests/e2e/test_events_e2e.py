@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -671,3 +673,68 @@ def test_a_client_back_after_a_restart_is_told_of_the_gap_and_misses_no_new_even
         range(gap["first_available_id"], status["last_event_id"] + 1)
     )
     assert events_total == [f"gastown_sandboxd_events_total {float(len(events))}"]
+
+
+def test_the_events_command_follows_the_daemon_across_a_restart(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """`gastown-sandboxd events` keeps printing across a stop and a start of the daemon on
+    the same socket: the new run's events follow the old run's, none twice and none missed
+    (those the new run emitted before the command was back are replayed), and stderr says
+    the stream was lost and is back. With `--no-follow` the same stop ends it with exit 0."""
+    town = start_town(cloud, daemon_factory, tmp_path)
+    api = town.daemon.local()
+    following, ending = _cli(town), _cli(town, "--no-follow")
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in following.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        deadline = time.monotonic() + EVENT_WAIT
+        while api.get("/status").json()["subscribers"] < 2:
+            assert following.poll() is None, "events exited early"
+            assert ending.poll() is None, "events --no-follow exited early"
+            assert time.monotonic() < deadline, "events never connected"
+            time.sleep(0.02)
+        before = api.patch("/config", json={"town": {"crew_agents": {"f": "codex"}}}).json()
+        printed = [json.loads(lines.get(timeout=EVENT_WAIT))]
+        assert town.daemon.stop() == 0
+        assert ending.wait(timeout=EVENT_WAIT) == 0
+        again = daemon_factory(
+            town_id=town.town_id,
+            cloud_url=cloud.url,
+            town_root=town.daemon.town_root,
+            env_file=town.daemon.env_file,
+            extra_env={"INTERNAL_API_KEY": cloud.internal_key},
+            name="d0",
+        )
+        with again.local() as new_api:
+            after = [
+                new_api.patch("/config", json={"town": {"crew_agents": {"f": agent}}}).json()
+                for agent in ("claude", "codex")
+            ]
+            newest = new_api.get("/status").json()["last_event_id"]
+        while printed[-1]["id"] < newest:
+            printed.append(json.loads(lines.get(timeout=EVENT_WAIT)))
+    finally:
+        following.terminate()
+        ending.terminate()
+        _, err = following.communicate(timeout=EVENT_WAIT)
+        ending.communicate(timeout=EVENT_WAIT)
+        reader.join(EVENT_WAIT)
+    revisions = [event["revision"] for event in printed if event["type"] == "config.changed"]
+    assert revisions[0] == before["revision"]
+    assert revisions[-2:] == [answer["revision"] for answer in after]
+    ids = [event["id"] for event in printed]
+    assert ids == sorted(set(ids))
+    assert printed[1]["id"] > printed[0]["id"] + 1  # the new run numbers from its start
+    lost, *_, back = [line for line in err.splitlines() if "event stream" in line]
+    assert lost == (
+        "gastown-sandboxd: the event stream ended (the daemon ended it); resuming after event "
+        f"{printed[0]['id']}"
+    )
+    assert back == "gastown-sandboxd: the event stream is back"
