@@ -111,7 +111,7 @@ def running_daemon(
         try:
             yield _ready(daemon) if wait else daemon
         finally:
-            _stop(process)
+            stop_process(process)
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
 
@@ -131,7 +131,7 @@ def _ready(daemon: Daemon) -> Daemon:
     raise RuntimeError(f"the daemon did not start:\n{tail}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
         try:

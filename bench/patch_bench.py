@@ -15,6 +15,9 @@ Baselines measured in the same run, on the same file system:
 Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
 back) and per `GET /healthz` at that cadence (the HTTP floor no PATCH can go below), and
 `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
+The stack's floor (`stack_floor.py`: Starlette on hypercorn that parses, renders, hops once
+and calls `write_atomic`, and does nothing else) gets the raw client, the paced client and
+wrk too: what any daemon on this stack pays, beside what this one pays.
 PATCHes that arrive while one is being written are written together (group commit), so
 more clients share each write's fsyncs and thread hop.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -47,6 +50,7 @@ from gastown_sandboxd.gtsettings.store import SettingsStore
 from ._daemon import Daemon, running_daemon, uds_client
 from ._stats import cpu_seconds, percentile
 from ._table import Row, main_of
+from .stack_floor import running_floor
 
 TOWN_ID = "town-bench"
 LEVELS = (1, 8, 32)
@@ -273,9 +277,15 @@ def run(quick: bool) -> list[Row]:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
             raw = raw_round(daemon, total)
             paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
-            floor = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
+            healthz = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
             wrk = wrk_round(daemon, 8, 5 if quick else 15)
-            wrk_floor = wrk_round(daemon, 8, 5 if quick else 15, WRK_FLOOR_SCRIPT)
+            wrk_healthz = wrk_round(daemon, 8, 5 if quick else 15, WRK_FLOOR_SCRIPT)
+        stack_root = build_town(workdir / "floor" / "town", rigs=("backend", "frontend"))
+        with running_floor(workdir / "floor", stack_root / TOWN_FILE) as stack:
+            anyio.run(patch_round, stack, 1, 20, 0)
+            stack_raw = raw_round(stack, total)
+            stack_paced = anyio.run(paced_round, stack, 40 if quick else 200, 0.05)
+            stack_wrk = wrk_round(stack, 8, 5 if quick else 15)
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
@@ -291,10 +301,12 @@ def run(quick: bool) -> list[Row]:
             f"the dashboard's cadence, {len(paced.latencies)} PATCHes; baseline: back to back")
     )  # fmt: skip
     rows.append(
-        Row("daemon CPU per GET /healthz, one every 50 ms", floor.cpu / len(floor.latencies) * 1000,
-            "ms", paced.cpu / len(paced.latencies) * 1000,
+        Row("daemon CPU per GET /healthz, one every 50 ms",
+            healthz.cpu / len(healthz.latencies) * 1000, "ms",
+            paced.cpu / len(paced.latencies) * 1000,
             "the HTTP floor at the same cadence; baseline: the paced PATCH above")
     )  # fmt: skip
+    rows += _stack_rows(stack_raw, stack_paced, raw, paced, direct)
     if wrk is None:
         rows.append(Row("PATCH throughput, 8 connections (wrk)", 0.0, "req/s", None,
                         "wrk is not installed (make bench installs it)"))  # fmt: skip
@@ -303,11 +315,36 @@ def run(quick: bool) -> list[Row]:
         rows.append(
             Row("PATCH throughput, 8 connections (wrk)", wrk[0], "req/s", direct.rate, note)
         )
-    if wrk is not None and wrk_floor is not None:
-        note = f"the HTTP floor, same load; {wrk_floor[1]}; baseline: the PATCHes above"
-        rows.append(Row("GET /healthz throughput, 8 connections (wrk)", wrk_floor[0], "req/s",
+    if wrk is not None and wrk_healthz is not None:
+        note = f"the HTTP floor, same load; {wrk_healthz[1]}; baseline: the PATCHes above"
+        rows.append(Row("GET /healthz throughput, 8 connections (wrk)", wrk_healthz[0], "req/s",
                         wrk[0], note))  # fmt: skip
+    if wrk is not None and stack_wrk is not None:
+        note = f"{STACK}, same load; {stack_wrk[1]}; baseline: the daemon's PATCHes above"
+        rows.append(Row("stack floor: PATCH throughput, 8 connections (wrk)", stack_wrk[0],
+                        "req/s", wrk[0], note))  # fmt: skip
     return rows
+
+
+STACK = "bench/stack_floor.py (Starlette on hypercorn: parse, render, one hop, write_atomic)"
+
+
+def _stack_rows(
+    stack_raw: Sample, stack_paced: Sample, raw: Sample, paced: Sample, direct: Sample
+) -> list[Row]:
+    """The stack's floor beside the daemon: the same clients against `bench/stack_floor.py`."""
+    return [
+        Row("stack floor: PATCH p50, 1 raw HTTP/1.1 client", percentile(stack_raw.latencies, 50),
+            "ms", percentile(direct.latencies, 50),
+            f"{STACK}; baseline: write_atomic p50 (the daemon's is above)"),
+        Row("stack floor: CPU per PATCH, one every 50 ms",
+            stack_paced.cpu / len(stack_paced.latencies) * 1000, "ms",
+            paced.cpu / len(paced.latencies) * 1000,
+            f"{STACK}; baseline: the daemon's at the same cadence"),
+        Row("stack floor: PATCH p50 over the daemon's, 1 raw client",
+            percentile(stack_raw.latencies, 50), "ms", percentile(raw.latencies, 50),
+            "baseline: the daemon's p50 from the same raw client"),
+    ]  # fmt: skip
 
 
 def _rows(

@@ -1,0 +1,98 @@
+"""The stack's floor for a PATCH: what any PATCH costs on hypercorn, Starlette and anyio.
+
+A bare Starlette app on hypercorn that does the least a PATCH of the daemon must do: read
+the body and parse it, render the town file with it (JSON, indented as gt writes it), hop
+once to a worker thread and `write_atomic` it there (fsync of file and folder), answer. None
+of the daemon's own work: no validation, no merge in gt's format, no check of the bytes on
+disk, journal, events, watcher or group commit.
+
+`patch_bench` runs it beside the daemon on the same town file, with the same clients: the
+daemon's figures over the floor's are what the daemon's own work costs, and a goal below the
+floor is out of reach of any daemon built on this stack. It serves the same two routes the
+rounds use (`PATCH /config`, `GET /healthz`) on a Unix socket and on TCP (for wrk; no key).
+
+`python -m bench.stack_floor SOCKET PORT FILE` prints `READY` once both listen.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ._daemon import READY_DEADLINE, Daemon, stop_process
+
+
+def main() -> None:
+    import anyio
+    import anyio.to_thread
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from gastown_sandboxd._hypercorn import Config, serve
+    from gastown_sandboxd.atomic import write_atomic
+
+    socket_path, port, town_file = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    doc: dict[str, Any] = json.loads(town_file.read_bytes())
+
+    async def patch(request: Request) -> JSONResponse:
+        body = json.loads(await request.body())
+        new = {**doc, **body.get("town", {})}
+        data = (json.dumps(new, indent=2) + "\n").encode()
+        await anyio.to_thread.run_sync(write_atomic, town_file, data)
+        return JSONResponse({"changed": True})
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(routes=[Route("/config", patch, methods=["PATCH"]), Route("/healthz", healthz)])
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(socket_path)
+    tcp = socket.create_server(("127.0.0.1", port))
+    for listener in (unix, tcp):
+        listener.listen(128)
+    config = Config()
+    config.bind = [f"fd://{unix.detach()}", f"fd://{tcp.detach()}"]
+    config.accesslog = None
+    config.errorlog = None
+    print("READY", flush=True)
+    anyio.run(lambda: serve(app, config, shutdown_trigger=anyio.Event().wait))
+
+
+@contextmanager
+def running_floor(workdir: Path, town_file: Path) -> Iterator[Daemon]:
+    """The floor serving `town_file`, as a `Daemon` (socket, TCP URL, pid) for the rounds."""
+    socket_path = workdir / "floor.sock"
+    with socket.socket() as probe:  # a free port; the floor binds it at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = workdir / "floor.log"
+    argv = [sys.executable, "-m", "bench.stack_floor", str(socket_path), str(port), str(town_file)]
+    with log.open("wb") as sink:
+        started_wall, started = time.time(), time.perf_counter()
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=sink)
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + READY_DEADLINE
+        if process.stdout.readline().strip() != b"READY" or time.monotonic() > deadline:
+            raise RuntimeError(f"the stack floor did not start: {log.read_text()[-2000:]}")
+        yield Daemon(
+            process, f"http://127.0.0.1:{port}", "", socket_path, town_file.parent.parent, log,
+            started, started_wall,
+        )  # fmt: skip
+    finally:
+        stop_process(process)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+if __name__ == "__main__":
+    main()
