@@ -6,7 +6,7 @@ binary's median from the same run as the baseline, and the CPU time per start (u
 from the children's rusage: a busy machine stretches wall time far more than CPU time):
 
 - bare binary: the copy of /bin/true, by absolute path (the baseline);
-- Python start: `python -I -c pass`, the floor of any Python step;
+- Python start: `python -I -c pass`, the least any Python step costs;
 - shim (kilo): the daemon-written shim, `/bin/sh` → `python -I -m gastown_sandboxd.agents exec`
   → the binary, with a fresh token in the env file (no socket call);
 - shim (claude): the same, plus reading Claude Code's settings for the daemon's helper;

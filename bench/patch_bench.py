@@ -9,15 +9,15 @@ latency is the daemon's answer time without httpx's own work in this process.
 
 Baselines measured in the same run, on the same file system:
 - `write_atomic` of the same bytes the daemon wrote (the two versions of the town file in
-  turn), directly in this process: the floor that any PATCH pays;
+  turn), directly in this process: the least any PATCH pays;
 - `SettingsStore.patch` in this process with no HTTP: read, validate, merge, render, write.
 
 Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
-back) and per `GET /healthz` at that cadence (the HTTP floor no PATCH can go below), and
+back) and per `GET /healthz` at that cadence (HTTP alone, which no PATCH can go below), and
 `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
-The stack's floor (`stack_floor.py`: Starlette on hypercorn that parses, renders, hops once
-and calls `write_atomic`, and does nothing else) gets the raw client, the paced client and
-wrk too: what any daemon on this stack pays, beside what this one pays.
+The bare stack (`bare_stack.py`: Starlette on hypercorn that parses, renders, hops once and
+calls `write_atomic`, and does nothing else) gets the raw client, the paced client and wrk
+too: what any daemon on this stack pays, beside what this one pays.
 PATCHes that arrive while one is being written are written together (group commit), so
 more clients share each write's fsyncs and thread hop.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -50,7 +50,7 @@ from gastown_sandboxd.gtsettings.store import SettingsStore
 from ._daemon import Daemon, running_daemon, uds_client
 from ._stats import cpu_seconds, percentile
 from ._table import Row, main_of
-from .stack_floor import running_floor
+from .bare_stack import running_bare_stack
 
 TOWN_ID = "town-bench"
 LEVELS = (1, 8, 32)
@@ -85,7 +85,7 @@ def _patch(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Resp
 
 
 def _healthz(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Response]:
-    """`GET /healthz`: the daemon's HTTP floor (hypercorn, h11, Starlette and the daemon's
+    """`GET /healthz`: what HTTP alone costs the daemon (hypercorn, h11, Starlette and its
     middleware, with no work behind the route)."""
     return http.get("/healthz")
 
@@ -130,7 +130,7 @@ async def patch_round(daemon: Daemon, clients: int, per_client: int, offset: int
 
 async def paced_round(daemon: Daemon, count: int, interval: float, send: Send = _patch) -> Sample:
     """One client sending a request every `interval` seconds (the dashboard's cadence): a
-    PATCH, or what `send` sends (`_healthz`: the HTTP floor at the same cadence)."""
+    PATCH, or what `send` sends (`_healthz`: HTTP alone at the same cadence)."""
     latencies: list[float] = []
     async with uds_client(daemon.socket, timeout=120) as http:
         cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
@@ -280,8 +280,8 @@ def run(quick: bool) -> list[Row]:
             healthz = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
             wrk = wrk_round(daemon, 8, 5 if quick else 15)
             wrk_healthz = wrk_round(daemon, 8, 5 if quick else 15, WRK_FLOOR_SCRIPT)
-        stack_root = build_town(workdir / "floor" / "town", rigs=("backend", "frontend"))
-        with running_floor(workdir / "floor", stack_root / TOWN_FILE) as stack:
+        stack_root = build_town(workdir / "bare" / "town", rigs=("backend", "frontend"))
+        with running_bare_stack(workdir / "bare", stack_root / TOWN_FILE) as stack:
             anyio.run(patch_round, stack, 1, 20, 0)
             stack_raw = raw_round(stack, total)
             stack_paced = anyio.run(paced_round, stack, 40 if quick else 200, 0.05)
@@ -304,7 +304,7 @@ def run(quick: bool) -> list[Row]:
         Row("daemon CPU per GET /healthz, one every 50 ms",
             healthz.cpu / len(healthz.latencies) * 1000, "ms",
             paced.cpu / len(paced.latencies) * 1000,
-            "the HTTP floor at the same cadence; baseline: the paced PATCH above")
+            "HTTP alone at the same cadence; baseline: the paced PATCH above")
     )  # fmt: skip
     rows += _stack_rows(stack_raw, stack_paced, raw, paced, direct)
     if wrk is None:
@@ -316,32 +316,32 @@ def run(quick: bool) -> list[Row]:
             Row("PATCH throughput, 8 connections (wrk)", wrk[0], "req/s", direct.rate, note)
         )
     if wrk is not None and wrk_healthz is not None:
-        note = f"the HTTP floor, same load; {wrk_healthz[1]}; baseline: the PATCHes above"
+        note = f"HTTP alone, same load; {wrk_healthz[1]}; baseline: the PATCHes above"
         rows.append(Row("GET /healthz throughput, 8 connections (wrk)", wrk_healthz[0], "req/s",
                         wrk[0], note))  # fmt: skip
     if wrk is not None and stack_wrk is not None:
         note = f"{STACK}, same load; {stack_wrk[1]}; baseline: the daemon's PATCHes above"
-        rows.append(Row("stack floor: PATCH throughput, 8 connections (wrk)", stack_wrk[0],
+        rows.append(Row("bare stack: PATCH throughput, 8 connections (wrk)", stack_wrk[0],
                         "req/s", wrk[0], note))  # fmt: skip
     return rows
 
 
-STACK = "bench/stack_floor.py (Starlette on hypercorn: parse, render, one hop, write_atomic)"
+STACK = "bench/bare_stack.py (Starlette on hypercorn: parse, render, one hop, write_atomic)"
 
 
 def _stack_rows(
     stack_raw: Sample, stack_paced: Sample, raw: Sample, paced: Sample, direct: Sample
 ) -> list[Row]:
-    """The stack's floor beside the daemon: the same clients against `bench/stack_floor.py`."""
+    """The bare stack beside the daemon: the same clients against `bench/bare_stack.py`."""
     return [
-        Row("stack floor: PATCH p50, 1 raw HTTP/1.1 client", percentile(stack_raw.latencies, 50),
+        Row("bare stack: PATCH p50, 1 raw HTTP/1.1 client", percentile(stack_raw.latencies, 50),
             "ms", percentile(direct.latencies, 50),
             f"{STACK}; baseline: write_atomic p50 (the daemon's is above)"),
-        Row("stack floor: CPU per PATCH, one every 50 ms",
+        Row("bare stack: CPU per PATCH, one every 50 ms",
             stack_paced.cpu / len(stack_paced.latencies) * 1000, "ms",
             paced.cpu / len(paced.latencies) * 1000,
             f"{STACK}; baseline: the daemon's at the same cadence"),
-        Row("stack floor: PATCH p50 over the daemon's, 1 raw client",
+        Row("bare stack: PATCH p50 beside the daemon's, 1 raw client",
             percentile(stack_raw.latencies, 50), "ms", percentile(raw.latencies, 50),
             "baseline: the daemon's p50 from the same raw client"),
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The stack's floor for a PATCH: what any PATCH costs on hypercorn, Starlette and anyio.
+"""The bare stack: what any PATCH costs on hypercorn, Starlette and anyio, and no more.
 
 A bare Starlette app on hypercorn that does the least a PATCH of the daemon must do: read
 the body and parse it, render the town file with it (JSON, indented as gt writes it), hop
@@ -7,11 +7,12 @@ of the daemon's own work: no validation, no merge in gt's format, no check of th
 disk, journal, events, watcher or group commit.
 
 `patch_bench` runs it beside the daemon on the same town file, with the same clients: the
-daemon's figures over the floor's are what the daemon's own work costs, and a goal below the
-floor is out of reach of any daemon built on this stack. It serves the same two routes the
-rounds use (`PATCH /config`, `GET /healthz`) on a Unix socket and on TCP (for wrk; no key).
+daemon's figures over the bare stack's are what the daemon's own work costs, and a goal the
+bare stack misses is out of reach of any daemon built on this stack. It serves the same two
+routes the rounds use (`PATCH /config`, `GET /healthz`) on a Unix socket and on TCP (for
+wrk; no key).
 
-`python -m bench.stack_floor SOCKET PORT FILE` prints `READY` once both listen.
+`python -m bench.bare_stack SOCKET PORT FILE` prints `READY` once both listen.
 """
 
 from __future__ import annotations
@@ -68,14 +69,14 @@ def main() -> None:
 
 
 @contextmanager
-def running_floor(workdir: Path, town_file: Path) -> Iterator[Daemon]:
-    """The floor serving `town_file`, as a `Daemon` (socket, TCP URL, pid) for the rounds."""
-    socket_path = workdir / "floor.sock"
-    with socket.socket() as probe:  # a free port; the floor binds it at once
+def running_bare_stack(workdir: Path, town_file: Path) -> Iterator[Daemon]:
+    """The bare stack serving `town_file`, as a `Daemon` (socket, TCP URL, pid) for the rounds."""
+    socket_path = workdir / "bare.sock"
+    with socket.socket() as probe:  # a free port; the bare stack binds it at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = workdir / "floor.log"
-    argv = [sys.executable, "-m", "bench.stack_floor", str(socket_path), str(port), str(town_file)]
+    log = workdir / "bare.log"
+    argv = [sys.executable, "-m", "bench.bare_stack", str(socket_path), str(port), str(town_file)]
     with log.open("wb") as sink:
         started_wall, started = time.time(), time.perf_counter()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=sink)
@@ -83,7 +84,7 @@ def running_floor(workdir: Path, town_file: Path) -> Iterator[Daemon]:
         assert process.stdout is not None
         deadline = time.monotonic() + READY_DEADLINE
         if process.stdout.readline().strip() != b"READY" or time.monotonic() > deadline:
-            raise RuntimeError(f"the stack floor did not start: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"the bare stack did not start: {log.read_text()[-2000:]}")
         yield Daemon(
             process, f"http://127.0.0.1:{port}", "", socket_path, town_file.parent.parent, log,
             started, started_wall,
