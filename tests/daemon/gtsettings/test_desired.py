@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections.abc import AsyncIterator
 
+import anyio
 import httpx
 import pytest
 
+from gastown_sandboxd import _http
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 from gastown_sandboxd.gtsettings.desired import MAX_BODY_BYTES, DesiredConfigClient
 from tests.fixtures.net import closed_port, count_ca_loads
@@ -159,3 +163,58 @@ async def test_the_ca_bundle_is_loaded_only_for_an_https_cloud(
             with pytest.raises(DesiredConfigUnavailable):
                 await client.fetch(None)
     assert len(calls) == loads
+
+
+class KeepAliveCloud:
+    """A real HTTP/1.1 server on 127.0.0.1 that keeps every connection open and answers each
+    request with a desired configuration; `connections` counts the connections it accepted."""
+
+    RECORD = json.dumps({"generation": 1, "desired": {"town": {}}}).encode()
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                peer = self._server.accept()[0]
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(peer,), daemon=True).start()
+
+    def _serve(self, peer: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        answer = head + b"content-length: %d\r\n\r\n%s" % (len(self.RECORD), self.RECORD)
+        with peer:
+            while data := peer.recv(65536):
+                if b"\r\n\r\n" in data:
+                    peer.sendall(answer)
+
+
+async def test_an_idle_connection_to_the_cloud_is_not_kept_past_its_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls close together share one connection; a call after `KEEPALIVE_S` of quiet opens
+    a new one, and so never meets a connection the cloud is closing at its own keep-alive
+    limit (5 s for hypercorn, httpx's default expiry too). The expiry is shortened here so
+    the test need not wait 2 s."""
+    monkeypatch.setattr(_http, "KEEPALIVE_S", 0.1)
+    cloud = KeepAliveCloud()
+    try:
+        async with DesiredConfigClient(base_url=cloud.url, internal_key=KEY, town_id="t") as c:
+            await c.fetch(None)
+            await c.fetch(None)
+            together = cloud.connections
+            await anyio.sleep(0.3)
+            await c.fetch(None)
+    finally:
+        cloud.close()
+    assert together == 1
+    assert cloud.connections == 2
