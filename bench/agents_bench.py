@@ -14,7 +14,10 @@ from the children's rusage: a busy machine stretches wall time far more than CPU
   `exec_wrapper` costs; its entry sends `exec` and `token` to the light entry;
 - `exec` through the whole command line (`cli.main`, with all its imports), as the console
   script ran it before that: shown beside the two to say why they take the light entry;
-- `token` (apiKeyHelper): what Claude Code pays each helper TTL.
+- Claude Code's apiKeyHelper: the line the daemon writes into Claude's settings, run by
+  `/bin/sh -c` as Claude Code runs it (`token_helper.sh`, with a fresh token: no Python), what
+  each Claude session pays once per helper TTL; beside it `gastown-sandboxd token` through
+  the light entry, what the script hands over to when the token is not plainly acceptable.
 
 `python -m bench.agents_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
@@ -92,7 +95,8 @@ def run(quick: bool) -> list[Row]:
             "exec through the whole command line": [
                 *(sys.executable, "-c", WHOLE_COMMAND_LINE, "exec", *paths, "--", bare)
             ],
-            "token (apiKeyHelper)": [*light, "token", *paths],
+            "apiKeyHelper (token_helper.sh)": ["/bin/sh", "-c", command],
+            "token (the light entry)": [*light, "token", *paths],
         }
         timed = {name: _time(argv, env, runs) for name, argv in cases.items()}
     base = percentile(timed["bare binary"][0], 50)
