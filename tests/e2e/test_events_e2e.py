@@ -623,6 +623,18 @@ def test_events_command_prints_json_lines_and_filters(town: Town) -> None:
 # --- event ids across runs -----------------------------------------------------------------
 
 
+def _start_again(town: Town, daemon_factory: DaemonFactory) -> DaemonProcess:
+    """The town's daemon started again after a stop: same town, files and socket (`d0`)."""
+    return daemon_factory(
+        town_id=town.town_id,
+        cloud_url=town.cloud.url,
+        town_root=town.daemon.town_root,
+        env_file=town.daemon.env_file,
+        extra_env={"INTERNAL_API_KEY": town.cloud.internal_key},
+        name="d0",
+    )
+
+
 def test_a_client_back_after_a_restart_is_told_of_the_gap_and_misses_no_new_event(
     cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
@@ -637,14 +649,7 @@ def test_a_client_back_after_a_restart_is_told_of_the_gap_and_misses_no_new_even
             assert api.patch("/config", json={"town": {"crew_agents": {"r": agent}}}).is_success
         seen = api.get("/status").json()["last_event_id"]
     assert town.daemon.stop() == 0
-    again = daemon_factory(
-        town_id=town.town_id,
-        cloud_url=cloud.url,
-        town_root=town.daemon.town_root,
-        env_file=town.daemon.env_file,
-        extra_env={"INTERNAL_API_KEY": cloud.internal_key},
-        name="d0",
-    )
+    again = _start_again(town, daemon_factory)
     assert again.socket == town.daemon.socket
     with again.local() as api:
         revisions = []
@@ -704,14 +709,7 @@ def test_the_events_command_follows_the_daemon_across_a_restart(
         printed = [json.loads(lines.get(timeout=EVENT_WAIT))]
         assert town.daemon.stop() == 0
         assert ending.wait(timeout=EVENT_WAIT) == 0
-        again = daemon_factory(
-            town_id=town.town_id,
-            cloud_url=cloud.url,
-            town_root=town.daemon.town_root,
-            env_file=town.daemon.env_file,
-            extra_env={"INTERNAL_API_KEY": cloud.internal_key},
-            name="d0",
-        )
+        again = _start_again(town, daemon_factory)
         with again.local() as new_api:
             after = [
                 new_api.patch("/config", json={"town": {"crew_agents": {"f": agent}}}).json()
