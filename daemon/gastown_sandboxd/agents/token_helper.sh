@@ -10,8 +10,9 @@
 # its payload is a flat JSON object of plain strings, whole numbers and literals, with no
 # space and no escape, in which `type` is the sandbox's, `town_id` is $TOWN_ID (when set),
 # `sub` is a non-empty string, `iat` and `exp` whole numbers, the lifetime allowed, the issue
-# time not ahead, and the expiry more than the margin away (one second more, as `date`
-# counts whole seconds). Anything else goes to Python. Claude Code runs the helper once per
+# time not ahead and the expiry more than the margin away, each with a second or two to
+# spare (`date` counts whole seconds, and the token is used just after). Anything else goes
+# to Python. Claude Code runs the helper once per
 # TTL per session: this way it costs a shell, `date` and `base64`, not an interpreter.
 
 set -u
@@ -185,6 +186,6 @@ lifetime=$((exp - iat))
 [ "${lifetime}" -le 604800 ] || full
 margin=60
 [ "${lifetime}" -ge 600 ] || margin=$(((lifetime + 9) / 10))
-[ $((exp - now)) -gt $((margin + 1)) ] || full
-[ $((iat - now)) -le 300 ] || full
+[ $((exp - now)) -gt $((margin + 2)) ] || full
+[ $((iat - now)) -le 299 ] || full
 printf '%s\n' "${token}"

@@ -188,7 +188,10 @@ _CLAIMS = st.fixed_dictionaries(
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(claims=_CLAIMS, town_set=st.booleans())
 def test_the_script_never_prints_a_token_the_rules_refuse(
