@@ -181,6 +181,10 @@ done
 [ "${#iat}" -le 15 ] || full
 [ "${#exp}" -le 15 ] || full
 now=$(date +%s) || full
+case ${now} in
+    '' | *[!0-9]*) full ;;  # a `date` without %s: no arithmetic on what it printed
+    *) ;;
+esac
 lifetime=$((exp - iat))
 [ "${lifetime}" -ge 10 ] || full
 [ "${lifetime}" -le 604800 ] || full

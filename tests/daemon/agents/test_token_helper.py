@@ -50,7 +50,11 @@ class Helper:
         args.unlink(missing_ok=True)
         argv = [self.shell, HELPER_SCRIPT, str(self.env_file), str(self.socket), str(self.python)]
         done = subprocess.run(
-            argv, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, check=True
+            [shutil.which(argv[0]) or argv[0], *argv[1:]],
+            env={"PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert done.stderr == ""
         called = args.read_text().splitlines() if args.exists() else None
@@ -157,6 +161,22 @@ def test_anything_not_plainly_acceptable_goes_to_python(
     """Each case becomes `gastown-sandboxd token` with the same paths (which judges it in
     full and asks the daemon to refresh), and prints nothing of its own."""
     assert helper.run(env_text) == ("", helper.full_argv()), case
+
+
+@pytest.mark.parametrize("tool", ["date", "base64"])
+def test_a_missing_or_odd_tool_goes_to_python(helper: Helper, tmp_path: Path, tool: str) -> None:
+    """A `date` that prints no number (no `%s`), or no `base64` on PATH: the script hands
+    over to Python rather than fail or guess; it never exits without an answer."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("date", "base64"):
+        if name == tool and tool == "date":
+            (tools / name).write_text("#!/bin/sh\necho %s\n")
+            (tools / name).chmod(0o755)
+        elif name != tool:
+            (tools / name).symlink_to(shutil.which(name) or name)
+    text = f"KILO_JWT={mint(time.time())}\n"
+    assert helper.run(text, PATH=str(tools)) == ("", helper.full_argv())
 
 
 def test_another_town_goes_to_python(helper: Helper) -> None:
