@@ -12,8 +12,8 @@
 # `sub` is a non-empty string, `iat` and `exp` whole numbers, the lifetime allowed, the issue
 # time not ahead and the expiry more than the margin away, each with a second or two to
 # spare (`date` counts whole seconds, and the token is used just after). Anything else goes
-# to Python. Claude Code runs the helper once per
-# TTL per session: this way it costs a shell, `date` and `base64`, not an interpreter.
+# to Python. Claude Code runs the helper once per TTL per session: this way it costs a
+# shell, `date` and `base64`, not an interpreter.
 
 set -u
 LC_ALL=C  # bytes, and character classes of ASCII alone

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from gastown_sandboxd.agents.claude import HELPER_SCRIPT, helper_command, is_daemon_helper
 from gastown_sandboxd.agents.exec import usable
+from gastown_sandboxd.token import claims
 from tests.daemon.minting import SIGNATURE, TOWN, forge, mint
 
 SHELLS = [shell for shell in ("/bin/sh", "bash") if shutil.which(shell)]
@@ -263,6 +264,25 @@ def test_the_helper_line_runs_the_script_by_absolute_paths(tmp_path: Path) -> No
     earlier = "/venv/bin/python -I -m gastown_sandboxd.agents token --env-file /e --socket /s"
     assert is_daemon_helper(earlier)
     assert not is_daemon_helper("/bin/sh /elsewhere/helper.sh /e /s /p")
+
+
+def test_the_script_draws_its_lines_where_the_rules_do() -> None:
+    """The numbers and the type the script checks are those of `token/claims.py`, so the
+    two cannot drift apart unseen (the property test above checks the decisions)."""
+    text = Path(HELPER_SCRIPT).read_text()
+    expected = [
+        f'[ "${{#token}}" -le {claims.MAX_TOKEN_BYTES} ]',
+        f'[ "${{type}}" = {claims.TOKEN_TYPE} ]',
+        f'[ "${{#signature}}" -eq {(claims.SIGNATURE_BYTES * 8 + 5) // 6} ]',
+        f'[ "${{lifetime}}" -ge {claims.MIN_LIFETIME} ]',
+        f'[ "${{lifetime}}" -le {claims.MAX_LIFETIME} ]',
+        f"margin={claims.MAX_EXPIRY_MARGIN}",
+        f'[ "${{lifetime}}" -ge {claims.MAX_EXPIRY_MARGIN * 10} ] || margin=',
+        f"[ $((iat - now)) -le {claims.MAX_IAT_AHEAD - 1} ]",
+    ]
+    assert [line for line in expected if line not in text] == []
+    assert claims.ALGORITHM == "HS256"
+    assert _segment(_compact(HEADER)) in text
 
 
 def test_the_script_is_posix_and_shellcheck_clean() -> None:
