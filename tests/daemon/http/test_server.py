@@ -1,8 +1,10 @@
 """The daemon's sockets accept connections from the moment they are bound, and hypercorn
-releases a connection as soon as its client has closed it (`_hypercorn.py`)."""
+releases a connection as soon as its client has closed it and stops its keep-alive timer
+without a trip through the event loop (`_hypercorn.py`)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -21,9 +23,10 @@ import anyio.to_thread
 import pytest
 from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import AsyncioSingleTask
 from starlette.types import Receive, Scope, Send
 
-from gastown_sandboxd._hypercorn import load_deferred
+from gastown_sandboxd._hypercorn import load_deferred, stop_timers_in_place
 from gastown_sandboxd.http import server
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, hypercorn_config, serve_socket
 from gastown_sandboxd.options import parse_listen
@@ -178,6 +181,40 @@ async def test_hypercorn_alone_keeps_a_closed_connection_for_the_keep_alive_time
             waited = await _released(path, before_the_answer=before_the_answer)
     print(f"closed by hypercorn alone {waited:.2f} s after the client's close")
     assert waited >= keep_alive * 0.9
+
+
+async def _others_ran_during(mended: bool) -> list[str]:
+    """What ran while a keep-alive timer was restarted and stopped: hypercorn's single task,
+    mended or with its own methods, and one other ready task per call."""
+    stop_timers_in_place()
+    single = AsyncioSingleTask()
+    if not mended:
+        for name in ("restart", "stop"):
+            method = getattr(AsyncioSingleTask, name)
+            setattr(single, name, types.MethodType(method.__wrapped__, single))
+    ran: list[str] = []
+
+    async def other(name: str) -> None:
+        ran.append(name)
+
+    async with asyncio.TaskGroup() as group:
+        holder = types.SimpleNamespace(_task_group=group)
+        await single.restart(holder, partial(asyncio.sleep, 3600))
+        await asyncio.sleep(0)  # the timer is running
+        group.create_task(other("during restart"))
+        await single.restart(holder, partial(asyncio.sleep, 3600))
+        group.create_task(other("during stop"))
+        await single.stop()
+        return list(ran)  # before the group's end lets the other tasks run
+
+
+@pytest.mark.anyio
+async def test_the_keep_alive_timer_is_stopped_without_a_trip_through_the_loop() -> None:
+    """Restarting or stopping a connection's keep-alive timer returns at once; with
+    hypercorn's own methods each waits for the cancelled task, so the loop runs whatever
+    else is ready first (a second callback for every request's head)."""
+    assert await _others_ran_during(mended=True) == []
+    assert await _others_ran_during(mended=False) == ["during restart", "during stop"]
 
 
 DEFERRED_PROBE = """
