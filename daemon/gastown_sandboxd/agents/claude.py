@@ -57,6 +57,11 @@ def helper_command(*, python: str, env_file: Path, socket: Path) -> str:
     each, CPU per run: 4.6-5.3 ms for the script (dash, `date` and `base64`) against
     46.7-49.4 ms for `gastown-sandboxd token`, most of it the interpreter and its imports.
     """
+    if not os.path.isfile(HELPER_SCRIPT):
+        # Not a file on disk (the package imported from a zip): the command itself, as the
+        # helper line of earlier releases ran it.
+        argv = [python, "-I", "-m", HELPER_MODULE, "token"]
+        return shlex.join([*argv, "--env-file", str(env_file), "--socket", str(socket)])
     return shlex.join([HELPER_SHELL, HELPER_SCRIPT, str(env_file), str(socket), python])
 
 

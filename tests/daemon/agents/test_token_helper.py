@@ -12,6 +12,7 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from gastown_sandboxd.agents import claude as claude_module
 from gastown_sandboxd.agents.claude import HELPER_SCRIPT, helper_command, is_daemon_helper
 from gastown_sandboxd.agents.exec import usable
 from gastown_sandboxd.token import claims
@@ -264,6 +266,24 @@ def test_the_helper_line_runs_the_script_by_absolute_paths(tmp_path: Path) -> No
     earlier = "/venv/bin/python -I -m gastown_sandboxd.agents token --env-file /e --socket /s"
     assert is_daemon_helper(earlier)
     assert not is_daemon_helper("/bin/sh /elsewhere/helper.sh /e /s /p")
+
+
+def test_without_the_script_on_disk_the_line_runs_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package imported from a zip has no script a shell can read: the helper line is then
+    `gastown-sandboxd token` itself, which prints the same token, and is still the daemon's."""
+    monkeypatch.setattr(
+        claude_module, "HELPER_SCRIPT", str(tmp_path / "zipped" / "token_helper.sh")
+    )
+    env_file = tmp_path / ".env.gateway"
+    token = mint(time.time())
+    env_file.write_text(f"KILO_JWT={token}\n")
+    line = helper_command(python=sys.executable, env_file=env_file, socket=tmp_path / "s")
+    assert shlex.split(line)[1:5] == ["-I", "-m", "gastown_sandboxd.agents", "token"]
+    assert is_daemon_helper(line)
+    done = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, check=True)
+    assert done.stdout == f"{token}\n"
 
 
 def test_the_script_draws_its_lines_where_the_rules_do() -> None:
