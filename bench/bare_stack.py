@@ -2,9 +2,12 @@
 
 A bare Starlette app on hypercorn that does the least a PATCH of the daemon must do: read
 the body and parse it, render the town file with it (JSON, indented as gt writes it), hop
-once to a worker thread and `write_atomic` it there (fsync of file and folder), answer. None
-of the daemon's own work: no validation, no merge in gt's format, no check of the bytes on
-disk, journal, events, watcher or group commit.
+once to a worker thread and `write_atomic` it there (fsync of file and folder), put one SSE
+frame (encoded once) in each subscriber's queue, answer. `GET /events` streams the frames
+(`: connected` first, as the daemon's does) and `GET /status` gives the last event id, so
+that `events_bench` can time the fan-out against it too. None of the daemon's own work: no
+validation, no merge in gt's format, no check of the bytes on disk, journal, replay,
+heartbeats, watcher or group commit.
 
 `patch_bench` runs it beside the daemon on the same town file, with the same clients: the
 daemon's figures over the bare stack's are what the daemon's own work costs, and a goal the
@@ -22,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,9 +36,10 @@ from ._daemon import READY_DEADLINE, Daemon, stop_process
 def main() -> None:
     import anyio
     import anyio.to_thread
+    from anyio.streams.memory import MemoryObjectSendStream
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     from gastown_sandboxd._hypercorn import Config, serve
@@ -44,17 +48,50 @@ def main() -> None:
     socket_path, port, town_file = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     doc: dict[str, Any] = json.loads(town_file.read_bytes())
 
+    subscribers: set[MemoryObjectSendStream[bytes]] = set()
+    last_id = 0
+
     async def patch(request: Request) -> JSONResponse:
+        nonlocal last_id
         body = json.loads(await request.body())
         new = {**doc, **body.get("town", {})}
         data = (json.dumps(new, indent=2) + "\n").encode()
         await anyio.to_thread.run_sync(write_atomic, town_file, data)
+        last_id += 1
+        event = {"id": last_id, "type": "config.changed", "keys": sorted(body.get("town", {}))}
+        frame = f"id: {last_id}\nevent: config.changed\ndata: {json.dumps(event)}\n\n".encode()
+        for subscriber in subscribers:
+            subscriber.send_nowait(frame)
         return JSONResponse({"changed": True})
+
+    async def events(request: Request) -> StreamingResponse:
+        send, receive = anyio.create_memory_object_stream[bytes](1000)
+
+        async def frames() -> AsyncIterator[bytes]:
+            subscribers.add(send)
+            try:
+                yield b": connected\n\n"
+                async for frame in receive:
+                    yield frame
+            finally:
+                subscribers.discard(send)
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse({"last_event_id": last_id})
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    app = Starlette(routes=[Route("/config", patch, methods=["PATCH"]), Route("/healthz", healthz)])
+    app = Starlette(
+        routes=[
+            Route("/config", patch, methods=["PATCH"]),
+            Route("/events", events),
+            Route("/status", status),
+            Route("/healthz", healthz),
+        ]
+    )
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     unix.bind(socket_path)
     tcp = socket.create_server(("127.0.0.1", port))

@@ -20,6 +20,9 @@ cloud) and, in this process, the SSE readers and the sender, all timed with `tim
   daemon's context switches, all threads, over the 1.5 s after each, beside 1.5 s with none.
 - idle CPU: utime + stime of the daemon from /proc/PID/stat over a window (60 s, 10 s with
   `--quick`) with 100 idle readers, beside the same window with none, in the same run.
+- the arrival rows once more against the bare stack (`bare_stack.py`: the PATCH written, one
+  frame queued per subscriber, Starlette's streaming answer on hypercorn): what the fan-out
+  costs on this stack before any of the daemon's own work.
 
 `python -m bench.events_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
@@ -43,11 +46,13 @@ import anyio
 import anyio.abc
 import httpx
 from httpx_sse import aconnect_sse
+from tests.daemon.gt_samples import build_town
 from tests.fixtures.daemon import make_town
 
 from ._daemon import Daemon, running_cloud, running_daemon, tcp_client, uds_client
 from ._stats import cpu_seconds, percentile, switches
 from ._table import Row, main_of
+from .bare_stack import running_bare_stack
 
 READERS = 100
 WAIT = 30.0
@@ -357,8 +362,22 @@ def _fan_out_rows(
     return rows
 
 
+async def _bare_fan_out(bare: Daemon, quick: bool) -> list[Row]:
+    """The arrival rows again, against the bare stack (`bare_stack.py`): a PATCH written and
+    its frame queued for each subscriber, on the same server, framework and loop."""
+    patches = 50 if quick else 200
+    one, answers = await stamped_fan_out(bare, 1, patches)
+    many, _ = await stamped_fan_out(bare, READERS, patches)
+    return _fan_out_rows(
+        "arrival, bare stack", ("subscriber", "subscribers"), one, answers, many,
+        ("bench/bare_stack.py; baseline: its PATCH's own answer",
+         f"bench/bare_stack.py, {READERS} TCP subscribers; baseline: 1 subscriber"),
+    )  # fmt: skip
+
+
 def run(quick: bool) -> list[Row]:
-    """Measure everything once with one daemon; the rows are printed by the caller."""
+    """Measure everything once with one daemon, then the fan-out of the bare stack; the rows
+    are printed by the caller."""
     with tempfile.TemporaryDirectory(prefix="events-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         # A real cloud, as in production: the idle baseline has no sync retries to a closed port.
@@ -368,7 +387,11 @@ def run(quick: bool) -> list[Row]:
                 workdir, make_town(workdir / "town"), town_id=town["id"], token=token,
                 cloud_url=cloud.url,
             ) as daemon:  # fmt: skip
-                return anyio.run(_measure, daemon, quick)
+                rows = anyio.run(_measure, daemon, quick)
+        bare_town = build_town(workdir / "bare" / "town")
+        with running_bare_stack(workdir / "bare", bare_town / "settings" / "config.json") as bare:
+            rows += anyio.run(_bare_fan_out, bare, quick)
+        return rows
 
 
 if __name__ == "__main__":
