@@ -58,10 +58,11 @@ case ${signature} in
     *[AEIMQUYcgkosw048]) ;;
     *) full ;;
 esac
+# The same for the payload, and the padding its base64 form takes.
 case $((${#payload} % 4)) in
-    0) ;;
-    2) case ${payload} in *[AQgw]) ;; *) full ;; esac ;;
-    3) case ${payload} in *[AEIMQUYcgkosw048]) ;; *) full ;; esac ;;
+    0) padding='' ;;
+    2) case ${payload} in *[AQgw]) padding='==' ;; *) full ;; esac ;;
+    3) case ${payload} in *[AEIMQUYcgkosw048]) padding='=' ;; *) full ;; esac ;;
     *) full ;;
 esac
 
@@ -79,16 +80,10 @@ while :; do
             esac
             rest=${rest#?} ;;
         *)
-            b64=${b64}${rest}
+            b64=${b64}${rest}${padding}
             break ;;
     esac
 done
-case $((${#b64} % 4)) in
-    0) ;;
-    2) b64=${b64}== ;;
-    3) b64=${b64}= ;;
-    *) full ;;
-esac
 # (bash warns of a NUL it drops: not a word of that reaches Claude Code.)
 { json=$(printf '%s' "${b64}" | base64 -d 2>/dev/null); } 2>/dev/null || full
 # Printable ASCII alone, every byte kept: a NUL or a trailing newline that the shell dropped
@@ -97,7 +92,6 @@ case ${json} in
     *[![:print:]]*) full ;;
     *) ;;
 esac
-padding=${b64#"${b64%%=*}"}
 [ "${#json}" -eq $((${#b64} * 3 / 4 - ${#padding})) ] || full
 
 # A flat object: "key":"string" | "key":digits | "key":true|false|null, comma-separated.
