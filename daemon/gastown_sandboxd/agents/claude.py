@@ -23,8 +23,12 @@ HELPER_KEY = "apiKeyHelper"
 TTL_VARIABLE = "CLAUDE_CODE_API_KEY_HELPER_TTL_MS"
 # The module `gastown-sandboxd token` runs in; the helper line of earlier releases ran it.
 HELPER_MODULE = "gastown_sandboxd.agents"
-# The shell script the helper line runs (beside this module, in the installed package).
+# What follows the interpreter in that line (and in the script's hand-over to Python).
+TOKEN_WORDS = ("-I", "-m", HELPER_MODULE, "token")
+# The shell script the helper line runs (beside this module, in the installed package), and
+# how a line names it whatever the installation's path.
 HELPER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "token_helper.sh")
+_SCRIPT_TAIL = os.sep + os.path.join(*HELPER_MODULE.split("."), "token_helper.sh")
 HELPER_SHELL = "/bin/sh"
 
 
@@ -60,8 +64,8 @@ def helper_command(*, python: str, env_file: Path, socket: Path) -> str:
     if not os.path.isfile(HELPER_SCRIPT):
         # Not a file on disk (the package imported from a zip): the command itself, as the
         # helper line of earlier releases ran it.
-        argv = [python, "-I", "-m", HELPER_MODULE, "token"]
-        return shlex.join([*argv, "--env-file", str(env_file), "--socket", str(socket)])
+        paths = ["--env-file", str(env_file), "--socket", str(socket)]
+        return shlex.join([python, *TOKEN_WORDS, *paths])
     return shlex.join([HELPER_SHELL, HELPER_SCRIPT, str(env_file), str(socket), python])
 
 
@@ -74,10 +78,9 @@ def is_daemon_helper(value: object) -> bool:
         words = shlex.split(value)
     except ValueError:
         return False
-    script = os.path.join(*HELPER_MODULE.split("."), os.path.basename(HELPER_SCRIPT))
-    if len(words) == 5 and words[1].endswith(os.sep + script):
+    if len(words) == 5 and words[1].endswith(_SCRIPT_TAIL):
         return True
-    return words[1:5] == ["-I", "-m", HELPER_MODULE, "token"]
+    return tuple(words[1:5]) == TOKEN_WORDS
 
 
 def parse_settings(text: str) -> dict[str, Any]:
