@@ -70,6 +70,11 @@ class Sample:
     def rate(self) -> float:
         return len(self.latencies) / self.wall
 
+    @property
+    def cpu_ms(self) -> float:
+        """The daemon's CPU per request, in ms."""
+        return self.cpu / len(self.latencies) * 1000
+
 
 def _body(client: int, n: int) -> dict[str, Any]:
     # Each PATCH flips this client's crew member to the other preset: always a real write.
@@ -165,7 +170,7 @@ end
 """
 
 # The same load on the cheapest route: what the HTTP stack alone serves.
-WRK_FLOOR_SCRIPT = """
+WRK_HEALTHZ_SCRIPT = """
 function request()
   return wrk.format("GET", "/healthz", HEADERS)
 end
@@ -279,7 +284,7 @@ def run(quick: bool) -> list[Row]:
             paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
             healthz = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
             wrk = wrk_round(daemon, 8, 5 if quick else 15)
-            wrk_healthz = wrk_round(daemon, 8, 5 if quick else 15, WRK_FLOOR_SCRIPT)
+            wrk_healthz = wrk_round(daemon, 8, 5 if quick else 15, WRK_HEALTHZ_SCRIPT)
         stack_root = build_town(workdir / "bare" / "town", rigs=("backend", "frontend"))
         with running_bare_stack(workdir / "bare", stack_root / TOWN_FILE) as stack:
             anyio.run(patch_round, stack, 1, 20, 0)
@@ -296,14 +301,14 @@ def run(quick: bool) -> list[Row]:
             f"{len(raw.latencies)} PATCHes on the socket, no httpx; baseline: write_atomic p50")
     )  # fmt: skip
     rows.append(
-        Row("daemon CPU per PATCH, one every 50 ms", paced.cpu / len(paced.latencies) * 1000,
-            "ms", rounds[1].cpu / len(rounds[1].latencies) * 1000,
+        Row("daemon CPU per PATCH, one every 50 ms", paced.cpu_ms,
+            "ms", rounds[1].cpu_ms,
             f"the dashboard's cadence, {len(paced.latencies)} PATCHes; baseline: back to back")
     )  # fmt: skip
     rows.append(
         Row("daemon CPU per GET /healthz, one every 50 ms",
-            healthz.cpu / len(healthz.latencies) * 1000, "ms",
-            paced.cpu / len(paced.latencies) * 1000,
+            healthz.cpu_ms, "ms",
+            paced.cpu_ms,
             "HTTP alone at the same cadence; baseline: the paced PATCH above")
     )  # fmt: skip
     rows += _stack_rows(stack_raw, stack_paced, raw, paced, direct)
@@ -338,8 +343,8 @@ def _stack_rows(
             "ms", percentile(direct.latencies, 50),
             f"{STACK}; baseline: write_atomic p50 (the daemon's is above)"),
         Row("bare stack: CPU per PATCH, one every 50 ms",
-            stack_paced.cpu / len(stack_paced.latencies) * 1000, "ms",
-            paced.cpu / len(paced.latencies) * 1000,
+            stack_paced.cpu_ms, "ms",
+            paced.cpu_ms,
             f"{STACK}; baseline: the daemon's at the same cadence"),
         Row("bare stack: PATCH p50 beside the daemon's, 1 raw client",
             percentile(stack_raw.latencies, 50), "ms", percentile(raw.latencies, 50),
@@ -366,7 +371,7 @@ def _rows(
             Row(f"PATCH p99, {label}", percentile(sample.latencies, 99), "ms", d99),
             Row(f"PATCH throughput, {label}", sample.rate, "req/s", direct.rate,
                 "baseline: write_atomic calls/s" if clients == 1 else ""),
-            Row(f"daemon CPU per PATCH, {label}", sample.cpu / len(sample.latencies) * 1000, "ms",
+            Row(f"daemon CPU per PATCH, {label}", sample.cpu_ms, "ms",
                 note="utime+stime of the daemon process" if clients == 1 else ""),
         ]  # fmt: skip
     return rows
