@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,84 +24,6 @@ from tests.fixtures.net import count_ca_loads
 
 def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
-
-
-@pytest.fixture
-def sse_socket(short_tmp: Path) -> Iterator[tuple[Path, list[bytes]]]:
-    """A Unix socket that answers the first request with the frames the test puts in the list."""
-    path = short_tmp / "sse.sock"
-    frames: list[bytes] = []
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def answer() -> None:
-        while True:  # the client probes the socket before it sends its request
-            peer = server.accept()[0]
-            if peer.recv(65536):
-                break
-            peer.close()
-        with peer:
-            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            peer.sendall(head + b"transfer-encoding: chunked\r\n\r\n")
-            for frame in frames:
-                peer.sendall(_chunk(frame))
-            peer.sendall(b"0\r\n\r\n")
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    yield path, frames
-    thread.join(5)
-    server.close()
-
-
-def test_events_skip_heartbeats_after_an_event(sse_socket: tuple[Path, list[bytes]]) -> None:
-    """A heartbeat after an event is not an event: the client yields only the real ones."""
-    path, frames = sse_socket
-    bus = EventBus()
-    first = bus.emit("token.expired", {"exp": 2, "iat": 1})
-    second = bus.emit("town.inactive", {"status": 410, "reason": "destroyed"})
-    frames += [CONNECTED, event_frame(first), HEARTBEAT, HEARTBEAT, event_frame(second), HEARTBEAT]
-    with DaemonClient(path) as client:
-        events = list(client.events())
-    assert events == [first.as_json(), second.as_json()]
-
-
-def test_a_gap_is_reported_on_stderr_not_yielded(
-    sse_socket: tuple[Path, list[bytes]], capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A gap frame (events lost before a replay) is a warning, never an event line."""
-    path, frames = sse_socket
-    bus = EventBus()
-    event = bus.emit("token.expired", {"exp": 2, "iat": 1})
-    frames += [CONNECTED, control_frame("gap", Gap(after_id=5, first_id=9).as_json())]
-    frames += [event_frame(event)]
-    with DaemonClient(path) as client:
-        events = list(client.events(last_event_id=5))
-    assert events == [event.as_json()]
-    assert "events after 5 are gone; the stream resumes at 9" in capsys.readouterr().err
-
-
-def test_the_socket_client_never_loads_the_ca_bundle(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A Unix socket never speaks TLS: each command's client skips the CA bundle."""
-    calls = count_ca_loads(monkeypatch)
-    with DaemonClient(tmp_path / "none.sock") as client, pytest.raises(DaemonUnavailable):
-        client.get("/status")
-    assert calls == []
-
-
-def test_no_daemon_on_the_socket_names_no_env_file(short_tmp: Path) -> None:
-    """Nothing at the socket, or a socket nobody serves: no env file is named (None), and
-    the caller falls back to its own; never an error of the client's own making."""
-    assert running_daemon_env_file(short_tmp / "none.sock") is None
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
-        stale.bind(str(short_tmp / "stale.sock"))
-        assert running_daemon_env_file(short_tmp / "stale.sock") is None
-
-
-# --- following the stream across the daemon's stops -----------------------------------------
 
 
 def _sse_answer(*frames: bytes) -> bytes:
@@ -142,6 +64,11 @@ class ScriptedDaemon:
         self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         self._thread.join(5)
+        self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
 
     def _serve(self, server: socket.socket) -> None:
         while True:
@@ -154,6 +81,26 @@ class ScriptedDaemon:
                 if request and self.answers:
                     self.requests.append(request)
                     peer.sendall(self.answers.pop(0))
+
+
+Scripted = Callable[[list[bytes]], ScriptedDaemon]
+
+
+@pytest.fixture
+def scripted(short_tmp: Path) -> Iterator[Scripted]:
+    """Start a `ScriptedDaemon` with the given answers (at `d.sock`); stopped at the end."""
+    made: list[ScriptedDaemon] = []
+
+    def start(answers: list[bytes]) -> ScriptedDaemon:
+        daemon = ScriptedDaemon(short_tmp / "d.sock", answers)
+        daemon.start()
+        made.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in made:
+        if daemon.running:
+            daemon.stop()
 
 
 def _last_event_ids(requests: list[bytes]) -> list[str | None]:
@@ -169,8 +116,56 @@ def _last_event_ids(requests: list[bytes]) -> list[str | None]:
     return ids
 
 
+def test_events_skip_heartbeats_after_an_event(scripted: Scripted) -> None:
+    """A heartbeat after an event is not an event: the client yields only the real ones."""
+    bus = EventBus()
+    first = bus.emit("token.expired", {"exp": 2, "iat": 1})
+    second = bus.emit("town.inactive", {"status": 410, "reason": "destroyed"})
+    frames = [CONNECTED, event_frame(first), HEARTBEAT, HEARTBEAT, event_frame(second), HEARTBEAT]
+    daemon = scripted([_sse_answer(*frames)])
+    with DaemonClient(daemon.path) as client:
+        events = list(client.events())
+    assert events == [first.as_json(), second.as_json()]
+
+
+def test_a_gap_is_reported_on_stderr_not_yielded(
+    scripted: Scripted, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gap frame (events lost before a replay) is a warning, never an event line."""
+    bus = EventBus()
+    event = bus.emit("token.expired", {"exp": 2, "iat": 1})
+    gap = control_frame("gap", Gap(after_id=5, first_id=9).as_json())
+    daemon = scripted([_sse_answer(CONNECTED, gap, event_frame(event))])
+    with DaemonClient(daemon.path) as client:
+        events = list(client.events(last_event_id=5))
+    assert events == [event.as_json()]
+    assert "events after 5 are gone; the stream resumes at 9" in capsys.readouterr().err
+
+
+def test_the_socket_client_never_loads_the_ca_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Unix socket never speaks TLS: each command's client skips the CA bundle."""
+    calls = count_ca_loads(monkeypatch)
+    with DaemonClient(tmp_path / "none.sock") as client, pytest.raises(DaemonUnavailable):
+        client.get("/status")
+    assert calls == []
+
+
+def test_no_daemon_on_the_socket_names_no_env_file(short_tmp: Path) -> None:
+    """Nothing at the socket, or a socket nobody serves: no env file is named (None), and
+    the caller falls back to its own; never an error of the client's own making."""
+    assert running_daemon_env_file(short_tmp / "none.sock") is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(short_tmp / "stale.sock"))
+        assert running_daemon_env_file(short_tmp / "stale.sock") is None
+
+
+# --- following the stream across the daemon's stops -----------------------------------------
+
+
 def test_follow_resumes_after_the_last_event_once_the_daemon_is_back(
-    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+    scripted: Scripted, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The daemon ends the stream (a stop), is gone for three tries, then serves again (a
     restart): the client waits 0.25, 0.5, 1 s, resumes after the last event it yielded,
@@ -184,15 +179,13 @@ def test_follow_resumes_after_the_last_event_once_the_daemon_is_back(
     restarted = EventBus(first_id=second.id + 100)
     third = restarted.emit("token.expired", {"exp": 3, "iat": 2})
     gap = control_frame("gap", Gap(after_id=second.id, first_id=third.id).as_json())
-    daemon = ScriptedDaemon(
-        short_tmp / "d.sock",
+    daemon = scripted(
         [
             _json_answer(200, {"last_event_id": first.id - 1}),
             _sse_answer(CONNECTED, event_frame(first), event_frame(second)),
             _sse_answer(CONNECTED, gap, event_frame(third)),
-        ],
+        ]
     )
-    daemon.start()
     waits: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -218,12 +211,11 @@ def test_follow_resumes_after_the_last_event_once_the_daemon_is_back(
     ]
 
 
-def test_follow_waits_at_most_the_cap_between_tries(short_tmp: Path) -> None:
+def test_follow_waits_at_most_the_cap_between_tries(scripted: Scripted) -> None:
     """A daemon gone for long is asked again every RECONNECT_CAP_S, not ever more rarely."""
     bus = EventBus()
     event = bus.emit("token.expired", {"exp": 2, "iat": 1})
-    daemon = ScriptedDaemon(short_tmp / "d.sock", [_sse_answer(CONNECTED, event_frame(event))])
-    daemon.start()
+    daemon = scripted([_sse_answer(CONNECTED, event_frame(event))])
     waits: list[float] = []
 
     class Enough(Exception):
@@ -256,7 +248,7 @@ def test_follow_with_no_daemon_at_the_start_fails_at_once(short_tmp: Path) -> No
 
 
 def test_falling_behind_is_resumed_when_following(
-    short_tmp: Path, capsys: pytest.CaptureFixture[str]
+    scripted: Scripted, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A `lagged` notice ends the stream with an error without follow; with follow the
     client connects again at once after the last event it got, and loses nothing the ring
@@ -271,8 +263,7 @@ def test_falling_behind_is_resumed_when_following(
         _sse_answer(CONNECTED, event_frame(first), lagged),
         _sse_answer(CONNECTED, event_frame(second)),
     ]
-    daemon = ScriptedDaemon(short_tmp / "d.sock", list(answers))
-    daemon.start()
+    daemon = scripted(list(answers))
     with DaemonClient(daemon.path) as client, pytest.raises(DaemonUnavailable, match="fell behind"):
         list(client.events(last_event_id=0))
     daemon.answers[:] = answers  # the one the error left unasked is dropped
@@ -286,17 +277,15 @@ def test_falling_behind_is_resumed_when_following(
     assert "fell behind the event stream" in capsys.readouterr().err
 
 
-def test_an_answer_that_is_no_event_stream_is_a_clear_error(short_tmp: Path) -> None:
+def test_an_answer_that_is_no_event_stream_is_a_clear_error(scripted: Scripted) -> None:
     """A 503 (a daemon stopping) or any answer that is not an event stream: the command's
     error names it; never a traceback from the SSE parser."""
-    daemon = ScriptedDaemon(
-        short_tmp / "d.sock",
+    daemon = scripted(
         [
             _json_answer(503, {"error": "stopping", "message": "the daemon is stopping"}),
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nhi",
-        ],
+        ]
     )
-    daemon.start()
     with DaemonClient(daemon.path) as client:
         with pytest.raises(DaemonUnavailable, match="answered 503 to GET /events"):
             list(client.events())
