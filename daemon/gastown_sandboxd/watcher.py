@@ -20,8 +20,10 @@ settings file whose bytes, read when its change comes in, are the ones noted is 
 any re-read of the town, rig listing or log line (the note is used up either way, so an edit
 by someone else that later writes the same bytes is not mistaken for the daemon's). With the
 doorbell this happens as the ring is read, so the daemon's own write wakes no watchfiles
-collect at all; what watchfiles kept of it is handed over with the next real batch, read
-again by the store and found unchanged.
+collect at all, and what watchfiles kept of it is dropped there and then. Kept, it would grow
+watchfiles' set by two names a write (the temporary file's, each one new) until someone else
+edited a settings file: 4.5 MiB more RSS after 20,000 writes, measured on `RustNotify` alone;
+dropped (`_drop_collected`, 0.4 µs when there is nothing), none.
 
 Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores, idle
 wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms` while
@@ -295,6 +297,14 @@ class SettingsWatcher:
                 self.mode = "doorbell"
                 outcome.started = True
                 task_status.started(outcome)
+
+                def rings(path: Path) -> bool:
+                    # What watchfiles kept of the daemon's own write is dropped with it.
+                    if self._is_own_ring(path):
+                        _drop_collected(notify)
+                        return False
+                    return self._relevant_path(path)
+
                 # The first collect takes what came while the two were being set up.
                 ring = _Ring(collect=True)
                 while True:
@@ -317,7 +327,7 @@ class SettingsWatcher:
                         # The rest of the burst watchfiles collected (queued on the doorbell
                         # meanwhile) belongs to this batch, not to a ring of its own.
                         if not self._own_writes.in_flight:
-                            ring.add(doorbell.drain(self._rings))
+                            ring.add(doorbell.drain(rings))
                     # A path watchfiles reported is one change, not two.
                     reported = {path for _, path in changes}
                     changes.update(
@@ -329,10 +339,10 @@ class SettingsWatcher:
                         changes.add((Change.modified, str(self._town_root)))
                     if changes and not await self._batch(changes, folders):
                         return
-                    ring = await doorbell.wait(self._rings, self._own_writes)
+                    ring = await doorbell.wait(rings, self._own_writes)
                     if not ring.collect:  # the rest of the same burst
                         await doorbell.settle(
-                            ring, self._rings, self._own_writes, self._step_ms, self._debounce_ms
+                            ring, rings, self._own_writes, self._step_ms, self._debounce_ms
                         )
 
     async def _watch_polled(
@@ -433,14 +443,14 @@ class SettingsWatcher:
             return False
         return self._relevant_path(Path(raw))
 
-    def _rings(self, path: Path) -> bool:
-        """Whether a change the doorbell saw needs a collect: not for the daemon's own write
-        of a settings file, known by its bytes before anything else is read or listed."""
+    def _is_own_ring(self, path: Path) -> bool:
+        """Whether a change the doorbell saw is the daemon's own write of a settings file,
+        known by its bytes before anything else is read or listed: no collect for it."""
         if _is_settings_file(path) and path.parent in self._watched and self._is_own_write(path):
             self.settings_changes += 1
             self.own_writes += 1
-            return False
-        return self._relevant_path(path)
+            return True
+        return False
 
     def _relevant_path(self, path: Path) -> bool:
         if is_temporary(path.name):
@@ -754,6 +764,24 @@ def _read_quickly(path: Path) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+class _AlreadySet:
+    """A stop event that is set: `RustNotify.watch` given it returns at once."""
+
+    @staticmethod
+    def is_set() -> bool:
+        return True
+
+
+_SET = _AlreadySet()
+
+
+def _drop_collected(notify: RustNotify) -> None:
+    """Empty watchfiles' set of changes without waiting: `watch` with no step and a stop
+    event already set clears the set and returns "stop" (watchfiles 1.x). Nothing is lost by
+    it: every path the doorbell names is in its batch whatever watchfiles hands over."""
+    notify.watch(0, 0, 0, _SET)
 
 
 async def _settled(own_writes: OwnWrites) -> None:
