@@ -47,13 +47,17 @@ for watchfiles (~127).
 What wakes it: in the settings folders, any change; in the town root and the rig folders,
 only entries coming, going or renamed; and the env file itself, through a watch on its inode,
 set again on each file renamed over it: written in place, replaced, or going. Its folder is
-watched (for its name) only while it is missing or a symlink. That folder is the home folder
-by default, where a shell keeps its history and Claude Code replaces its state file
-(`.claude.json`) as it runs, and gt appends every event of the town to its log in the town
-root (`.events.jsonl`). Measured by `bench/watcher_bench.py` with those three files written 20
-times a second each: 247 wake-ups a second (the loop, watchfiles' collect and its thread)
-when every folder was watched for writes, the env file's folder included, and watchfiles
-watched them all; 0.8 now.
+watched for names only while the file is missing or a symlink, and otherwise only for the
+folder itself going: renamed away, the file's own watch sees nothing. A folder gone (the
+town root, the env file's) has its parent watched for its name until it is back; then the
+watch starts again, and after every such restart the env file is read once more (a home
+folder restored with another token in it: before, the daemon held the old token for good).
+The env file's folder is the home folder by default, where a shell keeps its history and
+Claude Code replaces its state file (`.claude.json`) as it runs, and gt appends every event
+of the town to its log in the town root (`.events.jsonl`). Measured by
+`bench/watcher_bench.py` with those three files written 20 times a second each: 247 wake-ups
+a second (the loop, watchfiles' collect and its thread) when every folder was watched for
+writes, the env file's folder included, and watchfiles watched them all; 0.8 now.
 
 When inotify is used up (`inotify_init1` or `inotify_add_watch` refused with EMFILE, ENFILE,
 ENOSPC or ENOMEM: the user's 128 instances or its watches, shared by every program of the
@@ -194,11 +198,14 @@ class SettingsWatcher:
         except Exception as exc:  # the store's listing failed: keep what we know
             log.warning("watcher_folders_failed", error=str(exc))
             town.update(self._watched)
+        # A folder gone (removed to be made again: a reinstall, a restore) or not made yet:
+        # its parent is watched for its name, or its return would go unseen.
         if not self._town_root.is_dir():
-            # Gone (removed to be made again: a reinstall, a restore) or not made yet: its
-            # parent is watched for its name, or its return would go unseen.
             town.add(self._town_root.parent)
-        folders = frozenset(folder for folder in town | {self._env_file.parent} if folder.is_dir())
+        env_folders = {self._env_file.parent}
+        if not self._env_file.parent.is_dir():
+            env_folders.add(self._env_file.parent.parent)
+        folders = frozenset(folder for folder in town | env_folders if folder.is_dir())
         return folders, folders & town
 
     async def run(
@@ -222,6 +229,9 @@ class SettingsWatcher:
                     else:
                         self.restarts += 1
                         await self._report_present(folders - previous)
+                        # The env file may have come back (with its folder) before the new
+                        # watch was set: read once more, which changes nothing if it did not.
+                        await _call_safely("on_env_change", self._on_env_change)
                     # A folder made while the watch was being set up would go unseen.
                     if self.wanted_folders() != folders:
                         tg.cancel_scope.cancel()
@@ -287,8 +297,11 @@ class SettingsWatcher:
         # change of any file there.
         with RustNotify(sorted(map(str, settings)), False, False, 0, False, False) as notify:
             # The env file's folder (unless it is the town's) is watched for the env file
-            # alone, and only while it is missing or a symlink.
-            doorbell = _Doorbell.open(town, content=settings, file=self._env_file)
+            # alone, its names only while the file is missing or a symlink (`watch_file`);
+            # its parent while it is gone.
+            doorbell = _Doorbell.open(
+                town | (folders - {self._env_file.parent}), content=settings, file=self._env_file
+            )
             if doorbell is None:  # no inotify here after all: poll from now on
                 self._doorbell = False
                 await self._watch_polled(folders, stop, outcome, task_status)
@@ -429,8 +442,12 @@ class SettingsWatcher:
         await _call_safely("on_env_change", self._on_env_change)
 
     async def _batch(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> bool:
-        """Route one batch; False when the folders to watch changed (watching restarts)."""
+        """Route one batch; False when watching must restart: the folders to watch changed,
+        or the env file's folder itself went or came (made again in its place, it is
+        another folder, whose watch must be set again)."""
         may_regrow = await self._route(changes, folders)
+        if any(Path(raw) == self._env_file.parent for _change, raw in changes):
+            return False
         return not (may_regrow and self.wanted_folders() != folders)
 
     def _relevant(self, change: Change, raw: str) -> bool:
@@ -462,6 +479,7 @@ class SettingsWatcher:
             or path.name in (CONFIG, SETTINGS)
             or path.parent == self._town_root
             or path == self._town_root  # back in its parent, watched while it was gone
+            or path == self._env_file.parent  # the same, or the watched folder itself went
             or path in self._watched  # a watched folder itself went
         )
 
@@ -536,6 +554,8 @@ _NAMES_MASK = (
     _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
     | _IN_ONLYDIR | _IN_EXCL_UNLINK
 )  # fmt: skip
+# The env file's folder while the file is there: the folder itself going, nothing of its files.
+_SELF_MASK = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
 # Content: the settings folders, whose files may also be written in place.
 _CONTENT_MASK = _NAMES_MASK | _IN_MODIFY | _IN_ATTRIB
 # The env file itself (its inode, watched again on each file that replaces it): written in
@@ -576,6 +596,7 @@ class _Doorbell:
         # (unless it is one of the town's folders, watched anyway).
         self._shared = file.parent in places.values()
         self._folder_wd: int | None = None
+        self._folder_names = False  # whether its watch is for names, or for itself only
 
     @classmethod
     def open(
@@ -611,15 +632,15 @@ class _Doorbell:
 
     def watch_file(self) -> bool:
         """Watch the env file's inode as it is now (a file renamed over it is a new inode;
-        a symlink's target); its folder too, for the name, while there is no file or it is
-        a symlink (re-pointing a link changes no inode watched here). True when the file is
-        there (it may have come while its folder's watch was being set up, unseen)."""
+        a symlink's target), and its folder: for the name while there is no file or it is a
+        symlink (re-pointing a link changes no inode watched here), else only for the folder
+        itself going (removed, renamed away: the file's own watch sees nothing of a rename).
+        True when the file is there (it may have come while its folder's watch was being set
+        up, unseen)."""
         wd = self._add(self._file, _FILE_MASK)
         linked = self._file.is_symlink()
-        if (wd is None or linked) and self._folder_wd is None and not self._shared:
-            self._folder_wd = self._add(self._file.parent, _NAMES_MASK)
-            if self._folder_wd is not None:
-                self._places[self._folder_wd] = self._file.parent
+        if not self._shared:
+            self._watch_folder(names=wd is None or linked)
             if wd is None:
                 wd = self._add(self._file, _FILE_MASK)  # it may have come meanwhile
         if wd is None:  # not there: an inode moved elsewhere is no longer the env file
@@ -630,10 +651,20 @@ class _Doorbell:
             self._drop(self._file_wd)  # the replaced inode
             self._file_wd = wd
             self._places[wd] = self._file
-        if self._folder_wd is not None and not linked:
-            self._drop(self._folder_wd)
-            self._folder_wd = None
         return True
+
+    def _watch_folder(self, *, names: bool) -> None:
+        # One watch per inode: adding it again with another mask changes its mask.
+        if self._folder_wd is not None and names == self._folder_names:
+            return
+        folder = self._file.parent
+        wd = self._add(folder, _NAMES_MASK if names else _SELF_MASK)
+        if wd != self._folder_wd:
+            self._drop(self._folder_wd)
+            self._folder_wd = wd
+        if wd is not None:
+            self._places[wd] = folder
+            self._folder_names = names
 
     def _add(self, path: Path, mask: int) -> int | None:
         wd: int = self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask)

@@ -246,6 +246,43 @@ async def test_a_town_root_removed_and_made_again_is_watched_again(
         await eventually(lambda: town_file in set().union(*town.calls.settings[before:]))
 
 
+@pytest.mark.parametrize("going", ["removed", "renamed away"])
+async def test_the_env_files_folder_gone_and_made_again_is_watched_again(
+    town_tree: tuple[Path, Path], tmp_path: Path, going: str
+) -> None:
+    """The env file's folder removed or renamed away, then made again with an env file (a
+    home folder restored, provisioning run again): while it is gone its parent is watched for
+    its name; once it is back with the env file in it, the change is reported, and so is the
+    next edit of the file."""
+    async with watching(town_tree) as town:
+        home = town.env_file.parent
+        if going == "removed":
+            shutil.rmtree(home)
+        else:
+            home.rename(tmp_path / "home.old")
+        await eventually(lambda: town.watches(home.parent) and not town.watches(home))
+        before = town.calls.env
+        home.mkdir()
+        write_atomic(town.env_file, b"KILO_JWT=back\n")
+        await eventually(lambda: town.calls.env > before and town.watches(home))
+        assert not town.watches(home.parent)
+        await town.fence()
+
+
+async def test_an_env_files_folder_made_after_the_start_is_watched(tmp_path: Path) -> None:
+    """Started before the env file's folder exists (the daemon before provisioning): the
+    folder and the env file made later are seen."""
+    root = tmp_path / "gt"
+    (root / "settings").mkdir(parents=True)
+    env_file = tmp_path / "home" / ".env.gateway"
+    async with watching((root, env_file)) as town:
+        assert town.watches(tmp_path)
+        env_file.parent.mkdir()
+        write_atomic(env_file, b"KILO_JWT=first\n")
+        await eventually(lambda: town.calls.env >= 1 and town.watches(env_file.parent))
+        await town.fence()
+
+
 async def test_rig_made_in_one_go_is_not_missed(town_tree: tuple[Path, Path]) -> None:
     """Folder, settings folder and file created back to back still reach the callback."""
     async with watching(town_tree) as town:

@@ -37,7 +37,9 @@ from tests.e2e._town import (
     metric_value,
     source_token,
     start_daemon,
+    token_fingerprint_is,
     wait_for_state,
+    wait_for_status,
     write_env,
 )
 from tests.fixtures.cloud import CloudServer
@@ -268,6 +270,32 @@ def test_a_bad_env_file_at_start_is_refreshed_at_once(
     assert {"town_id": town.id, "token": fingerprint(token)} in [
         {"town_id": r["town_id"], "token": r["token"]} for r in minted
     ]
+
+
+def test_an_env_files_folder_made_again_is_followed(
+    cloud_factory: Callable[..., CloudServer], daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """The env file's folder renamed away and made again with another token of the town (a
+    home folder restored from a backup): the daemon adopts that token, and its next refresh
+    lands in the new folder. Before, it went on holding the old token and never saw the file
+    come back."""
+    cloud = cloud_factory()
+    town = create_town(cloud)
+    env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
+    daemon = start_daemon(daemon_factory, town, env_file)
+    wait_for_state(daemon, "fresh")
+    env_file.parent.rename(tmp_path / "home.old")
+    restored = town.mint(now=int(time.time()) - 30)  # not the token it holds
+    assert restored != town.token
+    write_env(env_file, restored)
+    wait_for_status(daemon, token_fingerprint_is(fingerprint(restored)))
+    with daemon.local() as client:
+        refreshed = client.post("/token/refresh").raise_for_status().json()["token"]
+    token = source_token(env_file)
+    assert token != restored
+    assert refreshed["fingerprint"] == fingerprint(token)
+    assert acceptability_reasons(token, town_id=town.id, now=time.time()) == []
+    assert source_token(tmp_path / "home.old" / ".env.gateway") == town.token
 
 
 @dataclass
