@@ -81,11 +81,12 @@ def _write(place: _Place, name: str, data: bytes, mode: int | None) -> bool:
         ) from exc
     try:
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-                os.fchmod(handle.fileno(), final_mode)
+            try:
+                _write_fully(fd, data)
+                os.fsync(fd)
+                os.fchmod(fd, final_mode)
+            finally:
+                os.close(fd)
             os.replace(place.name(tmp_name), place.name(name), **place.rename_at())
             tmp_name = ""
         except OSError as exc:
@@ -134,10 +135,7 @@ def _write_in_place(place: _Place, name: str, data: bytes, mode: int) -> None:
         fd = os.open(place.name(name), flags, mode, **place.at())
         try:
             os.ftruncate(fd, 0)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_fully(fd, data)
             os.fsync(fd)
             os.fchmod(fd, mode)
         finally:
@@ -146,6 +144,14 @@ def _write_in_place(place: _Place, name: str, data: bytes, mode: int) -> None:
         raise AtomicWriteError(
             exc.errno, f"cannot write {target} in place: {exc.strerror}"
         ) from exc
+
+
+def _write_fully(fd: int, data: bytes) -> None:
+    # Straight to the descriptor: a file object around it would add an fstat, an ioctl and
+    # an lseek to every write, and a buffer the bytes are copied through.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_folder(place: _Place) -> None:
