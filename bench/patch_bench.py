@@ -13,7 +13,8 @@ Baselines measured in the same run, on the same file system:
 - `SettingsStore.patch` in this process with no HTTP: read, validate, merge, render, write.
 
 Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
-back) and per `GET /healthz` at that cadence (HTTP alone, which no PATCH can go below), and
+back; and by thread: the event loop's, the worker threads', watchfiles') and per
+`GET /healthz` at that cadence (HTTP alone, which no PATCH can go below), and
 `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
 The bare stack (`bare_stack.py`: Starlette on hypercorn that parses, renders, hops once and
 calls `write_atomic`, and does nothing else) gets the raw client, the paced client and wrk
@@ -34,7 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.store import SettingsStore
 
 from ._daemon import Daemon, running_daemon, uds_client
-from ._stats import cpu_seconds, percentile
+from ._stats import cpu_seconds, percentile, thread_counters
 from ._table import Row, main_of
 from .bare_stack import running_bare_stack
 
@@ -65,6 +66,7 @@ class Sample:
     latencies: list[float]
     wall: float
     cpu: float = 0.0
+    threads: dict[str, float] = field(default_factory=dict)  # CPU seconds by thread
 
     @property
     def rate(self) -> float:
@@ -138,6 +140,7 @@ async def paced_round(daemon: Daemon, count: int, interval: float, send: Send = 
     PATCH, or what `send` sends (`_healthz`: HTTP alone at the same cadence)."""
     latencies: list[float] = []
     async with uds_client(daemon.socket, timeout=120) as http:
+        threads = thread_counters(daemon.pid)
         cpu, started = cpu_seconds(daemon.pid), time.perf_counter()
         for n in range(count):
             due = started + n * interval
@@ -149,7 +152,25 @@ async def paced_round(daemon: Daemon, count: int, interval: float, send: Send = 
         # The watcher's handling of the last write is part of that PATCH's cost.
         await anyio.sleep(interval)
         wall = time.perf_counter() - started
-        return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu)
+        by_thread = _by_thread(daemon.pid, threads, thread_counters(daemon.pid))
+        return Sample(latencies, wall, cpu_seconds(daemon.pid) - cpu, by_thread)
+
+
+MAIN, WORKERS, WATCHFILES = "the main thread (event loop)", "worker threads", "watchfiles' thread"
+
+
+def _by_thread(
+    pid: int,
+    before: dict[int, tuple[str, float, int]],
+    after: dict[int, tuple[str, float, int]],
+) -> dict[str, float]:
+    # CPU seconds between two readings, by kind of thread: the main thread runs the event
+    # loop; watchfiles' Rust thread is named by notify; every other one is a worker.
+    spent: dict[str, float] = {}
+    for tid, (name, seconds, _switches) in after.items():
+        kind = MAIN if tid == pid else WATCHFILES if name.startswith("notify") else WORKERS
+        spent[kind] = spent.get(kind, 0.0) + seconds - before.get(tid, (name, 0.0, 0))[1]
+    return spent
 
 
 WRK_SCRIPT = """
@@ -305,6 +326,12 @@ def run(quick: bool) -> list[Row]:
             "ms", rounds[1].cpu_ms,
             f"the dashboard's cadence, {len(paced.latencies)} PATCHes; baseline: back to back")
     )  # fmt: skip
+    for kind in (MAIN, WORKERS, WATCHFILES):
+        rows.append(
+            Row(f"  of which {kind}", paced.threads.get(kind, 0.0) / len(paced.latencies)
+                * 1000, "ms", paced.cpu_ms,
+                "CPU by thread (/proc/PID/task, in 10 ms ticks); baseline: the whole")
+        )  # fmt: skip
     rows.append(
         Row("daemon CPU per GET /healthz, one every 50 ms",
             healthz.cpu_ms, "ms",
