@@ -705,6 +705,9 @@ class _Doorbell:
         the cancelling task for its reason), while the write's worker thread waited for the
         GIL. In-process, a store and this watcher, 400 PATCHes 5 ms apart: the loop's time
         per PATCH beyond the store's own went from ~370 to ~150 µs (`Handle._run` timed).
+        anyio has no reader callback, only `wait_readable` (a task's wait), so this one place
+        uses the asyncio loop's own `add_reader`: the daemon runs on asyncio (hypercorn's
+        asyncio server), and the callbacks only read, recognise and set the task's future.
         """
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[_Ring] = loop.create_future()
