@@ -704,7 +704,8 @@ class _Doorbell:
         cancelling the wait took a step of the task too (with anyio's cancel scope formatting
         the cancelling task for its reason), while the write's worker thread waited for the
         GIL. In-process, a store and this watcher, 400 PATCHes 5 ms apart: the loop's time
-        per PATCH beyond the store's own went from ~370 to ~150 µs (`Handle._run` timed).
+        per PATCH beyond the store's own went from 400-450 to 170-230 µs (three pairs,
+        `Handle._run` timed); a daemon's main thread, 0.05-0.2 ms of CPU per paced PATCH.
         anyio has no reader callback, only `wait_readable` (a task's wait), so this one place
         uses the asyncio loop's own `add_reader`: the daemon runs on asyncio (hypercorn's
         asyncio server), and the callbacks only read, recognise and set the task's future.
