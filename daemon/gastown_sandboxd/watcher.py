@@ -444,10 +444,10 @@ class SettingsWatcher:
 
     async def _batch(self, changes: set[tuple[Change, str]], folders: frozenset[Path]) -> bool:
         """Route one batch; False when watching must restart: the folders to watch changed,
-        or the env file's folder itself went or came (made again in its place, it is
-        another folder, whose watch must be set again)."""
+        or a watched folder itself went (made again in its place at once, it is another
+        folder with the same name, whose watch must be set again)."""
         may_regrow = await self._route(changes, folders)
-        if any(Path(raw) == self._env_file.parent for _change, raw in changes):
+        if any(Path(raw) in folders for _change, raw in changes):
             return False
         return not (may_regrow and self.wanted_folders() != folders)
 

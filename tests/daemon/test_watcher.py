@@ -246,6 +246,21 @@ async def test_a_town_root_removed_and_made_again_is_watched_again(
         await eventually(lambda: town_file in set().union(*town.calls.settings[before:]))
 
 
+async def test_a_settings_folder_made_again_in_its_place_is_watched_again(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """A rig's settings folder removed and made again at once, before the watcher lists its
+    folders again: the folders to watch are the same, but the new folder is not the watched
+    one. Watching starts again, and the next edit there is seen (before, never)."""
+    async with watching(town_tree) as town:
+        settings = town.rig_file("alpha").parent
+        shutil.rmtree(settings)
+        settings.mkdir()
+        await eventually(lambda: town.watcher.status()["restarts"] >= 1)
+        run_writer(IN_PLACE_WRITE, town.rig_file("alpha"), '{"back": true}')
+        await eventually(lambda: town.rig_file("alpha") in town.calls.settings_paths)
+
+
 @pytest.mark.parametrize("going", ["removed", "renamed away"])
 async def test_the_env_files_folder_gone_and_made_again_is_watched_again(
     town_tree: tuple[Path, Path], tmp_path: Path, going: str
