@@ -684,20 +684,10 @@ class _Doorbell:
         Never while the daemon's own write is in flight (`own_writes`): a write that begins
         stops the listening, and what the kernel queued meanwhile is read once it is done,
         in one go, with no wake-up of its own. Temporary files of atomic writes are dropped by
-        name before any path is built."""
-        if own_writes.in_flight:
-            await _settled(own_writes)
-        ring = self.drain(relevant)
-        if ring.collect or ring.paths:
-            return ring
-        return await self._listen(relevant, own_writes)
+        name before any path is built.
 
-    async def _listen(self, relevant: Callable[[Path], bool], own_writes: OwnWrites) -> _Ring:
-        """The next ring that names something `relevant` accepts: the queue is read as soon
-        as the kernel queues an event or, when the daemon's own write begins meanwhile, once
-        that write has settled.
-
-        The queue is read in plain callbacks of the loop (the descriptor's reader, and the
+        The queue is read at once (what is queued already; once a write in flight has
+        settled), then in plain callbacks of the loop (the descriptor's reader, and the
         callback the write's end schedules), not in steps of the waiting task: the daemon's
         own write is recognised there and listening goes on, and only a ring that names
         something wakes the task. Beginning a write takes the reader off the loop, where
@@ -749,7 +739,7 @@ class _Doorbell:
             else:
                 listen()
 
-        listen()
+        read()
         try:
             return await woken
         finally:
