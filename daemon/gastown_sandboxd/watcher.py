@@ -121,6 +121,12 @@ def is_temporary(path: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def _and_parent_while_gone(folder: Path) -> set[Path]:
+    """`folder`, and its parent while it is gone (removed to be made again: a reinstall, a
+    restore; or not made yet), whose watch sees its name come back."""
+    return {folder} if folder.is_dir() else {folder, folder.parent}
+
+
 def _is_settings_file(path: Path) -> bool:
     return path.name == CONFIG and path.parent.name == SETTINGS
 
@@ -193,19 +199,13 @@ class SettingsWatcher:
 
     def _wanted(self) -> tuple[frozenset[Path], frozenset[Path]]:
         # `wanted_folders()`, and which of them are the town's (its root, the store's folders).
-        town = {self._town_root}
+        town = _and_parent_while_gone(self._town_root)
         try:
             town.update(_absolute(folder) for folder in self._folders())
         except Exception as exc:  # the store's listing failed: keep what we know
             log.warning("watcher_folders_failed", error=str(exc))
             town.update(self._watched)
-        # A folder gone (removed to be made again: a reinstall, a restore) or not made yet:
-        # its parent is watched for its name, or its return would go unseen.
-        if not self._town_root.is_dir():
-            town.add(self._town_root.parent)
-        env_folders = {self._env_file.parent}
-        if not self._env_file.parent.is_dir():
-            env_folders.add(self._env_file.parent.parent)
+        env_folders = _and_parent_while_gone(self._env_file.parent)
         folders = frozenset(folder for folder in town | env_folders if folder.is_dir())
         return folders, folders & town
 
