@@ -77,6 +77,10 @@ class Sample:
         """The daemon's CPU per request, in ms."""
         return self.cpu / len(self.latencies) * 1000
 
+    def thread_cpu_ms(self, kind: str) -> float:
+        """The CPU per request of one kind of thread (`_by_thread`), in ms."""
+        return self.threads.get(kind, 0.0) / len(self.latencies) * 1000
+
 
 def _body(client: int, n: int) -> dict[str, Any]:
     # Each PATCH flips this client's crew member to the other preset: always a real write.
@@ -328,8 +332,7 @@ def run(quick: bool) -> list[Row]:
     )  # fmt: skip
     for kind in (MAIN, WORKERS, WATCHFILES):
         rows.append(
-            Row(f"  of which {kind}", paced.threads.get(kind, 0.0) / len(paced.latencies)
-                * 1000, "ms", paced.cpu_ms,
+            Row(f"  of which {kind}", paced.thread_cpu_ms(kind), "ms", paced.cpu_ms,
                 "CPU by thread (/proc/PID/task, in 10 ms ticks); baseline: the whole")
         )  # fmt: skip
     rows.append(
