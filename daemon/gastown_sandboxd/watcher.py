@@ -50,8 +50,10 @@ set again on each file renamed over it: written in place, replaced, or going. It
 watched for names only while the file is missing or a symlink, and otherwise only for the
 folder itself going: renamed away, the file's own watch sees nothing. A folder gone (the
 town root, the env file's) has its parent watched for its name until it is back; then the
-watch starts again, and after every such restart the env file is read once more (a home
-folder restored with another token in it: before, the daemon held the old token for good).
+watch starts again, as it does when any watched folder itself goes (one made again in its
+place at once is another folder), and after every restart the env file is read once more (a
+home folder restored with another token in it: before, the daemon held the old token for
+good).
 The env file's folder is the home folder by default, where a shell keeps its history and
 Claude Code replaces its state file (`.claude.json`) as it runs, and gt appends every event
 of the town to its log in the town root (`.events.jsonl`). Measured by
