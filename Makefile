@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # What the tests run besides Python and make, as command:Debian-package.
 TOOLS := curl:curl bash:bash systemd-analyze:systemd shellcheck:shellcheck tmux:tmux \
-	node:nodejs npm:npm go:golang-go
+	node:nodejs npm:npm go:golang-go openssl:openssl
 
 # Installs what is missing as root where apt-get exists; else one line naming it, and fails.
 tools:

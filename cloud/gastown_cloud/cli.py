@@ -34,7 +34,8 @@ environment:
 Refresh binding: a refresh needs the town's token as "Authorization: Bearer" (expired is
 fine); the internal key alone refreshes no town unless --allow-unbound-refresh is given.
 
-Once bound, one line goes to stdout: "gastown-cloud listening on http://HOST:PORT".
+Once bound, one line goes to stdout: "gastown-cloud listening on http://HOST:PORT"
+(https:// with --tls-cert and --tls-key).
 Logs go to stderr. SIGTERM or SIGINT stops the server cleanly (exit 0)."""
 
 _TOWNS = """\
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="admit at most N refreshes in any one second; the rest get 503 with a "
         "Retry-After spread over the backlog (default: no limit)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this PEM certificate chain (with --tls-key)",
+    )
+    serve.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert (PEM)"
     )
     _add_towns(commands)
     return parser
@@ -173,6 +183,8 @@ def _serve_command(args: argparse.Namespace) -> int:
             token_claims=args.token_claims,
             allow_unbound_refresh=args.allow_unbound_refresh,
             refresh_rate=args.refresh_rate,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
         check_database(args.db, create=True)
     except SettingsError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -34,18 +35,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def socket_url(sock: socket.socket) -> str:
-    """`http://HOST:PORT` of a bound socket (IPv6 hosts in brackets)."""
+def socket_url(sock: socket.socket, *, tls: bool = False) -> str:
+    """`http://HOST:PORT` (`https://` with `tls`) of a bound socket (IPv6 hosts in brackets)."""
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def serve_app(
-    app: ASGIApp, sock: socket.socket, *, shutdown_trigger: Callable[[], Awaitable[object]]
+    app: ASGIApp,
+    sock: socket.socket,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+    tls: tuple[Path, Path] | None = None,
 ) -> None:
-    """Serve `app` with hypercorn on `sock` (hypercorn takes the socket over) until the trigger."""
+    """Serve `app` with hypercorn on `sock` (hypercorn takes the socket over) until the
+    trigger; over TLS with `tls`, a (certificate chain, key) pair of PEM files."""
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
+    if tls is not None:
+        config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     config.accesslog = None
     config.graceful_timeout = 5.0
     # A sandbox's refresh connection is released when it closes, not 5 s later (`_hypercorn`).
@@ -69,7 +78,9 @@ class Server:
     ) -> None:
         sock = bind_socket(self.settings.host, self.settings.port)
         try:
-            self.url = socket_url(sock)
+            tls = self.settings.tls_cert, self.settings.tls_key
+            served = None if tls[0] is None or tls[1] is None else (tls[0], tls[1])
+            self.url = socket_url(sock, tls=served is not None)
             async with Store(self.settings.db) as store:
                 app = create_app(self.settings, store, clock=self._clock)
                 log.info(
@@ -86,7 +97,7 @@ class Server:
                         "town; use it only for the seed's key-only cron line",
                     )
                 task_status.started()
-                await serve_app(app, sock, shutdown_trigger=self._stop.wait)
+                await serve_app(app, sock, shutdown_trigger=self._stop.wait, tls=served)
                 log.info("cloud_stopped")
         finally:
             sock.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class CloudSettings:
     refresh_rate: int | None = None
     max_body_bytes: int = 64 * 1024
     sandbox_timeout: float = 10.0
+    # Served over TLS when both are set: a PEM certificate chain and its private key.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @classmethod
     def from_env(
@@ -46,6 +50,8 @@ class CloudSettings:
         token_claims: TokenClaims = TokenClaims.SEED,
         allow_unbound_refresh: bool = False,
         refresh_rate: int | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> CloudSettings:
         """Read the secrets from `env`; raises `SettingsError` naming the first bad setting."""
         secret = check_secret(env)
@@ -69,6 +75,7 @@ class CloudSettings:
                 f"{refresh_rate} refreshes per second is out of range",
                 f"give 1 to {MAX_REFRESH_RATE}, or leave it out to admit every refresh",
             )
+        check_tls(tls_cert, tls_key)
         return cls(
             nextauth_secret=secret,
             internal_api_key=key,
@@ -79,7 +86,24 @@ class CloudSettings:
             token_claims=token_claims,
             allow_unbound_refresh=allow_unbound_refresh,
             refresh_rate=refresh_rate,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
+
+
+def check_tls(cert: Path | None, key: Path | None) -> None:
+    """Both or neither, and a key that is the certificate's; raises `SettingsError`."""
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        raise SettingsError(given, f"needs {missing}", "give both, or neither to serve plain HTTP")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(
+            "--tls-cert", f"cannot be served with --tls-key: {exc}", "give a PEM chain and its key"
+        ) from None
 
 
 def check_secret(env: Mapping[str, str]) -> str:

@@ -3,16 +3,18 @@ The real server process releases a connection as soon as its client has closed i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import httpx
+import pytest
 
 from gastown_cloud.server import Server
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.tokens import verify_gastown_token
 from tests.fixtures.cloud import CloudServer
-from tests.fixtures.net import seconds_to_release
+from tests.fixtures.net import make_local_ca, seconds_to_release, tls
 
 SECRET = "c" * 40
 KEY = "k" * 20
@@ -62,3 +64,19 @@ def test_a_connection_its_sandbox_closed_is_released_at_once(cloud: CloudServer)
         for first in (False, True)
     ]
     print("released after (ms):", [round(wait * 1000, 1) for wait in waits])
+
+
+def test_serve_with_a_certificate_speaks_https_only(
+    cloud_factory: Callable[..., CloudServer], tmp_path: Path
+) -> None:
+    """`serve --tls-cert --tls-key`: an https:// URL, verified against the certificate's CA;
+    a client that trusts only public CAs is refused, and plain HTTP gets no answer."""
+    ca = make_local_ca(tmp_path / "ca")
+    cloud = cloud_factory(tls=ca)
+    assert cloud.url.startswith("https://127.0.0.1:")
+    town, token = cloud.create_town()
+    assert verify_gastown_token(token, secret=cloud.secret).town_id == town["id"]
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{cloud.url}/healthz", verify=tls(), timeout=10)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(cloud.url.replace("https://", "http://") + "/healthz", timeout=10)

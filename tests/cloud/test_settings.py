@@ -9,6 +9,7 @@ import pytest
 from gastown_cloud.errors import SettingsError
 from gastown_cloud.settings import CloudSettings
 from gastown_cloud.tokens import TokenClaims
+from tests.fixtures.net import make_local_ca
 
 SECRET = "n" * 32
 KEY = "k" * 16
@@ -86,3 +87,30 @@ def test_bad_refresh_rate_names_the_flag(rate: int) -> None:
     with pytest.raises(SettingsError) as caught:
         _settings({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}, refresh_rate=rate)
     assert caught.value.setting == "--refresh-rate"
+
+
+def _tls(cert: Path | None, key: Path | None) -> CloudSettings:
+    env = {"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": KEY}
+    return CloudSettings.from_env(env, db=Path("cloud.db"), tls_cert=cert, tls_key=key)
+
+
+def test_a_certificate_and_its_key_serve_tls(tmp_path: Path) -> None:
+    ca = make_local_ca(tmp_path)
+    settings = _tls(ca.cert, ca.key)
+    assert (settings.tls_cert, settings.tls_key) == (ca.cert, ca.key)
+    assert _tls(None, None).tls_cert is None
+
+
+def test_bad_tls_files_name_the_flag(tmp_path: Path) -> None:
+    """One without the other, a key of another certificate, a file that is not there."""
+    ca, other = make_local_ca(tmp_path / "a"), make_local_ca(tmp_path / "b")
+    for cert, key, setting, problem in [
+        (ca.cert, None, "--tls-cert", "needs --tls-key"),
+        (None, ca.key, "--tls-key", "needs --tls-cert"),
+        (ca.cert, other.key, "--tls-cert", "cannot be served with --tls-key"),
+        (tmp_path / "none.pem", ca.key, "--tls-cert", "cannot be served with --tls-key"),
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            _tls(cert, key)
+        assert caught.value.setting == setting
+        assert problem in str(caught.value)
