@@ -23,6 +23,7 @@ then. Baseline in the same run: a bare interpreter from Popen to exit.
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -59,8 +60,14 @@ IMPORT_STEPS: tuple[tuple[str, str], ...] = (
     ("httpx", "import httpx"),
     ("gastown_sandboxd.daemon, cli", "import gastown_sandboxd.daemon, gastown_sandboxd.cli"),
     ("+ prometheus_client (at the first scrape)", "import prometheus_client"),
-    ("+ an httpx.AsyncClient()", "import httpx; httpx.AsyncClient()"),
+    (
+        "+ the client of an https:// cloud (`_http.cloud_client`)",
+        "from gastown_sandboxd import _http; _http.cloud_client('https://c.test', timeout=9)",
+    ),
 )
+# The last step's baseline, in its place: httpx's own default client, which reads certifi's
+# bundle whole (what the daemon's client was before it read the system's CA folder).
+HTTPX_DEFAULT_CLIENT = "import httpx; httpx.AsyncClient()"
 
 
 @contextmanager
@@ -142,22 +149,29 @@ def _bare_starts(starts: int) -> list[float]:
     return walls
 
 
-def rss_by_import() -> list[tuple[str, float]]:
-    """(row, MiB) for each cumulative import step, each in a fresh interpreter."""
+def rss_by_import() -> tuple[list[tuple[str, float]], float]:
+    """(row, MiB) for each cumulative import step, each in a fresh interpreter; and the MiB
+    with `HTTPX_DEFAULT_CLIENT` in place of the last step. Without SSL_CERT_FILE and
+    SSL_CERT_DIR, as in a sandbox that sets neither (the daemon would read them)."""
     rows = []
     code = ""
     for label, statement in IMPORT_STEPS:
-        code = f"{code}; {statement}" if statement else code
-        probe = (
-            f"{code.lstrip('; ')}\n"
-            "for line in open('/proc/self/status'):\n"
-            "    if line.startswith('VmRSS:'): print(line.split()[1])\n"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-        )
-        rows.append((label, int(out.stdout.strip()) / 1024))
-    return rows
+        before, code = code, f"{code}; {statement}" if statement else code
+        rows.append((label, _rss_of(code)))
+    return rows, _rss_of(f"{before}; {HTTPX_DEFAULT_CLIENT}")
+
+
+def _rss_of(code: str) -> float:
+    probe = (
+        f"{code.lstrip('; ')}\n"
+        "for line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmRSS:'): print(line.split()[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+    )
+    return int(out.stdout.strip()) / 1024
 
 
 def run(quick: bool) -> list[Row]:
@@ -206,10 +220,13 @@ def run(quick: bool) -> list[Row]:
         Row("  its CPU", statistics.median(ready_cpus) * 1000, "ms", note="utime+stime"),
     ]
     previous: float | None = None
-    for label, mib in rss_by_import():
+    steps, httpx_default = rss_by_import()
+    for label, mib in steps:
         note = "cumulative; the step is what the row adds" if previous is None else ""
         rows.append(Row(f"RSS import: {label}", mib, "MiB", previous, note))
         previous = mib
+    note = "httpx's default client (certifi's bundle read whole) in the last row's place"
+    rows.append(Row("RSS import: + httpx.AsyncClient() instead", httpx_default, "MiB", note=note))
     return rows
 
 

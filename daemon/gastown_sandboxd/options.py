@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from gastown_sandboxd._http import TrustUnavailable, trust_locations
 from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.events import specs
 from gastown_sandboxd.events.specs import HookSpec, SignalSpec
@@ -223,6 +224,8 @@ def load_options(
 
     town_id = problems.take(lambda: _town_id(pick), "")
     cloud_url = problems.take(lambda: _cloud_url(pick), "")
+    if cloud_url.startswith("https://"):  # the CAs it is verified with (a bad one: exit 2)
+        problems.take(lambda: _trust(env), None)
     key = problems.take(lambda: _internal_key(pick), "")
 
     empty: Mapping[str, Any] = {}
@@ -354,6 +357,13 @@ def _cloud_url(pick: _Picker) -> str:
             "write it like https://app.kilo.ai",
         )
     return cloud_url
+
+
+def _trust(env: Mapping[str, str]) -> None:
+    try:
+        trust_locations(env)
+    except TrustUnavailable as exc:
+        raise OptionsError(exc.variable, exc.problem, exc.FIX) from None
 
 
 def _internal_key(pick: _Picker) -> str:

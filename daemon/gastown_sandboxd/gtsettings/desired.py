@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import anyio
 
-from gastown_sandboxd._http import cloud_client
+from gastown_sandboxd._http import TrustUnavailable, cloud_client, tls_failure
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 
 if TYPE_CHECKING:
@@ -142,9 +142,16 @@ class DesiredConfigClient:
                 504, "timeout", f"the cloud did not answer within {timeout:g} s"
             ) from exc
         except httpx.ConnectError as exc:
+            failure = tls_failure(exc)
+            if failure is not None:
+                raise DesiredConfigUnavailable(
+                    502, "tls_error", f"the cloud's TLS was refused: {failure}"
+                ) from exc
             raise DesiredConfigUnavailable(
                 503, "connect_error", "the cloud cannot be reached (connection failed)"
             ) from exc
+        except TrustUnavailable as exc:  # its CA file or folder went since the start
+            raise DesiredConfigUnavailable(502, "tls_error", str(exc)) from exc
         except httpx.TransportError as exc:
             raise DesiredConfigUnavailable(
                 502, "transport_error", f"the exchange with the cloud broke ({type(exc).__name__})"

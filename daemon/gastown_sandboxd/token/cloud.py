@@ -5,11 +5,13 @@ token before anything is written. Error reasons are short codes; bodies are neve
 (a body may hold a token).
 
 Memory: a refresh comes every few hours, so nothing of it is kept in between: each refresh
-makes its own `httpx.AsyncClient` and closes it, so its SSL context with the CA bundle
-(2-4 MiB) lives only during the call; an `http://` cloud gets no CA bundle at all (it never
-speaks TLS: redirects are not followed). httpx itself is imported by the first call to the cloud
-(`_http.cloud_client`), once the daemon serves: the sync of the desired configuration at
-start, or a refresh when the token is not fresh, whichever comes first.
+makes its own `httpx.AsyncClient` and closes it. Its TLS context reads the system's CA folder
+one issuer at a time (`_http.trust_locations`): a context that loaded a whole bundle took
+2-4 MiB that the process kept after the client was closed (glibc keeps what it freed). An
+`http://` cloud gets no TLS context at all (it never speaks TLS: redirects are not followed).
+httpx itself is imported by the first call to the cloud (`_http.cloud_client`), once the
+daemon serves: the sync of the desired configuration at start, or a refresh when the token
+is not fresh, whichever comes first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
-from gastown_sandboxd._http import cloud_client
+from gastown_sandboxd._http import TrustUnavailable, cloud_client, tls_failure
 from gastown_sandboxd._types import Clock, SystemClock
 from gastown_sandboxd.errors import RefreshError
 from gastown_sandboxd.token.schedule import parse_retry_after
@@ -101,10 +103,13 @@ class CloudClient:
             raise RuntimeError("the cloud client is closed")
         import httpx
 
-        if self._transport is None:
-            http = self._client()
-        else:
-            http = self._shared = self._shared or self._client()
+        try:
+            if self._transport is None:
+                http = self._client()
+            else:
+                http = self._shared = self._shared or self._client()
+        except TrustUnavailable as exc:  # its CA file or folder went since the start
+            raise RefreshError("outage", "tls_error") from exc
         try:
             # One deadline for the whole exchange: httpx's timeouts are per read.
             with anyio.fail_after(self._timeout):
@@ -205,6 +210,8 @@ def _token_in(document: Any) -> str | None:
 def _transport_reason(exc: httpx.TransportError) -> str:
     import httpx
 
+    if tls_failure(exc) is not None:
+        return "tls_error"
     if isinstance(exc, httpx.ConnectError):
         return "connect_error"
     if isinstance(exc, httpx.ProtocolError):
