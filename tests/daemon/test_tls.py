@@ -185,16 +185,8 @@ async def test_a_refused_certificate_is_named_in_the_refresh_and_the_sync(
     other = make_local_ca(tmp_path / "other", name="another CA")
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(other.folder))
-    url = f"https://127.0.0.1:{tls_server}"
-    async with CloudClient(base_url=url, internal_key="k", town_id="t") as cloud:
-        with pytest.raises(RefreshError) as refused:
-            await cloud.refresh(None)
-    assert (refused.value.kind, refused.value.reason) == ("outage", "tls_error")
-    async with DesiredConfigClient(base_url=url, internal_key="k", town_id="t") as client:
-        with pytest.raises(DesiredConfigUnavailable) as unavailable:
-            await client.fetch(None)
-    assert unavailable.value.reason == "tls_error"
-    assert "certificate verify failed: unable to get local issuer" in str(unavailable.value)
+    unavailable = await both_fail_with_tls_error(f"https://127.0.0.1:{tls_server}")
+    assert "certificate verify failed: unable to get local issuer" in unavailable.message
 
 
 async def test_a_ca_folder_gone_since_the_start_fails_the_call_not_the_daemon(
@@ -204,7 +196,13 @@ async def test_a_ca_folder_gone_since_the_start_fails_the_call_not_the_daemon(
     (retried as an outage) until it is back."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "gone"))
-    url = f"https://127.0.0.1:{closed_port()}"
+    unavailable = await both_fail_with_tls_error(f"https://127.0.0.1:{closed_port()}")
+    assert "SSL_CERT_DIR" in unavailable.message
+
+
+async def both_fail_with_tls_error(url: str) -> DesiredConfigUnavailable:
+    """A refresh and a read of the desired configuration from `url` both fail with
+    `tls_error`, as an outage (retried) and a 502; the read's error is returned."""
     async with CloudClient(base_url=url, internal_key="k", town_id="t") as cloud:
         with pytest.raises(RefreshError) as refused:
             await cloud.refresh(None)
@@ -213,7 +211,7 @@ async def test_a_ca_folder_gone_since_the_start_fails_the_call_not_the_daemon(
         with pytest.raises(DesiredConfigUnavailable) as unavailable:
             await client.fetch(None)
     assert (unavailable.value.status, unavailable.value.reason) == (502, "tls_error")
-    assert "SSL_CERT_DIR" in unavailable.value.message
+    return unavailable.value
 
 
 def test_tls_failure_is_none_for_other_errors() -> None:
