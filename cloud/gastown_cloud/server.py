@@ -78,9 +78,7 @@ class Server:
     ) -> None:
         sock = bind_socket(self.settings.host, self.settings.port)
         try:
-            tls = self.settings.tls_cert, self.settings.tls_key
-            served = None if tls[0] is None or tls[1] is None else (tls[0], tls[1])
-            self.url = socket_url(sock, tls=served is not None)
+            self.url = socket_url(sock, tls=self.settings.tls is not None)
             async with Store(self.settings.db) as store:
                 app = create_app(self.settings, store, clock=self._clock)
                 log.info(
@@ -97,7 +95,7 @@ class Server:
                         "town; use it only for the seed's key-only cron line",
                     )
                 task_status.started()
-                await serve_app(app, sock, shutdown_trigger=self._stop.wait, tls=served)
+                await serve_app(app, sock, shutdown_trigger=self._stop.wait, tls=self.settings.tls)
                 log.info("cloud_stopped")
         finally:
             sock.close()

@@ -38,6 +38,13 @@ class CloudSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    @property
+    def tls(self) -> tuple[Path, Path] | None:
+        """(certificate chain, key) when the server speaks HTTPS; None for plain HTTP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return self.tls_cert, self.tls_key
+
     @classmethod
     def from_env(
         cls,

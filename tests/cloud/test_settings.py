@@ -97,8 +97,8 @@ def _tls(cert: Path | None, key: Path | None) -> CloudSettings:
 def test_a_certificate_and_its_key_serve_tls(tmp_path: Path) -> None:
     ca = make_local_ca(tmp_path)
     settings = _tls(ca.cert, ca.key)
-    assert (settings.tls_cert, settings.tls_key) == (ca.cert, ca.key)
-    assert _tls(None, None).tls_cert is None
+    assert settings.tls == (ca.cert, ca.key)
+    assert _tls(None, None).tls is None
 
 
 def test_bad_tls_files_name_the_flag(tmp_path: Path) -> None:
