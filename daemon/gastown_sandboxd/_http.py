@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 # How long an idle connection to the cloud is kept for the next call: under the keep-alive
@@ -63,6 +64,8 @@ def cloud_client(
 def tls_failure(exc: BaseException) -> str | None:
     """Why TLS failed, when `exc` (an httpx error) came from the handshake: OpenSSL's reason
     ("certificate verify failed: unable to get local issuer certificate"); else None."""
+    import ssl
+
     seen: BaseException | None = exc
     for _ in range(8):  # httpx's error, httpcore's, then OpenSSL's
         if seen is None:
@@ -82,6 +85,8 @@ _HASHED = re.compile(r"[0-9a-f]{8}\.r?[0-9]+")
 def tls_context(env: Mapping[str, str] | None = None) -> ssl.SSLContext:
     """The context an https:// call to the cloud verifies with: certificate and host name
     checked, TLS 1.2 at least, trusting the CAs `trust_locations` names."""
+    import ssl
+
     cafile, capath = trust_locations(os.environ if env is None else env)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -106,7 +111,8 @@ def trust_locations(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     the folder; a daemon after its first sync with an https:// cloud, 40.1 MiB against 39.1
     MiB RSS (three starts each, all alike).
     """
-    file_name, dir_name = _DEFAULTS.openssl_cafile_env, _DEFAULTS.openssl_capath_env
+    defaults = _verify_paths()
+    file_name, dir_name = defaults.openssl_cafile_env, defaults.openssl_capath_env
     cafile, capath = env.get(file_name) or None, env.get(dir_name) or None
     if cafile is not None or capath is not None:
         if cafile is not None and not os.path.isfile(cafile):
@@ -114,16 +120,21 @@ def trust_locations(env: Mapping[str, str]) -> tuple[str | None, str | None]:
         if capath is not None and not os.path.isdir(capath):
             raise TrustUnavailable(dir_name, f"{capath!r} is not a folder")
         return cafile, capath
-    if _holds_hashed_certificates(_DEFAULTS.openssl_capath):
-        return None, _DEFAULTS.openssl_capath
-    if os.path.isfile(_DEFAULTS.openssl_cafile):
-        return _DEFAULTS.openssl_cafile, None
+    if _holds_hashed_certificates(defaults.openssl_capath):
+        return None, defaults.openssl_capath
+    if os.path.isfile(defaults.openssl_cafile):
+        return defaults.openssl_cafile, None
     import certifi
 
     return certifi.where(), None
 
 
-_DEFAULTS = ssl.get_default_verify_paths()
+def _verify_paths() -> ssl.DefaultVerifyPaths:
+    # ssl is imported where it is used: `exec` and `token` import this module (through the
+    # option loader) without ever speaking TLS.
+    import ssl
+
+    return ssl.get_default_verify_paths()
 
 
 class TrustUnavailable(ValueError):

@@ -74,7 +74,7 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]
     defaults = ssl.get_default_verify_paths()._replace(
         openssl_cafile=str(cafile), openssl_capath=str(capath)
     )
-    monkeypatch.setattr(_http, "_DEFAULTS", defaults)
+    monkeypatch.setattr(_http, "_verify_paths", lambda: defaults)
     return cafile, capath
 
 

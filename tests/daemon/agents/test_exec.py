@@ -242,11 +242,11 @@ def test_help_is_as_wide_as_columns_says_else_80(
 
 
 # What the light entry must not load: each is paid by every agent start and helper call.
-# dataclasses brings inspect (10-14 ms on 2 cores), hashlib OpenSSL, pathlib urllib.parse and
-# ipaddress (5-9 ms), shutil bz2, lzma and fnmatch (argparse imports it for the terminal's
-# width unless given one: `help_formatter`); the rest are the daemon's.
+# dataclasses brings inspect (10-14 ms on 2 cores), hashlib and ssl OpenSSL (ssl 4-5 ms),
+# pathlib urllib.parse and ipaddress (5-9 ms), shutil bz2, lzma and fnmatch (argparse imports
+# it for the terminal's width unless given one: `help_formatter`); the rest are the daemon's.
 NOT_ON_THE_LIGHT_PATH = {
-    *("dataclasses", "inspect", "hashlib", "pathlib", "shutil"),
+    *("dataclasses", "inspect", "hashlib", "ssl", "pathlib", "shutil"),
     *("httpx", "anyio", "structlog"),
 }
 
@@ -289,6 +289,18 @@ def test_a_shim_starting_claude_loads_nothing_heavy(tmp_path: Path) -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, f"{CURRENT}|unset", "")
     assert "gastown_sandboxd.agents.claude" in done.imported
     assert done.imported & NOT_ON_THE_LIGHT_PATH == set()
+
+
+def test_the_option_loader_and_the_socket_client_load_no_ssl() -> None:
+    """Without `--env-file`, `exec` and `token` load the option loader and the socket client
+    to find the env file; neither speaks TLS, so neither may bring ssl (`_http` imports it
+    only to verify a cloud)."""
+    code = "import sys, gastown_sandboxd.options, gastown_sandboxd.client\n"
+    code += "print('ssl' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout == "False\n"
 
 
 def test_the_helper_with_no_acceptable_token_exits_1_with_one_line(tmp_path: Path) -> None:
