@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from gastown_sandboxd._http import import_httpcore_without_http2
 from gastown_sandboxd.errors import GastownError
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class DaemonClient:
         # Imported here: `exec` and the daemon itself rarely need an HTTP client (2-3 MiB).
         import httpx
 
+        import_httpcore_without_http2()
         self._socket = Path(socket)
         self._http: httpx.Client = httpx.Client(
             # A Unix socket never speaks TLS: skip loading the CA bundle on every command.
