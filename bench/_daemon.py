@@ -25,7 +25,7 @@ import httpx
 from tests.daemon.minting import mint
 from tests.fixtures.cloud import CloudServer, launch_cloud
 from tests.fixtures.daemon import DAEMON_KEY, client_limits, daemon_env
-from tests.fixtures.net import tls
+from tests.fixtures.net import LocalCA, tls
 
 # A port nothing listens on: a daemon holding a fresh token does not refresh, but its sync of
 # the desired configuration retries there (after 5, 10, 20 … s; idle_bench uses a real cloud).
@@ -172,10 +172,11 @@ def tcp_client(
 
 
 @contextmanager
-def running_cloud(folder: Path) -> Iterator[CloudServer]:
-    """A real `gastown-cloud serve` (24 h tokens) with its database in `folder`, stopped after."""
+def running_cloud(folder: Path, *, tls: LocalCA | None = None) -> Iterator[CloudServer]:
+    """A real `gastown-cloud serve` (24 h tokens) with its database in `folder`, stopped after;
+    over HTTPS with `tls`'s certificate."""
     folder.mkdir(parents=True, exist_ok=True)
-    server = launch_cloud(folder, token_lifetime=86400)
+    server = launch_cloud(folder, token_lifetime=86400, tls=tls)
     try:
         yield server
     finally:

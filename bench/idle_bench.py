@@ -1,7 +1,9 @@
 """What an idle daemon costs: wake-ups per second per thread, CPU, RSS, and RSS by import.
 
 One `gastown-sandboxd run` subprocess with a fresh 24 h token and a real cloud
-(`gastown-cloud serve`, its town created there): the start-up sync of the desired
+(`gastown-cloud serve` over HTTPS, as a production cloud is, its town created there; the
+daemon trusts the bench's own CA through SSL_CERT_DIR, a hashed folder read as the system's
+would be): the start-up sync of the desired
 configuration succeeds, so the next is 5 min away and the refresh 12 h, as in a settled
 sandbox (against an unreachable cloud the sync retries after 5, 10, 20 … s, which an idle
 window would count). `NOTIFY_SOCKET` is set to a datagram socket this process reads, as under
@@ -35,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.fixtures.daemon import make_town
+from tests.fixtures.net import make_local_ca
 
 from ._daemon import running_cloud, running_daemon
 from ._stats import cpu_seconds, rss_kib, thread_counters
@@ -182,9 +185,11 @@ def run(quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="idle-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         ready_walls, ready_cpus = start_to_ready(workdir, starts)
-        with _notify_socket(workdir) as (address, sock), running_cloud(workdir / "cloud") as cloud:
+        ca = make_local_ca(workdir / "ca")
+        cloud_over_tls = running_cloud(workdir / "cloud", tls=ca)
+        with _notify_socket(workdir) as (address, sock), cloud_over_tls as cloud:
             town_json, token = cloud.create_town(name="idle-bench")
-            env = {"NOTIFY_SOCKET": address}
+            env = {"NOTIFY_SOCKET": address, "SSL_CERT_FILE": "", "SSL_CERT_DIR": str(ca.folder)}
             town = make_town(workdir / "town", ("alpha",))
             with running_daemon(
                 workdir / "home",
