@@ -31,12 +31,33 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def switches(pid: int) -> int:
-    """Context switches of all of `pid`'s threads now (`thread_counters`): its wake-ups."""
-    return sum(count for _, _, count in thread_counters(pid).values())
+Counters = dict[int, tuple[str, float, int]]
 
 
-def thread_counters(pid: int) -> dict[int, tuple[str, float, int]]:
+def since(before: Counters, after: Counters) -> Counters:
+    """Per thread alive at `after`: (name, CPU seconds, context switches) spent since `before`
+    (two `thread_counters` readings of one process).
+
+    Per thread, never one sum: a thread that ends between the readings (an idle worker
+    thread leaves after 10 s) takes its counts with it, and a difference of sums went
+    negative (-795 wake-ups per rewrite in one full run). A thread that ended counts nothing;
+    one whose counts went down is a new thread under a reused id and counts from zero.
+    """
+    spent: Counters = {}
+    for tid, (name, seconds, switches) in after.items():
+        _, seconds_before, switches_before = before.get(tid, (name, 0.0, 0))
+        if seconds < seconds_before or switches < switches_before:
+            seconds_before, switches_before = 0.0, 0
+        spent[tid] = (name, seconds - seconds_before, switches - switches_before)
+    return spent
+
+
+def switches_since(pid: int, before: Counters) -> int:
+    """Context switches of `pid`'s threads since `before` (`since`): its wake-ups."""
+    return sum(switches for _, _, switches in since(before, thread_counters(pid)).values())
+
+
+def thread_counters(pid: int) -> Counters:
     """Per thread of `pid`: (name, CPU seconds, context switches voluntary + involuntary).
 
     A context switch is a wake-up's trace: a sleeping thread that wakes and sleeps again

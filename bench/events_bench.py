@@ -50,7 +50,7 @@ from tests.daemon.gt_samples import build_town
 from tests.fixtures.daemon import make_town
 
 from ._daemon import Daemon, running_cloud, running_daemon, tcp_client, uds_client
-from ._stats import cpu_seconds, percentile, switches
+from ._stats import cpu_seconds, percentile, switches_since, thread_counters
 from ._table import Row, main_of
 from .bare_stack import running_bare_stack
 
@@ -263,14 +263,14 @@ async def wakeups_per_rewrite(daemon: Daemon, rewrites: int) -> tuple[float, flo
     if not path.exists():  # its first write is an edit too: done before the baseline
         path.write_text(json.dumps({"type": "town-settings", "version": 1}))
         await anyio.sleep(EDIT_PAUSE)
-    before = switches(daemon.pid)
+    before = thread_counters(daemon.pid)
     await anyio.sleep(2 * EDIT_PAUSE)
-    idle = (switches(daemon.pid) - before) / 2
-    before = switches(daemon.pid)
+    idle = switches_since(daemon.pid, before) / 2
+    before = thread_counters(daemon.pid)
     for _ in range(rewrites):
         await anyio.run_process(["bash", "-c", REWRITE_IN_PLACE, "bash", str(path)])
         await anyio.sleep(EDIT_PAUSE)
-    return (switches(daemon.pid) - before) / rewrites, idle
+    return switches_since(daemon.pid, before) / rewrites, idle
 
 
 async def idle_cpu(daemon: Daemon, reader_count: int, window: float) -> float:

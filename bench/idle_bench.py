@@ -40,7 +40,7 @@ from tests.fixtures.daemon import make_town
 from tests.fixtures.net import make_local_ca
 
 from ._daemon import running_cloud, running_daemon
-from ._stats import cpu_seconds, rss_kib, thread_counters
+from ._stats import cpu_seconds, rss_kib, since, thread_counters
 from ._table import Row, main_of
 
 TOWN_ID = "town-idle-bench"
@@ -104,11 +104,10 @@ def wakeups(pid: int, window: float) -> tuple[dict[str, float], float]:
     elapsed = time.perf_counter() - started
     per_name: dict[str, float] = {}
     cpu = 0.0
-    for tid, (name, seconds, switches) in after.items():
-        _, seconds_before, switches_before = before.get(tid, (name, 0.0, 0))
+    for tid, (name, seconds, switches) in since(before, after).items():
         label = name if tid != pid else f"{name} (main)"
-        per_name[label] = per_name.get(label, 0.0) + (switches - switches_before) / elapsed
-        cpu += seconds - seconds_before
+        per_name[label] = per_name.get(label, 0.0) + switches / elapsed
+        cpu += seconds
     return per_name, 100 * cpu / elapsed
 
 

@@ -49,7 +49,7 @@ from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.store import SettingsStore
 
 from ._daemon import Daemon, running_daemon, uds_client
-from ._stats import cpu_seconds, percentile, thread_counters
+from ._stats import cpu_seconds, percentile, since, thread_counters
 from ._table import Row, main_of
 from .bare_stack import running_bare_stack
 
@@ -171,9 +171,9 @@ def _by_thread(
     # CPU seconds between two readings, by kind of thread: the main thread runs the event
     # loop; watchfiles' Rust thread is named by notify; every other one is a worker.
     spent: dict[str, float] = {}
-    for tid, (name, seconds, _switches) in after.items():
+    for tid, (name, seconds, _switches) in since(before, after).items():
         kind = MAIN if tid == pid else WATCHFILES if name.startswith("notify") else WORKERS
-        spent[kind] = spent.get(kind, 0.0) + seconds - before.get(tid, (name, 0.0, 0))[1]
+        spent[kind] = spent.get(kind, 0.0) + seconds
     return spent
 
 

@@ -29,7 +29,7 @@ from typing import TextIO
 
 import anyio
 
-from ._stats import percentile, switches
+from ._stats import percentile, switches_since, thread_counters
 from ._table import Row, main_of
 
 CONFIGS: tuple[tuple[str, int], ...] = (
@@ -102,7 +102,7 @@ def _wakeups(pid: int, window: float, home: Path | None = None, town: Path | Non
     """The child's wake-ups per second over `window`; with `home` and `town`, this process
     meanwhile writes `WRITES_PER_S` times a second each of three files that are not the
     watcher's (`_busy`)."""
-    before, started = switches(pid), time.perf_counter()
+    before, started = thread_counters(pid), time.perf_counter()
     if home is not None and town is not None:
         with (
             (town / ".events.jsonl").open("a") as log,
@@ -112,7 +112,7 @@ def _wakeups(pid: int, window: float, home: Path | None = None, town: Path | Non
                 time.sleep(max(0.0, started + n / WRITES_PER_S - time.perf_counter()))
                 _busy(n, log, history, home)
     time.sleep(max(0.0, started + window - time.perf_counter()))
-    return (switches(pid) - before) / (time.perf_counter() - started)
+    return switches_since(pid, before) / (time.perf_counter() - started)
 
 
 def _busy(n: int, log: TextIO, history: TextIO, home: Path) -> None:
