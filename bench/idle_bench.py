@@ -188,7 +188,7 @@ def run(quick: bool) -> list[Row]:
         cloud_over_tls = running_cloud(workdir / "cloud", tls=ca)
         with _notify_socket(workdir) as (address, sock), cloud_over_tls as cloud:
             town_json, token = cloud.create_town(name="idle-bench")
-            env = {"NOTIFY_SOCKET": address, "SSL_CERT_FILE": "", "SSL_CERT_DIR": str(ca.folder)}
+            env = {"NOTIFY_SOCKET": address, **ca.trusting_env()}
             town = make_town(workdir / "town", ("alpha",))
             with running_daemon(
                 workdir / "home",

@@ -49,7 +49,7 @@ from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings.store import SettingsStore
 
 from ._daemon import Daemon, running_daemon, uds_client
-from ._stats import cpu_seconds, percentile, since, thread_counters
+from ._stats import Counters, cpu_seconds, percentile, since, thread_counters
 from ._table import Row, main_of
 from .bare_stack import running_bare_stack
 
@@ -163,11 +163,7 @@ async def paced_round(daemon: Daemon, count: int, interval: float, send: Send = 
 MAIN, WORKERS, WATCHFILES = "the main thread (event loop)", "worker threads", "watchfiles' thread"
 
 
-def _by_thread(
-    pid: int,
-    before: dict[int, tuple[str, float, int]],
-    after: dict[int, tuple[str, float, int]],
-) -> dict[str, float]:
+def _by_thread(pid: int, before: Counters, after: Counters) -> dict[str, float]:
     # CPU seconds between two readings, by kind of thread: the main thread runs the event
     # loop; watchfiles' Rust thread is named by notify; every other one is a worker.
     spent: dict[str, float] = {}

@@ -15,11 +15,6 @@ from tests.fixtures.net import make_local_ca
 from tests.waiting import wait_until
 
 
-def _trusting(folder: Path) -> dict[str, str]:
-    # This CA folder alone; an SSL_CERT_FILE of the machine running the tests is unset.
-    return {"SSL_CERT_FILE": "", "SSL_CERT_DIR": str(folder)}
-
-
 def test_a_daemon_syncs_and_refreshes_with_an_https_cloud_whose_ca_it_trusts(
     cloud_factory: Callable[..., CloudServer], daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
@@ -28,7 +23,7 @@ def test_a_daemon_syncs_and_refreshes_with_an_https_cloud_whose_ca_it_trusts(
     assert cloud.url.startswith("https://127.0.0.1:")
     town = create_town(cloud)
     env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
-    daemon = start_daemon(daemon_factory, town, env_file, extra_env=_trusting(ca.folder))
+    daemon = start_daemon(daemon_factory, town, env_file, extra_env=ca.trusting_env())
     # The sync at start read the desired configuration over TLS.
     wait_for_status(daemon, lambda status: status["config_sync"]["state"] == "applied")
     # The cloud mints by the second: a new second, a new token.
@@ -50,7 +45,7 @@ def test_a_daemon_refuses_an_https_cloud_whose_ca_it_does_not_trust(
     other = make_local_ca(tmp_path / "other", name="another CA")
     town = create_town(cloud)
     env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
-    daemon = start_daemon(daemon_factory, town, env_file, extra_env=_trusting(other.folder))
+    daemon = start_daemon(daemon_factory, town, env_file, extra_env=other.trusting_env())
     wait_for_status(daemon, lambda status: status["config_sync"]["state"] == "unreachable")
     held = env_file.read_bytes()
     with daemon.local() as local:
