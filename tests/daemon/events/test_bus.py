@@ -38,6 +38,19 @@ def test_emit_numbers_and_shapes_events() -> None:
     assert list(first.as_json())[:3] == ["id", "type", "time"]
     assert json.loads(second.data) == second.as_json()
     assert "\n" not in second.data
+    assert second.fields == {"scope": "town", "keys": ["agents"]}
+
+
+def test_an_event_is_kept_as_its_frame_alone() -> None:
+    """The SSE frame is made once, at emit; everything else is read back from it."""
+    bus = EventBus(now=lambda: 1_700_000_000.0)
+    event = bus.emit("config.changed", {"file": "a\nb", "note": "data: ü"})
+    assert event.frame == (f"id: 1\nevent: config.changed\ndata: {event.data}\n\n".encode())
+    assert event.data == (
+        '{"id":1,"type":"config.changed","time":"2023-11-14T22:13:20.000Z",'
+        '"file":"a\\nb","note":"data: ü"}'
+    )
+    assert not hasattr(event, "__dict__")  # nothing cached beside the frame
 
 
 def test_emit_detaches_fields_from_the_caller() -> None:
@@ -58,6 +71,7 @@ def test_emit_detaches_fields_from_the_caller() -> None:
         ("config.changed", {"id": 3}, ValueError),
         ("config.changed", {"time": "now"}, ValueError),
         ("config.changed", {"when": object()}, TypeError),
+        ("token.refreshed", {"exp": float("nan")}, ValueError),  # JSON.parse refuses NaN
     ],
 )
 def test_emit_rejects_misuse(type_: str, fields: dict[str, object], error: type[Exception]) -> None:
