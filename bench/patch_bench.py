@@ -1,4 +1,4 @@
-"""PATCH /config under load: latency and throughput at 1, 8 and 32 concurrent clients.
+"""PATCH /config under load: latency and throughput at 1, 4, 8 and 32 concurrent clients.
 
 A real `gastown-sandboxd run` serves a realistic gt town (gt's town file, two rigs). Every
 PATCH sets one crew member's agent to the other of two presets, so each one changes the town
@@ -18,7 +18,9 @@ back; and by thread: the event loop's, the worker threads', watchfiles') and per
 `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
 The bare stack (`bare_stack.py`: Starlette on hypercorn that parses, renders, hops once and
 calls `write_atomic`, and does nothing else) gets the raw client, the paced client and wrk
-too: what any daemon on this stack pays, beside what this one pays.
+too: what any daemon on this stack pays, beside what this one pays. Both serve at once and
+are measured in turn, so each pair of figures sees the same host; wrk takes three turns of
+5 s on each, and its rows give the median.
 PATCHes that arrive while one is being written are written together (group commit), so
 more clients share each write's fsyncs and thread hop.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -54,7 +57,7 @@ from ._table import Row, main_of
 from .bare_stack import running_bare_stack
 
 TOWN_ID = "town-bench"
-LEVELS = (1, 8, 32)
+LEVELS = (1, 4, 8, 32)
 PRESETS = ("claude", "codex")
 TOWN_FILE = Path("settings") / "config.json"
 
@@ -226,6 +229,34 @@ def wrk_round(
     return rate, "; ".join(errors) or "all 2xx"
 
 
+def wrk_turns_of(
+    runs: list[tuple[Daemon, str]], connections: int, seconds: int, turns: int
+) -> list[tuple[float, str] | None]:
+    """`wrk_round` of each (server, script) in turn, `turns` times over: per pair, the median
+    rate and a summary naming every turn's rate (None when wrk is not installed). Taking
+    turns puts the same moments of the host under each, which one long run apiece did not:
+    the same daemon gave 757, 915 and 1,110 PATCHes/s in three runs of one day."""
+    rates: list[list[float]] = [[] for _ in runs]
+    summaries: list[set[str]] = [set() for _ in runs]
+    for _ in range(turns):
+        for index, (server, script) in enumerate(runs):
+            result = wrk_round(server, connections, seconds, script)
+            if result is None:
+                return [None for _ in runs]
+            rates[index].append(result[0])
+            summaries[index].add(result[1])
+
+    def told(found: list[float], summary: set[str]) -> str:
+        each = ", ".join(f"{rate:,.0f}" for rate in found)
+        turns_of = f"median of {turns} turns of {seconds} s ({each})" if turns > 1 else ""
+        return "; ".join([turns_of, *sorted(summary)] if turns_of else sorted(summary))
+
+    return [
+        (statistics.median(found), told(found, summary))
+        for found, summary in zip(rates, summaries, strict=True)
+    ]
+
+
 def direct_writes(path: Path, versions: tuple[bytes, bytes], count: int) -> Sample:
     """`write_atomic` of the two versions in turn, in this process."""
     latencies = []
@@ -288,11 +319,19 @@ async def store_patches(town_root: Path, count: int) -> Sample:
 def run(quick: bool) -> list[Row]:
     """Measure every level and both baselines; `quick` takes fewer PATCHes per level."""
     total = 256 if quick else 1024
+    paced_count, wrk_seconds, wrk_turns = (40, 5, 1) if quick else (200, 5, 3)
     with tempfile.TemporaryDirectory(prefix="patch-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         town_root = build_town(workdir / "daemon" / "town", rigs=("backend", "frontend"))
-        with running_daemon(workdir / "daemon", town_root, town_id=TOWN_ID) as daemon:
+        stack_root = build_town(workdir / "bare" / "town", rigs=("backend", "frontend"))
+        # Both serve at once, idle in turn, so each figure of the daemon is measured right
+        # beside the bare stack's: the host's speed swings by a third between runs here.
+        with (
+            running_daemon(workdir / "daemon", town_root, town_id=TOWN_ID) as daemon,
+            running_bare_stack(workdir / "bare", stack_root / TOWN_FILE) as stack,
+        ):
             anyio.run(patch_round, daemon, 1, 20, 0)  # warm-up: imports, caches, first files
+            anyio.run(patch_round, stack, 1, 20, 0)
             town_file = daemon.town_root / TOWN_FILE
             anyio.run(patch_round, daemon, 1, 1, 0)
             first = town_file.read_bytes()
@@ -301,17 +340,14 @@ def run(quick: bool) -> list[Row]:
             rounds = {}
             for clients in LEVELS:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
-            raw = raw_round(daemon, total)
-            paced = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05)
-            healthz = anyio.run(paced_round, daemon, 40 if quick else 200, 0.05, _healthz)
-            wrk = wrk_round(daemon, 8, 5 if quick else 15)
-            wrk_healthz = wrk_round(daemon, 8, 5 if quick else 15, WRK_HEALTHZ_SCRIPT)
-        stack_root = build_town(workdir / "bare" / "town", rigs=("backend", "frontend"))
-        with running_bare_stack(workdir / "bare", stack_root / TOWN_FILE) as stack:
-            anyio.run(patch_round, stack, 1, 20, 0)
-            stack_raw = raw_round(stack, total)
-            stack_paced = anyio.run(paced_round, stack, 40 if quick else 200, 0.05)
-            stack_wrk = wrk_round(stack, 8, 5 if quick else 15)
+            raw, stack_raw = raw_round(daemon, total), raw_round(stack, total)
+            paced = anyio.run(paced_round, daemon, paced_count, 0.05)
+            stack_paced = anyio.run(paced_round, stack, paced_count, 0.05)
+            healthz = anyio.run(paced_round, daemon, paced_count, 0.05, _healthz)
+            wrk, stack_wrk, wrk_healthz = wrk_turns_of(
+                [(daemon, WRK_SCRIPT), (stack, WRK_SCRIPT), (daemon, WRK_HEALTHZ_SCRIPT)],
+                8, wrk_seconds, wrk_turns,
+            )  # fmt: skip
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
