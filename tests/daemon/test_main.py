@@ -30,7 +30,8 @@ print(",".join(installed) + "|" + ",".join(loaded) + "|" + str(callable(httpx.ge
 
 def test_the_entry_keeps_httpx_and_structlog_from_loading_what_the_daemon_never_uses() -> None:
     """In a fresh interpreter of this venv (where the test tools install rich, click and
-    pygments), the daemon's whole import loads none of them, and httpx still works."""
+    pygments; bz2 and lzma are the standard library's), the daemon's whole import loads none
+    of them, and httpx still works."""
     done = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60, check=True
     )
