@@ -44,8 +44,8 @@ from ._table import Row, main_of
 
 # The command line as the console script ran `exec` before its entry sent it to the light one.
 WHOLE_COMMAND_LINE = (
-    "import sys; from gastown_sandboxd.__main__ import run_entry; "
-    "sys.exit(run_entry('gastown_sandboxd.cli'))"
+    "import sys; from gastown_sandboxd.__main__ import DAEMON_NEVER_USED, run_entry; "
+    "sys.exit(run_entry('gastown_sandboxd.cli', DAEMON_NEVER_USED))"
 )
 
 

@@ -51,7 +51,8 @@ BARE_LOOP = "import asyncio; asyncio.run(asyncio.sleep(3600))"
 IMPORT_STEPS: tuple[tuple[str, str], ...] = (
     (
         "bare interpreter",
-        "from gastown_sandboxd.__main__ import hide_never_used; hide_never_used()",
+        "from gastown_sandboxd.__main__ import DAEMON_NEVER_USED, hide_never_used; "
+        "hide_never_used(DAEMON_NEVER_USED)",
     ),
     ("asyncio", "import asyncio"),
     ("ssl", "import ssl"),

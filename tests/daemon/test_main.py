@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.__main__ import NEVER_USED
+from gastown_sandboxd.__main__ import DAEMON_NEVER_USED
 from gastown_sandboxd.cli import build_parser
 from gastown_sandboxd.token.claims import fingerprint
 from tests.daemon.minting import mint
@@ -19,11 +19,11 @@ from tests.fixtures.entry import run_help, run_importing
 
 PROBE = """
 import importlib.util, sys
-from gastown_sandboxd.__main__ import NEVER_USED, hide_never_used
-installed = [n for n in NEVER_USED if importlib.util.find_spec(n) is not None]
-hide_never_used()
+from gastown_sandboxd.__main__ import DAEMON_NEVER_USED, hide_never_used
+installed = [n for n in DAEMON_NEVER_USED if importlib.util.find_spec(n) is not None]
+hide_never_used(DAEMON_NEVER_USED)
 import httpx, structlog, gastown_sandboxd.cli, gastown_sandboxd.daemon
-loaded = [n for n in NEVER_USED if sys.modules.get(n) is not None]
+loaded = [n for n in DAEMON_NEVER_USED if sys.modules.get(n) is not None]
 print(",".join(installed) + "|" + ",".join(loaded) + "|" + str(callable(httpx.get)))
 """
 
@@ -46,7 +46,7 @@ def test_importing_the_package_hides_nothing() -> None:
     """Only the entry's `main` hides: a program importing the package keeps its modules."""
     code = (
         "import sys, gastown_sandboxd.cli, gastown_sandboxd.__main__\n"
-        f"print(any(sys.modules.get(n, 0) is None for n in {NEVER_USED!r}))"
+        f"print(any(sys.modules.get(n, 0) is None for n in {DAEMON_NEVER_USED!r}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
@@ -57,7 +57,7 @@ def test_importing_the_package_hides_nothing() -> None:
 def test_the_command_runs_through_the_entry() -> None:
     """`python -m gastown_sandboxd --help` goes through `main` and prints the usage; the
     command runs with the garbage collector on and the entry's imports frozen."""
-    run = run_help("gastown_sandboxd", "gastown-sandboxd")
+    run = run_help("gastown_sandboxd", "gastown-sandboxd", DAEMON_NEVER_USED)
     assert "usage:" in run.usage
     assert run.gc_on
     assert run.frozen > 10000
