@@ -176,6 +176,9 @@ def _by_thread(pid: int, before: Counters, after: Counters) -> dict[str, float]:
     return spent
 
 
+# One turn of wrk on one server (`wrk_turns_of`), quick or not.
+WRK_TURN_S = 5
+
 WRK_SCRIPT = """
 local threads = 0
 function setup(thread)
@@ -247,9 +250,11 @@ def wrk_turns_of(
             summaries[index].add(result[1])
 
     def told(found: list[float], summary: set[str]) -> str:
-        each = ", ".join(f"{rate:,.0f}" for rate in found)
-        turns_of = f"median of {turns} turns of {seconds} s ({each})" if turns > 1 else ""
-        return "; ".join([turns_of, *sorted(summary)] if turns_of else sorted(summary))
+        parts = sorted(summary)
+        if turns > 1:
+            each = ", ".join(f"{rate:,.0f}" for rate in found)
+            parts.insert(0, f"median of {turns} turns of {seconds} s ({each})")
+        return "; ".join(parts)
 
     return [
         (statistics.median(found), told(found, summary))
@@ -319,7 +324,7 @@ async def store_patches(town_root: Path, count: int) -> Sample:
 def run(quick: bool) -> list[Row]:
     """Measure every level and both baselines; `quick` takes fewer PATCHes per level."""
     total = 256 if quick else 1024
-    paced_count, wrk_seconds, wrk_turns = (40, 5, 1) if quick else (200, 5, 3)
+    paced_count, wrk_turns = (40, 1) if quick else (200, 3)
     with tempfile.TemporaryDirectory(prefix="patch-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         town_root = build_town(workdir / "daemon" / "town", rigs=("backend", "frontend"))
@@ -346,7 +351,7 @@ def run(quick: bool) -> list[Row]:
             healthz = anyio.run(paced_round, daemon, paced_count, 0.05, _healthz)
             wrk, stack_wrk, wrk_healthz = wrk_turns_of(
                 [(daemon, WRK_SCRIPT), (stack, WRK_SCRIPT), (daemon, WRK_HEALTHZ_SCRIPT)],
-                8, wrk_seconds, wrk_turns,
+                8, WRK_TURN_S, wrk_turns,
             )  # fmt: skip
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
