@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # What the tests run besides Python and make, as command:Debian-package.
 TOOLS := curl:curl bash:bash systemd-analyze:systemd shellcheck:shellcheck tmux:tmux \
-	node:nodejs npm:npm go:golang-go openssl:openssl
+	node:nodejs npm:npm go:golang-go openssl:openssl valgrind:valgrind
 
 # Installs what is missing as root where apt-get exists; else one line naming it, and fails.
 tools:
@@ -82,11 +82,13 @@ check: lint typecheck npm bytecode
 demo: $(STAMP) bytecode
 	$(BIN)/python -m gastown_cloud.demo
 
-# wrk drives the HTTP rows of the benchmarks.
+# wrk drives the HTTP rows of the benchmarks; valgrind counts the instructions per PATCH.
 bench: $(STAMP) bytecode
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get -o DPkg::Lock::Timeout=300 update -qq \
-	  && apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends wrk >/dev/null; } \
-	  || echo "make bench: wrk is missing (apt-get install wrk); its rows are skipped" >&2
+	@for tool in wrk valgrind; do \
+	  command -v $$tool >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get -o DPkg::Lock::Timeout=300 update -qq \
+	    && apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$tool >/dev/null; } \
+	    || echo "make bench: $$tool is missing (apt-get install $$tool); its rows are skipped" >&2; \
+	done
 	$(BIN)/python -m bench
 
 # Re-pin after a change to pyproject.toml with `make lock` (pins already in the file are kept;

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,10 +77,11 @@ def running_daemon(
     wait: bool = True,
     config: Path | None = None,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Iterator[Daemon]:
     """A daemon serving `town_root`; `wait=False` yields right after Popen, when `url` is
     `http://{listen}` (right only if `listen` names a port); `config`: a TOML file (--config);
-    `env` adds to its environment."""
+    `env` adds to its environment; `prefix` goes before its argv (`_callgrind.prefix`)."""
     home.mkdir(parents=True, exist_ok=True)
     env_file = home / ".env.gateway"
     env_file.write_text(f"KILO_JWT={token or mint(time.time(), town_id=town_id)}\n")
@@ -98,7 +99,7 @@ def running_daemon(
             | (env or {}),
         )
         log = home / "daemon.log"
-        argv = [sys.executable, "-m", "gastown_sandboxd", "run"]
+        argv = [*prefix, sys.executable, "-m", "gastown_sandboxd", "run"]
         if config is not None:
             argv += ["--config", str(config)]
         with log.open("wb") as sink:

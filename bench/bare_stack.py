@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,14 +107,18 @@ def main() -> None:
 
 
 @contextmanager
-def running_bare_stack(workdir: Path, town_file: Path) -> Iterator[Daemon]:
-    """The bare stack serving `town_file`, as a `Daemon` (socket, TCP URL, pid) for the rounds."""
+def running_bare_stack(
+    workdir: Path, town_file: Path, *, prefix: Sequence[str] = ()
+) -> Iterator[Daemon]:
+    """The bare stack serving `town_file`, as a `Daemon` (socket, TCP URL, pid) for the rounds;
+    `prefix` goes before its argv (`_callgrind.prefix`)."""
     socket_path = workdir / "bare.sock"
     with socket.socket() as probe:  # a free port; the bare stack binds it at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = workdir / "bare.log"
-    argv = [sys.executable, "-m", "bench.bare_stack", str(socket_path), str(port), str(town_file)]
+    argv = [*prefix, sys.executable, "-m", "bench.bare_stack"]
+    argv += [str(socket_path), str(port), str(town_file)]
     with log.open("wb") as sink:
         started_wall, started = time.time(), time.perf_counter()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=sink)

@@ -20,7 +20,9 @@ The bare stack (`bare_stack.py`: Starlette on hypercorn that parses, renders, ho
 calls `write_atomic`, and does nothing else) gets the raw client, the paced client and wrk
 too: what any daemon on this stack pays, beside what this one pays. Both serve at once and
 are measured in turn, so each pair of figures sees the same host; wrk takes three turns of
-5 s on each, and its rows give the median.
+5 s on each, and its rows give the median. Last, each of the two serves the raw client alone
+under callgrind (`_callgrind.py`), which counts the instructions of each thread per PATCH:
+the one figure here that the host's load does not move, to tell two versions apart.
 PATCHes that arrive while one is being written are written together (group commit), so
 more clients share each write's fsyncs and thread hop.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
@@ -49,8 +51,10 @@ from tests.fixtures.net import read_answer
 
 from gastown_sandboxd.atomic import write_atomic
 from gastown_sandboxd.events.types import DomainEvent
+from gastown_sandboxd.gtsettings.snapshot import QUIET_NS
 from gastown_sandboxd.gtsettings.store import SettingsStore
 
+from . import _callgrind
 from ._daemon import Daemon, running_daemon, uds_client
 from ._stats import Counters, cpu_seconds, percentile, since, thread_counters
 from ._table import Row, main_of
@@ -302,6 +306,44 @@ def raw_round(daemon: Daemon, count: int) -> Sample:
         return Sample(latencies, time.perf_counter() - started, cpu_seconds(daemon.pid) - cpu)
 
 
+def wait_until_quiet(built: float) -> None:
+    """Wait until the files of a town built at `built` are older than the read cache's quiet
+    time (`snapshot.QUIET_NS`): in a real town every file but the ones just written is, and
+    the cache serves those from a stat. Without it, the first second of a round reads and
+    parses the rigs' files on every PATCH."""
+    time.sleep(max(0.0, built + QUIET_NS / 1e9 + 0.1 - time.time()))
+
+
+Counted = tuple[list[int], list[int]]  # instructions by thread: the daemon's, the bare stack's
+
+
+def counted_round(workdir: Path, count: int) -> Counted | None:
+    """Instructions by thread for `count` PATCHes from the raw client, counted by callgrind
+    (`_callgrind.py`): the daemon's, then the bare stack's, each alone on the host; None
+    when valgrind is not installed."""
+    if not _callgrind.available():
+        return None
+    found = []
+    for name in ("daemon", "bare"):
+        home = workdir / f"counted-{name}"
+        town_root = build_town(home / "town", rigs=("backend", "frontend"))
+        out = home / "callgrind"
+        out.mkdir()
+        server = (
+            running_daemon(home, town_root, town_id=TOWN_ID, prefix=_callgrind.prefix(out))
+            if name == "daemon"
+            else running_bare_stack(home, town_root / TOWN_FILE, prefix=_callgrind.prefix(out))
+        )
+        built = time.time()
+        with server as running:
+            raw_round(running, 20)  # warm-up: imports, caches, first files
+            wait_until_quiet(built)
+            found.append(
+                _callgrind.count_instructions(running.pid, out, lambda: raw_round(running, count))
+            )
+    return found[0], found[1]
+
+
 async def store_patches(town_root: Path, count: int) -> Sample:
     """`SettingsStore.patch` of the same bodies, in this process, without HTTP."""
 
@@ -324,11 +366,12 @@ async def store_patches(town_root: Path, count: int) -> Sample:
 def run(quick: bool) -> list[Row]:
     """Measure every level and both baselines; `quick` takes fewer PATCHes per level."""
     total = 256 if quick else 1024
-    paced_count, wrk_turns = (40, 1) if quick else (200, 3)
+    paced_count, wrk_turns, counted_count = (40, 1, 50) if quick else (200, 3, 200)
     with tempfile.TemporaryDirectory(prefix="patch-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         town_root = build_town(workdir / "daemon" / "town", rigs=("backend", "frontend"))
         stack_root = build_town(workdir / "bare" / "town", rigs=("backend", "frontend"))
+        built = time.time()
         # Both serve at once, idle in turn, so each figure of the daemon is measured right
         # beside the bare stack's: the host's speed swings by a third between runs here.
         with (
@@ -337,6 +380,7 @@ def run(quick: bool) -> list[Row]:
         ):
             anyio.run(patch_round, daemon, 1, 20, 0)  # warm-up: imports, caches, first files
             anyio.run(patch_round, stack, 1, 20, 0)
+            wait_until_quiet(built)
             town_file = daemon.town_root / TOWN_FILE
             anyio.run(patch_round, daemon, 1, 1, 0)
             first = town_file.read_bytes()
@@ -353,6 +397,7 @@ def run(quick: bool) -> list[Row]:
                 [(daemon, WRK_SCRIPT), (stack, WRK_SCRIPT), (daemon, WRK_HEALTHZ_SCRIPT)],
                 8, WRK_TURN_S, wrk_turns,
             )  # fmt: skip
+        counted = counted_round(workdir, counted_count)
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
         in_process = anyio.run(store_patches, build_town(workdir / "store"), total)
@@ -379,6 +424,7 @@ def run(quick: bool) -> list[Row]:
             "HTTP alone at the same cadence; baseline: the paced PATCH above")
     )  # fmt: skip
     rows += _stack_rows(stack_raw, stack_paced, raw, paced, direct)
+    rows += _counted_rows(counted, counted_count)
     if wrk is None:
         rows.append(Row("PATCH throughput, 8 connections (wrk)", 0.0, "req/s", None,
                         "wrk is not installed (make bench installs it)"))  # fmt: skip
@@ -415,6 +461,24 @@ def _stack_rows(
             stack_paced.cpu_ms, "ms",
             paced.cpu_ms,
             f"{STACK}; baseline: the daemon's at the same cadence"),
+    ]  # fmt: skip
+
+
+def _counted_rows(counted: Counted | None, count: int) -> list[Row]:
+    """Instructions per PATCH by thread, the daemon's beside the bare stack's."""
+    if counted is None:
+        return [Row("instructions per PATCH (callgrind)", 0.0, "k", None,
+                    "valgrind is not installed (make bench installs it)")]  # fmt: skip
+    daemon, stack = counted
+    note = (f"{count} PATCHes from the raw client under callgrind, which counts the same "
+            "whatever the host's load; baseline: the bare stack's")  # fmt: skip
+    return [
+        Row("instructions per PATCH, the event loop's thread", daemon[0] / count / 1000, "k",
+            stack[0] / count / 1000, note),
+        Row("instructions per PATCH, the other threads", sum(daemon[1:]) / count / 1000, "k",
+            sum(stack[1:]) / count / 1000,
+            f"daemon: {len(daemon) - 1} (worker threads, watchfiles'); the bare stack: "
+            f"{len(stack) - 1} (worker threads)"),
     ]  # fmt: skip
 
 
