@@ -101,12 +101,16 @@ def pointer(*parts: str) -> str:
 
 
 def rig_name_problem(name: str) -> str | None:
-    """Why `name` cannot name a rig, or None when it can (the folder is checked elsewhere)."""
-    if not name:
-        return "a rig name cannot be empty"
-    if any(char in _RIG_FORBIDDEN or char.isspace() for char in name):
-        return "rig names cannot contain '-', '.', '/', '\\' or whitespace"
+    """Why `name` cannot name a rig, or None when it can (the folder is checked elsewhere).
+
+    Asked of every entry of the town root on every read of the town's files: a name of
+    the allowed characters is told apart by one match; the others are looked at closer,
+    for the message."""
     if not _RIG_NAME.fullmatch(name):
+        if not name:
+            return "a rig name cannot be empty"
+        if any(char in _RIG_FORBIDDEN or char.isspace() for char in name):
+            return "rig names cannot contain '-', '.', '/', '\\' or whitespace"
         return "rig names are made of ASCII letters, digits and '_'"
     if name.lower() == "hq":
         return "'hq' is reserved for the town"
