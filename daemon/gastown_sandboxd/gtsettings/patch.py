@@ -117,12 +117,20 @@ def revision_of(town: str, rigs: Mapping[str, str], unreadable: Mapping[str, str
     that did not change: the text is exactly `json.dumps({"rigs", "town", "unreadable"},
     sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, assembled from its parts."""
     members = ",".join(f"{_key(name)}:{rigs[name]}" for name in sorted(rigs))
-    lost = json.dumps(dict(sorted(unreadable.items())), separators=(",", ":"), ensure_ascii=False)
+    lost = "{}"
+    if unreadable:
+        lost = json.dumps(dict(sorted(unreadable.items())), ensure_ascii=False, separators=_TIGHT)
     text = f'{{"rigs":{{{members}}},"town":{town},"unreadable":{lost}}}'
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+_TIGHT = (",", ":")
+
+
 def _key(name: str) -> str:
+    # A rig's name is ASCII letters, digits and '_' (`rig_name_problem`): JSON's quotes alone.
+    if name.isascii() and name.isprintable() and '"' not in name and "\\" not in name:
+        return f'"{name}"'
     return json.dumps(name, ensure_ascii=False)
 
 

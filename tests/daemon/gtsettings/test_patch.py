@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 from typing import Any
 
@@ -23,6 +24,7 @@ from gastown_sandboxd.gtsettings.patch import (
     parse_document,
     render,
     revision,
+    revision_of,
     rig_name_problem,
     validate_patch,
 )
@@ -352,6 +354,29 @@ def test_revision_follows_managed_content_only() -> None:
     assert revision(with_rig) != base
     broken = TownFiles(town=town_doc(), rigs=_files().rigs, unreadable={"docs/x": "ab"})
     assert revision(broken) != base
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@settings(max_examples=200)
+@given(
+    rigs=st.dictionaries(
+        st.text(max_size=6), st.dictionaries(st.sampled_from(["agent", "role_agents"]), st.text())
+    ),
+    unreadable=st.dictionaries(st.text(max_size=6), st.text(max_size=6)),
+)
+def test_revision_is_the_digest_of_one_canonical_text(
+    rigs: dict[str, dict[str, str]], unreadable: dict[str, str]
+) -> None:
+    """`revision_of`, assembled from each file's text, is the digest of the canonical JSON of
+    the whole, whatever the rig names hold (quotes, backslashes, controls, any script) and
+    with or without unreadable files."""
+    town = {"default_agent": "kilo", "role_agents": {"mayor": "kilo"}}
+    whole = _CANONICAL.encode({"rigs": rigs, "town": town, "unreadable": unreadable})
+    texts = {name: _CANONICAL.encode(view) for name, view in rigs.items()}
+    assembled = revision_of(_CANONICAL.encode(town), texts, unreadable)
+    assert assembled == hashlib.sha256(whole.encode("utf-8")).hexdigest()[:32]
 
 
 def test_changed_keys_lists_differing_top_level_keys() -> None:
