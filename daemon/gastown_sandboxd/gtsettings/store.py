@@ -513,7 +513,7 @@ class SettingsStore:
             if state.error is not None:
                 log.warning("settings_file_unreadable", file=relative_path(rig), reason=state.error)
                 continue
-            if state.digest == known.digest:
+            if state is known or state.digest == known.digest:
                 continue
             self._known[rig] = state
             if changed_keys(known.doc, state.doc):
@@ -586,7 +586,9 @@ def _unreported(
 ) -> list[ConfigChanged]:
     # An edit by someone else that a PATCH is about to write over is reported first.
     old = known.get(rig, FileState())
-    if state.digest == old.digest or not changed_keys(old.doc, state.doc):
+    # The state the store knows and the cache serves are one object until the file changes:
+    # then no digest to work out.
+    if state is old or state.digest == old.digest or not changed_keys(old.doc, state.doc):
         return []
     return [_event(rig, old.doc, state.doc, rev, "external")]
 
