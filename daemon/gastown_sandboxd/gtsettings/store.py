@@ -440,8 +440,9 @@ class SettingsStore:
         events = []
         for rig, state in docs.items():
             events += _unreported(rig, snapshot.files[rig], known, before)
-            event = _event(rig, snapshot.files[rig].doc, state.doc, after, source)
-            events.append(dataclasses.replace(event, generation=generation))
+            events.append(
+                _event(rig, snapshot.files[rig].doc, state.doc, after, source, generation)
+            )
         names = [relative_path(rig) for rig in docs]
         return _Change(final, docs, PatchResult(bool(docs), after, names, town, rigs), events)
 
@@ -594,7 +595,12 @@ def _unreported(
 
 
 def _event(
-    rig: str | None, old: Doc | None, new: Doc | None, rev: str, source: str
+    rig: str | None,
+    old: Doc | None,
+    new: Doc | None,
+    rev: str,
+    source: str,
+    generation: int | None = None,
 ) -> ConfigChanged:
     return ConfigChanged(
         scope="town" if rig is None else "rig",
@@ -603,6 +609,7 @@ def _event(
         keys=tuple(changed_keys(old, new)),
         revision=rev,
         source=ConfigSource(source),
+        generation=generation,
     )
 
 
