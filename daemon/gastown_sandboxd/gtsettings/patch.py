@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,10 +97,39 @@ def managed_view(doc: Mapping[str, Any] | None, scope: Scope) -> Doc:
 
 
 def view_text(doc: Mapping[str, Any] | None, scope: Scope) -> str:
-    """One file's part of `revision`: canonical JSON (sorted keys) of its managed view."""
-    return json.dumps(
-        managed_view(doc, scope), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    """One file's part of `revision`: canonical JSON (sorted keys) of its managed view.
+
+    Assembled member by member, each member's text worked out once for the value it holds
+    (`_member_text`): the file after a PATCH reworks only the members the PATCH changed."""
+    view = managed_view(doc, scope)
+    return "{" + ",".join(f"{_key(key)}:{_member_text(view[key])}" for key in sorted(view)) + "}"
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+# The canonical texts of the objects and arrays last worked out, by the identity of the value,
+# which is kept here (so its id is never another value's while it is). Documents are never
+# changed in place and a merge shares every value it did not change (`merge_patch`), so the
+# value is the same object exactly while its text is the same. A town file's `agents` is
+# most of its text and rarely what a PATCH changes.
+_MEMBER_TEXTS: dict[int, tuple[Any, str]] = {}
+_MEMBER_TEXTS_LOCK = threading.Lock()
+_MEMBER_TEXTS_KEPT = 64
+
+
+def _member_text(value: Any) -> str:
+    if not isinstance(value, dict | list):
+        return _CANONICAL.encode(value)
+    with _MEMBER_TEXTS_LOCK:
+        known = _MEMBER_TEXTS.get(id(value))
+    if known is not None:  # the value itself: its id is no other value's while it is kept
+        return known[1]
+    text = _CANONICAL.encode(value)
+    with _MEMBER_TEXTS_LOCK:
+        _MEMBER_TEXTS[id(value)] = (value, text)
+        while len(_MEMBER_TEXTS) > _MEMBER_TEXTS_KEPT:
+            del _MEMBER_TEXTS[next(iter(_MEMBER_TEXTS))]
+    return text
 
 
 def revision(files: TownFiles) -> str:

@@ -27,7 +27,9 @@ from gastown_sandboxd.gtsettings.patch import (
     revision_of,
     rig_name_problem,
     validate_patch,
+    view_text,
 )
+from gastown_sandboxd.gtsettings.schema import MANAGED_KEYS
 from tests.daemon.gt_samples import (
     RIG_SETTINGS,
     TOWN_SETTINGS,
@@ -377,6 +379,31 @@ def test_revision_is_the_digest_of_one_canonical_text(
     texts = {name: _CANONICAL.encode(view) for name, view in rigs.items()}
     assembled = revision_of(_CANONICAL.encode(town), texts, unreadable)
     assert assembled == hashlib.sha256(whole.encode("utf-8")).hexdigest()[:32]
+
+
+_managed = st.sampled_from(sorted(MANAGED_KEYS["town"]))
+_member = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    doc=st.dictionaries(_managed | _keys, _member, max_size=6),
+    patch=st.dictionaries(_managed, _member, max_size=3),
+)
+def test_a_files_revision_text_is_its_canonical_json_before_and_after_a_merge(
+    doc: dict[str, Any], patch: dict[str, Any]
+) -> None:
+    """`view_text`, assembled member by member with the texts of values it has seen, is the
+    canonical JSON of the managed view: of a document, and of its merge with a patch (which
+    shares every value it did not change) right after."""
+    merged = merge_patch(doc, patch)
+    for current in (doc, merged, doc):
+        expected = _CANONICAL.encode(managed_view(current, "town"))
+        assert view_text(current, "town") == expected
 
 
 def test_changed_keys_lists_differing_top_level_keys() -> None:
