@@ -147,14 +147,9 @@ def revision_of(town: str, rigs: Mapping[str, str], unreadable: Mapping[str, str
     that did not change: the text is exactly `json.dumps({"rigs", "town", "unreadable"},
     sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, assembled from its parts."""
     members = ",".join(f"{_key(name)}:{rigs[name]}" for name in sorted(rigs))
-    lost = "{}"
-    if unreadable:
-        lost = json.dumps(dict(sorted(unreadable.items())), ensure_ascii=False, separators=_TIGHT)
+    lost = _CANONICAL.encode(dict(unreadable)) if unreadable else "{}"
     text = f'{{"rigs":{{{members}}},"town":{town},"unreadable":{lost}}}'
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-_TIGHT = (",", ":")
 
 
 def _key(name: str) -> str:
