@@ -18,8 +18,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# callgrind_control waits until the counted process takes the command; a generous bound.
-CONTROL_TIMEOUT = 120.0
+# callgrind_control waits until the counted process takes the command. A process blocked in a
+# system call (an idle server) takes it through vgdb's ptrace; where ptrace is not allowed (a
+# container without it) the command waits for the next wake-up, which may never come.
+CONTROL_TIMEOUT = 30.0
+
+
+class NotCounted(Exception):
+    """callgrind could not count: the reason, for the row that would have held the count."""
 
 
 def available() -> bool:
@@ -41,7 +47,8 @@ def prefix(out_dir: Path) -> list[str]:
 def count_instructions(pid: int, out_dir: Path, run: Callable[[], object]) -> list[int]:
     """Instructions each thread of `pid` (started under `prefix(out_dir)`) ran while `run`
     ran, by callgrind's thread number: the main thread first, the others in the order they
-    started. May be called again for the same process: each call reads its own dump."""
+    started. May be called again for the same process: each call reads its own dump. Raises
+    `NotCounted` when callgrind does not answer or writes no dump."""
     earlier = set(out_dir.glob(f"callgrind.{pid}.*"))
     _control(pid, "--instr=on")
     run()
@@ -58,7 +65,7 @@ def count_instructions(pid: int, out_dir: Path, run: Callable[[], object]) -> li
             break
         seen = dumps
         if time.monotonic() > deadline:
-            raise RuntimeError(f"callgrind wrote no complete dump for {pid} in {out_dir}")
+            raise NotCounted(f"callgrind wrote no complete dump in {CONTROL_TIMEOUT:.0f} s")
         time.sleep(0.05)
     # Every dump is complete here, so has its totals; one without a thread is the only one.
     counts = {_thread(text) or 1: _totals(text) or 0 for text in texts}
@@ -66,12 +73,18 @@ def count_instructions(pid: int, out_dir: Path, run: Callable[[], object]) -> li
 
 
 def _control(pid: int, *args: str) -> None:
-    subprocess.run(
-        ["callgrind_control", *args, str(pid)],
-        check=True,
-        capture_output=True,
-        timeout=CONTROL_TIMEOUT,
-    )
+    command = ["callgrind_control", *args, str(pid)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=CONTROL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise NotCounted(
+            f"callgrind_control {' '.join(args)} got no answer in {CONTROL_TIMEOUT:.0f} s "
+            "(is ptrace allowed here?)"
+        ) from None
+    # It exits 0 when it finds no callgrind run of that pid, saying so on stdout.
+    said = (done.stdout + done.stderr).strip()
+    if done.returncode != 0 or said.startswith("Error"):
+        raise NotCounted(f"callgrind_control {' '.join(args)}: {said.splitlines()[0][:200]}")
 
 
 def _complete(text: str) -> bool:

@@ -317,12 +317,12 @@ def wait_until_quiet(built: float) -> None:
 Counted = tuple[list[int], list[int]]  # instructions by thread: the daemon's, the bare stack's
 
 
-def counted_round(workdir: Path, count: int) -> Counted | None:
+def counted_round(workdir: Path, count: int) -> Counted | str:
     """Instructions by thread for `count` PATCHes from the raw client, counted by callgrind
-    (`_callgrind.py`): the daemon's, then the bare stack's, each alone on the host; None
-    when valgrind is not installed."""
+    (`_callgrind.py`): the daemon's, then the bare stack's, each alone on the host; or why
+    they could not be counted (valgrind is not installed, callgrind did not answer)."""
     if not _callgrind.available():
-        return None
+        return "valgrind is not installed (make bench installs it)"
     found = []
     for name in ("daemon", "bare"):
         home = workdir / f"counted-{name}"
@@ -338,9 +338,14 @@ def counted_round(workdir: Path, count: int) -> Counted | None:
         with server as running:
             raw_round(running, 20)  # warm-up: imports, caches, first files
             wait_until_quiet(built)
-            found.append(
-                _callgrind.count_instructions(running.pid, out, lambda: raw_round(running, count))
-            )
+            try:
+                found.append(
+                    _callgrind.count_instructions(
+                        running.pid, out, lambda: raw_round(running, count)
+                    )
+                )
+            except _callgrind.NotCounted as exc:
+                return str(exc)
     return found[0], found[1]
 
 
@@ -464,11 +469,10 @@ def _stack_rows(
     ]  # fmt: skip
 
 
-def _counted_rows(counted: Counted | None, count: int) -> list[Row]:
+def _counted_rows(counted: Counted | str, count: int) -> list[Row]:
     """Instructions per PATCH by thread, the daemon's beside the bare stack's."""
-    if counted is None:
-        return [Row("instructions per PATCH (callgrind)", 0.0, "k", None,
-                    "valgrind is not installed (make bench installs it)")]  # fmt: skip
+    if isinstance(counted, str):
+        return [Row("instructions per PATCH (callgrind)", 0.0, "k", None, counted)]
     daemon, stack = counted
     note = (f"{count} PATCHes from the raw client under callgrind, which counts the same "
             "whatever the host's load; baseline: the bare stack's")  # fmt: skip
