@@ -361,7 +361,7 @@ def test_revision_follows_managed_content_only() -> None:
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     rigs=st.dictionaries(
         st.text(max_size=6), st.dictionaries(st.sampled_from(["agent", "role_agents"]), st.text())
