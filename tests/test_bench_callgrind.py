@@ -55,9 +55,10 @@ def test_each_count_is_what_ran_while_counting_and_twice_the_work_counts_about_t
 def test_a_process_not_under_callgrind_is_not_counted_and_says_why(tmp_path: Path) -> None:
     """callgrind_control exits 0 when no callgrind run has that pid: the count still fails at
     once, with its words, rather than waiting for a dump that never comes."""
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as plain:
-        try:
-            with pytest.raises(_callgrind.NotCounted, match="not detected"):
-                _callgrind.count_instructions(plain.pid, tmp_path, lambda: None)
-        finally:
-            plain.kill()
+    # It waits for its input, which ends when the block closes its stdin.
+    waiting = [sys.executable, "-c", "import sys; sys.stdin.read()"]
+    with (
+        subprocess.Popen(waiting, stdin=subprocess.PIPE) as plain,
+        pytest.raises(_callgrind.NotCounted, match="not detected"),
+    ):
+        _callgrind.count_instructions(plain.pid, tmp_path, lambda: None)
