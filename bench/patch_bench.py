@@ -329,10 +329,11 @@ def counted_round(workdir: Path, count: int) -> Counted | str:
         town_root = build_town(home / "town", rigs=("backend", "frontend"))
         out = home / "callgrind"
         out.mkdir()
+        prefix = _callgrind.prefix(out)
         server = (
-            running_daemon(home, town_root, town_id=TOWN_ID, prefix=_callgrind.prefix(out))
+            running_daemon(home, town_root, town_id=TOWN_ID, prefix=prefix)
             if name == "daemon"
-            else running_bare_stack(home, town_root / TOWN_FILE, prefix=_callgrind.prefix(out))
+            else running_bare_stack(home, town_root / TOWN_FILE, prefix=prefix)
         )
         built = time.time()
         with server as running:
