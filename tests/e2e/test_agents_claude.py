@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from gastown_sandboxd.token.claims import decode_unverified
 from tests.e2e._agents import Seen, claude_env, messages_standin
 from tests.e2e._town import create_town, wait_for_state, write_env
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory
+from tests.waiting import wait_until
 
 CLAUDE = Path(__file__).resolve().parents[2] / ".cache" / "npm" / "node_modules" / ".bin" / "claude"
 HELPER_TTL = 1.0
@@ -92,6 +94,10 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
         ) as claude:
             try:
                 standin.wait_for(lambda messages: len(messages) >= 1, deadline=30)
+                # The cloud mints by the second: in the town's own second it would mint the
+                # same token again, and Claude Code asks within it in 3 runs of 10 here.
+                iat = decode_unverified(town.token).iat
+                wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
                 with daemon.local() as local:
                     answer_json = local.post("/token/refresh").json()
                 assert answer_json["token"]["fingerprint"], answer_json
