@@ -6,7 +6,10 @@ import os
 import threading
 import time
 
+import pytest
 from bench._stats import since, switches_since, thread_counters
+
+from tests.waiting import wait_until
 
 
 def test_threads_that_end_or_are_new_never_make_a_difference_negative() -> None:
@@ -37,3 +40,43 @@ def test_a_thread_that_ends_during_the_window_leaves_the_count_positive() -> Non
     worker.join()
     assert worker.native_id in before
     assert switches_since(os.getpid(), before) >= 0
+
+
+def test_a_threads_cpu_time_is_counted_finer_than_a_clock_tick() -> None:
+    """A millisecond of work by a thread that then sleeps (as the daemon's do between two
+    readings) shows as more than nothing and less than a tick (10 ms): the scheduler's count
+    in ns, not the stat file's ticks (0 or 10 ms here)."""
+    go, done, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        go.wait()
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+        done.set()
+        stop.wait()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        while worker.native_id is None:
+            time.sleep(0.001)
+        tid = worker.native_id
+        if not os.path.exists(f"/proc/self/task/{tid}/schedstat"):
+            pytest.skip("this kernel keeps no schedstat")
+        before = thread_counters(os.getpid())[tid][1]
+        go.set()
+        assert done.wait(30)
+        # The count of a thread is brought up to date when it stops running: read it asleep.
+        wait_until(lambda: _state(tid) == "S", deadline=30, what="the worker asleep")
+        spent = thread_counters(os.getpid())[tid][1] - before
+    finally:
+        go.set()
+        stop.set()
+        worker.join()
+    assert 0 < spent < 0.01
+
+
+def _state(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
