@@ -421,7 +421,7 @@ def run(quick: bool) -> list[Row]:
     for kind in (MAIN, WORKERS, WATCHFILES):
         rows.append(
             Row(f"  of which {kind}", paced.thread_cpu_ms(kind), "ms", paced.cpu_ms,
-                "CPU by thread (/proc/PID/task, in 10 ms ticks); baseline: the whole")
+                "CPU by thread (the scheduler's count, in ns); baseline: the whole")
         )  # fmt: skip
     rows.append(
         Row("daemon CPU per GET /healthz, one every 50 ms",
