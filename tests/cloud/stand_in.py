@@ -1,4 +1,5 @@
-"""A stand-in sandbox: a real HTTP server on 127.0.0.1 that records each `PATCH /config`.
+"""A stand-in sandbox: a real HTTP server on 127.0.0.1 that records each `PATCH /config`
+(over HTTPS with a test CA's certificate: `running_stand_in(tls=…)`).
 
 It answers with `reply` (a Response, or a function of the request count giving one), after
 `delay` seconds (to widen the window in which two pushes could overlap: `most_in_flight` counts
@@ -7,6 +8,7 @@ them); while `hold` is set to an unset event, it answers only once the event is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gastown_cloud.server import bind_socket, serve_app, socket_url
+from tests.fixtures.net import LocalCA
 
 APPLIED = {"changed": True, "revision": "r2", "files": ["settings/config.json"]}
 
@@ -48,6 +51,13 @@ class StandIn:
 @pytest.fixture
 async def sandbox() -> AsyncIterator[StandIn]:
     """A stand-in for the daemon's PATCH /config on an ephemeral port."""
+    async with running_stand_in() as stand_in:
+        yield stand_in
+
+
+@contextlib.asynccontextmanager
+async def running_stand_in(tls: LocalCA | None = None) -> AsyncIterator[StandIn]:
+    """A stand-in sandbox serving until the block ends; over HTTPS with `tls`'s certificate."""
     stand_in = StandIn()
 
     async def patch_config(request: Request) -> Response:
@@ -65,14 +75,17 @@ async def sandbox() -> AsyncIterator[StandIn]:
 
     app = Starlette(routes=[Route("/config", patch_config, methods=["PATCH"])])
     sock = bind_socket("127.0.0.1", 0)
-    stand_in.url = socket_url(sock)
+    stand_in.url = socket_url(sock, tls=tls is not None)
+    served = None if tls is None else (tls.cert, tls.key)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: serve_app(app, sock, shutdown_trigger=stop.wait))
-        yield stand_in
-        if stand_in.hold is not None:
-            stand_in.hold.set()
-        stop.set()
+        tg.start_soon(lambda: serve_app(app, sock, shutdown_trigger=stop.wait, tls=served))
+        try:
+            yield stand_in
+        finally:
+            if stand_in.hold is not None:
+                stand_in.hold.set()
+            stop.set()
 
 
 def closed_url() -> str:

@@ -7,6 +7,8 @@ as pending (202) for its next sync (CONTRACT §10).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,9 +16,9 @@ import pytest
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from tests.fixtures.cloud import CloudServer
-from tests.fixtures.net import tls
+from tests.fixtures.net import make_local_ca, tls
 
-from .stand_in import APPLIED, StandIn, closed_url, sandbox
+from .stand_in import APPLIED, StandIn, closed_url, running_stand_in, sandbox
 
 __all__ = ["sandbox"]  # the fixture, used by name
 
@@ -123,6 +125,37 @@ async def test_unreachable_sandbox_is_kept_pending(shared_cloud: CloudServer) ->
     config = await _config(shared_cloud, town["id"])
     assert (config["generation"], config["observedGeneration"]) == (1, 0)
     assert (config["state"], config["desired"]) == ("pending", PATCH)
+
+
+async def test_changes_reach_an_https_sandbox_the_cloud_trusts(
+    cloud_factory: Callable[..., CloudServer], tmp_path: Path
+) -> None:
+    """A sandbox served over HTTPS by a CA the cloud trusts (SSL_CERT_DIR): each push lands
+    and comes back applied; the second goes through the context the first one made."""
+    ca = make_local_ca(tmp_path / "ca")
+    cloud = cloud_factory(**ca.trusting_env())
+    async with running_stand_in(tls=ca) as sandbox:
+        assert sandbox.url.startswith("https://127.0.0.1:")
+        town, _ = cloud.create_town(sandbox_url=sandbox.url)
+        for generation, agent in ((1, "claude"), (2, "codex")):
+            change = {"town": {"default_agent": agent}}
+            answer = await _patch(cloud, town["id"], json.dumps(change).encode())
+            assert answer.status_code == 200, answer.text
+            assert (answer.json()["generation"], answer.json()["state"]) == (generation, "applied")
+    assert [body["town"]["default_agent"] for body in sandbox.bodies()] == ["claude", "codex"]
+
+
+async def test_an_https_sandbox_the_cloud_does_not_trust_is_kept_pending(
+    cloud_factory: Callable[..., CloudServer], tmp_path: Path
+) -> None:
+    """A certificate from a CA the cloud does not trust: nothing is sent, the change is kept
+    pending, as for a sandbox that cannot be reached."""
+    cloud = cloud_factory(**make_local_ca(tmp_path / "trusted").trusting_env())
+    async with running_stand_in(tls=make_local_ca(tmp_path / "other", name="other CA")) as sandbox:
+        town, _ = cloud.create_town(sandbox_url=sandbox.url)
+        answer = await _patch(cloud, town["id"], json.dumps(PATCH).encode())
+    _assert_pending(answer, "sandbox_unreachable")
+    assert sandbox.received == []
 
 
 async def test_town_without_sandbox_url_is_kept_pending(shared_cloud: CloudServer) -> None:
