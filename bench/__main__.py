@@ -2,7 +2,8 @@
 
 `python -m bench [--quick] [NAME ...]`; NAME is a module of this folder (idle_bench,
 watcher_bench, daemon_bench, agents_bench, patch_bench, events_bench, load_bench,
-short_token_bench, fleet, journal_bench, ops_bench). Figures are printed, never asserted.
+short_token_bench, fleet, journal_bench, ops_bench, cloud_bench). Figures are printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BENCHES = (
     "fleet",
     "journal_bench",
     "ops_bench",
+    "cloud_bench",
 )
 
 
