@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
 from gastown_sandboxd.gtsettings.apply import merge_patch_between
 from gastown_sandboxd.gtsettings.merge_patch import merge_patch as sandbox_merge_patch
-from gastown_sandboxd.gtsettings.schema import SECRET_ENV_NAMES
+from gastown_sandboxd.gtsettings.schema import holds_a_secret
 from gastown_sandboxd.gtsettings.validation import contains_jwt
 
 TOWN_KEYS = frozenset({"default_agent", "agents", "role_agents", "role_effort", "crew_agents"})
@@ -23,8 +22,6 @@ RIG_KEYS = frozenset({"agent", "agents", "role_agents", "worker_agents", "role_e
 # Managed keys whose value is one name, and those mapping names to names; `agents` maps to objects.
 _NAME_KEYS = frozenset({"default_agent", "agent"})
 _NAME_MAP_KEYS = frozenset({"role_agents", "role_effort", "crew_agents", "worker_agents"})
-# `$KILO_JWT` or `${KILO_JWT}`: a reference to a variable, not a secret.
-_ENV_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
 _NO_TOKENS_HERE = (
     "holds a secret: the cloud keeps and serves desired configuration and settings files are "
     "0644; agents get tokens through the env file"
@@ -118,8 +115,7 @@ def _check_secrets(value: object, path: str, problems: list[Problem]) -> None:
         secret_names = path.endswith("/env")
         for key, item in value.items():
             item_path = f"{path}/{_escape(key)}"
-            literal = isinstance(item, str) and item and not _ENV_REFERENCE.fullmatch(item)
-            if secret_names and key in SECRET_ENV_NAMES and literal:
+            if secret_names and holds_a_secret(key, item):
                 problems.append(_problem(item_path, _NO_TOKENS_HERE))
             else:
                 _check_secrets(item, item_path, problems)

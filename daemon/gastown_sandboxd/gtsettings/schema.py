@@ -54,6 +54,21 @@ AGENT_FIELDS = (
 SECRET_ENV_NAMES = frozenset(
     {"KILO_JWT", "KILOCODE_TOKEN", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"}
 )
+# `$KILO_JWT` or `${KILO_JWT}`: a reference to a variable, not a secret.
+_ENV_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+
+
+def holds_a_secret(name: str, value: object) -> bool:
+    """Whether an agent's `env` entry `name`: `value` sets a secret in a settings file: a
+    name of `SECRET_ENV_NAMES` with a literal value (not empty, not `$NAME` or `${NAME}`).
+    The sandbox refuses it in a PATCH, the cloud in the desired configuration."""
+    return (
+        name in SECRET_ENV_NAMES
+        and isinstance(value, str)
+        and bool(value)
+        and not _ENV_REFERENCE.fullmatch(value)
+    )
+
 
 # Keys whose values name agents: (key, True when it maps names to agent names).
 REFERENCE_KEYS: Mapping[Scope, tuple[tuple[str, bool], ...]] = {

@@ -33,9 +33,9 @@ from gastown_sandboxd.gtsettings.schema import (
     MANAGED_KEYS,
     PRESETS,
     ROLES,
-    SECRET_ENV_NAMES,
     Scope,
     TownFiles,
+    holds_a_secret,
     pointer,
     rig_name_problem,
     show,
@@ -43,7 +43,6 @@ from gastown_sandboxd.gtsettings.schema import (
 
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_ENV_REFERENCE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
 # A base64url run right before a dot: the first segment of a JWT (or a JWE).
 _JWT_HEAD = re.compile(r"([A-Za-z0-9_-]{2,})=*\.")
 _STRING_FIELDS = ("provider", "command", "prompt_mode")
@@ -287,7 +286,7 @@ class _Checker:
                 continue
             if not isinstance(item, str):
                 self.add(sub, "must be a string, or null to delete the variable")
-            elif name in SECRET_ENV_NAMES and item and not _ENV_REFERENCE.fullmatch(item):
+            elif holds_a_secret(name, item):
                 self.add(
                     sub,
                     f"{name} must not be set in a settings file (they are 0644 and "
