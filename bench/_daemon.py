@@ -173,11 +173,11 @@ def tcp_client(
 
 
 @contextmanager
-def running_cloud(folder: Path, *, tls: LocalCA | None = None) -> Iterator[CloudServer]:
+def running_cloud(folder: Path, *, tls: LocalCA | None = None, **env: str) -> Iterator[CloudServer]:
     """A real `gastown-cloud serve` (24 h tokens) with its database in `folder`, stopped after;
-    over HTTPS with `tls`'s certificate."""
+    over HTTPS with `tls`'s certificate; `env` adds to its environment."""
     folder.mkdir(parents=True, exist_ok=True)
-    server = launch_cloud(folder, token_lifetime=86400, tls=tls)
+    server = launch_cloud(folder, token_lifetime=86400, tls=tls, **env)
     try:
         yield server
     finally:

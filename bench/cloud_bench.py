@@ -1,6 +1,6 @@
 """What the cloud's own work costs it: a change pushed to an https:// sandbox, a refresh.
 
-A real `gastown-cloud serve` process (`tests/fixtures/cloud.launch_cloud`) trusts a test CA
+A real `gastown-cloud serve` process (`_daemon.running_cloud`) trusts a test CA
 through a bundle of certifi's CAs and that one (`SSL_CERT_FILE`: a whole bundle to read, as
 a cloud with no such variable reads certifi's), and a stand-in sandbox in this process serves
 `PATCH /config` over HTTPS with that CA's certificate (`tests/cloud/stand_in.py`).
@@ -28,9 +28,10 @@ import anyio
 import certifi
 import httpx
 from tests.cloud.stand_in import running_stand_in
-from tests.fixtures.cloud import CloudServer, launch_cloud
+from tests.fixtures.cloud import CloudServer
 from tests.fixtures.net import make_local_ca, tls
 
+from ._daemon import running_cloud
 from ._stats import cpu_seconds
 from ._table import Row, main_of
 
@@ -101,9 +102,7 @@ def run(quick: bool) -> list[Row]:
         ca = make_local_ca(workdir / "ca")
         bundle = workdir / "bundle.pem"
         bundle.write_bytes(Path(certifi.where()).read_bytes() + ca.ca_file.read_bytes())
-        (workdir / "cloud").mkdir()
-        cloud = launch_cloud(workdir / "cloud", SSL_CERT_FILE=str(bundle), SSL_CERT_DIR="")
-        try:
+        with running_cloud(workdir / "cloud", SSL_CERT_FILE=str(bundle), SSL_CERT_DIR="") as cloud:
 
             async def push_round() -> tuple[float, str, str]:
                 # The stand-in's hypercorn would print its "Running on" line into the tables.
@@ -114,9 +113,6 @@ def run(quick: bool) -> list[Row]:
 
             push, town_id, token = anyio.run(push_round)
             refresh = _refreshes(cloud, town_id, token, refreshes)
-        finally:
-            cloud.process.terminate()
-            cloud.process.wait(30)
         client = _client_seconds(bundle)
     return [
         Row("cloud CPU per push to an https:// sandbox", push * 1000, "ms", client * 1000,
