@@ -46,10 +46,10 @@ _BARE = (
 )
 
 
-STOP_DEADLINE = 30.0
+REAP_DEADLINE = 30.0
 
 
-def reaped(process: subprocess.Popen[bytes], timeout: float = STOP_DEADLINE) -> int:
+def reaped(process: subprocess.Popen[bytes], timeout: float = REAP_DEADLINE) -> int:
     """Wait for `process` to end, reap it and give its exit status; `TimeoutExpired` if it
     is still running after `timeout` seconds (it is then left running).
 
