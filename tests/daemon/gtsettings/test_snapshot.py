@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gastown_sandboxd.gtsettings import snapshot
-from gastown_sandboxd.gtsettings.layout import rig_folder, rig_names
+from gastown_sandboxd.gtsettings.layout import rig_files, rig_folder, rig_names
 from gastown_sandboxd.gtsettings.snapshot import cached_snapshot, forget, read_file, read_snapshot
 
 TOWN = b'{"type": "town-settings", "version": 1, "default_agent": "claude"}\n'
@@ -116,6 +116,68 @@ def test_snapshot_and_rig_listing_agree_with_rig_folder(tmp_path: Path) -> None:
     assert rig_names(root) == ["alpha", "beta"]
     snapshot = read_snapshot(root)
     assert sorted(rig for rig in snapshot.files if rig is not None) == ["alpha", "beta"]
+
+
+def test_rig_files_hand_each_rigs_lstat_or_error_to_the_reader(tmp_path: Path) -> None:
+    """Each rig with what lstat said of its file: a stat for a file (or anything but a
+    symlink), the error where there is none; the snapshot reads each accordingly. The town
+    file's symlink inside the root passes the confinement check and fails the read."""
+    root = tmp_path / "gt"
+    (root / "settings").mkdir(parents=True)
+    (root / "settings" / "real.json").write_bytes(TOWN)
+    # A town file that is a symlink, even one inside the root, is unreadable (read with
+    # O_NOFOLLOW), and named so; nothing is read through it.
+    (root / "settings" / "config.json").symlink_to("real.json")
+    for name in ("alpha", "beta", "gamma"):
+        (root / name).mkdir()
+    (root / "alpha" / "settings").mkdir()
+    (root / "alpha" / "settings" / "config.json").write_text('{"type": "rig-settings"}')
+    (root / "beta" / "settings").mkdir()  # no file
+    (root / "gamma" / "settings").write_text("a file where the folder should be")
+    (root / "delta" / "settings" / "config.json").mkdir(parents=True)  # a folder, no file
+    found = dict(rig_files(root))
+    assert list(found) == ["alpha", "beta", "delta", "gamma"]
+    alpha = found["alpha"]
+    assert isinstance(alpha, os.stat_result)
+    assert alpha.st_ino == (root / "alpha" / "settings" / "config.json").stat().st_ino
+    assert isinstance(found["beta"], FileNotFoundError)
+    assert isinstance(found["gamma"], NotADirectoryError)
+    assert isinstance(found["delta"], os.stat_result)
+    files = read_snapshot(root).files
+    assert files[None].raw is None
+    assert "settings/config.json cannot be read" in (files[None].error or "")
+    assert files["alpha"].doc == {"type": "rig-settings"}
+    assert (files["beta"].raw, files["beta"].error) == (None, None)
+    assert (files["gamma"].raw, files["gamma"].error) == (None, None)
+    assert "delta/settings/config.json" in (files["delta"].error or "")
+
+
+def test_a_snapshot_stats_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lstats a file (its folder's and its own, which is also its stat) and no stat."""
+    root = tmp_path / "gt"
+    (root / "settings").mkdir(parents=True)
+    (root / "settings" / "config.json").write_bytes(TOWN)
+    for rig in ("one", "two", "three"):
+        (root / rig / "settings").mkdir(parents=True)
+        (root / rig / "settings" / "config.json").write_text('{"type": "rig-settings"}')
+    read_snapshot(root)
+    calls: dict[str, int] = {"stat": 0, "lstat": 0}
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def counted_stat(*args: object, **kwargs: object) -> os.stat_result:
+        calls["stat"] += 1
+        return real_stat(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_lstat(*args: object, **kwargs: object) -> os.stat_result:
+        calls["lstat"] += 1
+        return real_lstat(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", counted_stat)
+    monkeypatch.setattr(os, "lstat", counted_lstat)
+    snapshot_again = read_snapshot(root)
+    monkeypatch.undo()
+    assert sorted(rig or "" for rig in snapshot_again.files) == ["", "one", "three", "two"]
+    assert calls == {"stat": 0, "lstat": 2 * 4}
 
 
 @pytest.mark.usefixtures("no_quiet_wait")
