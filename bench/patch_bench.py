@@ -25,6 +25,9 @@ under callgrind (`_callgrind.py`), which counts the instructions of each thread 
 the one figure here that the host's load does not move, to tell two versions apart.
 PATCHes that arrive while one is being written are written together (group commit), so
 more clients share each write's fsyncs and thread hop.
+A town of `BIG_TOWN_RIGS` rigs gets the raw client too (`big_town_round`): each PATCH
+still changes the town file alone, and every rig's file is looked at on every PATCH (its
+stat: is it the one cached?), so this shows what each rig of a town adds to every PATCH.
 `python -m bench.patch_bench [--quick]`; `run(quick)` gives the rows to `python -m bench`.
 """
 
@@ -62,6 +65,7 @@ from .bare_stack import running_bare_stack
 
 TOWN_ID = "town-bench"
 LEVELS = (1, 4, 8, 32)
+BIG_TOWN_RIGS = 100
 PRESETS = ("claude", "codex")
 TOWN_FILE = Path("settings") / "config.json"
 
@@ -314,6 +318,18 @@ def wait_until_quiet(built: float) -> None:
     time.sleep(max(0.0, built + QUIET_NS / 1e9 + 0.1 - time.time()))
 
 
+def big_town_round(workdir: Path, count: int) -> Sample:
+    """The raw client's PATCHes of the town file on a daemon of its own serving a town of
+    `BIG_TOWN_RIGS` rigs, each with gt's rig file."""
+    rigs = tuple(f"rig{n:03d}" for n in range(BIG_TOWN_RIGS))
+    town_root = build_town(workdir / "big" / "town", rigs=rigs)
+    built = time.time()
+    with running_daemon(workdir / "big", town_root, town_id=TOWN_ID) as daemon:
+        raw_round(daemon, 20)  # warm-up
+        wait_until_quiet(built)
+        return raw_round(daemon, count)
+
+
 Counted = tuple[list[int], list[int]]  # instructions by thread: the daemon's, the bare stack's
 
 
@@ -403,6 +419,7 @@ def run(quick: bool) -> list[Row]:
                 [(daemon, WRK_SCRIPT), (stack, WRK_SCRIPT), (daemon, WRK_HEALTHZ_SCRIPT)],
                 8, WRK_TURN_S, wrk_turns,
             )  # fmt: skip
+        big = big_town_round(workdir, total)
         counted = counted_round(workdir, counted_count)
         direct_root = build_town(workdir / "direct", rigs=("backend", "frontend"))
         direct = direct_writes(direct_root / TOWN_FILE, versions, total)
@@ -430,6 +447,14 @@ def run(quick: bool) -> list[Row]:
             "HTTP alone at the same cadence; baseline: the paced PATCH above")
     )  # fmt: skip
     rows += _stack_rows(stack_raw, stack_paced, raw, paced, direct)
+    rows += [
+        Row(f"PATCH p50, 1 raw client, a town of {BIG_TOWN_RIGS} rigs",
+            percentile(big.latencies, 50), "ms", percentile(raw.latencies, 50),
+            "each PATCH changes the town file alone; baseline: the raw client's p50 above "
+            "(two rigs)"),
+        Row(f"daemon CPU per PATCH, a town of {BIG_TOWN_RIGS} rigs", big.cpu_ms, "ms",
+            raw.cpu_ms, "baseline: the raw client's above (two rigs)"),
+    ]  # fmt: skip
     rows += _counted_rows(counted, counted_count)
     if wrk is None:
         rows.append(Row("PATCH throughput, 8 connections (wrk)", 0.0, "req/s", None,
