@@ -52,6 +52,7 @@ __all__ = [
     "changed_keys",
     "contains_jwt",
     "managed_view",
+    "member_key",
     "parse_document",
     "relative_path",
     "render",
@@ -102,7 +103,8 @@ def view_text(doc: Mapping[str, Any] | None, scope: Scope) -> str:
     Assembled member by member, each member's text worked out once for the value it holds
     (`_member_text`): the file after a PATCH reworks only the members the PATCH changed."""
     view = managed_view(doc, scope)
-    return "{" + ",".join(f"{_key(key)}:{_member_text(view[key])}" for key in sorted(view)) + "}"
+    members = (f"{member_key(key)}:{_member_text(view[key])}" for key in sorted(view))
+    return "{" + ",".join(members) + "}"
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -146,14 +148,15 @@ def revision_of(town: str, rigs: Mapping[str, str], unreadable: Mapping[str, str
     """`revision` from each file's `view_text`, so a caller can keep the texts of files
     that did not change: the text is exactly `json.dumps({"rigs", "town", "unreadable"},
     sort_keys=True, separators=(",", ":"), ensure_ascii=False)`, assembled from its parts."""
-    members = ",".join(f"{_key(name)}:{rigs[name]}" for name in sorted(rigs))
+    members = ",".join(f"{member_key(name)}:{rigs[name]}" for name in sorted(rigs))
     lost = _CANONICAL.encode(dict(unreadable)) if unreadable else "{}"
     text = f'{{"rigs":{{{members}}},"town":{town},"unreadable":{lost}}}'
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _key(name: str) -> str:
-    # A rig's name is ASCII letters, digits and '_' (`rig_name_problem`): JSON's quotes alone.
+def member_key(name: str) -> str:
+    """`name` as a JSON object's key, as `json.dumps(name, ensure_ascii=False)` writes it.
+    A rig's name is ASCII letters, digits and '_' (`rig_name_problem`): JSON's quotes alone."""
     if name.isascii() and name.isprintable() and '"' not in name and "\\" not in name:
         return f'"{name}"'
     return json.dumps(name, ensure_ascii=False)

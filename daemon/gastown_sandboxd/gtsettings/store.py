@@ -84,6 +84,7 @@ from gastown_sandboxd.gtsettings.schema import (
     relative_path,
 )
 from gastown_sandboxd.gtsettings.snapshot import (
+    ANSWER_JSON,
     FileState,
     Snapshot,
     cached_snapshot,
@@ -96,25 +97,45 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ConfigView:
-    """What GET /config answers."""
+    """What GET /config answers: the managed view of `snapshot`."""
 
-    town: Doc
-    rigs: dict[str, Doc]
+    snapshot: Snapshot = dataclasses.field(repr=False)
     revision: str
+
+    @property
+    def town(self) -> Doc:
+        return self.snapshot.view()[0]
+
+    @property
+    def rigs(self) -> dict[str, Doc]:
+        return self.snapshot.view()[1]
 
     def as_json(self) -> dict[str, Any]:
         return {"town": self.town, "rigs": self.rigs, "revision": self.revision}
 
+    def json_bytes(self) -> bytes:
+        """`as_json()` as the API encodes it, from each file's text (`Snapshot.view_json`)."""
+        town, rigs = self.snapshot.view_json()
+        revision = ANSWER_JSON.encode(self.revision)
+        return f'{{"town":{town},"rigs":{rigs},"revision":{revision}}}'.encode()
+
 
 @dataclass(frozen=True, slots=True)
 class PatchResult:
-    """What PATCH /config answers: the managed view after the change."""
+    """What PATCH /config answers: the managed view after the change (of `snapshot`)."""
 
     changed: bool
     revision: str
     files: list[str]
-    town: Doc
-    rigs: dict[str, Doc]
+    snapshot: Snapshot = dataclasses.field(repr=False)
+
+    @property
+    def town(self) -> Doc:
+        return self.snapshot.view()[0]
+
+    @property
+    def rigs(self) -> dict[str, Doc]:
+        return self.snapshot.view()[1]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +145,14 @@ class PatchResult:
             "town": self.town,
             "rigs": self.rigs,
         }
+
+    def json_bytes(self) -> bytes:
+        """`as_json()` as the API encodes it, from each file's text (`Snapshot.view_json`)."""
+        town, rigs = self.snapshot.view_json()
+        head = ANSWER_JSON.encode(
+            {"changed": self.changed, "revision": self.revision, "files": self.files}
+        )
+        return f'{head[:-1]},"town":{town},"rigs":{rigs}}}'.encode()
 
 
 @dataclass(slots=True)
@@ -237,8 +266,7 @@ class SettingsStore:
         if unreadable:
             raise SettingsFileUnreadable(_unreadable_message(unreadable), unreadable)
         self._revision = snapshot.revision()
-        town, rigs = snapshot.view()
-        return ConfigView(town=town, rigs=rigs, revision=self._revision)
+        return ConfigView(snapshot=snapshot, revision=self._revision)
 
     async def patch(
         self,
@@ -441,7 +469,7 @@ class SettingsStore:
         docs = self._plan(snapshot, apply_patch(current, body), touched)
         final = Snapshot({**snapshot.files, **docs})
         after = final.revision()
-        town, rigs = final.view()
+        final.view_json()  # the answer's texts, here rather than on the event loop
         events = []
         for rig, state in docs.items():
             events += _unreported(rig, snapshot.files[rig], known, before)
@@ -449,7 +477,7 @@ class SettingsStore:
                 _event(rig, snapshot.files[rig].doc, state.doc, after, source, generation)
             )
         names = [relative_path(rig) for rig in docs]
-        return _Change(final, docs, PatchResult(bool(docs), after, names, town, rigs), events)
+        return _Change(final, docs, PatchResult(bool(docs), after, names, final), events)
 
     def _plan(
         self, snapshot: Snapshot, after: TownFiles, touched: list[str | None]

@@ -237,7 +237,7 @@ class _Routes:
 
     async def get_config(self, request: Request) -> Response:
         view = await self.ctx.store.view()
-        return JSONResponse(view.as_json(), headers={"ETag": f'"{view.revision}"'})
+        return _json_answer(view.json_bytes(), etag=view.revision)
 
     async def patch_config(self, request: Request) -> Response:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -252,7 +252,7 @@ class _Routes:
         result = await self.ctx.store.patch(
             body, if_match=request.headers.get("if-match"), generation=generation
         )
-        return JSONResponse(result.as_json(), headers={"ETag": f'"{result.revision}"'})
+        return _json_answer(result.json_bytes(), etag=result.revision)
 
     async def sync_config(self, request: Request) -> Response:
         if self.ctx.config_sync is None:
@@ -335,6 +335,12 @@ def _generation(value: str | None) -> int | None:
             "X-Gastown-Generation must be a whole number (the cloud's generation)",
         )
     return int(text)
+
+
+def _json_answer(body: bytes, *, etag: str) -> Response:
+    # The bytes `JSONResponse` would send (`ANSWER_JSON`), assembled by the store from texts
+    # each file's view keeps: the views are not encoded again on the event loop.
+    return Response(body, media_type="application/json", headers={"ETag": f'"{etag}"'})
 
 
 async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:

@@ -7,10 +7,21 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.responses import JSONResponse
 
 from gastown_sandboxd.gtsettings import snapshot
 from gastown_sandboxd.gtsettings.layout import rig_files, rig_folder, rig_names
-from gastown_sandboxd.gtsettings.snapshot import cached_snapshot, forget, read_file, read_snapshot
+from gastown_sandboxd.gtsettings.snapshot import (
+    FileState,
+    Snapshot,
+    cached_snapshot,
+    forget,
+    read_file,
+    read_snapshot,
+)
+from gastown_sandboxd.gtsettings.store import ConfigView, PatchResult
 
 TOWN = b'{"type": "town-settings", "version": 1, "default_agent": "claude"}\n'
 OTHER = b'{"type": "town-settings", "version": 1, "default_agent": "codex!"}\n'
@@ -196,3 +207,54 @@ def test_a_cached_snapshot_is_served_from_stats_or_not_at_all(town_file: Path) -
     town_file.write_bytes(OTHER)  # a new stamp: the cached bytes no longer count
     assert cached_snapshot(root) is None
     assert read_snapshot(root).files[None].raw == OTHER
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_town_docs = st.dictionaries(
+    st.sampled_from(["type", "default_agent", "agents", "role_agents", "crew_agents", "other"]),
+    _values,
+    max_size=5,
+)
+_rig_docs = st.dictionaries(
+    st.sampled_from(["type", "agent", "agents", "worker_agents", "role_effort", "x"]),
+    _values,
+    max_size=4,
+)
+
+
+@given(
+    town=st.none() | _town_docs,
+    rigs=st.dictionaries(
+        st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True), st.none() | _rig_docs, max_size=4
+    ),
+    files=st.lists(st.text(max_size=8), max_size=3),
+    changed=st.booleans(),
+)
+def test_answers_from_kept_texts_are_the_bytes_json_response_sends(
+    town: dict[str, object] | None,
+    rigs: dict[str, dict[str, object] | None],
+    files: list[str],
+    changed: bool,
+) -> None:
+    """GET /config and PATCH /config send texts each file's view keeps, assembled: the same
+    bytes Starlette's `JSONResponse` makes of `as_json()`, whatever the documents hold
+    (non-ASCII, nesting, floats, rigs without a file, a town without one)."""
+    states: dict[str | None, FileState] = {None: FileState(doc=town)}
+    states.update({rig: FileState(doc=doc) for rig, doc in rigs.items()})
+    snap = Snapshot(states)
+    view = ConfigView(snapshot=snap, revision=snap.revision())
+    assert view.json_bytes() == JSONResponse(view.as_json()).body
+    result = PatchResult(changed, snap.revision(), files, snap)
+    assert result.json_bytes() == JSONResponse(result.as_json()).body
+    again = PatchResult(changed, snap.revision(), files, snap)  # the kept texts, reused
+    assert again.json_bytes() == result.json_bytes()
