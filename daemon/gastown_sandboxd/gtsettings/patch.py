@@ -9,6 +9,7 @@ Python twice); an `exec_wrapper` already in a file stays unless the body sets it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -154,6 +155,7 @@ def revision_of(town: str, rigs: Mapping[str, str], unreadable: Mapping[str, str
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=1024)
 def member_key(name: str) -> str:
     """`name` as a JSON object's key, as `json.dumps(name, ensure_ascii=False)` writes it.
     A rig's name is ASCII letters, digits and '_' (`rig_name_problem`): JSON's quotes alone."""

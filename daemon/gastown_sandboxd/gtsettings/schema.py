@@ -8,6 +8,7 @@ presets and the daemon's extra presets. Every function here is pure.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -115,12 +116,13 @@ def pointer(*parts: str) -> str:
     return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in parts)
 
 
+@functools.lru_cache(maxsize=1024)
 def rig_name_problem(name: str) -> str | None:
     """Why `name` cannot name a rig, or None when it can (the folder is checked elsewhere).
 
-    Asked of every entry of the town root on every read of the town's files: a name of
-    the allowed characters is told apart by one match; the others are looked at closer,
-    for the message."""
+    Asked of every entry of the town root on every read of the town's files: kept for the
+    last 1,024 names, a name of the allowed characters told apart by one match; the others
+    are looked at closer, for the message."""
     if not _RIG_NAME.fullmatch(name):
         if not name:
             return "a rig name cannot be empty"

@@ -298,8 +298,7 @@ def _lookup(key: str, scope: Scope, name: str, info: Lstat | None) -> FileState 
         return FileState()
     if isinstance(info, OSError):
         return FileState(error=f"{name} cannot be read: {info.strerror or info}")
-    with _cache_lock:
-        cached = _cache.get(key)
+    cached = _cache.get(key)  # one get: atomic, no lock
     if cached is not None and cached[0] == stat_key(info) and cached[1:3] == (name, scope):
         return cached[3]
     return info
