@@ -95,12 +95,11 @@ from gastown_sandboxd.own_writes import OWN_WRITES, note_own_write
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigView:
-    """What GET /config answers: the managed view of `snapshot`."""
+class _View:
+    """The managed view of the town and its rigs in a snapshot, for an answer."""
 
-    snapshot: Snapshot = dataclasses.field(repr=False)
-    revision: str
+    __slots__ = ()
+    snapshot: Snapshot
 
     @property
     def town(self) -> Doc:
@@ -109,6 +108,14 @@ class ConfigView:
     @property
     def rigs(self) -> dict[str, Doc]:
         return self.snapshot.view()[1]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigView(_View):
+    """What GET /config answers: the managed view of `snapshot`."""
+
+    snapshot: Snapshot = dataclasses.field(repr=False)
+    revision: str
 
     def as_json(self) -> dict[str, Any]:
         return {"town": self.town, "rigs": self.rigs, "revision": self.revision}
@@ -121,21 +128,13 @@ class ConfigView:
 
 
 @dataclass(frozen=True, slots=True)
-class PatchResult:
+class PatchResult(_View):
     """What PATCH /config answers: the managed view after the change (of `snapshot`)."""
 
     changed: bool
     revision: str
     files: list[str]
     snapshot: Snapshot = dataclasses.field(repr=False)
-
-    @property
-    def town(self) -> Doc:
-        return self.snapshot.view()[0]
-
-    @property
-    def rigs(self) -> dict[str, Doc]:
-        return self.snapshot.view()[1]
 
     def as_json(self) -> dict[str, Any]:
         return {
