@@ -140,7 +140,7 @@ class Snapshot:
 
         A PATCH's answer and GET /config hold every rig. With 100 rigs, encoding their
         views took the event loop ~10,000 instructions a rig on every PATCH (callgrind);
-        the store works this out in its worker thread (`SettingsStore._change`)."""
+        the store works this out in its worker thread (`SettingsStore._plan_group`)."""
         town, rigs = self.memo.get("json:town"), self.memo.get("json:rigs")
         if town is None or rigs is None:
             members = (f"{member_key(rig)}:{s.view_json('rig')}" for rig, s in self._viewed_rigs())

@@ -414,6 +414,7 @@ class SettingsStore:
                 request.error = exc
                 continue
             snapshot, request.result, request.events = change.after, change.result, change.events
+            snapshot.view_json()  # its answer's texts: here, not on the event loop
             changed.update(change.docs)
             known.update(change.docs)
             if change.docs:
@@ -468,7 +469,6 @@ class SettingsStore:
         docs = self._plan(snapshot, apply_patch(current, body), touched)
         final = Snapshot({**snapshot.files, **docs})
         after = final.revision()
-        final.view_json()  # the answer's texts, here rather than on the event loop
         events = []
         for rig, state in docs.items():
             events += _unreported(rig, snapshot.files[rig], known, before)
