@@ -1,6 +1,6 @@
 """The daemon's sockets accept connections from the moment they are bound, and hypercorn
-releases a connection as soon as its client has closed it and stops its keep-alive timer
-without a trip through the event loop (`_hypercorn.py`)."""
+releases a connection as soon as its client has closed it, stops its keep-alive timer
+without a trip through the event loop, and runs that timer in one task (`_hypercorn.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -23,14 +24,14 @@ import anyio.to_thread
 import pytest
 from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import TCPServer
-from hypercorn.asyncio.worker_context import AsyncioSingleTask
+from hypercorn.asyncio.worker_context import AsyncioSingleTask, EventWrapper
 from starlette.types import Receive, Scope, Send
 
-from gastown_sandboxd._hypercorn import load_deferred, stop_timers_in_place
+from gastown_sandboxd._hypercorn import idle_wait_in_one_task, load_deferred, stop_timers_in_place
 from gastown_sandboxd.http import server
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, hypercorn_config, serve_socket
 from gastown_sandboxd.options import parse_listen
-from tests.fixtures.net import seconds_to_release
+from tests.fixtures.net import read_answer, seconds_to_release
 
 
 def test_a_bound_tcp_socket_already_listens() -> None:
@@ -215,6 +216,116 @@ async def test_the_keep_alive_timer_is_stopped_without_a_trip_through_the_loop()
     else is ready first (a second callback for every request's head)."""
     assert await _others_ran_during(mended=True) == []
     assert await _others_ran_during(mended=False) == ["during restart", "during stop"]
+
+
+class _IdleConnection:
+    """What hypercorn's keep-alive timer uses of its `TCPServer`."""
+
+    def __init__(self, keep_alive: float) -> None:
+        self.config = types.SimpleNamespace(keep_alive_timeout=keep_alive)
+        self.context = types.SimpleNamespace(terminated=EventWrapper())
+        self.closed = 0
+
+    async def _initiate_server_close(self) -> None:
+        self.closed += 1
+
+
+async def _idle_wait(mended: bool, *, server_ends: bool) -> tuple[int, int]:
+    """(tasks made, closes) while one keep-alive timer waits, mended or as hypercorn has it,
+    until the server ends (`server_ends`) or its keep-alive time (10 ms) has passed."""
+    idle_wait_in_one_task()
+    method: Any = TCPServer._idle_timeout
+    wait = method if mended else method.__wrapped__
+    connection = _IdleConnection(keep_alive=3600.0 if server_ends else 0.01)
+    loop = asyncio.get_running_loop()
+    made: list[object] = []
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    timer = asyncio.create_task(wait(connection))
+    loop.set_task_factory(counting)
+    try:
+        await asyncio.sleep(0)  # the timer is waiting
+        if server_ends:
+            await connection.context.terminated.set()
+        with anyio.fail_after(20):
+            await timer
+    finally:
+        loop.set_task_factory(None)
+    return len(made), connection.closed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server_ends", [True, False], ids=["server-ends", "keep-alive-time"])
+async def test_the_keep_alive_timer_waits_in_one_task(server_ends: bool) -> None:
+    """The mended timer ends as hypercorn's does (the connection closed once, when the server
+    ends or when the keep-alive time has passed) and makes one task, the shielded close, as
+    hypercorn's does; hypercorn's makes one more for `wait_for` on Python 3.11 (3.12's
+    `wait_for` makes none)."""
+    own = 2 if sys.version_info < (3, 12) else 1
+    assert await _idle_wait(mended=True, server_ends=server_ends) == (1, 1)
+    assert await _idle_wait(mended=False, server_ends=server_ends) == (own, 1)
+
+
+def _answered(path: Path) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(20.0)
+    client.connect(str(path))
+    client.sendall(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    answer, close = read_answer(client)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert not close, "the server closed it itself"
+    return client
+
+
+def _seconds_until_closed(client: socket.socket) -> float:
+    started = time.monotonic()
+    with client:
+        try:
+            while client.recv(65536):
+                pass
+        except TimeoutError:
+            pytest.fail("the server kept an idle connection open for 20 s")
+    return time.monotonic() - started
+
+
+@pytest.mark.anyio
+async def test_the_server_closes_an_idle_connection_after_the_keep_alive_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the daemon's server (every mend applied): a connection left idle after its
+    answer is closed by the server once the keep-alive time has passed, not before."""
+    keep_alive = 0.3
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", keep_alive)
+
+    async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
+        await serve_socket(_hello, sock, stop)
+
+    async with _serving(tmp_path, serve_on) as path:
+        client = await anyio.to_thread.run_sync(_answered, path)
+        waited = await anyio.to_thread.run_sync(_seconds_until_closed, client)
+    print(f"closed by the server {waited:.2f} s after the answer")
+    assert waited >= keep_alive * 0.8
+
+
+@pytest.mark.anyio
+async def test_stopping_the_server_closes_an_idle_connection_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection idle in its keep-alive time (60 s here) is closed as soon as the server
+    stops, not when that time or the server's grace time (30 s here) runs out."""
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 60.0)
+
+    async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
+        await serve_socket(_hello, sock, stop, graceful_timeout=30.0)
+
+    with anyio.fail_after(20):  # the server's stop ends with the connection's close
+        async with _serving(tmp_path, serve_on) as path:
+            client = await anyio.to_thread.run_sync(_answered, path)
+        waited = await anyio.to_thread.run_sync(_seconds_until_closed, client)
+    print(f"closed {waited:.2f} s after the server had stopped")
 
 
 DEFERRED_PROBE = """
