@@ -1,6 +1,8 @@
 """Hooks and signals: tell local programs about events.
 
-`Notifier.run` subscribes to the bus and dispatches each event without ever waiting on a hook:
+`Notifier.run` subscribes to the bus while it has hooks or signals to tell (none are set up
+by default, and then an event wakes nothing here), and dispatches each event without ever
+waiting on a hook:
 
 - a hook (`[[hooks]] events, command, timeout`) runs in its own task, one run at a time; the
   events that arrive while it runs (or backs off) fold into ONE more run with the newest event.
@@ -12,6 +14,13 @@
   anew each time. A missing or bad pid file, a gone process or a refusal is logged and counted.
 
 Hook output is not captured: it goes to the daemon's own stdout/stderr (the journal).
+
+Subscribed with nothing to tell, the notifier's task woke for every event and went back to
+wait: two steps of a task per PATCH. Instructions of the event loop's thread per PATCH
+(callgrind, a daemon without hooks or signals, the tree before against this one): one every
+20 ms 2,072k -> 2,013k, 4 clients 1,857k -> 1,813k (`GET /healthz`, no event: 1,117k ->
+1,115k). Timed, daemon CPU per paced PATCH: 2.66 -> 2.29 and 2.63 -> 2.60 ms (two sets of 8
+and 10 alternating rounds: the host's noise is as large).
 """
 
 from __future__ import annotations
@@ -244,6 +253,10 @@ class Notifier:
         self.stats = NotifyStats()
         self._runners = tuple(_HookRunner(spec, self) for spec in hooks)
         self._tg: anyio.abc.TaskGroup | None = None
+        # Set while `run` waits with nothing to tell; `reconfigure` wakes it, and it subscribes
+        # after `_resume_after`, the newest event at that moment.
+        self._wanted: anyio.Event | None = None
+        self._resume_after: int | None = None
 
     def reconfigure(self, hooks: Sequence[HookSpec], signals: Sequence[SignalSpec]) -> None:
         """Use these hooks and signals from the next event on (a reload of the options).
@@ -269,6 +282,12 @@ class Notifier:
                 runner.retire()
         self._runners = tuple(runners)
         self._signals = tuple(signals)
+        if self._wanted is not None and self._tells_anyone():
+            self._resume_after = self._bus.last_id
+            self._wanted.set()
+
+    def _tells_anyone(self) -> bool:
+        return bool(self._runners or self._signals)
 
     def backoff(self, failures: int) -> float:
         return hook_backoff(failures, base=self._backoff_base, cap=self._backoff_max)
@@ -299,20 +318,37 @@ class Notifier:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Dispatch until cancelled or until the bus closes."""
+        """Dispatch until cancelled or until the bus closes; started once subscribed, or at
+        once with neither hooks nor signals (then subscribed after the `reconfigure` that
+        brings some, from the next event on, and no longer after one that leaves none)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for runner in self._runners:
                 tg.start_soon(runner.run)
             resume_after: int | None = None
+            started = False
             while True:
+                if not self._tells_anyone():
+                    if not started:
+                        task_status.started()
+                        started = True
+                    self._wanted = anyio.Event()
+                    try:
+                        await self._wanted.wait()
+                    finally:
+                        self._wanted = None
+                    resume_after = self._resume_after
                 try:
                     async with self._bus.subscribe(last_event_id=resume_after) as subscription:
-                        if resume_after is None:
+                        if not started:
                             task_status.started()
+                            started = True
                         async for event in subscription:
                             self.dispatch(event)
-                    break
+                            if not self._tells_anyone():
+                                break
+                        else:
+                            break  # the bus closed
                 except SubscriberLagged as lagged:
                     # The ring still holds what a burst pushed past our buffer.
                     resume_after = lagged.last_event_id

@@ -64,7 +64,9 @@ async def test_reconfigure_swaps_hooks_between_two_events(tmp_path: Path) -> Non
 
 
 async def test_reconfigure_sends_the_new_signals(tmp_path: Path) -> None:
-    """A [[signals]] entry added by a reload is used for the next event, not before."""
+    """A [[signals]] entry added by a reload is used for the next event, not before: with
+    neither hooks nor signals the notifier holds no subscription, and the reload's makes
+    it see the events after the newest one."""
     bus = EventBus()
     notifier = Notifier(bus=bus, hooks=[], signals=[])
     # SIGUSR2's default action ends `sleep`: its exit status tells that the signal came.
@@ -73,14 +75,35 @@ async def test_reconfigure_sends_the_new_signals(tmp_path: Path) -> None:
         pid_file.write_text(f"{target.pid}\n")
         try:
             async with running(notifier):
+                assert bus.subscriber_count == 0
                 bus.emit("config.changed", {})
-                await eventually(lambda: notifier.stats.events_dispatched == 1)
-                assert target.poll() is None
                 spec = SignalSpec(pid_file=pid_file, signal=signal.SIGUSR2, events=EVENTS)
                 notifier.reconfigure([], [spec])
-                bus.emit("config.changed", {})
-                await eventually(lambda: notifier.stats.events_dispatched == 2)
+                second = bus.emit("config.changed", {}).id
+                await eventually(lambda: notifier.stats.last_event_id == second)
             assert target.wait(10) == -signal.SIGUSR2
         finally:
             target.kill()
-    assert notifier.stats.signals_sent == 1
+    assert (notifier.stats.events_dispatched, notifier.stats.signals_sent) == (1, 1)
+
+
+async def test_a_reload_that_leaves_nothing_to_tell_ends_the_subscription(tmp_path: Path) -> None:
+    """Hooks removed by a reload: the next event is the last the notifier sees, and a later
+    reload with a hook brings the subscription back, from the event after the newest."""
+    runs = tmp_path / "runs"
+    bus = EventBus()
+    notifier = Notifier(bus=bus, hooks=[hook(runs, "first")], signals=[])
+    async with running(notifier):
+        assert bus.subscriber_count == 1
+        notifier.reconfigure([], [])
+        last_seen = bus.emit("config.changed", {}).id
+        await eventually(lambda: bus.subscriber_count == 0)
+        unseen = bus.emit("config.changed", {}).id
+        notifier.reconfigure([hook(runs, "again")], [])
+        seen = bus.emit("config.changed", {}).id
+        await eventually(lambda: f"again {seen}" in lines(runs))
+        assert bus.subscriber_count == 1
+    assert notifier.stats.last_event_id == seen
+    assert notifier.stats.events_dispatched == 2  # `last_seen` and `seen`, never `unseen`
+    assert (last_seen, unseen, seen) == (1, 2, 3)
+    assert lines(runs) == [f"again {seen}"]
