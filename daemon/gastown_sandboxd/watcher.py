@@ -19,11 +19,8 @@ The daemon's own writes: the writer calls `own_writes.note(path, data)` before i
 settings file whose bytes, read when its change comes in, are the ones noted is dropped before
 any re-read of the town, rig listing or log line (the note is used up either way, so an edit
 by someone else that later writes the same bytes is not mistaken for the daemon's). With the
-doorbell this happens as the ring is read, so the daemon's own write wakes no watchfiles
-collect at all, and what watchfiles kept of it is dropped there and then. Kept, it would grow
-watchfiles' set by two names a write (the temporary file's, each one new) until someone else
-edited a settings file: 4.5 MiB more RSS after 20,000 writes, measured on `RustNotify` alone;
-dropped (`_drop_collected`, 0.4 µs when there is nothing), none.
+doorbell this happens as the ring is read, so the daemon's own write wakes nothing else: no
+watchfiles collect and no watchfiles thread, which watches only for a collect (below).
 
 Sleeping (measured by `bench/watcher_bench.py`; Linux, inotify, 2 shared cores, idle
 wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms` while
@@ -31,11 +28,18 @@ wake-ups/s and rename → callback p50): watchfiles' thread wakes every `step_ms
 50 ms 21/s and 62 ms, 100 ms 11/s and 149 ms, 250 ms about 5/s and 430 ms.
 So on Linux the watcher keeps its own inotify descriptor, the doorbell, that the event loop
 waits on: no wake-up until the kernel has an event for a relevant name. A ring of a settings
-file runs `RustNotify.watch`, which hands over what watchfiles collected once a `step_ms`
-passes with no new change (or `debounce_ms` into a busy burst), or nothing after two steps;
-watchfiles watches only the settings folders. Every path of the ring is in the batch too, so
-a change watchfiles handed over already (the rest of a write it collected), or has not read
-yet (its thread held up), is neither collected for long nor lost. The env file and the
+file sets up a watchfiles watch of the settings folders (`RustNotify`, ~0.14 ms with its
+thread) and runs `RustNotify.watch`, which hands over what watchfiles collected of the rest of
+the burst once a `step_ms` passes with no new change (or `debounce_ms` into a busy burst), or
+nothing after two steps; then the watch is given back. Every path of the ring is in the batch
+too, so the change that rang (before the watch) and one watchfiles has not read yet (its
+thread held up) are neither lost nor reported twice. Kept between collects, watchfiles'
+thread woke for every open, write and rename in the settings folders, the daemon's own reads
+and writes too: ~6 times a PATCH, 0.11 ms of CPU a paced PATCH, 24.1 -> 15.8 context switches
+of the daemon a PATCH without it (medians of 8 alternating rounds of 150 PATCHes one every
+30 ms); and its set kept two names of every own write until someone else edited a settings
+file (4.5 MiB more RSS after 20,000 writes, measured on `RustNotify` alone) unless emptied
+at each. The env file and the
 entries of the other folders are known from the ring itself, gathered with the same step and
 limit (`_Doorbell.settle`). Idle, the watcher costs no wake-up at all, and with step 10 ms an
 edit reaches its callback in ~25 ms (two steps). After a collect, what the doorbell queued
@@ -295,71 +299,76 @@ class SettingsWatcher:
         """Sleep on the doorbell; on a ring of a settings file, let watchfiles collect the
         batch; the env file and the folders' names are known from the ring itself."""
         settings = frozenset(folder for folder in folders if folder.name == SETTINGS)
-        # watchfiles first: whatever rings the doorbell in a settings folder is then also in
-        # its set. It watches only these: every folder it watches wakes its thread for every
-        # change of any file there.
-        with RustNotify(sorted(map(str, settings)), False, False, 0, False, False) as notify:
-            # The env file's folder (unless it is the town's) is watched for the env file
-            # alone, its names only while the file is missing or a symlink (`watch_file`);
-            # its parent while it is gone.
-            doorbell = _Doorbell.open(
-                town | (folders - {self._env_file.parent}), content=settings, file=self._env_file
-            )
-            if doorbell is None:  # no inotify here after all: poll from now on
-                self._doorbell = False
-                await self._watch_polled(folders, stop, outcome, task_status)
-                return
-            with contextlib.closing(doorbell):
-                self.mode = "doorbell"
-                outcome.started = True
-                task_status.started(outcome)
+        # The env file's folder (unless it is the town's) is watched for the env file alone,
+        # its names only while the file is missing or a symlink (`watch_file`); its parent
+        # while it is gone.
+        doorbell = _Doorbell.open(
+            town | (folders - {self._env_file.parent}), content=settings, file=self._env_file
+        )
+        if doorbell is None:  # no inotify here after all: poll from now on
+            self._doorbell = False
+            await self._watch_polled(folders, stop, outcome, task_status)
+            return
+        with contextlib.closing(doorbell):
+            self.mode = "doorbell"
+            outcome.started = True
+            task_status.started(outcome)
 
-                def rings(path: Path) -> bool:
-                    # What watchfiles kept of the daemon's own write is dropped with it.
-                    if self._is_own_ring(path):
-                        _drop_collected(notify)
-                        return False
-                    return self._relevant_path(path)
+            def rings(path: Path) -> bool:
+                return not self._is_own_ring(path) and self._relevant_path(path)
 
-                # The first collect takes what came while the two were being set up.
-                ring = _Ring(collect=True)
-                while True:
-                    changes: set[tuple[Change, str]] = set()
-                    if ring.collect:
-                        # Two steps are enough: the ring's own paths are in the batch, so a
-                        # change watchfiles handed over already, or has not read yet, is lost
-                        # neither way.
-                        raw = await anyio.to_thread.run_sync(
-                            notify.watch, self._debounce_ms, self._step_ms, 2 * self._step_ms, stop
-                        )
-                        if raw == "stop":
-                            return
-                        if not isinstance(raw, str):
-                            changes.update(
-                                (Change(change), path)
-                                for change, path in raw
-                                if self._relevant(Change(change), path)
-                            )
-                        # The rest of the burst watchfiles collected (queued on the doorbell
-                        # meanwhile) belongs to this batch, not to a ring of its own.
-                        if not self._own_writes.in_flight:
-                            ring.add(doorbell.drain(rings))
-                    # A path watchfiles reported is one change, not two.
-                    reported = {path for _, path in changes}
-                    changes.update(
-                        (Change.modified, path)
-                        for path in map(str, ring.paths)
-                        if path not in reported
-                    )
-                    if ring.lost:  # the folders may have changed too (the drain named the env file)
-                        changes.add((Change.modified, str(self._town_root)))
-                    if changes and not await self._batch(changes, folders):
+            # The first look takes what came while the doorbell was being set up.
+            ring = _Ring(collect=True)
+            while True:
+                changes: set[tuple[Change, str]] = set()
+                if ring.collect:
+                    raw = await self._collect(settings, stop)
+                    if raw == "stop":
                         return
-                    ring = await doorbell.wait(rings, self._own_writes)
-                    if not ring.collect:  # the rest of the same burst
-                        await doorbell.settle(
-                            ring, rings, self._own_writes, self._step_ms, self._debounce_ms
+                    if not isinstance(raw, str):
+                        changes.update(
+                            (Change(change), path)
+                            for change, path in raw
+                            if self._relevant(Change(change), path)
                         )
+                    # The rest of the burst watchfiles collected (queued on the doorbell
+                    # meanwhile) belongs to this batch, not to a ring of its own.
+                    if not self._own_writes.in_flight:
+                        ring.add(doorbell.drain(rings))
+                # A path watchfiles reported is one change, not two.
+                reported = {path for _, path in changes}
+                changes.update(
+                    (Change.modified, path) for path in map(str, ring.paths) if path not in reported
+                )
+                if ring.lost:  # the folders may have changed too (the drain named the env file)
+                    changes.add((Change.modified, str(self._town_root)))
+                if changes and not await self._batch(changes, folders):
+                    return
+                ring = await doorbell.wait(rings, self._own_writes)
+                if not ring.collect:  # the rest of the same burst
+                    await doorbell.settle(
+                        ring, rings, self._own_writes, self._step_ms, self._debounce_ms
+                    )
+
+    async def _collect(
+        self, settings: frozenset[Path], stop: anyio.Event
+    ) -> set[tuple[int, str]] | str:
+        """What watchfiles collects of the rest of a burst that rang in a settings folder:
+        `RustNotify.watch` of a watch of `settings` set up now and given back after it,
+        "timeout" (nothing more within two steps), "stop", or "gone" when a settings folder
+        is gone (the ring's batch then makes the watch start again without it).
+
+        Two steps are enough: the ring's own paths are in the batch, so a change watchfiles
+        did not see (before its watch) or has not read yet is lost neither way.
+        """
+        try:
+            notify = RustNotify(sorted(map(str, settings)), False, False, 0, False, False)
+        except FileNotFoundError:
+            return "gone"
+        with notify:
+            return await anyio.to_thread.run_sync(
+                notify.watch, self._debounce_ms, self._step_ms, 2 * self._step_ms, stop
+            )
 
     async def _watch_polled(
         self,
@@ -841,24 +850,6 @@ def _read_quickly(path: Path) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-class _AlreadySet:
-    """A stop event that is set: `RustNotify.watch` given it returns at once."""
-
-    @staticmethod
-    def is_set() -> bool:
-        return True
-
-
-_SET = _AlreadySet()
-
-
-def _drop_collected(notify: RustNotify) -> None:
-    """Empty watchfiles' set of changes without waiting: `watch` with no step and a stop
-    event already set clears the set and returns "stop" (watchfiles 1.x). Nothing is lost by
-    it: every path the doorbell names is in its batch whatever watchfiles hands over."""
-    notify.watch(0, 0, 0, _SET)
 
 
 async def _settled(own_writes: OwnWrites) -> None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import operator
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -412,17 +415,19 @@ async def test_watch_set_up_failure_is_retried(
             return real_awatch(paths[0] / "vanished", **kwargs)  # type: ignore[arg-type]
         return real_awatch(*paths, **kwargs)  # type: ignore[arg-type]
 
-    def flaky_notify(paths: list[str], *args: object) -> RustNotify:
+    real_open = watcher_module._Doorbell.open
+
+    def flaky_doorbell(folders: Iterable[Path], **kwargs: Any) -> object:
         nonlocal attempts
         attempts += 1
         if attempts == 1:
-            return RustNotify([paths[0] + "/vanished"], *args)  # type: ignore[arg-type]
-        return RustNotify(paths, *args)  # type: ignore[arg-type]
+            folders = [*folders, next(iter(folders)) / "vanished"]
+        return real_open(folders, **kwargs)
 
     if watch_mode == "polled":
         monkeypatch.setattr("gastown_sandboxd.watcher.awatch", flaky_awatch)
     else:
-        monkeypatch.setattr("gastown_sandboxd.watcher.RustNotify", flaky_notify)
+        monkeypatch.setattr(watcher_module._Doorbell, "open", flaky_doorbell)
     with capture_logs() as logs:
         async with watching(town_tree, retry_delay=0.01) as town:
             await eventually(lambda: attempts >= 2)
@@ -539,12 +544,21 @@ class RecordingNotify:
         return found
 
 
-async def test_what_watchfiles_kept_of_own_writes_is_dropped(
+def _notify_threads() -> list[str]:
+    # watchfiles' watch runs a thread of its own, named by notify ("notify-rs inotify loop").
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
+            names.append(comm.read().strip())
+    return [name for name in names if name.startswith("notify")]
+
+
+async def test_own_writes_set_up_no_watchfiles_watch(
     town_tree: tuple[Path, Path], watch_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Own writes collect nothing, and watchfiles' set does not keep their changes (each
-    write's temporary file is a new name) until someone else edits: the next collect hands
-    over the edit, not the 60 writes before it."""
+    """watchfiles watches only to collect what rang: the first look at start, then an edit by
+    someone else; 60 own writes between them set up no watch, and between collects no
+    watchfiles thread runs. The edit's collect hands over the edit alone."""
     if watch_mode != "doorbell":
         pytest.skip("the polled fallback collects every write")
     notifies: list[RecordingNotify] = []
@@ -564,12 +578,42 @@ async def test_what_watchfiles_kept_of_own_writes_is_dropped(
             own.note(town_file, written[-1])
             write_atomic(town_file, written[-1])
             await eventually(lambda: town.watcher.own_writes == len(written))
+        assert len(notifies) == 1  # the first look, at start
+        await eventually(lambda: not _notify_threads())
         run_writer(ATOMIC_WRITE, town_file, '{"theirs": 1}')
         await eventually(lambda: town.calls.settings == [{town_file}])
-    (notify,) = notifies
-    handed = [path for batch in notify.batches for _change, path in batch]
+        assert len(notifies) == 2
+    handed = [path for batch in notifies[1].batches for _change, path in batch]
     # The other process's write: its temporary file and the rename, perhaps the last own one.
     assert len(handed) <= 6, handed
+
+
+async def test_a_settings_folder_gone_before_the_collect_restarts_the_watch(
+    town_tree: tuple[Path, Path], watch_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring whose collect cannot set up watchfiles' watch (a settings folder went just
+    then) is still a batch of its paths, and watching goes on: a later edit is seen."""
+    if watch_mode != "doorbell":
+        pytest.skip("the polled fallback sets up no watchfiles watch")
+    made = 0
+
+    def gone_once(*args: object) -> RecordingNotify:
+        nonlocal made
+        made += 1
+        if made == 2:  # the first collect after start
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory (os error 2)")
+        return RecordingNotify(*args)
+
+    monkeypatch.setattr(watcher_module, "RustNotify", gone_once)
+    async with watching(town_tree) as town:
+        rig_file = town.rig_file("alpha")
+        town_file = town.root / "settings" / "config.json"
+        await town.fence()
+        run_writer(ATOMIC_WRITE, rig_file, '{"agent": "theirs"}')
+        await eventually(lambda: town.calls.settings == [{rig_file}])
+        run_writer(ATOMIC_WRITE, town_file, '{"theirs": 2}')
+        await eventually(lambda: town.calls.settings == [{rig_file}, {town_file}])
+    assert made >= 3
 
 
 async def test_a_note_is_used_up_by_the_first_change_seen(town_tree: tuple[Path, Path]) -> None:
