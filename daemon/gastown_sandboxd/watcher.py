@@ -35,18 +35,19 @@ nothing after two steps; then the watch is given back. Every path of the ring is
 too, so the change that rang (before the watch) and one watchfiles has not read yet (its
 thread held up) are neither lost nor reported twice. Kept between collects, watchfiles'
 thread woke for every open, write and rename in the settings folders, the daemon's own reads
-and writes too: ~6 times a PATCH, 0.11 ms of CPU a paced PATCH, 24.1 -> 15.8 context switches
-of the daemon a PATCH without it (medians of 8 alternating rounds of 150 PATCHes one every
-30 ms); and its set kept two names of every own write until someone else edited a settings
-file (4.5 MiB more RSS after 20,000 writes, measured on `RustNotify` alone) unless emptied
-at each. The env file and the
-entries of the other folders are known from the ring itself, gathered with the same step and
-limit (`_Doorbell.settle`). Idle, the watcher costs no wake-up at all, and with step 10 ms an
-edit reaches its callback in ~25 ms (two steps). After a collect, what the doorbell queued
-meanwhile (the rest of the same write) joins the batch instead of ringing again. A rewrite
-of the town's settings file in place by bash (`bench/events_bench.py`) wakes a daemon process
-~27 times in all; when the rest of a write rang on its own, a second collect waited up to 1 s
-for watchfiles (~127).
+and writes too (~6 times a PATCH), and its set kept two names of every own write until
+someone else edited a settings file (4.5 MiB more RSS after 20,000 writes, measured on
+`RustNotify` alone) unless emptied at each. Medians of 8 alternating rounds of 150 PATCHes
+one every 30 ms, kept against set up per collect: daemon CPU per PATCH 2.88 -> 2.75 ms
+(watchfiles' thread 0.12 ms -> none), context switches 24.7 -> 15.6 a PATCH; threads after
+start 4 -> 3. The env file and the entries of the other folders are known from the ring
+itself, gathered with the same step and limit (`_Doorbell.settle`). Idle, the watcher costs no
+wake-up at all, and with step 10 ms an edit reaches its callback in ~22 ms (two steps). After
+a collect, what the doorbell queued meanwhile (the rest of the same write) joins the batch
+instead of ringing again. A rewrite of the town's settings file in place by bash
+(`bench/events_bench.py`) wakes a daemon process ~13.5 times in all (~27 while watchfiles'
+watch was kept between collects); when the rest of a write rang on its own, a second collect
+waited up to 1 s for watchfiles (~127).
 
 What wakes it: in the settings folders, any change; in the town root and the rig folders,
 only entries coming, going or renamed; and the env file itself, through a watch on its inode,
