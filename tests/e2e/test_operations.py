@@ -569,6 +569,53 @@ def test_sighup_reloads_hooks_and_keeps_the_event_stream_open(
     assert stream.ended.wait(10)
 
 
+def test_sighup_brings_the_first_hook_to_a_daemon_without_any(
+    daemon_factory: DaemonFactory, tmp_path: Path, ignoring_sighup: None
+) -> None:
+    """Started without hooks or signals, the daemon's notifier holds no subscription (the
+    bus has only the SSE stream); a real SIGHUP that adds a hook subscribes it, and the hook
+    runs for the change after the reload, never for the one before."""
+    marker = tmp_path / "hook-runs"
+    daemon = _daemon(daemon_factory, tmp_path, config_toml="# no hooks yet\n")
+    config = next(tmp_path.glob("daemon-*.toml"))
+    stream = _SingleStream(daemon)
+    assert stream.connected.wait(10)
+    assert _metric(daemon, "gastown_sandboxd_event_subscribers") == 1
+
+    _patch(daemon, "high")
+    before = stream.wait_for("config.changed")["id"]
+    config.write_text(_hook_toml(marker, "first"))
+    daemon.process.send_signal(signal.SIGHUP)
+    assert daemon.wait_for_log("options_reloaded")["changed"] == ["hooks"]
+    assert _metric(daemon, "gastown_sandboxd_event_subscribers") == 2
+    _patch(daemon, "low")
+    after = _next_change(stream, before)["id"]
+    # One runner, in the order of the events: a run for `before` would be written first.
+    assert _wait_for_line(marker, f"first {after}") == [f"first {after}"]
+    assert daemon.stop() == 0
+
+
+def _metric(daemon: DaemonProcess, name: str) -> float:
+    with daemon.local() as local:
+        text = local.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def _next_change(stream: _SingleStream, after: int) -> dict[str, Any]:
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        later = [e for e in list(stream.events) if e["id"] > after]
+        changes = [e for e in later if e["type"] == "config.changed"]
+        if changes:
+            return changes[0]
+        assert not stream.ended.is_set(), "the stream ended"
+        time.sleep(0.02)
+    raise AssertionError(f"no config.changed after {after}; saw {stream.events}")
+
+
 def _wait_for_event(stream: _SingleStream, after: int) -> dict[str, Any]:
     end = time.monotonic() + 15
     while time.monotonic() < end:
