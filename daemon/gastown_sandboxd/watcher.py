@@ -318,8 +318,9 @@ class SettingsWatcher:
             def rings(path: Path) -> bool:
                 return not self._is_own_ring(path) and self._relevant_path(path)
 
-            # The first look takes what came while the doorbell was being set up.
-            ring = _Ring(collect=True)
+            # Nothing to collect yet: a watchfiles watch set up now would see only what the
+            # doorbell sees too (what came while it was being set up is read at the first wait).
+            ring = _Ring()
             while True:
                 changes: set[tuple[Change, str]] = set()
                 if ring.collect:
