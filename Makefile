@@ -39,7 +39,7 @@ tools:
 
 # The npm peers, pinned and project-local: Claude Code (the agent tests run the real CLI) and
 # jsonwebtoken (it checks the cloud's kilo-claims tokens).
-CLAUDE_CODE_VERSION  := 2.1.332
+CLAUDE_CODE_VERSION  := 2.1.337
 JSONWEBTOKEN_VERSION := 9.0.3
 NPM_PREFIX := .cache/npm
 NPM_STAMP  := $(NPM_PREFIX)/.installed-$(CLAUDE_CODE_VERSION)-$(JSONWEBTOKEN_VERSION)
