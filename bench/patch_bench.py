@@ -13,7 +13,9 @@ Baselines measured in the same run, on the same file system:
 - `SettingsStore.patch` in this process with no HTTP: read, validate, merge, render, write.
 
 Also: the daemon's CPU per PATCH at the dashboard's cadence (one every 50 ms, beside back to
-back; and by thread: the event loop's, the worker threads', watchfiles') and per
+back; and by thread: the event loop's, the worker threads', watchfiles'), the same for
+PATCHes pushed by the cloud (the dashboard's path: `X-Gastown-Generation`, so the
+last-applied copy is kept as well), and per
 `GET /healthz` at that cadence (HTTP alone, which no PATCH can go below), and
 `wrk` with 8 connections over TCP (each request flips a crew member, so each writes).
 The bare stack (`bare_stack.py`: Starlette on hypercorn that parses, renders, hops once and
@@ -104,6 +106,13 @@ Send = Callable[[httpx.AsyncClient, int, int], Awaitable[httpx.Response]]
 def _patch(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Response]:
     """Client `client`'s `n`th PATCH: its crew member flipped, so it always writes."""
     return http.patch("/config", json=_body(client, n))
+
+
+def _pushed(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Response]:
+    """Client `client`'s `n`th PATCH as the cloud pushes the dashboard's changes: with
+    `X-Gastown-Generation`, so the daemon also keeps its last-applied copy (section 10)."""
+    headers = {"X-Gastown-Generation": str(n + 1)}
+    return http.patch("/config", json=_body(client, n), headers=headers)
 
 
 def _healthz(http: httpx.AsyncClient, client: int, n: int) -> Awaitable[httpx.Response]:
@@ -413,6 +422,7 @@ def run(quick: bool) -> list[Row]:
                 rounds[clients] = anyio.run(patch_round, daemon, clients, total // clients, 0)
             raw, stack_raw = raw_round(daemon, total), raw_round(stack, total)
             paced = anyio.run(paced_round, daemon, paced_count, 0.05)
+            pushed = anyio.run(paced_round, daemon, paced_count, 0.05, _pushed)
             stack_paced = anyio.run(paced_round, stack, paced_count, 0.05)
             healthz = anyio.run(paced_round, daemon, paced_count, 0.05, _healthz)
             wrk, stack_wrk, wrk_healthz = wrk_turns_of(
@@ -434,6 +444,16 @@ def run(quick: bool) -> list[Row]:
         Row("daemon CPU per PATCH, one every 50 ms", paced.cpu_ms,
             "ms", rounds[1].cpu_ms,
             f"the dashboard's cadence, {len(paced.latencies)} PATCHes; baseline: back to back")
+    )  # fmt: skip
+    rows.append(
+        Row("daemon CPU per PATCH pushed by the cloud, one every 50 ms", pushed.cpu_ms,
+            "ms", paced.cpu_ms,
+            "the dashboard's changes come with X-Gastown-Generation: the last-applied copy is "
+            "kept too; baseline: the paced PATCH above")
+    )  # fmt: skip
+    rows.append(
+        Row("  its p50", percentile(pushed.latencies, 50), "ms",
+            percentile(paced.latencies, 50), "baseline: the paced PATCH's p50")
     )  # fmt: skip
     for kind in (MAIN, WORKERS, WATCHFILES):
         rows.append(
