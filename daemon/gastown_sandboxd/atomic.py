@@ -5,6 +5,11 @@ fsync the folder. `write_atomic_at` does the same inside a folder given by an op
 descriptor, so a folder swapped for a symlink after it was checked cannot redirect it.
 A target that is a bind-mounted file cannot be renamed over (EBUSY, EXDEV);
 then the file is rewritten in place, which is logged because it is not atomic.
+
+`durable=False` leaves out both fsyncs: the file is still whole before it is renamed in, so
+readers and a restart after any SIGKILL see the old or the new version, but it reaches the
+disk when the kernel writes it back, or at `make_durable`: for state that its owner makes
+durable a moment later, once per burst of writes (`LastApplied`).
 """
 
 from __future__ import annotations
@@ -32,14 +37,34 @@ log = structlog.get_logger(__name__)
 _IN_PLACE_ERRNOS = frozenset({errno.EBUSY, errno.EXDEV})
 
 
-def write_atomic(path: StrPath, data: bytes, *, mode: int | None = None) -> bool:
+def write_atomic(
+    path: StrPath, data: bytes, *, mode: int | None = None, durable: bool = True
+) -> bool:
     """Replace `path` with `data` atomically; return True when the in-place fallback was used.
 
-    `mode` None keeps the mode of an existing file (0644 for a new one). Raises
-    `AtomicWriteError` (an OSError with the original errno) with the old file intact.
+    `mode` None keeps the mode of an existing file (0644 for a new one). `durable` False: no
+    fsync (see the module docstring). Raises `AtomicWriteError` (an OSError with the
+    original errno) with the old file intact.
     """
     path = Path(path)
-    return _write(_Place(path.parent, None), path.name, data, mode)
+    return _write(_Place(path.parent, None), path.name, data, mode, durable)
+
+
+def make_durable(path: StrPath) -> None:
+    """fsync `path` and its folder: what `write_atomic(durable=False)` left out.
+
+    Raises `AtomicWriteError` when the file cannot be opened or fsynced.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise AtomicWriteError(exc.errno, f"cannot fsync {path}: {exc.strerror}") from exc
+    _fsync_folder(_Place(path.parent, None))
 
 
 def write_atomic_at(
@@ -50,7 +75,7 @@ def write_atomic_at(
     The folder is the one the descriptor was opened on, whatever its path leads to now; a
     symlink at `name` is replaced, never written through. `folder` names it in messages.
     """
-    return _write(_Place(folder or Path(f"<fd {dir_fd}>"), dir_fd), name, data, mode)
+    return _write(_Place(folder or Path(f"<fd {dir_fd}>"), dir_fd), name, data, mode, True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +95,7 @@ class _Place:
         return {} if self.dir_fd is None else {"src_dir_fd": self.dir_fd, "dst_dir_fd": self.dir_fd}
 
 
-def _write(place: _Place, name: str, data: bytes, mode: int | None) -> bool:
+def _write(place: _Place, name: str, data: bytes, mode: int | None, durable: bool) -> bool:
     target = place.folder / name
     final_mode = _target_mode(place, name, mode)
     try:
@@ -83,7 +108,8 @@ def _write(place: _Place, name: str, data: bytes, mode: int | None) -> bool:
         try:
             try:
                 _write_fully(fd, data)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
                 os.fchmod(fd, final_mode)
             finally:
                 os.close(fd)
@@ -96,14 +122,15 @@ def _write(place: _Place, name: str, data: bytes, mode: int | None) -> bool:
                     path=str(target),
                     errno=errno.errorcode.get(exc.errno or 0, "?"),
                 )
-                _write_in_place(place, name, data, final_mode)
+                _write_in_place(place, name, data, final_mode, durable)
                 return True
             raise AtomicWriteError(exc.errno, f"cannot write {target}: {exc.strerror}") from exc
     finally:
         if tmp_name:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(place.name(tmp_name), **place.at())
-    _fsync_folder(place)
+    if durable:
+        _fsync_folder(place)
     return False
 
 
@@ -128,7 +155,7 @@ def _target_mode(place: _Place, name: str, mode: int | None) -> int:
     return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else 0o644
 
 
-def _write_in_place(place: _Place, name: str, data: bytes, mode: int) -> None:
+def _write_in_place(place: _Place, name: str, data: bytes, mode: int, durable: bool) -> None:
     target = place.folder / name
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -136,7 +163,8 @@ def _write_in_place(place: _Place, name: str, data: bytes, mode: int) -> None:
         try:
             os.ftruncate(fd, 0)
             _write_fully(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             os.fchmod(fd, mode)
         finally:
             os.close(fd)

@@ -176,6 +176,7 @@ async def run_daemon(
         await tg.start(_stop_on_signal, shutdown, bus)
         await tg.start(_reload_on_signal, lambda: current[0], reload, apply, local.check_now)
         await store.load()
+        await tg.start(store.run)
         await anyio.to_thread.run_sync(
             _remove_stale_temporaries, options.env_file, store.watched_folders()
         )

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.atomic import make_durable, write_atomic
 from gastown_sandboxd.errors import AtomicWriteError
 
 
@@ -113,6 +113,63 @@ def test_bind_mounted_target_falls_back_to_in_place(
     assert entries(tmp_path) == ["f"]
     assert [e["event"] for e in logs] == ["atomic_rename_refused_writing_in_place"]
     assert logs[0]["errno"] == errno.errorcode[code]
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kinds ("file", "folder") of what `os.fsync` is called on, in order."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return fsynced
+
+
+def test_a_write_that_need_not_be_durable_yet_is_whole_and_fsynced_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`durable=False`: replaced as ever (new inode, mode, no temporary left) with no fsync;
+    `make_durable` then fsyncs the file and its folder."""
+    fsynced = record_fsyncs(monkeypatch)
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    inode = path.stat().st_ino
+    assert write_atomic(path, b"new", mode=0o600, durable=False) is False
+    assert (path.read_bytes(), entries(tmp_path), fsynced) == (b"new", ["f"], [])
+    assert path.stat().st_ino != inode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    make_durable(path)
+    assert fsynced == ["file", "folder"]
+    assert write_atomic(path, b"newer") is False  # durable by default: both, at once
+    assert fsynced == ["file", "folder", "file", "folder"]
+
+
+def test_the_in_place_fallback_need_not_be_durable_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsynced = record_fsyncs(monkeypatch)
+    monkeypatch.setattr(os, "replace", refuse_with(errno.EXDEV))
+    path = tmp_path / "f"
+    path.write_bytes(b"a longer old version")
+    with structlog.testing.capture_logs():
+        assert write_atomic(path, b"new", durable=False) is True
+    assert (path.read_bytes(), fsynced) == (b"new", [])
+
+
+def test_making_durable_what_is_gone_or_a_symlink_raises(tmp_path: Path) -> None:
+    """Never through a symlink (O_NOFOLLOW); the error names the path."""
+    with pytest.raises(AtomicWriteError) as caught:
+        make_durable(tmp_path / "gone")
+    assert caught.value.errno == errno.ENOENT
+    assert str(tmp_path / "gone") in str(caught.value)
+    (tmp_path / "target").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(AtomicWriteError) as caught:
+        make_durable(tmp_path / "link")
+    assert caught.value.errno == errno.ELOOP
 
 
 def test_in_place_fallback_creates_a_missing_file(

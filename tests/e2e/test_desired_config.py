@@ -9,6 +9,7 @@ as pending when it is not. Syncs are triggered with `POST /config/sync` on the l
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -274,6 +275,24 @@ def test_an_unreachable_cloud_gives_a_5xx_within_15_s_writes_nothing_and_the_dae
     with daemon.local() as client:
         assert client.get("/healthz").status_code == 200
     assert sandbox.status()["config_sync"]["state"] == "unreachable"
+
+
+def test_a_pushed_change_is_kept_as_applied_across_a_sigkill_right_after_its_answer(
+    sandbox: Sandbox,
+) -> None:
+    """The last-applied copy is fsynced a moment after a push, but saved whole before the
+    answer: a daemon killed as the answer arrives leaves the push's copy for the next run."""
+    daemon = sandbox.start()
+    sandbox.start_sync_done()
+    assert sandbox.dashboard_patch(CHANGE).status_code == 200
+    daemon.stop(signal.SIGKILL)
+    copy = sandbox.folder / "sandbox" / "env" / "state" / "desired-config.json"
+    saved = json.loads(copy.read_bytes())
+    assert (saved["town_id"], saved["generation"], saved["desired"]) == (sandbox.town_id, 1, CHANGE)
+    sandbox.start()
+    sandbox.start_sync_done()
+    status = sandbox.status()["config_sync"]
+    assert (status["generation"], status["state"]) == (1, "applied")
 
 
 def test_a_push_records_its_generation_and_a_bad_generation_is_refused(sandbox: Sandbox) -> None:

@@ -4,6 +4,18 @@ Kept in the state folder as `<state>/desired-config.json` (0600, written atomica
 restart knows which keys the cloud set (the three-way merge removes only those). A file of
 another town, or one that cannot be read, counts as none (logged): the next sync then sets
 what the cloud wants and removes nothing. Without a state folder the copy lives in memory.
+
+A save is written whole and renamed in at once, so after any SIGKILL a restart reads the copy
+saved last; the two fsyncs that make it survive a power cut come later, from `make_durable`,
+which the store calls a second after a save, once for every save meanwhile
+(`SettingsStore.run`), and when the daemon stops. Until then a power cut, though not a
+crash, can take the copy back to an older one; the next sync merges against it, which at
+worst leaves in place a key that a lost push set and that the cloud removed while the
+sandbox was away.
+A PATCH the cloud pushes thus makes two fsyncs, not four. Eight alternating rounds of 150
+pushed PATCHes one every 50 ms, before and after (a plain PATCH: 2.57 ms both): daemon CPU
+per PATCH 2.87 -> 2.77 ms, p50 5.27 -> 5.09 ms. On a disk whose fsync takes milliseconds,
+not this one's ~45 µs, the answer gains two of them.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from gastown_sandboxd.atomic import write_atomic
+from gastown_sandboxd.atomic import make_durable, write_atomic
 from gastown_sandboxd.gtsettings.apply import without_nulls
 from gastown_sandboxd.gtsettings.merge_patch import merge_patch
 from gastown_sandboxd.gtsettings.schema import Doc
@@ -43,6 +55,12 @@ class LastApplied:
         self._path = None if state_dir is None else Path(state_dir) / FILE_NAME
         self._town_id = town_id
         self._applied = Applied()
+        self._durable = True
+
+    @property
+    def durable(self) -> bool:
+        """False from a save until `make_durable` has fsynced it."""
+        return self._durable
 
     @property
     def applied(self) -> Applied:
@@ -100,6 +118,18 @@ class LastApplied:
         newest = max(generation, self._applied.generation or 0)
         return self.record(newest, merged)
 
+    def make_durable(self) -> None:
+        """fsync the copy saved last, and its folder (blocking); logged when it cannot be."""
+        if self._durable or self._path is None:
+            return
+        self._durable = True
+        try:
+            make_durable(self._path)
+        except OSError as exc:
+            log.warning(
+                "last_applied_not_fsynced", path=str(self._path), error=exc.strerror or str(exc)
+            )
+
     def folder_problem(self) -> str | None:
         """Why the copy could not be kept on disk, in words for `check`; None when it can be
         (the folder is writable, or the nearest folder above it that exists is, for makedirs).
@@ -130,4 +160,5 @@ class LastApplied:
             "desired": applied.desired,
         }
         data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
-        write_atomic(self._path, data, mode=0o600)
+        write_atomic(self._path, data, mode=0o600, durable=False)
+        self._durable = False

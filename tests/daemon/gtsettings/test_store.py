@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings import snapshot as snapshot_module
 from gastown_sandboxd.gtsettings.batch import Target, write_target
 from gastown_sandboxd.gtsettings.folders import read_settings_file
+from gastown_sandboxd.gtsettings.last_applied import LastApplied
 from gastown_sandboxd.gtsettings.patch import managed_view
 from gastown_sandboxd.gtsettings.schema import pointer
 from gastown_sandboxd.gtsettings.store import SettingsStore
@@ -1149,3 +1151,72 @@ async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
         ("api", ["crew_agents"]),
     ]
     assert result.revision == store.revision == (await store.view()).revision
+
+
+# --- the last-applied copy: fsynced once for a burst of saves ------------------------------
+
+
+def _copy_fsyncs(monkeypatch: pytest.MonkeyPatch, state: Path) -> list[str]:
+    """What `os.fsync` syncs of the copy in `state`: "copy" (its file), "state" (the folder)."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        inode = os.fstat(fd).st_ino
+        with contextlib.suppress(OSError):
+            if inode == (state / "desired-config.json").stat().st_ino:
+                fsynced.append("copy")
+            elif inode == state.stat().st_ino:
+                fsynced.append("state")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return fsynced
+
+
+async def test_a_burst_of_pushes_shares_one_fsync_of_the_copy_at_the_end(
+    root: Path, events: Events, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each push and each apply saves the copy (what a run after a SIGKILL loads) with no
+    fsync; with an hour to wait, the one fsync comes when `run` is cancelled."""
+    state = tmp_path / "state"
+    copy = LastApplied(state_dir=state, town_id="town-1")
+    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=3600)
+    await store.load()
+    fsynced = _copy_fsyncs(monkeypatch, state)
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.run)
+        for n in range(4):
+            agent = ("codex", "gemini")[n % 2]
+            await store.patch({"town": {"crew_agents": {"a": agent}}}, generation=n + 1)
+        await store.apply_desired({"town": {"crew_agents": {"a": "claude"}}}, generation=5)
+        loaded = LastApplied(state_dir=state, town_id="town-1").load()
+        assert (loaded.generation, loaded.desired) == (
+            5,
+            {"town": {"crew_agents": {"a": "claude"}}},
+        )
+        assert (copy.durable, fsynced) == (False, [])
+        tg.cancel_scope.cancel()
+    assert (copy.durable, fsynced) == (True, ["copy", "state"])
+
+
+async def test_a_push_is_fsynced_once_the_delay_has_passed(
+    root: Path, events: Events, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No delay: fsynced right after the push; a PATCH that is not a push saves nothing."""
+    state = tmp_path / "state"
+    copy = LastApplied(state_dir=state, town_id="town-1")
+    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=0)
+    await store.load()
+    fsynced = _copy_fsyncs(monkeypatch, state)
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.run)
+        await store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
+        with anyio.fail_after(10):
+            while not copy.durable:
+                await anyio.sleep(0.005)
+        assert fsynced == ["copy", "state"]
+        await store.patch({"town": {"crew_agents": {"a": "gemini"}}})
+        assert copy.durable
+        tg.cancel_scope.cancel()
+    assert fsynced == ["copy", "state"]
