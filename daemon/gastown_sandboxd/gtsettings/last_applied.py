@@ -5,17 +5,17 @@ restart knows which keys the cloud set (the three-way merge removes only those).
 another town, or one that cannot be read, counts as none (logged): the next sync then sets
 what the cloud wants and removes nothing. Without a state folder the copy lives in memory.
 
-A save is written whole and renamed in at once, so after any SIGKILL a restart reads the copy
-saved last; the two fsyncs that make it survive a power cut come later, from `make_durable`,
-which the store calls a second after a save, once for every save meanwhile
-(`SettingsStore.run`), and when the daemon stops. Until then a power cut, though not a
-crash, can take the copy back to an older one; the next sync merges against it, which at
-worst leaves in place a key that a lost push set and that the cloud removed while the
-sandbox was away.
-A PATCH the cloud pushes thus makes two fsyncs, not four. Eight alternating rounds of 150
-pushed PATCHes one every 50 ms, before and after (a plain PATCH: 2.57 ms both): daemon CPU
-per PATCH 2.87 -> 2.77 ms, p50 5.27 -> 5.09 ms. On a disk whose fsync takes milliseconds,
-not this one's ~45 µs, the answer gains two of them.
+A sync's save is fsynced at once. A push's (`record_push`: the dashboard's changes, which can
+come several a second) is written whole and renamed in at once, so after any SIGKILL a
+restart reads the copy saved last; the two fsyncs that make it survive a power cut come
+later, from `make_durable`, which the store calls a second after a push, once for every push
+meanwhile (`SettingsStore.run`), and when the daemon stops. Until then a power cut, though
+not a crash, can take the copy back to an older one; the next sync merges against it, which
+at worst leaves in place a key that a lost push set and that the cloud removed while the
+sandbox was away. A PATCH the cloud pushes thus makes two fsyncs, not four. Eight
+alternating rounds of 150 pushed PATCHes one every 50 ms, before and after (a plain PATCH:
+2.57 ms both): daemon CPU per PATCH 2.87 -> 2.77 ms, p50 5.27 -> 5.09 ms. On a disk whose
+fsync takes milliseconds, not this one's ~45 µs, the answer gains two of them.
 """
 
 from __future__ import annotations
@@ -96,14 +96,16 @@ class LastApplied:
         self._applied = Applied(generation, desired)
         return self._applied
 
-    def record(self, generation: int, desired: Mapping[str, Any]) -> bool:
-        """Keep `desired` as applied at `generation`; True when the copy changed (blocking)."""
+    def record(self, generation: int, desired: Mapping[str, Any], *, durable: bool = True) -> bool:
+        """Keep `desired` as applied at `generation`; True when the copy changed (blocking).
+
+        `durable` False: saved whole but not fsynced, until `make_durable`."""
         applied = Applied(generation, without_nulls(desired))
         if applied == self._applied:
             return False
         self._applied = applied
         try:
-            self._save(applied)
+            self._save(applied, durable)
         except OSError as exc:
             # The files are written already; this run keeps the copy in memory, and a restart
             # without it only forgets which keys to remove (it never removes a wrong one).
@@ -113,10 +115,11 @@ class LastApplied:
         return True
 
     def record_push(self, body: Mapping[str, Any], generation: int) -> bool:
-        """A PATCH the cloud pushed with `X-Gastown-Generation`: merge it into the copy."""
+        """A PATCH the cloud pushed with `X-Gastown-Generation`: merge it into the copy, saved
+        whole but not fsynced, until `make_durable`."""
         merged = without_nulls(merge_patch(self._applied.desired, dict(body)))
         newest = max(generation, self._applied.generation or 0)
-        return self.record(newest, merged)
+        return self.record(newest, merged, durable=False)
 
     def make_durable(self) -> None:
         """fsync the copy saved last, and its folder (blocking); logged when it cannot be."""
@@ -149,7 +152,7 @@ class LastApplied:
             return f"{folder} cannot be {action}"
         return None
 
-    def _save(self, applied: Applied) -> None:
+    def _save(self, applied: Applied, durable: bool) -> None:
         if self._path is None:
             return
         os.makedirs(self._path.parent, mode=0o700, exist_ok=True)
@@ -160,5 +163,5 @@ class LastApplied:
             "desired": applied.desired,
         }
         data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
-        write_atomic(self._path, data, mode=0o600, durable=False)
-        self._durable = False
+        write_atomic(self._path, data, mode=0o600, durable=durable)
+        self._durable = durable

@@ -95,8 +95,8 @@ from gastown_sandboxd.own_writes import OWN_WRITES, note_own_write
 
 log = structlog.get_logger(__name__)
 
-# How long after a save of the last-applied copy `run` makes it durable: every save meanwhile
-# (a burst of pushed PATCHes) shares the one pair of fsyncs.
+# How long after a push's save of the last-applied copy `run` makes it durable: every push
+# meanwhile (a burst of them) shares the one pair of fsyncs.
 COPY_FSYNC_DELAY = 1.0
 
 
@@ -207,7 +207,7 @@ class SettingsStore:
         self._write = write
         self._last_applied = last_applied or LastApplied(state_dir=None, town_id="")
         self._copy_fsync_delay = copy_fsync_delay
-        self._copy_saved: anyio.Event | None = None  # set by a save while `run` runs
+        self._copy_pushed: anyio.Event | None = None  # set by a push's save while `run` runs
         self._lock = anyio.Lock(fast_acquire=True)  # no yield to the loop when it is free
         self._queue: list[_Request] = []
         self._known: dict[str | None, FileState] = {}
@@ -257,17 +257,17 @@ class SettingsStore:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Make the last-applied copy durable `copy_fsync_delay` seconds after a save (one
-        pair of fsyncs for every save meanwhile), and once more when cancelled; until then a
-        save is whole on disk but not fsynced (`LastApplied`). Idle, it waits on an event:
-        no wake-up of its own."""
-        self._copy_saved = anyio.Event()
+        """Make the last-applied copy durable `copy_fsync_delay` seconds after a push saved it
+        (one pair of fsyncs for every push meanwhile), and once more when cancelled; until
+        then the push's save is whole on disk but not fsynced (`LastApplied.record_push`).
+        Idle, it waits on an event: no wake-up of its own."""
+        self._copy_pushed = anyio.Event()
         task_status.started()
         try:
             while True:
-                await self._copy_saved.wait()
+                await self._copy_pushed.wait()
                 await anyio.sleep(self._copy_fsync_delay)
-                self._copy_saved = anyio.Event()
+                self._copy_pushed = anyio.Event()
                 await self._make_copy_durable()
         finally:
             with anyio.CancelScope(shield=True):
@@ -278,9 +278,9 @@ class SettingsStore:
             async with self._lock:  # never beside a save, which runs under it too
                 await anyio.to_thread.run_sync(self._last_applied.make_durable)
 
-    def _copy_may_have_been_saved(self) -> None:
-        if self._copy_saved is not None and not self._last_applied.durable:
-            self._copy_saved.set()
+    def _copy_may_have_been_pushed(self) -> None:
+        if self._copy_pushed is not None and not self._last_applied.durable:
+            self._copy_pushed.set()
 
     async def view(self) -> ConfigView:
         """The managed settings of the town and every rig with a settings file.
@@ -353,7 +353,7 @@ class SettingsStore:
                         self._emit(event)
             finally:
                 OWN_WRITES.end()
-                self._copy_may_have_been_saved()
+                self._copy_may_have_been_pushed()
 
     async def apply_desired(self, desired: Mapping[str, Any], generation: int) -> PatchResult:
         """Converge on the cloud's `desired` configuration (three-way merge, `apply.py`).
@@ -373,7 +373,6 @@ class SettingsStore:
                     self._emit(event)
             finally:
                 OWN_WRITES.end()  # after the events, as in `_commit_group`
-                self._copy_may_have_been_saved()
             return result
 
     async def reconcile_external(self, paths: Iterable[Path] | None = None) -> list[dict[str, Any]]:

@@ -55,11 +55,12 @@ def test_the_copy_one_run_records_is_the_one_the_next_run_loads(tmp_path: Path) 
     assert (loaded.generation, loaded.desired) == (3, {"town": {"default_agent": "codex"}})
 
 
-def test_a_save_is_there_for_the_next_run_at_once_and_fsynced_when_made_durable(
+def test_a_push_is_there_for_the_next_run_at_once_and_fsynced_when_made_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A save is whole on disk before `record` returns (what a run after a SIGKILL loads)
-    but not fsynced; `make_durable` fsyncs it and its folder once, however often it is asked."""
+    """A sync's save is fsynced at once; a push's is whole on disk before `record_push`
+    returns (what a run after a SIGKILL loads) but not fsynced: `make_durable` fsyncs it and
+    its folder once, however often it is asked."""
     fsynced: list[bool] = []
     real_fsync = os.fsync
 
@@ -69,10 +70,10 @@ def test_a_save_is_there_for_the_next_run_at_once_and_fsynced_when_made_durable(
 
     monkeypatch.setattr(os, "fsync", fsync)
     copy = copy_in(tmp_path)
-    assert copy.durable
     assert copy.record(4, {"town": {"default_agent": "codex"}})
+    assert (copy.durable, fsynced) == (True, [False, True])
     assert copy.record_push({"town": {"role_effort": {"mayor": "high"}}}, 5)
-    assert (copy.durable, fsynced) == (False, [])
+    assert (copy.durable, fsynced) == (False, [False, True])
     loaded = copy_in(tmp_path).load()
     assert (loaded.generation, loaded.desired) == (
         5,
@@ -80,14 +81,14 @@ def test_a_save_is_there_for_the_next_run_at_once_and_fsynced_when_made_durable(
     )
     copy.make_durable()
     copy.make_durable()
-    assert (copy.durable, fsynced) == (True, [False, True])
+    assert (copy.durable, fsynced) == (True, [False, True, False, True])
 
 
 def test_a_copy_that_cannot_be_fsynced_is_logged_and_kept(tmp_path: Path) -> None:
     """Its file gone before the fsync (someone cleaned the state folder): one log line, and
     the copy in memory stands."""
     copy = copy_in(tmp_path)
-    assert copy.record(2, {"town": {"default_agent": "codex"}})
+    assert copy.record_push({"town": {"default_agent": "codex"}}, 2)
     assert copy.path is not None
     copy.path.unlink()
     with capture_logs() as logs:
@@ -101,7 +102,7 @@ def test_a_copy_that_cannot_be_fsynced_is_logged_and_kept(tmp_path: Path) -> Non
 
 def test_a_copy_in_memory_only_has_nothing_to_fsync() -> None:
     copy = copy_in(None)
-    assert copy.record(1, {"town": {"default_agent": "codex"}})
+    assert copy.record_push({"town": {"default_agent": "codex"}}, 1)
     assert copy.durable
     copy.make_durable()
 

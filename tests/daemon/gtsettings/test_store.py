@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -1157,17 +1156,17 @@ async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
 
 
 def _copy_fsyncs(monkeypatch: pytest.MonkeyPatch, state: Path) -> list[str]:
-    """What `os.fsync` syncs of the copy in `state`: "copy" (its file), "state" (the folder)."""
+    """What `os.fsync` syncs of the copy in `state`: "copy" (its file, or the temporary file
+    a write renames over it), "state" (the folder)."""
     fsynced: list[str] = []
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        inode = os.fstat(fd).st_ino
-        with contextlib.suppress(OSError):
-            if inode == (state / "desired-config.json").stat().st_ino:
-                fsynced.append("copy")
-            elif inode == state.stat().st_ino:
-                fsynced.append("state")
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path == state:
+            fsynced.append("state")
+        elif path.parent == state and "desired-config.json" in path.name:
+            fsynced.append("copy")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -1177,8 +1176,8 @@ def _copy_fsyncs(monkeypatch: pytest.MonkeyPatch, state: Path) -> list[str]:
 async def test_a_burst_of_pushes_shares_one_fsync_of_the_copy_at_the_end(
     root: Path, events: Events, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each push and each apply saves the copy (what a run after a SIGKILL loads) with no
-    fsync; with an hour to wait, the one fsync comes when `run` is cancelled."""
+    """Each push saves the copy (what a run after a SIGKILL loads) with no fsync; with an
+    hour to wait, the one fsync comes when `run` is cancelled."""
     state = tmp_path / "state"
     copy = LastApplied(state_dir=state, town_id="town-1")
     store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=3600)
@@ -1189,15 +1188,34 @@ async def test_a_burst_of_pushes_shares_one_fsync_of_the_copy_at_the_end(
         for n in range(4):
             agent = ("codex", "gemini")[n % 2]
             await store.patch({"town": {"crew_agents": {"a": agent}}}, generation=n + 1)
-        await store.apply_desired({"town": {"crew_agents": {"a": "claude"}}}, generation=5)
         loaded = LastApplied(state_dir=state, town_id="town-1").load()
         assert (loaded.generation, loaded.desired) == (
-            5,
-            {"town": {"crew_agents": {"a": "claude"}}},
+            4,
+            {"town": {"crew_agents": {"a": "gemini"}}},
         )
         assert (copy.durable, fsynced) == (False, [])
         tg.cancel_scope.cancel()
     assert (copy.durable, fsynced) == (True, ["copy", "state"])
+
+
+async def test_a_syncs_save_of_the_copy_is_fsynced_at_once(
+    root: Path, events: Events, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncs are minutes apart: the copy an apply saves is fsynced before it returns, and
+    with it the pushes' before."""
+    state = tmp_path / "state"
+    copy = LastApplied(state_dir=state, town_id="town-1")
+    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=3600)
+    await store.load()
+    fsynced = _copy_fsyncs(monkeypatch, state)
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.run)
+        await store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
+        assert (copy.durable, fsynced) == (False, [])
+        await store.apply_desired({"town": {"crew_agents": {"a": "claude"}}}, generation=2)
+        assert (copy.durable, fsynced) == (True, ["copy", "state"])
+        tg.cancel_scope.cancel()
+    assert fsynced == ["copy", "state"]
 
 
 async def test_a_push_is_fsynced_once_the_delay_has_passed(
