@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -1155,9 +1156,23 @@ async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
 # --- the last-applied copy: fsynced once for a burst of saves ------------------------------
 
 
-def _copy_fsyncs(monkeypatch: pytest.MonkeyPatch, state: Path) -> list[str]:
-    """What `os.fsync` syncs of the copy in `state`: "copy" (its file, or the temporary file
-    a write renames over it), "state" (the folder)."""
+@dataclasses.dataclass
+class _Copied:
+    """A loaded store keeping its last-applied copy in `state`, and the copy's fsyncs."""
+
+    store: SettingsStore
+    copy: LastApplied
+    state: Path
+    fsynced: list[str]  # "copy" (its file, or the temporary file renamed over it), "state"
+
+
+async def _copied(
+    root: Path, events: Events, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delay: float
+) -> _Copied:
+    state = tmp_path / "state"
+    copy = LastApplied(state_dir=state, town_id="town-1")
+    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=delay)
+    await store.load()
     fsynced: list[str] = []
     real_fsync = os.fsync
 
@@ -1170,7 +1185,7 @@ def _copy_fsyncs(monkeypatch: pytest.MonkeyPatch, state: Path) -> list[str]:
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    return fsynced
+    return _Copied(store, copy, state, fsynced)
 
 
 async def test_a_burst_of_pushes_shares_one_fsync_of_the_copy_at_the_end(
@@ -1178,24 +1193,20 @@ async def test_a_burst_of_pushes_shares_one_fsync_of_the_copy_at_the_end(
 ) -> None:
     """Each push saves the copy (what a run after a SIGKILL loads) with no fsync; with an
     hour to wait, the one fsync comes when `run` is cancelled."""
-    state = tmp_path / "state"
-    copy = LastApplied(state_dir=state, town_id="town-1")
-    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=3600)
-    await store.load()
-    fsynced = _copy_fsyncs(monkeypatch, state)
+    kept = await _copied(root, events, tmp_path, monkeypatch, delay=3600)
     async with anyio.create_task_group() as tg:
-        await tg.start(store.run)
+        await tg.start(kept.store.run)
         for n in range(4):
             agent = ("codex", "gemini")[n % 2]
-            await store.patch({"town": {"crew_agents": {"a": agent}}}, generation=n + 1)
-        loaded = LastApplied(state_dir=state, town_id="town-1").load()
+            await kept.store.patch({"town": {"crew_agents": {"a": agent}}}, generation=n + 1)
+        loaded = LastApplied(state_dir=kept.state, town_id="town-1").load()
         assert (loaded.generation, loaded.desired) == (
             4,
             {"town": {"crew_agents": {"a": "gemini"}}},
         )
-        assert (copy.durable, fsynced) == (False, [])
+        assert (kept.copy.durable, kept.fsynced) == (False, [])
         tg.cancel_scope.cancel()
-    assert (copy.durable, fsynced) == (True, ["copy", "state"])
+    assert (kept.copy.durable, kept.fsynced) == (True, ["copy", "state"])
 
 
 async def test_a_syncs_save_of_the_copy_is_fsynced_at_once(
@@ -1203,38 +1214,30 @@ async def test_a_syncs_save_of_the_copy_is_fsynced_at_once(
 ) -> None:
     """Syncs are minutes apart: the copy an apply saves is fsynced before it returns, and
     with it the pushes' before."""
-    state = tmp_path / "state"
-    copy = LastApplied(state_dir=state, town_id="town-1")
-    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=3600)
-    await store.load()
-    fsynced = _copy_fsyncs(monkeypatch, state)
+    kept = await _copied(root, events, tmp_path, monkeypatch, delay=3600)
     async with anyio.create_task_group() as tg:
-        await tg.start(store.run)
-        await store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
-        assert (copy.durable, fsynced) == (False, [])
-        await store.apply_desired({"town": {"crew_agents": {"a": "claude"}}}, generation=2)
-        assert (copy.durable, fsynced) == (True, ["copy", "state"])
+        await tg.start(kept.store.run)
+        await kept.store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
+        assert (kept.copy.durable, kept.fsynced) == (False, [])
+        await kept.store.apply_desired({"town": {"crew_agents": {"a": "claude"}}}, generation=2)
+        assert (kept.copy.durable, kept.fsynced) == (True, ["copy", "state"])
         tg.cancel_scope.cancel()
-    assert fsynced == ["copy", "state"]
+    assert kept.fsynced == ["copy", "state"]
 
 
 async def test_a_push_is_fsynced_once_the_delay_has_passed(
     root: Path, events: Events, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No delay: fsynced right after the push; a PATCH that is not a push saves nothing."""
-    state = tmp_path / "state"
-    copy = LastApplied(state_dir=state, town_id="town-1")
-    store = SettingsStore(town_root=root, emit=events, last_applied=copy, copy_fsync_delay=0)
-    await store.load()
-    fsynced = _copy_fsyncs(monkeypatch, state)
+    kept = await _copied(root, events, tmp_path, monkeypatch, delay=0)
     async with anyio.create_task_group() as tg:
-        await tg.start(store.run)
-        await store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
+        await tg.start(kept.store.run)
+        await kept.store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
         with anyio.fail_after(10):
-            while not copy.durable:
+            while not kept.copy.durable:
                 await anyio.sleep(0.005)
-        assert fsynced == ["copy", "state"]
-        await store.patch({"town": {"crew_agents": {"a": "gemini"}}})
-        assert copy.durable
+        assert kept.fsynced == ["copy", "state"]
+        await kept.store.patch({"town": {"crew_agents": {"a": "gemini"}}})
+        assert kept.copy.durable
         tg.cancel_scope.cancel()
-    assert fsynced == ["copy", "state"]
+    assert kept.fsynced == ["copy", "state"]
