@@ -15,6 +15,7 @@ import structlog.testing
 
 from gastown_sandboxd.atomic import make_durable, write_atomic
 from gastown_sandboxd.errors import AtomicWriteError
+from tests.fixtures.fsyncs import record_fsyncs
 
 
 def entries(folder: Path) -> list[str]:
@@ -113,19 +114,6 @@ def test_bind_mounted_target_falls_back_to_in_place(
     assert entries(tmp_path) == ["f"]
     assert [e["event"] for e in logs] == ["atomic_rename_refused_writing_in_place"]
     assert logs[0]["errno"] == errno.errorcode[code]
-
-
-def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The kinds ("file", "folder") of what `os.fsync` is called on, in order."""
-    fsynced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        fsynced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return fsynced
 
 
 def test_a_write_that_need_not_be_durable_yet_is_whole_and_fsynced_later(

@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gastown_sandboxd.gtsettings.last_applied import LastApplied
+from tests.fixtures.fsyncs import record_fsyncs
 
 
 def copy_in(folder: Path | None) -> LastApplied:
@@ -61,19 +62,12 @@ def test_a_push_is_there_for_the_next_run_at_once_and_fsynced_when_made_durable(
     """A sync's save is fsynced at once; a push's is whole on disk before `record_push`
     returns (what a run after a SIGKILL loads) but not fsynced: `make_durable` fsyncs it and
     its folder once, however often it is asked."""
-    fsynced: list[bool] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        fsynced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fsynced = record_fsyncs(monkeypatch)
     copy = copy_in(tmp_path)
     assert copy.record(4, {"town": {"default_agent": "codex"}})
-    assert (copy.durable, fsynced) == (True, [False, True])
+    assert (copy.durable, fsynced) == (True, ["file", "folder"])
     assert copy.record_push({"town": {"role_effort": {"mayor": "high"}}}, 5)
-    assert (copy.durable, fsynced) == (False, [False, True])
+    assert (copy.durable, fsynced) == (False, ["file", "folder"])
     loaded = copy_in(tmp_path).load()
     assert (loaded.generation, loaded.desired) == (
         5,
@@ -81,7 +75,7 @@ def test_a_push_is_there_for_the_next_run_at_once_and_fsynced_when_made_durable(
     )
     copy.make_durable()
     copy.make_durable()
-    assert (copy.durable, fsynced) == (True, [False, True, False, True])
+    assert (copy.durable, fsynced) == (True, ["file", "folder", "file", "folder"])
 
 
 def test_a_copy_that_cannot_be_fsynced_is_logged_and_kept(tmp_path: Path) -> None:
