@@ -26,6 +26,7 @@ from tests.e2e._town import (
     cli,
     client_env,
     local_token,
+    metric_value,
     wait_for_status,
     write_env,
 )
@@ -481,12 +482,13 @@ class _SingleStream:
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for(self, type: str, deadline: float = 15.0) -> dict[str, Any]:
+    def wait_for(self, type: str, deadline: float = 15.0, *, after: int = 0) -> dict[str, Any]:
+        """The first event of `type` whose id is above `after`."""
         end = time.monotonic() + deadline
         with self._changed:
             while True:
                 for event in self.events:
-                    if event["type"] == type:
+                    if event["type"] == type and event["id"] > after:
                         return event
                 assert not self.ended.is_set(), "the stream ended"
                 assert time.monotonic() < end, f"no {type} event; saw {self.events}"
@@ -549,7 +551,7 @@ def test_sighup_reloads_hooks_and_keeps_the_event_stream_open(
     reloaded = daemon.wait_for_log("options_reloaded")
     assert reloaded["changed"] == ["hooks"]
     _patch(daemon, "low")
-    second = _wait_for_event(stream, first["id"])
+    second = stream.wait_for("config.changed", after=first["id"])
     lines = _wait_for_line(marker, f"new {second['id']}")
     assert f"old {second['id']}" not in lines  # the old hook was replaced before the event
 
@@ -558,7 +560,7 @@ def test_sighup_reloads_hooks_and_keeps_the_event_stream_open(
     refused = daemon.wait_for_log("options_reload_refused")
     assert any("hooks[0].events" in problem for problem in refused["problems"])
     _patch(daemon, "max")
-    third = _wait_for_event(stream, second["id"])
+    third = stream.wait_for("config.changed", after=second["id"])
     _wait_for_line(marker, f"new {third['id']}")
 
     assert not stream.ended.is_set()
@@ -580,51 +582,24 @@ def test_sighup_brings_the_first_hook_to_a_daemon_without_any(
     config = next(tmp_path.glob("daemon-*.toml"))
     stream = _SingleStream(daemon)
     assert stream.connected.wait(10)
-    assert _metric(daemon, "gastown_sandboxd_event_subscribers") == 1
+    assert _subscribers(daemon) == 1
 
     _patch(daemon, "high")
     before = stream.wait_for("config.changed")["id"]
     config.write_text(_hook_toml(marker, "first"))
     daemon.process.send_signal(signal.SIGHUP)
     assert daemon.wait_for_log("options_reloaded")["changed"] == ["hooks"]
-    assert _metric(daemon, "gastown_sandboxd_event_subscribers") == 2
+    assert _subscribers(daemon) == 2
     _patch(daemon, "low")
-    after = _next_change(stream, before)["id"]
+    after = stream.wait_for("config.changed", after=before)["id"]
     # One runner, in the order of the events: a run for `before` would be written first.
     assert _wait_for_line(marker, f"first {after}") == [f"first {after}"]
     assert daemon.stop() == 0
 
 
-def _metric(daemon: DaemonProcess, name: str) -> float:
+def _subscribers(daemon: DaemonProcess) -> float:
     with daemon.local() as local:
-        text = local.get("/metrics").text
-    for line in text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} in /metrics")
-
-
-def _next_change(stream: _SingleStream, after: int) -> dict[str, Any]:
-    end = time.monotonic() + 15
-    while time.monotonic() < end:
-        later = [e for e in list(stream.events) if e["id"] > after]
-        changes = [e for e in later if e["type"] == "config.changed"]
-        if changes:
-            return changes[0]
-        assert not stream.ended.is_set(), "the stream ended"
-        time.sleep(0.02)
-    raise AssertionError(f"no config.changed after {after}; saw {stream.events}")
-
-
-def _wait_for_event(stream: _SingleStream, after: int) -> dict[str, Any]:
-    end = time.monotonic() + 15
-    while time.monotonic() < end:
-        later = [e for e in list(stream.events) if e["id"] > after]
-        if later:
-            return later[0]
-        assert not stream.ended.is_set(), "the stream ended"
-        time.sleep(0.02)
-    raise AssertionError(f"no event after {after}; saw {stream.events}")
+        return metric_value(local.get("/metrics").text, "gastown_sandboxd_event_subscribers")
 
 
 def test_sighup_applies_new_schedule_knobs(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
