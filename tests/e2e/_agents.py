@@ -3,7 +3,8 @@
 `MessagesStandIn` is a real HTTP server on 127.0.0.1 that records the credentials of every
 request (bearer and x-api-key) and answers valid Messages API responses, streamed as SSE when
 the request asks for it. A test decides per request whether the answer is a tool-use turn
-(which keeps a `claude -p` session alive) or the final text.
+(which keeps a `claude -p` session alive), the final text, or a refusal of the credentials
+(401 with the Messages API's `authentication_error`, as a gateway refuses a token).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class Seen:
 
 @dataclass
 class MessagesStandIn:
-    """A Messages API on 127.0.0.1; `answer(seen) -> "tool" | "text"` picks each answer."""
+    """A Messages API on 127.0.0.1; `answer(seen) -> "tool" | "text" | "refuse"` picks each
+    answer."""
 
     answer: Callable[[Seen], str] = lambda seen: "text"
     requests: list[Seen] = field(default_factory=list)
@@ -210,6 +212,10 @@ def messages_standin(answer: Callable[[Seen], str]) -> Iterator[MessagesStandIn]
                 return
             kind = standin.answer(seen)
             turn = len(standin.messages())
+            if kind == "refuse":
+                refusal = {"type": "authentication_error", "message": "invalid bearer token"}
+                self._json(401, {"type": "error", "error": refusal})
+                return
             if not seen.stream:
                 self._json(200, _whole_message(kind, turn))
                 return

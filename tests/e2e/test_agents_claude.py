@@ -5,7 +5,10 @@ tools`) talks to a stand-in Messages endpoint on 127.0.0.1 that records each req
 credentials. It starts with a stale ANTHROPIC_AUTH_TOKEN in its environment, as gt gives it;
 its first request must carry the current token. The stand-in answers tool-use turns to keep the
 session alive while the daemon refreshes (real daemon, real cloud); with a 1 s helper TTL the
-later requests carry the new token.
+later requests carry the new token. With an hour's TTL, a token the gateway refuses (401) is
+replaced at Claude Code's next try: it runs the helper again after a 401 or 403 and retries
+(measured on 2.1.337: ~1 s later, then backing off to ~40 s, 12 retries in ~4 min before it
+gives up).
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ import os
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gastown_sandboxd.token.claims import decode_unverified
 from tests.e2e._agents import Seen, claude_env, messages_standin
-from tests.e2e._town import create_town, wait_for_state, write_env
+from tests.e2e._town import Town, create_town, wait_for_state, write_env
 from tests.fixtures.cloud import CloudServer
-from tests.fixtures.daemon import DaemonFactory
+from tests.fixtures.daemon import DaemonFactory, DaemonProcess
 from tests.waiting import wait_until
 
 CLAUDE = Path(__file__).resolve().parents[2] / ".cache" / "npm" / "node_modules" / ".bin" / "claude"
@@ -36,12 +40,49 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_one(
-    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
-) -> None:
-    """First request: current token (not the stale one); after a refresh: the new one."""
+@dataclass(frozen=True)
+class Sandbox:
+    """A town's daemon keeping the `claude` shim and Claude Code's helper in `home`."""
+
+    town: Town
+    env_file: Path
+    home: Path
+    shims: Path
+    daemon: DaemonProcess
+
+    def claude(self, base_url: str, stale: str) -> subprocess.Popen[str]:
+        """`claude -p` through its shim, with the `stale` token gt would hand it."""
+        env = claude_env(base_url, self.home)
+        env.update(PATH=f"{self.shims}{os.pathsep}{env['PATH']}", ANTHROPIC_AUTH_TOKEN=stale)
+        return subprocess.Popen(
+            [str(self.shims / "claude"), "-p", "Run `true` with Bash.", "--allowedTools", "Bash"],
+            env=env,
+            cwd=self.home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def refresh(self) -> str:
+        """Have the daemon refresh now, in a later second than the current token's (the cloud
+        mints by the second: within it, the same token again, and Claude Code asks within
+        the town's own second in 3 runs of 10 here); the new token on disk."""
+        iat = decode_unverified(self.town.token).iat
+        wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
+        with self.daemon.local() as local:
+            answer_json = local.post("/token/refresh").json()
+        assert answer_json["token"]["fingerprint"], answer_json
+        fresh = self.env_file.read_text().split("KILO_JWT=", 1)[1].split("\n", 1)[0]
+        assert fresh != self.town.token
+        return fresh
+
+
+def start_sandbox(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, helper_ttl: str
+) -> Sandbox:
+    """A daemon for a new town, with a real `claude` on its PATH and Claude's settings holding
+    a key of the user's own (`theme`), once its token is fresh."""
     town = create_town(cloud)
-    stale = town.mint(lifetime=600, now=int(time.time()) - 3600)
     env_file = write_env(tmp_path / "sandbox" / ".env.gateway", town.token)
     home, real, shims = tmp_path / "home", tmp_path / "real-bin", tmp_path / "shims"
     (home / ".claude").mkdir(parents=True)
@@ -52,7 +93,7 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
         town_id=town.id,
         cloud_url=cloud.url,
         env_file=env_file,
-        config_toml=f'[agents]\nclaude_helper_ttl = "{HELPER_TTL}s"\nshims = ["claude"]\n',
+        config_toml=f'[agents]\nclaude_helper_ttl = "{helper_ttl}"\nshims = ["claude"]\n',
         extra_env={
             "INTERNAL_API_KEY": cloud.internal_key,
             "PATH": f"{real}{os.pathsep}{os.environ['PATH']}",
@@ -62,6 +103,16 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
         },
     )
     wait_for_state(daemon, "fresh")
+    return Sandbox(town, env_file, home, shims, daemon)
+
+
+def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_one(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """First request: current token (not the stale one); after a refresh: the new one."""
+    sandbox = start_sandbox(cloud, daemon_factory, tmp_path, f"{HELPER_TTL}s")
+    town, home = sandbox.town, sandbox.home
+    stale = town.mint(lifetime=600, now=int(time.time()) - 3600)
 
     refreshed = threading.Event()
     fresh: list[str] = []
@@ -79,29 +130,10 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
         return "text" if got_new or turn >= MAX_TURNS else "tool"
 
     with messages_standin(answer) as standin:
-        env = claude_env(standin.url, home)
-        env.update(
-            PATH=f"{shims}{os.pathsep}{env['PATH']}",
-            ANTHROPIC_AUTH_TOKEN=stale,
-        )
-        with subprocess.Popen(
-            [str(shims / "claude"), "-p", "Run `true` with Bash.", "--allowedTools", "Bash"],
-            env=env,
-            cwd=home,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        ) as claude:
+        with sandbox.claude(standin.url, stale) as claude:
             try:
                 standin.wait_for(lambda messages: len(messages) >= 1, deadline=30)
-                # The cloud mints by the second: in the town's own second it would mint the
-                # same token again, and Claude Code asks within it in 3 runs of 10 here.
-                iat = decode_unverified(town.token).iat
-                wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
-                with daemon.local() as local:
-                    answer_json = local.post("/token/refresh").json()
-                assert answer_json["token"]["fingerprint"], answer_json
-                fresh.append(env_file.read_text().split("KILO_JWT=", 1)[1].split("\n", 1)[0])
+                fresh.append(sandbox.refresh())
                 refreshed.set()
                 out, err = claude.communicate(timeout=60)
             finally:
@@ -114,7 +146,6 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
     print(json.dumps([(m.bearer or "")[-8:] for m in messages]))
     assert claude.returncode == 0, err
     assert "done" in out
-    assert fresh[0] != town.token
     # The first request carries the token that was current, in both headers (helper output).
     assert (messages[0].bearer, messages[0].api_key) == (town.token, town.token)
     assert all(stale not in (r.bearer, r.api_key) for r in requests)
@@ -128,3 +159,47 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
     settings = json.loads((home / ".claude" / "settings.json").read_text())
     assert settings["theme"] == "dark"
     assert town.token not in json.dumps(settings)
+
+
+def test_a_token_the_gateway_refuses_is_replaced_at_claudes_next_try_not_after_the_ttl(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """With an hour's helper TTL, the session keeps its token after a refresh; the gateway's
+    401 for it makes Claude Code run the helper again, and its next try carries the new one."""
+    sandbox = start_sandbox(cloud, daemon_factory, tmp_path, "1h")
+    current = sandbox.town.token
+    stale = sandbox.town.mint(lifetime=600, now=int(time.time()) - 3600)
+    fresh: list[str] = []
+    answered: list[tuple[str | None, str]] = []  # (bearer, answer) of each model call
+
+    def answer(seen: Seen) -> str:
+        """A tool turn; the next, after a refresh, another (the TTL keeps the token); then the
+        old token refused, the new one answered with the final text."""
+        if not answered:
+            kind = "tool"
+        elif len(answered) == 1:
+            fresh.append(sandbox.refresh())
+            kind = "tool"
+        elif seen.bearer == fresh[0] or len(answered) >= MAX_TURNS:
+            kind = "text"
+        else:
+            kind = "refuse"
+        answered.append((seen.bearer, kind))
+        return kind
+
+    with messages_standin(answer) as standin, sandbox.claude(standin.url, stale) as claude:
+        try:
+            out, err = claude.communicate(timeout=60)
+        finally:
+            if claude.poll() is None:
+                claude.kill()
+
+    print(json.dumps([((bearer or "")[-8:], kind) for bearer, kind in answered]))
+    assert claude.returncode == 0, err
+    assert "done" in out
+    assert answered == [
+        (current, "tool"),
+        (current, "tool"),  # refreshed before this answer: the session still holds its token
+        (current, "refuse"),
+        (fresh[0], "text"),  # the next try, seconds later, not an hour
+    ]
