@@ -37,17 +37,19 @@ tools:
 	  exit 1; \
 	fi
 
-# The npm peers, pinned and project-local: Claude Code (the agent tests run the real CLI) and
-# jsonwebtoken (it checks the cloud's kilo-claims tokens).
+# The npm peers, pinned and project-local: Claude Code and Codex (the agent tests run the real
+# CLIs) and jsonwebtoken (it checks the cloud's kilo-claims tokens).
 CLAUDE_CODE_VERSION  := 2.1.337
+CODEX_VERSION        := 0.171.0
 JSONWEBTOKEN_VERSION := 9.0.3
 NPM_PREFIX := .cache/npm
-NPM_STAMP  := $(NPM_PREFIX)/.installed-$(CLAUDE_CODE_VERSION)-$(JSONWEBTOKEN_VERSION)
+NPM_STAMP  := $(NPM_PREFIX)/.installed-$(CLAUDE_CODE_VERSION)-$(CODEX_VERSION)-$(JSONWEBTOKEN_VERSION)
 
 $(NPM_STAMP): | tools
 	mkdir -p $(NPM_PREFIX)
 	npm install --silent --no-audit --no-fund --prefix $(NPM_PREFIX) \
-		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) jsonwebtoken@$(JSONWEBTOKEN_VERSION)
+		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) @openai/codex@$(CODEX_VERSION) \
+		jsonwebtoken@$(JSONWEBTOKEN_VERSION)
 	touch $@
 
 npm: $(NPM_STAMP)

@@ -1,4 +1,5 @@
-"""Real peers of the agent suites: a stand-in Anthropic Messages endpoint, stand-in agent CLIs.
+"""Real peers of the agent suites: stand-in Anthropic Messages and OpenAI Responses endpoints,
+stand-in agent CLIs.
 
 `MessagesStandIn` is a real HTTP server on 127.0.0.1 that records the credentials of every
 request (bearer and x-api-key) and answers valid Messages API responses, streamed as SSE when
@@ -15,12 +16,21 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from gastown_sandboxd.token.claims import decode_unverified
+from tests.e2e._town import Town, create_town, wait_for_state, write_env
+from tests.fixtures.cloud import CloudServer
+from tests.fixtures.daemon import DaemonFactory, DaemonProcess
+from tests.waiting import wait_until
+
+# The real agent CLIs, pinned and installed project-locally by `make tools` (npm).
+NPM_BIN = Path(__file__).resolve().parents[2] / ".cache" / "npm" / "node_modules" / ".bin"
 
 # A stand-in agent CLI: records the credential it would send, one JSON line per start. Like
 # Claude Code, `claude` sends ANTHROPIC_AUTH_TOKEN when set, else its apiKeyHelper's output.
@@ -179,17 +189,67 @@ def _tool_results(body: dict[str, Any]) -> int:
     return count
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """What both stand-ins share: HTTP/1.1 with lengths, quiet, JSON and SSE answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _bearer(self) -> str | None:
+        auth = self.headers.get("Authorization")
+        return auth.removeprefix("Bearer ") if auth else None
+
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _sse(self, events: list[dict[str, Any]]) -> None:
+        payload = "".join(
+            f"event: {event['type']}\ndata: {json.dumps(event)}\n\n" for event in events
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[str]:
+    """Serve `handler` on an ephemeral port of 127.0.0.1 until the block ends; its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 @contextmanager
 def messages_standin(answer: Callable[[Seen], str]) -> Iterator[MessagesStandIn]:
     """Serve a `MessagesStandIn` on an ephemeral port until the block ends."""
     standin = MessagesStandIn(answer=answer)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
+    class Handler(_Handler):
         def do_GET(self) -> None:
             self._record({})
             self._json(404, {"type": "error", "error": {"type": "not_found_error"}})
@@ -200,13 +260,7 @@ def messages_standin(answer: Callable[[Seen], str]) -> Iterator[MessagesStandIn]
             self.end_headers()
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b"{}"
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = {}
-            seen = self._record(body if isinstance(body, dict) else {})
+            seen = self._record(self._body())
             if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
                 self._json(200, {"input_tokens": 10})
                 return
@@ -215,26 +269,16 @@ def messages_standin(answer: Callable[[Seen], str]) -> Iterator[MessagesStandIn]
             if kind == "refuse":
                 refusal = {"type": "authentication_error", "message": "invalid bearer token"}
                 self._json(401, {"type": "error", "error": refusal})
-                return
-            if not seen.stream:
+            elif seen.stream:
+                self._sse(_message_events(kind, turn))
+            else:
                 self._json(200, _whole_message(kind, turn))
-                return
-            payload = "".join(
-                f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-                for event in _message_events(kind, turn)
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
 
         def _record(self, body: dict[str, Any]) -> Seen:
-            auth = self.headers.get("Authorization")
             seen = Seen(
                 at=time.monotonic(),
                 path=self.path,
-                bearer=auth.removeprefix("Bearer ") if auth else None,
+                bearer=self._bearer(),
                 api_key=self.headers.get("x-api-key"),
                 stream=bool(body.get("stream")),
                 tool_results=_tool_results(body),
@@ -242,25 +286,136 @@ def messages_standin(answer: Callable[[Seen], str]) -> Iterator[MessagesStandIn]
             standin.record(seen)
             return seen
 
-        def _json(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    standin.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, name="messages-standin", daemon=True)
-    thread.start()
-    try:
+    with _serving(Handler, "messages-standin") as url:
+        standin.url = url
         yield standin
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+
+
+@dataclass
+class ResponsesStandIn:
+    """An OpenAI Responses API on 127.0.0.1 (what Codex speaks): `answer(bearer) -> "text" |
+    "refuse"` picks each answer to `POST /v1/responses`; `bearers` are what they carried."""
+
+    answer: Callable[[str | None], str] = lambda bearer: "text"
+    bearers: list[str | None] = field(default_factory=list)
+    url: str = ""
+
+
+def _response_events(turn: int) -> list[dict[str, Any]]:
+    """The SSE events of one streamed response whose output is the text `done`."""
+    message = {
+        "type": "message",
+        "id": f"msg_{turn}",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "done", "annotations": []}],
+    }
+    response = {"id": f"resp_{turn}", "object": "response", "status": "in_progress", "output": []}
+    usage = {
+        "input_tokens": 10,
+        "output_tokens": 1,
+        "total_tokens": 11,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
+    return [
+        {"type": "response.created", "response": response},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {
+            "type": "response.completed",
+            "response": dict(response, status="completed", output=[message], usage=usage),
+        },
+    ]
+
+
+@contextmanager
+def responses_standin(answer: Callable[[str | None], str]) -> Iterator[ResponsesStandIn]:
+    """Serve a `ResponsesStandIn` on an ephemeral port until the block ends; a refusal is a
+    401 in OpenAI's error shape, as a gateway refuses a token."""
+    standin = ResponsesStandIn(answer=answer)
+
+    class Handler(_Handler):
+        def do_GET(self) -> None:
+            self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+        def do_POST(self) -> None:
+            self._body()
+            if not self.path.endswith("/responses"):
+                self.do_GET()
+                return
+            bearer = self._bearer()
+            kind = standin.answer(bearer)
+            standin.bearers.append(bearer)
+            if kind == "refuse":
+                refusal = {"message": "invalid token", "type": "invalid_request_error"}
+                self._json(401, {"error": dict(refusal, code="invalid_api_key")})
+            else:
+                self._sse(_response_events(len(standin.bearers)))
+
+    with _serving(Handler, "responses-standin") as url:
+        standin.url = url
+        yield standin
+
+
+@dataclass(frozen=True)
+class AgentSandbox:
+    """A town's daemon keeping the shim of one real agent CLI, with `home` as the agent's."""
+
+    town: Town
+    env_file: Path
+    home: Path
+    shims: Path
+    daemon: DaemonProcess
+
+    def refresh(self) -> str:
+        """Have the daemon refresh now, in a later second than the current token's (the cloud
+        mints by the second: within it, the same token again, and Claude Code asks within
+        the town's own second in 3 runs of 10 here); the new token on disk."""
+        iat = decode_unverified(self.town.token).iat
+        wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
+        with self.daemon.local() as local:
+            answer_json = local.post("/token/refresh").json()
+        assert answer_json["token"]["fingerprint"], answer_json
+        fresh = self.env_file.read_text().split("KILO_JWT=", 1)[1].split("\n", 1)[0]
+        assert fresh != self.town.token
+        return fresh
+
+
+def start_agent_sandbox(
+    cloud: CloudServer,
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+    cli: Path,
+    *,
+    agents_toml: str = "",
+    home_files: Mapping[str, str] | None = None,
+) -> AgentSandbox:
+    """A daemon for a new town with the real CLI `cli` on its PATH and `cli`'s name alone in
+    `agents.shims` (more `[agents]` settings in `agents_toml`), and `home_files` written in
+    the home first; returned once its token is fresh."""
+    town = create_town(cloud)
+    env_file = write_env(tmp_path / "sandbox" / ".env.gateway", town.token)
+    home, real, shims = tmp_path / "home", tmp_path / "real-bin", tmp_path / "shims"
+    for name, text in (home_files or {}).items():
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text(text)
+    real.mkdir()
+    (real / cli.name).symlink_to(cli)
+    daemon = daemon_factory(
+        town_id=town.id,
+        cloud_url=cloud.url,
+        env_file=env_file,
+        config_toml=f'[agents]\nshims = ["{cli.name}"]\n{agents_toml}',
+        extra_env={
+            "INTERNAL_API_KEY": cloud.internal_key,
+            "PATH": f"{real}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(home),
+            "CLAUDE_CONFIG_DIR": "",
+            "GASTOWN_SANDBOXD_SHIM_DIR": str(shims),
+        },
+    )
+    wait_for_state(daemon, "fresh")
+    return AgentSandbox(town, env_file, home, shims, daemon)
 
 
 def claude_env(base_url: str, home: Path) -> dict[str, str]:

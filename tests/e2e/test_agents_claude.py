@@ -18,19 +18,22 @@ import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gastown_sandboxd.token.claims import decode_unverified
-from tests.e2e._agents import Seen, claude_env, messages_standin
-from tests.e2e._town import Town, create_town, wait_for_state, write_env
+from tests.e2e._agents import (
+    NPM_BIN,
+    AgentSandbox,
+    Seen,
+    claude_env,
+    messages_standin,
+    start_agent_sandbox,
+)
 from tests.fixtures.cloud import CloudServer
-from tests.fixtures.daemon import DaemonFactory, DaemonProcess
-from tests.waiting import wait_until
+from tests.fixtures.daemon import DaemonFactory
 
-CLAUDE = Path(__file__).resolve().parents[2] / ".cache" / "npm" / "node_modules" / ".bin" / "claude"
+CLAUDE = NPM_BIN / "claude"
 HELPER_TTL = 1.0
 MAX_TURNS = 24
 TURN_PACE = 0.15  # seconds per later turn: the helper's refresh runs beside the session
@@ -40,70 +43,33 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@dataclass(frozen=True)
-class Sandbox:
-    """A town's daemon keeping the `claude` shim and Claude Code's helper in `home`."""
-
-    town: Town
-    env_file: Path
-    home: Path
-    shims: Path
-    daemon: DaemonProcess
-
-    def claude(self, base_url: str, stale: str) -> subprocess.Popen[str]:
-        """`claude -p` through its shim, with the `stale` token gt would hand it."""
-        env = claude_env(base_url, self.home)
-        env.update(PATH=f"{self.shims}{os.pathsep}{env['PATH']}", ANTHROPIC_AUTH_TOKEN=stale)
-        return subprocess.Popen(
-            [str(self.shims / "claude"), "-p", "Run `true` with Bash.", "--allowedTools", "Bash"],
-            env=env,
-            cwd=self.home,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def refresh(self) -> str:
-        """Have the daemon refresh now, in a later second than the current token's (the cloud
-        mints by the second: within it, the same token again, and Claude Code asks within
-        the town's own second in 3 runs of 10 here); the new token on disk."""
-        iat = decode_unverified(self.town.token).iat
-        wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
-        with self.daemon.local() as local:
-            answer_json = local.post("/token/refresh").json()
-        assert answer_json["token"]["fingerprint"], answer_json
-        fresh = self.env_file.read_text().split("KILO_JWT=", 1)[1].split("\n", 1)[0]
-        assert fresh != self.town.token
-        return fresh
-
-
 def start_sandbox(
     cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, helper_ttl: str
-) -> Sandbox:
-    """A daemon for a new town, with a real `claude` on its PATH and Claude's settings holding
-    a key of the user's own (`theme`), once its token is fresh."""
-    town = create_town(cloud)
-    env_file = write_env(tmp_path / "sandbox" / ".env.gateway", town.token)
-    home, real, shims = tmp_path / "home", tmp_path / "real-bin", tmp_path / "shims"
-    (home / ".claude").mkdir(parents=True)
-    (home / ".claude" / "settings.json").write_text('{"theme": "dark"}\n')
-    real.mkdir()
-    (real / "claude").symlink_to(CLAUDE)
-    daemon = daemon_factory(
-        town_id=town.id,
-        cloud_url=cloud.url,
-        env_file=env_file,
-        config_toml=f'[agents]\nclaude_helper_ttl = "{helper_ttl}"\nshims = ["claude"]\n',
-        extra_env={
-            "INTERNAL_API_KEY": cloud.internal_key,
-            "PATH": f"{real}{os.pathsep}{os.environ['PATH']}",
-            "HOME": str(home),
-            "CLAUDE_CONFIG_DIR": "",
-            "GASTOWN_SANDBOXD_SHIM_DIR": str(shims),
-        },
+) -> AgentSandbox:
+    """A daemon keeping the `claude` shim with `helper_ttl`, and Claude's settings holding a
+    key of the user's own (`theme`) before it starts."""
+    return start_agent_sandbox(
+        cloud,
+        daemon_factory,
+        tmp_path,
+        CLAUDE,
+        agents_toml=f'claude_helper_ttl = "{helper_ttl}"\n',
+        home_files={".claude/settings.json": '{"theme": "dark"}\n'},
     )
-    wait_for_state(daemon, "fresh")
-    return Sandbox(town, env_file, home, shims, daemon)
+
+
+def start_claude(sandbox: AgentSandbox, base_url: str, stale: str) -> subprocess.Popen[str]:
+    """`claude -p` through its shim, with the `stale` token gt would hand it."""
+    env = claude_env(base_url, sandbox.home)
+    env.update(PATH=f"{sandbox.shims}{os.pathsep}{env['PATH']}", ANTHROPIC_AUTH_TOKEN=stale)
+    return subprocess.Popen(
+        [str(sandbox.shims / "claude"), "-p", "Run `true` with Bash.", "--allowedTools", "Bash"],
+        env=env,
+        cwd=sandbox.home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_one(
@@ -130,7 +96,7 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
         return "text" if got_new or turn >= MAX_TURNS else "tool"
 
     with messages_standin(answer) as standin:
-        with sandbox.claude(standin.url, stale) as claude:
+        with start_claude(sandbox, standin.url, stale) as claude:
             try:
                 standin.wait_for(lambda messages: len(messages) >= 1, deadline=30)
                 fresh.append(sandbox.refresh())
@@ -187,7 +153,7 @@ def test_a_token_the_gateway_refuses_is_replaced_at_claudes_next_try_not_after_t
         answered.append((seen.bearer, kind))
         return kind
 
-    with messages_standin(answer) as standin, sandbox.claude(standin.url, stale) as claude:
+    with messages_standin(answer) as standin, start_claude(sandbox, standin.url, stale) as claude:
         try:
             out, err = claude.communicate(timeout=60)
         finally:
