@@ -224,10 +224,15 @@ def sleep_for(wake_at: float, now: float, policy: SchedulePolicy = SchedulePolic
 
 
 def parse_retry_after(value: str, now: float) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delay-seconds or HTTP date); None if bad."""
+    """Seconds to wait from a `Retry-After` header (delay-seconds or HTTP date); None if bad.
+
+    Any number of digits is read: past a float's range it is infinite, which the cap of
+    `next_attempt_at` brings back to 300 s (`int()` first would raise past 4,300 digits, and
+    its float past ~308).
+    """
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(int(value))
+        return float(value)
     import email.utils  # only for a date: ~4 ms of each command otherwise
 
     try:

@@ -123,6 +123,13 @@ async def test_429_with_retry_after_seconds_is_busy() -> None:
     assert (error.kind, error.status, error.retry_after) == ("busy", 429, 120.0)
 
 
+async def test_429_with_a_retry_after_too_long_for_a_number_is_busy_not_a_crash() -> None:
+    """A Retry-After of 5,000 digits is busy with an infinite delay (the schedule caps it),
+    never an exception that would end the refresher."""
+    error = await failure(answer(429, headers={"retry-after": "1" + "0" * 5000}))
+    assert (error.kind, error.status, error.retry_after) == ("busy", 429, float("inf"))
+
+
 async def test_429_without_retry_after_is_busy() -> None:
     """429 without Retry-After is still busy, with no delay given."""
     error = await failure(answer(429))

@@ -378,6 +378,19 @@ def test_retry_after_date_without_zone_is_utc() -> None:
     assert parse_retry_after(value, T0) == 30.0
 
 
+@pytest.mark.parametrize("digits", [400, 5000])
+def test_a_retry_after_of_any_length_waits_the_cap(digits: int) -> None:
+    """A delay too large for a float (or for `int()`, past 4,300 digits) is no error: it is
+    infinite, and the next attempt comes at the cap."""
+    seconds = parse_retry_after("1" + "0" * digits, T0)
+    assert seconds == math.inf
+    at = next_attempt_at(
+        claims(T0 - DAY // 2), T0, failures=1, outcome=Outcome.BUSY,
+        refresh_at=T0, rng=random.Random(1), retry_after=seconds,
+    )  # fmt: skip
+    assert at == T0 + POLICY.retry_after_cap
+
+
 @pytest.mark.parametrize("value", ["", "soon", "-5", "1.5", "١٢", "Mon, 99 Foo 2026"])
 def test_bad_retry_after_is_none(value: str) -> None:
     """A Retry-After that is neither form is ignored."""
