@@ -219,6 +219,16 @@ def _claims(payload: dict[str, Any]) -> Claims:
     )
 
 
+# The largest `iat` or `exp` read as a time: every integer below it is exact as a float, so
+# the arithmetic against the clock's float `now` neither rounds nor overflows (JSON allows
+# any number of digits, and `10**400 - 0.0` raises). Year 285,000,000: no real token is near.
+MAX_TIMESTAMP = 2**53
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     # JSON true/false arrive as bool, a subclass of int: not a timestamp.
-    return isinstance(value, int) and not isinstance(value, bool)
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and -MAX_TIMESTAMP < value < MAX_TIMESTAMP
+    )

@@ -179,6 +179,22 @@ def test_exp_must_be_an_integer(value: Any) -> None:
     assert reasons(forge(HEADER, claims(exp=value))) == ["bad_exp"]
 
 
+@pytest.mark.parametrize("field", ["iat", "exp"])
+@pytest.mark.parametrize("value", [2**53, -(2**53), 10**400])
+def test_a_time_beyond_a_floats_exact_range_is_refused_not_an_error(field: str, value: int) -> None:
+    """An integer iat or exp at 2**53 or beyond (JSON allows any length) is refused as bad,
+    never compared with the clock (`10**400 - 0.0` raises), and not decoded either."""
+    token = forge(HEADER, claims(**{field: value}))
+    assert reasons(token) == [f"bad_{field}"]
+    with pytest.raises(TokenError):
+        decode_unverified(token)
+
+
+def test_the_largest_exact_time_is_still_read() -> None:
+    """One below 2**53 is an integer time like any other: far-future, so too long a life."""
+    assert reasons(forge(HEADER, claims(exp=2**53 - 1))) == ["bad_lifetime"]
+
+
 def test_expiry_margin_is_sixty_seconds_for_long_tokens() -> None:
     """A 24 h token is refused 60 s before exp, accepted 61 s before."""
     token = mint(NOW)

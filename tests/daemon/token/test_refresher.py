@@ -416,6 +416,23 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
         },
         "unacceptable_token",
     ),
+    (
+        # Times past a float's range: `exp - now` would raise, not refuse.
+        "huge_times",
+        {
+            "text": forge(
+                {"alg": "HS256", "typ": "JWT"},
+                {
+                    "sub": "u",
+                    "type": "gastown_sandbox",
+                    "town_id": TOWN,
+                    "iat": 10**400,
+                    "exp": 10**400 + DAY,
+                },
+            )
+        },
+        "unacceptable_token",
+    ),
     ("one_mb", {"text": "A" * (1024 * 1024)}, "body_too_large"),
     (
         "html",
