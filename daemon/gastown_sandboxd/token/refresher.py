@@ -170,6 +170,10 @@ class TokenRefresher:
         self._last_error: LastError | None = None
         self._last_refresh_at: float | None = None
         self._next_at: float | None = None
+        # Whether `_next_at` is a wait counted from an event (a backoff, a probe), which a
+        # wall clock stepped back must not lengthen, rather than the token's refresh point.
+        self._next_is_wait = False
+        self._seen: float | None = None  # the latest wall time the loop saw
         self._expired_reported = False
         self._flight: _Flight | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -275,6 +279,7 @@ class TokenRefresher:
     async def _loop(self) -> None:
         while True:
             now = self._clock.time()
+            self._follow_wall_clock(now)
             self._note_expiry(now)
             due = self._next_at if self._next_at is not None else now
             if now >= due:
@@ -465,8 +470,31 @@ class TokenRefresher:
             )
         )
 
+    def _follow_wall_clock(self, now: float) -> None:
+        """A wall clock stepped back (an NTP step, a VM's clock set right) moves a wait that
+        counts seconds from an event back with it: a backoff of 300 s stays 300 s, not 300 s
+        plus the step. The token's refresh point is a time of the token's and stays where
+        it is (CONTRACT §3: measured against the wall clock). A step forward needs nothing:
+        such a wait ends sooner, as after a suspend, when the seconds did pass.
+
+        The step is seen as the fall from the last wall time the loop saw, so it is short by
+        the seconds slept since (at most `max_sleep`, 30 s): such a wait ends at most that
+        much late, never early."""
+        seen, self._seen = self._seen, now
+        if seen is None or now >= seen or not self._next_is_wait or self._next_at is None:
+            return
+        step = seen - now
+        log.warning("wall_clock_stepped_back", seconds=round(step, 3))
+        self._next_at -= step
+        self._publish()
+
     def _replan(self, now: float) -> None:
         held = self._held
+        self._next_is_wait = (
+            self._inactive
+            or (self._failures > 0 and self._outcome is not Outcome.OK)
+            or self._outcome is Outcome.STALE
+        )
         self._next_at = next_attempt_at(
             held.claims if held else None,
             now,

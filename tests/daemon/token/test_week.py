@@ -23,6 +23,7 @@ import httpx
 import jwt
 import structlog.testing
 
+from gastown_sandboxd.errors import RefreshError
 from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.ops.metrics import MetricsRegistry
 from gastown_sandboxd.token import envfile
@@ -296,3 +297,43 @@ async def test_wall_clock_jump_backward_waits_for_the_refresh_point(tmp_path: Pa
     assert START + 100.0 < planned <= START + 0.5 * DAY
     assert calls
     assert planned <= calls[0] <= planned + 30
+
+
+async def test_wall_clock_jump_backward_during_an_outage_keeps_the_backoff(
+    tmp_path: Path,
+) -> None:
+    """A 1 h backward step during an outage moves the retry back with it: the gaps between
+    calls stay within the 300 s backoff in real (monotonic) time, instead of 1 h more."""
+    clock = SimulatedClock(START, autojump=True)
+    clock.jump_at(1000.0, -HOUR)
+    env = tmp_path / ".env.gateway"
+    env.write_text(f"KILO_JWT={mint(START - 20 * HOUR)}\n")  # past its point: 4 h left
+    calls: list[float] = []
+
+    class Cloud:
+        async def refresh(self, current_token: str | None) -> str:
+            calls.append(clock.monotonic)
+            raise RefreshError("outage", "connect_error")
+
+    refresher = TokenRefresher(
+        town_id=TOWN,
+        env_file=env,
+        client=Cloud(),
+        emit=lambda event: None,
+        clock=clock,
+        rng=random.Random(7),
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(refresher.run)
+            await clock.alarm(START + 2 * HOUR).wait()  # wall time: 3 h in real time
+            clock.autojump = False
+            tg.cancel_scope.cancel()
+    assert clock.monotonic >= 3 * HOUR
+    assert len(calls) > 20
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    # The backoff's 300 s, and at most one 30 s sleep before the step is seen.
+    assert max(gaps) <= 300 + 30, max(gaps)
+    # Seen as the fall from the loop's last look at the clock, at most one sleep before.
+    [step] = [e["seconds"] for e in logs if e["event"] == "wall_clock_stepped_back"]
+    assert HOUR - 30 <= step <= HOUR
