@@ -2,7 +2,8 @@
 
 Scheduled refreshes reach bash, `exec` and the cloud's gateway; a stopped or destroyed town
 goes inactive and a forced refresh brings it back; pushed tokens pass the sandbox's checks;
-start-up repairs a bad env file; and SIGKILL at any moment never leaves a bad env file.
+start-up repairs a bad env file, and a running daemon one rewritten without its token; and
+SIGKILL at any moment never leaves a bad env file.
 """
 
 from __future__ import annotations
@@ -296,6 +297,32 @@ def test_an_env_files_folder_made_again_is_followed(
     assert refreshed["fingerprint"] == fingerprint(token)
     assert acceptability_reasons(token, town_id=town.id, now=time.time()) == []
     assert source_token(tmp_path / "home.old" / ".env.gateway") == town.token
+
+
+def test_an_env_file_rewritten_without_its_token_gets_it_back_and_refreshes_still_bind(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """Someone rewrites the env file with its other lines but no token line: the daemon puts
+    its token back (bash sourcing it gets it again), and the next refresh still carries it
+    as the Bearer the cloud binds refreshes to. Before, the daemon dropped the token and every
+    refresh went without a Bearer: 401 for good."""
+    town = create_town(cloud)
+    env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
+    daemon = start_daemon(daemon_factory, town, env_file)
+    wait_for_state(daemon, "fresh")
+    write_env(env_file, None)
+    wait_until(lambda: source_token(env_file) == town.token, deadline=10, what="the token back")
+    assert _without_token_line(env_file.read_text()) == env_text(None)
+    assert _mode(env_file) == 0o600
+    # The cloud mints by the second: in the token's own, it would mint the same one again.
+    iat = decode_unverified(town.token).iat
+    wait_until(lambda: time.time() >= iat + 1, deadline=5, what="the next second")
+    with daemon.local() as client:
+        refreshed = client.post("/token/refresh").raise_for_status().json()["token"]
+    token = source_token(env_file)
+    assert token != town.token
+    assert refreshed["fingerprint"] == fingerprint(token)
+    assert acceptability_reasons(token, town_id=town.id, now=time.time()) == []
 
 
 @dataclass

@@ -227,7 +227,9 @@ class TokenRefresher:
     async def reload_env_file(self) -> bool:
         """Re-read the env file after an outside edit; True when the held token changed.
 
-        The daemon's own writes leave the file's token equal to the held one: no change.
+        The daemon's own writes leave the file's token equal to the held one: no change. An
+        acceptable token someone else wrote is adopted; an edit that leaves none puts the held
+        token back (`_keep_held`).
         """
         async with self._file_lock:
             token = await self._read_file_token()
@@ -247,9 +249,37 @@ class TokenRefresher:
                 self._emit_refreshed(self._held, "file")
                 self._succeeded(now, source="file")
                 return True
-            log.warning("env_file_token_lost", had=held is not None)
+            if held is not None:
+                await self._keep_held(held, token, now)
+                return False
+            log.warning("env_file_token_lost", had=False)
             self._load(token, now)
             return True
+
+    async def _keep_held(self, held: _Held, found: str | None, now: float) -> None:
+        """The env file, edited by someone else, holds no acceptable token: keep the one held
+        (the cloud binds a refresh to it, so dropping it would leave only refreshes without a
+        Bearer, refused with 401 for good), and put it back where agents read it while it is
+        still acceptable (CONTRACT §3: the daemon keeps the line, every other line as it is).
+        An expired one stays the Bearer of the refresh the schedule already has due."""
+        log.warning(
+            "env_file_token_lost",
+            had=True,
+            found=fingerprint(found) if found is not None else None,
+            reasons=acceptability_reasons(found, town_id=self._town_id, now=now)
+            if found is not None
+            else ["missing"],
+        )
+        self._disk_ok = False
+        if time_reasons(held.claims.iat, held.claims.exp, now=now):
+            return
+        try:
+            await write_token(self._env_file, held.token)
+        except AtomicWriteError as exc:
+            log.warning("env_file_token_not_restored", errno=exc.errno)
+            return
+        self._disk_ok = True
+        log.info("env_file_token_restored", fingerprint=held.view.fingerprint)
 
     def status(self) -> RefresherStatus:
         now = self._clock.time()

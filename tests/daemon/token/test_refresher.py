@@ -707,16 +707,74 @@ async def test_outside_edit_with_a_new_token_is_adopted(tmp_path: Path) -> None:
     assert rig.cloud.calls == []
 
 
-async def test_outside_edit_that_removes_the_token_refreshes_at_once(tmp_path: Path) -> None:
-    """A file edited to hold no acceptable token is treated like start-up."""
-    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+@pytest.mark.parametrize(
+    ("edited", "restored"),
+    [
+        ("OTHER=1\n", "OTHER=1\nKILO_JWT={held}\n"),
+        ("KILO_JWT=$(touch x)\nOTHER=1\n", "KILO_JWT={held}\nOTHER=1\n"),
+        (f"KILO_JWT={mint(T0, town_id='town-2')}\nOTHER=1\n", "KILO_JWT={held}\nOTHER=1\n"),
+    ],
+    ids=["no_token", "shell", "other_town"],
+)
+async def test_outside_edit_that_leaves_no_acceptable_token_puts_the_held_one_back(
+    tmp_path: Path, edited: str, restored: str
+) -> None:
+    """The held token stays (the cloud binds a refresh to it) and goes back into the file,
+    every other line of the edit kept; nothing is asked of the cloud."""
+    held = mint(T0)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={held}\n")
     async with rig.running() as refresher:
-        rig.env.write_text("KILO_JWT=$(touch x)\nOTHER=1\n")
+        planned = refresher.status().next_refresh_at
+        rig.env.write_text(edited)
+        with structlog.testing.capture_logs() as logs:
+            assert await refresher.reload_env_file() is False
+        status = refresher.status()
+        assert rig.env.read_text() == restored.format(held=held)
+        assert status.token is not None
+        assert status.token.fingerprint == fingerprint(held)
+        assert (status.state, status.token_on_disk_ok) == (State.FRESH, True)
+        assert status.next_refresh_at == planned
+        # The daemon's own write, seen by the watcher, is no change.
+        assert await refresher.reload_env_file() is False
+    assert rig.cloud.calls == []
+    assert [e["event"] for e in logs] == ["env_file_token_lost", "env_file_token_restored"]
+    assert held not in repr(logs)
+    assert not (tmp_path / "x").exists()
+
+
+async def test_outside_edit_that_removes_an_expired_token_keeps_it_as_the_bearer(
+    tmp_path: Path,
+) -> None:
+    """An expired held token is not written back, but the refresh that is due still sends
+    it as the Bearer (a refresh without one is refused by the cloud's binding)."""
+    expired = mint(T0 - 2 * DAY)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={expired}\n")
+    rig.cloud.script.append(RefreshError("outage", "connect_error"))
+    async with rig.running() as refresher:
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        rig.env.write_text("OTHER=1\n")
+        assert await refresher.reload_env_file() is False
+        assert rig.env.read_text() == "OTHER=1\n"
+        assert refresher.status().token_on_disk_ok is False
+        await refresher.refresh_now()
+        assert rig.env.read_text() == f"OTHER=1\nKILO_JWT={rig.cloud.minted[0]}\n"
+    assert [bearer for _, bearer in rig.cloud.calls] == [expired, expired]
+
+
+async def test_outside_edit_with_no_token_when_none_is_held_refreshes_at_once(
+    tmp_path: Path,
+) -> None:
+    """With nothing held (the file had no acceptable token), an edit is read as at start-up."""
+    rig = Rig(tmp_path, env_text="KILO_JWT=$(touch x)\n")
+    rig.cloud.script.append(RefreshError("outage", "connect_error"))
+    async with rig.running() as refresher:
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        rig.env.write_text("KILO_JWT=still-not-a-token\nOTHER=1\n")
         assert await refresher.reload_env_file() is True
         await eventually(lambda: len(rig.cloud.minted) == 1)
-        assert rig.cloud.calls == [(T0, None)]
         await eventually(lambda: rig.disk_token() == rig.cloud.minted[0])
         assert rig.env.read_text() == f"KILO_JWT={rig.cloud.minted[0]}\nOTHER=1\n"
+    assert [bearer for _, bearer in rig.cloud.calls] == [None, None]
 
 
 # --- metrics ----------------------------------------------------------------------------
