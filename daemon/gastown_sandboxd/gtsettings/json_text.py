@@ -36,6 +36,11 @@ def parse_document(raw: bytes, scope: Scope, *, file: str) -> Doc:
         _unreadable(file, f"is not valid JSON ({_reason(exc)})")
     if not isinstance(doc, dict):
         _unreadable(file, "does not hold a JSON object")
+    # UTF-8 cannot hold a surrogate, so only an escape can bring one in (`"\ud800"` is JSON
+    # by the grammar; Go reads it as U+FFFD). Such a text could be neither hashed for the
+    # revision nor written back: the file is unreadable, as a body holding one is invalid.
+    if b"\\u" in raw and not _is_unicode_text(doc):
+        _unreadable(file, "holds a lone surrogate (an unpaired \\ud800-\\udfff escape)")
     expected = FILE_TYPES[scope]
     kind = doc.get("type", expected)
     if kind != expected:
@@ -164,6 +169,14 @@ def _dumps(value: Any) -> str:
     # Nested lines move two spaces right: the value sits one level inside the document.
     text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
     return text.translate(_GO_ESCAPES)
+
+
+def _is_unicode_text(doc: Doc) -> bool:
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> NoReturn:

@@ -204,6 +204,8 @@ def test_parse_document_reads_gt_files() -> None:
         (b'{"version": "1"}', "not an integer"),
         (b'{"version": true}', "not an integer"),
         (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b'{"role_agents": {"mayor": "claude\\ud800"}}', "holds a lone surrogate"),
+        (b'{"\\uDFFF": 1}', "holds a lone surrogate"),
     ],
 )
 def test_parse_document_refuses_what_gt_did_not_write(raw: bytes, reason: str) -> None:
@@ -212,6 +214,13 @@ def test_parse_document_refuses_what_gt_did_not_write(raw: bytes, reason: str) -
         parse_document(raw, "town", file="settings/config.json")
     assert reason in caught.value.message
     assert caught.value.message.startswith("settings/config.json ")
+
+
+def test_escaped_surrogate_pairs_and_other_escapes_are_read() -> None:
+    """A pair of surrogate escapes is one character (as Go reads it), and other escapes
+    are text like any other: only a lone surrogate makes a file unreadable."""
+    raw = b'{"agent": "\\ud83d\\ude00 \\u00e9 \\\\ud800"}'
+    assert parse_document(raw, "rig", file="f") == {"agent": "\U0001f600 \u00e9 \\ud800"}
 
 
 # --- rendering ------------------------------------------------------------------------------

@@ -625,6 +625,7 @@ async def test_traversal_and_escapes_are_refused(tmp_path: Path, events: Events,
         b'{"type": "town-settings", "version": 1}',
         b"[]",
         b"\xff\xfe",
+        b'{"type": "rig-settings", "version": 1, "agent": "claude\\ud800"}',
     ],
 )
 async def test_unreadable_files_are_never_overwritten(
@@ -898,6 +899,24 @@ async def test_paths_through_a_symlinked_town_root_are_recognised(
     by_real = await store.reconcile_external([real / "docs" / TOWN_FILE])
     by_link = await store.reconcile_external([link / "backend" / TOWN_FILE])
     assert [f["rig"] for f in by_real + by_link] == ["docs", "backend"]
+
+
+async def test_a_lone_surrogate_escape_in_a_file_is_unreadable_from_the_start(
+    root: Path, events: Events
+) -> None:
+    """A hand edit that leaves `\\ud800` in a file: the store loads (the daemon starts), and
+    the view names the file as unreadable; before, the revision's UTF-8 raised."""
+    path = root / "frontend" / TOWN_FILE
+    path.write_bytes(path.read_bytes().replace(b'"agent": "', b'"agent": "\\ud800', 1))
+    store = SettingsStore(town_root=root, emit=events)
+    with capture_logs() as logs:
+        await store.load()
+    assert [(log["event"], log["file"]) for log in logs] == [
+        ("settings_file_unreadable", "frontend/settings/config.json")
+    ]
+    with pytest.raises(SettingsFileUnreadable) as caught:
+        await store.view()
+    assert "holds a lone surrogate" in caught.value.message
 
 
 async def test_load_logs_unreadable_files(root: Path, events: Events) -> None:
