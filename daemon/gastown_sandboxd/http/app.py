@@ -373,6 +373,12 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise RequestRefused(
             400, "invalid_json", "the body is not JSON", [problem.as_json()]
         ) from None
+    except RecursionError:
+        # ~60,000 `[` fit in the 64 KiB a body may have; the parser's recursion ends first.
+        problem = Problem("", "not JSON this daemon reads: nested too deeply")
+        raise RequestRefused(
+            400, "invalid_json", "the body is not JSON", [problem.as_json()]
+        ) from None
     if not isinstance(body, dict):
         raise RequestRefused(400, "invalid_json", "the body must be a JSON object")
     return body
