@@ -404,10 +404,12 @@ class SettingsStore:
 
         Each PATCH gets its own answer, revision and events, as if the group had been sent
         one after another; one refused (412, 409, 422) leaves the others to go on. A write
-        that fails fails every PATCH of the group that changed something, and nothing is
-        written. Bytes someone changed since they were read (`SettingsChanged`) make the
-        group plan once more from a fresh read first (the read cache may have served a file
-        that an edit within the same timestamp tick left with the same stat).
+        that fails writes nothing, and the answers of the PATCHes from the first that
+        changed something on are settled again on the disk alone (`_settle_failed`). Bytes
+        someone changed since they were read (`SettingsChanged`) make the group plan once
+        more from a fresh read first (the read cache may have served a file that an edit
+        within the same timestamp tick left with the same stat); a second time, every PATCH
+        from the first that changed something on gets that 409.
         """
         for attempt in (1, 2):
             for request in group:
@@ -423,16 +425,44 @@ class SettingsStore:
                     log.info("settings_changed_planning_again", error=exc.message)
                     snapshot_cache.forget(self._root / relative_path(rig) for rig in disk.files)
                     continue
-                _fail(applied, exc)
+                _fail(_from_first_change(group, applied), exc)
                 return
             except Exception as exc:  # the answer of each PATCH that wrote
-                _fail(applied, exc)
+                self._settle_failed(disk, group, applied, exc)
+                self._record_pushes(group)
                 return
             self._revision = after.revision()
-            for request in group:
-                if request.result is not None and request.generation is not None:
-                    self._last_applied.record_push(request.body, request.generation)
+            self._record_pushes(group)
             return
+
+    def _settle_failed(
+        self, disk: Snapshot, group: list[_Request], applied: list[_Request], exc: Exception
+    ) -> None:
+        """The group's write failed and wrote nothing. A PATCH planned before the first that
+        changed something was planned on the disk and keeps its answer; each one from that
+        first on was planned on changes that never landed, so it is planned again on the
+        disk alone, as if sent after the failed writes: a refusal or a no-op is its answer,
+        a change fails with the write's error, as its own write would have."""
+        for request in _from_first_change(group, applied):
+            request.result, request.error, request.events = None, None, []
+            try:
+                change = self._change(
+                    disk, dict(self._known), request.body, request.if_match, "api",
+                    request.generation,
+                )  # fmt: skip
+            except Exception as refused:  # this PATCH's own answer
+                request.error = refused
+                continue
+            if change.docs:
+                request.error = exc
+            else:
+                request.result = change.result
+
+    def _record_pushes(self, group: list[_Request]) -> None:
+        # A pushed PATCH that was answered (applied, or nothing to change) joins the copy.
+        for request in group:
+            if request.result is not None and request.generation is not None:
+                self._last_applied.record_push(request.body, request.generation)
 
     def _plan_group(
         self, disk: Snapshot, group: list[_Request]
@@ -607,6 +637,11 @@ class SettingsStore:
 def _doc_memo(state: FileState) -> dict[str, str | None]:
     # What was worked out from the document alone (not the digest of bytes it had none of).
     return {key: value for key, value in state.memo.items() if key != "digest"}
+
+
+def _from_first_change(group: list[_Request], applied: list[_Request]) -> list[_Request]:
+    # The PATCHes planned on a change of the group (none when nothing changed).
+    return group[group.index(applied[0]) :] if applied else []
 
 
 def _fail(requests: list[_Request], exc: Exception) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import shutil
@@ -1093,6 +1094,62 @@ async def test_a_failed_group_write_fails_every_patch_that_changed_something(
     assert after[f"{RIGS[1]}/{TOWN_FILE}"] == before[f"{RIGS[1]}/{TOWN_FILE}"]
     assert len(events.seen) == 1
     assert await store.reconcile_external() == []
+
+
+async def test_after_a_failed_group_write_each_later_patch_is_answered_as_on_the_disk(
+    root: Path, events: Events
+) -> None:
+    """PATCHes planned on a change that never landed are answered as the disk alone would:
+    one that matched only the unwritten change gets the 503 (its own write would fail), an
+    If-Match of the revision on disk is no 412, a pushed one that changes nothing on disk
+    is answered and kept as applied, and a refusal of its own stays a refusal."""
+
+    class FailSecond(GatedWrite):
+        def __call__(self, target: Target, data: bytes) -> object:
+            if self.calls:
+                self.calls.append(target.path)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().__call__(target, data)
+
+    first = {"town": {"crew_agents": {"a": "codex"}}}
+    # The revision the disk will hold once the first PATCH is written, from a twin town.
+    twin = root.parent / "twin"
+    shutil.copytree(root, twin, symlinks=True)
+    written = (await SettingsStore(town_root=twin, emit=Events()).patch(first)).revision
+    writer = FailSecond()
+    store = SettingsStore(town_root=root, emit=events, write=writer)
+    await store.load()
+    outcomes: dict[str, Any] = {}
+
+    async def send(name: str, body: dict[str, Any], **headers: Any) -> None:
+        try:
+            result = await store.patch(body, **headers)
+            outcomes[name] = (result.changed, result.revision)
+        except (StorageUnavailable, PreconditionFailed, PatchInvalid) as exc:
+            outcomes[name] = exc.status
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, "first", first)
+        await anyio.to_thread.run_sync(writer.entered.wait, 10)
+        later: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+            ("changes", {"town": {"crew_agents": {"b": "codex"}}}, {}),
+            ("same_as_unwritten", {"town": {"crew_agents": {"b": "codex"}}}, {}),
+            ("if_match_disk", {"town": {"crew_agents": {"c": "codex"}}}, {"if_match": written}),
+            ("pushed_nothing", {"town": {"crew_agents": {"a": "codex"}}}, {"generation": 7}),
+            ("invalid", {"town": {"crew_agents": {"d": 5}}}, {}),
+        ]
+        for name, body, headers in later:
+            tg.start_soon(functools.partial(send, name, body, **headers))
+            await anyio.wait_all_tasks_blocked()
+        writer.gate.set()
+    assert outcomes["first"] == (True, written)
+    assert outcomes["changes"] == 503
+    assert outcomes["same_as_unwritten"] == 503  # was 200, changed: false, on the unwritten
+    assert outcomes["if_match_disk"] == 503  # was 412 against the unwritten revision
+    assert outcomes["pushed_nothing"] == (False, (await store.view()).revision)
+    assert outcomes["invalid"] == 422
+    assert store.last_applied.applied.generation == 7
+    assert len(events.seen) == 1
 
 
 async def test_a_patch_cancelled_while_it_waits_is_never_applied(
