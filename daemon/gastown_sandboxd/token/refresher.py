@@ -191,6 +191,7 @@ class TokenRefresher:
             try:
                 async with self._file_lock:
                     self._load(await self._read_file_token(), self._clock.time())
+                    await self._rewrite_line()
                 task_status.started()
                 await self._loop()
             finally:
@@ -246,6 +247,7 @@ class TokenRefresher:
                 self._held = self._hold(token, decode_unverified(token), adopted=True)
                 self._disk_ok = True
                 log.info("env_file_token_adopted", fingerprint=fingerprint(token))
+                await self._rewrite_line()
                 self._emit_refreshed(self._held, "file")
                 self._succeeded(now, source="file")
                 return True
@@ -255,6 +257,29 @@ class TokenRefresher:
             log.warning("env_file_token_lost", had=False)
             self._load(token, now)
             return True
+
+    async def _rewrite_line(self) -> None:
+        """The held token's line as the daemon writes it (CONTRACT §3: `KILO_JWT=<token>`,
+        exactly that, once), when the file holds it otherwise: a line saved with CRLF (the
+        daemon reads through the CR, bash keeps it in the value, and the gateway refuses
+        that), a second `KILO_JWT` line, quotes or `export`."""
+        if await self._write_held():
+            held = self._held
+            assert held is not None
+            log.info("env_file_token_line_rewritten", fingerprint=held.view.fingerprint)
+
+    async def _write_held(self) -> bool | None:
+        """Set the held token's line in the env file: True when that changed the file, False
+        when it held the line already, None when nothing can be written (no token held, or
+        one that is no longer acceptable) or the write failed (logged)."""
+        held = self._held
+        if held is None or time_reasons(held.claims.iat, held.claims.exp, now=self._clock.time()):
+            return None
+        try:
+            return await write_token(self._env_file, held.token)
+        except AtomicWriteError as exc:
+            log.warning("env_file_token_not_written", errno=exc.errno)
+            return None
 
     async def _keep_held(self, held: _Held, found: str | None, now: float) -> None:
         """The env file, edited by someone else, holds no acceptable token: keep the one held
@@ -270,16 +295,9 @@ class TokenRefresher:
             if found is not None
             else ["missing"],
         )
-        self._disk_ok = False
-        if time_reasons(held.claims.iat, held.claims.exp, now=now):
-            return
-        try:
-            await write_token(self._env_file, held.token)
-        except AtomicWriteError as exc:
-            log.warning("env_file_token_not_restored", errno=exc.errno)
-            return
-        self._disk_ok = True
-        log.info("env_file_token_restored", fingerprint=held.view.fingerprint)
+        self._disk_ok = await self._write_held() is not None
+        if self._disk_ok:
+            log.info("env_file_token_restored", fingerprint=held.view.fingerprint)
 
     def status(self) -> RefresherStatus:
         now = self._clock.time()

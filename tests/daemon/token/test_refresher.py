@@ -196,6 +196,47 @@ async def test_fresh_token_on_disk_is_kept_until_its_refresh_point(tmp_path: Pat
         assert rig.env.read_text().startswith("A=1\n")
 
 
+async def test_a_fresh_token_on_its_own_line_is_not_written_at_start(tmp_path: Path) -> None:
+    """The file as the daemon writes it is left alone: same inode, same bytes."""
+    text = f"A=1\r\nKILO_JWT={mint(T0 - 3600)}\n# kept\n"
+    rig = Rig(tmp_path, env_text=text)
+    inode = rig.env.stat().st_ino
+    async with rig.running():
+        pass
+    assert (rig.env.stat().st_ino, rig.env.read_bytes()) == (inode, text.encode())
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["KILO_JWT={t}\r\n", "export KILO_JWT='{t}'\n", "KILO_JWT={t}\nKILO_JWT={t}\n"],
+    ids=["crlf", "export_quoted", "twice"],
+)
+@pytest.mark.parametrize("when", ["start", "edit"])
+async def test_a_fresh_token_on_a_line_of_another_shape_is_written_again(
+    tmp_path: Path, line: str, when: str
+) -> None:
+    """A token line saved with CRLF (bash then reads the CR into the token), quoted, exported
+    or twice: the daemon holds the token and writes its line as it always does, every other
+    line kept, at start or when the edit is seen; nothing is asked of the cloud."""
+    token = mint(T0 - 3600)
+    text = "A=1\r\n" + line.format(t=token) + "B=2\n"
+    rig = Rig(tmp_path, env_text=text if when == "start" else f"KILO_JWT={mint(T0 - 7200)}\n")
+    with structlog.testing.capture_logs() as logs:
+        async with rig.running() as refresher:
+            if when == "edit":
+                rig.env.write_text(text)
+                assert await refresher.reload_env_file() is True
+            assert refresher.status().token_on_disk_ok
+    assert rig.env.read_bytes() == f"A=1\r\nKILO_JWT={token}\nB=2\n".encode()
+    sourced = subprocess.run(
+        ["bash", "-c", f'set -a; . "{rig.env}"; printf %s "$KILO_JWT"'],
+        capture_output=True, text=True, check=True, env={},
+    )  # fmt: skip
+    assert sourced.stdout == token
+    assert "env_file_token_line_rewritten" in [e["event"] for e in logs]
+    assert rig.cloud.calls == []
+
+
 async def test_start_up_token_is_desynchronised_and_a_refreshed_one_follows_the_contract(
     tmp_path: Path,
 ) -> None:
