@@ -57,6 +57,9 @@ def configure_logging(
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # The traceback as text before the redactor, which scrubs strings alone: an
+        # exception's message can hold what a request or an answer held.
+        structlog.processors.format_exc_info,
         redactor,
     ]
     renderer: Any = (
@@ -68,7 +71,6 @@ def configure_logging(
         processors=[
             structlog.stdlib.filter_by_level,
             *shared,
-            structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -40,3 +40,26 @@ def test_json_logs_are_redacted_end_to_end() -> None:
     assert lines[0]["level"] == "info"
     assert TOKEN not in stream.getvalue()
     assert KEY not in stream.getvalue()
+
+
+def test_tracebacks_are_redacted_too() -> None:
+    """An exception whose text holds a token or the key, logged by structlog or by a library
+    through stdlib logging: the traceback comes out scrubbed like every other value."""
+    stream = io.StringIO()
+    configure_logging(format="json", level="debug", secrets=[KEY], stream=stream)
+    try:
+        for log in (structlog.get_logger("t").exception, logging.getLogger("hypercorn").exception):
+            try:
+                raise ValueError(f"refused {TOKEN} for {KEY}")
+            except ValueError:
+                log("failed")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert "ValueError: refused [jwt:" in line["exception"]
+        assert "[secret]" in line["exception"]
+    assert TOKEN not in stream.getvalue()
+    assert KEY not in stream.getvalue()
