@@ -491,19 +491,28 @@ class SettingsStore:
     def _apply_desired_sync(
         self, desired: Mapping[str, Any], generation: int
     ) -> tuple[PatchResult, list[ConfigChanged]]:
-        snapshot = self._read_snapshot()
-        self._baseline(snapshot)
-        self._revision = snapshot.revision()
         applied = self._last_applied.applied
         stale = applied.generation is not None and generation < applied.generation
-        body: Mapping[str, Any] = {}
         if stale:
             # Read before a newer push landed: applying it would undo that push.
             log.info("desired_config_stale", generation=generation, applied=applied.generation)
-        else:
-            body = desired_patch(snapshot.town_files(), desired, applied.desired)
-        change = self._change(snapshot, dict(self._known), body, None, "cloud", generation)
-        self._commit(snapshot, change.docs)
+        for attempt in (1, 2):  # planned once more on bytes changed under it, as a PATCH is
+            snapshot = self._read_snapshot()
+            self._baseline(snapshot)
+            self._revision = snapshot.revision()
+            body: Mapping[str, Any] = {}
+            if not stale:
+                body = desired_patch(snapshot.town_files(), desired, applied.desired)
+            change = self._change(snapshot, dict(self._known), body, None, "cloud", generation)
+            try:
+                self._commit(snapshot, change.docs)
+            except SettingsChanged as exc:
+                if attempt == 2:
+                    raise
+                log.info("settings_changed_planning_again", error=exc.message)
+                snapshot_cache.forget(self._root / relative_path(r) for r in snapshot.files)
+                continue
+            break
         self._revision = change.after.revision()
         if not stale:
             self._last_applied.record(generation, desired)

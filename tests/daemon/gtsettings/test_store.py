@@ -1229,6 +1229,30 @@ async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
     assert result.revision == store.revision == (await store.view()).revision
 
 
+async def test_a_sync_on_a_cached_file_edited_in_the_same_tick_is_planned_again(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """The same stale cache entry under a desired-configuration sync: it is planned again
+    from the disk, as a PATCH is, and applied over the edit; before, the sync failed with
+    409 (and was reported failed to the cloud) until the watcher dropped the entry."""
+    await store.patch({"town": {"crew_agents": {"a": "codex"}}})
+    path = root / TOWN_FILE
+    edited = path.read_bytes().replace(b'"a": "codex"', b'"a": "kilo1"')
+    with path.open("r+b") as handle:
+        handle.write(edited)
+    info = path.stat()
+    key = os.path.abspath(path)
+    stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    _old_stamp, name, scope, stale = snapshot_module._cache[key]
+    snapshot_module._cache[key] = (stamp, name, scope, stale)  # as if the stat had not moved
+    result = await store.apply_desired({"town": {"role_effort": {"crew": "high"}}}, generation=1)
+    town = json.loads(path.read_bytes())
+    assert town["crew_agents"] == {"a": "kilo1"}
+    assert town["role_effort"]["crew"] == "high"
+    assert result.changed
+    assert store.last_applied.applied.generation == 1
+
+
 # --- the last-applied copy: fsynced once for a burst of saves ------------------------------
 
 
