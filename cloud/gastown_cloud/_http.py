@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,12 +28,15 @@ _DRAIN_SECONDS = 2.0
 @dataclass(frozen=True, slots=True)
 class AppContext:
     """What every route reads: settings, the store, the clock (Unix seconds), and the refresh
-    routes' admission control (None: every refresh is admitted)."""
+    routes' admission control (None: every refresh is admitted) with its own clock, one that
+    never steps back (a wall clock stepped back would hold its one-second window still, and
+    every refresh after the first `rate` would be refused for as long as the step)."""
 
     settings: CloudSettings
     store: Store
     clock: Callable[[], float]
     admission: RefreshAdmission | None = None
+    monotonic: Callable[[], float] = time.monotonic
 
     def require_key(self, request: Request) -> None:
         """401 unless `x-internal-api-key` equals the key (constant time, no detail why)."""

@@ -86,7 +86,7 @@ def _admit(ctx: AppContext, town_id: str) -> None:
     """503 with `Retry-After` when admission control refuses this refresh now."""
     if ctx.admission is None:
         return
-    wait = ctx.admission.admit(town_id, ctx.clock())
+    wait = ctx.admission.admit(town_id, ctx.monotonic())
     if wait is not None:
         message = (
             f"The cloud admits {ctx.admission.rate} refreshes per second; retry after {wait} s."

@@ -27,12 +27,19 @@ log = structlog.get_logger(__name__)
 
 
 def create_app(
-    settings: CloudSettings, store: Store, *, clock: Callable[[], float] = time.time
+    settings: CloudSettings,
+    store: Store,
+    *,
+    clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> Starlette:
-    """The app serving `store` (already open); `clock` gives Unix seconds."""
+    """The app serving `store` (already open); `clock` gives Unix seconds, `monotonic` the
+    seconds of admission control (never stepping back)."""
     rate = settings.refresh_rate
     admission = None if rate is None else RefreshAdmission(rate)
-    ctx = AppContext(settings=settings, store=store, clock=clock, admission=admission)
+    ctx = AppContext(
+        settings=settings, store=store, clock=clock, admission=admission, monotonic=monotonic
+    )
     document = openapi_document()
 
     async def openapi(request: Request) -> Response:

@@ -159,7 +159,8 @@ async def limited(tmp_path: Path, clock: Clock) -> AsyncIterator[httpx.AsyncClie
         nextauth_secret=SECRET, internal_api_key=KEY, db=tmp_path / "c.db", refresh_rate=2
     )
     async with Store(settings.db) as store:
-        transport = httpx.ASGITransport(app=create_app(settings, store, clock=clock))
+        app = create_app(settings, store, clock=clock, monotonic=clock)
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://cloud", headers={"x-internal-api-key": KEY}
         ) as client:
@@ -192,6 +193,32 @@ async def test_routes_answer_503_with_retry_after_past_the_rate(
     assert (await limited.post(PLAIN, json={"townId": town_id}, headers=bearer)).status_code == 200
 
 
+async def test_a_wall_clock_stepped_back_does_not_stop_admission(tmp_path: Path) -> None:
+    """Admission counts on a clock that never steps back: with the wall clock an hour behind
+    (an NTP correction), refreshes go on passing at the rate. On the wall clock, the window
+    stood still and every refresh after the first two was refused for the hour."""
+    wall, monotonic = Clock(), Clock()
+    settings = CloudSettings(
+        nextauth_secret=SECRET, internal_api_key=KEY, db=tmp_path / "c.db", refresh_rate=2
+    )
+    async with Store(settings.db) as store:
+        app = create_app(settings, store, clock=wall, monotonic=monotonic)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://cloud",
+            headers={"x-internal-api-key": KEY},
+        ) as client:
+            towns = [await _town(client) for _ in range(2)]
+            statuses = []
+            for _ in range(10):
+                for town_id, bearer in towns:
+                    answer = await client.post(PLAIN, json={"townId": town_id}, headers=bearer)
+                    statuses.append(answer.status_code)
+                wall.now -= 600.0  # the wall clock goes back; a second passes
+                monotonic.now += 1.0
+    assert statuses == [200] * 20
+
+
 async def test_refused_requests_take_no_token(limited: httpx.AsyncClient, clock: Clock) -> None:
     """Requests refused before admission (no key, bad body) do not use up the rate."""
     town_id, bearer = await _town(limited)
@@ -211,7 +238,8 @@ async def test_no_rate_admits_every_refresh(tmp_path: Path, clock: Clock) -> Non
     settings = CloudSettings(nextauth_secret=SECRET, internal_api_key=KEY, db=tmp_path / "c.db")
     assert settings.refresh_rate is None
     async with Store(settings.db) as store:
-        transport = httpx.ASGITransport(app=create_app(settings, store, clock=clock))
+        app = create_app(settings, store, clock=clock, monotonic=clock)
+        transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://cloud", headers={"x-internal-api-key": KEY}
         ) as client:
