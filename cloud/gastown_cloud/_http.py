@@ -93,15 +93,59 @@ async def _drain(request: Request) -> None:
             budget -= len(message.get("body", b""))
 
 
+# Deeper than any body a route takes (a town's settings are ~5 levels, a chat message ~5),
+# and shallow enough for every recursive step after parsing (a deep copy, pydantic's
+# serializer), which a body of a few hundred levels would take past the stack.
+MAX_DEPTH = 64
+
+
 def parse_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or 400."""
+    """The body as a JSON object that can be stored and answered back, or 400: JSON (no NaN
+    or Infinity, which no answer can carry), nested at most `MAX_DEPTH` levels, and Unicode
+    text (no lone surrogate, which `"\\ud800"` decodes to and no UTF-8 can hold)."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "malformed_json", "The request body must be a JSON object.")
+    problem = _shape_problem(data)
+    if problem is not None:
+        raise ApiError(400, "malformed_json", problem)
     return data
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    # Iterative: the check must not itself run out of stack on what it is there to refuse.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"The request body is nested deeper than {MAX_DEPTH} levels."
+        if isinstance(value, dict):
+            if not all(_is_text(key) for key in value):
+                return _LONE_SURROGATE
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and not _is_text(value):
+            return _LONE_SURROGATE
+    return None
+
+
+_LONE_SURROGATE = "The request body holds a lone surrogate (an unpaired \\ud800-\\udfff escape)."
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate(model: type[_M], data: dict[str, Any]) -> _M:

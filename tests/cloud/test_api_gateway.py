@@ -172,6 +172,29 @@ def test_malformed_and_huge_chat_bodies(shared_cloud: CloudServer, anon: httpx.C
     _openai_error(_chat(anon, token, huge), 413, "invalid_request_error", "body_too_large")
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi", "x": '
+        + b"[" * 300
+        + b"]" * 300
+        + b"}]}",
+    ],
+    ids=["lone_surrogate", "300_deep"],
+)
+def test_chat_bodies_no_answer_could_carry_are_400(
+    shared_cloud: CloudServer, anon: httpx.Client, content: bytes
+) -> None:
+    """A valid token with a body pydantic cannot serialise back: 400 in OpenAI's shape, no
+    usage (before: a 500 after authentication)."""
+    _, token = shared_cloud.create_town()
+    before = shared_cloud.rows()
+    answer = anon.post(CHAT, content=content, headers={"authorization": f"Bearer {token}"})
+    _openai_error(answer, 400, "invalid_request_error", "malformed_json")
+    assert shared_cloud.rows() == before
+
+
 def test_usage_route_errors(api: httpx.Client) -> None:
     """The usage list needs townId (400) of a known town (404)."""
     assert api.get("/api/gastown/usage").status_code == 400
