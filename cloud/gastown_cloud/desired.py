@@ -16,6 +16,7 @@ from gastown_sandboxd.gtsettings.apply import merge_patch_between
 from gastown_sandboxd.gtsettings.merge_patch import merge_patch as sandbox_merge_patch
 from gastown_sandboxd.gtsettings.schema import holds_a_secret
 from gastown_sandboxd.gtsettings.validation import contains_jwt
+from gastown_sandboxd.ops.logs import Redactor
 
 TOWN_KEYS = frozenset({"default_agent", "agents", "role_agents", "role_effort", "crew_agents"})
 RIG_KEYS = frozenset({"agent", "agents", "role_agents", "worker_agents", "role_effort"})
@@ -115,7 +116,11 @@ def _check_secrets(value: object, path: str, problems: list[Problem]) -> None:
         secret_names = path.endswith("/env")
         for key, item in value.items():
             item_path = f"{path}/{_escape(key)}"
-            if secret_names and holds_a_secret(key, item):
+            # A key is served back as a value is (GET …/config, the push to the sandbox); the
+            # problem names it with the token scrubbed, as the logs do.
+            if contains_jwt(key):
+                problems.append(_problem(Redactor().scrub(item_path), _NO_TOKENS_HERE))
+            elif secret_names and holds_a_secret(key, item):
                 problems.append(_problem(item_path, _NO_TOKENS_HERE))
             else:
                 _check_secrets(item, item_path, problems)

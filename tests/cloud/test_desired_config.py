@@ -242,6 +242,71 @@ async def test_bad_bodies_are_refused_before_anything_is_kept(
     assert sandbox.received == []
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"town": {"agents": {"a": {"x": NaN}}}}', "not valid JSON"),
+        (b'{"town": {"default_agent": Infinity}}', "not valid JSON"),
+        (b'{"town": {"default_agent": "\\ud800"}}', "lone surrogate"),
+        (b'{"town": {"agents": {"a": {"x": ' + b"[" * 600 + b"]" * 600 + b"}}}}", "deeper"),
+    ],
+    ids=["nan", "infinity", "lone_surrogate", "600_deep"],
+)
+async def test_bodies_no_answer_could_carry_are_400_and_the_config_stays_readable(
+    cloud: Cloud, sandbox: StandIn, content: bytes, message: str
+) -> None:
+    """NaN or Infinity (no JSON answer can carry them), a lone surrogate (no UTF-8 can), or
+    nesting past 64 levels: 400, nothing kept or pushed, GET still answers. Before, the first
+    two were kept and every later GET answered 500; the others answered 500 at once."""
+    town = await cloud.town(sandbox.url)
+    answer = await cloud.patch(town, content)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "malformed_json"
+    assert message in answer.json()["message"]
+    assert (await cloud.state(town))["generation"] == 0
+    assert sandbox.received == []
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        b'{"observedGeneration": 0, "error": {"message": "m", "details": [{"x": Infinity}]}}',
+        b'{"observedGeneration": 0, "error": {"message": "m", "details": [{"x": "\\ud800"}]}}',
+    ],
+    ids=["infinity", "lone_surrogate"],
+)
+async def test_reports_no_answer_could_carry_are_400(cloud: Cloud, report: bytes) -> None:
+    """The same for a sandbox's status report: 400, and the town's config stays readable."""
+    town = await cloud.town()
+    answer = await cloud.client.post(
+        f"/api/gastown/towns/{town}/config/status",
+        content=report,
+        headers={"authorization": f"Bearer {cloud.token(town)}"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert (await cloud.config(town)).status_code == 200
+
+
+@pytest.mark.parametrize("where", ["rig name", "role name"])
+async def test_a_token_as_a_key_is_refused_and_not_echoed(
+    cloud: Cloud, sandbox: StandIn, where: str
+) -> None:
+    """A JWT used as a key would be served back like a value: 422, named without it."""
+    town = await cloud.town(sandbox.url)
+    token = cloud.token(town)
+    body = (
+        {"rigs": {token: {"agent": "claude"}}}
+        if where == "rig name"
+        else {"town": {"role_agents": {token: "claude"}}}
+    )
+    answer = await cloud.patch(town, body)
+    assert answer.status_code == 422, answer.text
+    assert token not in answer.text
+    assert "[jwt:" in answer.json()["details"][0]["path"]
+    assert sandbox.received == []
+    assert token.encode() not in cloud.settings.db.read_bytes()
+
+
 async def test_secrets_are_never_kept(cloud: Cloud, sandbox: StandIn) -> None:
     """A token in the body is refused (422) before it is kept or pushed, and not echoed."""
     town = await cloud.town(sandbox.url)
