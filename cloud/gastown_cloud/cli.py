@@ -105,7 +105,7 @@ def _add_token_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_LIFETIME,
         metavar="SECONDS",
-        help="lifetime of minted tokens in seconds, 1 to 604800 (%(default)s: 24 h)",
+        help="lifetime of minted tokens in seconds, 10 to 604800 (%(default)s: 24 h)",
     )
     parser.add_argument(
         "--token-claims",

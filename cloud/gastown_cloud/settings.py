@@ -13,6 +13,8 @@ from .tokens import DEFAULT_LIFETIME, TokenClaims
 
 MIN_SECRET_BYTES = 32
 MIN_KEY_CHARS = 16
+# The lifetimes a sandbox accepts (CONTRACT §3): a token outside them is refused by every one.
+MIN_LIFETIME = 10
 MAX_LIFETIME = 7 * 86400
 MAX_REFRESH_RATE = 1_000_000
 
@@ -130,12 +132,12 @@ def check_secret(env: Mapping[str, str]) -> str:
 
 
 def check_lifetime(token_lifetime: int) -> int:
-    """`token_lifetime` when it is 1 s to 7 days; else `SettingsError` naming the flag."""
-    if not 1 <= token_lifetime <= MAX_LIFETIME:
+    """`token_lifetime` when it is 10 s to 7 days; else `SettingsError` naming the flag."""
+    if not MIN_LIFETIME <= token_lifetime <= MAX_LIFETIME:
         raise SettingsError(
             "--token-lifetime",
-            f"{token_lifetime} s is out of range",
-            f"give 1 to {MAX_LIFETIME} seconds",
+            f"{token_lifetime} s is out of range (a sandbox refuses such tokens)",
+            f"give {MIN_LIFETIME} to {MAX_LIFETIME} seconds",
         )
     return token_lifetime
 
