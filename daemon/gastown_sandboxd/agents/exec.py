@@ -137,6 +137,7 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     env.setdefault("GASTOWN_SANDBOXD_SOCKET", str(where.socket))
     env.setdefault("GASTOWN_ENV_FILE", str(where.env_file))
     executable = resolve_command(argv[0], env.get("PATH", os.defpath))
+    _default_signals()
     try:
         os.execve(executable, argv, env)  # noqa: S606 - exec without a shell is the point
     except OSError as exc:
@@ -158,6 +159,17 @@ def run_token(args: argparse.Namespace, *, say: Say = _say) -> int:
         # A reader that went away: end quietly (stdout points at nothing from here on).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def _default_signals() -> None:
+    """Give CMD the dispositions a shell would: CPython ignores SIGPIPE and SIGXFSZ, and an
+    ignored signal stays ignored across exec, for CMD and every process it starts (an agent's
+    `yes | head -1` would end in "Broken pipe" and 1, not quietly in 141). `_signal`, not
+    `signal`, which imports enum: this runs at every agent start."""
+    import _signal  # type: ignore[import-not-found]  # signal's own C module, no stub
+
+    for number in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(number, _signal.SIG_DFL)
 
 
 def locate(env_file: str | None, socket: str | None, config_file: Path | None) -> Where:

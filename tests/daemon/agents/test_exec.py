@@ -194,6 +194,29 @@ def test_a_legacy_exec_wrapper_passes_over_the_shim_to_the_real_cli(tmp_path: Pa
     assert not flag.exists()
 
 
+def test_the_command_gets_sigpipe_as_a_shell_gives_it(tmp_path: Path) -> None:
+    """CPython ignores SIGPIPE and SIGXFSZ, and exec would pass that on to the agent and all it
+    starts: through exec, `yes | head -1` ends as in a shell (141 for yes), and the command's
+    ignored signals are the shell's own."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    script = 'grep SigIgn /proc/self/status; yes | head -1 >/dev/null; echo "${PIPESTATUS[0]}"'
+    shell = subprocess.run(
+        ["bash", "-c", script], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
+    done = subprocess.run(
+        [*_light_exec(tmp_path, env_file), "bash", "-c", script],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == shell.stdout
+    assert done.stdout.splitlines()[-1] == "141"
+
+
 def test_a_command_that_is_nowhere_exits_127(tmp_path: Path) -> None:
     """exec of a command that cannot be found: 127 and one line, as a shell does."""
     env_file = tmp_path / ".env.gateway"
