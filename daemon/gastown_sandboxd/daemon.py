@@ -150,7 +150,7 @@ async def run_daemon(
         notifier.reconfigure(new.hooks, new.signals)
         refresher.set_policy(new.schedule)
         agents.update(names=new.agent_shims, claude_helper_ttl=new.claude_helper_ttl)
-        agents.sync()  # a few small files: the shims match the new list at once
+        agents.guarded_sync()  # a few small files: the shims match the new list at once
         config_sync.set_interval(new.config_sync_interval)
         current[0] = new
 

@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -84,12 +85,29 @@ def is_daemon_helper(value: object) -> bool:
     return tuple(words[1:5]) == TOKEN_WORDS
 
 
+def read_settings(path: str) -> str:
+    """The settings file's text. Raises `FileNotFoundError` when there is none, `OSError` or
+    `UnicodeDecodeError` when it cannot be read, and `SettingsNotJson` when it is no regular
+    file: opened without blocking, so a FIFO there never holds up the daemon or an agent."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise SettingsNotJson("not a regular file")
+        return handle.read().decode("utf-8")
+
+
 def parse_settings(text: str) -> dict[str, Any]:
-    """The settings object; an empty file is an empty object; raise `SettingsNotJson` else."""
+    """The settings object; an empty file is an empty object; raise `SettingsNotJson` else.
+
+    Numbers that JSON cannot write back (NaN, Infinity, 1e400, which Python reads as inf) are
+    refused: rewriting the file would turn them into text Claude Code cannot parse.
+    """
     if not text.strip():
         return {}
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise SettingsNotJson("nested too deeply to read") from None
     except ValueError:
         raise SettingsNotJson("not JSON") from None
     if not isinstance(data, dict):
@@ -97,23 +115,39 @@ def parse_settings(text: str) -> dict[str, Any]:
     return data
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is beyond a double")
+    return number
+
+
 def with_helper(text: str, command: str) -> str | None:
     """The settings text with `apiKeyHelper` set to `command`, every other key kept in order.
 
-    None when the file already says so (nothing to write). Raises `SettingsNotJson`.
+    None when the file already says so (nothing to write). Raises `SettingsNotJson`. Text
+    that UTF-8 cannot hold (a lone surrogate, which `"\\ud83d"` decodes to and Node writes)
+    is written back as the escape it was read from.
     """
     data = parse_settings(text)
     if data.get(HELPER_KEY) == command:
         return None
     data[HELPER_KEY] = command
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    new = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    try:
+        new.encode("utf-8")
+    except UnicodeEncodeError:
+        new = json.dumps(data, indent=2, ensure_ascii=True) + "\n"
+    return new
 
 
 def helper_in_place(env: Mapping[str, str]) -> bool:
     """True when the Claude settings that `env` selects hold the daemon's helper."""
     try:
-        with open(_settings_file(env), encoding="utf-8") as handle:
-            text = handle.read()
-        return is_daemon_helper(parse_settings(text).get(HELPER_KEY))
+        return is_daemon_helper(parse_settings(read_settings(_settings_file(env))).get(HELPER_KEY))
     except (OSError, UnicodeDecodeError, SettingsNotJson):
         return False

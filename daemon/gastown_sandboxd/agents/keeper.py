@@ -56,11 +56,22 @@ class AgentKeeper:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         await anyio.to_thread.run_sync(self.remove_stale_temporaries)
-        await anyio.to_thread.run_sync(self.sync)
+        await anyio.to_thread.run_sync(self.guarded_sync)
         task_status.started()
         while True:
             await anyio.sleep(self.interval)
-            await anyio.to_thread.run_sync(self.sync)
+            await anyio.to_thread.run_sync(self.guarded_sync)
+
+    def guarded_sync(self) -> None:
+        """`sync`, whose known problems it logs itself; anything else it meets (a file of a
+        shape no one foresaw) is logged here and the next pass tries again: the keeper works
+        on files others own, and must never stop the daemon's token work with it."""
+        try:
+            self.sync()
+        except Exception as exc:
+            self._once("pass", "agent_keeper_pass_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self._reported.pop("pass", None)
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of shim and settings writes that a SIGKILL interrupted."""
@@ -104,7 +115,7 @@ class AgentKeeper:
             python=self.python, env_file=self.env_file, socket=self.socket
         )
         try:
-            text = path.read_text(encoding="utf-8")
+            text = claude.read_settings(str(path))
             mode: int | None = None  # keep the file's own mode
         except FileNotFoundError:
             text, mode = "", SETTINGS_MODE
@@ -112,16 +123,13 @@ class AgentKeeper:
             reason = getattr(exc, "strerror", None) or "not UTF-8"
             self._once("claude", "claude_settings_unreadable", path=str(path), error=reason)
             return
+        except claude.SettingsNotJson as exc:
+            self._not_json(path, exc)
+            return
         try:
             new = claude.with_helper(text, command)
         except claude.SettingsNotJson as exc:
-            self._once(
-                "claude",
-                "claude_settings_not_json",
-                path=str(path),
-                problem=str(exc),
-                effect="left untouched; exec exports the token to claude instead",
-            )
+            self._not_json(path, exc)
             return
         self._reported.pop("claude", None)
         if new is None:
@@ -133,6 +141,15 @@ class AgentKeeper:
             self._once("claude", "claude_settings_unwritable", path=str(path), error=exc.strerror)
             return
         log.info("claude_api_key_helper_set", path=str(path))
+
+    def _not_json(self, path: Path, problem: claude.SettingsNotJson) -> None:
+        self._once(
+            "claude",
+            "claude_settings_not_json",
+            path=str(path),
+            problem=str(problem),
+            effect="left untouched; exec exports the token to claude instead",
+        )
 
     def _once(self, key: str, event: str, **fields: object) -> None:
         """Log `event` once per problem `key` until the problem changes or goes away."""

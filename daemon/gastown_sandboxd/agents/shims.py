@@ -136,7 +136,8 @@ def sync_shims(
             else:
                 changes.append(ShimChange(name, "absent"))
             continue
-        text = shim_text(name, real, spec).encode()
+        # A path is bytes: one that is not UTF-8 goes back as the bytes it was read from.
+        text = shim_text(name, real, spec).encode("utf-8", "surrogateescape")
         if _current(path) == text and os.access(path, os.X_OK):
             changes.append(ShimChange(name, "kept", real))
             continue

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gastown_sandboxd.agents import AgentKeeper
-from gastown_sandboxd.agents.claude import is_daemon_helper, with_helper
+from gastown_sandboxd.agents.claude import helper_in_place, is_daemon_helper, with_helper
 
 
 def _keeper(tmp_path: Path, *, path: str, names: tuple[str, ...] = ("claude",)) -> AgentKeeper:
@@ -74,7 +74,12 @@ def test_every_other_key_is_kept_in_order_with_the_files_mode(tmp_path: Path) ->
     assert path.stat().st_mtime_ns == mtime  # nothing to change: nothing written
 
 
-@pytest.mark.parametrize("text", ['{"theme": ', "[]", "\udcff"], ids=["cut", "array", "bytes"])
+@pytest.mark.parametrize(
+    "text",
+    ['{"theme": ', "[]", "\udcff", '{"a":' + "[" * 100_000 + "]" * 100_000 + "}", '{"x": 1e400}',
+     '{"x": NaN}'],
+    ids=["cut", "array", "bytes", "nested_100000", "beyond_a_double", "nan"],
+)  # fmt: skip
 def test_settings_that_are_not_json_are_never_overwritten_and_logged_once(
     tmp_path: Path, text: str
 ) -> None:
@@ -92,6 +97,60 @@ def test_settings_that_are_not_json_are_never_overwritten_and_logged_once(
     assert len(warnings) == 1, logs
     assert warnings[0]["event"] in {"claude_settings_not_json", "claude_settings_unreadable"}
     assert warnings[0]["path"] == str(path)
+
+
+def test_a_lone_surrogate_escape_is_kept_as_the_escape(tmp_path: Path) -> None:
+    """`"\\ud83d"` alone is JSON Node writes: the helper is set, the escape written back as
+    it was read, every other text as it was (before: UnicodeEncodeError, the daemon down)."""
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"note": "\\ud83d", "theme": "caf\u00e9"}')
+    _keeper(tmp_path, path=_real_claude(tmp_path)).sync()
+    text = path.read_text()
+    assert '"note": "\\ud83d"' in text
+    assert json.loads(text)["theme"] == "caf\u00e9"
+    assert is_daemon_helper(json.loads(text)["apiKeyHelper"])
+
+
+def test_a_fifo_in_the_settings_place_never_blocks_and_is_left_alone(tmp_path: Path) -> None:
+    """A FIFO where the settings file should be: read without blocking, left as it is, logged
+    once; exec asks it without blocking too (before: the keeper's first pass, and with it the
+    daemon's start, waited for a writer)."""
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    with capture_logs() as logs:
+        keeper.sync()
+        keeper.sync()
+    assert path.is_fifo()
+    assert [(e["event"], e["problem"]) for e in logs if e["log_level"] == "warning"] == [
+        ("claude_settings_not_json", "not a regular file")
+    ]
+    assert helper_in_place({"HOME": str(tmp_path / "home")}) is False
+
+
+def test_a_pass_that_meets_the_unforeseen_is_logged_and_the_next_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keeper's passes never end the daemon: an error no branch foresaw is logged once,
+    and the next pass does its work."""
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    real_sync = keeper.sync
+    calls = []
+
+    def sync() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+        real_sync()
+
+    monkeypatch.setattr(keeper, "sync", sync)
+    with capture_logs() as logs:
+        for _ in range(3):
+            keeper.guarded_sync()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["agent_keeper_pass_failed"]
+    assert is_daemon_helper(json.loads(_settings(tmp_path).read_text())["apiKeyHelper"])
 
 
 def test_a_shim_folder_gone_after_start_is_logged_once_and_made_good_when_back(

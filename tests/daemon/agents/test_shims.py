@@ -141,6 +141,28 @@ def test_a_shim_runs_the_real_binary_with_the_token_through_exec(tmp_path: Path)
     assert done.stdout == f"{spec.env_file}|{spec.socket}"
 
 
+def test_a_cli_in_a_folder_whose_name_is_not_utf8_gets_a_shim_that_runs_it(tmp_path: Path) -> None:
+    """PATH names folders by bytes: a name that is not UTF-8 is written into the shim as the
+    same bytes, and the shim runs the real CLI (before: UnicodeEncodeError, the daemon down)."""
+    token = mint(time.time())
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    real = Path(os.fsdecode(os.fsencode(tmp_path) + b"/bin\xff"))
+    _tool(real, "kilo", '#!/bin/sh\nprintf "%s" "$KILOCODE_TOKEN"\n')
+    spec = _spec(tmp_path)
+    spec.env_file.parent.mkdir()
+    spec.env_file.write_text(f"KILO_JWT={token}\n")
+    changes = sync_shims(["kilo"], shim_dir=shims, spec=spec, environ={"PATH": str(real)})
+    assert [c.action for c in changes] == ["written"]
+    assert b"/bin\xff/kilo" in (shims / "kilo").read_bytes()
+    done = subprocess.run(
+        [str(shims / "kilo")], env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=30
+    )
+    assert (done.returncode, done.stdout) == (0, token.encode())
+    again = sync_shims(["kilo"], shim_dir=shims, spec=spec, environ={"PATH": str(real)})
+    assert [c.action for c in again] == ["kept"]
+
+
 def test_an_unwritable_shim_folder_is_a_setting_error(tmp_path: Path) -> None:
     """A shim folder that cannot be created or written: one OptionsError naming it."""
     blocker = tmp_path / "a-file"
