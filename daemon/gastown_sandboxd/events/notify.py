@@ -70,6 +70,10 @@ def hook_backoff(failures: int, *, base: float, cap: float) -> float:
     return min(cap, base * 2.0 ** min(failures - 1, 60))
 
 
+# Linux's PID_MAX_LIMIT: no pid is larger, whatever kernel.pid_max says.
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
+
 def read_pid(pid_file: Path) -> int:
     """The pid on the first line of `pid_file`; OSError if unreadable, ValueError if not a pid."""
     with pid_file.open("rb") as handle:
@@ -78,9 +82,13 @@ def read_pid(pid_file: Path) -> int:
     if not text or not text[0].strip().isdecimal():
         raise ValueError("no pid on the first line")
     pid = int(text[0].strip())
-    # 0 and negative numbers would signal whole process groups, or every process.
+    # 0 and negative numbers would signal whole process groups, or every process; past
+    # Linux's largest pid no process has it (and past pid_t's range os.kill raises
+    # OverflowError, which no caller expects).
     if pid <= 0:
         raise ValueError(f"pid {pid} is not a single process")
+    if pid > PID_MAX_LIMIT:
+        raise ValueError(f"pid {text[0].strip()[:20]} is beyond any process id")
     return pid
 
 
@@ -132,8 +140,10 @@ async def run_hook(spec: HookSpec, event: Event) -> str:
                 env=env,
                 start_new_session=True,
             )
-    except OSError as exc:
-        log.warning("hook_start_failed", program=program, error=exc.strerror or str(exc))
+    except (OSError, ValueError) as exc:  # ValueError: an argument holding a NUL
+        log.warning(
+            "hook_start_failed", program=program, error=getattr(exc, "strerror", None) or str(exc)
+        )
         return "unstartable"
     async with process:
         try:

@@ -135,10 +135,13 @@ def test_hook_backoff_doubles_to_its_cap() -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("", "no pid"), ("abc\n", "no pid"), ("0\n", "not a single process"), ("-5", "no pid")],
-)
+    [("", "no pid"), ("abc\n", "no pid"), ("0\n", "not a single process"), ("-5", "no pid"),
+     ("4194305\n", "beyond any process id"), ("99999999999\n", "beyond any process id"),
+     ("9" * 40, "beyond any process id")],
+)  # fmt: skip
 def test_read_pid_rejects_bad_files(tmp_path: Path, content: str, message: str) -> None:
-    """Empty, non-numeric, zero or negative pids are refused (0 would signal our own group)."""
+    """Empty, non-numeric, zero or negative pids are refused (0 would signal our own group),
+    and pids past Linux's largest (past pid_t's range, os.kill raised OverflowError)."""
     pid_file = tmp_path / "x.pid"
     pid_file.write_text(content)
     with pytest.raises(ValueError, match=message):
@@ -292,18 +295,23 @@ async def test_backing_off_hook_does_not_run_during_its_backoff() -> None:
 
 
 async def test_unstartable_and_failing_hooks_are_logged_and_counted(tmp_path: Path) -> None:
-    """A missing program and a non-zero exit are failures that leave the notifier running."""
+    """A missing program, an argument holding a NUL (TOML's "\\u0000"; before, a ValueError
+    that ended the notifier and the daemon) and a non-zero exit are failures that leave the
+    notifier running."""
     missing = HookSpec(events=ALL, command=(str(tmp_path / "no-such-hook"),))
+    nul = HookSpec(events=ALL, command=("/bin/true", "a\0b"))
     exit3 = python_hook("raise SystemExit(3)")
     bus = EventBus()
     with capture_logs() as logs:
-        notifier = Notifier(bus=bus, hooks=[missing, exit3], signals=[], clock=RecordingClock())
+        hooks = [missing, nul, exit3]
+        notifier = Notifier(bus=bus, hooks=hooks, signals=[], clock=RecordingClock())
         async with running(notifier) as n:
             bus.emit("token.refreshed", {})
-            await eventually(lambda: n.stats.hook_failures == 2)
-    events = {log["event"]: log for log in logs}
-    assert events["hook_start_failed"]["program"] == str(tmp_path / "no-such-hook")
-    assert events["hook_failed"]["returncode"] == 3
+            await eventually(lambda: n.stats.hook_failures == 3)
+    started = {log["program"]: log for log in logs if log["event"] == "hook_start_failed"}
+    assert sorted(started) == sorted([str(tmp_path / "no-such-hook"), "/bin/true"])
+    assert "null byte" in started["/bin/true"]["error"]
+    assert {log["event"]: log for log in logs}["hook_failed"]["returncode"] == 3
 
 
 async def test_successful_run_resets_the_failure_count(tmp_path: Path) -> None:
