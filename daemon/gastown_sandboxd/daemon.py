@@ -267,6 +267,14 @@ async def reload_options(
             problems=str(exc).splitlines(),
         )
         return False
+    except Exception as exc:
+        # Whatever else reading a file can raise: the same, never the end of the daemon.
+        log.error(
+            "options_reload_refused",
+            config_file=str(old.config_file),
+            problems=[f"{type(exc).__name__}: {exc}"],
+        )
+        return False
     restart = sorted(
         field.name
         for field in dataclasses.fields(Options)

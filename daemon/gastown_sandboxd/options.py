@@ -185,8 +185,15 @@ def default_shim_dir(env: Mapping[str, str]) -> Path:
 def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any], Path | None]:
     """The TOML file named by --config, else the default one when it exists."""
     if path is None:
-        if not DEFAULT_CONFIG_FILE.is_file():
-            return {}, None
+        try:
+            if not DEFAULT_CONFIG_FILE.is_file():
+                return {}, None
+        except OSError as exc:  # a folder this user may not enter: is_file raises EACCES
+            raise OptionsError(
+                "--config",
+                f"cannot look for {DEFAULT_CONFIG_FILE}: {exc.strerror}",
+                "let this user enter its folder, or name a file with --config",
+            ) from None
         path = DEFAULT_CONFIG_FILE
     import tomllib  # only with a file: ~4 ms of each command otherwise
 
@@ -204,6 +211,10 @@ def read_toml(path: Path | None, env: Mapping[str, str]) -> tuple[dict[str, Any]
         raise OptionsError(
             "--config", f"{path} is not valid TOML ({exc})", "fix the file"
         ) from None
+    except UnicodeDecodeError:
+        raise OptionsError("--config", f"{path} is not UTF-8 text", "save it as UTF-8") from None
+    except RecursionError:
+        raise OptionsError("--config", f"{path} is nested too deeply", "fix the file") from None
 
 
 def load_options(

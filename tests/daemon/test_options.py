@@ -264,6 +264,47 @@ def test_an_unreadable_toml_file_is_one_problem_among_others(tmp_path: Path) -> 
     assert [p.setting for p in caught.value.problems] == ["--config", "town id (TOWN_ID)"]
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"# caf\xe9\n", "is not UTF-8 text"),
+        (b"a = " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    ],
+    ids=["latin1", "nested_5000"],
+)
+def test_a_toml_file_python_cannot_read_is_one_problem_not_a_traceback(
+    tmp_path: Path, data: bytes, problem: str
+) -> None:
+    """Not UTF-8 (tomllib raises UnicodeDecodeError) or nested too deeply (RecursionError):
+    a --config problem like any other, so `check` exits 2 and a reload keeps the old options."""
+    config = tmp_path / "config.toml"
+    config.write_bytes(data)
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, BASE_ENV, config)
+    [found] = caught.value.problems
+    assert found.setting == "--config"
+    assert problem in str(found)
+
+
+def test_a_default_config_folder_this_user_cannot_enter_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/etc/gastown-sandboxd readable by root alone: is_file() raises EACCES for another user;
+    one --config problem naming the file, not a traceback in every command."""
+    import gastown_sandboxd.options as options_module
+
+    class Unreachable(type(tmp_path)):  # type: ignore[misc]
+        def is_file(self) -> bool:
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(options_module, "DEFAULT_CONFIG_FILE", Unreachable("/etc/x/config.toml"))
+    with pytest.raises(OptionsProblems) as caught:
+        load_options({}, BASE_ENV, None)
+    [found] = caught.value.problems
+    assert found.setting == "--config"
+    assert "Permission denied" in str(found)
+
+
 def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
     """With check_paths, a town root and env-file folder that are missing are two problems."""
     env = {

@@ -32,6 +32,7 @@ from tests.e2e._town import (
 )
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
 from tests.fixtures.net import closed_port
+from tests.waiting import wait_until
 
 TOWN = "town-ops"
 PIPE_RUNS = 30
@@ -559,6 +560,17 @@ def test_sighup_reloads_hooks_and_keeps_the_event_stream_open(
     daemon.process.send_signal(signal.SIGHUP)
     refused = daemon.wait_for_log("options_reload_refused")
     assert any("hooks[0].events" in problem for problem in refused["problems"])
+    # A file Python's TOML reader cannot even decode (before: the reload raised, the daemon
+    # exited 1).
+    config.write_bytes(b"# caf\xe9\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: len([r for r in daemon.logs() if r.get("event") == "options_reload_refused"]) == 2,
+        deadline=10,
+        what="the second reload refused",
+    )
+    refused = [r for r in daemon.logs() if r.get("event") == "options_reload_refused"][1]
+    assert any("is not UTF-8 text" in problem for problem in refused["problems"])
     _patch(daemon, "max")
     third = stream.wait_for("config.changed", after=second["id"])
     _wait_for_line(marker, f"new {third['id']}")
