@@ -28,9 +28,19 @@ class Redactor:
         self, logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in list(event.items()):
-            if isinstance(value, str):
-                event[key] = self.scrub(value)
+            event[key] = self.scrub_value(value)
         return event
+
+    def scrub_value(self, value: Any) -> Any:
+        """`scrub` of a string, and of every string inside lists, tuples and dicts (a hook's
+        command, the problems of a reload): other values as they are."""
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, list | tuple):
+            return [self.scrub_value(item) for item in value]
+        if isinstance(value, dict):
+            return {self.scrub_value(k): self.scrub_value(v) for k, v in value.items()}
+        return value
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:

@@ -63,3 +63,24 @@ def test_tracebacks_are_redacted_too() -> None:
         assert "[secret]" in line["exception"]
     assert TOKEN not in stream.getvalue()
     assert KEY not in stream.getvalue()
+
+
+def test_strings_inside_lists_and_dicts_are_redacted() -> None:
+    """A hook's command logged at a reload (a list) or any nested value: scrubbed too."""
+    stream = io.StringIO()
+    configure_logging(format="json", level="debug", secrets=[KEY], stream=stream)
+    try:
+        structlog.get_logger("t").info(
+            "options_reloaded",
+            hooks=[["curl", "-H", f"x-internal-api-key: {KEY}", f"--data={TOKEN}"]],
+            extra={"nested": (TOKEN, 7)},
+        )
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    [line] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert line["hooks"][0][:2] == ["curl", "-H"]
+    assert line["hooks"][0][2] == "x-internal-api-key: [secret]"
+    assert line["extra"]["nested"][1] == 7
+    assert TOKEN not in stream.getvalue()
+    assert KEY not in stream.getvalue()
