@@ -175,6 +175,9 @@ async def run_daemon(
     async with _owning(lock, local), client, desired_client, anyio.create_task_group() as tg:
         await tg.start(_stop_on_signal, shutdown, bus)
         await tg.start(_reload_on_signal, lambda: current[0], reload, apply, local.check_now)
+        # Subscribed before anything emits: hooks and signals see the events of the start
+        # (a token found expired, a refresh at once) as the SSE replay does.
+        await tg.start(notifier.run)
         await store.load()
         await tg.start(store.run)
         await anyio.to_thread.run_sync(
@@ -182,7 +185,6 @@ async def run_daemon(
         )
         await tg.start(refresher.run)
         await tg.start(agents.run)
-        await tg.start(notifier.run)
         await tg.start(watcher.run)
         await tg.start(systemd.run_watchdog)
         async with anyio.create_task_group() as servers:

@@ -77,11 +77,13 @@ class Town:
     def mint(self, iat: int) -> str:
         return self.cloud.mint(USER, self.town_id, now=iat)
 
-    def start(self, config_toml: str | None = None, *, name: str) -> DaemonProcess:
+    def start(
+        self, config_toml: str | None = None, *, name: str, issued_ago: int = 60
+    ) -> DaemonProcess:
         env_file = self.tmp / f"home-{name}" / ".env.gateway"
         env_file.parent.mkdir()
         # Issued a minute ago, so that a refresh now always brings a different token.
-        env_file.write_text(f"KILO_JWT={self.mint(int(time.time()) - 60)}\n")
+        env_file.write_text(f"KILO_JWT={self.mint(int(time.time()) - issued_ago)}\n")
         return self.factory(
             town_id=self.town_id,
             cloud_url=self.cloud.url,
@@ -159,6 +161,20 @@ def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     ids = sorted(int(path.stem) for path in folder.glob("*.json"))
     assert ids == [event["id"], event["id"] + 2]
     assert metric(api, "gastown_sandboxd_hook_runs_total") == 2
+
+
+def test_hooks_get_the_events_of_the_start(town: Town, tmp_path: Path) -> None:
+    """A daemon that finds its token expired emits token.expired as it starts, before it
+    refreshes: a token.expired hook runs for it (before, the notifier subscribed after the
+    refresher had started, and the start's events reached SSE replay but no hook)."""
+    folder = tmp_path / "records"
+    folder.mkdir()
+    command = [sys.executable, "-c", RECORD_HOOK, str(folder)]
+    daemon = town.start(hook(["token.expired"], command, "10s"), name="start", issued_ago=3 * 86400)
+    record_file = wait_until(lambda: next(folder.glob("*.json"), None), "the hook's record")
+    assert json.loads(record_file.read_text())["event"] == "token.expired"
+    with daemon.local() as api:
+        wait_until(lambda: api.get("/status").json()["state"] == "fresh", "a fresh token")
 
 
 def test_hanging_hook_is_killed_at_its_timeout_and_runs_again(town: Town, tmp_path: Path) -> None:
