@@ -360,12 +360,26 @@ def _cloud_url(pick: _Picker) -> str:
         raise OptionsError(
             "cloud URL (CLOUD_API_URL)", "is missing", "set CLOUD_API_URL or KILO_API_URL"
         )
+    setting = "cloud URL (CLOUD_API_URL)"
     parts = urlsplit(cloud_url)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: it would print the password.
+        raise OptionsError(setting, "holds a user or a password", "give the URL without them")
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise OptionsError(
-            "cloud URL (CLOUD_API_URL)",
-            f"{cloud_url!r} is not an http(s) URL",
-            "write it like https://app.kilo.ai",
+            setting, f"{cloud_url!r} is not an http(s) URL", "write it like https://app.kilo.ai"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        raise OptionsError(setting, f"{cloud_url!r} has no valid port", "give 1 to 65535") from None
+    if parts.query or parts.fragment or cloud_url.endswith(("?", "#")):
+        raise OptionsError(
+            setting, f"{cloud_url!r} has a query or a fragment", "give the base URL alone"
+        )
+    if not cloud_url.isprintable() or any(c.isspace() for c in cloud_url):
+        raise OptionsError(
+            setting, f"{cloud_url!r} holds spaces or control characters", "remove them"
         )
     return cloud_url
 
@@ -390,6 +404,14 @@ def _internal_key(pick: _Picker) -> str:
             "internal API key (INTERNAL_API_KEY)",
             f"is shorter than {MIN_KEY_LENGTH} characters",
             "use the key the cloud was given",
+        )
+    # It travels in an HTTP header, which holds printable ASCII; a space or line end around
+    # it (an editor's, a shell's) would make every call an outage. Never echoed.
+    if not (key.isascii() and key.isprintable()) or key != key.strip():
+        raise OptionsError(
+            "internal API key (INTERNAL_API_KEY)",
+            "holds spaces around it, or characters other than printable ASCII",
+            "use the key the cloud was given, exactly",
         )
     return key
 

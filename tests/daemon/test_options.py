@@ -88,6 +88,16 @@ def test_fallback_environment_names() -> None:
         ({"CLOUD_API_URL": "ftp://x"}, "CLOUD_API_URL"),
         ({"INTERNAL_API_KEY": ""}, "INTERNAL_API_KEY"),
         ({"INTERNAL_API_KEY": "short"}, "INTERNAL_API_KEY"),
+        # Each passed `check`, then made every call fail or `run` crash (a review found them).
+        ({"CLOUD_API_URL": "http://127.0.0.1:abc"}, "CLOUD_API_URL"),
+        ({"CLOUD_API_URL": "http://127.0.0.1:99999"}, "CLOUD_API_URL"),
+        ({"CLOUD_API_URL": "https://cloud.example\n"}, "CLOUD_API_URL"),
+        ({"CLOUD_API_URL": "https://cloud.example/?x=1"}, "CLOUD_API_URL"),
+        ({"CLOUD_API_URL": "https://cloud.example#top"}, "CLOUD_API_URL"),
+        ({"CLOUD_API_URL": "https://user:s3cret-pw@cloud.example"}, "CLOUD_API_URL"),
+        ({"INTERNAL_API_KEY": f" {KEY}"}, "INTERNAL_API_KEY"),
+        ({"INTERNAL_API_KEY": f"{KEY}\r"}, "INTERNAL_API_KEY"),
+        ({"INTERNAL_API_KEY": "cl\u00e9-0123456789abcdef"}, "INTERNAL_API_KEY"),
         ({"GASTOWN_SANDBOXD_LISTEN": "nonsense"}, "GASTOWN_SANDBOXD_LISTEN"),
         ({"GASTOWN_SANDBOXD_LISTEN": "127.0.0.1:70000"}, "GASTOWN_SANDBOXD_LISTEN"),
         ({"GASTOWN_SANDBOXD_LOG_FORMAT": "xml"}, "log_format"),
@@ -100,6 +110,8 @@ def test_bad_or_missing_values_name_the_setting(env_change: dict[str, str], name
     line = str(caught.value)
     assert named in line
     assert "\n" not in line
+    for secret in (KEY, "s3cret-pw", "0123456789abcdef"):
+        assert secret not in line
 
 
 @pytest.mark.parametrize(
