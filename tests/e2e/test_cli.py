@@ -23,8 +23,8 @@ from tests.e2e._town import (
     create_town,
     env_text,
     local_token,
+    source_token,
     start_daemon,
-    token_fingerprint_is,
     wait_for_state,
     wait_for_status,
     write_env,
@@ -219,18 +219,19 @@ def test_exec_passes_signals_to_the_command(daemon_factory: DaemonFactory, tmp_p
 def test_exec_with_an_expired_token_asks_the_daemon_and_runs_with_the_fresh_one(
     cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
-    """An expired token on disk: exec asks the running daemon to refresh, then runs with it."""
+    """An expired token on disk: exec asks the running daemon to refresh, then runs with it.
+
+    The daemon starts on the expired token while the town is stopped: its refresh at start is
+    refused (409) and it probes only hourly, so the token on disk stays expired until exec
+    asks. (A daemon holding a good token puts it back over an expired one someone writes.)"""
     town = create_town(cloud)
-    env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
-    daemon = start_daemon(daemon_factory, town, env_file)
-    # A stopped town holds off the daemon's own refresh (it probes hourly): only exec asks.
-    cloud.set_status(town.id, "stop")
-    with daemon.local() as local:
-        assert local.post("/token/refresh").status_code == 409
     expired = town.mint(lifetime=600, now=int(time.time()) - 700)
-    write_env(env_file, expired)
-    status = wait_for_status(daemon, token_fingerprint_is(fingerprint(expired)))
-    assert status["state"] == "town_inactive"
+    env_file = write_env(tmp_path / "home" / ".env.gateway", expired)
+    cloud.set_status(town.id, "stop")
+    daemon = start_daemon(daemon_factory, town, env_file)
+    status = wait_for_status(daemon, lambda status: status["state"] == "town_inactive")
+    assert status["token"]["fingerprint"] == fingerprint(expired)
+    assert source_token(env_file) == expired
     cloud.set_status(town.id, "start")
 
     done = cli("exec", "--", "bash", "-c", PRINT_TOKEN, env=client_env(daemon, town.id))
