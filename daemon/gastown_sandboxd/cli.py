@@ -228,6 +228,9 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process: ignored until the reload handler takes it
+    # (supervisorctl can send one at any moment; a reload during start has nothing to do).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with imports_without_gc():
         import anyio
 

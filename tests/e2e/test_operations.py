@@ -506,6 +506,42 @@ def ignoring_sighup() -> Iterator[None]:
         signal.signal(signal.SIGHUP, previous)
 
 
+# Runs its arguments with SIGHUP at its default action (the test runner may ignore it).
+_SIGHUP_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _ignores_sighup(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_a_sighup_while_the_daemon_starts_does_not_end_it(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """SIGHUP's default action ends a process, and the reload handler comes only once the
+    daemon's task group runs (~150 ms in): before, a SIGHUP in that window (supervisorctl
+    signal HUP) ended it with 129. Now its first lines ignore SIGHUP until the handler takes
+    it: a SIGHUP sent then is a no-op, and the daemon goes on to READY and keeps running."""
+    daemon = _daemon(
+        daemon_factory,
+        tmp_path,
+        wait_ready=False,
+        wrapper=[sys.executable, "-c", _SIGHUP_DEFAULT],
+    )
+    wait_until(lambda: _ignores_sighup(daemon.process.pid), deadline=10, what="SIGHUP ignored")
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for_log("daemon_ready")
+    assert daemon.process.poll() is None
+    # Once serving, a SIGHUP is a reload, as always.
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for_log("options_reloaded")
+    assert daemon.stop() == 0
+
+
 def _hook_toml(marker: Path, label: str) -> str:
     script = f'printf "%s %s\\n" {label} "$GASTOWN_EVENT_ID" >> {marker}'
     return (
