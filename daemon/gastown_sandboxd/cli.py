@@ -443,7 +443,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _read_token_source(source: str) -> str | None:
-    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    # Bytes, as the daemon reads an env file: a line that is not UTF-8 (a comment in latin-1)
+    # keeps its bytes and hides no token.
+    raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    text = raw.decode("utf-8", "surrogateescape")
     stripped = text.strip()
     if stripped and "\n" not in stripped and "=" not in stripped:
         return stripped

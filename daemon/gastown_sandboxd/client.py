@@ -44,6 +44,7 @@ class DaemonClient:
 
         import_httpcore_without_http2()
         self._socket = Path(socket)
+        self._timeout = timeout
         self._http: httpx.Client = httpx.Client(
             # A Unix socket never speaks TLS: skip loading the CA bundle on every command.
             transport=httpx.HTTPTransport(uds=str(socket), verify=False),
@@ -164,7 +165,12 @@ class DaemonClient:
         try:
             response = self._http.request(method, path)
         except httpx.TimeoutException:
-            raise
+            # A daemon that takes the connection and never answers (its loop blocked, or
+            # stopped with SIGSTOP): one line, not httpx's traceback.
+            raise DaemonUnavailable(
+                f"the daemon at {self._socket} did not answer {method} {path} within "
+                f"{self._timeout:g} s"
+            ) from None
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from None
         try:

@@ -161,6 +161,19 @@ def test_no_daemon_on_the_socket_names_no_env_file(short_tmp: Path) -> None:
         assert running_daemon_env_file(short_tmp / "stale.sock") is None
 
 
+def test_a_daemon_that_never_answers_is_one_clear_error(short_tmp: Path) -> None:
+    """A socket that takes the connection and never answers (a daemon stopped, its loop held):
+    DaemonUnavailable naming the socket and the wait, which the CLI prints as one line
+    (before: httpx's ReadTimeout and ~80 lines of traceback)."""
+    path = short_tmp / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(str(path))
+        silent.listen(1)
+        with DaemonClient(path, timeout=0.2) as client, pytest.raises(DaemonUnavailable) as caught:
+            client.get("/status")
+    assert str(caught.value) == f"the daemon at {path} did not answer GET /status within 0.2 s"
+
+
 # --- following the stream across the daemon's stops -----------------------------------------
 
 

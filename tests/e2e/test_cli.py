@@ -178,6 +178,17 @@ def test_inspect_token_of_a_file_without_a_token_exits_1(tmp_path: Path) -> None
         assert str(path) in done.stderr
 
 
+def test_inspect_token_reads_an_env_file_with_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    """A latin-1 comment beside the token, which the daemon reads: inspect-token reads it too
+    (before: UnicodeDecodeError and a traceback)."""
+    token = local_token(TOWN)
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_bytes(b"# caf\xe9\nKILO_JWT=" + token.encode() + b"\n")
+    done = cli("inspect-token", "--json", str(env_file), env=_no_daemon_env(tmp_path, env_file))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fingerprint"] == fingerprint(token)
+
+
 def test_exec_keeps_the_pid_and_passes_the_exit_code(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
