@@ -633,9 +633,11 @@ def _home(env: Mapping[str, str]) -> Path:
 
 
 def _expand(value: str, env: Mapping[str, str]) -> Path:
+    # Absolute, against the folder the daemon starts in: these paths go into the shims and
+    # Claude's helper line, which agents run from other folders (a rig's worktree).
     if value == "~" or value.startswith("~/"):
-        return _home(env) / value[2:]
-    return Path(value)
+        return (_home(env) / value[2:]).absolute()
+    return Path(value).absolute()
 
 
 def _table(toml: Mapping[str, Any], name: str) -> Mapping[str, Any]:

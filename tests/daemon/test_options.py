@@ -317,6 +317,28 @@ def test_a_default_config_folder_this_user_cannot_enter_is_a_problem(
     assert "Permission denied" in str(found)
 
 
+def test_relative_paths_are_made_absolute_against_the_starting_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paths go into the shims and Claude's helper line, which agents run from other
+    folders: each is absolute, against the folder the daemon starts in (before, a shim held
+    `--env-file env.gateway` and an agent in a rig read a file of that name there)."""
+    monkeypatch.chdir(tmp_path)
+    env = {
+        **BASE_ENV,
+        "GASTOWN_ENV_FILE": "env.gateway",
+        "GASTOWN_SANDBOXD_SOCKET": "run/d.sock",
+        "GT_TOWN_ROOT": "town",
+        "GASTOWN_SANDBOXD_SHIM_DIR": "shims",
+        "GASTOWN_SANDBOXD_STATE_DIR": "state",
+    }
+    options = load_options({}, env, None)
+    found = (options.env_file, options.socket, options.town_root, options.shim_dir)
+    assert found == (tmp_path / "env.gateway", tmp_path / "run" / "d.sock", tmp_path / "town",
+                     tmp_path / "shims")  # fmt: skip
+    assert options.state_dir == tmp_path / "state"
+
+
 def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
     """With check_paths, a town root and env-file folder that are missing are two problems."""
     env = {
