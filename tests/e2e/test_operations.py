@@ -31,7 +31,7 @@ from tests.e2e._town import (
     write_env,
 )
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
-from tests.fixtures.net import closed_port
+from tests.fixtures.net import closed_port, read_answer
 from tests.waiting import wait_until
 
 TOWN = "town-ops"
@@ -540,6 +540,26 @@ def test_a_sighup_while_the_daemon_starts_does_not_end_it(
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_for_log("options_reloaded")
     assert daemon.stop() == 0
+
+
+def test_head_of_the_event_stream_answers_its_headers_and_frees_the_connection(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """HEAD /events (Starlette adds HEAD to every GET route) is the stream's headers alone:
+    the next request on the connection is answered and no subscription is left (before, the
+    stream ran with its body unsent, held the connection and counted as a subscriber)."""
+    daemon = _daemon(daemon_factory, tmp_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"HEAD /events HTTP/1.1\r\nHost: daemon\r\n\r\n")
+        head, _ = read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"text/event-stream" in head
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: daemon\r\n\r\n")
+        answer, _ = read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 200")
+    assert _subscribers(daemon) == 0
 
 
 def _hook_toml(marker: Path, label: str) -> str:

@@ -289,6 +289,11 @@ class _Routes:
         return JSONResponse({"token": view.as_json(self.ctx.clock.time())})
 
     async def events(self, request: Request) -> Response:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":
+            # Starlette answers HEAD on a GET route with the GET's handler: a stream, whose
+            # body is never sent, held the connection and a subscription open for good.
+            return Response(media_type="text/event-stream", headers=headers)
         last = parse_last_event_id(
             request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         )
@@ -300,11 +305,7 @@ class _Routes:
             heartbeat=self.ctx.heartbeat,
             count=self._count_clients,
         )
-        return StreamingResponse(
-            stream,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     def _count_clients(self, change: int) -> None:
         self.ctx.sse_clients.count += change
