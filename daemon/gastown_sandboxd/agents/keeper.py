@@ -42,6 +42,8 @@ class AgentKeeper:
     python: str = field(default_factory=lambda: sys.executable)
     interval: float = 30.0
     _reported: dict[str, str] = field(default_factory=dict, init=False)
+    # An empty settings file seen at the last pass (inode, size, mtime): written at the next.
+    _empty: tuple[int, int, int] | None = field(default=None, init=False)
 
     @property
     def spec(self) -> ShimSpec:
@@ -114,8 +116,12 @@ class AgentKeeper:
         command = claude.helper_command(
             python=self.python, env_file=self.env_file, socket=self.socket
         )
+        # A settings file that is a symlink (a dotfiles checkout) is written where it leads,
+        # the link kept, with the mode of the file it leads to.
+        target = Path(os.path.realpath(path))
+        seen = _stat_key(target)
         try:
-            text = claude.read_settings(str(path))
+            text = claude.read_settings(str(target))
             mode: int | None = None  # keep the file's own mode
         except FileNotFoundError:
             text, mode = "", SETTINGS_MODE
@@ -134,9 +140,18 @@ class AgentKeeper:
         self._reported.pop("claude", None)
         if new is None:
             return
+        if seen is not None and not text.strip() and self._empty != seen:
+            # Claude Code writes its settings by truncating the file: an empty file may be
+            # one between its truncate and its write, which a rename now would lose. Only an
+            # empty file that stayed as it was for a whole pass is written.
+            self._empty = seen
+            return
+        self._empty = None
+        if _stat_key(target) != seen:
+            return  # changed since it was read: the next pass reads it again
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(path, new.encode("utf-8"), mode=mode)
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(target, new.encode("utf-8"), mode=mode)
         except (OSError, AtomicWriteError) as exc:
             self._once("claude", "claude_settings_unwritable", path=str(path), error=exc.strerror)
             return
@@ -158,3 +173,12 @@ class AgentKeeper:
             return
         self._reported[key] = signature
         log.warning(event, **fields)
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file unchanged between a read and a write: inode, size, mtime (ns)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)

@@ -99,6 +99,85 @@ def test_settings_that_are_not_json_are_never_overwritten_and_logged_once(
     assert warnings[0]["path"] == str(path)
 
 
+def test_a_symlinked_settings_file_is_written_where_it_leads_with_its_mode(
+    tmp_path: Path,
+) -> None:
+    """settings.json -> a dotfiles checkout's file (0600): the helper lands in that file, the
+    link stays, the mode is the file's (before: a regular 0644 file replaced the link, and the
+    dotfile never got the helper)."""
+    dotfile = tmp_path / "dotfiles" / "claude-settings.json"
+    dotfile.parent.mkdir()
+    dotfile.write_text('{"theme": "dark", "env": {"MY_SECRET": "x"}}')
+    dotfile.chmod(0o600)
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(dotfile)
+    _keeper(tmp_path, path=_real_claude(tmp_path)).sync()
+    assert path.is_symlink()
+    data = json.loads(dotfile.read_text())
+    assert data["theme"] == "dark"
+    assert is_daemon_helper(data["apiKeyHelper"])
+    assert dotfile.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_empty_settings_file_is_written_only_once_it_stayed_empty_a_whole_pass(
+    tmp_path: Path,
+) -> None:
+    """Claude Code writes its settings by truncating the file: an empty file may be one
+    between its truncate and its write. The first pass leaves it; if it is still the same
+    empty file at the next, it gets the helper; if Claude Code wrote it meanwhile, its keys
+    are kept (before: the first pass renamed the helper alone over it, losing the write)."""
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    keeper.sync()
+    assert path.read_text() == ""
+    keeper.sync()
+    assert list(json.loads(path.read_text())) == ["apiKeyHelper"]
+
+    again = tmp_path / "again"
+    path2 = _settings(again)
+    path2.parent.mkdir(parents=True)
+    path2.write_text("")
+    keeper2 = _keeper(again, path=_real_claude(again))
+    keeper2.sync()
+    with path2.open("w") as handle:  # Claude Code's write lands between the two passes
+        handle.write('{"theme": "light"}')
+    keeper2.sync()
+    data = json.loads(path2.read_text())
+    assert data["theme"] == "light"
+    assert is_daemon_helper(data["apiKeyHelper"])
+
+
+def test_a_settings_file_written_while_the_keeper_reads_it_is_left_to_the_next_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claude Code's write landing between the keeper's read and its rename: the rename is
+    not made (it would lose that write), and the next pass keeps both."""
+    import gastown_sandboxd.agents.claude as claude_module
+
+    path = _settings(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"theme": "dark"}')
+    real_with_helper = claude_module.with_helper
+    writes = ['{"theme": "dark", "model": "opus"}']
+
+    def with_helper_during_a_write(text: str, command: str) -> str | None:
+        if writes:
+            path.write_text(writes.pop())  # Claude Code writes as the keeper works
+        return real_with_helper(text, command)
+
+    monkeypatch.setattr(claude_module, "with_helper", with_helper_during_a_write)
+    keeper = _keeper(tmp_path, path=_real_claude(tmp_path))
+    keeper.sync()
+    assert json.loads(path.read_text()) == {"theme": "dark", "model": "opus"}
+    keeper.sync()
+    data = json.loads(path.read_text())
+    assert (data["theme"], data["model"]) == ("dark", "opus")
+    assert is_daemon_helper(data["apiKeyHelper"])
+
+
 def test_a_lone_surrogate_escape_is_kept_as_the_escape(tmp_path: Path) -> None:
     """`"\\ud83d"` alone is JSON Node writes: the helper is set, the escape written back as
     it was read, every other text as it was (before: UnicodeEncodeError, the daemon down)."""
