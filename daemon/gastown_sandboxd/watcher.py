@@ -6,9 +6,10 @@ gone, its parent, for its name to come back), the env file's folder, and the fol
 `folders()` names now (town settings folder, each rig folder, each rig's settings folder).
 Only existing folders can be watched, so after a batch that may change the set (anything but
 a settings file or the env file) the wanted set is computed again; when it differs, watching
-restarts with the new set, and a settings folder new to the set that already holds
-`config.json` is reported as changed (a rig that arrived with its settings; the store
-decides whether it is external).
+restarts with the new set, and a settings folder new to the set, or at or under a watched
+folder that itself went, that holds `config.json` is reported as changed: a rig that arrived
+with its settings, and a folder swapped in by rename under the same name (the store decides
+what is external, and reports only files whose content differs).
 
 Routing of one batch: `<folder named settings>/config.json` → `on_settings_change(paths)`;
 the env file → `on_env_change()`. Every change kind counts (an atomic rename into place is
@@ -171,6 +172,7 @@ class SettingsWatcher:
         self._own_writes = own_writes
         self._running = False
         self._watched: frozenset[Path] = frozenset()
+        self._went: set[Path] = set()  # watched folders that themselves went, until a restart
         self.mode = "doorbell" if self._doorbell else "polled"
         # Set while inotify is used up: the watch polls by stat (mode "stat") and asks
         # inotify again after INOTIFY_RETRY_S.
@@ -236,7 +238,13 @@ class SettingsWatcher:
                         task_status.started()
                     else:
                         self.restarts += 1
-                        await self._report_present(folders - previous)
+                        # Folders new to the set, and those at or under a watched folder that
+                        # itself went: one swapped in by rename (`mv alpha alpha.old && mv
+                        # alpha.new alpha`) keeps its name in the set, and its file changed
+                        # without an event of its own. The store reports only what differs.
+                        went, self._went = self._went, set()
+                        swapped = {f for f in folders if f in went or went & set(f.parents)}
+                        await self._report_present((folders - previous) | swapped)
                         # The env file may have come back (with its folder) before the new
                         # watch was set: read once more, which changes nothing if it did not.
                         await _call_safely("on_env_change", self._on_env_change)
@@ -460,7 +468,9 @@ class SettingsWatcher:
         or a watched folder itself went (made again in its place at once, it is another
         folder with the same name, whose watch must be set again)."""
         may_regrow = await self._route(changes, folders)
-        if any(Path(raw) in folders for _change, raw in changes):
+        went = {Path(raw) for _change, raw in changes if Path(raw) in folders}
+        if went:
+            self._went |= went
             return False
         return not (may_regrow and self.wanted_folders() != folders)
 

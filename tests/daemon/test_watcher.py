@@ -231,6 +231,27 @@ async def test_rig_arriving_with_its_settings_is_reported(
         await eventually(lambda: len(town.calls.settings) == 2)
 
 
+@pytest.mark.parametrize("swapped", ["rig", "settings"])
+async def test_a_folder_swapped_in_by_rename_has_its_settings_reported(
+    town_tree: tuple[Path, Path], swapped: str
+) -> None:
+    """`mv alpha alpha.old && mv alpha.new alpha` (or the same of alpha/settings): the set of
+    folders keeps its names, but the file under them is another: reported as a settings
+    change (before, the watch restarted and nothing was reported)."""
+    async with watching(town_tree) as town:
+        rig_file = town.rig_file("alpha")
+        folder = town.root / "alpha" if swapped == "rig" else rig_file.parent
+        copy = folder.with_name(folder.name + ".new")
+        shutil.copytree(folder, copy)
+        new_file = copy / rig_file.relative_to(folder)
+        new_file.write_text('{"agent": "codex-swapped"}')
+        before = len(town.calls.settings)
+        folder.rename(folder.with_name(folder.name + ".old"))
+        copy.rename(folder)
+        await eventually(lambda: rig_file in set().union(*town.calls.settings[before:]))
+        assert rig_file.read_text() == '{"agent": "codex-swapped"}'
+
+
 async def test_a_town_root_removed_and_made_again_is_watched_again(
     town_tree: tuple[Path, Path],
 ) -> None:
