@@ -242,7 +242,14 @@ def usable(token: str | None, town_id: str | None, *, now: float | None = None) 
 
 
 def is_gateway_token(value: str) -> bool:
-    """True when `value` is a sandbox token (of any age or town): a credential to replace."""
+    """True when `value` is a sandbox token (of any age or town): a credential to replace.
+
+    Also with blanks or a line end around it, or in one pair of quotes (a value copied from
+    a file or a shell): a CLI that trims its variable would still send that old token.
+    """
+    value = value.strip()
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1].strip()
     if value.count(".") != 2 or len(value) > 8192:
         return False
     try:

@@ -142,6 +142,18 @@ def test_gateway_tokens_are_told_from_other_values() -> None:
     assert not is_gateway_token(mint(NOW, type="something_else"))
     assert not is_gateway_token("a.b.c")
     assert not is_gateway_token("")
+    assert not is_gateway_token('""')
+
+
+@pytest.mark.parametrize("around", ["{}\n", " {}", "\t{} ", '"{}"', "'{}'", '" {}\n"'], ids=repr)
+def test_a_stale_token_with_blanks_or_quotes_around_it_is_replaced(around: str) -> None:
+    """A stale token copied with a line end, blanks or quotes around it is still one: exec
+    puts the current token in its place (before, it passed as a key of its own, and a CLI
+    that trims its variable sent the stale token)."""
+    value = around.format(STALE)
+    assert is_gateway_token(value)
+    env = agent_environment({"OPENAI_API_KEY": value}, {}, CURRENT, program="codex")
+    assert env["OPENAI_API_KEY"] == CURRENT
 
 
 def test_usable_checks_expiry_and_the_town_only_when_known() -> None:
