@@ -396,6 +396,28 @@ def test_check_of_good_options_exits_0_with_a_summary(
     assert f"(served by the running daemon, pid {daemon.process.pid})" in done.stdout
 
 
+def test_check_refuses_a_shim_folder_or_socket_folder_that_run_could_not_make(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A shim folder under a regular file and a socket in a folder no one can make: `run`
+    would stop (exit 2 for the first, 1 for the second), so `check` exits 2 naming both
+    settings (before, it passed)."""
+    daemon = _daemon(daemon_factory, tmp_path)
+    (tmp_path / "plain-file").write_text("")
+    env = {
+        **_env_of(daemon),
+        "GASTOWN_SANDBOXD_SHIM_DIR": str(tmp_path / "plain-file" / "bin"),
+        # A folder no one can make (procfs): `run` exited 1, "cannot start".
+        "GASTOWN_SANDBOXD_SOCKET": f"/proc/gastown-sandboxd-test-{os.getpid()}/d.sock",
+    }
+    done = cli("check", env=env)
+    assert done.returncode == 2, done.stdout
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert "GASTOWN_SANDBOXD_SHIM_DIR" in lines[0]
+    assert "GASTOWN_SANDBOXD_SOCKET" in lines[1]
+
+
 def test_check_warns_of_a_state_folder_it_cannot_create_and_still_exits_0(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
