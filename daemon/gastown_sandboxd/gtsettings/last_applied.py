@@ -58,6 +58,7 @@ class LastApplied:
         self._town_id = town_id
         self._applied = Applied()
         self._durable = True
+        self._saved = True  # the copy in memory is the one on disk (False: a save failed)
 
     @property
     def durable(self) -> bool:
@@ -103,18 +104,23 @@ class LastApplied:
 
         `durable` False: saved whole but not fsynced, until `make_durable`."""
         applied = Applied(generation, without_nulls(desired))
-        if applied == self._applied:
+        changed = applied != self._applied
+        if not changed and self._saved:
             return False
         self._applied = applied
         try:
             self._save(applied, durable)
         except OSError as exc:
-            # The files are written already; this run keeps the copy in memory, and a restart
-            # without it only forgets which keys to remove (it never removes a wrong one).
+            # The files are written already; this run keeps the copy in memory and saves it
+            # again at the next record, even of the same copy: a restart on the older one on
+            # disk would take keys the cloud has dropped since for its own, and remove them.
+            self._saved = False
             log.warning(
                 "last_applied_not_saved", path=str(self._path), error=exc.strerror or str(exc)
             )
-        return True
+        else:
+            self._saved = True
+        return changed
 
     def record_push(self, body: Mapping[str, Any], generation: int) -> bool:
         """A PATCH the cloud pushed with `X-Gastown-Generation`: merge it into the copy, saved

@@ -27,7 +27,7 @@ import anyio.to_thread
 import structlog
 
 from gastown_sandboxd._types import Clock, SystemClock
-from gastown_sandboxd.errors import ConfigError, DesiredConfigUnavailable
+from gastown_sandboxd.errors import ConfigError, DesiredConfigUnavailable, PatchInvalid, Problem
 from gastown_sandboxd.gtsettings.desired import DesiredConfig, error_report
 from gastown_sandboxd.gtsettings.store import PatchResult, SettingsStore
 
@@ -174,7 +174,9 @@ class ConfigSync:
         """Seconds to the next regular sync: the interval, or a retry delay after a failure."""
         base = self._interval
         if self._failures:
-            base = min(self._interval, FIRST_RETRY * 2 ** (self._failures - 1))
+            # The exponent held: past 1,024 failures (~85 h of a cloud that cannot be read)
+            # 2.0 ** n overflows, and the interval is reached long before 64.
+            base = min(self._interval, FIRST_RETRY * 2.0 ** min(self._failures - 1, 64))
         return base * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     async def sync_now(self) -> SyncResult:
@@ -238,24 +240,16 @@ class ConfigSync:
             applied: PatchResult = await self._store.apply_desired(
                 desired.desired, desired.generation
             )
+        except RecursionError:
+            # Deeper than the merge can walk (the cloud's own API refuses past 64 levels):
+            # a failure to report, as a refused PATCH is, not a crash of every sync.
+            exc = PatchInvalid(
+                "the desired configuration is nested too deeply to merge",
+                [Problem("", "nested too deeply")],
+            )
+            return self._failed(desired, exc)
         except ConfigError as exc:
-            details = [problem.as_json() for problem in exc.details]
-            log.warning(
-                "config_sync_failed",
-                generation=desired.generation,
-                error=exc.code,
-                message=exc.message,
-                details=details,
-            )
-            return SyncResult(
-                SyncState.FAILED,
-                desired.generation,
-                changed=False,
-                revision=self._store.revision,
-                files=[],
-                error=error_report(exc.message, details),
-                reported=False,
-            )
+            return self._failed(desired, exc)
         if applied.changed:
             log.info("config_sync_applied", generation=desired.generation, files=applied.files)
         newest = self._store.last_applied.applied.generation
@@ -277,6 +271,25 @@ class ConfigSync:
             revision=applied.revision,
             files=applied.files,
             error=None,
+            reported=False,
+        )
+
+    def _failed(self, desired: DesiredConfig, exc: ConfigError) -> SyncResult:
+        details = [problem.as_json() for problem in exc.details]
+        log.warning(
+            "config_sync_failed",
+            generation=desired.generation,
+            error=exc.code,
+            message=exc.message,
+            details=details,
+        )
+        return SyncResult(
+            SyncState.FAILED,
+            desired.generation,
+            changed=False,
+            revision=self._store.revision,
+            files=[],
+            error=error_report(exc.message, details),
             reported=False,
         )
 

@@ -565,6 +565,75 @@ async def test_a_sync_that_waited_for_a_failed_read_gets_its_error_without_a_sec
     assert [error.status for error in errors] == [504, 504]
 
 
+async def test_a_cloud_unreadable_for_days_never_overflows_the_retry_delay(
+    store: SettingsStore,
+) -> None:
+    """1,025 failures (~85 h of an unreadable cloud) made 2 ** 1024 overflow a float, and
+    the sync loop, and with it the daemon, ended. The delay stays the interval."""
+    sync = make_sync(store, FakeCloud(), rng=random.Random(1))
+    for failures in (1_025, 100_000):
+        sync._failures = failures
+        assert 0.9 * sync._interval <= sync.next_delay() <= 1.1 * sync._interval
+
+
+async def test_a_desired_configuration_too_deep_to_merge_is_reported_failed(
+    root: Path, store: SettingsStore
+) -> None:
+    """~500 levels (json reads ~990, the merge walks half that): reported failed like a
+    refused PATCH, nothing written (before, RecursionError crashed every sync, unreported)."""
+    deep: dict[str, Any] = {}
+    for _ in range(600):
+        deep = {"k": deep}
+    desired = {"town": {"agents": {"x": {"provider": "claude", "extra": deep}}}}
+
+    class DeepCloud(FakeCloud):
+        async def fetch(self, bearer: str | None) -> DesiredConfig:
+            return DesiredConfig(self.generation, desired, self.observed, self.state)
+
+    cloud = DeepCloud()
+    before = stats(root)
+    result = await make_sync(store, cloud).sync_now()
+    assert result.state is SyncState.FAILED
+    assert stats(root) == before
+    assert cloud.reports[-1]["error"]["message"] == (
+        "the desired configuration is nested too deeply to merge"
+    )
+
+
+async def test_a_copy_that_could_not_be_saved_is_saved_at_the_next_sync(
+    root: Path, tmp_path: Path, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that failed once (a full disk) is made again by the next sync of the same
+    copy: before, the copy on disk stayed the older one for good, and after a restart the sync
+    removed a key a person had added by hand that the cloud had set and then dropped."""
+    import gastown_sandboxd.gtsettings.last_applied as last_applied_module
+
+    state = tmp_path / "state"
+    store = SettingsStore(
+        town_root=root, emit=events, last_applied=LastApplied(state_dir=state, town_id="town-1")
+    )
+    await store.load()
+    cloud = FakeCloud()
+    cloud.desired = {"town": {"role_effort": {"mayor": "high"}}}
+    await make_sync(store, cloud).sync_now()
+    cloud.change({"town": {}})  # generation 2 drops the key
+    real_write = last_applied_module.write_atomic  # type: ignore[attr-defined]
+    full = [True]
+
+    def write_atomic(*args: Any, **kwargs: Any) -> object:
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(last_applied_module, "write_atomic", write_atomic)
+    sync = make_sync(store, cloud)
+    await sync.sync_now()
+    full[0] = False
+    await sync.sync_now()  # the same copy: saved now
+    saved = json.loads((state / last_applied_module.FILE_NAME).read_text())
+    assert (saved["generation"], saved["desired"]) == (2, {"town": {}})
+
+
 async def test_a_state_folder_that_cannot_be_written_does_not_stop_the_sync(
     root: Path, tmp_path: Path, events: Events
 ) -> None:
