@@ -206,6 +206,7 @@ class SettingsStore:
         self._extra_presets = tuple(extra_presets)
         self._write = write
         self._last_applied = last_applied or LastApplied(state_dir=None, town_id="")
+        self._pushes = 0  # pushed PATCHes that joined the copy: a sync's read is older
         self._copy_fsync_delay = copy_fsync_delay
         self._copy_pushed: anyio.Event | None = None  # set by a push's save while `run` runs
         self._lock = anyio.Lock(fast_acquire=True)  # no yield to the loop when it is free
@@ -355,19 +356,31 @@ class SettingsStore:
                 OWN_WRITES.end()
                 self._copy_may_have_been_pushed()
 
-    async def apply_desired(self, desired: Mapping[str, Any], generation: int) -> PatchResult:
+    @property
+    def pushes(self) -> int:
+        """How many PATCHes pushed by the cloud (`X-Gastown-Generation`) joined the copy."""
+        return self._pushes
+
+    async def apply_desired(
+        self, desired: Mapping[str, Any], generation: int, *, pushes_seen: int | None = None
+    ) -> PatchResult:
         """Converge on the cloud's `desired` configuration (three-way merge, `apply.py`).
 
         Goes through the checks and the writer of `patch`; events carry `source: "cloud"`
         and `generation`. On success `desired` becomes the last-applied copy. A `generation`
-        older than the one last applied (read before a push landed) changes nothing. Raises
-        what `patch` raises; nothing is written and the copy is kept then.
+        older than the one last applied changes nothing when it was read before a push landed
+        (`pushes_seen`, `pushes` as the read began, differs now; None: always so read). With
+        no push since, the cloud itself went back (its database restored, a push it never
+        kept): its configuration is applied and the copy goes back with it, or the sandbox
+        would never converge again. Raises what `patch` raises; nothing is written and the
+        copy is kept then.
         """
         async with self._lock:
             OWN_WRITES.begin()
+            overtaken = pushes_seen is None or pushes_seen != self._pushes
             try:
                 result, events = await anyio.to_thread.run_sync(
-                    self._apply_desired_sync, desired, generation
+                    self._apply_desired_sync, desired, generation, overtaken
                 )
                 for event in events:
                     self._emit(event)
@@ -463,6 +476,7 @@ class SettingsStore:
         for request in group:
             if request.result is not None and request.generation is not None:
                 self._last_applied.record_push(request.body, request.generation)
+                self._pushes += 1
 
     def _plan_group(
         self, disk: Snapshot, group: list[_Request]
@@ -489,10 +503,10 @@ class SettingsStore:
         return snapshot, changed, applied
 
     def _apply_desired_sync(
-        self, desired: Mapping[str, Any], generation: int
+        self, desired: Mapping[str, Any], generation: int, overtaken: bool
     ) -> tuple[PatchResult, list[ConfigChanged]]:
         applied = self._last_applied.applied
-        stale = applied.generation is not None and generation < applied.generation
+        stale = overtaken and applied.generation is not None and generation < applied.generation
         if stale:
             # Read before a newer push landed: applying it would undo that push.
             log.info("desired_config_stale", generation=generation, applied=applied.generation)

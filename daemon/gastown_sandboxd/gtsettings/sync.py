@@ -215,6 +215,7 @@ class ConfigSync:
         async with self._lock:
             flight.reading = True
             bearer = await anyio.to_thread.run_sync(self._read_bearer)
+            pushes = self._store.pushes  # a push after this is newer than the read
             try:
                 desired = await self._source.fetch(bearer)
             except DesiredConfigUnavailable as exc:
@@ -228,17 +229,17 @@ class ConfigSync:
                 )
                 raise
             self._failures = 0
-            result = await self._apply(desired)
+            result = await self._apply(desired, pushes)
             if self._needs_report(desired, result):
                 result = await self._report(bearer, result)
             self._state = result.state
             self._last_sync_at = self._clock.time()
             return result
 
-    async def _apply(self, desired: DesiredConfig) -> SyncResult:
+    async def _apply(self, desired: DesiredConfig, pushes: int) -> SyncResult:
         try:
             applied: PatchResult = await self._store.apply_desired(
-                desired.desired, desired.generation
+                desired.desired, desired.generation, pushes_seen=pushes
             )
         except RecursionError:
             # Deeper than the merge can walk (the cloud's own API refuses past 64 levels):

@@ -681,3 +681,21 @@ async def test_a_read_overtaken_by_a_push_does_not_undo_the_push(
     assert doc(root)["default_agent"] == "codex"
     assert (results[0].generation, results[0].changed) == (1, False)
     assert cloud.reports == []
+
+
+async def test_a_cloud_that_went_back_a_generation_is_converged_on_and_told(
+    root: Path, store: SettingsStore
+) -> None:
+    """The copy holds generation 2 from a push the cloud never kept (killed before it saved
+    it, its database restored), and the cloud serves generation 1. With no push since the
+    read, that is the cloud going back, not a stale read: its configuration is applied, the
+    copy goes back with it, and the cloud is told (before, every sync skipped it as stale,
+    reported nothing, and the sandbox never converged again)."""
+    await store.patch({"town": {"default_agent": "claude"}}, generation=2)
+    cloud = FakeCloud()
+    cloud.desired = {"town": {"default_agent": "codex"}}
+    result = await make_sync(store, cloud).sync_now()
+    assert (result.state, result.generation, result.changed) == (SyncState.APPLIED, 1, True)
+    assert doc(root)["default_agent"] == "codex"
+    assert store.last_applied.applied.generation == 1
+    assert [report["observedGeneration"] for report in cloud.reports] == [1]
