@@ -315,6 +315,16 @@ if [[ $curl_rc -ne 0 ]]; then
 	esac
 fi
 
+# Only a 200 carries a token (the daemon takes nothing else): curl --fail passes 2xx and 3xx.
+status=''
+while IFS= read -r line; do
+	line=${line%$'\r'}
+	if [[ $line =~ ^HTTP/[0-9.]+\ ([0-9]{3}) ]]; then status=${BASH_REMATCH[1]}; fi
+done <"$answer_headers"
+if [[ $status != 200 ]]; then
+	fail 1 "the cloud answered HTTP ${status:-with no status line}, not 200 with a token"
+fi
+
 # --- check the answer before anything is written ---------------------------------------------
 
 check_err=$work_dir/check-err
@@ -328,9 +338,10 @@ read -r token expires fingerprint <<<"$verdict"
 
 # --- write: every other line kept, KILO_JWT=<token> exactly once -----------------------------
 
-{
-	placed=0
-	newline=$'\n'
+# Every write is checked: run in a condition, as here, bash turns errexit and the ERR trap off,
+# and a full disk would leave a short file that the rename below would put in place.
+write_env() {
+	local placed=0 newline=$'\n' line
 	if [[ -e $env_file ]]; then
 		# Each line keeps its own ending, a last line without one included.
 		while true; do
@@ -343,20 +354,24 @@ read -r token expires fingerprint <<<"$verdict"
 			fi
 			if [[ $line =~ $KILO_JWT_LINE_RE ]]; then
 				if [[ $placed -eq 0 ]]; then
-					printf 'KILO_JWT=%s\n' "$token"
+					printf 'KILO_JWT=%s\n' "$token" || return 1
 					placed=1
 				fi
 			else
-				printf '%s%s' "$line" "$newline"
+				printf '%s%s' "$line" "$newline" || return 1
 			fi
 			if [[ -z $newline ]]; then break; fi
 		done <"$env_file"
 	fi
 	if [[ $placed -eq 0 ]]; then
-		if [[ -z $newline ]]; then printf '\n'; fi
-		printf 'KILO_JWT=%s\n' "$token"
+		if [[ -z $newline ]]; then printf '\n' || return 1; fi
+		printf 'KILO_JWT=%s\n' "$token" || return 1
 	fi
-} >"$env_tmp" 2>/dev/null || fail 1 "cannot write a file in $env_dir"
+}
+if ! write_env >"$env_tmp" 2>/dev/null ||
+	[[ $(grep -cFx -- "KILO_JWT=$token" "$env_tmp" 2>/dev/null) != 1 ]]; then
+	fail 1 "cannot write a file in $env_dir"
+fi
 
 summary="town $town_id, token fingerprint $fingerprint, expires $expires"
 if [[ -f $env_file ]] && cmp -s -- "$env_tmp" "$env_file"; then

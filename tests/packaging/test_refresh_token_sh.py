@@ -535,6 +535,35 @@ async def test_refusals_leave_the_env_file(
     assert str(status) in line
 
 
+@pytest.mark.parametrize("status", [201, 202, 302])
+async def test_a_token_in_an_answer_other_than_200_is_not_taken(
+    sandbox: Sandbox, standin_cloud: StandInCloud, status: int
+) -> None:
+    """curl --fail passes 2xx and 3xx: a good token in a 302's body was written and reported
+    refreshed, though the daemon takes only a 200. Now one line naming the status."""
+    current = mint()
+    sandbox.secrets.append(current)
+    before = sandbox.write_env(env_with(current))
+    standin_cloud.answer_text(mint(), status=status)
+    line = assert_failed(await sandbox.run(), sandbox, before)
+    assert f"HTTP {status}, not 200" in line
+
+
+async def test_a_write_cut_short_leaves_the_env_file_as_it_was(
+    sandbox: Sandbox, standin_cloud: StandInCloud
+) -> None:
+    """The disk takes 1 KiB and no more (a file-size limit, with SIGXFSZ ignored as a parent
+    may leave it): the rewrite is cut short, and the script fails with the env file as it
+    was (before: exit 0, 'refreshed', and the short file renamed over the env file)."""
+    current = mint()
+    sandbox.secrets.append(current)
+    before = sandbox.write_env(env_with(current) + "# padding\n" * 200)
+    standin_cloud.answer_text(mint(ahead=1))
+    limited = ("bash", "-c", 'trap "" XFSZ; ulimit -f 1; exec "$@"', "_")
+    line = assert_failed(await sandbox.run(prefix=limited), sandbox, before)
+    assert "cannot write a file" in line
+
+
 async def test_busy_reports_retry_after(sandbox: Sandbox, standin_cloud: StandInCloud) -> None:
     """A 503 with Retry-After reports the wait the cloud asked for."""
 
