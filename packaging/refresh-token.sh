@@ -368,8 +368,11 @@ write_env() {
 		printf 'KILO_JWT=%s\n' "$token" || return 1
 	fi
 }
-if ! write_env >"$env_tmp" 2>/dev/null ||
-	[[ $(grep -cFx -- "KILO_JWT=$token" "$env_tmp" 2>/dev/null) != 1 ]]; then
+written=1
+# shellcheck disable=SC2310 # errexit is off in here by design: write_env checks each write
+write_env >"$env_tmp" 2>/dev/null || written=0
+token_lines=$(grep -cFx -- "KILO_JWT=$token" "$env_tmp" 2>/dev/null || true)
+if [[ $written -eq 0 || $token_lines != 1 ]]; then
 	fail 1 "cannot write a file in $env_dir"
 fi
 
