@@ -26,6 +26,8 @@ AGENT_ENV = PACKAGING / "agent-env.sh"
 ENTRY = PACKAGING / "container-entry.sh"
 BIN = Path(sys.executable).parent
 TOKENS = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN", "KILO_JWT")
+# The daemon's key and the cloud's signing secret: no agent's either.
+SECRETS = ("INTERNAL_API_KEY", "NEXTAUTH_SECRET")
 STALE = "eyJhbGciOiJIUzI1NiJ9.eyJ0eXBlIjoiZ2FzdG93bl9zYW5kYm94In0.c3RhbGU"
 # Prints the process id and its environment as JSON.
 REPORT = (
@@ -41,6 +43,7 @@ def _caller_env(tmp_path: Path, shims: Path) -> dict[str, str]:
         "GASTOWN_SANDBOXD_SHIM_DIR": str(shims),
         "KEEP_ME": "kept",
         **dict.fromkeys(TOKENS, STALE),
+        **dict.fromkeys(SECRETS, "a-secret-of-the-daemon"),
     }
 
 
@@ -68,6 +71,7 @@ def test_a_command_gets_the_shims_first_and_no_token(tmp_path: Path, script: Pat
     assert pid == process.pid
     assert env["PATH"] == f"{shims}:/usr/bin:/bin"
     assert not set(TOKENS) & set(env)
+    assert not set(SECRETS) & set(env)
     assert env["KEEP_ME"] == "kept"
 
 
@@ -82,6 +86,28 @@ def test_the_default_shim_folder_follows_the_daemons(tmp_path: Path) -> None:
         out = subprocess.run(
             [str(AGENT_ENV), str(report)],
             env={**base, **extra},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert json.loads(out)[1]["PATH"].split(":")[0] == str(expected)
+
+
+def test_a_shim_folder_written_with_a_tilde_or_relative_is_the_daemons(tmp_path: Path) -> None:
+    """GASTOWN_SANDBOXD_SHIM_DIR as a systemd EnvironmentFile or a Dockerfile ENV leaves it
+    (`~/…`) or relative: expanded as the daemon expands it (before, PATH held `~/…` as is,
+    which neither LookPath nor tmux expands: agents bypassed their shims)."""
+    report = _report(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    for given, expected in (
+        ("~/.local/share/gastown-sandboxd/bin", tmp_path / ".local/share/gastown-sandboxd/bin"),
+        ("shims", tmp_path / "cwd" / "shims"),
+    ):
+        out = subprocess.run(
+            [str(AGENT_ENV), str(report)],
+            env={"HOME": str(tmp_path), "PATH": "/bin", "GASTOWN_SANDBOXD_SHIM_DIR": given},
+            cwd=tmp_path / "cwd",
             capture_output=True,
             text=True,
             timeout=30,

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
 DEFAULT_HELPER_TTL_MS = 300_000
+# Never passed on to an agent: the daemon's API key and the cloud's signing secret.
+SECRETS_OF_THE_DAEMON = ("INTERNAL_API_KEY", "NEXTAUTH_SECRET")
 # Set to the token for every command: the gateway's own variables.
 GATEWAY_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
 # What each agent CLI reads as its credential (README "Agents"); set when unset or stale.
@@ -269,6 +271,8 @@ def agent_environment(
     """The environment CMD gets: inherited + env file, tokens current, claude on its helper."""
     env = dict(inherited)
     env.update(values)
+    for name in SECRETS_OF_THE_DAEMON:
+        env.pop(name, None)  # an agent (a model) could read them; none needs them
     if token is not None:
         for name, value in list(env.items()):
             if name != TOKEN_KEY and value != token and is_gateway_token(value):

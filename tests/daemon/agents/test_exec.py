@@ -134,6 +134,17 @@ def test_settings_without_the_daemons_helper_fall_back_to_the_token(
     assert env["ANTHROPIC_AUTH_TOKEN"] == CURRENT
 
 
+def test_the_daemons_key_and_the_clouds_secret_never_reach_the_command() -> None:
+    """An environment that carries INTERNAL_API_KEY or NEXTAUTH_SECRET (gt started without
+    agent-env.sh): exec drops both, for every CLI; the agent (a model) could read them."""
+    inherited = {"INTERNAL_API_KEY": "k" * 24, "NEXTAUTH_SECRET": "s" * 40, "KEEP": "1"}
+    for program in ("claude", "codex", "kilo", "bash"):
+        env = agent_environment(inherited, {}, CURRENT, program=program)
+        assert "INTERNAL_API_KEY" not in env
+        assert "NEXTAUTH_SECRET" not in env
+        assert env["KEEP"] == "1"
+
+
 def test_gateway_tokens_are_told_from_other_values() -> None:
     """Only sandbox tokens count as gateway tokens (any age or town)."""
     assert is_gateway_token(STALE)
