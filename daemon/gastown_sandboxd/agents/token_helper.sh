@@ -136,6 +136,8 @@ while :; do
                 0?*) full ;;  # a leading zero: not JSON (and octal to the shell)
                 *) ;;
             esac
+            # Python's json refuses an integer of more than 4,300 digits, in any field.
+            [ "${#value}" -le 15 ] || full
             kind=number ;;
         true* | false* | null*)
             value=${rest%%[!a-z]*}
@@ -176,9 +178,12 @@ done
 [ "${#exp}" -le 15 ] || full
 now=$(date +%s) || full
 case ${now} in
-    '' | *[!0-9]*) full ;;  # a `date` without %s: no arithmetic on what it printed
+    # A `date` without %s, or an odd one: no arithmetic on what it printed (a leading zero
+    # is octal to the shell, and bash then goes on past the error).
+    '' | *[!0-9]* | 0?*) full ;;
     *) ;;
 esac
+[ "${#now}" -le 15 ] || full
 lifetime=$((exp - iat))
 [ "${lifetime}" -ge 10 ] || full
 [ "${lifetime}" -le 604800 ] || full

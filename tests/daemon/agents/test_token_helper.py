@@ -156,6 +156,10 @@ def _line(token: str) -> str:
         ("a trailing newline", _line(_raw(GOOD_TEXT + b"\n"))),
         ("nested", _line(_with(x={}))),
         ("not UTF-8", _line(_replaced(b'"u"', b'"\xff"'))),
+        # Python's json refuses an integer of more than 4,300 digits, in any field (the
+        # script printed it: wider than the rules).
+        ("a long number elsewhere", _line(_replaced(b"}", b',"n":' + b"1" * 4301 + b"}"))),
+        ("a 16-digit number elsewhere", _line(_replaced(b"}", b',"n":' + b"1" * 16 + b"}"))),
     ],
 )
 def test_anything_not_plainly_acceptable_goes_to_python(
@@ -166,19 +170,27 @@ def test_anything_not_plainly_acceptable_goes_to_python(
     assert helper.run(env_text) == ("", helper.full_argv()), case
 
 
-@pytest.mark.parametrize("tool", ["date", "base64"])
-def test_a_missing_or_odd_tool_goes_to_python(helper: Helper, tmp_path: Path, tool: str) -> None:
-    """A `date` that prints no number (no `%s`), or no `base64` on PATH: the script hands
-    over to Python rather than fail or guess; it never exits without an answer."""
+@pytest.mark.parametrize(
+    ("tool", "prints"),
+    [("date", "%s"), ("date", "0999999999999"), ("date", "9" * 20), ("base64", None)],
+    ids=["date without %s", "date with a leading zero", "date of 20 digits", "no base64"],
+)
+def test_a_missing_or_odd_tool_goes_to_python(
+    helper: Helper, tmp_path: Path, tool: str, prints: str | None
+) -> None:
+    """A `date` that prints no number (no `%s`) or an odd one (a leading zero is octal to
+    the shell: bash went on past the error and printed an expired token, dash stopped), or
+    no `base64` on PATH: the script hands over to Python rather than fail or guess; it never
+    exits without an answer."""
     tools = tmp_path / "tools"
     tools.mkdir()
     for name in ("date", "base64"):
         if name == tool and tool == "date":
-            (tools / name).write_text("#!/bin/sh\necho %s\n")
+            (tools / name).write_text(f"#!/bin/sh\necho {prints}\n")
             (tools / name).chmod(0o755)
         elif name != tool:
             (tools / name).symlink_to(shutil.which(name) or name)
-    text = f"KILO_JWT={mint(time.time())}\n"
+    text = f"KILO_JWT={mint(time.time() - 2 * 86400)}\n"  # expired: only python may judge
     assert helper.run(text, PATH=str(tools)) == ("", helper.full_argv())
 
 
