@@ -14,6 +14,8 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gastown_sandboxd.gtsettings.validation import is_unicode
+
 from .admission import RefreshAdmission
 from .errors import ApiError, TokenInvalid
 from .settings import CloudSettings
@@ -127,25 +129,17 @@ def _shape_problem(data: dict[str, Any]) -> str | None:
         if depth > MAX_DEPTH:
             return f"The request body is nested deeper than {MAX_DEPTH} levels."
         if isinstance(value, dict):
-            if not all(_is_text(key) for key in value):
+            if not all(is_unicode(key) for key in value):
                 return _LONE_SURROGATE
             stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
             stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and not _is_text(value):
+        elif isinstance(value, str) and not is_unicode(value):
             return _LONE_SURROGATE
     return None
 
 
 _LONE_SURROGATE = "The request body holds a lone surrogate (an unpaired \\ud800-\\udfff escape)."
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def validate(model: type[_M], data: dict[str, Any]) -> _M:

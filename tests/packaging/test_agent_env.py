@@ -75,6 +75,21 @@ def test_a_command_gets_the_shims_first_and_no_token(tmp_path: Path, script: Pat
     assert env["KEEP_ME"] == "kept"
 
 
+def _first_on_path(report: Path, env: dict[str, str], cwd: Path | None = None) -> str:
+    """The first PATH entry a command run through agent-env.sh with `env` gets."""
+    out = subprocess.run(
+        [str(AGENT_ENV), str(report)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    first: str = json.loads(out)[1]["PATH"].split(":")[0]
+    return first
+
+
 def test_the_default_shim_folder_follows_the_daemons(tmp_path: Path) -> None:
     """No GASTOWN_SANDBOXD_SHIM_DIR: $XDG_DATA_HOME's, else ~/.local/share's, as the daemon's."""
     report = _report(tmp_path)
@@ -83,15 +98,7 @@ def test_the_default_shim_folder_follows_the_daemons(tmp_path: Path) -> None:
         ({}, tmp_path / ".local/share/gastown-sandboxd/bin"),
         ({"XDG_DATA_HOME": "/xdg"}, Path("/xdg/gastown-sandboxd/bin")),
     ):
-        out = subprocess.run(
-            [str(AGENT_ENV), str(report)],
-            env={**base, **extra},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        assert json.loads(out)[1]["PATH"].split(":")[0] == str(expected)
+        assert _first_on_path(report, {**base, **extra}) == str(expected)
 
 
 def test_a_shim_folder_written_with_a_tilde_or_relative_is_the_daemons(tmp_path: Path) -> None:
@@ -104,16 +111,8 @@ def test_a_shim_folder_written_with_a_tilde_or_relative_is_the_daemons(tmp_path:
         ("~/.local/share/gastown-sandboxd/bin", tmp_path / ".local/share/gastown-sandboxd/bin"),
         ("shims", tmp_path / "cwd" / "shims"),
     ):
-        out = subprocess.run(
-            [str(AGENT_ENV), str(report)],
-            env={"HOME": str(tmp_path), "PATH": "/bin", "GASTOWN_SANDBOXD_SHIM_DIR": given},
-            cwd=tmp_path / "cwd",
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        assert json.loads(out)[1]["PATH"].split(":")[0] == str(expected)
+        env = {"HOME": str(tmp_path), "PATH": "/bin", "GASTOWN_SANDBOXD_SHIM_DIR": given}
+        assert _first_on_path(report, env, cwd=tmp_path / "cwd") == str(expected)
 
 
 def test_no_command_is_bad_usage(tmp_path: Path) -> None:

@@ -68,12 +68,12 @@ def _unicode_problems(value: Any, path: str, problems: list[Problem]) -> None:
     """Strings, keys too, that are not Unicode: a lone surrogate (`"\\ud800"` is JSON that
     decodes to one) cannot be written as UTF-8, so no settings file can hold it."""
     if isinstance(value, str):
-        if not _is_unicode(value):
+        if not is_unicode(value):
             problems.append(Problem(path, f"is {_LONE_SURROGATE}; send the text as Unicode"))
     elif isinstance(value, Mapping):
         for key, item in value.items():
             child = path + pointer(str(key))
-            if isinstance(key, str) and not _is_unicode(key):
+            if isinstance(key, str) and not is_unicode(key):
                 problems.append(Problem(child, f"this key is {_LONE_SURROGATE}"))
             _unicode_problems(item, child, problems)
     elif isinstance(value, list):
@@ -97,7 +97,9 @@ def _all_unicode(body: Any) -> bool:
     return True
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
+    """Whether UTF-8 can hold `text` (a lone surrogate, which `"\\ud800"` decodes to, it
+    cannot)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -106,7 +108,7 @@ def _is_unicode(text: str) -> bool:
 
 
 def _printable(text: str) -> str:
-    return text if _is_unicode(text) else text.encode("utf-8", "backslashreplace").decode()
+    return text if is_unicode(text) else text.encode("utf-8", "backslashreplace").decode()
 
 
 def contains_jwt(value: str) -> bool:

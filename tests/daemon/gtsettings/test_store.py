@@ -952,6 +952,16 @@ class GatedWrite:
         return write_target(target, data)
 
 
+class FailSecond(GatedWrite):
+    """The gated writer whose second and later writes fail as a full disk does."""
+
+    def __call__(self, target: Target, data: bytes) -> object:
+        if self.calls:
+            self.calls.append(target.path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().__call__(target, data)
+
+
 async def _held(root: Path, events: Events) -> tuple[SettingsStore, GatedWrite]:
     writer = GatedWrite()
     store = SettingsStore(town_root=root, emit=events, write=writer)
@@ -1057,13 +1067,6 @@ async def test_a_failed_group_write_fails_every_patch_that_changed_something(
     """The group's write fails: each PATCH that changed a file gets the 503, a PATCH that
     changed nothing still gets its answer, and nothing is written or reported."""
 
-    class FailSecond(GatedWrite):
-        def __call__(self, target: Target, data: bytes) -> object:
-            if self.calls:
-                self.calls.append(target.path)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return super().__call__(target, data)
-
     writer = FailSecond()
     store = SettingsStore(town_root=root, emit=events, write=writer)
     await store.load()
@@ -1103,13 +1106,6 @@ async def test_after_a_failed_group_write_each_later_patch_is_answered_as_on_the
     one that matched only the unwritten change gets the 503 (its own write would fail), an
     If-Match of the revision on disk is no 412, a pushed one that changes nothing on disk
     is answered and kept as applied, and a refusal of its own stays a refusal."""
-
-    class FailSecond(GatedWrite):
-        def __call__(self, target: Target, data: bytes) -> object:
-            if self.calls:
-                self.calls.append(target.path)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return super().__call__(target, data)
 
     first = {"town": {"crew_agents": {"a": "codex"}}}
     # The revision the disk will hold once the first PATCH is written, from a twin town.
@@ -1203,12 +1199,9 @@ async def test_what_a_patch_wrote_is_not_read_again(
     assert (await store.view()).town["crew_agents"] == {"a": "kilo-x"}
 
 
-async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
-    root: Path, store: SettingsStore, events: Events
-) -> None:
-    """A cache entry whose stat an in-place edit kept (same tick, same size) plans the PATCH
-    on stale bytes: the write sees other bytes under its descriptor (`SettingsChanged`), the
-    group is planned again from the disk, the edit is reported, then the PATCH's change."""
+async def _edited_in_the_same_tick(root: Path, store: SettingsStore) -> Path:
+    """The town file, its crew member `a` set by a PATCH and then edited in place by someone
+    else to `kilo1` (same size), with the cache entry kept as if the stat had not moved."""
     await store.patch({"town": {"crew_agents": {"a": "codex"}}})
     path = root / TOWN_FILE
     edited = path.read_bytes().replace(b'"a": "codex"', b'"a": "kilo1"')
@@ -1218,7 +1211,17 @@ async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
     key = os.path.abspath(path)
     stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     _old_stamp, name, scope, stale = snapshot_module._cache[key]
-    snapshot_module._cache[key] = (stamp, name, scope, stale)  # as if the stat had not moved
+    snapshot_module._cache[key] = (stamp, name, scope, stale)
+    return path
+
+
+async def test_a_cached_file_someone_edited_in_the_same_tick_is_planned_again(
+    root: Path, store: SettingsStore, events: Events
+) -> None:
+    """A cache entry whose stat an in-place edit kept (same tick, same size) plans the PATCH
+    on stale bytes: the write sees other bytes under its descriptor (`SettingsChanged`), the
+    group is planned again from the disk, the edit is reported, then the PATCH's change."""
+    path = await _edited_in_the_same_tick(root, store)
     result = await store.patch({"town": {"crew_agents": {"b": "codex"}}})
     town = json.loads(path.read_bytes())
     assert town["crew_agents"] == {"a": "kilo1", "b": "codex"}
@@ -1235,16 +1238,7 @@ async def test_a_sync_on_a_cached_file_edited_in_the_same_tick_is_planned_again(
     """The same stale cache entry under a desired-configuration sync: it is planned again
     from the disk, as a PATCH is, and applied over the edit; before, the sync failed with
     409 (and was reported failed to the cloud) until the watcher dropped the entry."""
-    await store.patch({"town": {"crew_agents": {"a": "codex"}}})
-    path = root / TOWN_FILE
-    edited = path.read_bytes().replace(b'"a": "codex"', b'"a": "kilo1"')
-    with path.open("r+b") as handle:
-        handle.write(edited)
-    info = path.stat()
-    key = os.path.abspath(path)
-    stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-    _old_stamp, name, scope, stale = snapshot_module._cache[key]
-    snapshot_module._cache[key] = (stamp, name, scope, stale)  # as if the stat had not moved
+    path = await _edited_in_the_same_tick(root, store)
     result = await store.apply_desired({"town": {"role_effort": {"crew": "high"}}}, generation=1)
     town = json.loads(path.read_bytes())
     assert town["crew_agents"] == {"a": "kilo1"}

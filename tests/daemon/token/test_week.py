@@ -243,6 +243,18 @@ async def test_simulated_week(tmp_path: Path) -> None:
     assert "pwned" not in everything
 
 
+def _quiet_refresher(env: Path, client: Any, clock: SimulatedClock, *, seed: int) -> TokenRefresher:
+    """A refresher of the env file `env` on `clock`, whose events go nowhere."""
+    return TokenRefresher(
+        town_id=TOWN,
+        env_file=env,
+        client=client,
+        emit=lambda event: None,
+        clock=clock,
+        rng=random.Random(seed),
+    )
+
+
 async def run_with_jump(
     tmp_path: Path, *, jump_at: float, jump: float, until: float
 ) -> tuple[float, list[float]]:
@@ -259,14 +271,7 @@ async def run_with_jump(
             calls.append(clock.time())
             return mint(clock.time())
 
-    refresher = TokenRefresher(
-        town_id=TOWN,
-        env_file=env,
-        client=Cloud(),
-        emit=lambda event: None,
-        clock=clock,
-        rng=random.Random(1),
-    )
+    refresher = _quiet_refresher(env, Cloud(), clock, seed=1)
     async with anyio.create_task_group() as tg:
         await tg.start(refresher.run)
         planned = refresher.status().next_refresh_at
@@ -315,14 +320,7 @@ async def test_wall_clock_jump_backward_during_an_outage_keeps_the_backoff(
             calls.append(clock.monotonic)
             raise RefreshError("outage", "connect_error")
 
-    refresher = TokenRefresher(
-        town_id=TOWN,
-        env_file=env,
-        client=Cloud(),
-        emit=lambda event: None,
-        clock=clock,
-        rng=random.Random(7),
-    )
+    refresher = _quiet_refresher(env, Cloud(), clock, seed=7)
     with structlog.testing.capture_logs() as logs:
         async with anyio.create_task_group() as tg:
             await tg.start(refresher.run)
