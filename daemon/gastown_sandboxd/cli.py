@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from gastown_sandboxd import __version__, agents
 from gastown_sandboxd._lazy import exit_without_teardown, imports_without_gc
 from gastown_sandboxd.client import DaemonClient, DaemonUnavailable, running_daemon_env_file
-from gastown_sandboxd.errors import OptionsError, OptionsProblems
+from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.options import (
     ClientOptions,
     Options,
@@ -243,7 +243,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     flags["log_level"] = args.log_level
     # Before logging starts: bad options or folders end start-up with their lines alone.
     options = load_options(flags, config_file=args.config, check_paths=True)
-    agents.check_shim_dir(options.shim_dir)
     check_free(options.socket)
     configure_logging(
         format=options.log_format,
@@ -271,28 +270,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     # Raises OptionsProblems with every problem: printed one per line, exit 2.
     options = load_options(flags, config_file=args.config, check_paths=True)
-    # The folders `run` makes before it serves, made here the same way: what stops `run`
-    # stops `check` (before, check passed and run exited 2 or 1).
-    problems: list[OptionsError] = []
-    try:
-        agents.check_shim_dir(options.shim_dir)
-    except OptionsError as exc:
-        problems.append(exc)
-    try:
-        options.socket.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(options.socket.parent, os.W_OK | os.X_OK):
-            raise PermissionError(13, "this user cannot write in it")
-    except OSError as exc:
-        problems.append(
-            OptionsError(
-                "local socket (GASTOWN_SANDBOXD_SOCKET)",
-                f"its folder {options.socket.parent} cannot be made or written in "
-                f"({exc.strerror or exc})",
-                "give a path in a folder the daemon's user can write",
-            )
-        )
-    if problems:
-        raise OptionsProblems(problems)
     pid = owner_pid(options.socket)
     lines = [
         f"ok: {options.config_file or 'no TOML file'}; every option is valid",

@@ -335,6 +335,14 @@ def load_options(
         problems.take(lambda: check_town_root(options.town_root), None)
         problems.take(lambda: check_env_folder(options.env_file), None)
         problems.take(lambda: check_socket_path(options.socket), None)
+        if not problems.found:
+            # The folders `run` makes before it serves, made here the same way (so `check`
+            # stops where `run` would), and only for options otherwise good: a `check` that
+            # fails writes nothing.
+            from gastown_sandboxd.agents.shims import check_shim_dir
+
+            problems.take(lambda: check_shim_dir(options.shim_dir), None)
+            problems.take(lambda: check_socket_folder(options.socket), None)
     problems.raise_any()
     return options
 
@@ -482,6 +490,21 @@ def check_socket_path(path: Path) -> None:
             f"{path} is a {not_a_socket(mode)}, not a socket (it is left as it is)",
             "remove it, or give the daemon another socket (--socket)",
         )
+
+
+def check_socket_folder(path: Path) -> None:
+    """Make the socket's folder as the daemon's lock does, and prove it writable; else
+    `OptionsError` (a folder under procfs, one this user cannot write)."""
+    folder = path.parent
+    fix = "give a path in a folder the daemon's user can write (--socket)"
+    setting = "local socket (GASTOWN_SANDBOXD_SOCKET)"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"its folder {folder} cannot be made ({exc.strerror})"
+        raise OptionsError(setting, message, fix) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptionsError(setting, f"its folder {folder} cannot be written in", fix)
 
 
 def not_a_socket(mode: int) -> str:

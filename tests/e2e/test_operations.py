@@ -399,9 +399,9 @@ def test_check_of_good_options_exits_0_with_a_summary(
 def test_check_refuses_a_shim_folder_or_socket_folder_that_run_could_not_make(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
-    """A shim folder under a regular file and a socket in a folder no one can make: `run`
-    would stop (exit 2 for the first, 1 for the second), so `check` exits 2 naming both
-    settings (before, it passed)."""
+    """A shim folder under a regular file and a socket in a folder no one can make: `check`
+    and `run` both exit 2 naming both settings (before, check passed, and run exited 2 for
+    the first and 1 for the second)."""
     daemon = _daemon(daemon_factory, tmp_path)
     (tmp_path / "plain-file").write_text("")
     env = {
@@ -416,6 +416,10 @@ def test_check_refuses_a_shim_folder_or_socket_folder_that_run_could_not_make(
     assert len(lines) == 2, lines
     assert "GASTOWN_SANDBOXD_SHIM_DIR" in lines[0]
     assert "GASTOWN_SANDBOXD_SOCKET" in lines[1]
+    # `run` stops on the same two lines, with the same exit 2 (the socket's folder was an
+    # exit 1, "cannot start", once the daemon had begun).
+    ran = _run(env)
+    assert (ran.returncode, ran.stderr.splitlines()) == (2, lines)
 
 
 def test_check_warns_of_a_state_folder_it_cannot_create_and_still_exits_0(
