@@ -46,6 +46,7 @@ from gastown_sandboxd.token.envfile import read_token, write_token
 from gastown_sandboxd.token.schedule import (
     Outcome,
     SchedulePolicy,
+    counts_from_now,
     desync_point,
     draw_jitter,
     lifetime_of,
@@ -538,16 +539,13 @@ class TokenRefresher:
 
     def _replan(self, now: float) -> None:
         held = self._held
-        self._next_is_wait = (
-            self._inactive
-            or (self._failures > 0 and self._outcome is not Outcome.OK)
-            or self._outcome is Outcome.STALE
-        )
+        outcome = Outcome.INACTIVE if self._inactive else self._outcome
+        self._next_is_wait = counts_from_now(failures=self._failures, outcome=outcome)
         self._next_at = next_attempt_at(
             held.claims if held else None,
             now,
             failures=self._failures,
-            outcome=Outcome.INACTIVE if self._inactive else self._outcome,
+            outcome=outcome,
             refresh_at=held.refresh_at if held else now,
             rng=self._rng,
             retry_after=self._retry_after,

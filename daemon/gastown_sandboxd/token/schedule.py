@@ -172,6 +172,14 @@ def backoff_delay(
     return max(policy.min_retry_gap, rng.uniform(0.0, ceiling))
 
 
+def counts_from_now(*, failures: int, outcome: Outcome) -> bool:
+    """Whether `next_attempt_at` answers with a wait counted from `now` (a backoff, the stale
+    wait, the inactive probe) rather than the token's own refresh point."""
+    if outcome in (Outcome.INACTIVE, Outcome.STALE):
+        return True
+    return failures > 0 and outcome is not Outcome.OK
+
+
 def next_attempt_at(
     claims: Claims | None,
     now: float,
@@ -198,7 +206,7 @@ def next_attempt_at(
     if outcome is Outcome.STALE:
         # Asking again at once would get the same token: wait as after a refusal.
         return now + (policy.urgent_backoff_max if urgent else policy.backoff_max)
-    if failures <= 0 or outcome is Outcome.OK:
+    if not counts_from_now(failures=failures, outcome=outcome):
         if claims is None:
             return now
         return max(now, refresh_at)
