@@ -242,9 +242,12 @@ class TokenRefresher:
             if held is None and token is None:
                 return False
             now = self._clock.time()
-            if token is not None and not acceptability_reasons(
-                token, town_id=self._town_id, now=now
-            ):
+            reasons = (
+                acceptability_reasons(token, town_id=self._town_id, now=now)
+                if token is not None
+                else ["missing"]
+            )
+            if token is not None and not reasons:
                 self._held = self._hold(token, decode_unverified(token), adopted=True)
                 self._disk_ok = True
                 log.info("env_file_token_adopted", fingerprint=fingerprint(token))
@@ -253,7 +256,7 @@ class TokenRefresher:
                 self._succeeded(now, source="file")
                 return True
             if held is not None:
-                await self._keep_held(held, token, now)
+                await self._keep_held(held, token, reasons)
                 return False
             log.warning("env_file_token_lost", had=False)
             self._load(token, now)
@@ -282,7 +285,7 @@ class TokenRefresher:
             log.warning("env_file_token_not_written", errno=exc.errno)
             return None
 
-    async def _keep_held(self, held: _Held, found: str | None, now: float) -> None:
+    async def _keep_held(self, held: _Held, found: str | None, reasons: list[str]) -> None:
         """The env file, edited by someone else, holds no acceptable token: keep the one held
         (the cloud binds a refresh to it, so dropping it would leave only refreshes without a
         Bearer, refused with 401 for good), and put it back where agents read it while it is
@@ -292,9 +295,7 @@ class TokenRefresher:
             "env_file_token_lost",
             had=True,
             found=fingerprint(found) if found is not None else None,
-            reasons=acceptability_reasons(found, town_id=self._town_id, now=now)
-            if found is not None
-            else ["missing"],
+            reasons=reasons,
         )
         self._disk_ok = await self._write_held() is not None
         if self._disk_ok:
