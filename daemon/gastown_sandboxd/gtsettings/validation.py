@@ -26,6 +26,7 @@ from typing import Any
 
 from gastown_sandboxd.errors import Problem
 from gastown_sandboxd.gtsettings.agent_resolution import resolution_problems
+from gastown_sandboxd.gtsettings.json_text import all_unicode
 from gastown_sandboxd.gtsettings.schema import (
     AGENT_FIELDS,
     AGENT_NAME,
@@ -54,7 +55,7 @@ def validate_patch(
 ) -> list[Problem]:
     """Every problem of `body` against the town as `current` holds it; [] when it may apply."""
     checker = _Checker(current, frozenset(PRESETS) | frozenset(extra_presets))
-    unicode = _all_unicode(body)  # one pass in C (5 us for a dashboard's body)
+    unicode = all_unicode(body)
     if not unicode:
         _unicode_problems(body, "", checker.problems)
     checker.check(body)
@@ -82,19 +83,6 @@ def _unicode_problems(value: Any, path: str, problems: list[Problem]) -> None:
 
 
 _LONE_SURROGATE = "not Unicode: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)"
-
-
-_TO_TEXT = json.JSONEncoder(ensure_ascii=False, check_circular=False)
-
-
-def _all_unicode(body: Any) -> bool:
-    try:
-        _TO_TEXT.encode(body).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    except (TypeError, ValueError):  # not JSON at all: the checks below say what is wrong
-        return True
-    return True
 
 
 def is_unicode(text: str) -> bool:
