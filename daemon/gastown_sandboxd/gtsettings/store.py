@@ -427,16 +427,13 @@ class SettingsStore:
         for attempt in (1, 2):
             for request in group:
                 request.result, request.error, request.events = None, None, []
-            disk = self._read_snapshot()
-            self._baseline(disk)
-            self._revision = disk.revision()
+            disk = self._read_current()
             after, changed, applied = self._plan_group(disk, group)
             try:
                 self._commit(disk, changed)
             except SettingsChanged as exc:
                 if attempt == 1:
-                    log.info("settings_changed_planning_again", error=exc.message)
-                    snapshot_cache.forget(self._root / relative_path(rig) for rig in disk.files)
+                    self._read_afresh(disk, exc)
                     continue
                 _fail(_from_first_change(group, applied), exc)
                 return
@@ -511,9 +508,7 @@ class SettingsStore:
             # Read before a newer push landed: applying it would undo that push.
             log.info("desired_config_stale", generation=generation, applied=applied.generation)
         for attempt in (1, 2):  # planned once more on bytes changed under it, as a PATCH is
-            snapshot = self._read_snapshot()
-            self._baseline(snapshot)
-            self._revision = snapshot.revision()
+            snapshot = self._read_current()
             body: Mapping[str, Any] = {}
             if not stale:
                 body = desired_patch(snapshot.town_files(), desired, applied.desired)
@@ -523,8 +518,7 @@ class SettingsStore:
             except SettingsChanged as exc:
                 if attempt == 2:
                     raise
-                log.info("settings_changed_planning_again", error=exc.message)
-                snapshot_cache.forget(self._root / relative_path(r) for r in snapshot.files)
+                self._read_afresh(snapshot, exc)
                 continue
             break
         self._revision = change.after.revision()
@@ -615,6 +609,20 @@ class SettingsStore:
                 path = self._root / write.name
                 snapshot_cache.remember(path, scope, write.name, docs[write.rig], info, since)
 
+    def _read_current(self) -> Snapshot:
+        """The files as the disk holds them now, which the revision is then of (and the
+        store's baseline, when nothing was read before)."""
+        snapshot = self._read_snapshot()
+        self._baseline(snapshot)
+        self._revision = snapshot.revision()
+        return snapshot
+
+    def _read_afresh(self, snapshot: Snapshot, changed: SettingsChanged) -> None:
+        # Bytes someone changed since `snapshot` was read: its files go from the read cache,
+        # so that planning again reads them from the disk.
+        log.info("settings_changed_planning_again", error=changed.message)
+        snapshot_cache.forget(self._root / relative_path(rig) for rig in snapshot.files)
+
     def _baseline(self, snapshot: Snapshot) -> None:
         # Without load(), the first files read are what the store knows.
         if not self._loaded:
@@ -622,9 +630,7 @@ class SettingsStore:
             self._loaded = True
 
     def _reconcile_sync(self, paths: Iterable[Path] | None) -> list[ConfigChanged]:
-        snapshot = self._read_snapshot()
-        self._baseline(snapshot)
-        self._revision = snapshot.revision()
+        snapshot = self._read_current()
         if paths is None:
             targets = set(snapshot.files) | set(self._known)
         else:
