@@ -14,6 +14,7 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gastown_sandboxd.gtsettings.json_text import reject_constant
 from gastown_sandboxd.gtsettings.validation import is_unicode
 
 from .admission import RefreshAdmission
@@ -106,7 +107,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
     or Infinity, which no answer can carry), nested at most `MAX_DEPTH` levels, and Unicode
     text (no lone surrogate, which `"\\ud800"` decodes to and no UTF-8 can hold)."""
     try:
-        data = json.loads(body, parse_constant=_not_json)
+        data = json.loads(body, parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from exc
     if not isinstance(data, dict):
@@ -115,10 +116,6 @@ def parse_object(body: bytes) -> dict[str, Any]:
     if problem is not None:
         raise ApiError(400, "malformed_json", problem)
     return data
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _shape_problem(data: dict[str, Any]) -> str | None:

@@ -8,14 +8,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The lifetimes a sandbox accepts (CONTRACT §3), by the sandbox's own rule: the cloud mints
+# no token every sandbox would refuse.
+from gastown_sandboxd.token.claims import MAX_LIFETIME, MIN_LIFETIME
+
 from .errors import SettingsError
 from .tokens import DEFAULT_LIFETIME, TokenClaims
 
 MIN_SECRET_BYTES = 32
 MIN_KEY_CHARS = 16
-# The lifetimes a sandbox accepts (CONTRACT §3): a token outside them is refused by every one.
-MIN_LIFETIME = 10
-MAX_LIFETIME = 7 * 86400
 MAX_REFRESH_RATE = 1_000_000
 
 

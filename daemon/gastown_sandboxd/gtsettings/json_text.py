@@ -29,7 +29,7 @@ def parse_document(raw: bytes, scope: Scope, *, file: str) -> Doc:
     present, is this scope's type and whose `version`, when present, is an integer <= 1.
     """
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
     except UnicodeDecodeError:
         _unreadable(file, "is not UTF-8 text")
     except (ValueError, RecursionError) as exc:
@@ -188,7 +188,9 @@ def all_unicode(value: Any) -> bool:
     return True
 
 
-def _reject_constant(name: str) -> NoReturn:
+def reject_constant(name: str) -> NoReturn:
+    """`json.loads`'s `parse_constant`: NaN and Infinity, which Python reads and no JSON
+    answer or file can carry back, are refused as not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 
