@@ -287,16 +287,18 @@ answer_size=$(wc -c <"$answer")
 if [[ $answer_size -gt $MAX_ANSWER_BYTES || $curl_rc -eq 63 ]]; then
 	fail 1 "the cloud's answer is larger than $MAX_ANSWER_BYTES bytes"
 fi
+# The answer's status (the last status line, after any 100 Continue) and its
+# Retry-After, read once for the failure below and for the check that only a 200 is taken.
+status=''
+retry_after=''
+if [[ -f $answer_headers ]]; then
+	while IFS= read -r line; do
+		line=${line%$'\r'}
+		if [[ $line =~ ^HTTP/[0-9.]+\ ([0-9]{3}) ]]; then status=${BASH_REMATCH[1]}; fi
+		if [[ $line =~ ^[Rr]etry-[Aa]fter:\ *([0-9A-Za-z,: ]{1,40})$ ]]; then retry_after=${BASH_REMATCH[1]}; fi
+	done <"$answer_headers"
+fi
 if [[ $curl_rc -ne 0 ]]; then
-	status=''
-	retry_after=''
-	if [[ -f $answer_headers ]]; then
-		while IFS= read -r line; do
-			line=${line%$'\r'}
-			if [[ $line =~ ^HTTP/[0-9.]+\ ([0-9]{3}) ]]; then status=${BASH_REMATCH[1]}; fi
-			if [[ $line =~ ^[Rr]etry-[Aa]fter:\ *([0-9A-Za-z,: ]{1,40})$ ]]; then retry_after=${BASH_REMATCH[1]}; fi
-		done <"$answer_headers"
-	fi
 	reason=$(head -n 1 -- "$curl_err" | tr -d '[:cntrl:]')
 	reason=${reason#curl: }
 	case $curl_rc:$status in
@@ -316,11 +318,6 @@ if [[ $curl_rc -ne 0 ]]; then
 fi
 
 # Only a 200 carries a token (the daemon takes nothing else): curl --fail passes 2xx and 3xx.
-status=''
-while IFS= read -r line; do
-	line=${line%$'\r'}
-	if [[ $line =~ ^HTTP/[0-9.]+\ ([0-9]{3}) ]]; then status=${BASH_REMATCH[1]}; fi
-done <"$answer_headers"
 if [[ $status != 200 ]]; then
 	fail 1 "the cloud answered HTTP ${status:-with no status line}, not 200 with a token"
 fi
