@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from gastown_sandboxd._types import Clock, SystemClock
-from gastown_sandboxd.agents import AgentKeeper, check_shim_dir
+from gastown_sandboxd.agents import AgentKeeper
 from gastown_sandboxd.atomic import remove_stale_temporaries
 from gastown_sandboxd.errors import OptionsError
 from gastown_sandboxd.events import EventBus, Notifier, run_first_id
@@ -40,6 +40,7 @@ from gastown_sandboxd.ops import DaemonMetrics, MetricsRegistry, SocketLock, Sys
 from gastown_sandboxd.options import (
     Options,
     check_env_folder,
+    check_shim_dir,
     check_socket_path,
     check_town_root,
 )

@@ -339,8 +339,6 @@ def load_options(
             # The folders `run` makes before it serves, made here the same way (so `check`
             # stops where `run` would), and only for options otherwise good: a `check` that
             # fails writes nothing.
-            from gastown_sandboxd.agents.shims import check_shim_dir
-
             problems.take(lambda: check_shim_dir(options.shim_dir), None)
             problems.take(lambda: check_socket_folder(options.socket), None)
     problems.raise_any()
@@ -490,6 +488,21 @@ def check_socket_path(path: Path) -> None:
             f"{path} is a {not_a_socket(mode)}, not a socket (it is left as it is)",
             "remove it, or give the daemon another socket (--socket)",
         )
+
+
+def check_shim_dir(path: Path) -> None:
+    """Create the shim folder if needed and prove it writable; else `OptionsError` (exit 2)."""
+    setting = "agent shim folder (GASTOWN_SANDBOXD_SHIM_DIR)"
+    fix = "give the daemon's user a writable folder, or set --shim-dir"
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OptionsError(setting, f"{path} cannot be written ({exc.strerror})", fix) from None
 
 
 def check_socket_folder(path: Path) -> None:

@@ -14,6 +14,7 @@ from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.options import (
     Listen,
     Secret,
+    check_shim_dir,
     check_socket_path,
     load_client_options,
     load_options,
@@ -421,3 +422,15 @@ def test_a_socket_path_too_long_for_a_unix_socket_is_one_clear_problem(tmp_path:
     assert "more than the 107" in str(problem)
     with pytest.raises(OptionsProblems):
         load_client_options({"socket": long_path}, {}, None)
+
+
+def test_an_unwritable_shim_folder_is_a_setting_error(tmp_path: Path) -> None:
+    """A shim folder that cannot be created or written: one OptionsError naming it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OptionsError) as caught:
+        check_shim_dir(blocker / "bin")
+    assert "GASTOWN_SANDBOXD_SHIM_DIR" in str(caught.value)
+    assert str(blocker / "bin") in str(caught.value)
+    check_shim_dir(tmp_path / "made" / "bin")
+    assert (tmp_path / "made" / "bin").is_dir()

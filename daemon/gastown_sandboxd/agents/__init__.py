@@ -21,7 +21,6 @@ if TYPE_CHECKING:
         run_token,
     )
     from gastown_sandboxd.agents.keeper import AgentKeeper
-    from gastown_sandboxd.agents.shims import check_shim_dir
 
 __all__ = [
     "EXEC_COMMAND_HELP",
@@ -29,7 +28,6 @@ __all__ = [
     "AgentKeeper",
     "add_common_arguments",
     "add_exec_arguments",
-    "check_shim_dir",
     "help_formatter",
     "run_exec",
     "run_token",
@@ -41,7 +39,6 @@ _WHERE = {
     "AgentKeeper": "keeper",
     "add_common_arguments": "exec",
     "add_exec_arguments": "exec",
-    "check_shim_dir": "shims",
     "help_formatter": "exec",
     "run_exec": "exec",
     "run_token": "exec",

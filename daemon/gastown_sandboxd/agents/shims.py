@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gastown_sandboxd.agents.claude import TTL_VARIABLE
-from gastown_sandboxd.errors import OptionsError
 
 SHIM_MARKER = "# gastown-sandboxd agent shim"
 SHIM_MODE = 0o755
@@ -30,21 +29,6 @@ class ShimSpec:
     env_file: Path
     socket: Path
     claude_helper_ttl_ms: int
-
-
-def check_shim_dir(path: Path) -> None:
-    """Create the shim folder if needed and prove it writable; else `OptionsError` (exit 2)."""
-    setting = "agent shim folder (GASTOWN_SANDBOXD_SHIM_DIR)"
-    fix = "give the daemon's user a writable folder, or set --shim-dir"
-    import tempfile
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OptionsError(setting, f"{path} cannot be written ({exc.strerror})", fix) from None
 
 
 def shim_text(name: str, real: Path, spec: ShimSpec) -> str:

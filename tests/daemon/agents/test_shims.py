@@ -8,18 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from gastown_sandboxd.agents.shims import (
     SHIM_MARKER,
     ShimSpec,
-    check_shim_dir,
     find_real,
     is_shim,
     shim_text,
     sync_shims,
 )
-from gastown_sandboxd.errors import OptionsError
 from tests.daemon.minting import mint
 
 
@@ -161,15 +157,3 @@ def test_a_cli_in_a_folder_whose_name_is_not_utf8_gets_a_shim_that_runs_it(tmp_p
     assert (done.returncode, done.stdout) == (0, token.encode())
     again = sync_shims(["kilo"], shim_dir=shims, spec=spec, environ={"PATH": str(real)})
     assert [c.action for c in again] == ["kept"]
-
-
-def test_an_unwritable_shim_folder_is_a_setting_error(tmp_path: Path) -> None:
-    """A shim folder that cannot be created or written: one OptionsError naming it."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    with pytest.raises(OptionsError) as caught:
-        check_shim_dir(blocker / "bin")
-    assert "GASTOWN_SANDBOXD_SHIM_DIR" in str(caught.value)
-    assert str(blocker / "bin") in str(caught.value)
-    check_shim_dir(tmp_path / "made" / "bin")
-    assert (tmp_path / "made" / "bin").is_dir()
