@@ -14,7 +14,10 @@ ceiling, decides when a refused sandbox comes back.
 Short tokens (CONTRACT §3): below a lifetime of `SHORT_LIFETIME` (1 h) every waiting time
 shrinks with the lifetime, so a 30 s demo token fares as a 24 h one does: `backoff_max`,
 `urgent_backoff_max`, `max_sleep` and `min_retry_gap` are each multiplied by
-lifetime ÷ 1 h, never below `SCALED_FLOOR` (100 ms); see `scaled_policy`.
+lifetime ÷ 1 h, never below `SCALED_FLOOR` (100 ms); see `scaled_policy`. So is
+`retry_after_cap`, which the contract's list does not name: a 30 s token held to the 24 h
+token's 300 s cap waited out a `Retry-After: 120` with nothing to send for the last 90 s of
+it, where the scaled cap (2.5 s) keeps the wait the same share of its life.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ SCALED_FLOOR = 0.1
 
 def scaled_policy(policy: SchedulePolicy, lifetime: float | None) -> SchedulePolicy:
     """`policy` with its waiting times shrunk for a token of `lifetime` seconds (None: none
-    held, or from 1 h up: unchanged). Each of the four shrinks by lifetime ÷ 1 h, floor 100 ms
-    (a setting already below the floor stays as set)."""
+    held, or from 1 h up: unchanged). Each of the contract's four, and the cap on
+    `Retry-After`, shrinks by lifetime ÷ 1 h, floor 100 ms (a setting already below the floor
+    stays as set)."""
     if lifetime is None or lifetime >= SHORT_LIFETIME:
         return policy
     factor = max(lifetime, 0.0) / SHORT_LIFETIME
@@ -72,6 +76,7 @@ def scaled_policy(policy: SchedulePolicy, lifetime: float | None) -> SchedulePol
         urgent_backoff_max=shrink(policy.urgent_backoff_max),
         max_sleep=shrink(policy.max_sleep),
         min_retry_gap=shrink(policy.min_retry_gap),
+        retry_after_cap=shrink(policy.retry_after_cap),
     )
 
 

@@ -407,8 +407,21 @@ def test_short_tokens_shrink_every_wait_with_the_lifetime() -> None:
     assert demo.urgent_backoff_max == pytest.approx(0.25)
     assert demo.max_sleep == pytest.approx(0.25)
     assert demo.min_retry_gap == 0.1  # 2 s × 30/3600 = 17 ms, under the floor
-    # What is not a wait of the four stays: the first delay, Retry-After's cap, the probe.
-    assert (demo.backoff_initial, demo.retry_after_cap, demo.inactive_probe) == (1.0, 300.0, 3600.0)
+    assert demo.retry_after_cap == pytest.approx(2.5)  # not in the contract's list: as the 300 s
+    # What is not a wait: the first delay, the inactive town's probe.
+    assert (demo.backoff_initial, demo.inactive_probe) == (1.0, 3600.0)
+
+
+def test_a_short_tokens_retry_after_is_capped_to_its_scale() -> None:
+    """A 30 s token told `Retry-After: 120` near the start of its life comes back within the
+    scaled cap (2.5 s), still unexpired, not after the 24 h token's 300 s cap."""
+    held = claims(lifetime=30)
+    at = next_attempt_at(
+        held, T0 + 12, failures=1, outcome=Outcome.BUSY,
+        refresh_at=T0 + 12, rng=random.Random(1), retry_after=120.0,
+    )  # fmt: skip
+    assert at == pytest.approx(T0 + 12 + 2.5)
+    assert at < held.exp
 
 
 @pytest.mark.parametrize("lifetime", [3600, DAY, 7 * DAY, None])
