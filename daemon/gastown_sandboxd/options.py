@@ -148,6 +148,26 @@ def parse_duration(value: object, *, setting: str) -> float:
     return seconds
 
 
+# Every sandbox of the fleet reads the cloud this often: a typo such as "5ms" for "5m" must
+# not send 100,000 sandboxes to it 200 times a second. Changes pushed by the dashboard do not
+# wait for the interval (CONTRACT §10): it only bounds how late a missed push is noticed.
+MIN_SYNC_INTERVAL = 10.0
+
+
+def _sync_interval(table: Mapping[str, Any]) -> float:
+    setting = "config_sync.interval"
+    value = table.get("interval", 300.0)
+    seconds = parse_duration(value, setting=setting)
+    if seconds < MIN_SYNC_INTERVAL:
+        raise OptionsError(
+            setting,
+            f"{value!r} is under the least of {MIN_SYNC_INTERVAL:g} s (every sandbox reads "
+            "the cloud this often)",
+            'write it like "5m"',
+        )
+    return seconds
+
+
 def parse_listen(value: str, *, setting: str = "listen (GASTOWN_SANDBOXD_LISTEN)") -> Listen:
     """`HOST:PORT` or `[V6]:PORT` into a `Listen`."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\s]+):(\d+)", value.strip())
@@ -324,7 +344,7 @@ def load_options(
         ),
         config_file=used_file,
         state_dir=_expand(state_dir, env) if state_dir else default_state_dir(env),
-        config_sync_interval=duration(config_sync, "interval", 300.0, "config_sync.interval"),
+        config_sync_interval=problems.take(lambda: _sync_interval(config_sync), 300.0),
         shim_dir=problems.take(lambda: pick.shim_dir(agents), default_shim_dir(env)),
         agent_shims=problems.take(lambda: _agent_names(agents), DEFAULT_AGENT_SHIMS),
         claude_helper_ttl=duration(

@@ -400,6 +400,7 @@ def test_state_folder_flag_beats_environment_beats_toml(tmp_path: Path) -> None:
     [
         ('[config_sync]\ninterval = "0s"\n', "config_sync.interval"),
         ('[config_sync]\ninterval = "soon"\n', "config_sync.interval"),
+        ('[config_sync]\ninterval = "5ms"\n', "'5ms' is under the least of 10 s"),
         ("[config_sync]\nperiod = 5\n", "config_sync.period"),
         ("config_sync = 5\n", "[config_sync]"),
         ("state_dir = 5\n", "state_dir"),
