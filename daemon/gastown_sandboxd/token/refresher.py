@@ -170,6 +170,7 @@ class TokenRefresher:
         self._last_failure: str | None = None
         self._last_error: LastError | None = None
         self._last_refresh_at: float | None = None
+        self._last_call_ended: float | None = None  # wall time the last call to the cloud ended
         self._next_at: float | None = None
         # Whether `_next_at` is a wait counted from an event (a backoff, a probe), which a
         # wall clock stepped back must not lengthen, rather than the token's refresh point.
@@ -368,14 +369,16 @@ class TokenRefresher:
 
     async def _attempt(self) -> TokenView:
         self._publish()
+        await self._keep_gap()
         held = self._held
         started = self._clock.time()
         try:
             token = await self._client.refresh(held.token if held else None)
         except RefreshError as exc:
-            self._failed(exc, self._clock.time() - started)
+            self._last_call_ended = self._clock.time()
+            self._failed(exc, self._last_call_ended - started)
             raise
-        now = self._clock.time()
+        now = self._last_call_ended = self._clock.time()
         elapsed = now - started
         reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
         if reasons:
@@ -403,6 +406,21 @@ class TokenRefresher:
         if recovered and self._on_cloud_recovered is not None:
             self._on_cloud_recovered()
         return view
+
+    async def _keep_gap(self) -> None:
+        """Wait out what is left of the least gap between two calls to the cloud (CONTRACT
+        §3: 2 s, scaled for short tokens) since the last one ended. The loop plans its own
+        calls so; a forced refresh (`POST /token/refresh`, `gastown-sandboxd refresh` run in
+        a loop) waits here, and the ones forced meanwhile share its call. Never longer than
+        the gap, whatever the wall clock did since."""
+        ended = self._last_call_ended
+        if ended is None:
+            return
+        held = self._held
+        gap = scaled_policy(self._policy, lifetime_of(held.claims if held else None)).min_retry_gap
+        wait = min(gap, ended + gap - self._clock.time())
+        if wait > 0:
+            await self._clock.sleep(wait)
 
     # --- bookkeeping ---------------------------------------------------------------------
 

@@ -1001,8 +1001,10 @@ async def test_refresh_answers_the_new_token_or_why_there_is_none(town: Town) ->
         fresh = await client.post("/token/refresh")
         written = town.env_file.read_bytes()
         town.cloud.script.append(RefreshError("inactive", "town_not_found", status=404))
+        town.clock.advance(2)  # each call to the cloud 2 s after the last (CONTRACT §3)
         inactive = await client.post("/token/refresh")
         town.cloud.script.append(RefreshError("outage", "connect_error"))
+        town.clock.advance(2)
         outage = await client.post("/token/refresh")
     assert fresh.status_code == 200, fresh.text
     assert fresh.json()["token"]["fingerprint"] == fingerprint(new)

@@ -661,9 +661,38 @@ async def test_forced_probe_of_an_inactive_town_that_is_still_inactive(tmp_path:
             with pytest.raises(RefreshError) as caught:
                 await refresher.refresh_now()
             assert caught.value.kind == "inactive"
+            rig.clock.advance(2)  # the least gap between two calls to the cloud
         assert refresher.status().state is State.TOWN_INACTIVE
-        assert refresher.status().next_refresh_at == T0 + 3600
+        assert refresher.status().next_refresh_at == T0 + 2 + 3600
     assert rig.types() == ["town.inactive"]
+
+
+async def test_forced_refreshes_one_after_another_keep_the_least_gap(tmp_path: Path) -> None:
+    """A forced refresh right after a call to the cloud waits out the 2 s gap since that call
+    ended (CONTRACT §3), and one forced meanwhile shares its call; after a wall clock stepped
+    back the wait is still 2 s at most, not the step."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+
+    async def forced_twice(first_wait: float) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(refresher.refresh_now)
+            calls = len(rig.cloud.calls)
+            await anyio.wait_all_tasks_blocked()
+            rig.clock.advance(first_wait - 0.1)
+            await anyio.wait_all_tasks_blocked()
+            assert len(rig.cloud.calls) == calls
+            rig.clock.advance(0.1)
+        assert len(rig.cloud.calls) == calls + 1
+
+    async with rig.running() as refresher:
+        await refresher.refresh_now()
+        rig.clock.advance(0.5)
+        await forced_twice(1.5)
+        rig.clock.jump(-3600)
+        await forced_twice(2.0)
+    first, second, third = (t for t, _ in rig.cloud.calls)
+    assert (second - first, third - second) == (pytest.approx(2.0), pytest.approx(2.0 - 3600))
 
 
 # --- pushes and reloads -----------------------------------------------------------------
@@ -797,6 +826,7 @@ async def test_outside_edit_that_removes_an_expired_token_keeps_it_as_the_bearer
         assert await refresher.reload_env_file() is False
         assert rig.env.read_text() == "OTHER=1\n"
         assert refresher.status().token_on_disk_ok is False
+        rig.clock.advance(2)  # the least gap since the failed call
         await refresher.refresh_now()
         assert rig.env.read_text() == f"OTHER=1\nKILO_JWT={rig.cloud.minted[0]}\n"
     assert [bearer for _, bearer in rig.cloud.calls] == [expired, expired]
@@ -812,6 +842,7 @@ async def test_outside_edit_with_no_token_when_none_is_held_refreshes_at_once(
         await eventually(lambda: len(rig.cloud.calls) == 1)
         rig.env.write_text("KILO_JWT=still-not-a-token\nOTHER=1\n")
         assert await refresher.reload_env_file() is True
+        rig.clock.advance(2)  # the least gap since the failed call
         await eventually(lambda: len(rig.cloud.minted) == 1)
         await eventually(lambda: rig.disk_token() == rig.cloud.minted[0])
         assert rig.env.read_text() == f"KILO_JWT={rig.cloud.minted[0]}\nOTHER=1\n"
