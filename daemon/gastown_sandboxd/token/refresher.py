@@ -134,6 +134,11 @@ class _Flight:
         return self.view
 
 
+# The reasons that leave a token good as the Bearer of a refresh (CONTRACT §3: "even an
+# expired one"), though not for agents or the env file.
+BEARER_ONLY = frozenset({"expired", "issued_in_future"})
+
+
 class TokenRefresher:
     """Keeps the town's token fresh in `env_file`."""
 
@@ -441,9 +446,14 @@ class TokenRefresher:
         self._expired_reported = False
         if token is not None:
             reasons = acceptability_reasons(token, town_id=self._town_id, now=now)
-            if set(reasons) <= {"expired"}:
-                # An expired token still proves who we are to the cloud (Bearer).
-                self._held = self._hold(token, decode_unverified(token), adopted=True)
+            if set(reasons) <= BEARER_ONLY:
+                # A token refused for its times alone still proves who we are to the cloud
+                # (Bearer): an expired one, and one whose iat is ahead of a clock that is
+                # behind (a boot before NTP, a restored snapshot), which the cloud's binding
+                # takes. Dropped, every refresh went without a Bearer and got 401 for good.
+                # It is never written; without an acceptable token, refresh at once (§3).
+                held = self._hold(token, decode_unverified(token), adopted=True)
+                self._held = replace(held, refresh_at=now) if reasons else held
                 self._disk_ok = True
                 log.info(
                     "env_file_token_loaded", fingerprint=fingerprint(token), usable=not reasons

@@ -313,6 +313,21 @@ async def test_expired_token_is_sent_as_bearer_and_reported(tmp_path: Path) -> N
         assert rig.types().count("token.expired") == 1
 
 
+async def test_a_token_issued_ahead_of_a_clock_behind_is_still_the_bearer(tmp_path: Path) -> None:
+    """A good token whose iat is 10 min ahead of the sandbox's clock (booted before NTP) is
+    not acceptable, so it is never written, and a refresh comes at once; but it is held as
+    the Bearer of that refresh, which the cloud's binding takes (without it: 401 for good)."""
+    ahead = mint(T0 + 600)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={ahead}\n")
+    rig.cloud.script.append(RefreshError("outage", "http_502", status=502))
+    async with rig.running() as refresher:
+        await eventually(lambda: len(rig.cloud.calls) == 1)
+        assert rig.cloud.calls[0] == (T0, ahead)
+        assert not refresher.status().token_on_disk_ok
+        assert refresher.status().state is State.DEGRADED
+    assert rig.env.read_text() == f"KILO_JWT={ahead}\n"
+
+
 async def test_unreadable_env_file_counts_as_missing(tmp_path: Path) -> None:
     """An env file that cannot be read is logged and treated as holding no token."""
     rig = Rig(tmp_path)
