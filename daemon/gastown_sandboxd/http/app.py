@@ -27,6 +27,7 @@ from gastown_sandboxd._types import Clock, rfc3339
 from gastown_sandboxd.errors import Problem, RequestRefused
 from gastown_sandboxd.events import EventBus, parse_last_event_id, sse_stream
 from gastown_sandboxd.gtsettings import ConfigSync, SettingsStore
+from gastown_sandboxd.gtsettings.json_text import reject_constant
 from gastown_sandboxd.http.errors import error_response, exception_handlers
 from gastown_sandboxd.http.openapi import openapi_document
 from gastown_sandboxd.ops import MetricsRegistry, SseClients
@@ -368,8 +369,9 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         message = f"the body did not arrive within {BODY_TIMEOUT:.0f} s"
         raise RequestRefused(408, "body_timeout", message)
     try:
-        body = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # NaN and Infinity are Python's, not JSON's: 400 as any other body that is not JSON.
+        body = json.loads(b"".join(chunks), parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         problem = Problem("", f"not JSON: {exc}")
         raise RequestRefused(
             400, "invalid_json", "the body is not JSON", [problem.as_json()]

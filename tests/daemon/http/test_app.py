@@ -475,6 +475,8 @@ async def test_each_written_file_gets_one_api_event(town: Town) -> None:
         (b'"town"', "a string"),
         (b"null", "null"),
         (b"[" * 60_000, "nested too deeply for the parser (under the 64 KiB limit)"),
+        (b'{"town": {"role_effort": {"mayor": NaN}}}', "NaN, which Python's json reads"),
+        (b'{"town": {"agents": {"a": {"args": [-Infinity]}}}}', "-Infinity"),
     ],
 )
 async def test_body_that_is_not_a_json_object_is_400(town: Town, content: bytes, why: str) -> None:
