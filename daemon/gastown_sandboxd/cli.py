@@ -125,6 +125,21 @@ def _add_check(check: argparse.ArgumentParser) -> None:
         check.add_argument(flag, dest=dest, metavar=dest.upper(), help=text)
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `least`, else bad usage (exit 2) naming it."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if number < least:
+            raise argparse.ArgumentTypeError(f"{number} is under {least}")
+        return number
+
+    return parse
+
+
 def _add_status(status: argparse.ArgumentParser) -> None:
     _add_client(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON answer")
@@ -132,7 +147,9 @@ def _add_status(status: argparse.ArgumentParser) -> None:
 
 def _add_events(events: argparse.ArgumentParser) -> None:
     _add_client(events)
-    events.add_argument("--last-event-id", type=int, metavar="N", help="replay the events after N")
+    events.add_argument(
+        "--last-event-id", type=_at_least(0), metavar="N", help="replay the events after N"
+    )
     events.add_argument(
         "--type",
         action="append",
@@ -140,7 +157,7 @@ def _add_events(events: argparse.ArgumentParser) -> None:
         metavar="TYPE",
         help="only this event type (repeatable)",
     )
-    events.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    events.add_argument("--count", type=_at_least(1), metavar="N", help="exit after N events")
     events.add_argument(
         "--no-follow",
         dest="follow",

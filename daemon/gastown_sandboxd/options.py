@@ -290,9 +290,22 @@ def load_options(
             lambda: parse_duration(table.get(name, default), setting=setting), default
         )
 
+    fraction = problems.take(lambda: _fraction(refresh, "fraction", 0.5), 0.5)
+    if fraction == 0:
+        # Refreshing at iat: every token is due as it arrives, a call every 2 s for ever.
+        problems.add(OptionsError("refresh.fraction", "must be above 0", "use e.g. 0.5"))
+    jitter = problems.take(lambda: _fraction(refresh, "jitter", 0.1), 0.1)
+    if 0 < fraction <= jitter:
+        problems.add(
+            OptionsError(
+                "refresh.jitter",
+                f"{jitter!r} is not under refresh.fraction ({fraction!r})",
+                "a refresh would be drawn at or before iat: use e.g. 0.1 with 0.5",
+            )
+        )
     schedule = SchedulePolicy(
-        refresh_fraction=problems.take(lambda: _fraction(refresh, "fraction", 0.5), 0.5),
-        jitter_fraction=problems.take(lambda: _fraction(refresh, "jitter", 0.1), 0.1),
+        refresh_fraction=fraction,
+        jitter_fraction=jitter,
         backoff_initial=duration(
             refresh, "backoff_initial", defaults.backoff_initial, "refresh.backoff_initial"
         ),

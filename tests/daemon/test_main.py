@@ -181,3 +181,23 @@ def test_with_no_daemon_and_no_env_file_named_the_default_env_file_is_read(
     )  # fmt: skip
     assert (done.returncode, done.stderr) == (0, "")
     assert (token + "\n" if command == "token" else fingerprint(token)) in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--count", "0"], "argument --count: 0 is under 1"),
+        (["--count", "-3"], "argument --count: -3 is under 1"),
+        (["--count", "x"], "argument --count: 'x' is not a whole number"),
+        (["--last-event-id", "-5"], "argument --last-event-id: -5 is under 0"),
+    ],
+)
+def test_events_refuses_a_count_or_an_id_out_of_range_as_bad_usage(
+    capsys: pytest.CaptureFixture[str], argv: list[str], words: str
+) -> None:
+    """`events --count 0` printed an event and `--last-event-id -5` waited for ever with no
+    replay: both are bad usage now, exit 2 naming the argument (CONTRACT §8)."""
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["events", *argv])
+    assert caught.value.code == 2
+    assert words in capsys.readouterr().err

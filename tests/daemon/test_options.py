@@ -120,6 +120,9 @@ def test_bad_or_missing_values_name_the_setting(env_change: dict[str, str], name
     [
         ("nonsense = 1\n", "nonsense"),
         ("[refresh]\nfraction = 1.5\n", "refresh.fraction"),
+        ("[refresh]\nfraction = 0.0\njitter = 0.0\n", "refresh.fraction: must be above 0"),
+        ("[refresh]\nfraction = 0.5\njitter = 0.6\n", "refresh.jitter: 0.6 is not under"),
+        ("[refresh]\nfraction = 0.2\njitter = 0.2\n", "refresh.jitter: 0.2 is not under"),
         ('[refresh]\nbackoff_max = "soon"\n', "refresh.backoff_max"),
         ('[watcher]\ndebounce = "-5ms"\n', "watcher.debounce"),
         ('[[hooks]]\nevents = ["token.refreshed"]\ncommand = []\n', "hooks[0].command"),
