@@ -326,8 +326,16 @@ class TokenRefresher:
         )
 
     def set_policy(self, policy: SchedulePolicy) -> None:
-        """Use new schedule knobs (an options reload); the next wake-up is planned again."""
-        self._policy = policy
+        """Use new schedule knobs (an options reload); the next wake-up is planned again.
+
+        A new `refresh.fraction` or `refresh.jitter` draws the held token's refresh point
+        again (as for a token adopted now: not before now, not after the new fraction of its
+        lifetime), or the reload would only reach the next token."""
+        old, self._policy = self._policy, policy
+        held = self._held
+        knobs = (policy.refresh_fraction, policy.jitter_fraction)
+        if held is not None and knobs != (old.refresh_fraction, old.jitter_fraction):
+            self._held = self._hold(held.token, held.claims, adopted=True)
         self._replan(self._clock.time())
 
     # --- the loop ------------------------------------------------------------------------

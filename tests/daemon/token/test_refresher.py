@@ -328,6 +328,20 @@ async def test_a_token_issued_ahead_of_a_clock_behind_is_still_the_bearer(tmp_pa
     assert rig.env.read_text() == f"KILO_JWT={ahead}\n"
 
 
+async def test_a_reloaded_refresh_fraction_moves_the_held_tokens_refresh(tmp_path: Path) -> None:
+    """SIGHUP with refresh.fraction 0.1 (was 0.5): the held token's refresh comes within the
+    new tenth of its life, not at its old point (the reload reached only the next token)."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0 - 3600)}\n")
+    async with rig.running() as refresher:
+        before = refresher.status().next_refresh_at
+        assert before is not None and before > T0 - 3600 + 0.1 * DAY
+        refresher.set_policy(SchedulePolicy(refresh_fraction=0.1, jitter_fraction=0.0))
+        after = refresher.status().next_refresh_at
+        assert after is not None and T0 <= after <= T0 - 3600 + 0.1 * DAY
+        refresher.set_policy(SchedulePolicy(refresh_fraction=0.1, jitter_fraction=0.0))
+        assert refresher.status().next_refresh_at == after  # the same knobs: no new draw
+
+
 async def test_unreadable_env_file_counts_as_missing(tmp_path: Path) -> None:
     """An env file that cannot be read is logged and treated as holding no token."""
     rig = Rig(tmp_path)
