@@ -334,10 +334,12 @@ async def test_a_reloaded_refresh_fraction_moves_the_held_tokens_refresh(tmp_pat
     rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0 - 3600)}\n")
     async with rig.running() as refresher:
         before = refresher.status().next_refresh_at
-        assert before is not None and before > T0 - 3600 + 0.1 * DAY
+        assert before is not None
+        assert before > T0 - 3600 + 0.1 * DAY
         refresher.set_policy(SchedulePolicy(refresh_fraction=0.1, jitter_fraction=0.0))
         after = refresher.status().next_refresh_at
-        assert after is not None and T0 <= after <= T0 - 3600 + 0.1 * DAY
+        assert after is not None
+        assert T0 <= after <= T0 - 3600 + 0.1 * DAY
         refresher.set_policy(SchedulePolicy(refresh_fraction=0.1, jitter_fraction=0.0))
         assert refresher.status().next_refresh_at == after  # the same knobs: no new draw
 
