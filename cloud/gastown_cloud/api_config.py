@@ -5,6 +5,8 @@ and pushed to the sandbox's `PATCH /config` with `X-Gastown-Generation`. The san
 it as applied; its refusal (409, 412, 422) keeps nothing and is passed on; anything else (away,
 5xx, timeout, our key refused, no JSON) keeps it as pending for the sandbox's next sync (202).
 PATCHes of one town are serialised; reports are single transactions and never wait for a PATCH.
+A push and the record of its answer are shielded together: a change the sandbox took is kept
+however its request ends (and a stop gives requests `sandbox_timeout` + 5 s to end).
 """
 
 from __future__ import annotations
@@ -147,7 +149,6 @@ async def _change(
         limit = ctx.settings.max_body_bytes // 1024
         message = f"The desired configuration would exceed {limit} KiB, more than a sandbox takes."
         raise ApiError(422, "desired_too_large", message, [{"path": "", "message": message}])
-    generation = config.generation + 1 if changed else config.generation
     content = body if config.applied_generation == config.generation else None
     if content is None:
         # The sandbox stands on an older generation: push what takes it from there.
@@ -157,6 +158,25 @@ async def _change(
                 "config_base_missing", town_id=town.id, generation=config.applied_generation
             )
         content = json.dumps(push_patch(base or {}, desired, patch)).encode()
+    # Shielded, push and record go together: a change the sandbox has taken is kept, though
+    # the dashboard went away or the server's stop cut its time (a SIGTERM's graceful time
+    # once ended a push a sandbox was still answering: the sandbox ran the change and the
+    # cloud kept nothing). The push ends within `sandbox_timeout`.
+    with anyio.CancelScope(shield=True):
+        answer = await _push_and_keep(ctx, request, town, content, desired, changed, config)
+    return answer  # noqa: RET504  # returned inside, mypy takes the scope to swallow it
+
+
+async def _push_and_keep(
+    ctx: AppContext,
+    request: Request,
+    town: Town,
+    content: bytes,
+    desired: dict[str, Any],
+    changed: bool,
+    config: TownConfig,
+) -> Response:
+    generation = config.generation + 1 if changed else config.generation
     push = await _push(ctx, request, town, content, generation)
     if push.outcome is None:
         log.info("config_refused", town_id=town.id, generation=generation, status=push.status)

@@ -48,15 +48,17 @@ async def serve_app(
     *,
     shutdown_trigger: Callable[[], Awaitable[object]],
     tls: tuple[Path, Path] | None = None,
+    graceful_timeout: float = 5.0,
 ) -> None:
     """Serve `app` with hypercorn on `sock` (hypercorn takes the socket over) until the
-    trigger; over TLS with `tls`, a (certificate chain, key) pair of PEM files."""
+    trigger; over TLS with `tls`, a (certificate chain, key) pair of PEM files. Requests
+    under way at the trigger get `graceful_timeout` seconds to end."""
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
     if tls is not None:
         config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     config.accesslog = None
-    config.graceful_timeout = 5.0
+    config.graceful_timeout = graceful_timeout
     # A sandbox's refresh connection is released when it closes, not 5 s later (`_hypercorn`).
     await serve(app, config, shutdown_trigger=shutdown_trigger)
 
@@ -95,7 +97,15 @@ class Server:
                         "town; use it only for the seed's key-only cron line",
                     )
                 task_status.started()
-                await serve_app(app, sock, shutdown_trigger=self._stop.wait, tls=self.settings.tls)
+                # A push to a sandbox under way at a stop takes up to `sandbox_timeout`: its
+                # dashboard gets the answer instead of an empty 500.
+                await serve_app(
+                    app,
+                    sock,
+                    shutdown_trigger=self._stop.wait,
+                    tls=self.settings.tls,
+                    graceful_timeout=self.settings.sandbox_timeout + 5.0,
+                )
                 log.info("cloud_stopped")
         finally:
             sock.close()

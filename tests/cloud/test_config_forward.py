@@ -11,10 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.responses import JSONResponse, PlainTextResponse
 
+from gastown_cloud.app import create_app
+from gastown_cloud.settings import CloudSettings
+from gastown_cloud.store import Store
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.net import make_local_ca, tls
 
@@ -22,6 +26,7 @@ from .stand_in import APPLIED, StandIn, closed_url, running_stand_in, sandbox
 
 __all__ = ["sandbox"]  # the fixture, used by name
 
+KEY = "forward-key-0123456789"
 PATCH = {"town": {"default_agent": "kilo-sonnet", "role_agents": {"mayor": "claude"}}}
 
 
@@ -192,3 +197,29 @@ async def test_unknown_town_is_404(shared_cloud: CloudServer) -> None:
     answer = await _patch(shared_cloud, "ghost", b"{}")
     assert answer.status_code == 404
     assert answer.json()["error"] == "town_not_found"
+
+
+async def test_a_push_the_sandbox_took_is_kept_though_its_request_was_cancelled(
+    tmp_path: Path, sandbox: StandIn
+) -> None:
+    """The dashboard's request is cancelled (it went away, or the server's graceful time at a
+    stop ran out) while the sandbox is still answering the push: the change the sandbox took
+    is kept as applied generation 1, not lost (the sandbox ran it, the cloud kept nothing)."""
+    settings = CloudSettings(nextauth_secret="s" * 40, internal_api_key=KEY, db=tmp_path / "c.db")
+    sandbox.hold = anyio.Event()
+    async with Store(settings.db) as store:
+        transport = httpx.ASGITransport(app=create_app(settings, store))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://cloud", headers={"x-internal-api-key": KEY}
+        ) as client:
+            body = {"userId": "u", "name": "t", "sandboxUrl": sandbox.url}
+            town_id = (await client.post("/api/gastown/towns", json=body)).json()["town"]["id"]
+            path = f"/api/gastown/towns/{town_id}/config"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: client.patch(path, json=PATCH))
+                while not sandbox.received:
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+                sandbox.hold.set()
+            config = (await client.get(path)).json()
+    assert (config["generation"], config["state"], config["desired"]) == (1, "applied", PATCH)
