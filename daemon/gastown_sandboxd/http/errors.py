@@ -36,6 +36,7 @@ from gastown_sandboxd.errors import (
     RequestRefused,
     TokenError,
 )
+from gastown_sandboxd.ops.logs import Redactor
 
 _E = TypeVar("_E", bound=Exception)
 
@@ -48,9 +49,17 @@ def error_response(
     *,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """The error body with `status` (and `headers`, before the content headers)."""
-    body = {"error": code, "message": message, "details": list(details)}
+    """The error body with `status` (and `headers`, before the content headers).
+
+    Anything shaped like a JWT in it is shown by its fingerprint, as in the log: a checker's
+    message or pointer names what the request sent, and a token sent as a crew member's name
+    or an env variable's came back whole in the 422 (CONTRACT §2: no token in error bodies).
+    """
+    body = _REDACT.scrub_value({"error": code, "message": message, "details": list(details)})
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+_REDACT = Redactor()
 
 
 def exception_handlers(*, cloud_url: Callable[[], str]) -> dict[Any, ExceptionHandler]:

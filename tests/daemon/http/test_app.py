@@ -760,6 +760,25 @@ async def test_secrets_in_agent_env_are_refused_without_echoing_them(town: Town)
     assert town.read(TOWN_FILE) == TOWN_SETTINGS
 
 
+async def test_a_token_sent_as_a_name_is_not_echoed_in_the_answer(town: Town) -> None:
+    """A token sent where a name goes (a crew member, a role, an env variable, a rig) is
+    refused as that name; the answer shows it by its fingerprint, never whole."""
+    token = mint(T0, town_id=TOWN_ID)
+    bodies = [
+        {"town": {"crew_agents": {token: "claude"}}},
+        {"town": {"role_agents": {token: "claude"}}},
+        {"town": {"agents": {"a": {**AGENT, "env": {token: "x"}}}}},
+        {"rigs": {token: {"agent": "claude"}}},
+    ]
+    async with town.local() as client:
+        answers = [await client.patch("/config", json=body) for body in bodies]
+    for answer in answers:
+        error_of(answer, 422, "invalid_patch")
+        assert token not in answer.text
+        assert f"[jwt:{fingerprint(token)}]" in answer.text
+    assert town.read(TOWN_FILE) == TOWN_SETTINGS
+
+
 @pytest.mark.parametrize("rig", ["..", "%2e%2e", "../outside", "hq", "HQ", "outlink", ".hidden"])
 async def test_rigs_that_escape_or_are_not_rigs_are_422_and_write_nothing(
     town: Town, tmp_path: Path, rig: str
