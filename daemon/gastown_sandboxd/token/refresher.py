@@ -475,10 +475,18 @@ class TokenRefresher:
         self._replan(now)
 
     def _hold(self, token: str, claims: Claims, *, adopted: bool) -> _Held:
+        now = self._clock.time()
         if adopted:
-            at = desync_point(claims, self._clock.time(), self._rng, self._policy)
+            at = desync_point(claims, now, self._rng, self._policy)
         else:
             at = refresh_point(claims, draw_jitter(self._rng), self._policy)
+        # A token issued ahead of this clock (the cloud's runs ahead, or this one behind:
+        # §3 lets iat be 300 s ahead) lives by the cloud's clock, as the gateway judges it:
+        # its point counts from now, when it was issued, not from iat. With the cloud 120 s
+        # ahead, a 60 s token was refreshed ~147 s after it came, and the gateway refused it
+        # for the last ~87 s of that (a reviewer's run: 78 of 191 samples).
+        if claims.iat > now:
+            at = max(now, at - (claims.iat - now))
         return _Held(token, claims, TokenView.of(token, claims), at)
 
     async def _store(self, token: str, claims: Claims, *, source: str) -> TokenView:

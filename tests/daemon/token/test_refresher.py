@@ -344,6 +344,25 @@ async def test_a_reloaded_refresh_fraction_moves_the_held_tokens_refresh(tmp_pat
         assert refresher.status().next_refresh_at == after  # the same knobs: no new draw
 
 
+async def test_a_token_issued_ahead_of_this_clock_is_refreshed_by_the_clouds_clock(
+    tmp_path: Path,
+) -> None:
+    """The cloud's clock is 120 s ahead: its 60 s token (iat 120 s ahead, acceptable) is
+    refreshed within 24-30 s of its arrival, as the gateway counts its life, not 120 s
+    later at iat + 24-30 s, when the gateway had refused it for a minute."""
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
+
+    async def ahead() -> str:
+        return mint(rig.clock.time() + 120, lifetime=60)
+
+    rig.cloud.script.append(ahead)
+    async with rig.running() as refresher:
+        await refresher.refresh_now()
+        planned = refresher.status().next_refresh_at
+        assert planned is not None
+        assert T0 + 24 <= planned <= T0 + 30
+
+
 async def test_unreadable_env_file_counts_as_missing(tmp_path: Path) -> None:
     """An env file that cannot be read is logged and treated as holding no token."""
     rig = Rig(tmp_path)
