@@ -183,6 +183,16 @@ async def _push_and_keep(
         etag_header = {"etag": push.etag} if push.etag else None
         return JSONResponse(push.answer, status_code=push.status, headers=etag_header)
     applied = push.outcome is ConfigState.APPLIED
+    if not applied and request.headers.get("if-match"):
+        # Kept as pending, a change made on a revision only the sandbox can check would be
+        # kept unchecked: two dashboards on the same revision both got 202, and the second
+        # overwrote the first unseen.
+        log.info("config_unchecked", town_id=town.id, reason=push.reason)
+        message = (
+            f"{push.message} Its If-Match could not be checked, so nothing was kept; send it "
+            "again, or without If-Match to keep it as pending."
+        )
+        raise ApiError(503, "precondition_unchecked", message, [{"reason": push.reason}])
     revision = push.answer.get("revision") if push.answer else None
     try:
         saved = await ctx.store.save_desired(

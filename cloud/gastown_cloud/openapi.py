@@ -263,6 +263,10 @@ def _config_patch() -> dict[str, Any]:
             "412": passed,
             "415": _error("The body is not application/json or merge-patch+json."),
             "422": _error("A key the sandbox does not manage, or the sandbox's 422 passed on."),
+            "503": _error(
+                "Sent with If-Match while the sandbox could not check it (unreachable, 5xx…): "
+                "nothing was kept."
+            ),
         },
     }
 

@@ -132,6 +132,27 @@ async def test_unreachable_sandbox_is_kept_pending(shared_cloud: CloudServer) ->
     assert (config["state"], config["desired"]) == ("pending", PATCH)
 
 
+async def test_a_change_with_if_match_the_sandbox_cannot_check_is_not_kept(
+    shared_cloud: CloudServer,
+) -> None:
+    """Two dashboards on the same revision, the sandbox away: each PATCH with If-Match is 503
+    precondition_unchecked and nothing is kept (both were 202 and the second silently
+    overwrote the first); without If-Match the change is kept pending as before."""
+    town, _ = shared_cloud.create_town(sandbox_url=closed_url())
+    for agent in ("alice", "bob"):
+        content = json.dumps({"town": {"default_agent": agent}}).encode()
+        answer = await _patch(shared_cloud, town["id"], content, **{"if-match": '"r1"'})
+        assert answer.status_code == 503, answer.text
+        body = answer.json()
+        assert body["error"] == "precondition_unchecked"
+        assert body["details"] == [{"reason": "sandbox_unreachable"}]
+    config = await _config(shared_cloud, town["id"])
+    assert (config["generation"], config["desired"]) == (0, {})
+    _assert_pending(
+        await _patch(shared_cloud, town["id"], json.dumps(PATCH).encode()), "sandbox_unreachable"
+    )
+
+
 async def test_changes_reach_an_https_sandbox_the_cloud_trusts(
     cloud_factory: Callable[..., CloudServer], tmp_path: Path
 ) -> None:
