@@ -149,15 +149,20 @@ async def _change(
         limit = ctx.settings.max_body_bytes // 1024
         message = f"The desired configuration would exceed {limit} KiB, more than a sandbox takes."
         raise ApiError(422, "desired_too_large", message, [{"path": "", "message": message}])
-    content = body if config.applied_generation == config.generation else None
-    if content is None:
-        # The sandbox stands on an older generation: push what takes it from there.
+    content: bytes | None = body
+    if config.applied_generation != config.generation:
+        # The sandbox stands on an older generation: push what takes it from there. Once
+        # that generation's configuration is pruned there is no difference to push (one
+        # taken from {} dropped every deletion since, and was recorded as applied): the
+        # change waits for the sandbox's sync, whose three-way merge has its own copy.
         base = await ctx.store.desired_at(town.id, config.applied_generation)
         if base is None:
             log.warning(
                 "config_base_missing", town_id=town.id, generation=config.applied_generation
             )
-        content = json.dumps(push_patch(base or {}, desired, patch)).encode()
+            content = None
+        else:
+            content = json.dumps(push_patch(base, desired, patch)).encode()
     # Shielded, push and record go together: a change the sandbox has taken is kept, though
     # the dashboard went away or the server's stop cut its time (a SIGTERM's graceful time
     # once ended a push a sandbox was still answering: the sandbox ran the change and the
@@ -171,13 +176,20 @@ async def _push_and_keep(
     ctx: AppContext,
     request: Request,
     town: Town,
-    content: bytes,
+    content: bytes | None,
     desired: dict[str, Any],
     changed: bool,
     config: TownConfig,
 ) -> Response:
     generation = config.generation + 1 if changed else config.generation
-    push = await _push(ctx, request, town, content, generation)
+    if content is None:
+        message = (
+            f"The sandbox stands on generation {config.applied_generation}, no longer kept; "
+            "its next sync applies the change."
+        )
+        push = _pending("sandbox_behind", message)
+    else:
+        push = await _push(ctx, request, town, content, generation)
     if push.outcome is None:
         log.info("config_refused", town_id=town.id, generation=generation, status=push.status)
         etag_header = {"etag": push.etag} if push.etag else None

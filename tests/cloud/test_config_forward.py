@@ -22,7 +22,7 @@ from gastown_cloud.store import Store
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.net import make_local_ca, tls
 
-from .stand_in import APPLIED, StandIn, closed_url, running_stand_in, sandbox
+from .stand_in import APPLIED, StandIn, applied_reply, closed_url, running_stand_in, sandbox
 
 __all__ = ["sandbox"]  # the fixture, used by name
 
@@ -244,3 +244,35 @@ async def test_a_push_the_sandbox_took_is_kept_though_its_request_was_cancelled(
                 sandbox.hold.set()
             config = (await client.get(path)).json()
     assert (config["generation"], config["state"], config["desired"]) == (1, "applied", PATCH)
+
+
+async def test_a_sandbox_behind_the_kept_history_is_left_to_its_sync(
+    shared_cloud: CloudServer, sandbox: StandIn
+) -> None:
+    """The sandbox reports generation 1 late, after 17 changes it never got (its history is
+    pruned: rigs.x was deleted in generation 2). No difference from it can be pushed: the
+    next change is kept pending `sandbox_behind` for the sandbox's sync and not pushed (a push
+    taken from {} kept rigs.x on the sandbox and was recorded as applied)."""
+    town, token = shared_cloud.create_town(sandbox_url=sandbox.url)
+    sandbox.reply = JSONResponse({"error": "starting"}, status_code=503)
+    changes = [{"rigs": {"x": {"agent": "old"}}}, {"rigs": {"x": None}}]
+    changes += [{"town": {"role_agents": {f"k{n}": "claude"}}} for n in range(16)]
+    for change in changes:
+        assert (
+            await _patch(shared_cloud, town["id"], json.dumps(change).encode())
+        ).status_code == 202
+    async with httpx.AsyncClient(base_url=shared_cloud.url, verify=tls()) as client:
+        report = await client.post(
+            f"/api/gastown/towns/{town['id']}/config/status",
+            headers={**shared_cloud.headers, "authorization": f"Bearer {token}"},
+            json={"observedGeneration": 1, "revision": "r1", "error": None},
+        )
+    assert report.status_code == 200, report.text
+    sandbox.reply = applied_reply()
+    pushed = len(sandbox.received)
+    answer = await _patch(shared_cloud, town["id"], json.dumps(PATCH).encode())
+    _assert_pending(answer, "sandbox_behind", generation=19)
+    assert len(sandbox.received) == pushed
+    config = await _config(shared_cloud, town["id"])
+    assert (config["generation"], config["state"]) == (19, "pending")
+    assert "x" not in config["desired"].get("rigs", {})
