@@ -96,5 +96,6 @@ OWN_WRITES = OwnWrites()
 
 
 def note_own_write(path: Path | str, data: bytes) -> None:
-    """What a writer of settings files calls before each write, so the change is not echoed."""
+    """What a writer of settings files or of the env file calls before each write, so the
+    change is not echoed."""
     OWN_WRITES.note(path, data)

@@ -491,6 +491,15 @@ class SettingsWatcher:
             self.settings_changes += 1
             self.own_writes += 1
             return True
+        return path == self._env_file and self._is_own_env_write()
+
+    def _is_own_env_write(self) -> bool:
+        # The refresher's own write of the token (`envfile.write_token` notes its bytes): no
+        # `env_file_changed` line, count or re-read for it. Each refresh logged one, as if
+        # someone had edited the file (with 10 s tokens, as many lines as the refreshes').
+        if self._is_own_write(self._env_file):
+            self.own_writes += 1
+            return True
         return False
 
     def _relevant_path(self, path: Path) -> bool:
@@ -528,7 +537,7 @@ class SettingsWatcher:
             self.own_writes += len(settings) - len(others)
             if others:
                 await self._settings_changed(others)
-        if env:
+        if env and not self._is_own_env_write():
             self.env_changes += 1
             log.info("env_file_changed", path=str(self._env_file))
             await _call_safely("on_env_change", self._on_env_change)

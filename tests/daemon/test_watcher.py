@@ -544,6 +544,22 @@ async def test_the_daemons_own_write_is_dropped_and_others_still_seen(
         assert len(own) == 0
 
 
+async def test_the_daemons_own_write_of_the_env_file_is_not_an_edit(
+    town_tree: tuple[Path, Path],
+) -> None:
+    """The refresher's write of a token (its bytes noted) calls nothing and counts as the
+    daemon's own; an edit by another process still reaches on_env_change."""
+    own = OwnWrites()
+    async with watching(town_tree, own_writes=own) as town:
+        own.note(town.env_file, b"KILO_JWT=mine\n")
+        write_atomic(town.env_file, b"KILO_JWT=mine\n")
+        await eventually(lambda: town.watcher.status()["own_writes"] == 1)
+        assert (town.calls.env, town.watcher.status()["env_changes"]) == (0, 0)
+        run_writer(ATOMIC_WRITE, town.env_file, "KILO_JWT=theirs\n")
+        await eventually(lambda: town.calls.env == 1)
+        assert town.watcher.status()["env_changes"] == 1
+
+
 class RecordingNotify:
     """`RustNotify` as the watcher uses it, keeping every batch of changes it hands over."""
 

@@ -119,6 +119,9 @@ def _write_token_sync(path: StrPath, token: str) -> bool:
     new = current.with_value(TOKEN_KEY, token).to_bytes()
     if new == old:
         return False
+    from gastown_sandboxd.own_writes import note_own_write  # writers only, as `write_atomic`
+
+    note_own_write(path, new)  # the watcher then knows the write for the daemon's own
     write_atomic(path, new, mode=ENV_FILE_MODE)
     return True
 
