@@ -7,6 +7,7 @@ The daemon writes the token unquoted: it matches the JWT pattern, so it is shell
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from typing import TYPE_CHECKING, NamedTuple
@@ -121,7 +122,7 @@ def _write_token_sync(path: StrPath, token: str) -> bool:
         return False
     from gastown_sandboxd.own_writes import note_own_write  # writers only, as `write_atomic`
 
-    note_own_write(path, new)  # the watcher then knows the write for the daemon's own
+    note_own_write(os.fspath(path), new)  # the watcher knows the write for the daemon's own
     write_atomic(path, new, mode=ENV_FILE_MODE)
     return True
 
