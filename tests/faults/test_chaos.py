@@ -70,6 +70,7 @@ class Sandbox:
         self.town_id = town_id
         self.env = env
         self.old_token = old_token
+        self.clock = clock
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.refreshed = anyio.Event()
         self.refresher = TokenRefresher(
@@ -83,6 +84,13 @@ class Sandbox:
             await tg.start(self.refresher.run)
             yield self.refresher
             tg.cancel_scope.cancel()
+
+    async def force(self) -> TokenView:
+        """A forced refresh, 2 s after the last call on a clock that stands still: calls to
+        the cloud keep that gap (CONTRACT §3), forced ones too."""
+        if isinstance(self.clock, SimulatedClock) and not self.clock.autojump:
+            self.clock.advance(2)
+        return await self.refresher.refresh_now()
 
     def emit(self, event: DomainEvent) -> None:
         self.events.append((event.TYPE, event.fields()))
@@ -196,7 +204,7 @@ async def test_fault_keeps_the_last_good_token(
     async with sandbox.running() as refresher:
         proxy.set(fault)
         with pytest.raises(RefreshError) as caught:
-            await refresher.refresh_now()
+            await sandbox.force()
         assert caught.value.kind == kind, caught.value
         assert caught.value.reason in reasons, caught.value
         sandbox.assert_untouched(before)
@@ -211,7 +219,7 @@ async def test_fault_keeps_the_last_good_token(
         assert not (sandbox.env.parent / "pwned").exists()
 
         proxy.set(Fault())
-        sandbox.assert_fresh(await refresher.refresh_now())
+        sandbox.assert_fresh(await sandbox.force())
     assert [hit.mode for hit in proxy.hits] == [fault.mode, Mode.PASS]
 
 
@@ -224,9 +232,9 @@ async def test_token_cut_inside_its_signature_is_refused(
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
     proxy.set(Fault(Mode.GARBAGE, garbage=head + cut.encode()))
     before = sandbox.env.read_bytes()
-    async with sandbox.running() as refresher:
+    async with sandbox.running():
         with pytest.raises(RefreshError) as caught:
-            await refresher.refresh_now()
+            await sandbox.force()
     assert (caught.value.kind, caught.value.reason) == ("broken", "unacceptable_token")
     assert envfile.read_token(sandbox.env) != cut
     sandbox.assert_untouched(before)
@@ -241,8 +249,8 @@ async def test_dribbled_answer_within_the_deadline_is_read_whole(
     """An answer sent one byte at a time still gives the exact token when it ends in time."""
     sandbox = await make_sandbox(timeout=10.0)
     proxy.set(Fault(Mode.DRIBBLE, delay=0.0005))
-    async with sandbox.running() as refresher:
-        sandbox.assert_fresh(await refresher.refresh_now())
+    async with sandbox.running():
+        sandbox.assert_fresh(await sandbox.force())
     assert [hit.mode for hit in proxy.hits] == [Mode.DRIBBLE]
 
 
@@ -257,13 +265,13 @@ async def test_failures_in_a_row_are_counted_then_cleared(
         for count, fault in enumerate(faults, start=1):
             proxy.set(fault)
             with pytest.raises(RefreshError):
-                await refresher.refresh_now()
+                await sandbox.force()
             assert refresher.status().consecutive_failures == count
             sandbox.assert_untouched(before)
         counts = [fields["consecutive_failures"] for _, fields in sandbox.events]
         assert counts == [1, 2, 3]
         proxy.set(Fault())
-        sandbox.assert_fresh(await refresher.refresh_now())
+        sandbox.assert_fresh(await sandbox.force())
 
 
 async def test_busy_answer_sets_the_next_attempt_after_retry_after(
@@ -275,7 +283,7 @@ async def test_busy_answer_sets_the_next_attempt_after_retry_after(
     proxy.set(Fault(Mode.STORM, retry_after="120"))
     async with sandbox.running() as refresher:
         with pytest.raises(RefreshError) as caught:
-            await refresher.refresh_now()
+            await sandbox.force()
         assert (caught.value.kind, caught.value.retry_after) == ("busy", 120.0)
         status = refresher.status()
         assert status.next_refresh_at == clock.time() + 120
