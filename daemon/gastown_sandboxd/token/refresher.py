@@ -176,6 +176,7 @@ class TokenRefresher:
         self._last_error: LastError | None = None
         self._last_refresh_at: float | None = None
         self._last_call_ended: float | None = None  # wall time the last call to the cloud ended
+        self._last_call_ok = False  # and whether it brought a token that was kept
         self._next_at: float | None = None
         # Whether `_next_at` is a wait counted from an event (a backoff, a probe), which a
         # wall clock stepped back must not lengthen, rather than the token's refresh point.
@@ -384,6 +385,7 @@ class TokenRefresher:
         self._publish()
         await self._keep_gap()
         held = self._held
+        self._last_call_ok = False
         started = self._clock.time()
         try:
             token = await self._client.refresh(held.token if held else None)
@@ -416,18 +418,20 @@ class TokenRefresher:
         self._record("ok", elapsed)
         recovered = self._failures > 0
         self._succeeded(now, source="cloud")
+        self._last_call_ok = True
         if recovered and self._on_cloud_recovered is not None:
             self._on_cloud_recovered()
         return view
 
     async def _keep_gap(self) -> None:
-        """Wait out what is left of the least gap between two calls to the cloud (CONTRACT
-        §3: 2 s, scaled for short tokens) since the last one ended. The loop plans its own
-        calls so; a forced refresh (`POST /token/refresh`, `gastown-sandboxd refresh` run in
-        a loop) waits here, and the ones forced meanwhile share its call. Never longer than
-        the gap, whatever the wall clock did since."""
+        """After a failed call to the cloud, wait out the rest of the least gap between
+        calls (CONTRACT §3: 2 s, scaled for short tokens; never longer, whatever the wall
+        clock did since): an outage sees one call per gap at most, forced refreshes
+        (`POST /token/refresh`, `gastown-sandboxd refresh` in a loop) included, and the ones
+        forced meanwhile share the call that follows. After a success a forced refresh calls
+        at once: its answer may be news (the town stopped or destroyed meanwhile)."""
         ended = self._last_call_ended
-        if ended is None:
+        if ended is None or self._last_call_ok:
             return
         held = self._held
         gap = scaled_policy(self._policy, lifetime_of(held.claims if held else None)).min_retry_gap

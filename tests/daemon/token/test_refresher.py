@@ -717,10 +717,11 @@ async def test_forced_probe_of_an_inactive_town_that_is_still_inactive(tmp_path:
     assert rig.types() == ["town.inactive"]
 
 
-async def test_forced_refreshes_one_after_another_keep_the_least_gap(tmp_path: Path) -> None:
-    """A forced refresh right after a call to the cloud waits out the 2 s gap since that call
-    ended (CONTRACT §3), and one forced meanwhile shares its call; after a wall clock stepped
-    back the wait is still 2 s at most, not the step."""
+async def test_forced_refreshes_after_a_failed_call_keep_the_least_gap(tmp_path: Path) -> None:
+    """During an outage calls to the cloud keep 2 s apart (CONTRACT §3), forced ones too:
+    within 2 s of a failed call a forced refresh waits out the rest (at most 2 s, after a wall
+    clock stepped back too), and the ones forced meanwhile share its call. After a success a
+    forced refresh calls at once (the town may have been stopped since)."""
     rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
 
     async def forced_twice(first_wait: float) -> None:
@@ -735,15 +736,26 @@ async def test_forced_refreshes_one_after_another_keep_the_least_gap(tmp_path: P
             rig.clock.advance(0.1)
         assert len(rig.cloud.calls) == calls + 1
 
+    async def fails() -> None:
+        rig.cloud.script.append(RefreshError("outage", "connect_error"))
+        with pytest.raises(RefreshError):
+            await refresher.refresh_now()
+
     async with rig.running() as refresher:
         await refresher.refresh_now()
+        await refresher.refresh_now()  # after a success: at once
+        assert len(rig.cloud.calls) == 2
+        await fails()
         rig.clock.advance(0.5)
         await forced_twice(1.5)
+        rig.clock.advance(2)
+        await fails()
         rig.clock.jump(-3600)
         await forced_twice(2.0)
-    first, second, third = (t for t, _ in rig.cloud.calls)
-    assert second - first == pytest.approx(2.0)
-    assert third - second == pytest.approx(2.0 - 3600)
+    calls = [t for t, _ in rig.cloud.calls]
+    assert calls[:3] == [T0, T0, T0]
+    assert calls[3] - calls[2] == pytest.approx(2.0)
+    assert calls[5] - calls[4] == pytest.approx(2.0 - 3600)
 
 
 # --- pushes and reloads -----------------------------------------------------------------
@@ -981,6 +993,9 @@ async def test_against_the_real_cloud(
         env_file=env,
         client=client,
         emit=lambda event: events.append(event.TYPE),
+        # Forced refreshes one after another, some after a refused one: a gap of 1 ms after
+        # a failed call, not the 100 ms a 60 s token's scaled 2 s would be.
+        policy=SchedulePolicy(min_retry_gap=0.001),
     )
     async with client, anyio.create_task_group() as tg:
         await tg.start(refresher.run)
