@@ -184,8 +184,8 @@ async def _push_and_keep(
     generation = config.generation + 1 if changed else config.generation
     if content is None:
         message = (
-            f"The sandbox stands on generation {config.applied_generation}, no longer kept; "
-            "its next sync applies the change."
+            f"The sandbox stands on generation {config.applied_generation}, which is no "
+            "longer kept, so no difference was pushed; its next sync brings it up to date."
         )
         push = _pending("sandbox_behind", message)
     else:
