@@ -1,7 +1,9 @@
 """hypercorn as both servers (the daemon's and the cloud's) use it: `serve` and `Config` come
-from here, with HTTP/2 and WebSocket loaded on first use, and `serve` applies three mends: a
+from here, with HTTP/2 and WebSocket loaded on first use, and `serve` applies four mends: a
 connection its client closed is released at once, the keep-alive timer is stopped without a
-trip through the event loop, and it waits in one task, not two.
+trip through the event loop, it waits in one task, not two, and the answers hypercorn sends
+itself for a request h11 refuses (400, 431, 501) carry the JSON error body every other error
+has (they had no body: `error_answers_in_json`).
 
 **HTTP/2 and WebSocket load on first use.** hypercorn's protocol package imports its HTTP/2
 protocol (h2's connection, hpack, priority; its type hints still load h2's events) and its
@@ -75,6 +77,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import sys
 import types
 from collections.abc import Awaitable, Callable
@@ -130,14 +133,17 @@ def load_deferred(module: str) -> types.ModuleType:
 defer_unused_protocols()
 
 # After the placeholders: these import hypercorn's protocol package.
+import h11  # noqa: E402  # hypercorn's HTTP/1.1 parser, loaded by the protocol above
 from hypercorn.asyncio import serve as hypercorn_serve  # noqa: E402
 from hypercorn.asyncio.tcp_server import TCPServer  # noqa: E402
 from hypercorn.asyncio.worker_context import AsyncioSingleTask  # noqa: E402
 from hypercorn.config import Config  # noqa: E402
 from hypercorn.events import Event, Updated  # noqa: E402
+from hypercorn.protocol.h11 import H11Protocol  # noqa: E402
 
 __all__ = [
     "Config",
+    "error_answers_in_json",
     "idle_wait_in_one_task",
     "load_deferred",
     "release_closed_idle_connections",
@@ -155,6 +161,7 @@ async def serve(
     release_closed_idle_connections()
     stop_timers_in_place()
     idle_wait_in_one_task()
+    error_answers_in_json()
     # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, mode="asgi")  # type: ignore[arg-type]
 
@@ -228,3 +235,38 @@ def idle_wait_in_one_task() -> None:
     _idle_timeout.__wrapped__ = idle_timeout  # type: ignore[attr-defined]
     setattr(_idle_timeout, _MENDED, True)
     TCPServer._idle_timeout = _idle_timeout  # type: ignore[method-assign]
+
+
+# hypercorn's own refusals, before any request reaches the app: a head h11 cannot parse (or
+# one past its buffer), a transfer coding it does not serve.
+_HTTP_REFUSALS = {
+    400: ("bad_request", "the request could not be read as HTTP/1.1 (malformed, or cut short)"),
+    431: ("headers_too_large", "the request's header block is too large"),
+    501: ("not_implemented", "the request's transfer coding is not served"),
+}
+
+
+def error_answers_in_json() -> None:
+    """Mend `H11Protocol` (once per process): the answers hypercorn sends itself when h11
+    refuses a request (400, 431, 501) carry the JSON error body every other error has
+    (CONTRACT §4, §7: errors are JSON), where hypercorn's had none."""
+    if getattr(H11Protocol._send_error_response, _MENDED, False):
+        return
+    send_error_response: Callable[[Any, int], Awaitable[None]] = H11Protocol._send_error_response
+
+    async def _send_error_response(self: Any, status_code: int) -> None:
+        code, message = _HTTP_REFUSALS.get(status_code, ("http_error", "the request is refused"))
+        body = json.dumps({"error": code, "message": message, "details": []}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    _send_error_response.__wrapped__ = send_error_response  # type: ignore[attr-defined]
+    setattr(_send_error_response, _MENDED, True)
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
