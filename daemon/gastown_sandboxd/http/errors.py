@@ -36,7 +36,7 @@ from gastown_sandboxd.errors import (
     RequestRefused,
     TokenError,
 )
-from gastown_sandboxd.ops.logs import Redactor
+from gastown_sandboxd.ops.logs import JWT_WITH_HEADER, Redactor
 
 _E = TypeVar("_E", bound=Exception)
 
@@ -51,7 +51,8 @@ def error_response(
 ) -> JSONResponse:
     """The error body with `status` (and `headers`, before the content headers).
 
-    Anything shaped like a JWT in it is shown by its fingerprint, as in the log: a checker's
+    A JWT in it is shown by its fingerprint, as in the log (its header must be JSON here:
+    a host name of three long labels in a message stays as it is): a checker's
     message or pointer names what the request sent, and a token sent as a crew member's name
     or an env variable's came back whole in the 422 (CONTRACT §2: no token in error bodies).
     """
@@ -59,7 +60,7 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-_REDACT = Redactor()
+_REDACT = Redactor(jwt=JWT_WITH_HEADER)
 
 
 def exception_handlers(*, cloud_url: Callable[[], str]) -> dict[Any, ExceptionHandler]:

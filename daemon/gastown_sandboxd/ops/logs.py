@@ -16,13 +16,18 @@ from typing import Any, TextIO
 import structlog
 
 _JWT = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+# A JWT whose header is a JSON object, as every one is (`{"` is `eyJ` in base64url): what an
+# answer hides. The log's wider shape also takes host names of three long labels
+# (`gastown-cloud.internal.kilocode`), which an error answer must show as they are.
+JWT_WITH_HEADER = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 
 
 class Redactor:
     """A structlog processor that hides JWTs and the given secrets in every value."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] = (), *, jwt: re.Pattern[str] = _JWT) -> None:
         self._secrets = tuple(s for s in secrets if s)
+        self._jwt = jwt
 
     def __call__(
         self, logger: Any, method: str, event: MutableMapping[str, Any]
@@ -45,7 +50,7 @@ class Redactor:
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "[secret]")
-        return _JWT.sub(
+        return self._jwt.sub(
             lambda m: "[jwt:" + hashlib.sha256(m[0].encode()).hexdigest()[-8:] + "]", text
         )
 

@@ -34,6 +34,7 @@ from gastown_sandboxd.gtsettings.patch import RIG_KEYS, TOWN_KEYS
 from gastown_sandboxd.gtsettings.store import SettingsStore
 from gastown_sandboxd.gtsettings.sync import ConfigSync
 from gastown_sandboxd.http.app import ApiContext, create_app
+from gastown_sandboxd.http.errors import error_response
 from gastown_sandboxd.http.openapi import openapi_document
 from gastown_sandboxd.ops.metrics import DaemonMetrics, MetricsRegistry
 from gastown_sandboxd.token import envfile
@@ -1178,3 +1179,13 @@ async def test_metrics_count_patches_by_status(town: Town) -> None:
     lines = set(answer.text.splitlines())
     for status in (200, 422, 400, 415):
         assert f'gastown_sandboxd_config_patches_total{{status="{status}"}} 1.0' in lines
+
+
+def test_an_error_answer_hides_tokens_and_shows_host_names() -> None:
+    """A token in an error answer is shown by its fingerprint; a host name of three long
+    labels, which the log's wider JWT shape would take, stays as it is."""
+    token = mint(T0, town_id=TOWN_ID)
+    url = "https://gastown-cloud.internal.kilocode.example"
+    answer = error_response(502, "refresh_failed", f"the cloud at {url} gave {token}")
+    body = json.loads(bytes(answer.body))
+    assert body["message"] == f"the cloud at {url} gave [jwt:{fingerprint(token)}]"
