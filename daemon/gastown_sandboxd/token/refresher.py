@@ -355,10 +355,8 @@ class TokenRefresher:
             wake_at = due
             if self._held is not None and not self._expired_reported:
                 wake_at = min(wake_at, self._held.claims.exp)
-            claims = self._held.claims if self._held is not None else None
             # Short tokens shrink the longest sleep with their lifetime (CONTRACT §3).
-            policy = scaled_policy(self._policy, lifetime_of(claims))
-            await self._sleep(sleep_for(wake_at, now, policy))
+            await self._sleep(sleep_for(wake_at, now, self._waits_for(self._held)))
 
     async def _sleep(self, seconds: float) -> None:
         # Replanning cancels this nap so that a new plan takes effect at once.
@@ -405,7 +403,7 @@ class TokenRefresher:
         if held is not None and held.token == token:
             # The held token again (minted in the same second): keep the least gap between
             # calls, or a refresh point already past would call the cloud again at once.
-            gap = scaled_policy(self._policy, lifetime_of(held.claims)).min_retry_gap
+            gap = self._waits_for(held).min_retry_gap
             held = self._held = replace(held, refresh_at=max(held.refresh_at, now + gap))
             view = held.view
         else:
@@ -433,11 +431,15 @@ class TokenRefresher:
         ended = self._last_call_ended
         if ended is None or self._last_call_ok:
             return
-        held = self._held
-        gap = scaled_policy(self._policy, lifetime_of(held.claims if held else None)).min_retry_gap
+        gap = self._waits_for(self._held).min_retry_gap
         wait = min(gap, ended + gap - self._clock.time())
         if wait > 0:
             await self._clock.sleep(wait)
+
+    def _waits_for(self, held: _Held | None) -> SchedulePolicy:
+        """The policy with its waits scaled to `held`'s lifetime (CONTRACT §3: shorter for a
+        token under 1 h; as set without one)."""
+        return scaled_policy(self._policy, lifetime_of(held.claims if held else None))
 
     # --- bookkeeping ---------------------------------------------------------------------
 
