@@ -14,8 +14,7 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gastown_sandboxd.gtsettings.json_text import reject_constant
-from gastown_sandboxd.gtsettings.validation import is_unicode
+from gastown_sandboxd.gtsettings.json_text import all_unicode, reject_constant
 
 from .admission import RefreshAdmission
 from .errors import ApiError, TokenInvalid
@@ -119,21 +118,19 @@ def parse_object(body: bytes) -> dict[str, Any]:
 
 
 def _shape_problem(data: dict[str, Any]) -> str | None:
-    # Iterative: the check must not itself run out of stack on what it is there to refuse.
+    # The depth walk is iterative: the check must not itself run out of stack on what it is
+    # there to refuse. Lone surrogates by the sandbox's own test, once the depth is known
+    # to be small enough for it.
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
             return f"The request body is nested deeper than {MAX_DEPTH} levels."
         if isinstance(value, dict):
-            if not all(is_unicode(key) for key in value):
-                return _LONE_SURROGATE
             stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
             stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and not is_unicode(value):
-            return _LONE_SURROGATE
-    return None
+    return None if all_unicode(data) else _LONE_SURROGATE
 
 
 _LONE_SURROGATE = "The request body holds a lone surrogate (an unpaired \\ud800-\\udfff escape)."
