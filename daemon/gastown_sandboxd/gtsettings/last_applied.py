@@ -62,7 +62,8 @@ class LastApplied:
 
     @property
     def durable(self) -> bool:
-        """False from a save until `make_durable` has fsynced it."""
+        """False from a save until `make_durable` takes it: set True before its fsyncs, so
+        that a save made while they run stays False and gets fsynced at the next call."""
         return self._durable
 
     @property

@@ -1327,10 +1327,13 @@ async def test_a_push_is_fsynced_once_the_delay_has_passed(
     async with anyio.create_task_group() as tg:
         await tg.start(kept.store.run)
         await kept.store.patch({"town": {"crew_agents": {"a": "codex"}}}, generation=1)
+        # Until both fsyncs ran: `make_durable` marks the copy durable before them (in its
+        # worker thread), so waiting for the mark alone raced the second fsync.
         with anyio.fail_after(10):
-            while not kept.copy.durable:
+            while len(kept.fsynced) < 2:
                 await anyio.sleep(0.005)
         assert kept.fsynced == ["copy", "state"]
+        assert kept.copy.durable
         await kept.store.patch({"town": {"crew_agents": {"a": "gemini"}}})
         assert kept.copy.durable
         tg.cancel_scope.cancel()
