@@ -1,4 +1,5 @@
-"""Small things shared by components: the clock, its RFC 3339 form, and the event sink."""
+"""Small things shared by components: the clock, its RFC 3339 form, the event sink, and the
+names of the daemon's secrets in an environment."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import anyio
 
 if TYPE_CHECKING:
     from gastown_sandboxd.events.types import DomainEvent
+
+# The daemon's API key and the cloud's signing secret: never passed on to a program the daemon
+# or its shims start (an agent, where a model could read them; a hook). None of them needs
+# either: the local socket serves without the key.
+SECRETS_OF_THE_DAEMON = ("INTERNAL_API_KEY", "NEXTAUTH_SECRET")
 
 
 class Clock(Protocol):

@@ -22,11 +22,13 @@ from tests.waiting import wait_until
 USER = "user-hooks"
 WAIT = 10.0
 
-# Writes {"stdin", "event"} to <folder>/<GASTOWN_EVENT_ID>.json, by rename: never half-written.
+# Writes {"stdin", "event", "key"} to <folder>/<GASTOWN_EVENT_ID>.json, by rename: never
+# half-written. "key": the INTERNAL_API_KEY the hook was given, if any.
 RECORD_HOOK = """
 import json, os, sys
 folder = sys.argv[1]
-record = {"stdin": sys.stdin.read(), "event": os.environ["GASTOWN_EVENT"]}
+record = {"stdin": sys.stdin.read(), "event": os.environ["GASTOWN_EVENT"],
+          "key": os.environ.get("INTERNAL_API_KEY")}
 path = os.path.join(folder, os.environ["GASTOWN_EVENT_ID"] + ".json")
 with open(path + ".part", "w") as f:
     json.dump(record, f)
@@ -132,7 +134,8 @@ def pid_alive(pid: int) -> bool:
 def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     town: Town, tmp_path: Path
 ) -> None:
-    """After a PATCH, a config.changed hook receives the event's JSON and GASTOWN_EVENT."""
+    """After a PATCH, a config.changed hook receives the event's JSON and GASTOWN_EVENT, and
+    not the daemon's INTERNAL_API_KEY (which the daemon runs with)."""
     folder = tmp_path / "records"
     folder.mkdir()
     command = [sys.executable, "-c", RECORD_HOOK, str(folder)]
@@ -142,6 +145,7 @@ def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     record_file = wait_until(lambda: next(folder.glob("*.json"), None), "the hook's record")
     record = json.loads(record_file.read_text())
     assert record["event"] == "config.changed"
+    assert record["key"] is None
     event = json.loads(record["stdin"])
     assert record_file.name == f"{event['id']}.json"
     assert {k: event[k] for k in ("type", "scope", "rig", "file", "keys", "source")} == {

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from gastown_sandboxd._types import SECRETS_OF_THE_DAEMON
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.errors import TokenError
 from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, decode_unverified
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
 DEFAULT_HELPER_TTL_MS = 300_000
-# Never passed on to an agent: the daemon's API key and the cloud's signing secret.
-SECRETS_OF_THE_DAEMON = ("INTERNAL_API_KEY", "NEXTAUTH_SECRET")
 # Set to the token for every command: the gateway's own variables.
 GATEWAY_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
 # What each agent CLI reads as its credential (README "Agents"); set when unset or stale.

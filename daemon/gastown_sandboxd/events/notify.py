@@ -6,8 +6,9 @@ waiting on a hook:
 
 - a hook (`[[hooks]] events, command, timeout`) runs in its own task, one run at a time; the
   events that arrive while it runs (or backs off) fold into ONE more run with the newest event.
-  The event's JSON goes to stdin, `GASTOWN_EVENT=<type>` and `GASTOWN_EVENT_ID=<id>` are added to
-  the daemon's environment. It starts in a new session, so at its timeout its whole process
+  The event's JSON goes to stdin; its environment is the daemon's less the daemon's secrets
+  (`SECRETS_OF_THE_DAEMON`, as an agent's), with `GASTOWN_EVENT=<type>` and
+  `GASTOWN_EVENT_ID=<id>` added. It starts in a new session, so at its timeout its whole process
   group is killed. A failed, unstartable or killed run is logged and counted, and the hook then
   backs off (1 s doubling to 60 s by default) before its next run: a broken hook never storms.
 - a signal (`[[signals]] pid_file, signal, events`) is sent at once; the pid file is read
@@ -38,7 +39,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from gastown_sandboxd._types import Clock, SystemClock
+from gastown_sandboxd._types import SECRETS_OF_THE_DAEMON, Clock, SystemClock
 from gastown_sandboxd.errors import SubscriberLagged
 from gastown_sandboxd.events.bus import Event, EventBus
 from gastown_sandboxd.events.specs import HookSpec, SignalSpec
@@ -125,7 +126,8 @@ def send_signal(spec: SignalSpec) -> bool:
 async def run_hook(spec: HookSpec, event: Event) -> str:
     """Run `spec` once for `event`; the outcome is "ok", "failed", "timeout" or "unstartable"."""
     program = spec.command[0]
-    env = {**os.environ, "GASTOWN_EVENT": event.type, "GASTOWN_EVENT_ID": str(event.id)}
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS_OF_THE_DAEMON}
+    env.update(GASTOWN_EVENT=event.type, GASTOWN_EVENT_ID=str(event.id))
     try:
         # Shielded: a cancellation while asyncio starts the process would leave it killed but
         # never reaped (asyncio's own wait for it is cancelled too, and its exit can come after

@@ -162,15 +162,20 @@ import json, os, sys
 with open(sys.argv[1], "a") as out:
     out.write(json.dumps({"stdin": sys.stdin.read(), "event": os.environ["GASTOWN_EVENT"],
                           "id": os.environ["GASTOWN_EVENT_ID"],
-                          "parent": os.environ.get("GT_TEST_PARENT")}) + "\\n")
+                          "parent": os.environ.get("GT_TEST_PARENT"),
+                          "secrets": [name for name in ("INTERNAL_API_KEY", "NEXTAUTH_SECRET")
+                                      if name in os.environ]}) + "\\n")
 """
 
 
 async def test_hook_gets_event_json_on_stdin_and_type_in_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The hook reads the event's JSON on stdin and sees GASTOWN_EVENT plus the parent env."""
+    """The hook reads the event's JSON on stdin and sees GASTOWN_EVENT plus the parent env,
+    less the daemon's secrets."""
     monkeypatch.setenv("GT_TEST_PARENT", "inherited")
+    monkeypatch.setenv("INTERNAL_API_KEY", "k" * 32)
+    monkeypatch.setenv("NEXTAUTH_SECRET", "s" * 32)
     out = tmp_path / "out.jsonl"
     bus = EventBus()
     async with running(Notifier(bus=bus, hooks=[python_hook(RECORD, out)], signals=[])) as n:
@@ -182,6 +187,7 @@ async def test_hook_gets_event_json_on_stdin_and_type_in_env(
     assert record["event"] == "config.changed"
     assert record["id"] == str(event.id)
     assert record["parent"] == "inherited"
+    assert record["secrets"] == []
     assert n.stats.hook_failures == 0
 
 
