@@ -168,6 +168,13 @@ if mode == "bindable":
     claims = segment(parts[1]) if parts else None
     bindable = claims is not None and claims.get("town_id") == town_id and signed(parts[2])
     sys.exit(0 if bindable else 1)
+if mode == "later":
+    # The env file's token, read again just before the rename: exit 0 when it is acceptable
+    # and expires no sooner than the one about to be written (argv[3]).
+    token = sys.stdin.read().strip()
+    if problem(token, town_id, time.time()) is not None:
+        sys.exit(1)
+    sys.exit(0 if segment(token.split(".")[1])["exp"] >= int(sys.argv[3]) else 1)
 token = extract(sys.stdin.buffer.read())
 reason = problem(token, town_id, time.time())
 if reason is not None:
@@ -175,7 +182,7 @@ if reason is not None:
 exp = segment(token.split(".")[1])["exp"]
 expires = datetime.datetime.fromtimestamp(exp, datetime.timezone.utc)
 fingerprint = hashlib.sha256(token.encode("ascii")).hexdigest()[-8:]
-print(token, expires.strftime("%Y-%m-%dT%H:%M:%SZ"), fingerprint)
+print(token, expires.strftime("%Y-%m-%dT%H:%M:%SZ"), fingerprint, exp)
 PY
 
 # --- settings -------------------------------------------------------------------------------
@@ -231,17 +238,24 @@ fi
 
 # --- current token (for the Bearer binding) -------------------------------------------------
 
-current=''
-if [[ -e $env_file ]]; then
-	while IFS= read -r line || [[ -n $line ]]; do
-		if [[ $line =~ $KILO_JWT_LINE_RE ]]; then
-			current=${line#*=}
-			current=${current%$'\r'}
-			current=${current#[\"\']}
-			current=${current%[\"\']}
-		fi
-	done <"$env_file" || fail 1 "cannot read the env file $env_file"
-fi
+# Prints the env file's token (its last KILO_JWT line's value, as a shell that sources it
+# gets), or nothing.
+env_file_token() {
+	local line found=''
+	if [[ -e $env_file ]]; then
+		while IFS= read -r line || [[ -n $line ]]; do
+			if [[ $line =~ $KILO_JWT_LINE_RE ]]; then
+				found=${line#*=}
+				found=${found%$'\r'}
+				found=${found#[\"\']}
+				found=${found%[\"\']}
+			fi
+		done <"$env_file" || return 1
+	fi
+	printf '%s' "$found"
+}
+# shellcheck disable=SC2310 # the failure is handled here
+current=$(env_file_token) || fail 1 "cannot read the env file $env_file"
 
 # --- private files: the temp file beside the env file proves it can be written before asking --
 
@@ -330,7 +344,7 @@ if ! verdict=$(python3 -I -c "$CHECK_PY" check "$town_id" <"$answer" 2>"$check_e
 	reason=$(head -n 1 -- "$check_err" | tr -d '[:cntrl:]')
 	fail 1 "${reason:-cannot check the answer of the cloud (python3 failed)}"
 fi
-read -r token expires fingerprint <<<"$verdict"
+read -r token expires fingerprint exp <<<"$verdict"
 [[ $token =~ $JWT_RE ]] || fail 1 "cannot check the cloud's answer"
 
 # --- write: every other line kept, KILO_JWT=<token> exactly once -----------------------------
@@ -380,6 +394,16 @@ if [[ -f $env_file ]] && cmp -s -- "$env_tmp" "$env_file"; then
 fi
 chmod 0600 -- "$env_tmp" 2>/dev/null || fail 1 "cannot set mode 0600 on a file in $env_dir"
 sync -- "$env_tmp" 2>/dev/null || sync
+# The daemon (or another run of this script) may have written a newer token while the cloud
+# was asked: never rename an older one over it. Read again just before the rename, which
+# narrows the window from the cloud's answer time to this check's (a python3 start).
+# shellcheck disable=SC2310 # an unreadable env file here is left to the rename below
+on_disk=$(env_file_token 2>/dev/null) || on_disk=''
+if [[ -n $on_disk && $on_disk != "$current" && $on_disk != "$token" ]] &&
+	python3 -I -c "$CHECK_PY" later "$town_id" "$exp" <<<"$on_disk" 2>/dev/null; then
+	printf '%s: unchanged, the env file was given a token expiring no sooner meanwhile (town %s)\n' "$PROG" "$town_id"
+	exit 0
+fi
 if ! mv_err=$(mv -f -T -- "$env_tmp" "$env_file" 2>&1); then
 	# A bind-mounted env file cannot be renamed over: rewrite it in place, as the daemon does.
 	if [[ $mv_err == *'Device or resource busy'* || $mv_err == *'Invalid cross-device link'* ]]; then

@@ -362,6 +362,44 @@ async def test_unchanged_token_writes_nothing(
     assert_no_leftovers(sandbox)
 
 
+async def test_a_newer_token_written_meanwhile_is_kept(
+    sandbox: Sandbox, standin_cloud: StandInCloud
+) -> None:
+    """While the cloud is asked, the daemon renames a token expiring later into the env file:
+    the script's answer, acceptable but expiring sooner, is not put over it. A token written
+    meanwhile that expires sooner than the answer is replaced as usual."""
+    sandbox.write_env(ENV_TEXT, mode=0o600)
+    newer, answered = mint(lifetime=86400 + 600), mint()
+
+    def written_meanwhile(token: str) -> None:
+        part = sandbox.env_file.with_name("daemon.part")
+        part.write_text(env_with(token))
+        part.chmod(0o600)
+        part.replace(sandbox.env_file)
+
+    async def answer(request: Request) -> Response:
+        written_meanwhile(newer)
+        return PlainTextResponse(answered)
+
+    standin_cloud.answer = answer
+    result = await sandbox.run()
+    assert result.returncode == 0, result.stderr
+    assert b"unchanged" in result.stdout
+    assert b"meanwhile" in result.stdout
+    assert sandbox.token() == newer
+    assert_quiet_about_secrets(result, sandbox)
+    assert_no_leftovers(sandbox)
+
+    older, answered = mint(lifetime=3600), mint()
+
+    async def answer_later(request: Request) -> Response:
+        written_meanwhile(older)
+        return PlainTextResponse(answered)
+
+    standin_cloud.answer = answer_later
+    assert_refreshed(await sandbox.run(), sandbox, answered)
+
+
 @pytest.mark.parametrize(
     "shape",
     ["plain", "token", "trpc", "trpc-json", "padded"],
