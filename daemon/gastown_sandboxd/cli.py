@@ -286,7 +286,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     # Raises OptionsProblems with every problem: printed one per line, exit 2.
-    options = load_options(flags, config_file=args.config, check_paths=True)
+    options = load_options(flags, config_file=args.config, check_paths=True, check_listen=True)
     pid = owner_pid(options.socket)
     lines = [
         f"ok: {options.config_file or 'no TOML file'}; every option is valid",

@@ -7,8 +7,10 @@ than stopping at the first. Secrets are `Secret` values that never show in `repr
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import socket
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +93,11 @@ class Listen:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def family(self) -> socket.AddressFamily:
+        """The family of the socket it is bound with: IPv6 for a `[V6]:PORT` address."""
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
@@ -168,7 +175,10 @@ def _sync_interval(table: Mapping[str, Any]) -> float:
     return seconds
 
 
-def parse_listen(value: str, *, setting: str = "listen (GASTOWN_SANDBOXD_LISTEN)") -> Listen:
+LISTEN_SETTING = "listen (GASTOWN_SANDBOXD_LISTEN)"
+
+
+def parse_listen(value: str, *, setting: str = LISTEN_SETTING) -> Listen:
     """`HOST:PORT` or `[V6]:PORT` into a `Listen`."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\s]+):(\d+)", value.strip())
     if match is None:
@@ -243,10 +253,12 @@ def load_options(
     config_file: Path | None = None,
     *,
     check_paths: bool = False,
+    check_listen: bool = False,
 ) -> Options:
     """Resolve every setting; raise `OptionsProblems` naming every missing or bad one.
 
-    `check_paths` also checks the folders the daemon needs (town root, env file's folder).
+    `check_paths` also checks the folders the daemon needs (town root, env file's folder);
+    `check_listen` binds the listen address for a moment, as `run` would (`check_listen_at`).
     """
     problems = _Problems()
     pick, used_file = _Picker.load(flags, env, config_file, problems)
@@ -364,6 +376,9 @@ def load_options(
             agents, "claude_helper_ttl", DEFAULT_CLAUDE_HELPER_TTL, "agents.claude_helper_ttl"
         ),
     )
+    listen_read = not any(problem.setting == LISTEN_SETTING for problem in problems.found)
+    if check_listen and listen_read:
+        problems.take(lambda: check_listen_at(options.listen, options.socket), None)
     if check_paths:
         problems.take(lambda: check_town_root(options.town_root), None)
         problems.take(lambda: check_env_folder(options.env_file), None)
@@ -521,6 +536,41 @@ def check_socket_path(path: Path) -> None:
             f"{path} is a {not_a_socket(mode)}, not a socket (it is left as it is)",
             "remove it, or give the daemon another socket (--socket)",
         )
+
+
+def check_listen_at(listen: Listen, socket_path: Path) -> None:
+    """The listen address can be bound, as `run` binds it (`OptionsError` else): its host
+    resolves to an address of this machine, and the port is free and allowed. When a daemon
+    holds `socket_path`'s lock the port is its own: then the host is only resolved."""
+    from gastown_sandboxd.ops.socket_lock import owner_pid
+
+    try:
+        socket.getaddrinfo(listen.host, listen.port, listen.family, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OptionsError(
+            LISTEN_SETTING,
+            f"{listen.host} cannot be resolved ({exc.strerror})",
+            "use an IP address, or a name this machine resolves",
+        ) from None
+    if owner_pid(socket_path) is not None:
+        return
+    with socket.socket(listen.family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((listen.host, listen.port))
+        except OSError as exc:
+            raise OptionsError(
+                LISTEN_SETTING,
+                f"{listen} cannot be bound ({exc.strerror})",
+                _BIND_FIXES.get(exc.errno or 0, "choose another listen address"),
+            ) from None
+
+
+_BIND_FIXES = {
+    errno.EADDRINUSE: "stop the program that listens there, or choose another port",
+    errno.EADDRNOTAVAIL: "use an address of this machine (or 0.0.0.0 for all of them)",
+    errno.EACCES: "choose a port from 1024 up, or give the daemon the right to bind below it",
+}
 
 
 def check_shim_dir(path: Path) -> None:

@@ -396,6 +396,38 @@ def test_check_of_good_options_exits_0_with_a_summary(
     assert f"(served by the running daemon, pid {daemon.process.pid})" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("listen", "problem", "fix"),
+    [("no-such-host.invalid:0", "no-such-host.invalid cannot be resolved", "use an IP address"),
+     ("192.0.2.1:0", "192.0.2.1:0 cannot be bound (Cannot assign requested address)",
+      "use an address of this machine"),
+     ("taken", "cannot be bound (Address already in use)", "stop the program that listens")],
+)  # fmt: skip
+def test_check_binds_the_listen_address_as_run_would(
+    tmp_path: Path, listen: str, problem: str, fix: str
+) -> None:
+    """A listen host that does not resolve, an address not of this machine, a port another
+    program listens on: `run` cannot start (exit 1, "cannot start"), and `check` says so,
+    exit 2, one line naming the setting and the fix (before, it passed all three). A port
+    held by the daemon of the same socket is its own (`test_check_of_good_options...`)."""
+    env = _base_env(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if listen == "taken":
+            listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        env["GASTOWN_SANDBOXD_LISTEN"] = listen
+        done = cli("check", env=env)
+        ran = _run(env)
+    assert done.returncode == 2, done.stdout
+    (line,) = done.stderr.splitlines()
+    assert "GASTOWN_SANDBOXD_LISTEN" in line
+    assert problem in line
+    assert fix in line
+    assert ran.returncode == 1
+    assert ran.stderr.splitlines()[-1].startswith("gastown-sandboxd: cannot start: ")
+
+
 def test_check_refuses_a_shim_folder_or_socket_folder_that_run_could_not_make(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:

@@ -46,8 +46,7 @@ _TEMPORARY_NAMES = 5
 
 def bind_tcp(listen: Listen) -> socket.socket:
     """A bound, listening TCP socket; port 0 picks a free port."""
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(listen.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
