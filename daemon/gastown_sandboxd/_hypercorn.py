@@ -1,9 +1,10 @@
 """hypercorn as both servers (the daemon's and the cloud's) use it: `serve` and `Config` come
-from here, with HTTP/2 and WebSocket loaded on first use, and `serve` applies four mends: a
+from here, with HTTP/2 and WebSocket loaded on first use, and `serve` applies five mends: a
 connection its client closed is released at once, the keep-alive timer is stopped without a
-trip through the event loop, it waits in one task, not two, and the answers hypercorn sends
+trip through the event loop, it waits in one task, not two, the answers hypercorn sends
 itself for a request h11 refuses (400, 431, 501) carry the JSON error body every other error
-has (they had no body: `error_answers_in_json`).
+has (they had no body: `error_answers_in_json`), and a client that stops reading is cut after
+`Config.send_timeout` (30 s) rather than kept for as long as it stays (`cut_stalled_readers`).
 
 **HTTP/2 and WebSocket load on first use.** hypercorn's protocol package imports its HTTP/2
 protocol (h2's connection, hpack, priority; its type hints still load h2's events) and its
@@ -137,12 +138,26 @@ import h11  # noqa: E402  # hypercorn's HTTP/1.1 parser, loaded by the protocol 
 from hypercorn.asyncio import serve as hypercorn_serve  # noqa: E402
 from hypercorn.asyncio.tcp_server import TCPServer  # noqa: E402
 from hypercorn.asyncio.worker_context import AsyncioSingleTask  # noqa: E402
-from hypercorn.config import Config  # noqa: E402
-from hypercorn.events import Event, Updated  # noqa: E402
+from hypercorn.config import Config as HypercornConfig  # noqa: E402
+from hypercorn.events import Closed, Event, RawData, Updated  # noqa: E402
 from hypercorn.protocol.h11 import H11Protocol  # noqa: E402
 
+# How long a send may wait for its peer to read (`cut_stalled_readers`).
+SEND_TIMEOUT = 30.0
+
+
+class Config(HypercornConfig):
+    """hypercorn's `Config`, with `send_timeout`: the seconds a send may wait for its peer to
+    read before the connection is cut (`cut_stalled_readers`; None: for ever, as hypercorn
+    does)."""
+
+    send_timeout: float | None = SEND_TIMEOUT
+
+
 __all__ = [
+    "SEND_TIMEOUT",
     "Config",
+    "cut_stalled_readers",
     "error_answers_in_json",
     "idle_wait_in_one_task",
     "load_deferred",
@@ -157,11 +172,12 @@ async def serve(
 ) -> None:
     """hypercorn's `serve` of an ASGI app until `shutdown_trigger` returns, with `TCPServer`
     mended first (`release_closed_idle_connections`, `stop_timers_in_place`,
-    `idle_wait_in_one_task`)."""
+    `idle_wait_in_one_task`, `error_answers_in_json`, `cut_stalled_readers`)."""
     release_closed_idle_connections()
     stop_timers_in_place()
     idle_wait_in_one_task()
     error_answers_in_json()
+    cut_stalled_readers()
     # hypercorn's type hints predate Starlette's ASGIApp protocol; the app is plain ASGI 3.
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, mode="asgi")  # type: ignore[arg-type]
 
@@ -270,3 +286,45 @@ def error_answers_in_json() -> None:
     _send_error_response.__wrapped__ = send_error_response  # type: ignore[attr-defined]
     setattr(_send_error_response, _MENDED, True)
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+
+
+def cut_stalled_readers() -> None:
+    """Mend `TCPServer` (once per process): a send that waits longer than the config's
+    `send_timeout` for its peer to read (the socket's buffers full, hypercorn in `drain`)
+    aborts the connection, and the app sees the client gone.
+
+    Without it, a client that stops reading but stays connected (an SSE reader stopped with
+    Ctrl-Z, a peer whose process hangs, a slow-reading client on purpose) kept its socket, its
+    tasks and the stream's buffers for as long as it stayed: the event bus drops such a
+    subscriber 256 events behind, but its stream waited in the send for ever and never got to
+    say `lagged` or end. A reader that reads, however slowly, never waits that long: a send
+    waits only once the kernel's buffers and asyncio's (64 KiB) are full.
+    """
+    if getattr(TCPServer.protocol_send, "_sandboxd_cuts_stalled", False):
+        return
+    protocol_send: Callable[[Any, Event], Awaitable[None]] = TCPServer.protocol_send
+
+    async def _protocol_send(self: Any, event: Event) -> None:
+        timeout = getattr(self.config, "send_timeout", None)
+        if timeout is None or not isinstance(event, RawData) or _cannot_wait(self, event.data):
+            await protocol_send(self, event)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await protocol_send(self, event)
+        except TimeoutError:
+            self.writer.transport.abort()
+            await self.protocol.handle(Closed())
+
+    _protocol_send.__wrapped__ = protocol_send  # type: ignore[attr-defined]
+    _protocol_send._sandboxd_cuts_stalled = True  # type: ignore[attr-defined]
+    TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+
+
+def _cannot_wait(server: Any, data: bytes) -> bool:
+    # asyncio's drain waits only once the transport's buffer passes its high mark: below it,
+    # no timer is armed (`asyncio.timeout` costs ~5 us a send, the check ~0.3 us).
+    transport = server.writer.transport
+    return bool(
+        transport.get_write_buffer_size() + len(data) <= transport.get_write_buffer_limits()[1]
+    )

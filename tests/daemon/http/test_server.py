@@ -27,7 +27,12 @@ from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import AsyncioSingleTask, EventWrapper
 from starlette.types import Receive, Scope, Send
 
-from gastown_sandboxd._hypercorn import idle_wait_in_one_task, load_deferred, stop_timers_in_place
+from gastown_sandboxd._hypercorn import (
+    Config,
+    idle_wait_in_one_task,
+    load_deferred,
+    stop_timers_in_place,
+)
 from gastown_sandboxd.http import server
 from gastown_sandboxd.http.server import bind_tcp, bind_unix, hypercorn_config, serve_socket
 from gastown_sandboxd.options import parse_listen
@@ -367,3 +372,64 @@ def test_a_deferred_module_that_fails_to_load_keeps_its_placeholder(
         load_deferred("gastown_no_such_module")
     assert sys.modules["gastown_no_such_module"] is placeholder
     assert load_deferred("hypercorn.config") is sys.modules["hypercorn.config"]
+
+
+@pytest.mark.anyio
+async def test_a_reader_that_stops_reading_is_cut_after_the_send_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that asks for an endless stream and never reads: once the socket's buffers
+    are full the server's send waits, and after `send_timeout` (0.3 s here) the connection
+    is aborted and the app learns that its client is gone (its send raises, or `receive`
+    says `http.disconnect`), where hypercorn waited for as long as the client stayed."""
+    monkeypatch.setattr(Config, "send_timeout", 0.3)
+    ended = anyio.Event()
+    chunk = b"x" * 65536
+
+    async def endless(scope: Scope, receive: Receive, send: Send) -> None:
+        # As Starlette's StreamingResponse does: one task sends, one waits for the disconnect.
+        if scope["type"] != "http":
+            return
+
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while True:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(stream)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            ended.set()
+            group.cancel_scope.cancel()
+
+    async def serve_on(sock: socket.socket, stop: anyio.Event) -> None:
+        await serve_socket(endless, sock, stop)
+
+    async with _serving(tmp_path, serve_on) as path:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            client.connect(str(path))
+            client.sendall(b"GET /events HTTP/1.1\r\nHost: s\r\n\r\n")
+            started = time.monotonic()
+            with anyio.fail_after(20):
+                await ended.wait()
+            print(f"the app saw its client gone {time.monotonic() - started:.2f} s on")
+            client.setblocking(False)
+            received = 0
+            with anyio.fail_after(20):
+                while True:  # what the buffers held, then the end the abort made
+                    try:
+                        data = client.recv(1 << 20)
+                    except BlockingIOError:
+                        await anyio.sleep(0.01)
+                        continue
+                    except ConnectionResetError:
+                        break
+                    if not data:
+                        break
+                    received += len(data)
+            assert received > 0
+        finally:
+            client.close()
