@@ -63,6 +63,19 @@ def merge_desired(
     return result
 
 
+def keys_of_both(first: Mapping[str, Any], second: Mapping[str, Any]) -> Doc:
+    """Every key of `first` and of `second`, at every depth where both hold an object there
+    (`second`'s value otherwise): as `last`, the keys the cloud set in either. Pure."""
+    union: Doc = copy.deepcopy(dict(first))
+    for key, value in second.items():
+        here = union.get(key)
+        if isinstance(value, Mapping) and isinstance(here, dict):
+            union[key] = keys_of_both(here, value)
+        else:
+            union[key] = copy.deepcopy(value)
+    return union
+
+
 def merge_patch_between(old: Mapping[str, Any], new: Mapping[str, Any]) -> Doc:
     """The RFC 7396 patch that turns `old` into `new` (`{}` when they are the same)."""
     patch: Doc = {key: None for key in old if key not in new}

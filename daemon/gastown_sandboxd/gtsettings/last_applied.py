@@ -1,9 +1,12 @@
 """The last-applied copy: what the cloud wanted when the daemon last applied it, and its generation.
 
 Kept in the state folder as `<state>/desired-config.json` (0600, written atomically), so a
-restart knows which keys the cloud set (the three-way merge removes only those). A file of
-another town, or one that cannot be read, counts as none (logged): the next sync then sets
-what the cloud wants and removes nothing. Without a state folder the copy lives in memory.
+restart knows which keys the cloud set (the three-way merge removes only those). Before the
+files of a change the cloud sent are written, the copy is saved holding the keys of both
+(`hold`), so that a kill in the write, which the next start rolls forward, never leaves files
+with keys the copy does not count as the cloud's. A file of another town, or one that cannot
+be read, counts as none (logged): the next sync then sets what the cloud wants and removes
+nothing. Without a state folder the copy lives in memory.
 
 A sync's save is fsynced at once. A push's (`record_push`: the dashboard's changes, which can
 come several a second) is written whole and renamed in at once, so after any SIGKILL a
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from typing import Any
 import structlog
 
 from gastown_sandboxd.atomic import make_durable, write_atomic
-from gastown_sandboxd.gtsettings.apply import without_nulls
+from gastown_sandboxd.gtsettings.apply import keys_of_both, without_nulls
 from gastown_sandboxd.gtsettings.merge_patch import merge_patch
 from gastown_sandboxd.gtsettings.schema import Doc
 
@@ -123,12 +126,37 @@ class LastApplied:
             self._saved = True
         return changed
 
+    def hold(self, generation: int, desired: Mapping[str, Any], *, durable: bool = True) -> None:
+        """Before the files are written with `desired` (blocking): keep as applied the keys of
+        both the copy and `desired` (`keys_of_both`), at the newer generation.
+
+        Written before the files, the copy cannot fall behind them: a SIGKILL after the
+        files' journal, which the next start rolls forward, left a copy without the keys
+        they got, and a sync never removed those keys once the cloud dropped them (seen with
+        40 rigs, killed as the journal appeared). With both, the next sync removes whatever
+        the cloud no longer wants of either; `record` after the write keeps `desired`
+        alone. The price, until then: a key the write deletes is still counted as the
+        cloud's, so one added again by hand in that time would go at the next sync."""
+        held = keys_of_both(self._applied.desired, without_nulls(desired))
+        newest = max(generation, self._applied.generation or 0)
+        if Applied(newest, held) != self._applied:
+            self.record(newest, held, durable=durable)
+
     def record_push(self, body: Mapping[str, Any], generation: int) -> bool:
         """A PATCH the cloud pushed with `X-Gastown-Generation`: merge it into the copy, saved
         whole but not fsynced, until `make_durable`."""
         merged = without_nulls(merge_patch(self._applied.desired, dict(body)))
         newest = max(generation, self._applied.generation or 0)
         return self.record(newest, merged, durable=False)
+
+    def hold_pushes(self, pushes: Sequence[tuple[Mapping[str, Any], int]]) -> None:
+        """`hold` for PATCHes the cloud pushed, (body, generation) in order, before their
+        write: saved whole but not fsynced, as `record_push` saves."""
+        desired, newest = self._applied.desired, self._applied.generation or 0
+        for body, generation in pushes:
+            desired = without_nulls(merge_patch(desired, dict(body)))
+            newest = max(newest, generation)
+        self.hold(newest, desired, durable=False)
 
     def make_durable(self) -> None:
         """fsync the copy saved last, and its folder (blocking); logged when it cannot be."""

@@ -429,6 +429,8 @@ class SettingsStore:
                 request.result, request.error, request.events = None, None, []
             disk = self._read_current()
             after, changed, applied = self._plan_group(disk, group)
+            if changed:
+                self._hold_pushes(group)
             try:
                 self._commit(disk, changed)
             except SettingsChanged as exc:
@@ -467,6 +469,17 @@ class SettingsStore:
                 request.error = exc
             else:
                 request.result = change.result
+
+    def _hold_pushes(self, group: list[_Request]) -> None:
+        # Before the write: the copy holds the keys of every push the group takes
+        # (`LastApplied.hold`), so that it never falls behind the files after a SIGKILL.
+        pushes = [
+            (request.body, request.generation)
+            for request in group
+            if request.result is not None and request.generation is not None
+        ]
+        if pushes:
+            self._last_applied.hold_pushes(pushes)
 
     def _record_pushes(self, group: list[_Request]) -> None:
         # A pushed PATCH that was answered (applied, or nothing to change) joins the copy.
@@ -513,6 +526,8 @@ class SettingsStore:
             if not stale:
                 body = desired_patch(snapshot.town_files(), desired, applied.desired)
             change = self._change(snapshot, dict(self._known), body, None, "cloud", generation)
+            if change.docs and not stale:
+                self._last_applied.hold(generation, desired)  # before the write: see `hold`
             try:
                 self._commit(snapshot, change.docs)
             except SettingsChanged as exc:

@@ -144,3 +144,26 @@ def test_a_copy_of_the_town_is_used_and_one_of_another_town_is_not(tmp_path: Pat
         assert copy_in(tmp_path).load().generation is None
     assert [entry["event"] for entry in logs] == ["last_applied_of_another_town"]
     assert LastApplied(state_dir=tmp_path, town_id="town-2").load().generation == 5
+
+
+def test_hold_keeps_the_keys_of_both_until_the_record_after_the_write(tmp_path: Path) -> None:
+    """Before a write, `hold` saves the keys of the copy and of the change (a restart after
+    a kill in the write reads them all); the `record` after the write keeps the change's
+    alone. A hold that adds nothing saves nothing; its generation is the newer one."""
+    copy = copy_in(tmp_path)
+    copy.record(3, {"town": {"crew_agents": {"a": "codex", "b": "claude"}, "default_agent": "x"}})
+    change = {"town": {"crew_agents": {"a": "gemini", "b": None, "c": "codex"}}}
+    copy.hold(4, change)
+    held = {
+        "town": {"crew_agents": {"a": "gemini", "b": "claude", "c": "codex"}, "default_agent": "x"}
+    }
+    reread = copy_in(tmp_path).load()
+    assert (reread.generation, reread.desired) == (4, held)
+    saved = (tmp_path / "desired-config.json").stat().st_mtime_ns
+    copy.hold(2, {"town": {"crew_agents": {"a": "gemini"}}})
+    assert (tmp_path / "desired-config.json").stat().st_mtime_ns == saved
+    assert copy.applied.generation == 4
+    copy.record(4, change)
+    assert copy_in(tmp_path).load().desired == {
+        "town": {"crew_agents": {"a": "gemini", "c": "codex"}}
+    }

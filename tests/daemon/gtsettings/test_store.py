@@ -28,7 +28,7 @@ from gastown_sandboxd.events.types import DomainEvent
 from gastown_sandboxd.gtsettings import snapshot as snapshot_module
 from gastown_sandboxd.gtsettings.batch import Target, write_target
 from gastown_sandboxd.gtsettings.folders import read_settings_file
-from gastown_sandboxd.gtsettings.last_applied import LastApplied
+from gastown_sandboxd.gtsettings.last_applied import Applied, LastApplied
 from gastown_sandboxd.gtsettings.patch import managed_view
 from gastown_sandboxd.gtsettings.schema import pointer
 from gastown_sandboxd.gtsettings.store import SettingsStore
@@ -1338,3 +1338,60 @@ async def test_a_push_is_fsynced_once_the_delay_has_passed(
         assert kept.copy.durable
         tg.cancel_scope.cancel()
     assert kept.fsynced == ["copy", "state"]
+
+
+# --- the last-applied copy across a kill in the middle of a write --------------------------
+
+
+class _Killed(BaseException):
+    """A SIGKILL in the middle of a write: nothing of the daemon's runs after it."""
+
+
+def _section(path: Path, key: str) -> dict[str, Any]:
+    section: dict[str, Any] = json.loads(path.read_bytes()).get(key) or {}
+    return section
+
+
+@pytest.mark.parametrize("way", ["push", "sync"])
+async def test_after_a_kill_mid_write_the_next_sync_removes_what_the_cloud_dropped(
+    root: Path, events: Events, tmp_path: Path, way: str
+) -> None:
+    """A change the cloud sent (pushed, or applied by a sync) is killed between its renames,
+    the journal in place; the next start rolls the files forward. The cloud then drops what
+    that change set: the next sync removes it from every file. The copy used to be saved
+    only after the write, so it never held those keys, and the sync kept them for good while
+    the cloud showed the generation applied (a reviewer's run: 40 of 40 rigs)."""
+    state = tmp_path / "state"
+    first = {
+        "town": {"crew_agents": {"alice": "codex"}},
+        "rigs": {rig: {"worker_agents": {"bob": "gemini"}} for rig in RIGS},
+    }
+    last_file = root / RIGS[-1] / "settings" / "config.json"
+    killed = SettingsStore(
+        town_root=root,
+        emit=events,
+        write=FailingWrite(last_file, _Killed()),
+        last_applied=LastApplied(state_dir=state, town_id="town-1"),
+    )
+    await killed.load()
+    send = killed.patch if way == "push" else killed.apply_desired
+    with pytest.raises(_Killed):
+        await send(first, generation=1)
+    assert (root / ".gastown-sandboxd.journal").exists()
+
+    restarted = SettingsStore(
+        town_root=root, emit=events, last_applied=LastApplied(state_dir=state, town_id="town-1")
+    )
+    await restarted.load()  # rolls the journal forward: every file has the first change
+    assert _section(root / TOWN_FILE, "crew_agents")["alice"] == "codex"
+    assert all(_section(root / r / TOWN_FILE, "worker_agents")["bob"] == "gemini" for r in RIGS)
+
+    dropped = {
+        "town": {"crew_agents": {}},
+        "rigs": {rig: {"worker_agents": {}} for rig in RIGS},
+    }
+    await restarted.apply_desired(dropped, generation=2)
+    assert "alice" not in _section(root / TOWN_FILE, "crew_agents")
+    for rig in RIGS:
+        assert "bob" not in _section(root / rig / TOWN_FILE, "worker_agents"), rig
+    assert restarted.last_applied.applied == Applied(2, dropped)
