@@ -7,8 +7,6 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
-import anyio
-
 if TYPE_CHECKING:
     from gastown_sandboxd.events.types import DomainEvent
 
@@ -35,6 +33,10 @@ class SystemClock:
         return time.time()
 
     async def sleep(self, seconds: float) -> None:
+        # anyio is imported here, not with the module: `exec` and `token` (an agent's start,
+        # 29 ms) read `SECRETS_OF_THE_DAEMON` from it and never sleep on a clock.
+        import anyio
+
         await anyio.sleep(seconds)
 
 
