@@ -138,7 +138,7 @@ def build_town(root: Path, *, rigs: tuple[str, ...] = RIGS, with_files: bool = T
 
 def members(text: bytes) -> dict[str, str]:
     """The exact text of each top-level member of a two-space indented document, by key."""
-    lines = text.decode("utf-8").split("\n")[1:-2]
+    lines = text.decode("utf-8").removesuffix("\n").split("\n")[1:-1]
     found: dict[str, list[str]] = {}
     current: list[str] = []
     for line in lines:

@@ -54,7 +54,9 @@ def parse_document(raw: bytes, scope: Scope, *, file: str) -> Doc:
 
 
 def render(doc: Doc, *, original: bytes | None = None, original_doc: Doc | None = None) -> bytes:
-    """`doc` as gt writes it: two-space indent, a trailing newline.
+    """`doc` as gt writes it: two-space indent (Go's `json.MarshalIndent`), and no newline at
+    the end, as gt's `SaveTownSettings` and `SaveRigSettings` write none, unless `original`
+    ended with one (a file written by hand or by an editor keeps its ending).
 
     With `original` (the file's bytes before the change), each top-level key whose value
     did not change is written with the key and value text it had there. `original_doc`, the
@@ -70,10 +72,11 @@ def render(doc: Doc, *, original: bytes | None = None, original_doc: Doc | None 
         if old is None or not (before.get(key) is value or same(old.value, value)):
             old = _Member(_dumps(key), _dumps(value), value)
         members[key] = old
+    ending = "\n" if original is not None and original.endswith(b"\n") else ""
     if not members:
-        return b"{}\n"
+        return ("{}" + ending).encode("utf-8")
     lines = ",\n".join(f"  {m.key_text}: {m.value_text}" for m in members.values())
-    data = ("{\n" + lines + "\n}\n").encode("utf-8")
+    data = ("{\n" + lines + "\n}" + ending).encode("utf-8")
     _keep(data, members)
     return data
 

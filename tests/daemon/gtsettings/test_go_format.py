@@ -49,7 +49,7 @@ def go_marshal(binary: Path, documents: list[Any]) -> list[bytes]:
     texts = done.stdout.split(b"\0")[:-1]
     if go_minor() < 22:
         texts = [t.replace(b"\\u0008", b"\\b").replace(b"\\u000c", b"\\f") for t in texts]
-    return [text + b"\n" for text in texts]
+    return texts
 
 
 @functools.cache

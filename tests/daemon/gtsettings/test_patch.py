@@ -226,11 +226,17 @@ def test_escaped_surrogate_pairs_and_other_escapes_are_read() -> None:
 # --- rendering ------------------------------------------------------------------------------
 
 
-def test_render_writes_two_space_json_with_a_newline() -> None:
-    """A document renders as indent-2 JSON, non-ASCII kept, one trailing newline."""
+def test_render_writes_two_space_json_ending_as_the_file_did() -> None:
+    """A document renders as indent-2 JSON, non-ASCII kept, with no newline at the end, as
+    gt's SaveTownSettings and SaveRigSettings write it; over a file that ended with one, it
+    keeps it."""
     doc = {"type": "rig-settings", "version": 1, "agent": "café", "role_agents": {}}
-    assert render(doc) == (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
-    assert render({}) == b"{}\n"
+    as_gt = json.dumps(doc, indent=2, ensure_ascii=False).encode()
+    assert render(doc) == as_gt
+    assert render({}) == b"{}"
+    assert render(doc, original=as_gt) == as_gt
+    assert render(doc, original=as_gt + b"\n") == as_gt + b"\n"
+    assert render({}, original=b"{}\n") == b"{}\n"
 
 
 def test_render_keeps_unchanged_members_byte_exact() -> None:

@@ -309,9 +309,7 @@ async def test_patch_creates_missing_files_and_folders(tmp_path: Path, events: E
     result = await store.patch(body)
     assert result.files == ["settings/config.json", "docs/settings/config.json"]
     town = (root / TOWN_FILE).read_bytes()
-    assert (
-        town == b'{\n  "type": "town-settings",\n  "version": 1,\n  "default_agent": "codex"\n}\n'
-    )
+    assert town == b'{\n  "type": "town-settings",\n  "version": 1,\n  "default_agent": "codex"\n}'
     rig = json.loads((root / "docs" / TOWN_FILE).read_bytes())
     assert list(rig) == ["type", "version", "role_agents"]
     assert stat.S_IMODE(os.stat(root / "docs" / TOWN_FILE).st_mode) == 0o644
