@@ -129,6 +129,7 @@ async def run_daemon(
         env_file=options.env_file,
         socket=options.socket,
         claude_helper_ttl=options.claude_helper_ttl,
+        town_id=options.town_id,
     )
     notifier = Notifier(bus=bus, hooks=options.hooks, signals=options.signals)
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)

@@ -54,7 +54,7 @@ def _settings_file(env: Mapping[str, str]) -> str:
     return os.path.join(home, ".claude", "settings.json")
 
 
-def helper_command(*, python: str, env_file: Path, socket: Path) -> str:
+def helper_command(*, python: str, env_file: Path, socket: Path, town_id: str | None = None) -> str:
     """The shell line Claude Code runs, by absolute paths and with no secret: `token_helper.sh`,
     which prints a plainly acceptable token from the env file itself and otherwise becomes
     `gastown-sandboxd token` (`python -I -m gastown_sandboxd.agents token …`).
@@ -63,12 +63,14 @@ def helper_command(*, python: str, env_file: Path, socket: Path) -> str:
     each, CPU per run: 4.6-5.3 ms for the script (dash, `date` and `base64`) against
     46.7-49.4 ms for `gastown-sandboxd token`, most of it the interpreter and its imports.
     """
+    town = [town_id] if town_id else []
     if not os.path.isfile(HELPER_SCRIPT):
         # Not a file on disk (the package imported from a zip): the command itself, as the
         # helper line of earlier releases ran it.
         paths = ["--env-file", str(env_file), "--socket", str(socket)]
+        paths += ["--town-id", town_id] if town_id else []
         return shlex.join([python, *TOKEN_WORDS, *paths])
-    return shlex.join([HELPER_SHELL, HELPER_SCRIPT, str(env_file), str(socket), python])
+    return shlex.join([HELPER_SHELL, HELPER_SCRIPT, str(env_file), str(socket), python, *town])
 
 
 def is_daemon_helper(value: object) -> bool:
@@ -80,7 +82,7 @@ def is_daemon_helper(value: object) -> bool:
         words = shlex.split(value)
     except ValueError:
         return False
-    if len(words) == 5 and words[1].endswith(_SCRIPT_TAIL):
+    if len(words) in (5, 6) and words[1].endswith(_SCRIPT_TAIL):
         return True
     return tuple(words[1:5]) == TOKEN_WORDS
 

@@ -86,6 +86,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         dest="env_file",
         help="env file (env GASTOWN_ENV_FILE, TOML env_file; else the running daemon's)",
     )
+    parser.add_argument(
+        "--town-id",
+        dest="town_id",
+        help="the town whose tokens alone are taken (env TOWN_ID; shims and the helper carry it)",
+    )
 
 
 def add_exec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +130,11 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     if not argv:
         say("exec needs a command: exec -- CMD [ARGS...]")
         return EXIT_USAGE
-    where = locate(args.env_file, args.socket, args.config)
+    where = locate(args.env_file, args.socket, args.config, town_id=args.town_id)
     values, token = current_token(where, say=say)
+    if where.town_id is not None and token is not None and token_town(token) != where.town_id:
+        say(f"the env file's token is of another town than {where.town_id}; CMD gets none")
+        token = None
     if not usable(token, where.town_id):
         # An expired token still goes out: it fails as loudly as none, and says which one.
         say("no unexpired token after asking the daemon; running the command anyway")
@@ -134,6 +142,11 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     env = agent_environment(
         os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
     )
+    if where.town_id is not None:
+        # Another town's token, from the env file or inherited: its usage would be billed
+        # to that town, and the daemon itself refuses it.
+        for name in [name for name, v in env.items() if token_town(v) not in (None, where.town_id)]:
+            del env[name]
     # Tools the agent runs (`gastown-sandboxd status`, a nested exec) find the same daemon.
     env.setdefault("GASTOWN_SANDBOXD_SOCKET", str(where.socket))
     env.setdefault("GASTOWN_ENV_FILE", str(where.env_file))
@@ -148,7 +161,7 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
 
 def run_token(args: argparse.Namespace, *, say: Say = _say) -> int:
     """`token`: the current token on stdout, or exit 1 with stdout empty."""
-    where = locate(args.env_file, args.socket, args.config)
+    where = locate(args.env_file, args.socket, args.config, town_id=args.town_id)
     _values, token = current_token(where, say=say)
     if token is None or not usable(token, where.town_id):
         say("no acceptable token, even after asking the daemon")
@@ -173,13 +186,20 @@ def _default_signals() -> None:
         _signal.signal(number, _signal.SIG_DFL)
 
 
-def locate(env_file: str | None, socket: str | None, config_file: Path | None) -> Where:
+def locate(
+    env_file: str | None,
+    socket: str | None,
+    config_file: Path | None,
+    *,
+    town_id: str | None = None,
+) -> Where:
     """The env file by flag, environment or TOML; else the running daemon's; else the default.
+    The town by flag (shims and the helper carry the daemon's), environment or TOML.
 
     With both paths given (as shims and the helper give them) nothing else is read.
     """
     if env_file and socket and config_file is None:
-        return Where(env_file, socket, os.environ.get("TOWN_ID") or None)
+        return Where(env_file, socket, town_id or os.environ.get("TOWN_ID") or None)
     from gastown_sandboxd.client import running_daemon_env_file
     from gastown_sandboxd.options import load_client_options
 
@@ -188,7 +208,7 @@ def locate(env_file: str | None, socket: str | None, config_file: Path | None) -
     named = options.env_file
     if not options.env_file_given:
         named = running_daemon_env_file(options.socket) or options.env_file
-    return Where(os.fspath(named), os.fspath(options.socket), options.town_id)
+    return Where(os.fspath(named), os.fspath(options.socket), town_id or options.town_id)
 
 
 def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str | None]:
@@ -248,15 +268,22 @@ def is_gateway_token(value: str) -> bool:
     Also with blanks or a line end around it, or in one pair of quotes (a value copied from
     a file or a shell): a CLI that trims its variable would still send that old token.
     """
+    return token_town(value) is not None
+
+
+def token_town(value: str) -> str | None:
+    """The town of the sandbox token `value` (of any age; read as `is_gateway_token` reads
+    it), or None when it is none."""
     value = value.strip()
     if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
         value = value[1:-1].strip()
     if value.count(".") != 2 or len(value) > 8192:
-        return False
+        return None
     try:
-        return decode_unverified(value).type == TOKEN_TYPE
+        claims = decode_unverified(value)
     except (TokenError, ValueError):
-        return False
+        return None
+    return claims.town_id if claims.type == TOKEN_TYPE else None
 
 
 def agent_environment(

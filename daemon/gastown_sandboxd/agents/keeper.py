@@ -38,6 +38,7 @@ class AgentKeeper:
     env_file: Path
     socket: Path
     claude_helper_ttl: float
+    town_id: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     python: str = field(default_factory=lambda: sys.executable)
     interval: float = 30.0
@@ -52,6 +53,7 @@ class AgentKeeper:
             env_file=self.env_file,
             socket=self.socket,
             claude_helper_ttl_ms=max(1, round(self.claude_helper_ttl * 1000)),
+            town_id=self.town_id,
         )
 
     async def run(
@@ -114,7 +116,7 @@ class AgentKeeper:
         """Set `apiKeyHelper` in Claude's user settings, every other key kept."""
         path = claude.settings_path(self.environ)
         command = claude.helper_command(
-            python=self.python, env_file=self.env_file, socket=self.socket
+            python=self.python, env_file=self.env_file, socket=self.socket, town_id=self.town_id
         )
         # A settings file that is a symlink (a dotfiles checkout) is written where it leads,
         # the link kept, with the mode of the file it leads to.

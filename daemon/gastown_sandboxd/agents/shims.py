@@ -29,12 +29,15 @@ class ShimSpec:
     env_file: Path
     socket: Path
     claude_helper_ttl_ms: int
+    town_id: str | None = None  # not a secret: a token of another town is then refused
 
 
 def shim_text(name: str, real: Path, spec: ShimSpec) -> str:
     """The shim's whole text; equal inputs give equal bytes (a changed input rewrites it)."""
     argv = [spec.python, "-I", "-m", "gastown_sandboxd.agents", "exec"]
     argv += ["--env-file", str(spec.env_file), "--socket", str(spec.socket)]
+    if spec.town_id:
+        argv += ["--town-id", spec.town_id]
     if name == "claude":
         argv += ["--helper-ttl-ms", str(spec.claude_helper_ttl_ms)]
     argv += ["--", str(real)]

@@ -1,14 +1,16 @@
 # Claude Code's apiKeyHelper, as the daemon writes it into Claude's settings:
-#   /bin/sh .../gastown_sandboxd/agents/token_helper.sh ENV_FILE SOCKET PYTHON
+#   /bin/sh .../gastown_sandboxd/agents/token_helper.sh ENV_FILE SOCKET PYTHON [TOWN]
 # Prints the env file's token and nothing else when it is plainly acceptable (CONTRACT §3)
 # now, without starting Python; in every other case it becomes `gastown-sandboxd token`
-# (PYTHON -I -m gastown_sandboxd.agents token --env-file ENV_FILE --socket SOCKET), which
+# (PYTHON -I -m gastown_sandboxd.agents token --env-file ENV_FILE --socket SOCKET
+# [--town-id TOWN]), which
 # judges the token in full and asks the daemon to refresh it when it must.
 #
 # "Plainly" is narrower than the rules, never wider: the last line naming KILO_JWT is
 # `KILO_JWT=` and the token alone; its header is HS256's usual one, its signature 32 bytes;
 # its payload is a flat JSON object of plain strings, whole numbers and literals, with no
-# space and no escape, in which `type` is the sandbox's, `town_id` is $TOWN_ID (when set),
+# space and no escape, in which `type` is the sandbox's, `town_id` is TOWN (the daemon's,
+# which the line carries; else $TOWN_ID when set),
 # `sub` is a non-empty string, `iat` and `exp` whole numbers, the lifetime allowed, the issue
 # time not ahead and the expiry more than the margin away, each with a second or two to
 # spare (`date` counts whole seconds, and the token is used just after). Anything else goes
@@ -18,9 +20,13 @@
 set -u
 LC_ALL=C  # bytes, and character classes of ASCII alone
 export LC_ALL
-env_file=$1 socket=$2 python=$3
+env_file=$1 socket=$2 python=$3 want_town=${4:-${TOWN_ID:-}}
 
 full() {
+    if [ -n "${want_town}" ]; then
+        exec "${python}" -I -m gastown_sandboxd.agents token --env-file "${env_file}" \
+            --socket "${socket}" --town-id "${want_town}"
+    fi
     exec "${python}" -I -m gastown_sandboxd.agents token --env-file "${env_file}" --socket "${socket}"
 }
 
@@ -171,7 +177,7 @@ done
 
 [ "${type}" = gastown_sandbox ] || full
 [ -n "${sub}" ] || full
-[ -z "${TOWN_ID:-}" ] || [ "${town}" = "${TOWN_ID}" ] || full
+[ -z "${want_town}" ] || [ "${town}" = "${want_town}" ] || full
 [ -n "${iat}" ] || full
 [ -n "${exp}" ] || full
 [ "${#iat}" -le 15 ] || full

@@ -357,3 +357,32 @@ def test_the_helper_with_no_acceptable_token_exits_1_with_one_line(tmp_path: Pat
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr.count("\n") == 2, done.stderr  # the daemon is away; nothing acceptable
     assert "no acceptable token" in done.stderr
+
+
+def test_a_token_of_another_town_reaches_no_command_when_the_town_is_known(
+    tmp_path: Path,
+) -> None:
+    """An env file copied from another town (a restored volume): with the town the shims
+    carry (`--town-id`) and no TOWN_ID in the agent's environment, the command gets neither
+    that token nor an inherited one of that town, and stderr says why; `token` exits 1. Before,
+    both handed it over, and the gateway billed the other town for the agent's calls."""
+    foreign = mint(NOW, town_id="town-other")
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={foreign}\nKEPT=yes\n")
+    script = 'printf "%s|%s|%s|%s" "$KILO_JWT" "$KILOCODE_TOKEN" "$ANTHROPIC_AUTH_TOKEN" "$KEPT"'
+    light = _light_exec(tmp_path, env_file)
+    done = subprocess.run(
+        [*light[:-1], "--town-id", "town-1", "--", "bash", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "ANTHROPIC_AUTH_TOKEN": foreign},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "|||yes")
+    assert "of another town than town-1" in done.stderr
+    paths = ["--env-file", str(env_file), "--socket", str(tmp_path / "none.sock")]
+    printed = run_importing(
+        ["-I"], ["-m", "gastown_sandboxd.agents", "token", *paths, "--town-id", "town-1"]
+    )
+    assert (printed.returncode, printed.stdout) == (1, "")

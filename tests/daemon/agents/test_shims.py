@@ -16,7 +16,7 @@ from gastown_sandboxd.agents.shims import (
     shim_text,
     sync_shims,
 )
-from tests.daemon.minting import mint
+from tests.daemon.minting import TOWN, mint
 
 
 def _tool(folder: Path, name: str, body: str = "#!/bin/sh\necho real\n") -> Path:
@@ -33,6 +33,7 @@ def _spec(tmp_path: Path) -> ShimSpec:
         env_file=tmp_path / "env file" / ".env.gateway",
         socket=tmp_path / "d.sock",
         claude_helper_ttl_ms=300_000,
+        town_id=TOWN,
     )
 
 
@@ -96,10 +97,12 @@ def test_a_file_in_the_shim_folder_that_is_no_shim_is_never_removed(tmp_path: Pa
 
 
 def test_a_shim_carries_paths_only_and_quotes_them(tmp_path: Path) -> None:
-    """Absolute paths (spaces quoted), the helper TTL for claude, no token, no PATH lookup."""
+    """Absolute paths (spaces quoted), the town, the helper TTL for claude, no token, no PATH
+    lookup."""
     spec = _spec(tmp_path)
     text = shim_text("claude", Path("/opt/my tools/claude"), spec)
     assert text.startswith("#!/bin/sh\n")
+    assert f"--town-id {TOWN}" in text
     assert f"'{spec.env_file}'" in text
     assert "'/opt/my tools/claude'" in text
     assert "--helper-ttl-ms 300000" in text
@@ -135,6 +138,13 @@ def test_a_shim_runs_the_real_binary_with_the_token_through_exec(tmp_path: Path)
         [str(shims / "kilo")], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
     )
     assert done.stdout == f"{spec.env_file}|{spec.socket}"
+    # An env file with another town's token: the shim's town keeps it from the agent.
+    probe.write_text('#!/bin/sh\nprintf "%s|%s" "$KILOCODE_TOKEN" "$KILO_JWT"\n')
+    spec.env_file.write_text(f"KILO_JWT={mint(time.time(), town_id='town-other')}\n")
+    done = subprocess.run(
+        [str(shims / "kilo")], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
+    assert (done.returncode, done.stdout) == (0, "|")
 
 
 def test_a_cli_in_a_folder_whose_name_is_not_utf8_gets_a_shim_that_runs_it(tmp_path: Path) -> None:

@@ -45,13 +45,17 @@ class Helper:
         self.python.chmod(0o755)
         self.shell = shell
 
-    def run(self, env_text: str | None, **env: str) -> tuple[str, list[str] | None]:
-        """(stdout, the arguments Python got or None when it never ran)."""
+    def run(
+        self, env_text: str | None, *, town: str | None = None, **env: str
+    ) -> tuple[str, list[str] | None]:
+        """(stdout, the arguments Python got or None when it never ran); `town`: the town the
+        line carries, as the keeper writes it."""
         if env_text is not None:
             self.env_file.write_text(env_text)
         args = Path(f"{self.python}.args")
         args.unlink(missing_ok=True)
         argv = [self.shell, HELPER_SCRIPT, str(self.env_file), str(self.socket), str(self.python)]
+        argv += [town] if town is not None else []
         done = subprocess.run(
             [shutil.which(argv[0]) or argv[0], *argv[1:]],
             env={"PATH": "/usr/bin:/bin", **env},
@@ -63,11 +67,12 @@ class Helper:
         called = args.read_text().splitlines() if args.exists() else None
         return done.stdout, called
 
-    def full_argv(self) -> list[str]:
-        """What `gastown-sandboxd token` gets: the same paths, the light entry."""
+    def full_argv(self, town: str | None = None) -> list[str]:
+        """What `gastown-sandboxd token` gets: the same paths and town, the light entry."""
         return [
             *("-I", "-m", "gastown_sandboxd.agents", "token"),
             *("--env-file", str(self.env_file), "--socket", str(self.socket)),
+            *(("--town-id", town) if town is not None else ()),
         ]
 
 
@@ -195,9 +200,21 @@ def test_a_missing_or_odd_tool_goes_to_python(
 
 
 def test_another_town_goes_to_python(helper: Helper) -> None:
-    """TOWN_ID set to another town: not this sandbox's token."""
+    """TOWN_ID set to another town: not this sandbox's token; Python is told the town."""
     text = f"KILO_JWT={mint(time.time())}\n"
-    assert helper.run(text, TOWN_ID="town-2") == ("", helper.full_argv())
+    assert helper.run(text, TOWN_ID="town-2") == ("", helper.full_argv("town-2"))
+
+
+def test_the_town_the_line_carries_is_checked_without_town_id(helper: Helper) -> None:
+    """The keeper's line carries the daemon's town: a token of another town goes to Python
+    (which refuses it) though the agent's environment has no TOWN_ID, and the line's town
+    wins over a TOWN_ID the agent inherited. Before, with no TOWN_ID, the script printed
+    another town's token (a copied env file), and its usage was billed to that town."""
+    text = f"KILO_JWT={mint(time.time())}\n"
+    assert helper.run(text, town="town-2") == ("", helper.full_argv("town-2"))
+    assert helper.run(text, town="town-2", TOWN_ID=TOWN) == ("", helper.full_argv("town-2"))
+    token = mint(time.time())
+    assert helper.run(f"KILO_JWT={token}\n", town=TOWN) == (f"{token}\n", None)
 
 
 # Claims drawn near every boundary the rules draw, values of the wrong kind, and often a
@@ -256,7 +273,7 @@ def test_the_script_never_prints_a_token_the_rules_refuse(
         assert before
         assert after
         return
-    assert called == helper.full_argv()
+    assert called == helper.full_argv(town)
     margin = min(60, max(lifetime, 0) / 10)
     spare = claims["iat"] + lifetime > margin + 5 and claims["iat"] <= 295
     kinds = isinstance(claims["town_id"], str | None)
