@@ -16,7 +16,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from stat import S_ISREG
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -145,6 +145,75 @@ def with_helper(text: str, command: str) -> str | None:
     except UnicodeEncodeError:
         new = json.dumps(data, indent=2, ensure_ascii=True) + "\n"
     return new
+
+
+SETTINGS_MODE = 0o600
+# How `set_helper` ended: written, or why not.
+Outcome = Literal["written", "in_place", "empty", "changed", "unreadable", "not_json", "unwritable"]
+
+
+class HelperSet(NamedTuple):
+    """What `set_helper` did; `detail` says why it wrote nothing, `seen` is the empty file's
+    stat key when it was left for now."""
+
+    outcome: Outcome
+    detail: str = ""
+    seen: tuple[int, int, int] | None = None
+
+
+def set_helper(
+    path: Path, command: str, *, empty_seen: tuple[int, int, int] | None = None
+) -> HelperSet:
+    """Set `apiKeyHelper` to `command` in the settings file at `path`, every other key kept
+    (blocking). A symlink (a dotfiles checkout) is written where it leads, the link kept,
+    with the mode of the file it leads to; a new file gets 0600.
+
+    Claude Code writes its settings by truncating the file: an empty file may be one between
+    its truncate and its write, which a rename now would lose, so an empty file is written
+    only when its stat key is `empty_seen` (it stayed so since a look before: the keeper's
+    last pass). A file changed between the read and the write is left for the next try.
+    """
+    from pathlib import Path
+
+    from gastown_sandboxd.atomic import write_atomic
+    from gastown_sandboxd.errors import AtomicWriteError
+
+    target = Path(os.path.realpath(path))
+    seen = _stat_key(target)
+    try:
+        text = read_settings(str(target))
+        mode: int | None = None  # keep the file's own mode
+    except FileNotFoundError:
+        text, mode = "", SETTINGS_MODE
+    except (OSError, UnicodeDecodeError) as exc:
+        return HelperSet("unreadable", getattr(exc, "strerror", None) or "not UTF-8")
+    except SettingsNotJson as exc:
+        return HelperSet("not_json", str(exc))
+    try:
+        new = with_helper(text, command)
+    except SettingsNotJson as exc:
+        return HelperSet("not_json", str(exc))
+    if new is None:
+        return HelperSet("in_place")
+    if seen is not None and not text.strip() and empty_seen != seen:
+        return HelperSet("empty", seen=seen)
+    if _stat_key(target) != seen:
+        return HelperSet("changed")
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(target, new.encode("utf-8"), mode=mode)
+    except (OSError, AtomicWriteError) as exc:
+        return HelperSet("unwritable", exc.strerror or str(exc))
+    return HelperSet("written")
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file unchanged between a read and a write: inode, size, mtime (ns)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def helper_in_place(env: Mapping[str, str]) -> bool:

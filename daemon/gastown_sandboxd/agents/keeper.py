@@ -21,12 +21,9 @@ import structlog
 
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.agents.shims import ShimSpec, sync_shims
-from gastown_sandboxd.atomic import remove_stale_temporaries, write_atomic
-from gastown_sandboxd.errors import AtomicWriteError
+from gastown_sandboxd.atomic import remove_stale_temporaries
 
 log = structlog.get_logger(__name__)
-
-SETTINGS_MODE = 0o600
 
 
 @dataclass(kw_only=True)
@@ -118,53 +115,27 @@ class AgentKeeper:
         command = claude.helper_command(
             python=self.python, env_file=self.env_file, socket=self.socket, town_id=self.town_id
         )
-        # A settings file that is a symlink (a dotfiles checkout) is written where it leads,
-        # the link kept, with the mode of the file it leads to.
-        target = Path(os.path.realpath(path))
-        seen = _stat_key(target)
-        try:
-            text = claude.read_settings(str(target))
-            mode: int | None = None  # keep the file's own mode
-        except FileNotFoundError:
-            text, mode = "", SETTINGS_MODE
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or "not UTF-8"
-            self._once("claude", "claude_settings_unreadable", path=str(path), error=reason)
+        done = claude.set_helper(path, command, empty_seen=self._empty)
+        if done.outcome == "unreadable":
+            self._once("claude", "claude_settings_unreadable", path=str(path), error=done.detail)
             return
-        except claude.SettingsNotJson as exc:
-            self._not_json(path, exc)
-            return
-        try:
-            new = claude.with_helper(text, command)
-        except claude.SettingsNotJson as exc:
-            self._not_json(path, exc)
+        if done.outcome == "not_json":
+            self._not_json(path, done.detail)
             return
         self._reported.pop("claude", None)
-        if new is None:
-            return
-        if seen is not None and not text.strip() and self._empty != seen:
-            # Claude Code writes its settings by truncating the file: an empty file may be
-            # one between its truncate and its write, which a rename now would lose. Only an
-            # empty file that stayed as it was for a whole pass is written.
-            self._empty = seen
-            return
-        self._empty = None
-        if _stat_key(target) != seen:
-            return  # changed since it was read: the next pass reads it again
-        try:
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(target, new.encode("utf-8"), mode=mode)
-        except (OSError, AtomicWriteError) as exc:
-            self._once("claude", "claude_settings_unwritable", path=str(path), error=exc.strerror)
-            return
-        log.info("claude_api_key_helper_set", path=str(path))
+        # An empty file is written once it stayed so for a whole pass (`set_helper`).
+        self._empty = done.seen if done.outcome == "empty" else None
+        if done.outcome == "unwritable":
+            self._once("claude", "claude_settings_unwritable", path=str(path), error=done.detail)
+        elif done.outcome == "written":
+            log.info("claude_api_key_helper_set", path=str(path))
 
-    def _not_json(self, path: Path, problem: claude.SettingsNotJson) -> None:
+    def _not_json(self, path: Path, problem: str) -> None:
         self._once(
             "claude",
             "claude_settings_not_json",
             path=str(path),
-            problem=str(problem),
+            problem=problem,
             effect="left untouched; exec exports the token to claude instead",
         )
 
@@ -175,12 +146,3 @@ class AgentKeeper:
             return
         self._reported[key] = signature
         log.warning(event, **fields)
-
-
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    """What tells a file unchanged between a read and a write: inode, size, mtime (ns)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
