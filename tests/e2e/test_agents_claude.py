@@ -58,10 +58,15 @@ def start_sandbox(
     )
 
 
-def start_claude(sandbox: AgentSandbox, base_url: str, stale: str) -> subprocess.Popen[str]:
-    """`claude -p` through its shim, with the `stale` token gt would hand it."""
+def start_claude(
+    sandbox: AgentSandbox, base_url: str, stale: str, config_dir: Path | None = None
+) -> subprocess.Popen[str]:
+    """`claude -p` through its shim, with the `stale` token gt would hand it, and the
+    `CLAUDE_CONFIG_DIR` gt sets for an account, if any."""
     env = claude_env(base_url, sandbox.home)
     env.update(PATH=f"{sandbox.shims}{os.pathsep}{env['PATH']}", ANTHROPIC_AUTH_TOKEN=stale)
+    if config_dir is not None:
+        env["CLAUDE_CONFIG_DIR"] = str(config_dir)
     return subprocess.Popen(
         [str(sandbox.shims / "claude"), "-p", "Run `true` with Bash.", "--allowedTools", "Bash"],
         env=env,
@@ -72,12 +77,21 @@ def start_claude(sandbox: AgentSandbox, base_url: str, stale: str) -> subprocess
     )
 
 
+@pytest.mark.parametrize("folder", ["default", "account"])
 def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_one(
-    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, folder: str
 ) -> None:
-    """First request: current token (not the stale one); after a refresh: the new one."""
+    """First request: current token (not the stale one); after a refresh: the new one. Also
+    in a gt account's CLAUDE_CONFIG_DIR, whose settings the keeper never saw: the shim's
+    exec sets the helper there (before, claude got the token in ANTHROPIC_AUTH_TOKEN and
+    sent that one for its whole life, a reviewer's session 34 s past its expiry)."""
     sandbox = start_sandbox(cloud, daemon_factory, tmp_path, f"{HELPER_TTL}s")
     town, home = sandbox.town, sandbox.home
+    config_dir = home / ".claude"
+    if folder == "account":
+        config_dir = home / "accounts" / "work"
+        config_dir.mkdir(parents=True)
+        (config_dir / "settings.json").write_text('{"theme": "dark"}\n')
     stale = town.mint(lifetime=600, now=int(time.time()) - 3600)
 
     refreshed = threading.Event()
@@ -96,7 +110,8 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
         return "text" if got_new or turn >= MAX_TURNS else "tool"
 
     with messages_standin(answer) as standin:
-        with start_claude(sandbox, standin.url, stale) as claude:
+        account = config_dir if folder == "account" else None
+        with start_claude(sandbox, standin.url, stale, account) as claude:
             try:
                 standin.wait_for(lambda messages: len(messages) >= 1, deadline=30)
                 fresh.append(sandbox.refresh())
@@ -122,9 +137,10 @@ def test_claude_through_its_shim_sends_the_current_token_and_then_the_refreshed_
     assert first_new > 0
     assert set(bearers[first_new:]) == {fresh[0]}
     assert set(bearers[:first_new]) == {town.token}
-    settings = json.loads((home / ".claude" / "settings.json").read_text())
+    settings = json.loads((config_dir / "settings.json").read_text())
     assert settings["theme"] == "dark"
     assert town.token not in json.dumps(settings)
+    assert settings["apiKeyHelper"].endswith(f" {town.id}")
 
 
 def test_a_token_the_gateway_refuses_is_replaced_at_claudes_next_try_not_after_the_ttl(

@@ -3,8 +3,9 @@
 Claude Code runs `apiKeyHelper` again every `CLAUDE_CODE_API_KEY_HELPER_TTL_MS`, and before
 each retry after a 401 or 403 (2.1.337: ~1 s after the refusal, then backing off), and sends
 its output as the credential, but only while `ANTHROPIC_AUTH_TOKEN` is unset (a set variable
-wins). So the daemon keeps the helper in Claude Code's user settings, and `exec` starts
-`claude` without that variable whenever the helper it finds there is the daemon's. The
+wins). So the daemon keeps the helper in Claude Code's user settings, `exec` sets it in a
+`CLAUDE_CONFIG_DIR` that lacks it (a gt account's folder), and `exec` starts `claude` without
+that variable whenever the helper it finds there is the daemon's. The
 helper is `token_helper.sh` (beside this module): a fresh token costs a shell, not Python.
 Pure and standard-library only: `exec` reads these rules on every agent start.
 """

@@ -139,6 +139,8 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
         # An expired token still goes out: it fails as loudly as none, and says which one.
         say("no unexpired token after asking the daemon; running the command anyway")
     program = os.path.basename(argv[0])
+    if program == "claude":
+        _helper_in_account(where, {**os.environ, **values}, say=say)
     env = agent_environment(
         os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
     )
@@ -173,6 +175,29 @@ def run_token(args: argparse.Namespace, *, say: Say = _say) -> int:
         # A reader that went away: end quietly (stdout points at nothing from here on).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def _helper_in_account(where: Where, env: Mapping[str, str], *, say: Say) -> None:
+    """A `CLAUDE_CONFIG_DIR` (a gt account: gt starts each role's claude with its own) whose
+    settings lack the daemon's helper gets it, as the keeper keeps it in the default folder:
+    a session started with the token in ANTHROPIC_AUTH_TOKEN sent that one token for its
+    whole life, expired included (a reviewer, with the real Claude Code). Written once per
+    folder; a file that is not JSON, or empty (Claude Code may be writing it), is left, and
+    claude gets the token instead, as before."""
+    if not env.get("CLAUDE_CONFIG_DIR") or claude.helper_in_place(env):
+        return
+    from pathlib import Path
+
+    command = claude.helper_command(
+        python=sys.executable,
+        env_file=Path(where.env_file),
+        socket=Path(where.socket),
+        town_id=where.town_id,
+    )
+    path = claude.settings_path(env)
+    done = claude.set_helper(path, command)
+    if done.outcome not in ("written", "in_place"):
+        say(f"apiKeyHelper not set in {path} ({done.outcome}): claude gets the token instead")
 
 
 def _default_signals() -> None:

@@ -386,3 +386,42 @@ def test_a_token_of_another_town_reaches_no_command_when_the_town_is_known(
         ["-I"], ["-m", "gastown_sandboxd.agents", "token", *paths, "--town-id", "town-1"]
     )
     assert (printed.returncode, printed.stdout) == (1, "")
+
+
+def test_exec_sets_the_helper_in_a_claude_config_dir_that_lacks_it(tmp_path: Path) -> None:
+    """A gt account's CLAUDE_CONFIG_DIR: exec writes the daemon's helper into its settings
+    (every other key kept) and starts claude without ANTHROPIC_AUTH_TOKEN; a settings file
+    that is not JSON is left as it is, and claude gets the token, with one line saying so."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "claude").write_text('#!/bin/sh\nprintf "%s" "$ANTHROPIC_AUTH_TOKEN"\n')
+    (real / "claude").chmod(0o755)
+    light = _light_exec(tmp_path, env_file)
+    for settings, token in (('{"theme": "dark"}\n', ""), ("{not json", CURRENT)):
+        account = tmp_path / f"account-{len(token)}"
+        account.mkdir()
+        (account / "settings.json").write_text(settings)
+        done = subprocess.run(
+            [*light[:-1], "--town-id", "town-1", "--", str(real / "claude")],
+            env={"PATH": "/usr/bin:/bin", "CLAUDE_CONFIG_DIR": str(account), "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert (done.returncode, done.stdout) == (0, token), done.stderr
+        if token:
+            assert (account / "settings.json").read_text() == settings
+            assert "apiKeyHelper not set" in done.stderr
+            continue
+        assert done.stderr == ""
+        written = json.loads((account / "settings.json").read_text())
+        assert written["theme"] == "dark"
+        assert written["apiKeyHelper"] == helper_command(
+            python=sys.executable,
+            env_file=env_file,
+            socket=tmp_path / "none.sock",
+            town_id="town-1",
+        )
