@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
+MAX_ENV_FILE_BYTES = 1 << 20
 DEFAULT_HELPER_TTL_MS = 300_000
 # Set to the token for every command: the gateway's own variables.
 GATEWAY_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
@@ -238,12 +239,12 @@ def locate(
 
 def current_token(where: Where, *, say: Say = _say) -> tuple[dict[str, str], str | None]:
     """The env file's variables and token, after asking the daemon when it is not usable."""
-    values = read_values(where.env_file)
+    values = read_values(where.env_file, os.environ)
     token = values.get(TOKEN_KEY)
     if usable(token, where.town_id):
         return values, token
     _ask_daemon_to_refresh(where.socket, say=say)
-    values = read_values(where.env_file)
+    values = read_values(where.env_file, os.environ)
     return values, values.get(TOKEN_KEY) or None
 
 
@@ -267,13 +268,26 @@ def resolve_command(command: str, search_path: str) -> str:
     return command
 
 
-def read_values(path: StrPath) -> dict[str, str]:
-    """Every variable the env file sets; empty when it cannot be read."""
+def read_values(path: StrPath, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every variable the env file sets, as bash would see them (`$NAME` expanded from the
+    lines before and then `environ`); empty when it cannot be read, is no regular file (a
+    FIFO or /dev/zero held an agent's start, and the helper, for ever) or is over 1 MiB."""
+    from stat import S_ISREG
+
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            return read_env_values(handle.read())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return {}
+    try:
+        with open(fd, "rb") as handle:
+            if not S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            data = handle.read(MAX_ENV_FILE_BYTES + 1)
+    except OSError:
+        return {}
+    if len(data) > MAX_ENV_FILE_BYTES:
+        return {}
+    return read_env_values(data.decode("utf-8", "surrogateescape"), environ)
 
 
 def usable(token: str | None, town_id: str | None, *, now: float | None = None) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -72,11 +72,21 @@ class EnvFile(NamedTuple):
         return EnvFile(tuple(lines))
 
 
-def read_env_values(text: str) -> dict[str, str]:
-    """Every variable the text assigns, with the value bash would see (the last one wins)."""
+def read_env_values(text: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every variable the text assigns, with the value bash would see (the last one wins).
+
+    With `environ` (the environment the file is sourced in), `$NAME` and `${NAME}` in a value
+    are expanded, as bash does, from the lines before it and then from `environ`: an env file
+    line `ANTHROPIC_BASE_URL=$KILO_API_URL/api/gateway/anthropic` was exported as written,
+    where a shell that sources the file gets the URL."""
     values: dict[str, str] = {}
+
+    def lookup(name: str) -> str | None:
+        found = values.get(name)
+        return found if found is not None else environ.get(name) if environ else None
+
     for line in EnvFile.parse(text).lines:
-        parsed = _assignment(line)
+        parsed = _assignment(line, lookup if environ is not None else None)
         if parsed is not None:
             values[parsed[0]] = parsed[1]
     return values
@@ -132,20 +142,73 @@ def _key_of(line: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _assignment(line: str) -> tuple[str, str] | None:
+def _assignment(
+    line: str, lookup: Callable[[str], str | None] | None = None
+) -> tuple[str, str] | None:
     match = _ASSIGNMENT.fullmatch(line)
     if match is None:
         return None
     key, rest = match.groups()
     # Only the first word counts: what follows is a comment (or a command bash would run).
-    # The dummy "_=" makes an empty value a word of its own, as `KEY= # c` is in bash.
-    lexer = shlex.shlex("_=" + rest, posix=True)
-    lexer.whitespace_split = True
-    lexer.commenters = ""
-    try:
-        word = lexer.get_token()
-    except ValueError:
-        return None
-    if word is None or not word.startswith("_="):
-        return None
-    return key, word[2:]
+    value = _first_word(rest, lookup)
+    return None if value is None else (key, value)
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BLANKS = " \t\r\n"  # \r too: a CRLF file's values end before it
+_ESCAPED_IN_DOUBLE_QUOTES = '$`"\\\n'
+
+
+def _first_word(text: str, lookup: Callable[[str], str | None] | None) -> str | None:
+    """The first shell word of `text` as bash reads an assignment's value: quotes removed,
+    backslashes resolved and, with `lookup`, `$NAME` and `${NAME}` expanded outside single
+    quotes (an unset name gives nothing). Anything else after a `$` (a command substitution,
+    `${NAME:-…}`) is kept as written: nothing is run. None for an unterminated quote."""
+    out: list[str] = []
+    i, end = 0, len(text)
+    while i < end and text[i] not in _BLANKS:
+        char = text[i]
+        if char == "'":
+            close = text.find("'", i + 1)
+            if close < 0:
+                return None
+            out.append(text[i + 1 : close])
+            i = close + 1
+        elif char == '"':
+            i += 1
+            while i < end and text[i] != '"':
+                if text[i] == "\\" and i + 1 < end and text[i + 1] in _ESCAPED_IN_DOUBLE_QUOTES:
+                    out.append("" if text[i + 1] == "\n" else text[i + 1])
+                    i += 2
+                elif text[i] == "$":
+                    i = _expand(text, i, out, lookup)
+                else:
+                    out.append(text[i])
+                    i += 1
+            if i >= end:
+                return None
+            i += 1
+        elif char == "\\":
+            out.append("" if text[i + 1 : i + 2] == "\n" else text[i + 1 : i + 2])
+            i += 2
+        elif char == "$":
+            i = _expand(text, i, out, lookup)
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _expand(text: str, at: int, out: list[str], lookup: Callable[[str], str | None] | None) -> int:
+    # `text[at]` is "$": the value of `$NAME` or `${NAME}` into `out`, else "$" as written.
+    if lookup is not None:
+        name = _NAME.match(text, at + 1)
+        if name is not None:
+            out.append(lookup(name.group()) or "")
+            return name.end()
+        braced = _NAME.match(text, at + 2) if text.startswith("{", at + 1) else None
+        if braced is not None and text.startswith("}", braced.end()):
+            out.append(lookup(braced.group()) or "")
+            return braced.end() + 1
+    out.append("$")
+    return at + 1

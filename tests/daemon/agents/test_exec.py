@@ -425,3 +425,15 @@ def test_exec_sets_the_helper_in_a_claude_config_dir_that_lacks_it(tmp_path: Pat
             socket=tmp_path / "none.sock",
             town_id="town-1",
         )
+
+
+def test_an_env_file_that_is_no_regular_file_or_too_large_reads_as_empty(tmp_path: Path) -> None:
+    """A FIFO (no writer) and /dev/zero held an agent's start and the helper for ever; they
+    and a file over 1 MiB now read as no variables, at once."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    large = tmp_path / "large"
+    large.write_text(f"KILO_JWT={CURRENT}\n" + "#" * (1 << 20))
+    for path in (fifo, Path("/dev/zero"), large):
+        assert read_values(path) == {}
+    assert read_values(tmp_path / "missing") == {}

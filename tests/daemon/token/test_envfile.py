@@ -142,6 +142,50 @@ def test_read_env_values_lists_every_variable() -> None:
     assert read_env_values("# c\nA=1\nexport B='2 3'\nA=4\nbad line\n") == {"A": "4", "B": "2 3"}
 
 
+# Lines whose values bash expands, quotes or escapes; every value here is what bash gives.
+EXPANDED = r"""KILO_API_URL=https://api.kilo.example
+ANTHROPIC_BASE_URL=$KILO_API_URL/api/gateway/anthropic
+BRACED="${KILO_API_URL}/v1" # a comment
+FROM_OUTSIDE=$OUTSIDE-x
+UNSET=a${NOT_SET_ANYWHERE}b
+SINGLE='$KILO_API_URL'
+ESCAPED=\$KILO_API_URL
+QUOTED="say \"hi\" \$5 and \\"
+MIXED=pre'$A'"$OUTSIDE"post
+EMPTY= # nothing
+"""
+
+
+def test_values_are_expanded_as_bash_expands_them(tmp_path: Path) -> None:
+    """With the environment it is sourced in, `$NAME` and `${NAME}` expand from the lines
+    before and then from that environment, outside single quotes: each value equals what
+    bash itself gives after `set -a; . FILE`. Before, `exec` exported `$KILO_API_URL/...`
+    as written (a reviewer: codex sent the literal `${KILO_JWT}` as its key)."""
+    path = tmp_path / "env"
+    path.write_text(EXPANDED)
+    outside = {"OUTSIDE": "from the environment"}
+    values = read_env_values(EXPANDED, outside)
+    shell = 'set -a; . "$1"; set +a; for n in "${@:2}"; do printf "%s\\0" "${!n}"; done'
+    done = subprocess.run(
+        ["bash", "-c", shell, "_", str(path), *values],
+        env={"PATH": "/usr/bin:/bin", **outside},
+        capture_output=True,
+        check=True,
+    )
+    assert dict(zip(values, done.stdout.decode().split("\0")[:-1], strict=True)) == values
+    assert values["ANTHROPIC_BASE_URL"] == "https://api.kilo.example/api/gateway/anthropic"
+    assert read_env_values(EXPANDED)["ANTHROPIC_BASE_URL"] == "$KILO_API_URL/api/gateway/anthropic"
+
+
+def test_a_command_substitution_is_kept_as_written_and_never_run(tmp_path: Path) -> None:
+    """`$(…)` and `${NAME:-…}` are left as they are written: nothing is run."""
+    marker = tmp_path / "ran"
+    text = f"A=$(touch\t{marker})\nB=$(id)\nC=${{B:-x}}\nD='unterminated\n"
+    values = read_env_values(text, {})
+    assert values == {"A": "$(touch", "B": "$(id)", "C": "${B:-x}"}
+    assert not marker.exists()
+
+
 def test_read_token_of_missing_file_is_none(tmp_path: Path) -> None:
     """No file, no token."""
     assert read_token(tmp_path / "nope") is None
