@@ -229,3 +229,42 @@ def test_supervisord_starts_gt_through_agent_env(tmp_path: Path) -> None:
         supervisord.wait(15)
     assert seen["PATH"].split(":")[0] == str(tmp_path / ".local/share/gastown-sandboxd/bin")
     assert not set(TOKENS) & set(seen)
+
+
+PROFILE_D = PACKAGING / "profile.d" / "gastown-sandboxd.sh"
+
+
+@pytest.mark.parametrize("shell", ["bash", "sh"])
+def test_a_login_shell_keeps_the_shim_folder_first_with_the_profile_snippet(
+    tmp_path: Path, shell: str
+) -> None:
+    """A real login shell (`agent-env.sh bash -l`, a tmux pane without a command) runs
+    /etc/profile, which on Debian sets PATH anew: the shim folder was gone (a reviewer: the
+    shell's `claude` was the real one). The snippet, sourced after it as /etc/profile.d's are
+    (here from the home's login file, which a login shell reads after /etc/profile), puts it
+    back first, once; it passes shellcheck as POSIX sh."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for login_file in (".bash_profile", ".profile"):
+        (home / login_file).write_text(f". {PROFILE_D}\n")
+    shims = home / ".local/share/gastown-sandboxd/bin"
+    done = subprocess.run(
+        [str(AGENT_ENV), shell, "-l", "-c", 'printf "%s" "$PATH"'],
+        env={"HOME": str(home), "PATH": f"/usr/bin:/bin:{shims}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    entries = done.stdout.split(":")
+    assert entries[0] == str(shims)
+    assert entries.count(str(shims)) == 1
+    tool = shutil.which("shellcheck")
+    if tool is not None:
+        checked = subprocess.run(
+            [tool, "--shell=sh", "--enable=all", "--exclude=SC2250", str(PROFILE_D)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stdout
