@@ -382,6 +382,7 @@ def load_options(
     if check_paths:
         problems.take(lambda: check_town_root(options.town_root), None)
         problems.take(lambda: check_env_folder(options.env_file), None)
+        problems.take(lambda: check_env_file(options.env_file), None)
         problems.take(lambda: check_socket_path(options.socket), None)
         if not problems.found:
             # The folders `run` makes before it serves, made here the same way (so `check`
@@ -513,6 +514,35 @@ def check_env_folder(env_file: Path) -> None:
             setting,
             f"its folder {folder} does not exist",
             f"create it (mkdir -p {folder}) or set GASTOWN_ENV_FILE",
+        )
+
+
+def check_env_file(env_file: Path) -> None:
+    """What is at the env file's path, if anything, is a regular file the daemon's user can
+    read (a symlink is followed): a folder, a FIFO or a device there, or a file of another
+    user's with mode 0600, failed the first refresh with a traceback, where it is a setting
+    to fix (`OptionsError`). Opened without blocking, as `read_env` opens it."""
+    setting = "env file (GASTOWN_ENV_FILE)"
+    try:
+        fd = os.open(env_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # the daemon makes it
+    except OSError as exc:
+        raise OptionsError(
+            setting,
+            f"{env_file} cannot be read ({exc.strerror})",
+            "give it to the daemon's user (chown), or set GASTOWN_ENV_FILE",
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device"
+        raise OptionsError(
+            setting,
+            f"{env_file} is a {kind}, not a file (it is left as it is)",
+            "remove it (the daemon makes the file), or set GASTOWN_ENV_FILE",
         )
 
 

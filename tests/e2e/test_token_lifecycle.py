@@ -432,3 +432,80 @@ def test_sigkill_during_200_refreshes_and_pushes_never_leaves_a_bad_env_file(
         f"{len(values)} distinct tokens seen, outcomes {dict(outcomes)}, "
         f"leftover files {leftovers}, {elapsed:.1f} s"
     )
+
+
+def _put_in_place(env_file: Path, kind: str) -> None:
+    """A folder or a FIFO where the env file was. The daemon puts a deleted env file back
+    at once, so the folder is renamed in, again if it did."""
+    staged = env_file.with_name(f"staged-{kind}")
+    if kind == "fifo":
+        os.mkfifo(staged)
+        os.replace(staged, env_file)
+        return
+    staged.mkdir()
+    for _ in range(100):
+        with contextlib.suppress(FileNotFoundError):
+            env_file.unlink()
+        try:
+            os.rename(staged, env_file)
+        except OSError:
+            continue
+        return
+    pytest.fail("the daemon kept putting the env file back")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_an_env_file_turned_into_a_folder_or_fifo_fails_refreshes_and_the_daemon_stays(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, kind: str
+) -> None:
+    """A folder or a FIFO put where the env file was, while the daemon runs: a forced
+    refresh gets the cloud's token and answers 503 `storage_unavailable` (JSON), the daemon
+    runs on and says `degraded`, and once a file can be written again the next refresh
+    writes it. Before, the first refresh's read of the env file (a PermissionError or
+    IsADirectoryError) ended the daemon with a traceback, exit 1, and a FIFO held it in
+    `open` past SIGTERM."""
+    town = create_town(cloud)
+    # A minute old: the cloud's answer (minted now) is another token, which must be written.
+    older = town.mint(now=int(time.time()) - 60)
+    env_file = write_env(tmp_path / "home" / ".env.gateway", older)
+    daemon = start_daemon(daemon_factory, town, env_file)
+    _put_in_place(env_file, kind)
+    with daemon.local() as api:
+        refused = api.post("/token/refresh")
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "storage_unavailable"
+        assert api.get("/status").json()["state"] == "degraded"
+        if kind == "folder":
+            env_file.rmdir()
+        else:
+            env_file.unlink()
+        answer = api.post("/token/refresh")
+        assert answer.status_code == 200, answer.text
+    wait_until(lambda: source_token(env_file) not in ("", older), "the new token written")
+    assert daemon.process.poll() is None
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_at_the_env_files_path_stops_start_up_and_check(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path, kind: str
+) -> None:
+    """At start the same is a setting to fix: `check` and `run` exit 2 with one line naming
+    it (before: check said ok, run exited 1 with a traceback, or hung in `open`)."""
+    town = create_town(cloud)
+    env_file = write_env(tmp_path / "home" / ".env.gateway", town.token)
+    daemon = start_daemon(daemon_factory, town, env_file)
+    env = client_env(
+        daemon,
+        town.id,
+        CLOUD_API_URL=cloud.url,
+        INTERNAL_API_KEY=cloud.internal_key,
+        GT_TOWN_ROOT=str(daemon.town_root),
+    )
+    daemon.stop()
+    _put_in_place(env_file, kind)
+    for command in ("check", "run"):
+        done = cli(command, env=env, timeout=20)
+        assert done.returncode == 2, (command, done.stderr)
+        (line,) = done.stderr.splitlines()
+        assert "GASTOWN_ENV_FILE" in line
+        assert f"is a {'FIFO' if kind == 'fifo' else 'folder'}, not a file" in line

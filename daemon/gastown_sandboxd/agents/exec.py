@@ -26,7 +26,7 @@ from gastown_sandboxd._types import SECRETS_OF_THE_DAEMON
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.errors import TokenError
 from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, decode_unverified
-from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env_values
+from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env, read_env_values
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 REFRESH_WAIT = 10.0
-MAX_ENV_FILE_BYTES = 1 << 20
 DEFAULT_HELPER_TTL_MS = 300_000
 # Set to the token for every command: the gateway's own variables.
 GATEWAY_VARIABLES = ("ANTHROPIC_AUTH_TOKEN", "KILOCODE_TOKEN")
@@ -271,23 +270,13 @@ def resolve_command(command: str, search_path: str) -> str:
 def read_values(path: StrPath, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Every variable the env file sets, as bash would see them (`$NAME` expanded from the
     lines before and then `environ`); empty when it cannot be read, is no regular file (a
-    FIFO or /dev/zero held an agent's start, and the helper, for ever) or is over 1 MiB."""
-    from stat import S_ISREG
-
+    FIFO or /dev/zero held an agent's start, and the helper, for ever) or is over 1 MiB
+    (`read_env`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        text = read_env(path).render()
     except OSError:
         return {}
-    try:
-        with open(fd, "rb") as handle:
-            if not S_ISREG(os.fstat(fd).st_mode):
-                return {}
-            data = handle.read(MAX_ENV_FILE_BYTES + 1)
-    except OSError:
-        return {}
-    if len(data) > MAX_ENV_FILE_BYTES:
-        return {}
-    return read_env_values(data.decode("utf-8", "surrogateescape"), environ)
+    return read_env_values(text, environ)
 
 
 def usable(token: str | None, town_id: str | None, *, now: float | None = None) -> bool:

@@ -7,10 +7,14 @@ The daemon writes the token unquoted: it matches the JWT pattern, so it is shell
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
+
+from gastown_sandboxd.errors import AtomicWriteError
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
@@ -92,13 +96,30 @@ def read_env_values(text: str, environ: Mapping[str, str] | None = None) -> dict
     return values
 
 
+MAX_ENV_FILE_BYTES = 1 << 20
+
+
 def read_env(path: StrPath) -> EnvFile:
-    """The env file at `path`; an empty one when it does not exist."""
+    """The env file at `path`; an empty one when it does not exist.
+
+    Raises `OSError` when it cannot be read, is no regular file or is over 1 MiB. Opened
+    without blocking: a FIFO there (some secret injectors make one) held a worker thread in
+    `open` for ever, and the daemon with it, past SIGTERM; /dev/zero was read until the
+    memory ran out."""
     try:
-        with open(path, "rb") as handle:
-            return EnvFile.from_bytes(handle.read())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return EnvFile()
+    with open(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder, not the env file", os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        data = handle.read(MAX_ENV_FILE_BYTES + 1)
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise OSError(errno.EFBIG, "larger than 1 MiB", os.fspath(path))
+    return EnvFile.from_bytes(data)
 
 
 def read_token(path: StrPath) -> str | None:
@@ -125,7 +146,11 @@ def write_atomic(path: StrPath, data: bytes, *, mode: int | None = None) -> bool
 
 
 def _write_token_sync(path: StrPath, token: str) -> bool:
-    current = read_env(path)
+    try:
+        current = read_env(path)
+    except OSError as exc:  # nothing written: the file is as it was, as a failed replace
+        message = f"cannot read {os.fspath(path)}: {exc.strerror}"
+        raise AtomicWriteError(exc.errno, message) from exc
     old = current.to_bytes()
     new = current.with_value(TOKEN_KEY, token).to_bytes()
     if new == old:
