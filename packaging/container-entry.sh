@@ -35,12 +35,16 @@ daemon)
 	export GASTOWN_SANDBOXD_LISTEN=${GASTOWN_SANDBOXD_LISTEN:-0.0.0.0:8080}
 	if [[ $EUID -eq 0 ]]; then
 		user=${GASTOWN_SANDBOXD_USER:-gt}
-		home=$(getent passwd "$user" | cut -d: -f6) ||
+		account=$(getent passwd "$user") ||
 			{ printf 'container-entry: no user %s in this image\n' "$user" >&2; exit 2; }
+		# name:password:uid:gid:gecos:home:shell. The group is the user's primary group by
+		# its id: a user whose group has another name (nobody's is nogroup, useradd -N
+		# gives users) has no group of its own name for setpriv to find.
+		IFS=: read -r _ _ _ gid _ home _ <<<"$account"
 		# The env file and the town root default under HOME.
 		export HOME=$home USER=$user LOGNAME=$user
 		# setpriv execs in place: the daemon keeps this PID and receives the container's signals.
-		exec setpriv --reuid="$user" --regid="$user" --init-groups -- "$bin" run "$@"
+		exec setpriv --reuid="$user" --regid="$gid" --init-groups -- "$bin" run "$@"
 	fi
 	exec "$bin" run "$@"
 	;;

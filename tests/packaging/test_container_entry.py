@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,25 @@ def test_other_commands_pass_through() -> None:
     pid, result = entry(["sh", "-c", 'echo "$$"; exit 3'], {})
     assert result.returncode == 3
     assert result.stdout == f"{pid}\n"
+
+
+def test_daemon_mode_runs_as_a_user_whose_group_has_another_name() -> None:
+    """As root, a user whose primary group is not named after it (nobody's is nogroup;
+    `useradd -N` gives `users`): the daemon runs with that user's ids (before, setpriv was
+    given the user's name as a group and refused: `failed to parse regid`)."""
+    if os.getuid() != 0:
+        pytest.skip("only root switches users; others run the daemon as themselves")
+    user = pwd.getpwnam("nobody")
+    folder = Path(tempfile.mkdtemp(prefix="entry-"))  # one nobody can enter, unlike tmp_path
+    try:
+        folder.chmod(0o755)
+        standin = folder / "gastown-sandboxd"
+        standin.write_text('#!/bin/sh\nprintf \'{"uid": %s, "gid": %s}\' "$(id -u)" "$(id -g)"\n')
+        standin.chmod(0o755)
+        _, result = entry(
+            ["daemon"], {"GASTOWN_SANDBOXD_BIN": str(standin), "GASTOWN_SANDBOXD_USER": "nobody"}
+        )
+    finally:
+        shutil.rmtree(folder)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"uid": user.pw_uid, "gid": user.pw_gid}
