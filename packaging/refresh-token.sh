@@ -128,7 +128,9 @@ def is_int(value):
 
 def problem(token, town_id, now):
     """Return why the token is not acceptable (contract §3), or None."""
-    if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
+    # surrogatepass: a JSON answer's lone "\ud800" is counted, then refused below as not
+    # base64url, rather than raising (its traceback's first line was the one-line error).
+    if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
         return "token is larger than 8 KiB"
     if not JWT.fullmatch(token):
         return "token is not three base64url segments"
@@ -217,6 +219,13 @@ cloud_url=${cloud_url%/}
 [[ ! $api_key =~ [[:cntrl:]] ]] || fail 2 "INTERNAL_API_KEY holds control characters"
 if [[ -n ${GASTOWN_ENV_FILE:-} ]]; then
 	env_file=$GASTOWN_ENV_FILE
+	# A leading ~ as written (a systemd EnvironmentFile, a Dockerfile ENV, a quoted line
+	# leave it) is the home folder, as the daemon reads it.
+	tilde='~'
+	if [[ $env_file == "$tilde" || $env_file == "$tilde/"* ]]; then
+		[[ -n ${HOME:-} ]] || fail 2 "GASTOWN_ENV_FILE starts with ~ and HOME is not set"
+		env_file=$HOME${env_file#"$tilde"}
+	fi
 elif [[ -n ${HOME:-} ]]; then
 	env_file=$HOME/.env.gateway
 else

@@ -494,6 +494,18 @@ async def test_help_and_arguments(sandbox: Sandbox) -> None:
     assert len(bad.stderr.splitlines()) == 1
 
 
+async def test_an_env_file_named_with_a_tilde_is_in_the_home(
+    sandbox: Sandbox, standin_cloud: StandInCloud
+) -> None:
+    """GASTOWN_ENV_FILE='~/.env.gateway', as a systemd EnvironmentFile or a Dockerfile ENV
+    leave it: the file in HOME, as the daemon reads it (before: exit 2, "the folder of
+    GASTOWN_ENV_FILE does not exist: ~")."""
+    sandbox.write_env(ENV_TEXT)
+    token = mint()
+    standin_cloud.answer_text(token)
+    assert_refreshed(await sandbox.run({"GASTOWN_ENV_FILE": "~/.env.gateway"}), sandbox, token)
+
+
 # --- failures: settings ----------------------------------------------------------------------
 
 
@@ -673,6 +685,8 @@ BAD_ANSWERS: dict[str, tuple[Callable[[], bytes | str], str]] = {
     "token-then-command": (lambda: mint() + "\n$(touch pwned)", NO_TOKEN),
     "token-then-line": (lambda: mint() + "\nEVIL=1", NO_TOKEN),
     "json-command": (lambda: json.dumps({"token": "$(touch pwned)"}), "not three base64url"),
+    # A lone surrogate: the line was "Traceback (most recent call last):" before.
+    "json-lone-surrogate": (lambda: '{"token": "\\ud800abc"}', "not three base64url"),
     "json-no-token": (lambda: json.dumps({"error": "nope"}), "JSON answer " + NO_TOKEN),
     "json-array": (lambda: json.dumps([mint()]), "JSON answer " + NO_TOKEN),
     "json-number-token": (lambda: json.dumps({"token": 7}), "JSON answer " + NO_TOKEN),
