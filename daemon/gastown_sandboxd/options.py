@@ -384,6 +384,7 @@ def load_options(
         problems.take(lambda: check_env_folder(options.env_file), None)
         problems.take(lambda: check_env_file(options.env_file), None)
         problems.take(lambda: check_socket_path(options.socket), None)
+        problems.take(lambda: check_socket_lock_path(options.socket), None)
         if not problems.found:
             # The folders `run` makes before it serves, made here the same way (so `check`
             # stops where `run` would), and only for options otherwise good: a `check` that
@@ -566,6 +567,30 @@ def check_socket_path(path: Path) -> None:
             f"{path} is a {not_a_socket(mode)}, not a socket (it is left as it is)",
             "remove it, or give the daemon another socket (--socket)",
         )
+
+
+def check_socket_lock_path(path: Path) -> None:
+    """Nothing at the socket's lock (`<socket>.lock`), or a regular file (a symlink is
+    followed, as the lock's open follows it): a folder there stopped `run` with exit 1,
+    "cannot start", and `check` passed it."""
+    from gastown_sandboxd.ops.socket_lock import lock_path
+
+    lock = lock_path(path)
+    try:
+        mode = lock.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        problem = f"{lock} cannot be reached ({exc.strerror})"
+    else:
+        if stat.S_ISREG(mode):
+            return
+        problem = f"{lock}, the socket's lock, is a {not_a_socket(mode)}, not a file"
+    raise OptionsError(
+        "local socket (GASTOWN_SANDBOXD_SOCKET)",
+        f"{problem} (it is left as it is)",
+        "remove it, or give the daemon another socket (--socket)",
+    )
 
 
 def check_listen_at(listen: Listen, socket_path: Path) -> None:

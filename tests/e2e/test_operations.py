@@ -348,6 +348,19 @@ def test_what_is_not_a_socket_at_the_socket_path_stops_run_and_check_and_is_kept
         assert os.readlink(path) == str(tmp_path / "elsewhere")
 
 
+def test_a_folder_at_the_socket_lock_stops_run_and_check_with_one_line(tmp_path: Path) -> None:
+    """A folder at `<socket>.lock`: `run` exited 1 ("cannot start: …: Is a directory") and
+    `check` passed it; both now exit 2 with one line naming it, and it is left as it was."""
+    env = _base_env(tmp_path)
+    lock = Path(env["GASTOWN_SANDBOXD_SOCKET"] + ".lock")
+    lock.mkdir()
+    for done in (_run(env), cli("check", env=env)):
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert f"{lock}, the socket's lock, is a folder, not a file" in line
+    assert lock.is_dir()
+
+
 def test_check_reports_every_problem_in_one_run(tmp_path: Path) -> None:
     """Three settings missing, no town root, no env-file folder and a bad hook: one `check`
     run, exit 2, one line each; nothing is started or written."""
