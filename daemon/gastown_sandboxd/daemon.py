@@ -284,7 +284,10 @@ async def reload_options(
         for field in dataclasses.fields(Options)
         if field.name not in RELOADABLE and getattr(new, field.name) != getattr(old, field.name)
     )
-    apply(new)
+    # What runs from now: the reloadable options of the file, every other as the daemon
+    # started. Taken whole, a change that needs a restart was named once, then no more
+    # though still needed, and named again once the file was put back.
+    apply(dataclasses.replace(old, **{name: getattr(new, name) for name in RELOADABLE}))
     changed = sorted(name for name in RELOADABLE if getattr(new, name) != getattr(old, name))
     log.info(
         "options_reloaded",

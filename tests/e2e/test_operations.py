@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -755,6 +756,27 @@ def test_sighup_applies_new_schedule_knobs(daemon_factory: DaemonFactory, tmp_pa
     assert reloaded["changed"] == ["config_sync_interval", "schedule"]
     restart = daemon.wait_for_log("options_need_restart")
     assert restart["options"] == ["watch_debounce_ms"]
+    # The same file again: still needs a restart; put back: no longer; changed again: again.
+    # (Before, the second was silent and the third named it: the running options had taken
+    # the file's restart-only values.)
+    kept = '[refresh]\nmax_sleep = "20s"\n[config_sync]\ninterval = "1m"\n'
+    reloads = ("options_reloaded", "options_need_restart")
+
+    def told() -> list[str]:
+        return [r["event"][8:] for r in daemon.logs() if r.get("event") in reloads]
+
+    for step, text in enumerate((None, kept, '[watcher]\ndebounce = "100ms"\n' + kept), 2):
+        if text is not None:
+            config.write_text(text)
+        daemon.process.send_signal(signal.SIGHUP)  # one at a time: HUPs in a reload coalesce
+        wait_until(partial(_reloads_are, told, step), f"reload {step}")
+    wait_until(lambda: told().count("need_restart") >= 3, "the fourth reload's warning")
+    steps = ["reloaded", "need_restart", "reloaded", "need_restart", "reloaded"]
+    assert told() == [*steps, "reloaded", "need_restart"]
+
+
+def _reloads_are(told: Callable[[], list[str]], count: int) -> bool:
+    return told().count("reloaded") == count
 
 
 # --- 10. small things -----------------------------------------------------------------------
