@@ -20,7 +20,7 @@ from .admission import RefreshAdmission
 from .errors import ApiError, TokenInvalid
 from .settings import CloudSettings
 from .store import Store, Town
-from .tokens import verify_gastown_token
+from .tokens import GastownClaims, verify_gastown_token
 
 _M = TypeVar("_M", bound=pydantic.BaseModel)
 _DRAIN_BYTES = 4 * 1024 * 1024
@@ -171,13 +171,29 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
+OTHER_TOWN = "The Bearer token belongs to another town or user."
+
+
 def town_binding_problem(ctx: AppContext, town: Town, token: str) -> tuple[str, str] | None:
     """None when `token` is well signed (expired is fine) for `town` and its owner; else the
     reason and the message of the 403 (the refresh binding of CONTRACT §7)."""
+    claims, problem = signed_for(ctx, town.id, token)
+    if problem is not None:
+        return problem
+    if claims is None or claims.sub != town.user_id:
+        return "other_town", OTHER_TOWN
+    return None
+
+
+def signed_for(
+    ctx: AppContext, town_id: str, token: str
+) -> tuple[GastownClaims | None, tuple[str, str] | None]:
+    """The claims of `token` when it is well signed (expired is fine) for the town `town_id`,
+    checked without the database; else the reason and the message of the 403."""
     try:
         claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret, verify_exp=False)
     except TokenInvalid as exc:
-        return exc.reason, f"The Bearer token is refused: {exc.message}."
-    if claims.town_id != town.id or claims.sub != town.user_id:
-        return "other_town", "The Bearer token belongs to another town or user."
-    return None
+        return None, (exc.reason, f"The Bearer token is refused: {exc.message}.")
+    if claims.town_id != town_id:
+        return None, ("other_town", OTHER_TOWN)
+    return claims, None

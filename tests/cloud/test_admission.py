@@ -233,6 +233,29 @@ async def test_refused_requests_take_no_token(limited: httpx.AsyncClient, clock:
         assert answer.status_code == 200
 
 
+async def test_requests_that_can_refresh_no_town_take_no_token(
+    limited: httpx.AsyncClient, clock: Clock
+) -> None:
+    """Refreshes with a made-up town id, a junk Bearer, or a real Bearer of another town are
+    refused (403) before admission: at `--refresh-rate 2`, a flood of them leaves both
+    slots of the second to the two real towns. Before, each took a slot and booked the
+    others' waits further out (a reviewer: `Retry-After: 281` for real towns after a 5 s
+    flood)."""
+    (town_id, bearer), (other_id, other_bearer) = [await _town(limited) for _ in range(2)]
+    junk = {"authorization": "Bearer junk.junk.junk"}
+    for n in range(10):
+        for body, headers in (
+            ({"townId": f"made-up-{n}"}, junk),
+            ({"townId": f"made-up-{n}"}, bearer),
+            ({"townId": other_id}, bearer),
+        ):
+            refused = await limited.post(PLAIN, json=body, headers=headers)
+            assert refused.status_code == 403, refused.text
+    for town, headers in ((town_id, bearer), (other_id, other_bearer)):
+        answer = await limited.post(PLAIN, json={"townId": town}, headers=headers)
+        assert answer.status_code == 200, answer.text
+
+
 async def test_no_rate_admits_every_refresh(tmp_path: Path, clock: Clock) -> None:
     """Without --refresh-rate (the default) 50 refreshes in the same instant all pass."""
     settings = CloudSettings(nextauth_secret=SECRET, internal_api_key=KEY, db=tmp_path / "c.db")

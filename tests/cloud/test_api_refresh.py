@@ -201,7 +201,11 @@ def test_town_states(shared_cloud: CloudServer, api: httpx.Client) -> None:
     assert _refresh(api, town["id"], token).status_code == 200
     shared_cloud.set_status(town["id"], "destroy")
     _error(_refresh(api, town["id"], token), 410, "town_destroyed")
-    _error(_refresh(api, "no-such-town", token), 404, "town_not_found")
+    # A Bearer of another town is refused before the town is looked up (nothing is told of
+    # it); one signed for the unknown id gets 404.
+    _error(_refresh(api, "no-such-town", token), 403, "token_binding")
+    ghost = {"authorization": f"Bearer {shared_cloud.mint('user-1', 'no-such-town')}"}
+    _error(_refresh(api, "no-such-town", headers=ghost), 404, "town_not_found")
     _error(_refresh(api, "no-such-town"), 401, "token_required")
 
 
