@@ -217,6 +217,9 @@ def _towns_command(args: argparse.Namespace) -> int:
     except TownCommandError as exc:
         print(f"gastown-cloud: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # the database failed after its check (locked meanwhile)
+        print(f"gastown-cloud: the database {args.db} failed: {exc}", file=sys.stderr)
+        return 1
     sys.stdout.write(output + "\n")
     sys.stdout.flush()
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import ssl
 from collections.abc import Mapping
@@ -147,15 +148,30 @@ def check_database(path: Path, *, create: bool) -> None:
     """Raise `SettingsError` naming `path` unless SQLite can open it (create it if `create`)."""
     if not create and not path.exists():
         raise SettingsError("--db", f"no database at {path}", "give the file `serve` uses")
+    from .migrations import LATEST
+
     mode = "rwc" if create else "rw"
     try:
         uri = f"{path.absolute().as_uri()}?mode={mode}"
-        db = sqlite3.connect(uri, uri=True)
+        db = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
         try:
             db.execute("PRAGMA schema_version").fetchone()
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            db.execute("BEGIN IMMEDIATE")  # another process's write lock held past the wait
+            db.execute("ROLLBACK")
         finally:
             db.close()
+        # SQLite opens a write-protected file read-only without a word (every write was then
+        # answered 500, a reviewer found): open it for writing as SQLite would.
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
     except (sqlite3.Error, OSError, ValueError) as exc:
         raise SettingsError(
             "--db", f"cannot open the database {path} ({exc})", "give a writable SQLite file"
         ) from exc
+    if version > LATEST:
+        raise SettingsError(
+            "--db",
+            f"the database {path} has schema version {version}, newer than the {LATEST} this "
+            "gastown-cloud knows",
+            "run a newer gastown-cloud, or restore a copy made for this one",
+        )

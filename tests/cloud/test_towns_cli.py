@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -165,6 +167,62 @@ def test_a_database_that_cannot_be_opened_is_named(tmp_path: Path, kind: str, ac
     line = one_line_error(towns(action, "--db", str(db), *args), 2)
     assert str(db) in line
     assert (db.read_bytes() if db.exists() else None) == before
+
+
+def _made(db: Path) -> str:
+    """A database made by `towns create`: the new town's id."""
+    town_id: str = ok(towns("create", "--db", str(db), "--user-id", "u", "--name", "n"))["town"][
+        "id"
+    ]
+    return town_id
+
+
+@pytest.mark.parametrize("kind", ["newer schema", "damaged", "read-only"])
+def test_a_database_that_cannot_serve_is_one_line_for_towns_and_serve(
+    tmp_path: Path, kind: str
+) -> None:
+    """A database of a newer schema, with its header overwritten, or write-protected:
+    `towns show`, `towns stop` and `serve` exit 2 with one
+    line naming it (before: a 50-60 line traceback and exit 1 from `towns`; `serve` took the
+    read-only file and answered every write 500), and the file is left as it was."""
+    db = tmp_path / "cloud.db"
+    town_id = _made(db)
+    prefix: list[str] = []
+    if kind == "newer schema":
+        connection = sqlite3.connect(db, isolation_level=None)
+        connection.execute("PRAGMA user_version = 99")
+        connection.close()
+    elif kind == "damaged":
+        with db.open("r+b") as handle:
+            handle.seek(16)
+            handle.write(b"\xff" * 84)  # the page size and the rest of the header
+    else:
+        db.chmod(0o444)
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("root writes any file; setpriv would drop that right")
+            caps = "-dac_override,-dac_read_search,-fowner"
+            prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    before = db.read_bytes()
+    try:
+        for action in (["show", town_id], ["stop", town_id]):
+            argv = [*prefix, sys.executable, "-m", "gastown_cloud", "towns", *action]
+            done = subprocess.run(
+                [*argv, "--db", str(db)], env={**os.environ, "NEXTAUTH_SECRET": SECRET},
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert str(db) in one_line_error(done, 2)
+        serve = [*prefix, sys.executable, "-m", "gastown_cloud", "serve", "--port", "0"]
+        env = {**os.environ, "NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": "k" * 32}
+        done = subprocess.run(
+            [*serve, "--db", str(db)], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert str(db) in line
+    finally:
+        db.chmod(0o644)
+    assert db.read_bytes() == before
 
 
 @pytest.mark.parametrize("action", ["create", "show", "stop", "start", "destroy"])
