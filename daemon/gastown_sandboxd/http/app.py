@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,7 +306,7 @@ class _Routes:
             heartbeat=self.ctx.heartbeat,
             count=self._count_clients,
         )
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        return EventStreamResponse(stream, media_type="text/event-stream", headers=headers)
 
     def _count_clients(self, change: int) -> None:
         self.ctx.sse_clients.count += change
@@ -389,3 +389,24 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
 
 def _writable_folder(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+class EventStreamResponse(StreamingResponse):
+    """Starlette's `StreamingResponse` of an SSE stream, which it closes however the response
+    ends, so that the subscription is gone with the connection.
+
+    Starlette leaves the generator as it was when the response ends by an exception: a
+    stream cut while its send waited (a reader that stopped reading, `cut_stalled_readers`)
+    stayed subscribed, with its events, until a garbage collection found the generator (a
+    reviewer: 5 such readers kept `subscribers` at 5 and RSS went from 38 to 108 MB)."""
+
+    def __init__(self, stream: AsyncGenerator[bytes, None], **kwargs: Any) -> None:
+        super().__init__(stream, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -20,8 +21,11 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from gastown_sandboxd._hypercorn import Config as DaemonConfig
+from gastown_sandboxd._hypercorn import serve as daemon_serve
 from gastown_sandboxd.events.bus import EventBus
 from gastown_sandboxd.events.sse import CONNECTED, HEARTBEAT, parse_last_event_id, sse_stream
+from gastown_sandboxd.http.app import EventStreamResponse
 
 
 @pytest.mark.parametrize(
@@ -333,3 +337,52 @@ async def test_a_reader_that_stops_reading_never_slows_the_others() -> None:
             assert bus.dropped_subscribers == 1
         finally:
             stalled.close()
+
+
+async def test_a_reader_cut_for_not_reading_is_unsubscribed_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through the daemon's hypercorn (its mends, a send timeout of 0.3 s here) and its
+    `EventStreamResponse`: a reader that never reads is cut once a send has waited that
+    long, and its subscription goes with it. With Starlette's own StreamingResponse the
+    generator stayed suspended and subscribed until a garbage collection found it (the
+    collector is off here, as it may well be between its runs)."""
+    monkeypatch.setattr(DaemonConfig, "send_timeout", 0.3)
+    bus = EventBus()
+
+    async def events(request: Request) -> StreamingResponse:
+        stream = sse_stream(bus, last_event_id=None)
+        return EventStreamResponse(stream, media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/events", events)])
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config = DaemonConfig()
+    config.bind = [f"fd://{listener.detach()}"]
+    config.graceful_timeout = 0.2
+    config.accesslog = config.errorlog = None
+    stop = anyio.Event()
+    collecting = gc.isenabled()
+    gc.disable()
+    stalled = socket.socket()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(daemon_serve, app, config, shutdown_trigger=stop.wait))
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with anyio.fail_after(10):
+                while stalled.connect_ex(("127.0.0.1", port)) != 0:
+                    await anyio.sleep(0.01)
+            stalled.sendall(b"GET /events HTTP/1.1\r\nHost: d\r\n\r\n")
+            try:
+                await _until_subscribers(bus, 1)
+                for index in range(40):  # ~4 MB, far past the buffers; fewer than would lag it
+                    bus.emit("config.changed", {"n": index, "padding": "x" * 100_000})
+                    await anyio.sleep(0)
+                await _until_subscribers(bus, 0)
+            finally:
+                bus.close()
+                stop.set()
+    finally:
+        stalled.close()
+        if collecting:
+            gc.enable()
