@@ -27,8 +27,10 @@ and 10 alternating rounds: the host's noise is as large).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal as signals_module
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,8 +78,13 @@ PID_MAX_LIMIT = 4 * 1024 * 1024
 
 
 def read_pid(pid_file: Path) -> int:
-    """The pid on the first line of `pid_file`; OSError if unreadable, ValueError if not a pid."""
-    with pid_file.open("rb") as handle:
+    """The pid on the first line of `pid_file`; OSError if unreadable or no regular file,
+    ValueError if not a pid. Opened without blocking: read on the event loop, a FIFO there
+    (no writer) froze the whole daemon in `open` (a reviewer: /healthz unanswered)."""
+    fd = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(pid_file))
         head = handle.read(_PID_FILE_LIMIT)
     text = head.decode("ascii", errors="replace").strip().splitlines()
     if not text or not text[0].strip().isdecimal():
@@ -91,6 +98,11 @@ def read_pid(pid_file: Path) -> int:
     if pid > PID_MAX_LIMIT:
         raise ValueError(f"pid {text[0].strip()[:20]} is beyond any process id")
     return pid
+
+
+def _is_own_thread(pid: int) -> bool:
+    """True when `pid` is the id of one of the daemon's threads."""
+    return os.path.exists(f"/proc/self/task/{pid}")
 
 
 def send_signal(spec: SignalSpec) -> bool:
@@ -107,8 +119,10 @@ def send_signal(spec: SignalSpec) -> bool:
     except ValueError as exc:
         log.warning("signal_pid_file_invalid", problem=str(exc), **where)
         return False
-    if pid == os.getpid():
-        # The default action of most signals would stop the daemon itself.
+    if pid == os.getpid() or _is_own_thread(pid):
+        # The default action of most signals would stop the daemon itself; on Linux a
+        # thread's id reaches its whole process (a reviewer: SIGTERM to a worker thread's id
+        # stopped the daemon with exit 0, which supervisord does not restart).
         log.warning("signal_refused_own_pid", pid=pid, **where)
         return False
     try:

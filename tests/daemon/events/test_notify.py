@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -436,25 +437,41 @@ async def test_signal_follows_the_pid_file(tmp_path: Path) -> None:
 
 
 async def test_signal_problems_are_logged_and_counted(tmp_path: Path) -> None:
-    """Missing, garbage, own-pid and dead-process pid files are logged; nothing crashes."""
+    """Missing, garbage, own-pid, own-thread, dead-process and FIFO pid files are logged;
+    nothing crashes. A thread's id reaches the whole process on Linux (a SIGTERM to one
+    stopped the daemon), and a FIFO with no writer froze the event loop in `open`."""
     pid_file = tmp_path / "gt.pid"
     spec = SignalSpec(pid_file=pid_file, signal=signal.SIGHUP, events=ALL)
     async with child(["true"]) as dead:
         await dead.wait()
+    done = threading.Event()
+    thread = threading.Thread(target=done.wait)
+    thread.start()
     bus = EventBus()
-    with capture_logs() as logs:
-        async with running(Notifier(bus=bus, hooks=[], signals=[spec])) as n:
-            for content in (None, "not a pid", str(os.getpid()), str(dead.pid)):
-                if content is not None:
-                    pid_file.write_text(content)
+    try:
+        with capture_logs() as logs:
+            async with running(Notifier(bus=bus, hooks=[], signals=[spec])) as n:
+                own_thread = str(thread.native_id)
+                for content in (None, "not a pid", str(os.getpid()), own_thread, str(dead.pid)):
+                    if content is not None:
+                        pid_file.write_text(content)
+                    event = bus.emit("config.changed", {})
+                    await eventually(dispatched(n, event.id))
+                pid_file.unlink()
+                os.mkfifo(pid_file)
                 event = bus.emit("config.changed", {})
                 await eventually(dispatched(n, event.id))
-            assert n.stats.signal_failures == 4
+                assert n.stats.signal_failures == 6
+    finally:
+        done.set()
+        thread.join()
     assert [log["event"] for log in logs if log["event"].startswith("signal_")] == [
         "signal_pid_file_missing",
         "signal_pid_file_invalid",
         "signal_refused_own_pid",
+        "signal_refused_own_pid",
         "signal_process_gone",
+        "signal_pid_file_unreadable",
     ]
     assert n.stats.signals_sent == 0
 
