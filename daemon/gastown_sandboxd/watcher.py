@@ -89,6 +89,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -119,6 +120,8 @@ STAT_LIST_EVERY = 4
 # inotify_init1 / inotify_add_watch failing with these: the user's instances (128 by default)
 # or watches used up, or the kernel's memory; other programs may give them back.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM})
+# How watchfiles' errors name the system's error: "Too many open files (os error 24)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # What `_inotify_used_up` watches for a moment: the file system's root, always there.
 INOTIFY_PROBE = Path("/")
 
@@ -278,7 +281,7 @@ class SettingsWatcher:
             except (OSError, RuntimeError) as exc:  # a folder vanished, inotify limits, …
                 self.errors += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-                if not self._without_inotify and _inotify_used_up():
+                if not self._without_inotify and (_exhausted(exc) or _inotify_used_up()):
                     # Not a fault of the watch: retrying it every second would fail and log
                     # the same until other programs give inotify back. Poll by stat now.
                     self._without_inotify = outcome.retry_now = True
@@ -878,6 +881,22 @@ async def _settled(own_writes: OwnWrites) -> None:
     done = anyio.Event()
     if own_writes.when_settled(done.set):
         await done.wait()
+
+
+def _exhausted(exc: BaseException) -> bool:
+    """Whether `exc` itself says that inotify's instances or watches are used up: an errno
+    of the doorbell's own calls, or watchfiles' message (its OSError carries none).
+
+    Asking the kernel afterwards (`_inotify_used_up`) is not enough: the failed watch has
+    given its instance and watches back by then, so one of each is free again when only
+    part of inotify is left (a reviewer, with one instance for the user: the doorbell had
+    it, watchfiles' collect failed with EMFILE at every edit, and no edit was ever seen)."""
+    if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
+        return True
+    text = str(exc)
+    return "MaxFilesWatch" in text or any(
+        int(code) in _EXHAUSTED for code in _OS_ERROR.findall(text)
+    )
 
 
 def _inotify_used_up() -> bool:
