@@ -45,10 +45,12 @@ def gateway_routes(ctx: AppContext) -> list[Route]:
             )
         now = ctx.clock()
         answer = complete(body, created=int(now))
+        # Charged as the cloud records the town: its owner and organization, not what the
+        # token says (one with another organization_id was charged to that one).
         usage = Usage(
-            user_id=claims.sub,
-            organization_id=claims.organization_id,
-            town_id=claims.town_id,
+            user_id=town.user_id,
+            organization_id=town.organization_id,
+            town_id=town.id,
             model=body.model,
             prompt_tokens=answer["usage"]["prompt_tokens"],
             completion_tokens=answer["usage"]["completion_tokens"],

@@ -67,6 +67,18 @@ def test_gateway_answers_and_records_usage(shared_cloud: CloudServer, anon: http
     assert usage[0]["at"].endswith("Z")
 
 
+def test_usage_is_charged_to_the_towns_organization_not_the_tokens(
+    shared_cloud: CloudServer, anon: httpx.Client
+) -> None:
+    """A token well signed for the town and its owner but naming another organization (a
+    minter's bug): the usage goes to the organization the cloud holds for the town (before:
+    to the one the token named)."""
+    town, _ = shared_cloud.create_town(user_id="owner-o", organization_id="org-real")
+    other = shared_cloud.mint("owner-o", town["id"], "org-other")
+    assert _chat(anon, other).status_code == 200
+    assert [u["organizationId"] for u in shared_cloud.usage(town["id"])] == ["org-real"]
+
+
 def test_refreshed_token_is_accepted(shared_cloud: CloudServer, anon: httpx.Client) -> None:
     """A token from the refresh route pays like the initial one, for the same user."""
     town, token = shared_cloud.create_town(user_id="refreshed")
