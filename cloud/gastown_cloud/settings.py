@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jwt
+
 # The lifetimes a sandbox accepts (CONTRACT §3), by the sandbox's own rule: the cloud mints
 # no token every sandbox would refuse.
 from gastown_sandboxd.token.claims import MAX_LIFETIME, MIN_LIFETIME
@@ -130,6 +132,14 @@ def check_secret(env: Mapping[str, str]) -> str:
             f"shorter than {MIN_SECRET_BYTES} bytes",
             "export a random secret of at least 32 bytes",
         )
+    try:  # PyJWT refuses an HMAC secret that looks like a PEM or SSH key, at every mint
+        jwt.encode({}, secret, algorithm="HS256")
+    except jwt.InvalidKeyError:
+        raise SettingsError(
+            "NEXTAUTH_SECRET",
+            "looks like a PEM or SSH key, which HS256 signing refuses",
+            "export a random secret of at least 32 bytes",
+        ) from None
     return secret
 
 

@@ -43,6 +43,9 @@ def test_repr_hides_secrets() -> None:
         ({"INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
         ({"NEXTAUTH_SECRET": "", "INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
         ({"NEXTAUTH_SECRET": "n" * 31, "INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
+        # Looks like an SSH key: PyJWT refuses it at every HS256 mint (a town was created
+        # without its token, and every create answered 500).
+        ({"NEXTAUTH_SECRET": "ssh-rsa " + "A" * 40, "INTERNAL_API_KEY": KEY}, "NEXTAUTH_SECRET"),
         ({"NEXTAUTH_SECRET": SECRET}, "INTERNAL_API_KEY"),
         ({"NEXTAUTH_SECRET": SECRET, "INTERNAL_API_KEY": "short"}, "INTERNAL_API_KEY"),
     ],
