@@ -242,7 +242,8 @@ async def test_newer_database_is_refused_untouched(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_newer_database(tmp_path: Path) -> None:
-    """`gastown-cloud serve` on a newer database exits 1 with one line naming the file."""
+    """`gastown-cloud serve` on a newer database exits 2 (a setting to fix, as `check_database`
+    finds it before serving) with one line naming the file."""
     path = tmp_path / "cloud.db"
     shutil.copyfile(FIXTURE_V1, path)
     with closing(sqlite3.connect(path)) as db:
@@ -254,8 +255,9 @@ def test_serve_refuses_a_newer_database(tmp_path: Path) -> None:
     }
     argv = [sys.executable, "-m", "gastown_cloud", "serve", "--port", "0", "--db", str(path)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 1, done.stderr
-    assert f"cannot serve: the database {path} has schema version {LATEST + 1}" in done.stderr
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert f"the database {path} has schema version {LATEST + 1}" in line
     assert done.stdout == ""
 
 
