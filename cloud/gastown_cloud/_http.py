@@ -191,7 +191,9 @@ def signed_for(
     """The claims of `token` when it is well signed (expired is fine) for the town `town_id`,
     checked without the database; else the reason and the message of the 403."""
     try:
-        claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret, verify_exp=False)
+        claims = verify_gastown_token(
+            token, secret=ctx.settings.nextauth_secret, verify_exp=False, now=int(ctx.clock())
+        )
     except TokenInvalid as exc:
         return None, (exc.reason, f"The Bearer token is refused: {exc.message}.")
     if claims.town_id != town_id:

@@ -83,7 +83,9 @@ def _authenticate(ctx: AppContext, request: Request) -> GastownClaims:
             401, "authentication_error", "missing_token", "A Bearer gateway token is required."
         )
     try:
-        claims = verify_gastown_token(token, secret=ctx.settings.nextauth_secret)
+        claims = verify_gastown_token(
+            token, secret=ctx.settings.nextauth_secret, now=int(ctx.clock())
+        )
     except TokenInvalid as exc:
         log.warning("gateway_refused", reason=exc.reason)
         code = _TOKEN_CODES.get(exc.reason, "invalid_token")

@@ -16,6 +16,8 @@ from typing import Any
 
 import jwt
 
+from gastown_sandboxd.token.claims import MAX_LIFETIME, MIN_LIFETIME
+
 from .errors import TokenInvalid
 
 ALGORITHM = "HS256"
@@ -136,6 +138,12 @@ def verify_gastown_token(
     current = int(time.time()) if now is None else now
     if verify_exp and current >= claims.exp + leeway:
         raise TokenInvalid("expired", "the token has expired")
+    # A lifetime no sandbox would take (CONTRACT §3) is no token of this cloud's either, even
+    # well signed (a minter's bug: ten years long passed the refresh binding). Its issue time
+    # is not judged against this clock: after an NTP step back every token minted in the
+    # last hour would be refused at once, the gateway's and the binding's alike.
+    if not MIN_LIFETIME <= claims.exp - claims.iat <= MAX_LIFETIME:
+        raise TokenInvalid("bad_lifetime", "the token's lifetime is not 10 s to 7 days")
     return claims
 
 

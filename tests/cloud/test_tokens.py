@@ -150,6 +150,25 @@ def test_wrong_type_is_refused() -> None:
     assert _reason(jwt.encode(claims, SECRET, algorithm="HS256")) == "wrong_type"
 
 
+@pytest.mark.parametrize(("before", "after"), [(60, 10 * 365 * 86400), (5, 4)])
+def test_a_well_signed_token_of_a_lifetime_no_sandbox_takes_is_refused(
+    before: int, after: int
+) -> None:
+    """A lifetime outside 10 s to 7 days (CONTRACT §3): refused though well signed (a
+    minter's bug; before, a ten-year token passed the refresh binding). 10 s and 7 days
+    pass; a token issued ahead of this clock passes too (the cloud's own clock may step)."""
+    claims = _payload(mint_gastown_token("u", "t", secret=SECRET, now=NOW))
+    token = jwt.encode({**claims, "iat": NOW - before, "exp": NOW + after}, SECRET)
+    assert _reason(token) == "bad_lifetime"
+    for iat, exp in (
+        (NOW - 5, NOW + 5),
+        (NOW - 60, NOW - 60 + 7 * 86400),
+        (NOW + 3600, NOW + 7200),
+    ):
+        edge = jwt.encode({**claims, "iat": iat, "exp": exp}, SECRET)
+        assert verify_gastown_token(edge, secret=SECRET, now=NOW).exp == exp
+
+
 @pytest.mark.parametrize(
     ("claim", "value"),
     [("sub", ""), ("sub", 7), ("town_id", None), ("organization_id", 3), ("iat", "1"),
