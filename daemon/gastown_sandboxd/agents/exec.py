@@ -142,13 +142,13 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
     if program == "claude":
         _helper_in_account(where, {**os.environ, **values}, say=say)
     env = agent_environment(
-        os.environ, values, token, program=program, helper_ttl_ms=args.helper_ttl_ms
+        os.environ,
+        values,
+        token,
+        program=program,
+        helper_ttl_ms=args.helper_ttl_ms,
+        town_id=where.town_id,
     )
-    if where.town_id is not None:
-        # Another town's token, from the env file or inherited: its usage would be billed
-        # to that town, and the daemon itself refuses it.
-        for name in [name for name, v in env.items() if token_town(v) not in (None, where.town_id)]:
-            del env[name]
     # Tools the agent runs (`gastown-sandboxd status`, a nested exec) find the same daemon.
     env.setdefault("GASTOWN_SANDBOXD_SOCKET", str(where.socket))
     env.setdefault("GASTOWN_ENV_FILE", str(where.env_file))
@@ -321,16 +321,26 @@ def agent_environment(
     *,
     program: str,
     helper_ttl_ms: int = DEFAULT_HELPER_TTL_MS,
+    town_id: str | None = None,
 ) -> dict[str, str]:
-    """The environment CMD gets: inherited + env file, tokens current, claude on its helper."""
+    """The environment CMD gets: inherited + env file, tokens current, claude on its helper.
+
+    Every sandbox token in it other than `token` is replaced by `token`; with none to put in
+    its place, one of another town than `town_id` (when known) is removed: its usage would
+    be billed to that town, and the daemon itself refuses it."""
     env = dict(inherited)
     env.update(values)
     for name in SECRETS_OF_THE_DAEMON:
         env.pop(name, None)  # an agent (a model) could read them; none needs them
+    for name, value in list(env.items()):
+        town = token_town(value)
+        if town is None or value == token:
+            continue
+        if token is not None and name != TOKEN_KEY:
+            env[name] = token
+        elif town_id is not None and town != town_id:
+            del env[name]
     if token is not None:
-        for name, value in list(env.items()):
-            if name != TOKEN_KEY and value != token and is_gateway_token(value):
-                env[name] = token
         for name in GATEWAY_VARIABLES:
             env[name] = token
         for name in CLI_CREDENTIALS.get(program, ()):
