@@ -15,7 +15,9 @@ README = (ROOT / "README.md").read_text()
 
 # Ground floor first. A module may import from a lower floor and from its own room only.
 FLOORS: tuple[frozenset[str], ...] = (
-    frozenset({"_types", "_lazy", "_http", "_hypercorn", "errors", "own_writes", "__init__"}),
+    frozenset(
+        {"_types", "_files", "_lazy", "_http", "_hypercorn", "errors", "own_writes", "__init__"}
+    ),
     frozenset({"atomic"}),
     frozenset({"events"}),
     frozenset({"ops"}),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from gastown_sandboxd._files import NotRegularFile, read_regular
 from gastown_sandboxd._http import TrustUnavailable, trust_locations
 from gastown_sandboxd.errors import OptionsError, OptionsProblems
 from gastown_sandboxd.events import specs
@@ -522,29 +523,24 @@ def check_env_file(env_file: Path) -> None:
     """What is at the env file's path, if anything, is a regular file the daemon's user can
     read (a symlink is followed): a folder, a FIFO or a device there, or a file of another
     user's with mode 0600, failed the first refresh with a traceback, where it is a setting
-    to fix (`OptionsError`). Opened without blocking, as `read_env` opens it."""
+    to fix (`OptionsError`). Opened as `read_env` opens it (`read_regular`)."""
     setting = "env file (GASTOWN_ENV_FILE)"
     try:
-        fd = os.open(env_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        read_regular(env_file, 0)
     except FileNotFoundError:
         return  # the daemon makes it
+    except NotRegularFile as exc:
+        raise OptionsError(
+            setting,
+            f"{env_file} is {exc.strerror} (it is left as it is)",
+            "remove it (the daemon makes the file), or set GASTOWN_ENV_FILE",
+        ) from None
     except OSError as exc:
         raise OptionsError(
             setting,
             f"{env_file} cannot be read ({exc.strerror})",
             "give it to the daemon's user (chown), or set GASTOWN_ENV_FILE",
         ) from None
-    try:
-        mode = os.fstat(fd).st_mode
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(mode):
-        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device"
-        raise OptionsError(
-            setting,
-            f"{env_file} is a {kind}, not a file (it is left as it is)",
-            "remove it (the daemon makes the file), or set GASTOWN_ENV_FILE",
-        )
 
 
 def check_socket_path(path: Path) -> None:

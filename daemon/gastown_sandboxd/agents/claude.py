@@ -16,8 +16,9 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
-from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+from gastown_sandboxd._files import NotRegularFile, read_regular
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -92,11 +93,11 @@ def read_settings(path: str) -> str:
     """The settings file's text. Raises `FileNotFoundError` when there is none, `OSError` or
     `UnicodeDecodeError` when it cannot be read, and `SettingsNotJson` when it is no regular
     file: opened without blocking, so a FIFO there never holds up the daemon or an agent."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as handle:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            raise SettingsNotJson("not a regular file")
-        return handle.read().decode("utf-8")
+    try:
+        data = read_regular(path)
+    except NotRegularFile:
+        raise SettingsNotJson("not a regular file") from None
+    return data.decode("utf-8")
 
 
 def parse_settings(text: str) -> dict[str, Any]:

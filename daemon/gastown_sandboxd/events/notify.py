@@ -27,10 +27,8 @@ and 10 alternating rounds: the host's noise is as large).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal as signals_module
-import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from gastown_sandboxd._files import read_regular
 from gastown_sandboxd._types import SECRETS_OF_THE_DAEMON, Clock, SystemClock
 from gastown_sandboxd.errors import SubscriberLagged
 from gastown_sandboxd.events.bus import Event, EventBus
@@ -79,13 +78,10 @@ PID_MAX_LIMIT = 4 * 1024 * 1024
 
 def read_pid(pid_file: Path) -> int:
     """The pid on the first line of `pid_file`; OSError if unreadable or no regular file,
-    ValueError if not a pid. Opened without blocking: read on the event loop, a FIFO there
-    (no writer) froze the whole daemon in `open` (a reviewer: /healthz unanswered)."""
-    fd = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(pid_file))
-        head = handle.read(_PID_FILE_LIMIT)
+    ValueError if not a pid. Read on the event loop, so without blocking (`read_regular`):
+    a FIFO there (no writer) froze the whole daemon in `open` (a reviewer: /healthz
+    unanswered)."""
+    head = read_regular(pid_file, _PID_FILE_LIMIT)
     text = head.decode("ascii", errors="replace").strip().splitlines()
     if not text or not text[0].strip().isdecimal():
         raise ValueError("no pid on the first line")

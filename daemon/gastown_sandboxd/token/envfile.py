@@ -10,10 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
+from gastown_sandboxd._files import read_regular
 from gastown_sandboxd.errors import AtomicWriteError
 
 if TYPE_CHECKING:
@@ -102,21 +102,13 @@ MAX_ENV_FILE_BYTES = 1 << 20
 def read_env(path: StrPath) -> EnvFile:
     """The env file at `path`; an empty one when it does not exist.
 
-    Raises `OSError` when it cannot be read, is no regular file or is over 1 MiB. Opened
-    without blocking: a FIFO there (some secret injectors make one) held a worker thread in
-    `open` for ever, and the daemon with it, past SIGTERM; /dev/zero was read until the
-    memory ran out."""
+    Raises `OSError` when it cannot be read, is no regular file or is over 1 MiB
+    (`read_regular`: a FIFO there held a worker thread in `open` for ever, and the daemon
+    with it, past SIGTERM; /dev/zero was read until the memory ran out)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(path, MAX_ENV_FILE_BYTES + 1)
     except FileNotFoundError:
         return EnvFile()
-    with open(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "a folder, not the env file", os.fspath(path))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        data = handle.read(MAX_ENV_FILE_BYTES + 1)
     if len(data) > MAX_ENV_FILE_BYTES:
         raise OSError(errno.EFBIG, "larger than 1 MiB", os.fspath(path))
     return EnvFile.from_bytes(data)
