@@ -34,9 +34,9 @@ from typing import Any
 
 import anyio
 import httpx
-from tests.e2e.gt_town import free_port
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import make_town
+from tests.fixtures.net import unused_port
 
 from gastown_sandboxd.token.cloud import CloudClient
 
@@ -55,7 +55,7 @@ def _daemon(
     home = workdir / name
     return running_daemon(
         home, make_town(home / "town"), town_id=town_id, token=token, cloud_url=cloud.url,
-        key=cloud.internal_key, listen=f"127.0.0.1:{free_port()}", wait=wait,
+        key=cloud.internal_key, listen=f"127.0.0.1:{unused_port()}", wait=wait,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from gastown_sandboxd.errors import (
 from gastown_sandboxd.gtsettings.desired import DesiredConfigClient
 from gastown_sandboxd.options import load_options
 from gastown_sandboxd.token.cloud import CloudClient
-from tests.fixtures.net import LocalCA, closed_port, make_local_ca
+from tests.fixtures.net import LocalCA, make_local_ca, unused_port
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ async def test_a_ca_folder_gone_since_the_start_fails_the_call_not_the_daemon(
     (retried as an outage) until it is back."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "gone"))
-    unavailable = await both_fail_with_tls_error(f"https://127.0.0.1:{closed_port()}")
+    unavailable = await both_fail_with_tls_error(f"https://127.0.0.1:{unused_port()}")
     assert "SSL_CERT_DIR" in unavailable.message
 
 

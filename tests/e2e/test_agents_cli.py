@@ -21,7 +21,7 @@ from tests.e2e._town import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
-from tests.fixtures.net import closed_port
+from tests.fixtures.net import unused_port
 
 TOWN = "town-agents"
 PRINT_TOKENS = 'printf "%s %s" "$KILOCODE_TOKEN" "$ANTHROPIC_AUTH_TOKEN"'
@@ -34,7 +34,7 @@ def _offline_daemon(
     env_file = write_env(tmp_path / "elsewhere" / "gateway.env", token)
     return daemon_factory(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         env_file=env_file,
         extra_env=extra,
     )
@@ -152,7 +152,7 @@ def test_an_unwritable_shim_folder_stops_start_up_with_exit_2_and_one_line(tmp_p
     env_file = write_env(tmp_path / "home" / ".env.gateway", local_token(TOWN))
     env = daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=make_town(tmp_path / "town"),
         env_file=env_file,
         socket=tmp_path / "d.sock",

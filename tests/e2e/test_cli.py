@@ -31,7 +31,7 @@ from tests.e2e._town import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
-from tests.fixtures.net import closed_port
+from tests.fixtures.net import unused_port
 
 TOWN = "town-cli"
 PRINT_TOKEN = 'printf %s "$ANTHROPIC_AUTH_TOKEN"'
@@ -43,7 +43,7 @@ def _offline_daemon(
     """A daemon of TOWN whose cloud is down, holding `token`."""
     env_file = write_env(tmp_path / "home" / ".env.gateway", token)
     return daemon_factory(
-        town_id=TOWN, cloud_url=f"http://127.0.0.1:{closed_port()}", env_file=env_file
+        town_id=TOWN, cloud_url=f"http://127.0.0.1:{unused_port()}", env_file=env_file
     )
 
 

@@ -24,9 +24,9 @@ from tests.daemon.gt_samples import (
 )
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
-from tests.fixtures.net import tls
+from tests.fixtures.net import tls, unused_port
 
-from .gt_town import free_port, read_events, start_config_daemon
+from .gt_town import read_events, start_config_daemon
 
 # The contract's example, with the rig taking the new agent too.
 BODY = contract_patch()
@@ -78,7 +78,7 @@ class Linked:
 @pytest.fixture
 def linked(cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path) -> Linked:
     """The cloud's town points at a daemon listening on a port picked before either existed."""
-    port = free_port()
+    port = unused_port()
     town, token = cloud.create_town(name="forward", sandbox_url=f"http://127.0.0.1:{port}")
     daemon = start_config_daemon(
         daemon_factory,
@@ -212,7 +212,7 @@ def test_daemon_with_another_key_is_pending_not_a_401(
 ) -> None:
     """A daemon that refuses the cloud's key: the change is kept pending with that reason."""
     cloud = cloud_factory()
-    port = free_port()
+    port = unused_port()
     town, token = cloud.create_town(sandbox_url=f"http://127.0.0.1:{port}")
     start_config_daemon(
         daemon_factory,

@@ -33,7 +33,7 @@ from tests.fixtures.daemon import (
     daemon_env,
     make_town,
 )
-from tests.fixtures.net import closed_port, seconds_to_release
+from tests.fixtures.net import seconds_to_release, unused_port
 from tests.waiting import wait_until
 
 TOWN = "town-proc"
@@ -66,7 +66,7 @@ def _daemon(
     env_file = write_env(tmp_path / "home" / ".env.gateway", token, mode=env_mode)
     return daemon_factory(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         env_file=env_file,
         extra_env=extra_env,
     )
@@ -192,7 +192,7 @@ def _base_env(tmp_path: Path) -> dict[str, str]:
     env_file = write_env(tmp_path / "home" / ".env.gateway", local_token(TOWN))
     return daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=town_root,
         env_file=env_file,
         socket=tmp_path / "d.sock",

@@ -23,10 +23,10 @@ import pytest
 from tests.daemon.gt_samples import FRONTEND_FILE, TOWN_FILE, make_config_town
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess
-from tests.fixtures.net import tls
+from tests.fixtures.net import tls, unused_port
 from tests.waiting import wait_until
 
-from .gt_town import free_port, read_events
+from .gt_town import read_events
 
 CHANGE = {
     "town": {"default_agent": "codex", "role_effort": {"mayor": "high"}},
@@ -126,7 +126,7 @@ class Sandbox:
 
 @pytest.fixture
 def sandbox(cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path) -> Sandbox:
-    port = free_port()
+    port = unused_port()
     town, token = cloud.create_town(name="desired", sandbox_url=f"http://127.0.0.1:{port}")
     return Sandbox(cloud, daemon_factory, town["id"], token, port, tmp_path)
 
@@ -253,9 +253,7 @@ def test_an_unreachable_cloud_gives_a_5xx_within_15_s_writes_nothing_and_the_dae
     """A refused connection is 503, a cloud that never answers 504 (after the 10 s call
     timeout); both JSON errors within 15 s, the files as they were, the daemon still up."""
     if cloud_kind == "closed":
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = unused_port()
         expected = 503
     else:
         port = silent_port

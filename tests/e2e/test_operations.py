@@ -32,7 +32,7 @@ from tests.e2e._town import (
     write_env,
 )
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
-from tests.fixtures.net import closed_port, read_answer
+from tests.fixtures.net import read_answer, unused_port
 from tests.waiting import wait_until
 
 TOWN = "town-ops"
@@ -50,7 +50,7 @@ def _daemon(
         token = local_token(TOWN)
     env_file = write_env(tmp_path / "home" / ".env.gateway", token)
     return daemon_factory(
-        town_id=TOWN, cloud_url=f"http://127.0.0.1:{closed_port()}", env_file=env_file, **options
+        town_id=TOWN, cloud_url=f"http://127.0.0.1:{unused_port()}", env_file=env_file, **options
     )
 
 
@@ -72,7 +72,7 @@ def _env_of(daemon: DaemonProcess, **changes: str) -> dict[str, str]:
     """The environment `daemon` was started with (as the fixture builds it), changed."""
     env = daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=daemon.town_root,
         env_file=daemon.env_file,
         socket=daemon.socket,
@@ -112,7 +112,7 @@ def test_a_socket_left_by_a_killed_daemon_is_reclaimed(
     assert first.socket.exists()
     second = daemon_factory(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         env_file=first.env_file,
         town_root=first.town_root,
         name="a",
@@ -158,7 +158,7 @@ def test_a_socket_served_without_a_lock_is_refused_too(tmp_path: Path, short_tmp
     path = short_tmp / "taken.sock"
     env = daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=make_town(tmp_path / "town"),
         env_file=write_env(tmp_path / "home" / ".env.gateway", local_token(TOWN)),
         socket=path,
@@ -176,7 +176,7 @@ def test_a_taken_tcp_port_names_the_address(tmp_path: Path) -> None:
     """ "Address already in use" says which address."""
     env = daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=make_town(tmp_path / "town"),
         env_file=write_env(tmp_path / "home" / ".env.gateway", local_token(TOWN)),
         socket=tmp_path / "d.sock",
@@ -301,7 +301,7 @@ def _push_token(daemon: DaemonProcess) -> str:
 def _base_env(tmp_path: Path) -> dict[str, str]:
     return daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=make_town(tmp_path / "town"),
         env_file=write_env(tmp_path / "home" / ".env.gateway", local_token(TOWN)),
         socket=tmp_path / "d.sock",
@@ -492,7 +492,7 @@ def test_status_says_why_refreshes_fail_and_refresh_names_the_cloud(
 ) -> None:
     """Cloud down, no token: /status `last_error` is the outage, `status` shows it, `refresh`
     names the cloud URL and the kind of failure."""
-    cloud_port = closed_port()
+    cloud_port = unused_port()
     env_file = write_env(tmp_path / "home" / ".env.gateway", None)
     daemon = daemon_factory(
         town_id=TOWN, cloud_url=f"http://127.0.0.1:{cloud_port}", env_file=env_file

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tests.fixtures.cloud import CloudServer, launch_cloud
-from tests.fixtures.net import closed_port
+from tests.fixtures.net import unused_port
 
 from .conftest import StandInCloud
 
@@ -450,7 +450,7 @@ async def test_prefers_cloud_api_url_over_kilo_api_url(
     """CLOUD_API_URL wins over KILO_API_URL; KILO_API_URL alone (the seed's name) works too."""
     token = mint()
     standin_cloud.answer_text(token)
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{unused_port()}"
     assert_refreshed(await sandbox.run({"KILO_API_URL": dead}), sandbox, token)
     other = mint(lifetime=80000)
     standin_cloud.answer_text(other)
@@ -628,7 +628,7 @@ async def test_busy_reports_retry_after(sandbox: Sandbox, standin_cloud: StandIn
 
 async def test_cloud_down(sandbox: Sandbox) -> None:
     """A closed port (connection refused) fails with one line naming the cloud."""
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{unused_port()}"
     before = sandbox.write_env(ENV_TEXT)
     line = assert_failed(await sandbox.run({"CLOUD_API_URL": url}), sandbox, before)
     assert f"cannot reach the cloud at {url}" in line

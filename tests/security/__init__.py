@@ -20,7 +20,7 @@ from tests.fixtures.daemon import (
     daemon_env,
     make_town,
 )
-from tests.fixtures.net import closed_port
+from tests.fixtures.net import unused_port
 
 TOWN = "town-sec"
 
@@ -40,7 +40,7 @@ def local_daemon(
     env_file.chmod(0o600)
     return daemon_factory(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=make_town(tmp_path / "town", rigs),
         env_file=env_file,
         extra_env=extra_env,
@@ -72,7 +72,7 @@ def shared_daemon(
     env_file.chmod(0o600)
     env = daemon_env(
         town_id=TOWN,
-        cloud_url=f"http://127.0.0.1:{closed_port()}",
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
         town_root=town,
         env_file=env_file,
         socket=sockets / "d.sock",

@@ -14,7 +14,7 @@ import pytest
 from gastown_sandboxd import _http
 from gastown_sandboxd.errors import DesiredConfigUnavailable
 from gastown_sandboxd.gtsettings.desired import MAX_BODY_BYTES, DesiredConfigClient
-from tests.fixtures.net import closed_port, count_ca_loads
+from tests.fixtures.net import count_ca_loads, unused_port
 
 KEY = "internal-key-0123456789"
 
@@ -157,7 +157,7 @@ async def test_the_ca_bundle_is_loaded_only_for_an_https_cloud(
     """No TLS is spoken to an http:// cloud, so its client never loads the CA bundle (a large
     part of an idle start's CPU); an https:// one does, once."""
     calls = count_ca_loads(monkeypatch)
-    url = f"{scheme}://127.0.0.1:{closed_port()}"
+    url = f"{scheme}://127.0.0.1:{unused_port()}"
     async with DesiredConfigClient(base_url=url, internal_key="k", town_id="t") as client:
         for _ in range(2):
             with pytest.raises(DesiredConfigUnavailable):
