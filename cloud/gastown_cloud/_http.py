@@ -14,7 +14,8 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gastown_sandboxd.gtsettings.json_text import all_unicode, reject_constant
+from gastown_sandboxd._types import all_unicode
+from gastown_sandboxd.gtsettings.json_text import reject_constant
 
 from .admission import RefreshAdmission
 from .errors import ApiError, TokenInvalid

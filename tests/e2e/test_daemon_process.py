@@ -16,8 +16,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -465,3 +467,55 @@ def test_the_daemon_serves_before_it_imports_httpx_and_its_first_call_to_the_clo
     assert "httpcore._async.connection_pool" in loaded
     # (a hidden module still gets an importtime line, of a few µs: its refused attempt)
     assert [name for name in loaded if name in ("h2.stream", "hpack")] == []
+
+
+@pytest.fixture
+def lone_surrogate_cloud() -> Iterator[str]:
+    """A cloud on 127.0.0.1 whose every answer is 200 `{"token": "\\ud800"}`: JSON whose
+    string no UTF-8 holds (a token cut inside an emoji, then encoded by the cloud)."""
+    body = b'{"token": "\\ud800"}'
+
+    class Answer(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_refresh_answer_no_utf8_holds_is_a_broken_cloud_and_the_daemon_runs_on(
+    daemon_factory: DaemonFactory, tmp_path: Path, lone_surrogate_cloud: str
+) -> None:
+    """The daemon's refresh at start (no token on disk) got `{"token": "\\ud800"}` and died of
+    a UnicodeEncodeError (exit 1, and supervisord's FATAL after five such starts). It is a
+    broken answer: logged, retried, nothing written; a forced refresh answers it as one."""
+    env_file = tmp_path / "home" / ".env.gateway"
+    env_file.parent.mkdir()
+    daemon = daemon_factory(town_id=TOWN, cloud_url=lone_surrogate_cloud, env_file=env_file)
+    daemon.wait_for_log("token_refresh_failed", reason="unacceptable_token")
+    with _uds(daemon) as client:
+        forced = client.post("/token/refresh")
+        status = client.get("/status")
+    assert (forced.status_code, forced.json()["error"]) == (502, "refresh_failed")
+    assert status.status_code == 200
+    assert status.json()["token"] is None
+    assert daemon.process.poll() is None
+    assert not env_file.exists()
+    assert daemon.stop() == 0

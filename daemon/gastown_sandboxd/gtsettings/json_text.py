@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from gastown_sandboxd._types import all_unicode
 from gastown_sandboxd.errors import SettingsFileUnreadable
 from gastown_sandboxd.gtsettings.schema import FILE_TYPES, SCHEMA_VERSION, Doc, Scope
 
@@ -172,23 +173,6 @@ def _dumps(value: Any) -> str:
     # Nested lines move two spaces right: the value sits one level inside the document.
     text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
     return text.translate(_GO_ESCAPES)
-
-
-_TO_TEXT = json.JSONEncoder(ensure_ascii=False, check_circular=False)
-
-
-def all_unicode(value: Any) -> bool:
-    """Whether every string of `value`, keys too, is text UTF-8 can hold: none holds a lone
-    surrogate, which `"\\ud800"` decodes to (one pass in C, ~5 us for a dashboard's body). A
-    value that is not JSON at all counts as Unicode: the checks that read it say what is
-    wrong."""
-    try:
-        _TO_TEXT.encode(value).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    except (TypeError, ValueError):
-        return True
-    return True
 
 
 def reject_constant(name: str) -> NoReturn:

@@ -24,9 +24,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from gastown_sandboxd._types import all_unicode
 from gastown_sandboxd.errors import Problem
 from gastown_sandboxd.gtsettings.agent_resolution import resolution_problems
-from gastown_sandboxd.gtsettings.json_text import all_unicode
 from gastown_sandboxd.gtsettings.schema import (
     AGENT_FIELDS,
     AGENT_NAME,

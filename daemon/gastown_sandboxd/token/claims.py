@@ -20,6 +20,7 @@ import json
 import re
 from typing import Any, NamedTuple, TypeGuard
 
+from gastown_sandboxd._types import all_unicode
 from gastown_sandboxd.errors import TokenError
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -86,7 +87,17 @@ def fingerprint(token: str) -> str:
     """The last 8 hex characters of the token's SHA-256: how logs and APIs name a token."""
     import hashlib
 
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[-8:]
+    return hashlib.sha256(_bytes(token)).hexdigest()[-8:]
+
+
+def _bytes(token: str) -> bytes:
+    """The token as bytes, whatever text it is: a file's undecodable bytes come back as they
+    were (surrogateescape), and a lone surrogate that a JSON escape (`"\\ud800"`) gave, which
+    no UTF-8 holds, as its three bytes (surrogatepass) instead of an error."""
+    try:
+        return token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return token.encode("utf-8", "surrogatepass")
 
 
 def decode_unverified(token: str) -> Claims:
@@ -104,7 +115,7 @@ def decode_unverified(token: str) -> Claims:
 def acceptability_reasons(token: str, *, town_id: str, now: float) -> list[str]:
     """Every reason the sandbox refuses `token` at `now`; an empty list means acceptable."""
     reasons: list[str] = []
-    if len(token.encode("utf-8", "surrogateescape")) > MAX_TOKEN_BYTES:
+    if len(_bytes(token)) > MAX_TOKEN_BYTES:
         reasons.append("too_long")
     try:
         header, payload, signature = _decode(token)
@@ -168,7 +179,9 @@ def _object(segment: str) -> dict[str, Any]:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise TokenError(["malformed"]) from exc
-    if not isinstance(value, dict):
+    # A lone surrogate's escape is JSON by the grammar, and no answer, event or log line could
+    # carry the claim it is in (`/status` answered 500 while such a `sub` was held).
+    if not isinstance(value, dict) or (b"\\u" in raw and not all_unicode(value)):
         raise TokenError(["malformed"])
     return value
 

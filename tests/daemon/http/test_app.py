@@ -973,6 +973,8 @@ async def test_hostile_pushes_are_refused_and_change_nothing(town: Town, tmp_pat
         ("new line", {"json": {"token": f"{valid}\ntouch {marker}"}}, 422, "malformed"),
         ("semicolon", {"json": {"token": f"{valid}; touch {marker}"}}, 422, "malformed"),
         ("backquotes", {"json": {"token": f"`touch {marker}`"}}, 422, "malformed"),
+        ("lone surrogate", {"content": b'{"token": "\\ud800"}'}, 422, "malformed"),
+        ("lone low surrogate", {"content": b'{"token": "abc\\udc00"}'}, 422, "malformed"),
         ("1 MB", {"json": {"token": "a" * 1_000_000}}, 413, "body_too_large"),
         ("1 MB undeclared", {"content": undeclared()}, 413, "body_too_large"),
         ("not JSON", {"content": f"KILO_JWT={valid}"}, 400, "invalid_json"),

@@ -91,6 +91,22 @@ def test_segments_that_are_not_json_objects_are_malformed() -> None:
     assert reasons(forge(HEADER, b"not json")) == ["malformed"]
 
 
+@pytest.mark.parametrize("text", ["\ud800", "abc\udc00"])
+def test_text_no_utf8_holds_is_malformed_not_an_error(text: str) -> None:
+    """A lone surrogate, which a JSON escape gives: in the token string itself (a cloud's
+    answer `{"token": "\\ud800"}`), it is refused and fingerprinted, not an error; in a claim
+    or the header (escaped, so the token is still ASCII), the token is malformed, since no
+    answer, event or log line could carry that claim."""
+    assert reasons(text) == ["malformed"]
+    assert reasons(mint(NOW) + text) == ["malformed"]
+    assert len(fingerprint(text)) == 8
+    assert reasons(forge(HEADER, claims(sub=f"user-{text}"))) == ["malformed"]
+    assert reasons(forge(HEADER, claims(organization_id=text))) == ["malformed"]
+    assert reasons(forge({**HEADER, "kid": text}, claims())) == ["malformed"]
+    with pytest.raises(TokenError):
+        decode_unverified(forge(HEADER, claims(sub=text)))
+
+
 def test_decode_unverified_refuses_malformed() -> None:
     """decode_unverified raises TokenError('malformed') for a non-JWT."""
     with pytest.raises(TokenError) as caught:

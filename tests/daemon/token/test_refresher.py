@@ -491,6 +491,12 @@ async def test_stale_token_from_the_cloud_is_not_refreshed_again_at_once(
 
 # --- hostile answers --------------------------------------------------------------------
 
+
+def json_answer(body: bytes) -> dict[str, Any]:
+    """An answer of these exact JSON bytes (httpx's `json=` cannot encode a lone surrogate)."""
+    return {"content": body, "headers": {"content-type": "application/json"}}
+
+
 HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("shell", {"text": "$(touch x)"}, "unacceptable_token"),
     ("shell_json", {"json": {"token": "`touch x`;$(touch x)"}}, "unacceptable_token"),
@@ -532,6 +538,14 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("empty", {"text": ""}, "empty_body"),
     ("newline_inside", {"text": mint(T0) + "\nEVIL=$(touch x)"}, "unacceptable_token"),
+    # JSON escapes of lone surrogates decode to text UTF-8 cannot hold: refused, not a crash
+    # of the refresher (which ended the daemon with UnicodeEncodeError).
+    ("lone_surrogate", json_answer(b'{"token": "\\ud800"}'), "unacceptable_token"),
+    (
+        "lone_low_surrogate",
+        json_answer(b'{"result": {"data": "%s\\udc00"}}' % mint(T0).encode()),
+        "unacceptable_token",
+    ),
 ]
 
 
