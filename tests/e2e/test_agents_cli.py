@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from tests.e2e._town import (
 from tests.fixtures.cloud import CloudServer
 from tests.fixtures.daemon import DaemonFactory, DaemonProcess, daemon_env, make_town
 from tests.fixtures.net import unused_port
+from tests.waiting import wait_until
 
 TOWN = "town-agents"
 PRINT_TOKENS = 'printf "%s %s" "$KILOCODE_TOKEN" "$ANTHROPIC_AUTH_TOKEN"'
@@ -143,6 +145,32 @@ def test_shims_are_written_for_the_clis_on_the_daemons_path_and_status_names_the
     absent = [r["name"] for r in daemon.logs() if r.get("event") == "agent_cli_absent"]
     assert sorted(absent) == ["codex", "gemini", "opencode"]
     assert f"-- {real / 'kilo'}" in (shims / "kilo").read_text()
+
+
+def test_a_cli_dropped_from_the_shim_list_at_a_sighup_loses_its_shim(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """`agents.shims` loses kilo and the daemon is told by SIGHUP: kilo's shim goes at once
+    (it stayed for good, and after a later change of env file still named the old one)."""
+    real = make_standin_agents(tmp_path / "real-bin")
+    shims = tmp_path / "shims"
+    daemon = daemon_factory(
+        town_id=TOWN,
+        cloud_url=f"http://127.0.0.1:{unused_port()}",
+        env_file=write_env(tmp_path / "home" / ".env.gateway", local_token(TOWN)),
+        config_toml='[agents]\nshims = ["claude", "kilo"]\n',
+        extra_env={
+            "PATH": f"{shims}{os.pathsep}{real}{os.pathsep}{os.environ['PATH']}",
+            "GASTOWN_SANDBOXD_SHIM_DIR": str(shims),
+        },
+    )
+    assert sorted(os.listdir(shims)) == ["claude", "kilo"]
+    (config,) = tmp_path.glob("daemon-*.toml")
+    config.write_text('[agents]\nshims = ["claude"]\n')
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for_log("options_reloaded")
+    wait_until(lambda: os.listdir(shims) == ["claude"], deadline=10, what="kilo's shim removed")
+    assert daemon.stop() == 0
 
 
 def test_an_unwritable_shim_folder_stops_start_up_with_exit_2_and_one_line(tmp_path: Path) -> None:

@@ -106,7 +106,10 @@ def sync_shims(
 ) -> list[ShimChange]:
     """Make the shim folder hold exactly one correct shim per CLI found; report each name.
 
-    A shim whose CLI is gone is removed (only files that are shims are ever removed).
+    A shim whose CLI is gone is removed, and so is a shim of a name no longer in `names`
+    (dropped from `agents.shims`): left, it would wrap its CLI for good with the paths of the
+    day it was written, an env file or socket nothing serves any more. Only files that are
+    shims are ever removed.
     """
     from gastown_sandboxd.atomic import write_atomic
 
@@ -130,7 +133,26 @@ def sync_shims(
             continue
         write_atomic(path, text, mode=SHIM_MODE)
         changes.append(ShimChange(name, "written", real))
+    for path in _unlisted_shims(shim_dir, names):
+        path.unlink(missing_ok=True)
+        changes.append(ShimChange(path.name, "removed"))
     return changes
+
+
+def _unlisted_shims(shim_dir: Path, names: Sequence[str]) -> list[Path]:
+    """The shims in `shim_dir` (regular files only) of names not in `names`, sorted."""
+    try:
+        entries = list(os.scandir(shim_dir))
+    except OSError:
+        return []
+    listed = set(names)
+    return sorted(
+        Path(entry.path)
+        for entry in entries
+        if entry.name not in listed
+        and entry.is_file(follow_symlinks=False)
+        and is_shim(Path(entry.path))
+    )
 
 
 def _current(path: Path) -> bytes | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -94,6 +95,31 @@ def test_a_file_in_the_shim_folder_that_is_no_shim_is_never_removed(tmp_path: Pa
     changes = sync_shims(["gemini"], shim_dir=shims, spec=_spec(tmp_path), environ={"PATH": ""})
     assert [c.action for c in changes] == ["absent"]
     assert own.read_text() == "#!/bin/sh\necho mine\n"
+
+
+def test_a_name_dropped_from_the_list_loses_its_shim_and_only_shims_go(tmp_path: Path) -> None:
+    """`agents.shims` without `kilo`: its shim, written with the paths of its day, is removed
+    (left, it wrapped kilo with an env file nothing refreshed any more); the operator's own
+    file, a symlink to a shim and a folder stay."""
+    shims, real = tmp_path / "shims", tmp_path / "real"
+    shims.mkdir()
+    _tool(real, "kilo")
+    _tool(real, "codex")
+    env = {"PATH": f"{shims}{os.pathsep}{real}", "HOME": str(tmp_path)}
+    old_spec = dataclasses.replace(_spec(tmp_path), env_file=tmp_path / "old" / ".env.gateway")
+    sync_shims(["kilo", "codex"], shim_dir=shims, spec=old_spec, environ=env)
+    own = _tool(shims, "mine", "#!/bin/sh\necho mine\n")
+    (shims / "link").symlink_to(shims / "codex")
+    (shims / "folder").mkdir()
+
+    changes = sync_shims(["codex"], shim_dir=shims, spec=_spec(tmp_path), environ=env)
+
+    assert [(c.name, c.action) for c in changes] == [("codex", "written"), ("kilo", "removed")]
+    assert sorted(p.name for p in shims.iterdir()) == ["codex", "folder", "link", "mine"]
+    assert own.read_text() == "#!/bin/sh\necho mine\n"
+    assert str(old_spec.env_file) not in (shims / "codex").read_text()
+    again = sync_shims(["codex"], shim_dir=shims, spec=_spec(tmp_path), environ=env)
+    assert [(c.name, c.action) for c in again] == [("codex", "kept")]
 
 
 def test_a_shim_carries_paths_only_and_quotes_them(tmp_path: Path) -> None:
