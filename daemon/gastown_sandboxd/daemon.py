@@ -131,7 +131,9 @@ async def run_daemon(
         claude_helper_ttl=options.claude_helper_ttl,
         town_id=options.town_id,
     )
-    notifier = Notifier(bus=bus, hooks=options.hooks, signals=options.signals)
+    notifier = Notifier(
+        bus=bus, hooks=options.hooks, signals=options.signals, shim_dir=options.shim_dir
+    )
     metrics = DaemonMetrics(registry, bus=bus, notifier=notifier, watcher=watcher)
     lock = SocketLock(options.socket)
     lock.acquire()

@@ -23,12 +23,12 @@ USER = "user-hooks"
 WAIT = 10.0
 
 # Writes {"stdin", "event", "key"} to <folder>/<GASTOWN_EVENT_ID>.json, by rename: never
-# half-written. "key": the INTERNAL_API_KEY the hook was given, if any.
+# half-written. "key": the INTERNAL_API_KEY the hook was given, if any; "path": its PATH.
 RECORD_HOOK = """
 import json, os, sys
 folder = sys.argv[1]
 record = {"stdin": sys.stdin.read(), "event": os.environ["GASTOWN_EVENT"],
-          "key": os.environ.get("INTERNAL_API_KEY")}
+          "key": os.environ.get("INTERNAL_API_KEY"), "path": os.environ["PATH"]}
 path = os.path.join(folder, os.environ["GASTOWN_EVENT_ID"] + ".json")
 with open(path + ".part", "w") as f:
     json.dump(record, f)
@@ -119,6 +119,12 @@ def patch_crew(client: httpx.Client, n: int) -> httpx.Response:
     return answer
 
 
+def daemon_path(daemon: DaemonProcess) -> str:
+    """The PATH the daemon process runs with."""
+    environ = Path(f"/proc/{daemon.process.pid}/environ").read_bytes().split(b"\0")
+    return next(v for k, _, v in (e.partition(b"=") for e in environ) if k == b"PATH").decode()
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -135,7 +141,9 @@ def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     town: Town, tmp_path: Path
 ) -> None:
     """After a PATCH, a config.changed hook receives the event's JSON and GASTOWN_EVENT, and
-    not the daemon's INTERNAL_API_KEY (which the daemon runs with)."""
+    not the daemon's INTERNAL_API_KEY (which the daemon runs with). The shim folder is first
+    on its PATH, once, and the daemon's PATH follows: a gt command it runs gives its panes
+    that PATH, so agents it restarts start through their shims."""
     folder = tmp_path / "records"
     folder.mkdir()
     command = [sys.executable, "-c", RECORD_HOOK, str(folder)]
@@ -146,6 +154,11 @@ def test_hook_gets_the_event_on_stdin_and_its_type_in_the_environment(
     record = json.loads(record_file.read_text())
     assert record["event"] == "config.changed"
     assert record["key"] is None
+    shim_dir = api.get("/status").json()["shim_dir"]
+    assert record["path"].split(os.pathsep) == [
+        shim_dir,
+        *(entry for entry in daemon_path(daemon).split(os.pathsep) if entry != shim_dir),
+    ]
     event = json.loads(record["stdin"])
     assert record_file.name == f"{event['id']}.json"
     assert {k: event[k] for k in ("type", "scope", "rig", "file", "keys", "source")} == {

@@ -8,9 +8,13 @@ waiting on a hook:
   events that arrive while it runs (or backs off) fold into ONE more run with the newest event.
   The event's JSON goes to stdin; its environment is the daemon's less the daemon's secrets
   (`SECRETS_OF_THE_DAEMON`, as an agent's), with `GASTOWN_EVENT=<type>` and
-  `GASTOWN_EVENT_ID=<id>` added. It starts in a new session, so at its timeout its whole process
-  group is killed. A failed, unstartable or killed run is logged and counted, and the hook then
-  backs off (1 s doubling to 60 s by default) before its next run: a broken hook never storms.
+  `GASTOWN_EVENT_ID=<id>` added, and the shim folder first on `PATH`: a hook that has gt
+  restart an agent gives the pane the hook's PATH (tmux takes a new pane's from the client
+  that asked), and with the daemon's, which never holds the shims, the restarted kilo ran
+  with no token at all (a reviewer, real tmux 3.3a). It starts in a new session, so at its
+  timeout its whole process group is killed. A failed, unstartable or killed run is logged
+  and counted, and the hook then backs off (1 s doubling to 60 s by default) before its next
+  run: a broken hook never storms.
 - a signal (`[[signals]] pid_file, signal, events`) is sent at once; the pid file is read
   anew each time. A missing or bad pid file, a gone process or a refusal is logged and counted.
 
@@ -133,11 +137,21 @@ def send_signal(spec: SignalSpec) -> bool:
     return True
 
 
-async def run_hook(spec: HookSpec, event: Event) -> str:
-    """Run `spec` once for `event`; the outcome is "ok", "failed", "timeout" or "unstartable"."""
-    program = spec.command[0]
+def hook_environment(event: Event, shim_dir: Path | None) -> dict[str, str]:
+    """A hook's environment: the daemon's less its secrets, the event named, and `shim_dir`
+    (when given) first on PATH, once."""
     env = {name: value for name, value in os.environ.items() if name not in SECRETS_OF_THE_DAEMON}
     env.update(GASTOWN_EVENT=event.type, GASTOWN_EVENT_ID=str(event.id))
+    if shim_dir is not None:
+        rest = env.get("PATH", os.defpath).split(os.pathsep)
+        env["PATH"] = os.pathsep.join([str(shim_dir), *(e for e in rest if e != str(shim_dir))])
+    return env
+
+
+async def run_hook(spec: HookSpec, event: Event, *, shim_dir: Path | None = None) -> str:
+    """Run `spec` once for `event`; the outcome is "ok", "failed", "timeout" or "unstartable"."""
+    program = spec.command[0]
+    env = hook_environment(event, shim_dir)
     try:
         # Shielded: a cancellation while asyncio starts the process would leave it killed but
         # never reaped (asyncio's own wait for it is cancelled too, and its exit can come after
@@ -236,7 +250,7 @@ class _HookRunner:
             self.busy = True
             event, self._pending = self._pending, None
             stats.hook_runs += 1
-            outcome = await run_hook(self.spec, event)
+            outcome = await run_hook(self.spec, event, shim_dir=self._notifier.shim_dir)
             if outcome == "ok":
                 self.consecutive_failures = 0
                 continue
@@ -266,8 +280,10 @@ class Notifier:
         clock: Clock | None = None,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
+        shim_dir: Path | None = None,
     ) -> None:
         self._bus = bus
+        self.shim_dir = shim_dir
         self._signals = tuple(signals)
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._backoff_base = backoff_base
