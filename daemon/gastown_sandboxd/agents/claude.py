@@ -3,9 +3,10 @@
 Claude Code runs `apiKeyHelper` again every `CLAUDE_CODE_API_KEY_HELPER_TTL_MS`, and before
 each retry after a 401 or 403 (2.1.337: ~1 s after the refusal, then backing off), and sends
 its output as the credential, but only while `ANTHROPIC_AUTH_TOKEN` is unset (a set variable
-wins). So the daemon keeps the helper in Claude Code's user settings, `exec` sets it in a
-`CLAUDE_CONFIG_DIR` that lacks it (a gt account's folder), and `exec` starts `claude` without
-that variable whenever the helper it finds there is the daemon's. The
+wins). So the daemon keeps the helper in Claude Code's user settings, `exec` sets it at a
+claude start in the settings that claude reads when they lack it or hold a stale line (a gt
+account's folder, which the keeper never sees; a default folder before the keeper's pass),
+and `exec` starts `claude` without that variable whenever the helper is in place. The
 helper is `token_helper.sh` (beside this module): a fresh token costs a shell, not Python.
 Pure and standard-library only: `exec` reads these rules on every agent start.
 """
@@ -22,6 +23,8 @@ from gastown_sandboxd._files import NotRegularFile, read_regular
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from _typeshed import StrPath
 
 HELPER_KEY = "apiKeyHelper"
 TTL_VARIABLE = "CLAUDE_CODE_API_KEY_HELPER_TTL_MS"
@@ -56,7 +59,9 @@ def _settings_file(env: Mapping[str, str]) -> str:
     return os.path.join(home, ".claude", "settings.json")
 
 
-def helper_command(*, python: str, env_file: Path, socket: Path, town_id: str | None = None) -> str:
+def helper_command(
+    *, python: str, env_file: StrPath, socket: StrPath, town_id: str | None = None
+) -> str:
     """The shell line Claude Code runs, by absolute paths and with no secret: `token_helper.sh`,
     which prints a plainly acceptable token from the env file itself and otherwise becomes
     `gastown-sandboxd token` (`python -I -m gastown_sandboxd.agents token …`).
@@ -218,9 +223,15 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
     return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
+def current_helper(env: Mapping[str, str]) -> object:
+    """The `apiKeyHelper` of the Claude settings that `env` selects; None when the file has
+    none or cannot be read as JSON."""
+    try:
+        return parse_settings(read_settings(_settings_file(env))).get(HELPER_KEY)
+    except (OSError, UnicodeDecodeError, SettingsNotJson):
+        return None
+
+
 def helper_in_place(env: Mapping[str, str]) -> bool:
     """True when the Claude settings that `env` selects hold the daemon's helper."""
-    try:
-        return is_daemon_helper(parse_settings(read_settings(_settings_file(env))).get(HELPER_KEY))
-    except (OSError, UnicodeDecodeError, SettingsNotJson):
-        return False
+    return is_daemon_helper(current_helper(env))

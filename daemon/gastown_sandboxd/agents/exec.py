@@ -139,8 +139,9 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
         # An expired token still goes out: it fails as loudly as none, and says which one.
         say("no unexpired token after asking the daemon; running the command anyway")
     program = os.path.basename(argv[0])
+    helper = None
     if program == "claude":
-        _helper_in_account(where, {**os.environ, **values}, say=say)
+        helper = _helper_for_claude(where, {**os.environ, **values}, say=say)
     env = agent_environment(
         os.environ,
         values,
@@ -148,6 +149,7 @@ def run_exec(args: argparse.Namespace, *, say: Say = _say) -> int:
         program=program,
         helper_ttl_ms=args.helper_ttl_ms,
         town_id=where.town_id,
+        helper=helper,
     )
     # Tools the agent runs (`gastown-sandboxd status`, a nested exec) find the same daemon.
     env.setdefault("GASTOWN_SANDBOXD_SOCKET", str(where.socket))
@@ -177,27 +179,32 @@ def run_token(args: argparse.Namespace, *, say: Say = _say) -> int:
     return EXIT_OK
 
 
-def _helper_in_account(where: Where, env: Mapping[str, str], *, say: Say) -> None:
-    """A `CLAUDE_CONFIG_DIR` (a gt account: gt starts each role's claude with its own) whose
-    settings lack the daemon's helper gets it, as the keeper keeps it in the default folder:
-    a session started with the token in ANTHROPIC_AUTH_TOKEN sent that one token for its
-    whole life, expired included (a reviewer, with the real Claude Code). Written once per
-    folder; a file that is not JSON, or empty (Claude Code may be writing it), is left, and
-    claude gets the token instead, as before."""
-    if not env.get("CLAUDE_CONFIG_DIR") or claude.helper_in_place(env):
-        return
-    from pathlib import Path
+def _helper_for_claude(where: Where, env: Mapping[str, str], *, say: Say) -> bool:
+    """Whether the settings this claude reads (`$CLAUDE_CONFIG_DIR`'s, else `~/.claude`'s)
+    hold the daemon's helper, set here first when they lack it or hold a stale one.
 
+    The keeper keeps the default folder every 30 s, but a claude started before its pass
+    gets the token in ANTHROPIC_AUTH_TOKEN, which beats the helper, and sent that one token
+    for its whole life, expired included (a reviewer: `gt account switch` makes a fresh
+    `~/.claude`); a gt account's folder (gt starts each role's claude with its own) the
+    keeper never sees. A helper line of this daemon with other paths or another town (a
+    restored volume, a moved package) printed nothing, while exec took the working token
+    away: every request went out with an empty bearer. With the town known (shims pass it)
+    the line must be the one the keeper would write; without it, any line of the daemon's is
+    taken as it is. A file that is not JSON, or empty (Claude Code may be writing it), is
+    left, and claude gets the token instead."""
     command = claude.helper_command(
-        python=sys.executable,
-        env_file=Path(where.env_file),
-        socket=Path(where.socket),
-        town_id=where.town_id,
+        python=sys.executable, env_file=where.env_file, socket=where.socket, town_id=where.town_id
     )
+    found = claude.current_helper(env)
+    if found == command or (where.town_id is None and claude.is_daemon_helper(found)):
+        return True
     path = claude.settings_path(env)
     done = claude.set_helper(path, command)
-    if done.outcome not in ("written", "in_place"):
-        say(f"apiKeyHelper not set in {path} ({done.outcome}): claude gets the token instead")
+    if done.outcome in ("written", "in_place"):
+        return True
+    say(f"apiKeyHelper not set in {path} ({done.outcome}): claude gets the token instead")
+    return False
 
 
 def _default_signals() -> None:
@@ -322,12 +329,14 @@ def agent_environment(
     program: str,
     helper_ttl_ms: int = DEFAULT_HELPER_TTL_MS,
     town_id: str | None = None,
+    helper: bool | None = None,
 ) -> dict[str, str]:
     """The environment CMD gets: inherited + env file, tokens current, claude on its helper.
 
     Every sandbox token in it other than `token` is replaced by `token`; with none to put in
     its place, one of another town than `town_id` (when known) is removed: its usage would
-    be billed to that town, and the daemon itself refuses it."""
+    be billed to that town, and the daemon itself refuses it. `helper`: whether claude's
+    settings hold the daemon's helper (None: read them to know)."""
     env = dict(inherited)
     env.update(values)
     for name in SECRETS_OF_THE_DAEMON:
@@ -346,7 +355,7 @@ def agent_environment(
         for name in CLI_CREDENTIALS.get(program, ()):
             if not env.get(name) or is_gateway_token(env[name]):
                 env[name] = token
-    if program == "claude" and claude.helper_in_place(env):
+    if program == "claude" and (claude.helper_in_place(env) if helper is None else helper):
         # A set ANTHROPIC_AUTH_TOKEN beats the helper: drop it (and a gateway token posing
         # as an API key), so that a running session follows the helper's refreshes.
         env.pop("ANTHROPIC_AUTH_TOKEN", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -425,6 +426,70 @@ def test_exec_sets_the_helper_in_a_claude_config_dir_that_lacks_it(tmp_path: Pat
             socket=tmp_path / "none.sock",
             town_id="town-1",
         )
+
+
+def _stale_line(tmp_path: Path, case: str) -> str | None:
+    """A helper line of the daemon's that is not the current one, or None (no line)."""
+    if case == "another town":
+        return helper_command(
+            python=sys.executable,
+            env_file=tmp_path / ".env.gateway",
+            socket=tmp_path / "none.sock",
+            town_id="town-old",
+        )
+    if case == "a gone package":
+        return shlex.join(
+            [
+                "/bin/sh",
+                "/opt/old-venv/lib/python3.10/site-packages/gastown_sandboxd/agents/token_helper.sh",
+                str(tmp_path / ".env.gateway"),
+                str(tmp_path / "none.sock"),
+                "/opt/old-venv/bin/python",
+                "town-1",
+            ]
+        )
+    return None
+
+
+@pytest.mark.parametrize("folder", ["default", "account"])
+@pytest.mark.parametrize("case", ["no file", "another town", "a gone package"])
+def test_exec_puts_the_current_helper_where_this_claude_reads_it(
+    tmp_path: Path, folder: str, case: str
+) -> None:
+    """Before a claude starts, the settings it reads get the daemon's current helper line:
+    the default folder before the keeper's pass (a claude started then got the token in
+    ANTHROPIC_AUTH_TOKEN and sent it for life), and a line of the daemon's with another town
+    or a package that is gone (claude got an empty bearer while exec took the token away)."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "claude").write_text('#!/bin/sh\nprintf "%s" "${ANTHROPIC_AUTH_TOKEN-unset}"\n')
+    (real / "claude").chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")}
+    settings = tmp_path / "home" / ".claude" / "settings.json"
+    if folder == "account":
+        settings = tmp_path / "account" / "settings.json"
+        env["CLAUDE_CONFIG_DIR"] = str(settings.parent)
+    stale = _stale_line(tmp_path, case)
+    if stale is not None:
+        settings.parent.mkdir(parents=True)
+        settings.write_text(json.dumps({"theme": "dark", "apiKeyHelper": stale}))
+    light = _light_exec(tmp_path, env_file)
+    done = subprocess.run(
+        [*light[:-1], "--town-id", "town-1", "--", str(real / "claude")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "unset", "")
+    written = json.loads(settings.read_text())
+    assert written["apiKeyHelper"] == helper_command(
+        python=sys.executable, env_file=env_file, socket=tmp_path / "none.sock", town_id="town-1"
+    )
+    assert written.get("theme") == (None if stale is None else "dark")
 
 
 def test_an_env_file_that_is_no_regular_file_or_too_large_reads_as_empty(tmp_path: Path) -> None:
