@@ -489,6 +489,37 @@ async def test_stale_token_from_the_cloud_is_not_refreshed_again_at_once(
         assert refresher.status().next_refresh_at == T0 + 300
 
 
+class _Draws(random.Random):
+    """Every draw is the largest jitter: refresh points at 0.4 of the lifetime."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return max(a, b)
+
+    def random(self) -> float:
+        return 1.0 - 1e-12
+
+
+@pytest.mark.parametrize("again", ["a new token", "the held token"])
+async def test_a_token_already_past_its_drawn_point_waits_300_s_not_0(
+    tmp_path: Path, again: str
+) -> None:
+    """A token 0.45 of its life old on arrival (this clock 11 h ahead of the cloud's), past
+    its drawn point (0.4 here) but not half its life, was refreshed again at once, over and
+    over (a reviewer: 21 calls in 120 s); so was the held token served again. Both wait the
+    300 s of a stale token."""
+    held = mint(T0 - 0.45 * DAY)
+    rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n", rng=_Draws())
+    rig.cloud.script.append(held)
+    async with rig.running() as refresher:
+        await refresher.refresh_now()
+        if again == "the held token":
+            rig.clock.advance(2)
+            rig.cloud.script.append(held)
+            await refresher.refresh_now()
+        assert rig.disk_token() == held
+        assert refresher.status().next_refresh_at == rig.clock.time() + 300
+
+
 # --- hostile answers --------------------------------------------------------------------
 
 
@@ -731,11 +762,12 @@ async def test_forced_probe_of_an_inactive_town_that_is_still_inactive(tmp_path:
     assert rig.types() == ["town.inactive"]
 
 
-async def test_forced_refreshes_after_a_failed_call_keep_the_least_gap(tmp_path: Path) -> None:
-    """During an outage calls to the cloud keep 2 s apart (CONTRACT §3), forced ones too:
-    within 2 s of a failed call a forced refresh waits out the rest (at most 2 s, after a wall
-    clock stepped back too), and the ones forced meanwhile share its call. After a success a
-    forced refresh calls at once (the town may have been stopped since)."""
+async def test_forced_refreshes_keep_the_least_gap_after_any_call(tmp_path: Path) -> None:
+    """Calls to the cloud keep 2 s apart (CONTRACT §3), forced ones too: within 2 s of a
+    failed call a forced refresh waits out the rest (at most 2 s, after a wall clock stepped
+    back too), and the ones forced meanwhile share its call. Within 2 s of a call that
+    brought a token, a forced refresh answers that token at once, with no call (20 forced
+    refreshes in a row were 20 calls in 0.27 s); after the gap it calls again."""
     rig = Rig(tmp_path, env_text=f"KILO_JWT={mint(T0)}\n")
 
     async def forced_twice(first_wait: float) -> None:
@@ -756,20 +788,27 @@ async def test_forced_refreshes_after_a_failed_call_keep_the_least_gap(tmp_path:
             await refresher.refresh_now()
 
     async with rig.running() as refresher:
-        await refresher.refresh_now()
-        await refresher.refresh_now()  # after a success: at once
-        assert len(rig.cloud.calls) == 2
+        first = await refresher.refresh_now()
+        for _ in range(20):
+            assert await refresher.refresh_now() == first  # within the gap: no call
+        rig.clock.advance(1.9)
+        assert await refresher.refresh_now() == first
+        assert len(rig.cloud.calls) == 1
+        rig.clock.advance(0.1)
+        assert await refresher.refresh_now() != first  # the gap is over: a call
+        rig.clock.advance(2)
         await fails()
         rig.clock.advance(0.5)
-        await forced_twice(1.5)
+        await forced_twice(1.5)  # after a failure
         rig.clock.advance(2)
         await fails()
         rig.clock.jump(-3600)
         await forced_twice(2.0)
     calls = [t for t, _ in rig.cloud.calls]
-    assert calls[:3] == [T0, T0, T0]
-    assert calls[3] - calls[2] == pytest.approx(2.0)
-    assert calls[5] - calls[4] == pytest.approx(2.0 - 3600)
+    assert [b - a for a, b in itertools.pairwise(calls)] == pytest.approx(
+        [2.0, 2.0, 2.0, 2.0, 2.0 - 3600]
+    )
+    assert len(calls) == 6
 
 
 # --- pushes and reloads -----------------------------------------------------------------
