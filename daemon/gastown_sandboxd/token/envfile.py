@@ -173,18 +173,35 @@ def _assignment(
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BLANKS = " \t\r\n"  # \r too: a CRLF file's values end before it
+_WORD_ENDS = _BLANKS + ";&|<>()"  # bash's metacharacters: each ends an unquoted word
 _ESCAPED_IN_DOUBLE_QUOTES = '$`"\\\n'
 
 
 def _first_word(text: str, lookup: Callable[[str], str | None] | None) -> str | None:
-    """The first shell word of `text` as bash reads an assignment's value: quotes removed,
-    backslashes resolved and, with `lookup`, `$NAME` and `${NAME}` expanded outside single
-    quotes (an unset name gives nothing). Anything else after a `$` (a command substitution,
-    `${NAME:-…}`) is kept as written: nothing is run. None for an unterminated quote."""
+    """The first shell word of `text` as bash reads an assignment's value: it ends at an
+    unquoted blank or control character (`KILO_JWT=…; export KILO_JWT` is the token, where
+    the `;` stayed on it and the token was refused), quotes removed, backslashes resolved
+    and, with `lookup`, `$NAME` and `${NAME}` expanded outside single quotes (an unset name
+    gives nothing). A command substitution (`$(…)`, backquotes) and any other `${…}` are
+    kept whole as written, blanks inside included: nothing is run. None for an unterminated
+    quote or substitution."""
     out: list[str] = []
     i, end = 0, len(text)
-    while i < end and text[i] not in _BLANKS:
+    while i < end and text[i] not in _WORD_ENDS:
         char = text[i]
+        if char == "`" or (char == "$" and text.startswith(("$(", "${"), i)):
+            close = _substitution_end(text, i)
+            if close is None:
+                return None
+            if char == "$" and text[i + 1] == "{" and lookup is not None:
+                taken = len(out)
+                if _expand(text, i, out, lookup) == close and len(out) > taken:
+                    i = close
+                    continue
+                del out[taken:]
+            out.append(text[i:close])
+            i = close
+            continue
         if char == "'":
             close = text.find("'", i + 1)
             if close < 0:
@@ -214,6 +231,37 @@ def _first_word(text: str, lookup: Callable[[str], str | None] | None) -> str | 
             out.append(char)
             i += 1
     return "".join(out)
+
+
+def _substitution_end(text: str, at: int) -> int | None:
+    """The index just past the `$(…)`, `${…}` or backquoted text that starts at `at` (nested
+    parentheses and braces and quotes inside followed as bash does, roughly); None when it
+    never closes."""
+    if text[at] == "`":
+        close = text.find("`", at + 1)
+        return None if close < 0 else close + 1
+    opener = text[at + 1]
+    closer = ")" if opener == "(" else "}"
+    depth, i, end = 1, at + 2, len(text)
+    while i < end:
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char in "'\"`":
+            close = text.find(char, i + 1)
+            if close < 0:
+                return None
+            i = close + 1
+            continue
+        if char == opener:
+            depth += 1
+        elif char == closer:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
 
 
 def _expand(text: str, at: int, out: list[str], lookup: Callable[[str], str | None] | None) -> int:

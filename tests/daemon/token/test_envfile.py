@@ -153,6 +153,9 @@ ESCAPED=\$KILO_API_URL
 QUOTED="say \"hi\" \$5 and \\"
 MIXED=pre'$A'"$OUTSIDE"post
 EMPTY= # nothing
+SEMICOLON=tok-1; export SEMICOLON
+AND=tok-2&&true
+REDIRECTED=tok-3>/dev/null
 """
 
 
@@ -178,11 +181,24 @@ def test_values_are_expanded_as_bash_expands_them(tmp_path: Path) -> None:
 
 
 def test_a_command_substitution_is_kept_as_written_and_never_run(tmp_path: Path) -> None:
-    """`$(…)` and `${NAME:-…}` are left as they are written: nothing is run."""
+    """`$(…)`, backquotes and `${NAME:-…}` are kept whole as they are written, blanks and
+    nested parentheses inside included (`$(echo pwned)` was cut to `$(echo`): nothing is
+    run. One that never closes, like an unterminated quote, is no value."""
     marker = tmp_path / "ran"
-    text = f"A=$(touch\t{marker})\nB=$(id)\nC=${{B:-x}}\nD='unterminated\n"
+    text = (
+        f"A=$(touch\t{marker})\nB=$(id)\nC=${{B:-x y}}\nD='unterminated\n"
+        f"E=pre$(echo $(id -u) ')')post tail\nF=`date +%s`\nG=$(never closed\n"
+        f"H=${{B}}x\n"
+    )
     values = read_env_values(text, {})
-    assert values == {"A": "$(touch", "B": "$(id)", "C": "${B:-x}"}
+    assert values == {
+        "A": f"$(touch\t{marker})",
+        "B": "$(id)",
+        "C": "${B:-x y}",
+        "E": "pre$(echo $(id -u) ')')post",
+        "F": "`date +%s`",
+        "H": "$(id)x",
+    }
     assert not marker.exists()
 
 
