@@ -254,10 +254,17 @@ env_file_token() {
 	if [[ -e $env_file ]]; then
 		while IFS= read -r line || [[ -n $line ]]; do
 			if [[ $line =~ $KILO_JWT_LINE_RE ]]; then
+				# The token's characters after an opening quote, if any: whatever follows
+				# them (a closing quote, blanks, a comment, `; export KILO_JWT`, a CR) is
+				# no part of a JWT. Cut only at a CR and quotes, a trailing blank or
+				# comment sent no Bearer, and the cloud answered 401 for good.
 				found=${line#*=}
-				found=${found%$'\r'}
 				found=${found#[\"\']}
-				found=${found%[\"\']}
+				if [[ $found =~ ^[A-Za-z0-9._-]+ ]]; then
+					found=${BASH_REMATCH[0]}
+				else
+					found=''
+				fi
 			fi
 		done <"$env_file" || return 1
 	fi

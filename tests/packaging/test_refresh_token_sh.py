@@ -310,6 +310,30 @@ async def test_second_run_binds_with_the_current_token(
     assert standin_cloud.requests[1].headers["authorization"] == f"Bearer {first}"
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "KILO_JWT={} ",
+        "KILO_JWT={} # from createTown",
+        "KILO_JWT='{}'  ",
+        'export KILO_JWT="{}"\r',
+        "KILO_JWT={}; export KILO_JWT",
+    ],
+)
+async def test_the_token_binds_whatever_follows_it_on_its_line(
+    sandbox: Sandbox, standin_cloud: StandInCloud, line: str
+) -> None:
+    """Lines bash and the daemon read as the token: trailing blanks, a comment, quotes, a CR,
+    `; export KILO_JWT`. The script cut only a CR and one quote each side, sent no Bearer,
+    and the cloud's 401 came back on every run."""
+    old = mint(ahead=-600)
+    sandbox.write_env("A=1\n" + line.format(old) + "\n", mode=0o600)
+    new = mint()
+    standin_cloud.answer_text(new)
+    assert_refreshed(await sandbox.run(), sandbox, new)
+    assert standin_cloud.requests[0].headers["authorization"] == f"Bearer {old}"
+
+
 async def test_an_expired_token_still_binds(sandbox: Sandbox, standin_cloud: StandInCloud) -> None:
     """An expired token of this town is still sent as Bearer (the cloud accepts expired ones)."""
     old = mint(ahead=-7200, lifetime=3600)
