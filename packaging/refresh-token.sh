@@ -237,6 +237,11 @@ fi
 command -v curl >/dev/null 2>&1 || fail 1 "curl is not installed"
 command -v python3 >/dev/null 2>&1 || fail 1 "python3 is not installed"
 
+# A symlink there is taken for the file it leads to, as the daemon takes it: the rename below
+# would replace the link with a file, and the file it led to would keep the old token.
+if [[ -L $env_file ]]; then
+	env_file=$(readlink -f -- "$env_file") || fail 2 "GASTOWN_ENV_FILE is a symlink that leads nowhere: $env_file"
+fi
 env_dir=$(dirname -- "$env_file")
 env_name=$(basename -- "$env_file")
 [[ -d $env_dir ]] || fail 2 "the folder of GASTOWN_ENV_FILE does not exist: $env_dir"

@@ -211,6 +211,31 @@ def test_a_stopped_then_destroyed_town_goes_inactive_and_a_forced_refresh_recove
         assert metric_value(tcp.get("/metrics").text, inactive, result="inactive") == 2
 
 
+def test_a_refresh_writes_where_a_symlinked_env_file_leads_and_keeps_the_link(
+    cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """`~/.env.gateway` a link to a file on a volume: the refreshed token is in that file,
+    which bash reads through the link, and the link stays a link (a reviewer: the first
+    write replaced it with a file of its own; the volume's file kept the old token)."""
+    town = create_town(cloud)
+    target = write_env(tmp_path / "volume" / "env.gateway", town.token)
+    link = tmp_path / "home" / ".env.gateway"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    daemon = start_daemon(daemon_factory, town, link)
+    with daemon.local() as local:
+        wait_until(lambda: time.time() >= decode_unverified(town.token).iat + 1, deadline=5)
+        answer = local.post("/token/refresh")
+        assert answer.status_code == 200, answer.text
+        assert local.get("/status").json()["env_file"] == str(target)
+    refreshed = answer.json()["token"]["fingerprint"]
+    assert link.is_symlink()
+    assert os.readlink(link) == str(target)
+    assert fingerprint(source_token(link)) == refreshed
+    assert source_token(target) != town.token
+    assert _mode(target) == 0o600
+
+
 def test_put_token_accepts_a_cloud_token(
     cloud: CloudServer, daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:

@@ -334,6 +334,25 @@ async def test_the_token_binds_whatever_follows_it_on_its_line(
     assert standin_cloud.requests[0].headers["authorization"] == f"Bearer {old}"
 
 
+async def test_a_symlinked_env_file_is_written_where_it_leads(
+    sandbox: Sandbox, standin_cloud: StandInCloud
+) -> None:
+    """The env file a link to a file elsewhere: the new token goes into that file and the link
+    stays (the rename had replaced the link with a file of its own)."""
+    old = mint(ahead=-600)
+    target = sandbox.env_file.parent / "volume" / "env.gateway"
+    target.parent.mkdir()
+    target.write_text(f"A=1\nKILO_JWT={old}\n")
+    target.chmod(0o600)
+    sandbox.env_file.unlink(missing_ok=True)
+    sandbox.env_file.symlink_to(target)
+    new = mint()
+    standin_cloud.answer_text(new)
+    assert_refreshed(await sandbox.run(), sandbox, new)
+    assert sandbox.env_file.is_symlink()
+    assert target.read_text() == f"A=1\nKILO_JWT={new}\n"
+
+
 async def test_an_expired_token_still_binds(sandbox: Sandbox, standin_cloud: StandInCloud) -> None:
     """An expired token of this town is still sent as Bearer (the cloud accepts expired ones)."""
     old = mint(ahead=-7200, lifetime=3600)
