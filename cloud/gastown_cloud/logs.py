@@ -7,12 +7,10 @@ Routes never log a token or the key; the scrubber makes a slip harmless anyway: 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-import structlog
-
+from gastown_sandboxd.ops import logs as sandbox_logs
 from gastown_sandboxd.ops.logs import Redactor
 
 # One scrubber for both services: the daemon's redaction step (JWTs and given secrets).
@@ -22,15 +20,12 @@ Scrubber = Redactor
 def configure_logging(
     *, secrets: Iterable[str] = (), stream: TextIO | None = None, level: int = logging.INFO
 ) -> None:
-    """JSON lines from `level` up to `stream` (stderr by default: stdout carries only answers)."""
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            Scrubber(secrets),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        cache_logger_on_first_use=True,
+    """JSON lines from `level` up to `stream` (stderr by default: stdout carries only answers),
+    through the daemon's one pipeline of structlog and stdlib logging: hypercorn's own lines
+    (`Running on …`, its errors) are JSON too, where they were its plain text on stderr."""
+    sandbox_logs.configure_logging(
+        format="json",
+        level=logging.getLevelName(level).lower(),
+        secrets=secrets,
+        stream=stream,
     )

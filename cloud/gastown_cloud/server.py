@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,7 @@ async def serve_app(
     if tls is not None:
         config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through the JSON lines (logs.py)
     config.graceful_timeout = graceful_timeout
     # A sandbox's refresh connection is released when it closes, not 5 s later (`_hypercorn`).
     await serve(app, config, shutdown_trigger=shutdown_trigger)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -130,7 +131,11 @@ def test_signal_stops_cleanly(cloud_factory: Callable[..., CloudServer], sig: in
     assert server.process.wait(timeout=20) == 0
     assert server.process.stdout is not None
     assert server.process.stdout.read() == b""
-    assert "cloud_stopped" in server.log_text()
+    # stderr is JSON lines throughout, hypercorn's own included (its "Running on" line was
+    # plain text, which broke `serve 2> >(jq .)`).
+    records = [json.loads(line) for line in server.log_text().splitlines()]
+    assert "cloud_stopped" in [record["event"] for record in records]
+    assert any(record["event"].startswith("Running on") for record in records)
 
 
 def test_logs_never_hold_secrets_or_tokens(cloud: CloudServer) -> None:
