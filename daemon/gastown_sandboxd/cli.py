@@ -282,12 +282,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from gastown_sandboxd.gtsettings.last_applied import LastApplied
-    from gastown_sandboxd.ops.socket_lock import owner_pid
+    from gastown_sandboxd.ops.socket_lock import SocketInUse, owner_pid, serving_pid
 
     flags = {dest: getattr(args, dest) for _, dest, _ in _RUN_FLAGS}
     # Raises OptionsProblems with every problem: printed one per line, exit 2.
     options = load_options(flags, config_file=args.config, check_paths=True, check_listen=True)
     pid = owner_pid(options.socket)
+    if pid is None and (peer := serving_pid(options.socket)) is not None:
+        # Served, but not by a daemon holding its lock: `run` refuses it (exit 2), so must
+        # `check` (it said "every option is valid").
+        raise SocketInUse(options.socket, peer or None)
     lines = [
         f"ok: {options.config_file or 'no TOML file'}; every option is valid",
         f"town            {options.town_id}",

@@ -362,6 +362,21 @@ def test_a_folder_at_the_socket_lock_stops_run_and_check_with_one_line(tmp_path:
     assert lock.is_dir()
 
 
+def test_a_socket_another_program_serves_stops_run_and_check_naming_its_pid(
+    tmp_path: Path,
+) -> None:
+    """A program of someone else's listening on the socket path (no lock): `run` exited 2
+    naming its pid, and `check` passed it with "every option is valid"; now both say it."""
+    env = _base_env(tmp_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(env["GASTOWN_SANDBOXD_SOCKET"])
+        other.listen()
+        for done in (_run(env), cli("check", env=env)):
+            assert done.returncode == 2, done.stdout
+            (line,) = done.stderr.splitlines()
+            assert f"is in use by pid {os.getpid()}" in line
+
+
 def test_check_reports_every_problem_in_one_run(tmp_path: Path) -> None:
     """Three settings missing, no town root, no env-file folder and a bad hook: one `check`
     run, exit 2, one line each; nothing is started or written."""
