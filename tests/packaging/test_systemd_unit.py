@@ -20,7 +20,6 @@ SERVICE = {
     "Type": "notify",
     "NotifyAccess": "main",
     "ExecStart": f"{EXEC} run",
-    "ExecReload": "/bin/kill -HUP $MAINPID",
     "WatchdogSec": "30",
     "Restart": "on-failure",
     "RestartSec": "2",
@@ -86,6 +85,15 @@ def test_service_directives(unit: Sections) -> None:
     service = unit["Service"]
     wrong = {key: service.get(key) for key, value in SERVICE.items() if service.get(key) != [value]}
     assert wrong == {}
+
+
+def test_a_reload_checks_the_file_with_the_units_environment_before_the_sighup(
+    unit: Sections,
+) -> None:
+    """`systemctl reload` runs `check` first, in the unit's environment (which a check from a
+    shell lacks: the reviewer's check of a healthy daemon's file failed there), then sends
+    SIGHUP; a failed check fails the reload and sends nothing."""
+    assert unit["Service"]["ExecReload"] == [f"{EXEC} check", "/bin/kill -HUP $MAINPID"]
 
 
 def test_environment_and_socket(unit: Sections) -> None:
