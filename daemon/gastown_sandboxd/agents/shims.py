@@ -64,7 +64,9 @@ def find_real(
 ) -> Path | None:
     """The first executable `name` on `search_path` that is not in the shim folder nor a shim.
 
-    Claude Code's installer also puts it at `~/.claude/local/claude`; that is tried last.
+    Claude Code's installers also put it at `~/.claude/local/claude` (the local install)
+    and `~/.local/bin/claude` (the native one, a folder Debian's `~/.profile` puts on a login
+    shell's PATH ahead of the shim folder): those are tried last, in that order.
     """
     shim_real = os.path.realpath(shim_dir)
     candidates = [
@@ -74,6 +76,7 @@ def find_real(
     ]
     if name == "claude" and home is not None:
         candidates.append(home / ".claude" / "local" / "claude")
+        candidates.append(home / ".local" / "bin" / "claude")
     for candidate in candidates:
         if not candidate.is_absolute():
             continue  # a relative PATH entry would change with each agent's folder

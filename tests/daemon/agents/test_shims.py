@@ -53,10 +53,15 @@ def test_find_real_skips_the_shim_folder_shims_elsewhere_and_non_executables(
 
 
 def test_claude_is_also_found_at_its_installers_place(tmp_path: Path) -> None:
-    """Not on PATH: ~/.claude/local/claude, where gt looks too."""
+    """Not on PATH: ~/.claude/local/claude, where gt looks too, then ~/.local/bin/claude, the
+    native installer's (the daemon's PATH holds neither: that claude got no shim, and login
+    shells, whose ~/.profile puts ~/.local/bin first, ran it unshimmed)."""
+    native = _tool(tmp_path / ".local" / "bin", "claude")
+    shims = tmp_path / "shims"
+    assert find_real("claude", search_path="", shim_dir=shims, home=tmp_path) == native
     local = _tool(tmp_path / ".claude" / "local", "claude")
-    found = find_real("claude", search_path="", shim_dir=tmp_path / "shims", home=tmp_path)
-    assert found == local
+    assert find_real("claude", search_path="", shim_dir=shims, home=tmp_path) == local
+    assert find_real("codex", search_path="", shim_dir=shims, home=tmp_path) is None
 
 
 def test_sync_writes_keeps_rewrites_and_removes(tmp_path: Path) -> None:
