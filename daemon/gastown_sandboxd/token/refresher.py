@@ -382,10 +382,13 @@ class TokenRefresher:
     async def _attempt(self) -> TokenView:
         self._publish()
         held = self._held
-        if held is not None and self._last_call_ok and self._within_gap():
-            # Within the least gap after a call that brought a token, a forced refresh is
-            # answered with what that call brought: 20 forced refreshes in a row were 20
-            # calls in 0.27 s (a reviewer), one sandbox's loop a storm for the cloud.
+        now = self._clock.time()
+        if held is not None and now < held.refresh_at and self._just_called_ok(now):
+            # Within the least gap after a call that brought a token, a forced refresh of a
+            # token not yet due is answered with what that call brought: 20 forced refreshes
+            # in a row were 20 calls in 0.27 s (a reviewer), a storm for the cloud. A due
+            # token (the loop's refresh, a push past half its life) waits out the gap and
+            # calls: answered from here, the loop stayed due and spun.
             return held.view
         await self._keep_gap()
         held = self._held
@@ -426,18 +429,24 @@ class TokenRefresher:
         return view
 
     async def _keep_gap(self) -> None:
-        """After a failed call to the cloud, wait out the rest of the least gap between
-        calls (CONTRACT §3: 2 s, scaled for short tokens; never longer, whatever the wall
-        clock did since): an outage sees one call per gap at most, forced refreshes
-        (`POST /token/refresh`, `gastown-sandboxd refresh` in a loop) included, and the ones
-        forced meanwhile share the call that follows. After a success, `_attempt` answers
-        within the gap with the token that call brought."""
+        """Wait out the rest of the least gap between two calls to the cloud (CONTRACT §3:
+        2 s, scaled for short tokens; never longer, whatever the wall clock did since): an
+        outage sees one call per gap at most, forced refreshes (`POST /token/refresh`,
+        `gastown-sandboxd refresh` in a loop) included, and the ones forced meanwhile share
+        the call that follows. After a success, `_attempt` answers a forced refresh of a
+        token not yet due with that token instead."""
         wait = self._gap_left()
         if wait > 0:
             await self._clock.sleep(wait)
 
-    def _within_gap(self) -> bool:
-        return self._gap_left() > 0
+    def _just_called_ok(self, now: float) -> bool:
+        """Whether the last call brought a token and ended less than the least gap before
+        `now`, by a wall clock that has not stepped back since (after a step back the gap
+        counted as open for as long as the step: no forced refresh reached the cloud)."""
+        ended = self._last_call_ended
+        if ended is None or not self._last_call_ok:
+            return False
+        return ended <= now < ended + self._waits_for(self._held).min_retry_gap
 
     def _gap_left(self) -> float:
         """Seconds left of the least gap since the last call ended (at most the gap)."""
