@@ -747,12 +747,7 @@ class _Picker:
         return cls(given, env, toml, problems), used_file
 
     def env_file(self) -> Path:
-        """The env file's path; a symlink there is taken for the file it leads to (which need
-        not exist yet): every write renames a new file into place, so writing at the link
-        replaced the link with a file, and the file it led to, which others read, kept the
-        old token for good (a reviewer). Where it leads is read once, at start."""
-        path = _expand(self.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", self.env)
-        return Path(os.path.realpath(path)) if os.path.islink(path) else path
+        return _expand(self.text("env_file", ("GASTOWN_ENV_FILE",)) or "~/.env.gateway", self.env)
 
     def shim_dir(self, agents: Mapping[str, Any]) -> Path:
         if "shim_dir" in self.flags:

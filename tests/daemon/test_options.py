@@ -343,21 +343,6 @@ def test_relative_paths_are_made_absolute_against_the_starting_folder(
     assert options.state_dir == tmp_path / "state"
 
 
-def test_an_env_file_that_is_a_symlink_is_taken_for_where_it_leads(tmp_path: Path) -> None:
-    """A link at the env file's path (to a volume, a shared folder) names the file it leads
-    to, made or not yet: writes at the link replaced it with a file, and the file it led to
-    kept the old token for good."""
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    link = tmp_path / ".env.gateway"
-    link.symlink_to(volume / "env.gateway")  # nothing there yet
-    env = {**BASE_ENV, "GASTOWN_ENV_FILE": str(link)}
-    assert load_options({}, env, None).env_file == volume / "env.gateway"
-    assert load_client_options({}, env, None).env_file == volume / "env.gateway"
-    plain = {**BASE_ENV, "GASTOWN_ENV_FILE": str(tmp_path / "plain")}
-    assert load_options({}, plain, None).env_file == tmp_path / "plain"
-
-
 def test_check_paths_names_a_missing_env_file_folder(tmp_path: Path) -> None:
     """With check_paths, a town root and env-file folder that are missing are two problems."""
     env = {

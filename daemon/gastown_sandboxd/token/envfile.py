@@ -138,6 +138,12 @@ def write_atomic(path: StrPath, data: bytes, *, mode: int | None = None) -> bool
 
 
 def _write_token_sync(path: StrPath, token: str) -> bool:
+    # A symlink at the path is written where it leads, looked up at each write (it need not
+    # exist yet): the rename would replace the link with a file, and the file it led to,
+    # which others read, kept the old token for good (a reviewer). Looked up once at start,
+    # a link swapped for a file later (`sed -i`) was never written again (the next one).
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     try:
         current = read_env(path)
     except OSError as exc:  # nothing written: the file is as it was, as a failed replace
