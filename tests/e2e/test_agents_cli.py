@@ -170,6 +170,7 @@ def test_a_cli_dropped_from_the_shim_list_at_a_sighup_loses_its_shim(
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_for_log("options_reloaded")
     wait_until(lambda: os.listdir(shims) == ["claude"], deadline=10, what="kilo's shim removed")
+    daemon.wait_for_log("agent_shim_removed", name="kilo", reason="not_in_agents_shims")
     assert daemon.stop() == 0
 
 

@@ -190,15 +190,17 @@ def _helper_for_claude(where: Where, env: Mapping[str, str], *, say: Say) -> boo
     keeper never sees. A helper line of this daemon with other paths or another town (a
     restored volume, a moved package) printed nothing, while exec took the working token
     away: every request went out with an empty bearer. With the town known (shims pass it)
-    the line must be the one the keeper would write; without it, any line of the daemon's is
-    taken as it is. A file that is not JSON, or empty (Claude Code may be writing it), is
-    left, and claude gets the token instead."""
+    the line must be the one the keeper would write, its interpreter aside; without it, any
+    line of the daemon's whose files are there is taken as it is. A file that is not JSON,
+    or empty (Claude Code may be writing it), is left, and claude gets the token instead."""
     command = claude.helper_command(
         python=sys.executable, env_file=where.env_file, socket=where.socket, town_id=where.town_id
     )
     found = claude.current_helper(env)
-    if found == command or (where.town_id is None and claude.is_daemon_helper(found)):
+    if claude.same_helper(found, command):
         return True
+    if where.town_id is None and claude.helper_can_run(found):
+        return True  # the town unknown here: a line of the daemon's that can run is taken
     path = claude.settings_path(env)
     done = claude.set_helper(path, command)
     if done.outcome in ("written", "in_place"):

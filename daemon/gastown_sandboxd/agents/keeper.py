@@ -103,8 +103,9 @@ class AgentKeeper:
             self._reported.pop(f"absent:{change.name}", None)
             if change.action == "written":
                 log.info("agent_shim_written", name=change.name, target=str(change.target))
-            elif change.action == "removed":
-                log.info("agent_shim_removed", name=change.name, reason="cli_gone")
+            elif change.action in ("removed", "unlisted"):
+                reason = "cli_gone" if change.action == "removed" else "not_in_agents_shims"
+                log.info("agent_shim_removed", name=change.name, reason=reason)
             claude_found |= change.name == "claude" and change.target is not None
         if claude_found:
             self.keep_claude_helper()

@@ -93,7 +93,8 @@ def find_real(
 
 @dataclass(frozen=True)
 class ShimChange:
-    """One outcome of a sync for one name: `written`, `removed`, `absent` or `kept`."""
+    """One outcome of a sync for one name: `written`, `removed` (its CLI is gone),
+    `unlisted` (removed: the name left `agents.shims`), `absent` or `kept`."""
 
     name: str
     action: str
@@ -138,7 +139,7 @@ def sync_shims(
         changes.append(ShimChange(name, "written", real))
     for path in _unlisted_shims(shim_dir, names):
         path.unlink(missing_ok=True)
-        changes.append(ShimChange(path.name, "removed"))
+        changes.append(ShimChange(path.name, "unlisted"))
     return changes
 
 

@@ -33,12 +33,10 @@ OPENAI_KEY = "sk-proj-operators-own-key"
 
 
 def _helper_home(tmp_path: Path) -> dict[str, str]:
-    """A home whose Claude settings hold the daemon's helper."""
+    """A home whose Claude settings hold a helper line of the daemon's that can run."""
     settings = tmp_path / ".claude" / "settings.json"
     settings.parent.mkdir()
-    command = helper_command(
-        python="/venv/bin/python", env_file=tmp_path / "e", socket=tmp_path / "s"
-    )
+    command = helper_command(python=sys.executable, env_file=tmp_path / "e", socket=tmp_path / "s")
     settings.write_text(json.dumps({"apiKeyHelper": command}))
     return {"HOME": str(tmp_path)}
 
@@ -437,7 +435,7 @@ def _stale_line(tmp_path: Path, case: str) -> str | None:
             socket=tmp_path / "none.sock",
             town_id="town-old",
         )
-    if case == "a gone package":
+    if case.startswith("a gone package"):
         return shlex.join(
             [
                 "/bin/sh",
@@ -452,7 +450,9 @@ def _stale_line(tmp_path: Path, case: str) -> str | None:
 
 
 @pytest.mark.parametrize("folder", ["default", "account"])
-@pytest.mark.parametrize("case", ["no file", "another town", "a gone package"])
+@pytest.mark.parametrize(
+    "case", ["no file", "another town", "a gone package", "a gone package, no town"]
+)
 def test_exec_puts_the_current_helper_where_this_claude_reads_it(
     tmp_path: Path, folder: str, case: str
 ) -> None:
@@ -476,8 +476,9 @@ def test_exec_puts_the_current_helper_where_this_claude_reads_it(
         settings.parent.mkdir(parents=True)
         settings.write_text(json.dumps({"theme": "dark", "apiKeyHelper": stale}))
     light = _light_exec(tmp_path, env_file)
+    town = [] if case.endswith("no town") else ["--town-id", "town-1"]
     done = subprocess.run(
-        [*light[:-1], "--town-id", "town-1", "--", str(real / "claude")],
+        [*light[:-1], *town, "--", str(real / "claude")],
         env=env,
         capture_output=True,
         text=True,
@@ -487,9 +488,48 @@ def test_exec_puts_the_current_helper_where_this_claude_reads_it(
     assert (done.returncode, done.stdout, done.stderr) == (0, "unset", "")
     written = json.loads(settings.read_text())
     assert written["apiKeyHelper"] == helper_command(
-        python=sys.executable, env_file=env_file, socket=tmp_path / "none.sock", town_id="town-1"
+        python=sys.executable,
+        env_file=env_file,
+        socket=tmp_path / "none.sock",
+        town_id="town-1" if town else None,
     )
     assert written.get("theme") == (None if stale is None else "dark")
+
+
+def test_a_helper_line_of_another_path_of_the_same_python_is_the_current_one(
+    tmp_path: Path,
+) -> None:
+    """The keeper's line with the daemon's `venv/bin/python`, exec run as `venv/bin/python3`:
+    the line is current (only the interpreter differs), so exec leaves it (the two rewrote
+    each other's line, a reviewer); claude starts on the helper."""
+    env_file = tmp_path / ".env.gateway"
+    env_file.write_text(f"KILO_JWT={CURRENT}\n")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "claude").write_text('#!/bin/sh\nprintf "%s" "${ANTHROPIC_AUTH_TOKEN-unset}"\n')
+    (real / "claude").chmod(0o755)
+    other = tmp_path / "bin" / "python-other-name"
+    other.parent.mkdir()
+    other.symlink_to(sys.executable)
+    keepers = helper_command(
+        python=str(other), env_file=env_file, socket=tmp_path / "none.sock", town_id="town-1"
+    )
+    settings = tmp_path / "home" / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"apiKeyHelper": keepers}))
+    before = settings.stat().st_mtime_ns
+    light = _light_exec(tmp_path, env_file)
+    done = subprocess.run(
+        [*light[:-1], "--town-id", "town-1", "--", str(real / "claude")],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "unset", "")
+    assert settings.stat().st_mtime_ns == before
+    assert json.loads(settings.read_text())["apiKeyHelper"] == keepers
 
 
 def test_an_env_file_that_is_no_regular_file_or_too_large_reads_as_empty(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_a_name_dropped_from_the_list_loses_its_shim_and_only_shims_go(tmp_path:
 
     changes = sync_shims(["codex"], shim_dir=shims, spec=_spec(tmp_path), environ=env)
 
-    assert [(c.name, c.action) for c in changes] == [("codex", "written"), ("kilo", "removed")]
+    assert [(c.name, c.action) for c in changes] == [("codex", "written"), ("kilo", "unlisted")]
     assert sorted(p.name for p in shims.iterdir()) == ["codex", "folder", "link", "mine"]
     assert own.read_text() == "#!/bin/sh\necho mine\n"
     assert str(old_spec.env_file) not in (shims / "codex").read_text()
