@@ -230,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _serving(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[str]:
+def serving(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[str]:
     """Serve `handler` on an ephemeral port of 127.0.0.1 until the block ends; its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
@@ -286,7 +286,7 @@ def messages_standin(answer: Callable[[Seen], str]) -> Iterator[MessagesStandIn]
             standin.record(seen)
             return seen
 
-    with _serving(Handler, "messages-standin") as url:
+    with serving(Handler, "messages-standin") as url:
         standin.url = url
         yield standin
 
@@ -352,7 +352,7 @@ def responses_standin(answer: Callable[[str | None], str]) -> Iterator[Responses
             else:
                 self._sse(_response_events(len(standin.bearers)))
 
-    with _serving(Handler, "responses-standin") as url:
+    with serving(Handler, "responses-standin") as url:
         standin.url = url
         yield standin
 

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from httpx_sse import connect_sse
 
 from gastown_sandboxd.http.server import HEADER_TIMEOUT
 from gastown_sandboxd.token.claims import fingerprint
+from tests.e2e._agents import serving
 from tests.e2e._town import local_token, write_env
 from tests.fixtures.daemon import (
     DAEMON_KEY,
@@ -489,15 +490,8 @@ def lone_surrogate_cloud() -> Iterator[str]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with serving(Answer, "lone-surrogate-cloud") as url:
+        yield url
 
 
 def test_a_refresh_answer_no_utf8_holds_is_a_broken_cloud_and_the_daemon_runs_on(

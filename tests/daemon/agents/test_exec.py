@@ -387,16 +387,23 @@ def test_a_token_of_another_town_reaches_no_command_when_the_town_is_known(
     assert (printed.returncode, printed.stdout) == (1, "")
 
 
-def test_exec_sets_the_helper_in_a_claude_config_dir_that_lacks_it(tmp_path: Path) -> None:
-    """A gt account's CLAUDE_CONFIG_DIR: exec writes the daemon's helper into its settings
-    (every other key kept) and starts claude without ANTHROPIC_AUTH_TOKEN; a settings file
-    that is not JSON is left as it is, and claude gets the token, with one line saying so."""
+def _claude_beside_an_env_file(tmp_path: Path, printed: str) -> tuple[Path, Path]:
+    """An env file holding CURRENT, and a folder whose `claude` prints `printed` (a shell
+    word): the env file and the folder."""
     env_file = tmp_path / ".env.gateway"
     env_file.write_text(f"KILO_JWT={CURRENT}\n")
     real = tmp_path / "real"
     real.mkdir()
-    (real / "claude").write_text('#!/bin/sh\nprintf "%s" "$ANTHROPIC_AUTH_TOKEN"\n')
+    (real / "claude").write_text(f'#!/bin/sh\nprintf "%s" {printed}\n')
     (real / "claude").chmod(0o755)
+    return env_file, real
+
+
+def test_exec_sets_the_helper_in_a_claude_config_dir_that_lacks_it(tmp_path: Path) -> None:
+    """A gt account's CLAUDE_CONFIG_DIR: exec writes the daemon's helper into its settings
+    (every other key kept) and starts claude without ANTHROPIC_AUTH_TOKEN; a settings file
+    that is not JSON is left as it is, and claude gets the token, with one line saying so."""
+    env_file, real = _claude_beside_an_env_file(tmp_path, '"$ANTHROPIC_AUTH_TOKEN"')
     light = _light_exec(tmp_path, env_file)
     for settings, token in (('{"theme": "dark"}\n', ""), ("{not json", CURRENT)):
         account = tmp_path / f"account-{len(token)}"
@@ -460,12 +467,7 @@ def test_exec_puts_the_current_helper_where_this_claude_reads_it(
     the default folder before the keeper's pass (a claude started then got the token in
     ANTHROPIC_AUTH_TOKEN and sent it for life), and a line of the daemon's with another town
     or a package that is gone (claude got an empty bearer while exec took the token away)."""
-    env_file = tmp_path / ".env.gateway"
-    env_file.write_text(f"KILO_JWT={CURRENT}\n")
-    real = tmp_path / "real"
-    real.mkdir()
-    (real / "claude").write_text('#!/bin/sh\nprintf "%s" "${ANTHROPIC_AUTH_TOKEN-unset}"\n')
-    (real / "claude").chmod(0o755)
+    env_file, real = _claude_beside_an_env_file(tmp_path, '"${ANTHROPIC_AUTH_TOKEN-unset}"')
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")}
     settings = tmp_path / "home" / ".claude" / "settings.json"
     if folder == "account":
@@ -502,12 +504,7 @@ def test_a_helper_line_of_another_path_of_the_same_python_is_the_current_one(
     """The keeper's line with the daemon's `venv/bin/python`, exec run as `venv/bin/python3`:
     the line is current (only the interpreter differs), so exec leaves it (the two rewrote
     each other's line, a reviewer); claude starts on the helper."""
-    env_file = tmp_path / ".env.gateway"
-    env_file.write_text(f"KILO_JWT={CURRENT}\n")
-    real = tmp_path / "real"
-    real.mkdir()
-    (real / "claude").write_text('#!/bin/sh\nprintf "%s" "${ANTHROPIC_AUTH_TOKEN-unset}"\n')
-    (real / "claude").chmod(0o755)
+    env_file, real = _claude_beside_an_env_file(tmp_path, '"${ANTHROPIC_AUTH_TOKEN-unset}"')
     other = tmp_path / "bin" / "python-other-name"
     other.parent.mkdir()
     other.symlink_to(sys.executable)
