@@ -80,55 +80,50 @@ def helper_command(
     return shlex.join([HELPER_SHELL, HELPER_SCRIPT, str(env_file), str(socket), python, *town])
 
 
-def _script_words(value: object) -> list[str] | None:
-    """The words of a helper line in the script's form, None for any other value."""
+def _helper_words(value: object) -> tuple[list[str], bool] | None:
+    """The words of a helper line this daemon wrote (any paths), and whether it is the
+    script's line (else the `token` line earlier releases wrote); None for any other value."""
     if not isinstance(value, str):
         return None
     try:
         words = shlex.split(value)
     except ValueError:
         return None
-    return words if len(words) in (5, 6) and words[1].endswith(_SCRIPT_TAIL) else None
+    if len(words) in (5, 6) and words[1].endswith(_SCRIPT_TAIL):
+        return words, True
+    return (words, False) if tuple(words[1:5]) == TOKEN_WORDS else None
+
+
+def is_daemon_helper(value: object) -> bool:
+    """True when an `apiKeyHelper` value is a helper this daemon wrote (any paths): the
+    script's line, or the `token` line earlier releases wrote (the keeper replaces it)."""
+    return _helper_words(value) is not None
 
 
 def same_helper(found: object, command: str) -> bool:
-    """Whether the line `found` is `command` but perhaps for its interpreter (the fifth word,
-    which only the script's fallback runs): `exec` under another path of the same Python
-    (`venv/bin/python3` where the daemon runs `venv/bin/python`) and the keeper rewrote each
-    other's line (a reviewer)."""
+    """Whether the line `found` is `command` but perhaps for its interpreter (the fifth word
+    of the script's line, which only the script's fallback runs): `exec` under another path
+    of the same Python (`venv/bin/python3` where the daemon runs `venv/bin/python`) and the
+    keeper rewrote each other's line (a reviewer)."""
     if found == command:
         return True
-    ours, theirs = _script_words(command), _script_words(found)
-    if ours is None or theirs is None:
+    ours, theirs = _helper_words(command), _helper_words(found)
+    if ours is None or theirs is None or not (ours[1] and theirs[1]):
         return False
-    return ours[:4] + ours[5:] == theirs[:4] + theirs[5:]
+    return ours[0][:4] + ours[0][5:] == theirs[0][:4] + theirs[0][5:]
 
 
 def helper_can_run(value: object) -> bool:
     """Whether a helper line of the daemon's names files that are there: the script and the
     interpreter (the script's line), or the interpreter (the `token` line). A line left by a
     package that moved prints nothing, and claude sends an empty bearer."""
-    words = _script_words(value)
-    if words is not None:
+    found = _helper_words(value)
+    if found is None:
+        return False
+    words, script = found
+    if script:
         return os.path.isfile(words[1]) and os.access(words[4], os.X_OK)
-    if not is_daemon_helper(value):
-        return False
-    assert isinstance(value, str)
-    return os.access(shlex.split(value)[0], os.X_OK)
-
-
-def is_daemon_helper(value: object) -> bool:
-    """True when an `apiKeyHelper` value is a helper this daemon wrote (any paths): the
-    script's line, or the `token` line earlier releases wrote (the keeper replaces it)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        return False
-    if len(words) in (5, 6) and words[1].endswith(_SCRIPT_TAIL):
-        return True
-    return tuple(words[1:5]) == TOKEN_WORDS
+    return os.access(words[0], os.X_OK)
 
 
 def read_settings(path: str) -> str:
