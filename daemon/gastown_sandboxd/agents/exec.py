@@ -26,7 +26,7 @@ from gastown_sandboxd._types import SECRETS_OF_THE_DAEMON
 from gastown_sandboxd.agents import claude
 from gastown_sandboxd.errors import TokenError
 from gastown_sandboxd.token.claims import TOKEN_TYPE, acceptability_reasons, decode_unverified
-from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env, read_env_values
+from gastown_sandboxd.token.envfile import TOKEN_KEY, read_env
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -282,10 +282,10 @@ def read_values(path: StrPath, environ: Mapping[str, str] | None = None) -> dict
     FIFO or /dev/zero held an agent's start, and the helper, for ever) or is over 1 MiB
     (`read_env`)."""
     try:
-        text = read_env(path).render()
+        env_file = read_env(path)
     except OSError:
         return {}
-    return read_env_values(text, environ)
+    return env_file.values(environ)
 
 
 def usable(token: str | None, town_id: str | None, *, now: float | None = None) -> bool:

@@ -57,6 +57,20 @@ class EnvFile(NamedTuple):
                 value = parsed[1]
         return value
 
+    def values(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Every variable the file assigns, with the value bash would see (`read_env_values`)."""
+        values: dict[str, str] = {}
+
+        def lookup(name: str) -> str | None:
+            found = values.get(name)
+            return found if found is not None else environ.get(name) if environ else None
+
+        for line in self.lines:
+            parsed = _assignment(line, lookup if environ is not None else None)
+            if parsed is not None:
+                values[parsed[0]] = parsed[1]
+        return values
+
     def with_value(self, key: str, value: str) -> EnvFile:
         """The file with exactly one `KEY=value` line: the first replaced, others dropped."""
         new_line = f"{key}={value}\n"
@@ -83,17 +97,7 @@ def read_env_values(text: str, environ: Mapping[str, str] | None = None) -> dict
     are expanded, as bash does, from the lines before it and then from `environ`: an env file
     line `ANTHROPIC_BASE_URL=$KILO_API_URL/api/gateway/anthropic` was exported as written,
     where a shell that sources the file gets the URL."""
-    values: dict[str, str] = {}
-
-    def lookup(name: str) -> str | None:
-        found = values.get(name)
-        return found if found is not None else environ.get(name) if environ else None
-
-    for line in EnvFile.parse(text).lines:
-        parsed = _assignment(line, lookup if environ is not None else None)
-        if parsed is not None:
-            values[parsed[0]] = parsed[1]
-    return values
+    return EnvFile.parse(text).values(environ)
 
 
 MAX_ENV_FILE_BYTES = 1 << 20
@@ -199,13 +203,12 @@ def _first_word(text: str, lookup: Callable[[str], str | None] | None) -> str | 
             close = _substitution_end(text, i)
             if close is None:
                 return None
-            if char == "$" and text[i + 1] == "{" and lookup is not None:
-                taken = len(out)
-                if _expand(text, i, out, lookup) == close and len(out) > taken:
-                    i = close
-                    continue
-                del out[taken:]
-            out.append(text[i:close])
+            simple = text.startswith("${", i) and lookup is not None
+            braced = _NAME.fullmatch(text, i + 2, close - 1) if simple else None
+            if braced is not None and lookup is not None:
+                out.append(lookup(braced.group()) or "")  # `${NAME}`
+            else:
+                out.append(text[i:close])
             i = close
             continue
         if char == "'":
