@@ -435,7 +435,7 @@ class TokenRefresher:
         `gastown-sandboxd refresh` in a loop) included, and the ones forced meanwhile share
         the call that follows. After a success, `_attempt` answers a forced refresh of a
         token not yet due with that token instead."""
-        wait = self._gap_left()
+        wait = self._gap_left(self._clock.time())
         if wait > 0:
             await self._clock.sleep(wait)
 
@@ -444,17 +444,15 @@ class TokenRefresher:
         `now`, by a wall clock that has not stepped back since (after a step back the gap
         counted as open for as long as the step: no forced refresh reached the cloud)."""
         ended = self._last_call_ended
-        if ended is None or not self._last_call_ok:
-            return False
-        return ended <= now < ended + self._waits_for(self._held).min_retry_gap
+        return self._last_call_ok and ended is not None and ended <= now and self._gap_left(now) > 0
 
-    def _gap_left(self) -> float:
-        """Seconds left of the least gap since the last call ended (at most the gap)."""
+    def _gap_left(self, now: float) -> float:
+        """Seconds left at `now` of the least gap since the last call ended (at most the gap)."""
         ended = self._last_call_ended
         if ended is None:
             return 0.0
         gap = self._waits_for(self._held).min_retry_gap
-        return min(gap, ended + gap - self._clock.time())
+        return min(gap, ended + gap - now)
 
     def _waits_for(self, held: _Held | None) -> SchedulePolicy:
         """The policy with its waits scaled to `held`'s lifetime (CONTRACT §3: shorter for a
